@@ -1,0 +1,128 @@
+//! The validated, canonical configuration: what the rest of the agent consumes.
+//! Nothing here is raw YAML; `config::parse` produces these types or a list of
+//! located errors, never a half-valid value.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use ipnet::IpNet;
+
+use crate::allowlist::AllowList;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub datapath: DatapathConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub keys: Vec<StaticKey>,
+    pub rejection: Rejection,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Embedded SQLite file (default `/var/lib/keyfence/keyfence.db`).
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub interfaces: Vec<String>,
+    pub mode: AttachMode,
+    /// Default `/sys/fs/bpf/keyfence`; the agent pins under `<pin_path>/v<LAYOUT_VERSION>/`.
+    pub pin_path: PathBuf,
+}
+
+/// `datapath.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) XDP, else TC. Never generic XDP.
+    Auto,
+    /// Native XDP or fail.
+    Native,
+    /// Generic (skb) XDP: only when named.
+    Generic,
+    /// TC ingress (tcx on kernels >= 6.6, clsact before).
+    Tc,
+    /// No datapath: the shim alone enforces.
+    Off,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// `[::]:PORT` is dual-stack; `0.0.0.0:PORT` IPv4 only.
+    pub bind: SocketAddr,
+    pub mode: ListenerMode,
+    /// Required in proxy mode, absent in auth mode. `http://host:port`.
+    pub upstream: Option<String>,
+    pub tls: Option<TlsConfig>,
+    pub client_ip: ClientIp,
+    /// Default true.
+    pub early_drop: bool,
+    /// `None`: every key. `Some(list)`: only keys of these tenants.
+    pub tenants: Option<Vec<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerMode {
+    Proxy,
+    Auth,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIp {
+    pub source: ClientIpSource,
+    /// Canonical (host bits clear, IPv4-mapped folded).
+    pub trusted_proxies: Vec<IpNet>,
+    /// `x_forwarded_for`: trusted hops skipped at most (default 1).
+    pub hops: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientIpSource {
+    Peer,
+    ProxyProtocol,
+    XForwardedFor,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StaticKey {
+    pub id: String,
+    pub name: String,
+    /// `default` when absent.
+    pub tenant: String,
+    /// `["api"]` when absent.
+    pub scopes: Vec<String>,
+    pub secret: KeySecret,
+    /// Empty = unrestricted.
+    pub allow: AllowList,
+    pub report_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySecret {
+    /// `secret_sha256`: the hex digest, decoded.
+    Sha256([u8; 32]),
+    /// `secret_env`: the variable's name; read when the key is loaded.
+    Env(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Default 403.
+    pub status: u16,
+    /// Default `{"error":"IP address not allowed"}`; placeholders `{ip}`, `{key_id}`.
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Default `127.0.0.1:9901`.
+    pub bind: SocketAddr,
+}

@@ -1,0 +1,646 @@
+//! The loader: every kernel-dependent choice lives here. It loads the embedded
+//! object, pins and adopts maps under `<pin_path>/v<LAYOUT_VERSION>/`, checks the
+//! layout of maps it adopts, holds a lock so two agents cannot race, walks the
+//! attach ladder, and pins links so enforcement outlives the agent.
+//!
+//! Restart semantics: maps and links are pinned, so when the agent exits the
+//! kernel keeps enforcing the last applied policy. The next start adopts the maps
+//! (contents intact), loads the new program, and swaps it into each pinned link
+//! with `BPF_LINK_UPDATE` (atomic: no packet sees no program).
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
+};
+use keyfence_common::{
+    LAYOUT_VERSION, map_names,
+    policy::{
+        ALLOWED, EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
+        PREFIXES_CAPACITY, PolicyAddr,
+    },
+    program_names,
+    sample::{DROP_SAMPLES_BYTES, DropSample},
+    stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
+};
+
+use crate::{
+    config::AttachMode,
+    maps::{
+        ifaces::IfaceSlots,
+        policy::{ApplyReport, PolicyBackend, PolicyTables, PolicyWriter, PrefixKey},
+        stats::{CounterSnapshot, Counters},
+    },
+    policy::CompiledPolicy,
+};
+
+/// The eBPF object built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence"));
+
+/// How a program ended up attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+    Tc,
+}
+
+impl AttachedMode {
+    /// The `mode` label of `keyfence_datapath_attached`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+            AttachedMode::Tc => "tc",
+        }
+    }
+
+    fn pin_name(self, interface: &str) -> String {
+        let kind = match self {
+            AttachedMode::Native => "xdp-native",
+            AttachedMode::Generic => "xdp-generic",
+            AttachedMode::Tc => "tc",
+        };
+        format!("link-{kind}-{interface}")
+    }
+
+    const ALL: [AttachedMode; 3] = [AttachedMode::Native, AttachedMode::Generic, AttachedMode::Tc];
+
+    /// The ladder for a configured mode: what to try, in order.
+    fn ladder(mode: AttachMode) -> &'static [AttachedMode] {
+        match mode {
+            // Never silently generic: generic XDP runs after skb allocation, so it
+            // buys nothing over TC and hides a driver problem.
+            AttachMode::Auto => &[AttachedMode::Native, AttachedMode::Tc],
+            AttachMode::Native => &[AttachedMode::Native],
+            AttachMode::Generic => &[AttachedMode::Generic],
+            AttachMode::Tc => &[AttachedMode::Tc],
+            AttachMode::Off => &[],
+        }
+    }
+}
+
+/// One interface the datapath is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    /// Counter slot (1-based).
+    pub slot: u32,
+    pub mode: AttachedMode,
+    /// The link was pinned by a previous agent and its program replaced in place.
+    pub adopted: bool,
+}
+
+/// The policy maps in the kernel.
+pub struct KernelPolicyMaps {
+    listeners: HashMap<MapData, ListenerKey, ListenerValue>,
+    exact: HashMap<MapData, PolicyAddr, u32>,
+    prefixes: LpmTrie<MapData, PolicyAddr, u32>,
+}
+
+impl PolicyBackend for KernelPolicyMaps {
+    fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()> {
+        self.listeners
+            .insert(key, value, 0)
+            .context("writing KF_LISTENERS")
+    }
+    fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
+        self.listeners.remove(key).context("removing from KF_LISTENERS")
+    }
+    fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
+        self.exact.insert(key, ALLOWED, 0).context("writing KF_EXACT")
+    }
+    fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
+        self.exact.remove(key).context("removing from KF_EXACT")
+    }
+    fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()> {
+        self.prefixes
+            .insert(&Key::new(key.0, key.1), value, 0)
+            .context("writing KF_PREFIXES")
+    }
+    fn del_prefix(&mut self, key: &PrefixKey) -> anyhow::Result<()> {
+        self.prefixes
+            .remove(&Key::new(key.0, key.1))
+            .context("removing from KF_PREFIXES")
+    }
+    fn read_all(&self) -> anyhow::Result<PolicyTables> {
+        let mut tables = PolicyTables::default();
+        for item in self.listeners.iter() {
+            let (k, v) = item.context("iterating KF_LISTENERS")?;
+            tables.listeners.insert(k, v);
+        }
+        for key in self.exact.keys() {
+            tables.exact.insert(key.context("iterating KF_EXACT")?);
+        }
+        for item in self.prefixes.iter() {
+            let (k, v) = item.context("iterating KF_PREFIXES")?;
+            tables.prefixes.insert((k.prefix_len(), k.data()), v);
+        }
+        Ok(tables)
+    }
+}
+
+/// The loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    writer: PolicyWriter<KernelPolicyMaps>,
+    counters: Counters,
+    ifaces: IfaceSlots,
+    samples: Option<RingBuf<MapData>>,
+    attachments: Vec<Attachment>,
+    _lock: Option<File>,
+}
+
+/// `<pin_root>/v<LAYOUT_VERSION>`.
+#[must_use]
+pub fn pin_dir(pin_root: &Path) -> PathBuf {
+    pin_root.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// The lock file guarding one pin root (bpffs cannot hold regular files).
+fn lock_path(pin_root: &Path) -> PathBuf {
+    let name: String = pin_root
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Path::new("/run/keyfence").join(format!("{name}.lock"))
+}
+
+fn take_lock(pin_root: &Path) -> anyhow::Result<File> {
+    let path = lock_path(pin_root);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another keyfence agent holds {} (pin path {}): stop it first",
+            path.display(),
+            pin_root.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// Expected kernel layout of every pinned map: type, key size, value size, capacity.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
+    use std::mem::size_of;
+    let sz = |n: usize| u32::try_from(n).expect("small type");
+    Some(match name {
+        map_names::LISTENERS => (
+            MapType::Hash,
+            sz(size_of::<ListenerKey>()),
+            sz(size_of::<ListenerValue>()),
+            LISTENERS_CAPACITY,
+        ),
+        map_names::EXACT => (
+            MapType::Hash,
+            sz(size_of::<PolicyAddr>()),
+            4,
+            EXACT_CAPACITY,
+        ),
+        map_names::PREFIXES => (
+            MapType::LpmTrie,
+            4 + sz(size_of::<PolicyAddr>()),
+            4,
+            PREFIXES_CAPACITY,
+        ),
+        map_names::STATS => (
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<StatBlock>()),
+            STATS_CAPACITY,
+        ),
+        map_names::IFINDEX_SLOTS => (MapType::Array, 4, 4, IFINDEX_SLOTS_CAPACITY),
+        map_names::DROP_SAMPLES => (MapType::RingBuf, 0, 0, DROP_SAMPLES_BYTES),
+        map_names::SAMPLE_CLOCK => (MapType::PerCpuArray, 4, 8, 1),
+        _ => return None,
+    })
+}
+
+/// aya reuses a pinned map without comparing layouts; do it here so a map of an
+/// older layout is never written with the new one.
+fn check_pinned_layouts(dir: &Path) -> anyhow::Result<()> {
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).with_context(|| format!("inspecting {}", path.display()))?;
+        let (ty, key, value, max) = expected_layout(name).expect("every map has a layout");
+        let found = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        if found != (Some(ty), key, value, max) {
+            bail!(
+                "pinned map {} has layout {found:?}, this keyfence expects {:?}; \
+                 run `keyfence detach` with the old version's config, or remove {}",
+                path.display(),
+                (ty, key, value, max),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn ifindex(interface: &str) -> anyhow::Result<u32> {
+    nix::net::if_::if_nametoindex(interface)
+        .with_context(|| format!("interface {interface} not found"))
+}
+
+impl Datapath {
+    /// Load with maps pinned under `pin_root`, holding the agent lock.
+    pub fn open(pin_root: &Path) -> anyhow::Result<Self> {
+        let lock = take_lock(pin_root)?;
+        Self::load(pin_root, Some(lock))
+    }
+
+    /// Load without the lock and without attaching anywhere: for tests that drive
+    /// the programs through `BPF_PROG_TEST_RUN` with a private pin root.
+    pub fn load_unattached(pin_root: &Path) -> anyhow::Result<Self> {
+        Self::load(pin_root, None)
+    }
+
+    fn load(pin_root: &Path, lock: Option<File>) -> anyhow::Result<Self> {
+        let dir = pin_dir(pin_root);
+        fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted? `cargo xtask setup` mounts it)",
+                dir.display()
+            )
+        })?;
+        check_pinned_layouts(&dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [program_names::XDP, program_names::TC] {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            match program {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => bail!("program {name} has an unexpected type"),
+            }
+            .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        let backend = KernelPolicyMaps {
+            listeners: take(&mut ebpf, map_names::LISTENERS)?,
+            exact: take(&mut ebpf, map_names::EXACT)?,
+            prefixes: take(&mut ebpf, map_names::PREFIXES)?,
+        };
+        let writer = PolicyWriter::adopt(backend)?;
+        let counters = Counters::new(take::<PerCpuArray<MapData, StatBlock>>(
+            &mut ebpf,
+            map_names::STATS,
+        )?);
+        let ifaces = IfaceSlots::new(take::<Array<MapData, u32>>(
+            &mut ebpf,
+            map_names::IFINDEX_SLOTS,
+        )?);
+        let samples = Some(take::<RingBuf<MapData>>(&mut ebpf, map_names::DROP_SAMPLES)?);
+        Ok(Self {
+            ebpf,
+            pin_dir: dir,
+            writer,
+            counters,
+            ifaces,
+            samples,
+            attachments: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    #[must_use]
+    pub fn xdp(&self) -> &Xdp {
+        self.ebpf
+            .program(program_names::XDP)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("checked at load")
+    }
+
+    #[must_use]
+    pub fn tc(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(program_names::TC)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .expect("checked at load")
+    }
+
+    fn xdp_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(program_names::XDP)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("checked at load")
+    }
+
+    fn tc_mut(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(program_names::TC)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .expect("checked at load")
+    }
+
+    /// Make the maps enforce `policy` (see `maps::policy` for the ordering).
+    pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
+        let before: Vec<u32> = self.writer.slots().by_name.values().copied().collect();
+        let report = self.writer.apply(policy)?;
+        // Slots no listener uses any more start from zero when they are reused.
+        let now: Vec<u32> = self.writer.slots().by_name.values().copied().collect();
+        for slot in before.into_iter().filter(|s| !now.contains(s)) {
+            self.counters
+                .clear_listener(slot, keyfence_common::stats::MAX_IFACE_SLOTS)?;
+        }
+        Ok(report)
+    }
+
+    #[must_use]
+    pub fn listener_slot(&self, name: &str) -> Option<u32> {
+        self.writer.slots().by_name.get(name).copied()
+    }
+
+    /// The policy maps' current contents.
+    #[must_use]
+    pub fn tables(&self) -> &PolicyTables {
+        self.writer.tables()
+    }
+
+    /// Counters of every interface slot (slot 0 = interfaces keyfence does not know).
+    pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
+        let slots: Vec<u32> = std::iter::once(0)
+            .chain(self.attachments.iter().map(|a| a.slot))
+            .collect();
+        self.counters.snapshot(&slots)
+    }
+
+    #[must_use]
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The drop-sample ring buffer (taken once, by the agent's sample reader).
+    pub fn take_samples(&mut self) -> Option<RingBuf<MapData>> {
+        self.samples.take()
+    }
+
+    /// Assign counter slots to ifindexes directly (tests use ifindex 1, `lo`).
+    pub fn set_interface_slots(&mut self, slots: &[(u32, u32)]) -> anyhow::Result<()> {
+        self.ifaces.assign(slots)
+    }
+
+    /// Attach to every interface per the ladder of `mode`, adopting pinned links.
+    /// Links pinned for interfaces no longer configured are detached.
+    pub fn attach(&mut self, interfaces: &[String], mode: AttachMode) -> anyhow::Result<()> {
+        let mut attachments = Vec::new();
+        for (i, interface) in interfaces.iter().enumerate() {
+            let slot = u32::try_from(i + 1).context("too many interfaces")?;
+            let attachment = self
+                .attach_one(interface, slot, mode)
+                .with_context(|| format!("attaching to {interface}"))?;
+            tracing::info!(
+                interface,
+                mode = attachment.mode.label(),
+                adopted = attachment.adopted,
+                "datapath attached"
+            );
+            attachments.push(attachment);
+        }
+        let slots: Vec<(u32, u32)> = attachments.iter().map(|a| (a.ifindex, a.slot)).collect();
+        self.ifaces.assign(&slots)?;
+        // Links of interfaces that left the config (or mode off): detach them.
+        for entry in fs::read_dir(&self.pin_dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("link-") else {
+                continue;
+            };
+            let keep = attachments
+                .iter()
+                .any(|a| a.mode.pin_name(&a.interface) == name);
+            if !keep {
+                tracing::info!(link = rest, "detaching a link no longer configured");
+                unpin_link(&self.pin_dir.join(&name))?;
+            }
+        }
+        self.attachments = attachments;
+        Ok(())
+    }
+
+    fn attach_one(
+        &mut self,
+        interface: &str,
+        slot: u32,
+        mode: AttachMode,
+    ) -> anyhow::Result<Attachment> {
+        let ifindex = ifindex(interface)?;
+        let ladder = AttachedMode::ladder(mode);
+        // 1. Adopt a link a previous agent pinned, replacing its program atomically.
+        for kind in AttachedMode::ALL {
+            let path = self.pin_dir.join(kind.pin_name(interface));
+            if !path.exists() {
+                continue;
+            }
+            if !ladder.contains(&kind) {
+                tracing::warn!(
+                    interface,
+                    from = kind.label(),
+                    "configured mode changed: detaching the old attachment first (brief gap)"
+                );
+                unpin_link(&path)?;
+                continue;
+            }
+            match self.replace_program(kind, &path) {
+                Ok(()) => {
+                    return Ok(Attachment {
+                        interface: interface.into(),
+                        ifindex,
+                        slot,
+                        mode: kind,
+                        adopted: true,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(interface, error = %format!("{e:#}"), "cannot adopt the pinned link; attaching anew");
+                    unpin_link(&path)?;
+                }
+            }
+        }
+        // 2. Fresh attach down the ladder.
+        let mut errors = Vec::new();
+        for &kind in ladder {
+            match self.attach_fresh(kind, interface) {
+                Ok(()) => {
+                    return Ok(Attachment {
+                        interface: interface.into(),
+                        ifindex,
+                        slot,
+                        mode: kind,
+                        adopted: false,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(interface, mode = kind.label(), error = %format!("{e:#}"), "attach failed");
+                    errors.push(format!("{}: {e:#}", kind.label()));
+                }
+            }
+        }
+        bail!("no attach mode worked ({})", errors.join("; "))
+    }
+
+    fn replace_program(&mut self, kind: AttachedMode, path: &Path) -> anyhow::Result<()> {
+        let link: FdLink = PinnedLink::from_pin(path)
+            .with_context(|| format!("opening {}", path.display()))?
+            .into();
+        match kind {
+            AttachedMode::Native | AttachedMode::Generic => {
+                let link = XdpLink::try_from(link).context("pinned link is not XDP")?;
+                self.xdp_mut()
+                    .attach_to_link(link)
+                    .context("replacing the XDP program")?;
+            }
+            AttachedMode::Tc => {
+                let link = SchedClassifierLink::try_from(link).context("pinned link is not TC")?;
+                self.tc_mut()
+                    .attach_to_link(link)
+                    .context("replacing the TC program")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_fresh(&mut self, kind: AttachedMode, interface: &str) -> anyhow::Result<()> {
+        let pin = self.pin_dir.join(kind.pin_name(interface));
+        let link: FdLink = match kind {
+            AttachedMode::Native | AttachedMode::Generic => {
+                let mode = if kind == AttachedMode::Native {
+                    XdpMode::Driver
+                } else {
+                    XdpMode::Skb
+                };
+                let xdp = self.xdp_mut();
+                let id = xdp.attach(interface, mode)?;
+                let link = xdp.take_link(id)?;
+                FdLink::try_from(link).context("XDP attached without a bpf_link: cannot pin")?
+            }
+            AttachedMode::Tc => {
+                let tc = self.tc_mut();
+                let id = tc.attach(interface, TcAttachType::Ingress)?;
+                let link = tc.take_link(id)?;
+                FdLink::try_from(link)
+                    .context("TC attached through netlink (kernel < 6.6): cannot pin")?
+            }
+        };
+        link.pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(())
+    }
+}
+
+/// Unpin a link; dropping the last reference detaches it.
+fn unpin_link(path: &Path) -> anyhow::Result<()> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => {
+            let _detached: FdLink = link
+                .unpin()
+                .with_context(|| format!("unpinning {}", path.display()))?;
+            Ok(())
+        }
+        Err(e) => {
+            // Not a link we can open (stale file): remove it all the same.
+            tracing::warn!(path = %path.display(), error = %e, "removing an unreadable link pin");
+            fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+        }
+    }
+}
+
+/// What `keyfence detach` removed.
+#[derive(Debug, Default)]
+pub struct DetachReport {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detach every pinned link and remove every pin under `pin_root` (uninstall).
+/// Refuses while an agent holds the lock.
+pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
+    let _lock = take_lock(pin_root)?;
+    let mut report = DetachReport::default();
+    let dir = pin_dir(pin_root);
+    if !dir.exists() {
+        return Ok(report);
+    }
+    for entry in fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("link-") {
+            unpin_link(&entry.path())?;
+            report.links.push(name);
+        }
+    }
+    for entry in fs::read_dir(&dir)? {
+        let entry = entry?;
+        fs::remove_file(entry.path())
+            .with_context(|| format!("removing {}", entry.path().display()))?;
+        report.maps.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    // The root too, when nothing else (another layout version) lives there.
+    if fs::read_dir(pin_root).is_ok_and(|mut d| d.next().is_none()) {
+        fs::remove_dir(pin_root).with_context(|| format!("removing {}", pin_root.display()))?;
+    }
+    Ok(report)
+}
+
+/// Decode one ring-buffer record.
+#[must_use]
+pub fn decode_sample(bytes: &[u8]) -> Option<DropSample> {
+    if bytes.len() < std::mem::size_of::<DropSample>() {
+        return None;
+    }
+    let b = |r: std::ops::Range<usize>| -> Vec<u8> { bytes[r].to_vec() };
+    Some(DropSample {
+        src: b(0..16).try_into().ok()?,
+        dst: b(16..32).try_into().ok()?,
+        port: [bytes[32], bytes[33]],
+        proto: bytes[34],
+        _pad: 0,
+        ifindex: u32::from_ne_bytes(b(36..40).try_into().ok()?),
+        policy: u32::from_ne_bytes(b(40..44).try_into().ok()?),
+        _pad2: [0; 4],
+    })
+}

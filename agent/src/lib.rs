@@ -1,0 +1,12 @@
+//! keyfence: binds API keys to the IP addresses they may be used from.
+//!
+//! Data flows one way: config/store → [`policy`] (pure) → [`maps`] writers →
+//! kernel; kernel counters → [`metrics`]. The loader ([`datapath`]) owns every
+//! kernel-dependent choice (attach mode, pins, lock).
+#![forbid(unsafe_code)]
+
+pub mod allowlist;
+pub mod config;
+pub mod datapath;
+pub mod maps;
+pub mod policy;

@@ -1,0 +1,342 @@
+//! The pure policy compiler: keys and listeners in, per-listener packet-level
+//! access out (SPEC §7). Both layers compile from the same snapshot: the datapath
+//! drops only what the shim would refuse anyway, for every key the listener accepts.
+//!
+//! For each listener with `early_drop`:
+//! - the keys it accepts are all keys, or only those of its `tenants`, holding the
+//!   `api` scope;
+//! - one accepted key that is unrestricted (empty list) or `report_only` opens it;
+//! - otherwise its allow set is the union of the accepted keys' active entries,
+//!   widened by where the TCP peer may legitimately come from: `x_forwarded_for`
+//!   adds `trusted_proxies` (their peers speak for clients), `proxy_protocol`
+//!   *is* `trusted_proxies` (the shim closes every other peer before reading a key);
+//! - duplicates and covered prefixes are collapsed.
+
+use std::{net::SocketAddr, time::SystemTime};
+
+use ipnet::IpNet;
+
+use crate::config::{ClientIpSource, ListenerConfig, StaticKey};
+
+/// The scope a key needs to be usable on listeners (SPEC §6).
+pub const API_SCOPE: &str = "api";
+
+/// What the datapath enforces for every listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub listeners: Vec<ListenerPolicy>,
+    /// When an entry expires next: the policy must be compiled again then.
+    pub next_change: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerPolicy {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub access: Access,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Every source passes at packet level; the shim decides alone.
+    Open,
+    /// Only sources inside these prefixes (canonical, collapsed) pass.
+    Restricted(Vec<IpNet>),
+}
+
+impl Access {
+    /// Number of prefixes the datapath holds for this listener.
+    #[must_use]
+    pub fn prefix_count(&self) -> usize {
+        match self {
+            Access::Open => 0,
+            Access::Restricted(nets) => nets.len(),
+        }
+    }
+}
+
+/// The facts about a key that decide packet-level access.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyAccess<'a> {
+    pub tenant: &'a str,
+    pub scopes: &'a [String],
+    pub allow: &'a crate::allowlist::AllowList,
+    pub report_only: bool,
+}
+
+impl<'a> From<&'a StaticKey> for KeyAccess<'a> {
+    fn from(key: &'a StaticKey) -> Self {
+        Self {
+            tenant: &key.tenant,
+            scopes: &key.scopes,
+            allow: &key.allow,
+            report_only: key.report_only,
+        }
+    }
+}
+
+/// Does `listener` accept `key` at all (tenant and scope)?
+#[must_use]
+pub fn accepts(listener: &ListenerConfig, key: &KeyAccess<'_>) -> bool {
+    key.scopes.iter().any(|s| s == API_SCOPE)
+        && listener
+            .tenants
+            .as_ref()
+            .is_none_or(|tenants| tenants.iter().any(|t| t == key.tenant))
+}
+
+/// Compile the packet-level policy of every listener at `now`.
+#[must_use]
+pub fn compile<'a>(
+    listeners: &[ListenerConfig],
+    keys: impl IntoIterator<Item = KeyAccess<'a>> + Clone,
+    now: SystemTime,
+) -> CompiledPolicy {
+    let next_change = keys
+        .clone()
+        .into_iter()
+        .filter_map(|k| k.allow.next_expiry(now))
+        .min();
+    let listeners = listeners
+        .iter()
+        .map(|listener| ListenerPolicy {
+            name: listener.name.clone(),
+            bind: listener.bind,
+            access: listener_access(listener, keys.clone(), now),
+        })
+        .collect();
+    CompiledPolicy {
+        listeners,
+        next_change,
+    }
+}
+
+fn listener_access<'a>(
+    listener: &ListenerConfig,
+    keys: impl IntoIterator<Item = KeyAccess<'a>>,
+    now: SystemTime,
+) -> Access {
+    if !listener.early_drop {
+        return Access::Open;
+    }
+    let trusted = listener.client_ip.trusted_proxies.iter().copied();
+    let nets: Vec<IpNet> = match listener.client_ip.source {
+        ClientIpSource::ProxyProtocol => trusted.collect(),
+        source @ (ClientIpSource::Peer | ClientIpSource::XForwardedFor) => {
+            let mut nets = Vec::new();
+            for key in keys.into_iter().filter(|k| accepts(listener, k)) {
+                if key.report_only || key.allow.is_unrestricted() {
+                    return Access::Open;
+                }
+                nets.extend(key.allow.active_nets(now));
+            }
+            if source == ClientIpSource::XForwardedFor {
+                nets.extend(trusted);
+            }
+            nets
+        }
+    };
+    Access::Restricted(IpNet::aggregate(&nets))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        allowlist::{AllowEntry, AllowList},
+        config::{ClientIp, KeySecret, ListenerMode},
+    };
+
+    fn listener(name: &str, port: u16) -> ListenerConfig {
+        ListenerConfig {
+            name: name.into(),
+            bind: format!("[::]:{port}").parse().unwrap(),
+            mode: ListenerMode::Auth,
+            upstream: None,
+            tls: None,
+            client_ip: ClientIp {
+                source: ClientIpSource::Peer,
+                trusted_proxies: vec![],
+                hops: 1,
+            },
+            early_drop: true,
+            tenants: None,
+        }
+    }
+
+    fn list(nets: &[&str]) -> AllowList {
+        AllowList::from_canonical(
+            nets.iter()
+                .map(|n| AllowEntry {
+                    net: n.parse().unwrap(),
+                    note: None,
+                    expires_at: None,
+                })
+                .collect(),
+        )
+    }
+
+    fn key(id: &str, nets: &[&str]) -> StaticKey {
+        StaticKey {
+            id: id.into(),
+            name: id.into(),
+            tenant: "default".into(),
+            scopes: vec![API_SCOPE.into()],
+            secret: KeySecret::Env("X".into()),
+            allow: list(nets),
+            report_only: false,
+        }
+    }
+
+    fn nets(v: &[&str]) -> Access {
+        Access::Restricted(v.iter().map(|n| n.parse().unwrap()).collect())
+    }
+
+    fn compile_now(listeners: &[ListenerConfig], keys: &[StaticKey]) -> CompiledPolicy {
+        compile(listeners, keys.iter().map(KeyAccess::from), SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn union_of_accepted_keys_collapsed() {
+        let keys = [
+            key("a", &["203.0.113.100/32", "203.0.113.101/32"]),
+            key("b", &["203.0.113.0/24", "2001:db8:1::/48"]),
+            key("c", &["198.51.100.7/32"]),
+        ];
+        let p = compile_now(&[listener("api", 8443)], &keys);
+        assert_eq!(
+            p.listeners[0].access,
+            nets(&["198.51.100.7/32", "203.0.113.0/24", "2001:db8:1::/48"])
+        );
+    }
+
+    #[test]
+    fn adjacent_prefixes_merge() {
+        let keys = [key("a", &["192.0.2.0/25"]), key("b", &["192.0.2.128/25"])];
+        let p = compile_now(&[listener("api", 1)], &keys);
+        assert_eq!(p.listeners[0].access, nets(&["192.0.2.0/24"]));
+    }
+
+    #[test]
+    fn one_unrestricted_key_opens_the_listener() {
+        let keys = [key("a", &["192.0.2.1/32"]), key("dev", &[])];
+        let p = compile_now(&[listener("api", 1)], &keys);
+        assert_eq!(p.listeners[0].access, Access::Open);
+    }
+
+    #[test]
+    fn report_only_key_opens_the_listener() {
+        let mut k = key("a", &["192.0.2.1/32"]);
+        k.report_only = true;
+        let p = compile_now(&[listener("api", 1)], &[k]);
+        assert_eq!(p.listeners[0].access, Access::Open);
+    }
+
+    #[test]
+    fn early_drop_off_is_open() {
+        let mut l = listener("api", 1);
+        l.early_drop = false;
+        let p = compile_now(&[l], &[key("a", &["192.0.2.1/32"])]);
+        assert_eq!(p.listeners[0].access, Access::Open);
+    }
+
+    #[test]
+    fn tenants_limit_the_keys_a_listener_accepts() {
+        let mut public = listener("public", 2);
+        public.tenants = Some(vec!["public".into()]);
+        let mut open_key = key("anyone", &[]);
+        open_key.tenant = "public".into();
+        let keys = [key("prod", &["192.0.2.10/32"]), open_key];
+        let p = compile_now(&[listener("api", 1), public], &keys);
+        // `api` accepts every key, so the unrestricted one opens it too.
+        assert_eq!(p.listeners[0].access, Access::Open);
+        assert_eq!(p.listeners[1].access, Access::Open);
+
+        let mut only_default = listener("internal", 3);
+        only_default.tenants = Some(vec!["default".into()]);
+        let p = compile_now(&[only_default], &keys);
+        assert_eq!(p.listeners[0].access, nets(&["192.0.2.10/32"]));
+    }
+
+    #[test]
+    fn keys_without_api_scope_do_not_count() {
+        let mut admin = key("admin", &[]);
+        admin.scopes = vec!["admin".into()];
+        let p = compile_now(&[listener("api", 1)], &[admin, key("a", &["192.0.2.1/32"])]);
+        assert_eq!(p.listeners[0].access, nets(&["192.0.2.1/32"]));
+    }
+
+    #[test]
+    fn no_keys_means_nothing_passes() {
+        let p = compile_now(&[listener("api", 1)], &[]);
+        assert_eq!(p.listeners[0].access, nets(&[]));
+    }
+
+    #[test]
+    fn forwarded_for_admits_trusted_proxies() {
+        let mut l = listener("api", 1);
+        l.client_ip.source = ClientIpSource::XForwardedFor;
+        l.client_ip.trusted_proxies = vec!["198.51.100.0/28".parse().unwrap()];
+        let p = compile_now(&[l], &[key("a", &["203.0.113.5/32"])]);
+        assert_eq!(
+            p.listeners[0].access,
+            nets(&["198.51.100.0/28", "203.0.113.5/32"])
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_admits_only_trusted_proxies() {
+        let mut l = listener("api", 1);
+        l.client_ip.source = ClientIpSource::ProxyProtocol;
+        l.client_ip.trusted_proxies = vec!["198.51.100.0/28".parse().unwrap()];
+        // Even an unrestricted key does not open it: the peer must be a proxy.
+        let p = compile_now(&[l], &[key("a", &["203.0.113.5/32"]), key("dev", &[])]);
+        assert_eq!(p.listeners[0].access, nets(&["198.51.100.0/28"]));
+    }
+
+    #[test]
+    fn expired_entries_leave_the_union_and_expiry_is_scheduled() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let expiry = t0 + Duration::from_secs(60);
+        let mut k = key("a", &["192.0.2.1/32"]);
+        k.allow = AllowList::from_canonical(vec![
+            AllowEntry {
+                net: "192.0.2.1/32".parse().unwrap(),
+                note: None,
+                expires_at: None,
+            },
+            AllowEntry {
+                net: "198.51.100.0/24".parse().unwrap(),
+                note: Some("contractor".into()),
+                expires_at: Some(expiry),
+            },
+        ]);
+        let keys = [k];
+        let before = compile(&[listener("api", 1)], keys.iter().map(KeyAccess::from), t0);
+        assert_eq!(
+            before.listeners[0].access,
+            nets(&["192.0.2.1/32", "198.51.100.0/24"])
+        );
+        assert_eq!(before.next_change, Some(expiry));
+        let after = compile(&[listener("api", 1)], keys.iter().map(KeyAccess::from), expiry);
+        assert_eq!(after.listeners[0].access, nets(&["192.0.2.1/32"]));
+        assert_eq!(after.next_change, None);
+    }
+
+    #[test]
+    fn fully_expired_list_is_not_unrestricted() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let k = StaticKey {
+            allow: AllowList::from_canonical(vec![AllowEntry {
+                net: "192.0.2.1/32".parse().unwrap(),
+                note: None,
+                expires_at: Some(t0),
+            }]),
+            ..key("a", &[])
+        };
+        let p = compile(&[listener("api", 1)], [KeyAccess::from(&k)], t0);
+        assert_eq!(p.listeners[0].access, nets(&[]));
+    }
+}

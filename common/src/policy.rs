@@ -1,0 +1,103 @@
+//! Listener and allow-list maps: which destinations are protected, and by which
+//! policy (the union of allow lists of every key a listener accepts).
+
+/// Listener slots: index 0 means "no listener" (traffic nobody protects); a
+/// listener's policy id is its slot, so counters and prefixes share one number.
+pub const MAX_LISTENERS: u32 = 64;
+/// Capacity of [`crate::map_names::LISTENERS`]; a dual-stack listener takes two entries.
+pub const LISTENERS_CAPACITY: u32 = 256;
+/// Capacity of the exact-match hash (`/32` and `/128` entries), summed over listeners.
+pub const EXACT_CAPACITY: u32 = 1 << 20;
+/// Capacity of the LPM trie (all other prefix lengths), summed over listeners.
+pub const PREFIXES_CAPACITY: u32 = 1 << 20;
+
+/// Bits of the policy id at the start of every trie key.
+pub const POLICY_BITS: u32 = 32;
+/// Prefix length of an IPv4 address inside the 128-bit mapped form.
+pub const V4_MAPPED_BITS: u32 = 96;
+
+/// Destination a listener protects. `addr` is the bound address, or
+/// [`crate::WILDCARD_V4`] / [`crate::WILDCARD_V6`] for wildcard binds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub addr: [u8; 16],
+    /// Destination port, network byte order.
+    pub port: [u8; 2],
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
+
+impl ListenerKey {
+    #[must_use]
+    pub const fn new(addr: [u8; 16], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port: port.to_be_bytes(),
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// The listener is open at packet level: some key it accepts is unrestricted or
+/// report-only, or `early_drop` is off. Packets are counted, never dropped.
+pub const LISTENER_OPEN: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerValue {
+    /// Policy id == listener slot, `1..MAX_LISTENERS`.
+    pub policy: u32,
+    /// `LISTENER_OPEN` or 0.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListenerValue>() == 8);
+
+/// `(policy id, address)`: the key of the exact-match hash and the data part of
+/// the LPM trie key. The policy id is big-endian so that it forms the first 32
+/// bits the trie matches on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyAddr {
+    pub policy_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PolicyAddr>() == 20);
+
+impl PolicyAddr {
+    #[must_use]
+    pub const fn new(policy: u32, addr: [u8; 16]) -> Self {
+        Self {
+            policy_be: policy.to_be_bytes(),
+            addr,
+        }
+    }
+
+    #[must_use]
+    pub const fn policy(&self) -> u32 {
+        u32::from_be_bytes(self.policy_be)
+    }
+}
+
+/// Value of an allow entry (exact hash and trie).
+pub const ALLOWED: u32 = 1;
+/// Value of a trie entry that matches but allows nothing. The agent places one at
+/// `::ffff:0:0/96` under an IPv6 prefix that covers it (for example `::/0`),
+/// because an IPv6 prefix never admits an IPv4 client in the shim (SPEC §3), while
+/// in the trie IPv4 sources live inside `::ffff:0:0/96`.
+pub const DENIED: u32 = 0;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), made of byte arrays and u32s, with no implicit
+    // padding (sizes asserted above), so every bit pattern is valid.
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ListenerKey {}
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ListenerValue {}
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::PolicyAddr {}
+}

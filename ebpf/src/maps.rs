@@ -1,0 +1,45 @@
+//! The maps the programs share with the agent. Each is pinned by name under the
+//! agent's versioned pin directory, so enforcement survives agent restarts.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use keyfence_common::{
+    policy::{
+        EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PREFIXES_CAPACITY,
+        PolicyAddr,
+    },
+    sample::DROP_SAMPLES_BYTES,
+    stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
+};
+
+/// Protected destinations `(address, port, proto)` → policy id and flags.
+#[map]
+pub static KF_LISTENERS: HashMap<ListenerKey, ListenerValue> =
+    HashMap::pinned(LISTENERS_CAPACITY, 0);
+
+/// `/32` and `/128` allow entries per policy: one hash lookup before the trie.
+#[map]
+pub static KF_EXACT: HashMap<PolicyAddr, u32> = HashMap::pinned(EXACT_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Every other allow prefix per policy, keyed `(policy id, address)`.
+#[map]
+pub static KF_PREFIXES: LpmTrie<PolicyAddr, u32> = LpmTrie::pinned(PREFIXES_CAPACITY, 0);
+
+/// Per-CPU packet counters, one block per (interface slot, listener slot).
+#[map]
+pub static KF_STATS: PerCpuArray<StatBlock> = PerCpuArray::pinned(STATS_CAPACITY, 0);
+
+/// ifindex → interface slot for the counters (0 = an interface keyfence does not know).
+#[map]
+pub static KF_IFINDEX_SLOTS: Array<u32> = Array::pinned(IFINDEX_SLOTS_CAPACITY, 0);
+
+/// Rate-limited samples of dropped packets for the agent's log.
+#[map]
+pub static KF_DROP_SAMPLES: RingBuf = RingBuf::pinned(DROP_SAMPLES_BYTES, 0);
+
+/// Per-CPU time of the last drop sample (ns since boot), for the rate limit.
+#[map]
+pub static KF_SAMPLE_CLOCK: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -1,0 +1,44 @@
+//! Entry points: thin wrappers that hand packet bounds to the shared verdict.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::verdict::{evaluate, record};
+
+/// Bytes of an skb made linear before parsing: enough for two VLAN tags, IPv6 and
+/// a chain of extension headers. A shorter linear area just means more packets
+/// counted as truncated, and truncated packets pass.
+const TC_PULL_BYTES: u32 = 256;
+
+#[xdp]
+pub fn keyfence_xdp(ctx: XdpContext) -> u32 {
+    let (decision, flow) = evaluate(ctx.data(), ctx.data_end());
+    record(ctx.ingress_ifindex() as u32, &decision, flow.as_ref());
+    if decision.stat.is_drop() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// TC ingress (tcx on kernels ≥ 6.6, clsact before). Passing returns
+/// `TC_ACT_UNSPEC` (`TCX_NEXT`) so programs attached after ours still run.
+#[classifier]
+pub fn keyfence_tc(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    // Failure leaves the packet as it was; the parser then sees fewer bytes.
+    let _ = ctx.pull_data(if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES });
+    // SAFETY: the context pointer the kernel handed to this program.
+    #[expect(unsafe_code, reason = "reading __sk_buff.ifindex")]
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (decision, flow) = evaluate(ctx.data(), ctx.data_end());
+    record(ifindex, &decision, flow.as_ref());
+    if decision.stat.is_drop() {
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_UNSPEC
+    }
+}

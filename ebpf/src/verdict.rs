@@ -1,0 +1,146 @@
+//! From a parsed flow to a counted verdict (SPEC §7): listener lookup (exact
+//! address, then the family's wildcard) → exact-match hash → LPM trie → drop.
+//!
+//! Fail-open: every outcome other than [`Stat::DropNotAllowed`] passes, including
+//! parse failures and unusable map contents. The shim behind the datapath is the
+//! authority on every request; the datapath only sheds packets that no key on
+//! the listener could ever accept, so when in doubt it must let the packet through.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use keyfence_common::{
+    WILDCARD_V4, WILDCARD_V6,
+    policy::{ALLOWED, LISTENER_OPEN, ListenerKey, MAX_LISTENERS, POLICY_BITS, PolicyAddr},
+    sample::{DropSample, SAMPLE_INTERVAL_NS},
+    stats::{STAT_SLOTS, Stat, stats_index},
+};
+
+use crate::{
+    maps::{
+        KF_DROP_SAMPLES, KF_EXACT, KF_IFINDEX_SLOTS, KF_LISTENERS, KF_PREFIXES, KF_SAMPLE_CLOCK,
+        KF_STATS,
+    },
+    parse::{Flow, parse},
+};
+
+/// The outcome for one packet: which listener slot it is counted under, and why.
+pub struct Decision {
+    pub slot: u32,
+    pub stat: Stat,
+}
+
+/// Parse and decide. Never fails: failures are decisions to pass (see module doc).
+#[inline(always)]
+pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
+    match parse(data, end) {
+        Ok(flow) => (decide(&flow), Some(flow)),
+        Err(stat) => (Decision { slot: 0, stat }, None),
+    }
+}
+
+#[inline(always)]
+fn decide(flow: &Flow) -> Decision {
+    let mut key = ListenerKey {
+        addr: flow.dst,
+        port: flow.port,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    let listener = match KF_LISTENERS.get_ptr(&key) {
+        Some(v) => v,
+        None => {
+            key.addr = if flow.v4 { WILDCARD_V4 } else { WILDCARD_V6 };
+            match KF_LISTENERS.get_ptr(&key) {
+                Some(v) => v,
+                None => {
+                    return Decision {
+                        slot: 0,
+                        stat: Stat::PassNoListener,
+                    };
+                }
+            }
+        }
+    };
+    // SAFETY: a non-null pointer to a map value returned by the lookup helper.
+    #[expect(unsafe_code, reason = "reading a map value")]
+    let listener = unsafe { *listener };
+    let slot = listener.policy;
+    if slot == 0 || slot >= MAX_LISTENERS {
+        return Decision {
+            slot: 0,
+            stat: Stat::PassMapError,
+        };
+    }
+    if listener.flags & LISTENER_OPEN != 0 {
+        return Decision {
+            slot,
+            stat: Stat::PassListenerOpen,
+        };
+    }
+    let entry = PolicyAddr::new(slot, flow.src);
+    if KF_EXACT.get_ptr(&entry).is_some() {
+        return Decision {
+            slot,
+            stat: Stat::PassAllowedExact,
+        };
+    }
+    // The longest matching prefix decides; a `DENIED` marker stops an IPv6 prefix
+    // such as `::/0` from also covering IPv4 sources (stored as `::ffff:0:0/96`).
+    if let Some(&ALLOWED) = KF_PREFIXES.get(Key::new(POLICY_BITS + 128, entry)) {
+        return Decision {
+            slot,
+            stat: Stat::PassAllowedPrefix,
+        };
+    }
+    Decision {
+        slot,
+        stat: Stat::DropNotAllowed,
+    }
+}
+
+/// Count the decision, and sample it to the agent's log if it is a drop.
+#[inline(always)]
+pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
+    let iface_slot = KF_IFINDEX_SLOTS.get(ifindex).copied().unwrap_or(0);
+    if let Some(block) = KF_STATS.get_ptr_mut(stats_index(iface_slot, decision.slot)) {
+        // SAFETY: per-CPU value pointer from the lookup helper; the index is masked
+        // into the array's bounds.
+        #[expect(unsafe_code, reason = "updating a per-CPU counter in place")]
+        unsafe {
+            (*block).packets[(decision.stat as usize) & (STAT_SLOTS - 1)] += 1;
+        }
+    }
+    if let (true, Some(flow)) = (decision.stat.is_drop(), flow) {
+        sample_drop(ifindex, decision.slot, flow);
+    }
+}
+
+/// Send at most one drop sample per CPU per `SAMPLE_INTERVAL_NS`.
+#[inline(always)]
+fn sample_drop(ifindex: u32, slot: u32, flow: &Flow) {
+    // SAFETY: helper without arguments.
+    #[expect(unsafe_code, reason = "BPF helper call")]
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(last) = KF_SAMPLE_CLOCK.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value pointer from the lookup helper; no other CPU touches it.
+    #[expect(unsafe_code, reason = "per-CPU rate-limit clock")]
+    unsafe {
+        if now.wrapping_sub(*last) < SAMPLE_INTERVAL_NS {
+            return;
+        }
+        *last = now;
+    }
+    let sample = DropSample {
+        src: flow.src,
+        dst: flow.dst,
+        port: flow.port,
+        proto: flow.proto,
+        _pad: 0,
+        ifindex,
+        policy: slot,
+        _pad2: [0; 4],
+    };
+    // A full ring buffer only loses a sample; the drop itself is already counted.
+    let _ = KF_DROP_SAMPLES.output::<DropSample>(&sample, 0);
+}
