@@ -29,8 +29,8 @@ use aya::{
 use keyfence_common::{
     LAYOUT_VERSION, map_names,
     policy::{
-        ALLOWED, EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
-        PREFIXES_CAPACITY, PolicyAddr,
+        ALLOWED, EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PREFIXES_CAPACITY,
+        PolicyAddr,
     },
     program_names,
     sample::{DROP_SAMPLES_BYTES, DropSample},
@@ -78,7 +78,11 @@ impl AttachedMode {
         format!("link-{kind}-{interface}")
     }
 
-    const ALL: [AttachedMode; 3] = [AttachedMode::Native, AttachedMode::Generic, AttachedMode::Tc];
+    const ALL: [AttachedMode; 3] = [
+        AttachedMode::Native,
+        AttachedMode::Generic,
+        AttachedMode::Tc,
+    ];
 
     /// The ladder for a configured mode: what to try, in order.
     fn ladder(mode: AttachMode) -> &'static [AttachedMode] {
@@ -120,10 +124,14 @@ impl PolicyBackend for KernelPolicyMaps {
             .context("writing KF_LISTENERS")
     }
     fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
-        self.listeners.remove(key).context("removing from KF_LISTENERS")
+        self.listeners
+            .remove(key)
+            .context("removing from KF_LISTENERS")
     }
     fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
-        self.exact.insert(key, ALLOWED, 0).context("writing KF_EXACT")
+        self.exact
+            .insert(key, ALLOWED, 0)
+            .context("writing KF_EXACT")
     }
     fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
         self.exact.remove(key).context("removing from KF_EXACT")
@@ -140,14 +148,14 @@ impl PolicyBackend for KernelPolicyMaps {
     }
     fn read_all(&self) -> anyhow::Result<PolicyTables> {
         let mut tables = PolicyTables::default();
-        for item in self.listeners.iter() {
+        for item in &self.listeners {
             let (k, v) = item.context("iterating KF_LISTENERS")?;
             tables.listeners.insert(k, v);
         }
         for key in self.exact.keys() {
             tables.exact.insert(key.context("iterating KF_EXACT")?);
         }
-        for item in self.prefixes.iter() {
+        for item in &self.prefixes {
             let (k, v) = item.context("iterating KF_PREFIXES")?;
             tables.prefixes.insert((k.prefix_len(), k.data()), v);
         }
@@ -268,6 +276,30 @@ fn check_pinned_layouts(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pins only outlive the agent on a bpf filesystem. `ip netns exec` remounts
+/// `/sys` for the namespace, hiding the host's bpffs; refuse with the fix.
+fn check_on_bpffs(pin_root: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
+    let existing = pin_root
+        .ancestors()
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow!("pin path {} has no existing ancestor", pin_root.display()))?;
+    let fs_type = nix::sys::statfs::statfs(existing)
+        .with_context(|| format!("statfs {}", existing.display()))?
+        .filesystem_type();
+    if fs_type != BPF_FS_MAGIC {
+        bail!(
+            "pin path {} is not on a bpf filesystem ({} is not bpffs). Mount it with \
+             `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does). Under `ip netns exec`, \
+             /sys is remounted and the host's bpffs is hidden: enter only the network \
+             namespace instead, e.g. `nsenter --net=/run/netns/NAME keyfence run ...`",
+            pin_root.display(),
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -297,13 +329,9 @@ impl Datapath {
     }
 
     fn load(pin_root: &Path, lock: Option<File>) -> anyhow::Result<Self> {
+        check_on_bpffs(pin_root)?;
         let dir = pin_dir(pin_root);
-        fs::create_dir_all(&dir).with_context(|| {
-            format!(
-                "creating {} (is bpffs mounted? `cargo xtask setup` mounts it)",
-                dir.display()
-            )
-        })?;
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         check_pinned_layouts(&dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
@@ -334,7 +362,10 @@ impl Datapath {
             &mut ebpf,
             map_names::IFINDEX_SLOTS,
         )?);
-        let samples = Some(take::<RingBuf<MapData>>(&mut ebpf, map_names::DROP_SAMPLES)?);
+        let samples = Some(take::<RingBuf<MapData>>(
+            &mut ebpf,
+            map_names::DROP_SAMPLES,
+        )?);
         Ok(Self {
             ebpf,
             pin_dir: dir,
@@ -393,6 +424,17 @@ impl Datapath {
     #[must_use]
     pub fn listener_slot(&self, name: &str) -> Option<u32> {
         self.writer.slots().by_name.get(name).copied()
+    }
+
+    /// Listener name → slot, as last applied.
+    #[must_use]
+    pub fn slot_names(&self) -> Vec<(String, u32)> {
+        self.writer
+            .slots()
+            .by_name
+            .iter()
+            .map(|(n, s)| (n.clone(), *s))
+            .collect()
     }
 
     /// The policy maps' current contents.
@@ -469,30 +511,44 @@ impl Datapath {
     ) -> anyhow::Result<Attachment> {
         let ifindex = ifindex(interface)?;
         let ladder = AttachedMode::ladder(mode);
+        let attachment = |kind, adopted| Attachment {
+            interface: interface.into(),
+            ifindex,
+            slot,
+            mode: kind,
+            adopted,
+        };
         // 1. Adopt a link a previous agent pinned, replacing its program atomically.
+        //    Links of a mode the config no longer wants are removed once the new
+        //    attachment is in place (XDP and TC coexist), except that native and
+        //    generic XDP exclude each other and must swap with a brief gap.
+        let mut superseded = Vec::new();
         for kind in AttachedMode::ALL {
             let path = self.pin_dir.join(kind.pin_name(interface));
             if !path.exists() {
                 continue;
             }
             if !ladder.contains(&kind) {
-                tracing::warn!(
-                    interface,
-                    from = kind.label(),
-                    "configured mode changed: detaching the old attachment first (brief gap)"
-                );
-                unpin_link(&path)?;
+                let xdp_swap =
+                    kind != AttachedMode::Tc && ladder.iter().any(|k| *k != AttachedMode::Tc);
+                if xdp_swap {
+                    tracing::warn!(
+                        interface,
+                        from = kind.label(),
+                        "XDP mode changed: detaching the old program first (brief gap)"
+                    );
+                    unpin_link(&path)?;
+                } else {
+                    superseded.push(path);
+                }
                 continue;
             }
             match self.replace_program(kind, &path) {
                 Ok(()) => {
-                    return Ok(Attachment {
-                        interface: interface.into(),
-                        ifindex,
-                        slot,
-                        mode: kind,
-                        adopted: true,
-                    });
+                    for old in superseded {
+                        unpin_link(&old)?;
+                    }
+                    return Ok(attachment(kind, true));
                 }
                 Err(e) => {
                     tracing::warn!(interface, error = %format!("{e:#}"), "cannot adopt the pinned link; attaching anew");
@@ -505,13 +561,11 @@ impl Datapath {
         for &kind in ladder {
             match self.attach_fresh(kind, interface) {
                 Ok(()) => {
-                    return Ok(Attachment {
-                        interface: interface.into(),
-                        ifindex,
-                        slot,
-                        mode: kind,
-                        adopted: false,
-                    });
+                    for old in superseded {
+                        tracing::info!(interface, link = %old.display(), "removing the attachment of the previous mode");
+                        unpin_link(&old)?;
+                    }
+                    return Ok(attachment(kind, false));
                 }
                 Err(e) => {
                     tracing::warn!(interface, mode = kind.label(), error = %format!("{e:#}"), "attach failed");
@@ -616,7 +670,9 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
         let entry = entry?;
         fs::remove_file(entry.path())
             .with_context(|| format!("removing {}", entry.path().display()))?;
-        report.maps.push(entry.file_name().to_string_lossy().into_owned());
+        report
+            .maps
+            .push(entry.file_name().to_string_lossy().into_owned());
     }
     fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
     // The root too, when nothing else (another layout version) lives there.

@@ -3,10 +3,14 @@
 //! Data flows one way: config/store → [`policy`] (pure) → [`maps`] writers →
 //! kernel; kernel counters → [`metrics`]. The loader ([`datapath`]) owns every
 //! kernel-dependent choice (attach mode, pins, lock).
-#![forbid(unsafe_code)]
+//!
+//! `unsafe` is denied workspace-wide; [`sys`] is the one exception.
 
 pub mod allowlist;
+pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod maps;
+pub mod metrics;
 pub mod policy;
+pub mod sys;

@@ -87,22 +87,18 @@ pub fn accepts(listener: &ListenerConfig, key: &KeyAccess<'_>) -> bool {
 
 /// Compile the packet-level policy of every listener at `now`.
 #[must_use]
-pub fn compile<'a>(
+pub fn compile(
     listeners: &[ListenerConfig],
-    keys: impl IntoIterator<Item = KeyAccess<'a>> + Clone,
+    keys: &[KeyAccess<'_>],
     now: SystemTime,
 ) -> CompiledPolicy {
-    let next_change = keys
-        .clone()
-        .into_iter()
-        .filter_map(|k| k.allow.next_expiry(now))
-        .min();
+    let next_change = keys.iter().filter_map(|k| k.allow.next_expiry(now)).min();
     let listeners = listeners
         .iter()
         .map(|listener| ListenerPolicy {
             name: listener.name.clone(),
             bind: listener.bind,
-            access: listener_access(listener, keys.clone(), now),
+            access: listener_access(listener, keys, now),
         })
         .collect();
     CompiledPolicy {
@@ -111,11 +107,7 @@ pub fn compile<'a>(
     }
 }
 
-fn listener_access<'a>(
-    listener: &ListenerConfig,
-    keys: impl IntoIterator<Item = KeyAccess<'a>>,
-    now: SystemTime,
-) -> Access {
+fn listener_access(listener: &ListenerConfig, keys: &[KeyAccess<'_>], now: SystemTime) -> Access {
     if !listener.early_drop {
         return Access::Open;
     }
@@ -124,7 +116,7 @@ fn listener_access<'a>(
         ClientIpSource::ProxyProtocol => trusted.collect(),
         source @ (ClientIpSource::Peer | ClientIpSource::XForwardedFor) => {
             let mut nets = Vec::new();
-            for key in keys.into_iter().filter(|k| accepts(listener, k)) {
+            for key in keys.iter().filter(|k| accepts(listener, k)) {
                 if key.report_only || key.allow.is_unrestricted() {
                     return Access::Open;
                 }
@@ -195,7 +187,11 @@ mod tests {
     }
 
     fn compile_now(listeners: &[ListenerConfig], keys: &[StaticKey]) -> CompiledPolicy {
-        compile(listeners, keys.iter().map(KeyAccess::from), SystemTime::UNIX_EPOCH)
+        compile(
+            listeners,
+            &keys.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+            SystemTime::UNIX_EPOCH,
+        )
     }
 
     #[test]
@@ -299,7 +295,7 @@ mod tests {
     #[test]
     fn expired_entries_leave_the_union_and_expiry_is_scheduled() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let expiry = t0 + Duration::from_secs(60);
+        let expiry = t0 + Duration::from_mins(1);
         let mut k = key("a", &["192.0.2.1/32"]);
         k.allow = AllowList::from_canonical(vec![
             AllowEntry {
@@ -314,13 +310,21 @@ mod tests {
             },
         ]);
         let keys = [k];
-        let before = compile(&[listener("api", 1)], keys.iter().map(KeyAccess::from), t0);
+        let before = compile(
+            &[listener("api", 1)],
+            &keys.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+            t0,
+        );
         assert_eq!(
             before.listeners[0].access,
             nets(&["192.0.2.1/32", "198.51.100.0/24"])
         );
         assert_eq!(before.next_change, Some(expiry));
-        let after = compile(&[listener("api", 1)], keys.iter().map(KeyAccess::from), expiry);
+        let after = compile(
+            &[listener("api", 1)],
+            &keys.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+            expiry,
+        );
         assert_eq!(after.listeners[0].access, nets(&["192.0.2.1/32"]));
         assert_eq!(after.next_change, None);
     }
@@ -336,7 +340,7 @@ mod tests {
             }]),
             ..key("a", &[])
         };
-        let p = compile(&[listener("api", 1)], [KeyAccess::from(&k)], t0);
+        let p = compile(&[listener("api", 1)], &[KeyAccess::from(&k)], t0);
         assert_eq!(p.listeners[0].access, nets(&[]));
     }
 }

@@ -22,7 +22,7 @@ pub const STATS_CAPACITY: u32 = MAX_IFACE_SLOTS * MAX_LISTENERS;
 pub enum Stat {
     /// Not IPv4/IPv6 (ARP, LLDP, …).
     PassNotIp = 0,
-    /// IP, but neither TCP nor UDP (ICMP, ICMPv6 including ND, ESP, …).
+    /// IP, but neither TCP nor UDP (ICMP, `ICMPv6` including ND, ESP, …).
     PassNotTcpUdp = 1,
     /// A non-first fragment: no ports to match on; the shim still decides.
     PassFragment = 2,

@@ -56,7 +56,10 @@ fn header<const N: usize>(data: usize, end: usize, off: usize) -> Result<*const 
 #[inline(always)]
 fn read<const N: usize>(p: *const [u8; N]) -> [u8; N] {
     // SAFETY: `p` came from `header`, which checked that all N bytes are in the packet.
-    #[expect(unsafe_code, reason = "packet access after the bounds check in `header`")]
+    #[expect(
+        unsafe_code,
+        reason = "packet access after the bounds check in `header`"
+    )]
     unsafe {
         read_unaligned(p)
     }

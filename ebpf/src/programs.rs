@@ -30,7 +30,11 @@ pub fn keyfence_xdp(ctx: XdpContext) -> u32 {
 pub fn keyfence_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
     // Failure leaves the packet as it was; the parser then sees fewer bytes.
-    let _ = ctx.pull_data(if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES });
+    let _ = ctx.pull_data(if len < TC_PULL_BYTES {
+        len
+    } else {
+        TC_PULL_BYTES
+    });
     // SAFETY: the context pointer the kernel handed to this program.
     #[expect(unsafe_code, reason = "reading __sk_buff.ifindex")]
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -20,7 +20,7 @@ pub struct Config {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
-    /// Embedded SQLite file (default `/var/lib/keyfence/keyfence.db`).
+    /// Embedded `SQLite` file (default `/var/lib/keyfence/keyfence.db`).
     pub path: PathBuf,
 }
 

@@ -19,10 +19,7 @@ impl IfaceSlots {
     pub fn assign(&mut self, slots: &[(u32, u32)]) -> anyhow::Result<()> {
         for &(ifindex, slot) in slots {
             if slot == 0 || slot >= MAX_IFACE_SLOTS {
-                bail!(
-                    "at most {} interfaces are supported",
-                    MAX_IFACE_SLOTS - 1
-                );
+                bail!("at most {} interfaces are supported", MAX_IFACE_SLOTS - 1);
             }
             if ifindex >= IFINDEX_SLOTS_CAPACITY {
                 tracing::warn!(

@@ -158,7 +158,9 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     /// Adopt whatever the maps hold now (empty on a first start, the previous
     /// agent's policy after a restart) as the starting point of the next diff.
     pub fn adopt(backend: B) -> anyhow::Result<Self> {
-        let current = backend.read_all().context("reading the pinned policy maps")?;
+        let current = backend
+            .read_all()
+            .context("reading the pinned policy maps")?;
         Ok(Self {
             backend,
             current,
@@ -317,7 +319,12 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         }
         // 4. Narrowing last.
         for (key, &value) in &want.prefixes {
-            if self.current.prefixes.get(key).is_some_and(|&old| old != value) {
+            if self
+                .current
+                .prefixes
+                .get(key)
+                .is_some_and(|&old| old != value)
+            {
                 self.backend.put_prefix(key, value)?;
                 self.current.prefixes.insert(*key, value);
                 report.updated += 1;
@@ -510,7 +517,12 @@ mod tests {
         w.apply(&policy(vec![restricted(
             "api",
             "[::]:8443",
-            &["192.0.2.10/32", "198.51.100.0/24", "2001:db8::1/128", "2001:db8:1::/48"],
+            &[
+                "192.0.2.10/32",
+                "198.51.100.0/24",
+                "2001:db8::1/128",
+                "2001:db8:1::/48",
+            ],
         )]))
         .unwrap();
         let t = &w.backend().tables;
@@ -535,11 +547,21 @@ mod tests {
         w.apply(&policy(vec![restricted("api", "[::]:1", &["::/0"])]))
             .unwrap();
         let t = &w.backend().tables;
-        assert_eq!(t.verdict(ip("2001:db8::9"), dst("[2001:db8::1]:1")), Some(true));
-        assert_eq!(t.verdict(ip("203.0.113.9"), dst("192.0.2.1:1")), Some(false));
+        assert_eq!(
+            t.verdict(ip("2001:db8::9"), dst("[2001:db8::1]:1")),
+            Some(true)
+        );
+        assert_eq!(
+            t.verdict(ip("203.0.113.9"), dst("192.0.2.1:1")),
+            Some(false)
+        );
         // Adding 0.0.0.0/0 turns the deny marker into an allow.
-        w.apply(&policy(vec![restricted("api", "[::]:1", &["::/0", "0.0.0.0/0"])]))
-            .unwrap();
+        w.apply(&policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &["::/0", "0.0.0.0/0"],
+        )]))
+        .unwrap();
         let t = &w.backend().tables;
         assert_eq!(t.verdict(ip("203.0.113.9"), dst("192.0.2.1:1")), Some(true));
         assert_eq!(t.prefixes.len(), 2);
@@ -554,9 +576,15 @@ mod tests {
         ]))
         .unwrap();
         let t = &w.backend().tables;
-        assert_eq!(t.verdict(ip("198.51.100.1"), dst("192.0.2.1:80")), Some(true));
+        assert_eq!(
+            t.verdict(ip("198.51.100.1"), dst("192.0.2.1:80")),
+            Some(true)
+        );
         assert_eq!(t.verdict(ip("198.51.100.1"), dst("[2001:db8::1]:80")), None);
-        assert_eq!(t.verdict(ip("198.51.100.1"), dst("192.0.2.1:22")), Some(false));
+        assert_eq!(
+            t.verdict(ip("198.51.100.1"), dst("192.0.2.1:22")),
+            Some(false)
+        );
         assert_eq!(t.verdict(ip("198.51.100.1"), dst("192.0.2.2:22")), None);
     }
 
@@ -589,8 +617,12 @@ mod tests {
             restricted("b", "[::]:2", &["198.51.100.7/32"]),
         ]))
         .unwrap();
-        w.apply(&policy(vec![restricted("b", "[::]:2", &["198.51.100.7/32"])]))
-            .unwrap();
+        w.apply(&policy(vec![restricted(
+            "b",
+            "[::]:2",
+            &["198.51.100.7/32"],
+        )]))
+        .unwrap();
         let t = &w.backend().tables;
         assert_eq!(t.listeners.len(), 2);
         assert_eq!(t.exact.len(), 1);

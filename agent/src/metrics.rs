@@ -1,0 +1,260 @@
+//! Prometheus metrics (SPEC §8) and the HTTP endpoint that serves them with
+//! `/readyz`. Datapath counters are read from the kernel at scrape time and
+//! summed over CPUs; their `verdict`/`reason` labels come from `Stat`, so kernel
+//! and metric names cannot drift.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use keyfence_common::stats::Stat;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::datapath::Datapath;
+
+/// The datapath, shared by the control loop (writes) and scrapes (reads).
+pub type SharedDatapath = Arc<Mutex<Option<Datapath>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Every metric the agent owns apart from the datapath counters.
+pub struct Metrics {
+    pub registry: Registry,
+    pub keys: Gauge,
+    pub policy_prefixes: Family<ListenerLabel, Gauge>,
+    pub policy_apply_seconds: Histogram,
+    pub config_last_reload_successful: Gauge,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub drop_samples: Counter,
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new(datapath: SharedDatapath) -> Self {
+        let mut registry = Registry::default();
+        let keys = Gauge::default();
+        registry.register("keyfence_keys", "API keys known to the agent", keys.clone());
+        let policy_prefixes = Family::<ListenerLabel, Gauge>::default();
+        registry.register(
+            "keyfence_policy_prefixes",
+            "Prefixes in the packet-level allow set of each listener (0 when open)",
+            policy_prefixes.clone(),
+        );
+        let policy_apply_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "keyfence_policy_apply_seconds",
+            "Time from a policy change to its enforcement in the datapath",
+            policy_apply_seconds.clone(),
+        );
+        let config_last_reload_successful = Gauge::default();
+        registry.register(
+            "keyfence_config_last_reload_successful",
+            "1 if the last configuration load succeeded",
+            config_last_reload_successful.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "keyfence_config_reloads",
+            "Configuration reloads by result",
+            config_reloads.clone(),
+        );
+        let drop_samples = Counter::default();
+        registry.register(
+            "keyfence_datapath_drop_samples",
+            "Dropped packets sampled to the log (rate-limited in the kernel)",
+            drop_samples.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCollector { datapath }));
+        Self {
+            registry,
+            keys,
+            policy_prefixes,
+            policy_apply_seconds,
+            config_last_reload_successful,
+            config_reloads,
+            drop_samples,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    interface: String,
+    listener: String,
+    verdict: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttachedLabels {
+    interface: String,
+    mode: &'static str,
+}
+
+/// Reads the kernel's counters on every scrape.
+struct DatapathCollector {
+    datapath: SharedDatapath,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let guard = self
+            .datapath
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(datapath) = guard.as_ref() else {
+            return Ok(());
+        };
+        let snapshot = match datapath.counters() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading datapath counters");
+                return Ok(());
+            }
+        };
+        let mut interfaces: Vec<(u32, String)> = vec![(0, "other".into())];
+        interfaces.extend(
+            datapath
+                .attachments()
+                .iter()
+                .map(|a| (a.slot, a.interface.clone())),
+        );
+        let mut listeners: Vec<(u32, String)> = vec![(0, "none".into())];
+        listeners.extend(
+            datapath
+                .slot_names()
+                .into_iter()
+                .map(|(name, slot)| (slot, name)),
+        );
+
+        {
+            let mut packets = encoder.encode_descriptor(
+                "keyfence_datapath_packets",
+                "Packets seen by the datapath, by interface, listener, verdict and reason",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (iface_slot, interface) in &interfaces {
+                for (listener_slot, listener) in &listeners {
+                    for stat in Stat::ALL {
+                        let labels = PacketLabels {
+                            interface: interface.clone(),
+                            listener: listener.clone(),
+                            verdict: stat.verdict(),
+                            reason: stat.reason(),
+                        };
+                        ConstCounter::new(snapshot.get(*iface_slot, *listener_slot, stat))
+                            .encode(packets.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+
+        let mut attached = encoder.encode_descriptor(
+            "keyfence_datapath_attached",
+            "1 for every interface the datapath is attached to, with the mode in use",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for a in datapath.attachments() {
+            let labels = AttachedLabels {
+                interface: a.interface.clone(),
+                mode: a.mode.label(),
+            };
+            ConstGauge::new(1i64).encode(attached.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    let metrics = state.metrics.clone();
+    // Counter reads are syscalls: keep them off the async workers.
+    let body = tokio::task::spawn_blocking(move || metrics.render())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Bind the metrics listener now (so a bad address fails the start), serve later.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context as _;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics on {addr}"))
+}
+
+/// Serve `/metrics` and `/readyz` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { metrics, ready });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
