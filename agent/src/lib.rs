@@ -13,4 +13,5 @@ pub mod datapath;
 pub mod maps;
 pub mod metrics;
 pub mod policy;
+pub mod shim;
 pub mod sys;
