@@ -2,3 +2,4 @@
 //! allow list, and answers 401/403 or lets the request through (SPEC §5).
 
 pub mod client_ip;
+pub mod keys;

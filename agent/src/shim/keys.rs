@@ -1,0 +1,341 @@
+//! The shim's view of keys: a table indexed by the SHA-256 of the secret, and
+//! the per-request decision (SPEC §5). Secrets are never kept: a presented key
+//! is hashed and looked up by its digest, so lookup time does not depend on how
+//! much of a stored secret the presented one shares.
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::SystemTime};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    allowlist::{AllowList, fold_ip},
+    config::ListenerConfig,
+    policy::{KeyAccess, accepts},
+};
+
+/// A key as the shim needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShimKey {
+    pub id: String,
+    pub tenant: String,
+    pub scopes: Vec<String>,
+    pub allow: AllowList,
+    pub report_only: bool,
+}
+
+impl ShimKey {
+    fn access(&self) -> KeyAccess<'_> {
+        KeyAccess {
+            tenant: &self.tenant,
+            scopes: &self.scopes,
+            allow: &self.allow,
+            report_only: self.report_only,
+        }
+    }
+}
+
+/// SHA-256 of a presented secret.
+#[must_use]
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Keys by secret digest; immutable, swapped whole on change.
+#[derive(Clone, Debug, Default)]
+pub struct KeyTable {
+    by_digest: HashMap<[u8; 32], Arc<ShimKey>>,
+}
+
+impl KeyTable {
+    #[must_use]
+    pub fn new(keys: impl IntoIterator<Item = ([u8; 32], ShimKey)>) -> Self {
+        Self {
+            by_digest: keys.into_iter().map(|(d, k)| (d, Arc::new(k))).collect(),
+        }
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
+    #[must_use]
+    pub fn lookup(&self, secret: &str) -> Option<&Arc<ShimKey>> {
+        self.by_digest.get(&digest(secret))
+    }
+}
+
+/// What the shim does with one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No key, an unknown or revoked one, or one this listener does not accept.
+    InvalidKey,
+    /// The key is valid but the client address is outside its list (or unknown).
+    IpNotAllowed {
+        key: Arc<ShimKey>,
+        ip: Option<IpAddr>,
+    },
+    /// Would be refused, but the key only reports.
+    ReportOnly {
+        key: Arc<ShimKey>,
+        ip: Option<IpAddr>,
+    },
+    Allowed {
+        key: Arc<ShimKey>,
+    },
+}
+
+/// Decide one request. `client` is `None` when the client address could not be
+/// established (a malformed `X-Forwarded-For`): only an unrestricted key passes.
+#[must_use]
+pub fn decide(
+    listener: &ListenerConfig,
+    table: &KeyTable,
+    presented: Option<&str>,
+    client: Option<IpAddr>,
+    now: SystemTime,
+) -> Verdict {
+    let Some(key) = presented.and_then(|s| table.lookup(s)) else {
+        return Verdict::InvalidKey;
+    };
+    if !accepts(listener, &key.access()) {
+        return Verdict::InvalidKey;
+    }
+    let client = client.map(fold_ip);
+    let allowed = key.allow.is_unrestricted() || client.is_some_and(|ip| key.allow.allows(ip, now));
+    match (allowed, key.report_only) {
+        (true, _) => Verdict::Allowed { key: key.clone() },
+        (false, true) => Verdict::ReportOnly {
+            key: key.clone(),
+            ip: client,
+        },
+        (false, false) => Verdict::IpNotAllowed {
+            key: key.clone(),
+            ip: client,
+        },
+    }
+}
+
+/// The key from `Authorization: Bearer <key>`, or from an extra header.
+#[must_use]
+pub fn presented_key<'a>(
+    authorization: Option<&'a str>,
+    extra_header: Option<&'a str>,
+) -> Option<&'a str> {
+    let bearer = authorization.and_then(|v| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    bearer
+        .or_else(|| extra_header.map(str::trim))
+        .filter(|k| !k.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        allowlist::AllowEntry,
+        config::{ClientIp, ClientIpSource, ListenerMode},
+    };
+
+    fn listener(tenants: Option<Vec<String>>) -> ListenerConfig {
+        ListenerConfig {
+            name: "api".into(),
+            bind: "[::]:8443".parse().unwrap(),
+            mode: ListenerMode::Auth,
+            upstream: None,
+            tls: None,
+            client_ip: ClientIp {
+                source: ClientIpSource::Peer,
+                trusted_proxies: vec![],
+                hops: 1,
+            },
+            early_drop: true,
+            tenants,
+        }
+    }
+
+    fn key(id: &str, nets: &[&str]) -> ShimKey {
+        ShimKey {
+            id: id.into(),
+            tenant: "default".into(),
+            scopes: vec!["api".into()],
+            allow: AllowList::from_canonical(
+                nets.iter()
+                    .map(|n| AllowEntry {
+                        net: n.parse().unwrap(),
+                        note: None,
+                        expires_at: None,
+                    })
+                    .collect(),
+            ),
+            report_only: false,
+        }
+    }
+
+    fn table(keys: Vec<(&str, ShimKey)>) -> KeyTable {
+        KeyTable::new(keys.into_iter().map(|(s, k)| (digest(s), k)))
+    }
+
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn the_seed_cases() {
+        let t = table(vec![
+            (
+                "kf_prod_secret_0000000000",
+                key("prod", &["203.0.113.100/32", "198.51.100.0/24"]),
+            ),
+            ("kf_dev_secret_00000000000", key("dev", &[])),
+            ("kf_v6_secret_000000000000", key("v6", &["2001:db8:1::/48"])),
+        ]);
+        let l = listener(None);
+        let d = |s, c| decide(&l, &t, s, c, T0);
+        assert!(matches!(
+            d(Some("kf_prod_secret_0000000000"), ip("203.0.113.100")),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_prod_secret_0000000000"), ip("198.51.100.77")),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_prod_secret_0000000000"), ip("203.0.113.101")),
+            Verdict::IpNotAllowed { ip: Some(_), .. }
+        ));
+        assert!(matches!(
+            d(
+                Some("kf_prod_secret_0000000000"),
+                ip("::ffff:203.0.113.100")
+            ),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_dev_secret_00000000000"), ip("192.0.2.1")),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_dev_secret_00000000000"), None),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_v6_secret_000000000000"), ip("2001:db8:1:2::3")),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_v6_secret_000000000000"), ip("2001:db8:2::3")),
+            Verdict::IpNotAllowed { .. }
+        ));
+        assert!(matches!(
+            d(Some("kf_prod_secret_0000000000"), None),
+            Verdict::IpNotAllowed { ip: None, .. }
+        ));
+        assert_eq!(d(Some("nope"), ip("203.0.113.100")), Verdict::InvalidKey);
+        assert_eq!(d(None, ip("203.0.113.100")), Verdict::InvalidKey);
+    }
+
+    #[test]
+    fn tenants_scopes_and_report_only() {
+        let mut other = key("other", &[]);
+        other.tenant = "acme".into();
+        let mut admin_only = key("adm", &[]);
+        admin_only.scopes = vec!["admin".into()];
+        let mut report = key("rep", &["192.0.2.1/32"]);
+        report.report_only = true;
+        let t = table(vec![
+            ("s-other-000000000000000", other),
+            ("s-adm-000000000000000000", admin_only),
+            ("s-rep-000000000000000000", report),
+        ]);
+        let default_only = listener(Some(vec!["default".into()]));
+        assert_eq!(
+            decide(
+                &default_only,
+                &t,
+                Some("s-other-000000000000000"),
+                ip("192.0.2.1"),
+                T0
+            ),
+            Verdict::InvalidKey
+        );
+        assert_eq!(
+            decide(
+                &listener(None),
+                &t,
+                Some("s-adm-000000000000000000"),
+                ip("192.0.2.1"),
+                T0
+            ),
+            Verdict::InvalidKey
+        );
+        assert!(matches!(
+            decide(
+                &listener(None),
+                &t,
+                Some("s-rep-000000000000000000"),
+                ip("192.0.2.9"),
+                T0
+            ),
+            Verdict::ReportOnly { .. }
+        ));
+        assert!(matches!(
+            decide(
+                &listener(None),
+                &t,
+                Some("s-rep-000000000000000000"),
+                ip("192.0.2.1"),
+                T0
+            ),
+            Verdict::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn expiry_is_enforced_on_time() {
+        let exp = T0 + Duration::from_secs(100);
+        let mut k = key("k", &[]);
+        k.allow = AllowList::from_canonical(vec![AllowEntry {
+            net: "192.0.2.0/24".parse().unwrap(),
+            note: None,
+            expires_at: Some(exp),
+        }]);
+        let t = table(vec![("secret-secret-secret-1", k)]);
+        let l = listener(None);
+        assert!(matches!(
+            decide(
+                &l,
+                &t,
+                Some("secret-secret-secret-1"),
+                ip("192.0.2.5"),
+                exp - Duration::from_secs(1)
+            ),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            decide(&l, &t, Some("secret-secret-secret-1"), ip("192.0.2.5"), exp),
+            Verdict::IpNotAllowed { .. }
+        ));
+    }
+
+    #[test]
+    fn bearer_and_extra_header() {
+        assert_eq!(presented_key(Some("Bearer abc"), None), Some("abc"));
+        assert_eq!(presented_key(Some("bearer   abc  "), None), Some("abc"));
+        assert_eq!(presented_key(Some("Basic abc"), Some("xyz")), Some("xyz"));
+        assert_eq!(presented_key(Some("Bearer "), None), None);
+        assert_eq!(presented_key(None, Some("  ")), None);
+        assert_eq!(presented_key(None, None), None);
+    }
+}
