@@ -13,5 +13,6 @@ pub mod datapath;
 pub mod maps;
 pub mod metrics;
 pub mod policy;
+pub mod ratelimit;
 pub mod shim;
 pub mod sys;

@@ -49,6 +49,15 @@ pub struct Metrics {
     pub config_last_reload_successful: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub drop_samples: Counter,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<ListenerLabel, Histogram>,
+    refusal_logs: crate::ratelimit::RateLimiter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub listener: String,
+    pub outcome: &'static str,
 }
 
 impl Metrics {
@@ -87,6 +96,20 @@ impl Metrics {
             "Dropped packets sampled to the log (rate-limited in the kernel)",
             drop_samples.clone(),
         );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "keyfence_http_requests",
+            "Requests answered by the shim, by listener and outcome",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<ListenerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+        });
+        registry.register(
+            "keyfence_http_request_duration_seconds",
+            "Time from request head to response head, including the upstream",
+            http_duration.clone(),
+        );
         registry.register_collector(Box::new(DatapathCollector { datapath }));
         Self {
             registry,
@@ -96,6 +119,32 @@ impl Metrics {
             config_last_reload_successful,
             config_reloads,
             drop_samples,
+            http_requests,
+            http_duration,
+            refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
+        }
+    }
+
+    /// Count one answered request.
+    pub fn observe_http(&self, listener: &str, outcome: &'static str, took: std::time::Duration) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                listener: listener.to_string(),
+                outcome,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One structured line per refused request, rate-limited so a flood cannot
+    /// fill disks (the counters stay exact).
+    pub fn refusal_log(&self, listener: &str, key_id: &str, ip: Option<std::net::IpAddr>) {
+        if self.refusal_logs.allow() {
+            tracing::info!(listener, key_id, client = ?ip, reason = "ip_not_allowed", "request refused");
         }
     }
 

@@ -187,6 +187,10 @@ mod tests {
 
     const T0: SystemTime = SystemTime::UNIX_EPOCH;
 
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "every call site passes an Option<IpAddr>"
+    )]
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
     }

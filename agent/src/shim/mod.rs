@@ -3,3 +3,5 @@
 
 pub mod client_ip;
 pub mod keys;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,518 @@
+//! Listener sockets and the request path: our own accept loop reads the PROXY
+//! header (when configured) before TLS and TLS before HTTP, then hyper serves
+//! HTTP/1.1 and HTTP/2 on the connection (SPEC §5).
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited, combinators::BoxBody};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    io::AsyncReadExt as _,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use super::{
+    client_ip::{PROXY_V2_MAX, ProxyParse, forwarded_client, is_trusted, parse_proxy_header},
+    keys::{KeyTable, Verdict, decide, presented_key},
+    tls::TlsAcceptor,
+};
+use crate::{
+    config::{ClientIpSource, ListenerConfig, ListenerMode, Rejection},
+    metrics::Metrics,
+};
+
+/// Time a client gets to send its request head (slowloris bound).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a trusted proxy gets to send its PROXY header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Largest request body forwarded.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Upstream response head deadline.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+pub const KEY_ID_HEADER: &str = "x-keyfence-key-id";
+
+/// What every listener reads on each request; swapped whole on change.
+pub struct Shared {
+    pub keys: RwLock<Arc<KeyTable>>,
+    pub rejection: RwLock<Arc<Rejection>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn keys(&self) -> Arc<KeyTable> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+    fn rejection(&self) -> Arc<Rejection> {
+        self.rejection
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+struct ListenerCtx {
+    config: ListenerConfig,
+    shared: Arc<Shared>,
+    client: Client<HttpConnector, ProxyBody>,
+    upstream: Option<hyper::Uri>,
+}
+
+/// Bind a listener's socket (so a busy port fails the start).
+pub async fn bind(config: &ListenerConfig) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("listener {}: binding {}", config.name, config.bind))
+}
+
+/// Accept and serve until `shutdown` flips to true; then stop accepting and let
+/// open connections finish their requests.
+pub async fn serve(
+    socket: TcpListener,
+    config: ListenerConfig,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let upstream = config
+        .upstream
+        .as_deref()
+        .and_then(|u| u.parse::<hyper::Uri>().ok());
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_mins(1))
+        .build(connector);
+    let ctx = Arc::new(ListenerCtx {
+        config,
+        shared,
+        client,
+        upstream,
+    });
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = socket.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(listener = ctx.config.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let ctx = ctx.clone();
+                let tls = tls.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, peer, ctx.clone(), tls, watcher).await {
+                        tracing::debug!(listener = ctx.config.name, %peer, error = %format!("{e:#}"), "connection ended");
+                    }
+                });
+            }
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    drop(socket);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(30)) => {
+            tracing::warn!(listener = ctx.config.name, "connections still open after 30 s: closing");
+        }
+    }
+}
+
+/// Read (consume) exactly the PROXY header, no byte more.
+async fn read_proxy_header(stream: &mut TcpStream) -> anyhow::Result<Option<SocketAddr>> {
+    let mut buf = vec![0u8; PROXY_V2_MAX];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            anyhow::bail!("closed before the PROXY header");
+        }
+        match parse_proxy_header(&buf[..n])? {
+            ProxyParse::Incomplete => {
+                if n == buf.len() {
+                    anyhow::bail!("PROXY header too long");
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ProxyParse::Done { len, source } => {
+                let mut sink = vec![0u8; len];
+                stream.read_exact(&mut sink).await?;
+                return Ok(source);
+            }
+        }
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    tls: Option<TlsAcceptor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> anyhow::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let peer_ip = crate::allowlist::fold_ip(peer.ip());
+    // The connection-level client address (before any X-Forwarded-For).
+    let conn_client = match ctx.config.client_ip.source {
+        ClientIpSource::ProxyProtocol => {
+            if !is_trusted(peer_ip, &ctx.config.client_ip.trusted_proxies) {
+                anyhow::bail!("PROXY protocol from untrusted peer {peer_ip}: closed");
+            }
+            let source = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream))
+                .await
+                .context("PROXY header timeout")??;
+            source.map_or(peer_ip, |s| crate::allowlist::fold_ip(s.ip()))
+        }
+        ClientIpSource::Peer | ClientIpSource::XForwardedFor => peer_ip,
+    };
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx, peer_ip, conn_client).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+    if let Some(acceptor) = tls {
+        let stream = acceptor.accept(stream).await.context("TLS handshake")?;
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        watcher
+            .watch(conn.into_owned())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+    } else {
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        watcher
+            .watch(conn.into_owned())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("static response parts")
+}
+
+/// Escape a value for a JSON string literal.
+fn json_escape(s: &str) -> String {
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+/// The rejection body with `{ip}` and `{key_id}` filled in (JSON-escaped).
+#[must_use]
+pub fn render_rejection(template: &str, ip: Option<IpAddr>, key_id: &str) -> String {
+    let ip = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+    template
+        .replace("{ip}", &json_escape(&ip))
+        .replace("{key_id}", &json_escape(key_id))
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers, including those named by `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    ctx: &ListenerCtx,
+    peer: IpAddr,
+    conn_client: IpAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let listener = ctx.config.name.as_str();
+    let client = match ctx.config.client_ip.source {
+        ClientIpSource::XForwardedFor => {
+            let values: Vec<&str> = req
+                .headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            forwarded_client(
+                peer,
+                &values,
+                &ctx.config.client_ip.trusted_proxies,
+                ctx.config.client_ip.hops,
+            )
+        }
+        ClientIpSource::Peer | ClientIpSource::ProxyProtocol => Some(conn_client),
+    };
+    if req.uri().path() == "/_keyfence/ip" {
+        let ip = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        return json(
+            StatusCode::OK,
+            format!("{{\"ip\":\"{}\"}}", json_escape(&ip)),
+        );
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let presented = presented_key(header("authorization"), header("x-api-key"));
+    let verdict = decide(
+        &ctx.config,
+        &ctx.shared.keys(),
+        presented,
+        client,
+        SystemTime::now(),
+    );
+    let metrics = &ctx.shared.metrics;
+    let (response, outcome) = match verdict {
+        Verdict::InvalidKey => (
+            json(
+                StatusCode::UNAUTHORIZED,
+                r#"{"error":"invalid API key"}"#.into(),
+            ),
+            "invalid_key",
+        ),
+        Verdict::IpNotAllowed { key, ip } => {
+            let rejection = ctx.shared.rejection();
+            metrics.refusal_log(listener, &key.id, ip);
+            let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::FORBIDDEN);
+            (
+                json(status, render_rejection(&rejection.body, ip, &key.id)),
+                "ip_not_allowed",
+            )
+        }
+        Verdict::ReportOnly { key, ip } => {
+            tracing::info!(listener, key_id = key.id, client = ?ip, "report-only key used from an address outside its list");
+            let (resp, ok) = pass(req, ctx, &key.id, peer).await;
+            (resp, if ok { "report_only" } else { "upstream_error" })
+        }
+        Verdict::Allowed { key } => {
+            let (resp, ok) = pass(req, ctx, &key.id, peer).await;
+            (resp, if ok { "allowed" } else { "upstream_error" })
+        }
+    };
+    metrics.observe_http(listener, outcome, started.elapsed());
+    response
+}
+
+/// An accepted request: ping, auth answer, or the proxied exchange.
+/// The flag is false when the upstream failed.
+async fn pass(
+    req: Request<Incoming>,
+    ctx: &ListenerCtx,
+    key_id: &str,
+    peer: IpAddr,
+) -> (Response<Body>, bool) {
+    let key_header = HeaderValue::from_str(key_id).ok();
+    if req.uri().path() == "/_keyfence/ping" {
+        let mut resp = json(StatusCode::OK, r#"{"message":"pong"}"#.into());
+        if let Some(v) = key_header {
+            resp.headers_mut().insert(KEY_ID_HEADER, v);
+        }
+        return (resp, true);
+    }
+    match ctx.config.mode {
+        ListenerMode::Auth => {
+            let mut resp = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+            if let Some(v) = key_header {
+                resp.headers_mut().insert(KEY_ID_HEADER, v);
+            }
+            (resp, true)
+        }
+        ListenerMode::Proxy => proxy(req, ctx, key_header, peer).await,
+    }
+}
+
+async fn proxy(
+    req: Request<Incoming>,
+    ctx: &ListenerCtx,
+    key_header: Option<HeaderValue>,
+    peer: IpAddr,
+) -> (Response<Body>, bool) {
+    let Some(upstream) = &ctx.upstream else {
+        return (
+            json(StatusCode::BAD_GATEWAY, r#"{"error":"no upstream"}"#.into()),
+            false,
+        );
+    };
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY_BYTES)
+    {
+        return (
+            json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                r#"{"error":"request body too large"}"#.into(),
+            ),
+            true,
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+    let uri = format!(
+        "{}://{}{}",
+        upstream.scheme_str().unwrap_or("http"),
+        upstream
+            .authority()
+            .map_or("", hyper::http::uri::Authority::as_str),
+        path
+    );
+    let Ok(uri) = uri.parse() else {
+        return (
+            json(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"bad request target"}"#.into(),
+            ),
+            true,
+        );
+    };
+    parts.uri = uri;
+    parts.version = hyper::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {peer}"),
+        None => peer.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    parts.headers.remove(KEY_ID_HEADER);
+    if let Some(v) = key_header.clone() {
+        parts.headers.insert(KEY_ID_HEADER, v);
+    }
+    let body: ProxyBody = Limited::new(body, MAX_BODY_BYTES).boxed();
+    let request = Request::from_parts(parts, body);
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, ctx.client.request(request)).await {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(v) = key_header {
+                parts.headers.insert(KEY_ID_HEADER, v);
+            }
+            (Response::from_parts(parts, body.boxed()), true)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(listener = ctx.config.name, error = %e, "upstream request failed");
+            (
+                json(
+                    StatusCode::BAD_GATEWAY,
+                    r#"{"error":"upstream unavailable"}"#.into(),
+                ),
+                false,
+            )
+        }
+        Err(_) => (
+            json(
+                StatusCode::GATEWAY_TIMEOUT,
+                r#"{"error":"upstream timed out"}"#.into(),
+            ),
+            false,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_template_placeholders_are_escaped() {
+        let body = render_rejection(
+            r#"{"message":"source IP {ip} is not allowed for this API key {key_id}"}"#,
+            Some("203.0.113.7".parse().unwrap()),
+            "prod\"x",
+        );
+        assert_eq!(
+            body,
+            r#"{"message":"source IP 203.0.113.7 is not allowed for this API key prod\"x"}"#
+        );
+        assert_eq!(
+            render_rejection(r#"{"error":"IP address not allowed"}"#, None, "k"),
+            r#"{"error":"IP address not allowed"}"#
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+}
