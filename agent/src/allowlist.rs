@@ -44,7 +44,7 @@ impl AllowList {
     /// sorts and removes duplicate networks (the first note/expiry wins).
     #[must_use]
     pub fn from_canonical(mut entries: Vec<AllowEntry>) -> Self {
-        entries.sort_by(|a, b| a.net.cmp(&b.net));
+        entries.sort_by_key(|e| e.net);
         entries.dedup_by(|later, first| later.net == first.net);
         Self { entries }
     }
@@ -93,9 +93,7 @@ impl AllowList {
 #[must_use]
 pub fn fold_ip(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 @ IpAddr::V4(_) => v4,
     }
 }
@@ -106,8 +104,7 @@ pub fn fold_ip(ip: IpAddr) -> IpAddr {
 pub fn fold_net(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
-            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96)
-                .map_or(net, IpNet::V4),
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
             None => net,
         },
         _ => net,

@@ -14,5 +14,6 @@ pub mod maps;
 pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
+pub mod run;
 pub mod shim;
 pub mod sys;

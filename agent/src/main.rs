@@ -1,1 +1,87 @@
-fn main() {}
+//! The `keyfence` binary: a thin wrapper over the library.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use keyfence::{
+    cli::{Cli, Command, LogFormat},
+    config, datapath,
+    run::{StartError, run},
+};
+
+const EXIT_CONFIG: u8 = 64;
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Detach { config } => {
+            let config = match config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match datapath::detach(&config.datapath.pin_path) {
+                Ok(report) => {
+                    println!(
+                        "detached {} link(s), removed {} map pin(s) under {}",
+                        report.links.len(),
+                        report.maps.len(),
+                        config.datapath.pin_path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keyfence detach: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { config } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("keyfence: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(StartError::Config(errors)) => {
+                    eprint!("{errors}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(StartError::Other(e)) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1216 @@
+//! YAML → validated [`Config`], or every error found, each located as
+//! `FILE:LINE:COL: field.path: message` (SPEC §1, STYLE rule 7).
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+use super::model::{
+    AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
+    ListenerMode, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
+};
+use crate::allowlist::{AllowEntry, AllowList, DEFAULT_MAX_ENTRIES, fold_ip, fold_net};
+
+/// One located problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: u64,
+    pub col: u64,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.col, self.path, self.message
+        )
+    }
+}
+
+/// Every problem of one file, in file order.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    store: Option<RawStore>,
+    datapath: Option<RawDatapath>,
+    #[serde(default)]
+    listeners: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    keys: Vec<Spanned<RawKey>>,
+    rejection: Option<RawRejection>,
+    management: Option<RawManagement>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<Spanned<String>>,
+    postgres: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    pin_path: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    bind: Spanned<String>,
+    mode: Spanned<String>,
+    upstream: Option<Spanned<String>>,
+    tls: Option<RawTls>,
+    client_ip: Option<RawClientIp>,
+    early_drop: Option<bool>,
+    tenants: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientIp {
+    source: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    hops: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: Spanned<String>,
+    name: Spanned<String>,
+    tenant: Option<String>,
+    scopes: Option<Vec<String>>,
+    secret_sha256: Option<Spanned<String>>,
+    secret_env: Option<Spanned<String>>,
+    ip_allow_list: Option<Spanned<RawList>>,
+    report_only: Option<bool>,
+}
+
+/// An allow list as written: one comma/newline-separated string, or an array of
+/// entries (strings or `{cidr, note, expires_at}` objects).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawList {
+    One(String),
+    Many(Vec<RawEntry>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawEntry {
+    Text(String),
+    Object {
+        cidr: String,
+        note: Option<String>,
+        expires_at: Option<String>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRejection {
+    status: Option<Spanned<u16>>,
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManagement {
+    bind: Option<Spanned<String>>,
+    #[serde(default)]
+    admins: Vec<Spanned<RawAdmin>>,
+    confirm: Option<RawConfirm>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    name: String,
+    token_sha256: Option<Spanned<String>>,
+    token_env: Option<String>,
+    ip_allow_list: Option<Spanned<RawList>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfirm {
+    totp_secret_env: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    bind: Option<Spanned<String>>,
+}
+
+/// Collects errors with their file.
+struct Errors {
+    file: String,
+    list: Vec<ConfigError>,
+}
+
+impl Errors {
+    fn at(&mut self, loc: &Location, path: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line(),
+            col: loc.column(),
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Read and validate `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &file),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            line: 0,
+            col: 0,
+            path: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }])),
+    }
+}
+
+/// Validate YAML `text` that came from `file` (used in messages).
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = match serde_saphyr::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let rendered = e.without_snippet().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid YAML").trim();
+            // The position is already in the prefix.
+            let message = first
+                .rfind(" at line ")
+                .map_or(first, |i| &first[..i])
+                .to_string();
+            return Err(ConfigErrors(vec![ConfigError {
+                file: file.into(),
+                line,
+                col,
+                path: "(yaml)".into(),
+                message,
+            }]));
+        }
+    };
+    let mut errors = Errors {
+        file: file.into(),
+        list: Vec::new(),
+    };
+    let config = validate(raw, &mut errors);
+    if errors.list.is_empty() {
+        Ok(config)
+    } else {
+        errors.list.sort_by_key(|e| (e.line, e.col));
+        Err(ConfigErrors(errors.list))
+    }
+}
+
+fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
+    let store = match raw.store {
+        Some(RawStore {
+            postgres: Some(pg), ..
+        }) => {
+            errors.at(
+                &pg.referenced,
+                "store.postgres",
+                "the PostgreSQL store is not supported yet; use store.path",
+            );
+            default_store()
+        }
+        Some(RawStore {
+            path: Some(p),
+            postgres: None,
+        }) => StoreConfig {
+            path: PathBuf::from(p.value),
+        },
+        _ => default_store(),
+    };
+    let datapath = datapath(raw.datapath, errors);
+    let listeners = listeners(raw.listeners, errors);
+    let keys = keys(raw.keys, errors);
+    if datapath.mode != AttachMode::Off
+        && datapath.interfaces.is_empty()
+        && listeners.iter().any(|l| l.early_drop)
+    {
+        tracing::warn!(
+            "datapath.interfaces is empty: listeners with early_drop are enforced by the shim only"
+        );
+    }
+    let rejection = match raw.rejection {
+        None => default_rejection(),
+        Some(r) => {
+            let status = match r.status {
+                Some(s) if (400..=599).contains(&s.value) => s.value,
+                Some(s) => {
+                    errors.at(
+                        &s.referenced,
+                        "rejection.status",
+                        format!("status {} is not an HTTP error status (400-599)", s.value),
+                    );
+                    403
+                }
+                None => 403,
+            };
+            Rejection {
+                status,
+                body: r.body.unwrap_or_else(|| default_rejection().body),
+            }
+        }
+    };
+    if let Some(m) = raw.management {
+        management(m, errors);
+    }
+    let metrics = MetricsConfig {
+        bind: raw
+            .metrics
+            .and_then(|m| m.bind)
+            .and_then(|b| socket_addr(&b, "metrics.bind", errors))
+            .unwrap_or_else(|| "127.0.0.1:9901".parse().expect("constant")),
+    };
+    Config {
+        store,
+        datapath,
+        listeners,
+        keys,
+        rejection,
+        metrics,
+    }
+}
+
+fn default_store() -> StoreConfig {
+    StoreConfig {
+        path: PathBuf::from("/var/lib/keyfence/keyfence.db"),
+    }
+}
+
+fn default_rejection() -> Rejection {
+    Rejection {
+        status: 403,
+        body: r#"{"error":"IP address not allowed"}"#.into(),
+    }
+}
+
+fn socket_addr(s: &Spanned<String>, path: &str, errors: &mut Errors) -> Option<SocketAddr> {
+    let parsed = s.value.trim().parse::<SocketAddr>();
+    if parsed.is_err() {
+        errors.at(
+            &s.referenced,
+            path,
+            format!(
+                "{:?} is not ADDR:PORT (IPv6 in brackets: \"[::]:8443\")",
+                s.value
+            ),
+        );
+    }
+    parsed.ok()
+}
+
+fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
+    let Some(raw) = raw else {
+        return DatapathConfig {
+            interfaces: Vec::new(),
+            mode: AttachMode::Auto,
+            pin_path: PathBuf::from("/sys/fs/bpf/keyfence"),
+        };
+    };
+    let mode = match raw.mode.as_ref().map(|m| m.value.as_str()) {
+        None | Some("auto") => AttachMode::Auto,
+        Some("native") => AttachMode::Native,
+        Some("generic") => AttachMode::Generic,
+        Some("tc") => AttachMode::Tc,
+        Some("off") => AttachMode::Off,
+        Some(other) => {
+            let loc = &raw.mode.as_ref().expect("matched Some").referenced;
+            errors.at(
+                loc,
+                "datapath.mode",
+                format!("unknown mode {other:?}; expected auto, native, generic, tc or off"),
+            );
+            AttachMode::Auto
+        }
+    };
+    let mut interfaces = Vec::new();
+    for (i, iface) in raw.interfaces.into_iter().enumerate() {
+        let name = iface.value.trim();
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            errors.at(
+                &iface.referenced,
+                format!("datapath.interfaces[{i}]"),
+                format!("{name:?} is not an interface name"),
+            );
+        } else if interfaces.iter().any(|n| n == name) {
+            errors.at(
+                &iface.referenced,
+                format!("datapath.interfaces[{i}]"),
+                format!("interface {name} is listed twice"),
+            );
+        } else {
+            interfaces.push(name.to_string());
+        }
+    }
+    let max = keyfence_common::stats::MAX_IFACE_SLOTS as usize - 1;
+    if interfaces.len() > max {
+        errors.list.push(ConfigError {
+            file: errors.file.clone(),
+            line: 0,
+            col: 0,
+            path: "datapath.interfaces".into(),
+            message: format!("at most {max} interfaces are supported"),
+        });
+    }
+    let pin_path = match raw.pin_path {
+        Some(p) if Path::new(&p.value).is_absolute() => PathBuf::from(p.value),
+        Some(p) => {
+            errors.at(
+                &p.referenced,
+                "datapath.pin_path",
+                "must be an absolute path",
+            );
+            PathBuf::from("/sys/fs/bpf/keyfence")
+        }
+        None => PathBuf::from("/sys/fs/bpf/keyfence"),
+    };
+    DatapathConfig {
+        interfaces,
+        mode,
+        pin_path,
+    }
+}
+
+/// Parse trusted proxies (canonical CIDR rules; the whole Internet is refused).
+fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, entry) in raw.iter().enumerate() {
+        match parse_entry(&entry.value) {
+            Ok(net) if net.prefix_len() == 0 => errors.at(
+                &entry.referenced,
+                format!("{path}[{i}]"),
+                format!("{net} trusts every address: any client could forge its address"),
+            ),
+            Ok(net) => out.push(net),
+            Err(reason) => errors.at(&entry.referenced, format!("{path}[{i}]"), reason),
+        }
+    }
+    IpNet::aggregate(&out)
+}
+
+fn conflicts(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let (ia, ib) = (fold_ip(a.ip()), fold_ip(b.ip()));
+    let dual = |ip: IpAddr| matches!(ip, IpAddr::V6(v6) if v6.is_unspecified());
+    ia == ib
+        || ia.is_unspecified() && (dual(ia) || ib.is_ipv4())
+        || ib.is_unspecified() && (dual(ib) || ia.is_ipv4())
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over a listener's fields, in file order"
+)]
+fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<ListenerConfig> {
+    let mut out: Vec<ListenerConfig> = Vec::new();
+    let max = keyfence_common::policy::MAX_LISTENERS as usize - 1;
+    if raw.len() > max {
+        errors.at(
+            &raw[max].referenced,
+            format!("listeners[{max}]"),
+            format!("at most {max} listeners are supported"),
+        );
+    }
+    for (i, item) in raw.into_iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        let l = item.value;
+        let name = l.name.value.trim().to_string();
+        if name.is_empty() {
+            errors.at(&l.name.referenced, format!("{p}.name"), "must not be empty");
+        } else if out.iter().any(|o| o.name == name) {
+            errors.at(
+                &l.name.referenced,
+                format!("{p}.name"),
+                format!("listener name {name:?} is used twice"),
+            );
+        }
+        let bind = socket_addr(&l.bind, &format!("{p}.bind"), errors);
+        if let Some(b) = bind
+            && let Some(other) = out.iter().find(|o| conflicts(o.bind, b))
+        {
+            errors.at(
+                &l.bind.referenced,
+                format!("{p}.bind"),
+                format!("{b} overlaps listener {:?} on {}", other.name, other.bind),
+            );
+        }
+        let mode = match l.mode.value.as_str() {
+            "proxy" => ListenerMode::Proxy,
+            "auth" => ListenerMode::Auth,
+            other => {
+                errors.at(
+                    &l.mode.referenced,
+                    format!("{p}.mode"),
+                    format!("unknown mode {other:?}; expected proxy or auth"),
+                );
+                ListenerMode::Auth
+            }
+        };
+        let upstream = match (mode, l.upstream) {
+            (ListenerMode::Proxy, None) => {
+                errors.at(
+                    &item.referenced,
+                    format!("{p}.upstream"),
+                    "proxy mode needs an upstream (http://host:port)",
+                );
+                None
+            }
+            (ListenerMode::Auth, Some(u)) => {
+                errors.at(
+                    &u.referenced,
+                    format!("{p}.upstream"),
+                    "auth mode answers the proxy in front; it has no upstream",
+                );
+                None
+            }
+            (ListenerMode::Proxy, Some(u)) => {
+                if valid_upstream(&u.value) {
+                    Some(u.value)
+                } else {
+                    errors.at(
+                        &u.referenced,
+                        format!("{p}.upstream"),
+                        format!(
+                            "{:?} is not an http:// or https:// URL with a host",
+                            u.value
+                        ),
+                    );
+                    None
+                }
+            }
+            (ListenerMode::Auth, None) => None,
+        };
+        let tls = l.tls.and_then(|t| {
+            let mut ok = true;
+            for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
+                if let Err(e) = std::fs::File::open(&f.value) {
+                    errors.at(
+                        &f.referenced,
+                        format!("{p}.tls.{field}"),
+                        format!("cannot read {}: {e}", f.value),
+                    );
+                    ok = false;
+                }
+            }
+            ok.then(|| TlsConfig {
+                cert: PathBuf::from(&t.cert.value),
+                key: PathBuf::from(&t.key.value),
+            })
+        });
+        let client_ip = match l.client_ip {
+            None => ClientIp {
+                source: ClientIpSource::Peer,
+                trusted_proxies: Vec::new(),
+                hops: 1,
+            },
+            Some(c) => {
+                let source = match c.source.as_ref().map(|s| s.value.as_str()) {
+                    None | Some("peer") => ClientIpSource::Peer,
+                    Some("proxy_protocol") => ClientIpSource::ProxyProtocol,
+                    Some("x_forwarded_for") => ClientIpSource::XForwardedFor,
+                    Some(other) => {
+                        errors.at(
+                            &c.source.as_ref().expect("matched Some").referenced,
+                            format!("{p}.client_ip.source"),
+                            format!(
+                                "unknown source {other:?}; expected peer, proxy_protocol or x_forwarded_for"
+                            ),
+                        );
+                        ClientIpSource::Peer
+                    }
+                };
+                let trusted = trusted_proxies(
+                    &c.trusted_proxies,
+                    &format!("{p}.client_ip.trusted_proxies"),
+                    errors,
+                );
+                if source != ClientIpSource::Peer && c.trusted_proxies.is_empty() {
+                    errors.at(
+                        &item.referenced,
+                        format!("{p}.client_ip.trusted_proxies"),
+                        "proxy_protocol and x_forwarded_for need trusted_proxies",
+                    );
+                }
+                ClientIp {
+                    source,
+                    trusted_proxies: trusted,
+                    hops: c.hops.unwrap_or(1),
+                }
+            }
+        };
+        if let Some(bind) = bind {
+            out.push(ListenerConfig {
+                name,
+                bind,
+                mode,
+                upstream,
+                tls,
+                client_ip,
+                early_drop: l.early_drop.unwrap_or(true),
+                tenants: l.tenants,
+            });
+        }
+    }
+    out
+}
+
+fn valid_upstream(u: &str) -> bool {
+    let Some(rest) = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    !authority.is_empty() && u.parse::<hyper::Uri>().is_ok()
+}
+
+fn valid_key_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
+    let mut out: Vec<StaticKey> = Vec::new();
+    let mut ids: BTreeSet<String> = BTreeSet::new();
+    for (i, item) in raw.into_iter().enumerate() {
+        let p = format!("keys[{i}]");
+        let k = item.value;
+        let id = k.id.value.clone();
+        if !valid_key_id(&id) {
+            errors.at(
+                &k.id.referenced,
+                format!("{p}.id"),
+                format!("{id:?} is not a key id (1-64 of A-Z a-z 0-9 _ . -)"),
+            );
+        } else if !ids.insert(id.clone()) {
+            errors.at(
+                &k.id.referenced,
+                format!("{p}.id"),
+                format!("key id {id:?} is used twice"),
+            );
+        }
+        let secret = match (k.secret_sha256, k.secret_env) {
+            (Some(h), None) => match hex::decode(h.value.trim()) {
+                Ok(bytes) if bytes.len() == 32 => {
+                    Some(KeySecret::Sha256(bytes.try_into().expect("32 bytes")))
+                }
+                _ => {
+                    errors.at(
+                        &h.referenced,
+                        format!("{p}.secret_sha256"),
+                        "must be 64 hexadecimal characters (the SHA-256 of the secret)",
+                    );
+                    None
+                }
+            },
+            (None, Some(env)) if !env.value.trim().is_empty() => {
+                Some(KeySecret::Env(env.value.trim().to_string()))
+            }
+            (Some(_), Some(env)) => {
+                errors.at(
+                    &env.referenced,
+                    format!("{p}.secret_env"),
+                    "give either secret_sha256 or secret_env, not both",
+                );
+                None
+            }
+            _ => {
+                errors.at(
+                    &item.referenced,
+                    p.clone(),
+                    "needs secret_sha256 or secret_env",
+                );
+                None
+            }
+        };
+        let allow = match k.ip_allow_list {
+            None => AllowList::default(),
+            Some(list) => match parse_list(&list.value, DEFAULT_MAX_ENTRIES) {
+                Ok(l) => l,
+                Err(problems) => {
+                    for problem in problems {
+                        errors.at(
+                            &list.referenced,
+                            format!("{p}.ip_allow_list"),
+                            problem.to_string(),
+                        );
+                    }
+                    AllowList::default()
+                }
+            },
+        };
+        if let Some(secret) = secret {
+            out.push(StaticKey {
+                id,
+                name: k.name.value,
+                tenant: k.tenant.unwrap_or_else(|| "default".into()),
+                scopes: k.scopes.unwrap_or_else(|| vec!["api".into()]),
+                secret,
+                allow,
+                report_only: k.report_only.unwrap_or(false),
+            });
+        }
+    }
+    out
+}
+
+fn management(raw: RawManagement, errors: &mut Errors) {
+    if let Some(bind) = &raw.bind {
+        socket_addr(bind, "management.bind", errors);
+    }
+    for (i, admin) in raw.admins.iter().enumerate() {
+        let p = format!("management.admins[{i}]");
+        let a = &admin.value;
+        match (&a.token_sha256, &a.token_env) {
+            (Some(h), None) => {
+                if hex::decode(h.value.trim()).map_or(true, |b| b.len() != 32) {
+                    errors.at(
+                        &h.referenced,
+                        format!("{p}.token_sha256"),
+                        "must be 64 hexadecimal characters",
+                    );
+                }
+            }
+            (None, Some(_)) => {}
+            _ => errors.at(
+                &admin.referenced,
+                p.clone(),
+                format!(
+                    "admin {:?} needs exactly one of token_sha256 or token_env",
+                    a.name
+                ),
+            ),
+        }
+        if let Some(list) = &a.ip_allow_list
+            && let Err(problems) = parse_list(&list.value, DEFAULT_MAX_ENTRIES)
+        {
+            for problem in problems {
+                errors.at(
+                    &list.referenced,
+                    format!("{p}.ip_allow_list"),
+                    problem.to_string(),
+                );
+            }
+        }
+    }
+    let _ = raw.confirm.map(|c| c.totp_secret_env);
+}
+
+/// A bad allow-list entry: where it is and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryProblem {
+    /// 1-based position in the list as written.
+    pub position: usize,
+    pub entry: String,
+    pub reason: String,
+}
+
+impl fmt::Display for EntryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "entry {} {:?}: {}",
+            self.position, self.entry, self.reason
+        )
+    }
+}
+
+/// Parse an allow list as written in YAML (either form), reporting every bad entry.
+pub fn parse_list(raw: &RawList, max_entries: usize) -> Result<AllowList, Vec<EntryProblem>> {
+    let items: Vec<(String, Option<String>, Option<String>)> = match raw {
+        RawList::One(s) if s.trim().is_empty() => Vec::new(),
+        RawList::One(s) => split_list(s)
+            .into_iter()
+            .map(|e| (e.to_string(), None, None))
+            .collect(),
+        RawList::Many(v) => v
+            .iter()
+            .map(|e| match e {
+                RawEntry::Text(t) => (t.clone(), None, None),
+                RawEntry::Object {
+                    cidr,
+                    note,
+                    expires_at,
+                } => (cidr.clone(), note.clone(), expires_at.clone()),
+            })
+            .collect(),
+    };
+    let mut problems = Vec::new();
+    let mut entries = Vec::new();
+    for (i, (text, note, expires)) in items.into_iter().enumerate() {
+        let position = i + 1;
+        let net = match parse_entry(&text) {
+            Ok(n) => n,
+            Err(reason) => {
+                problems.push(EntryProblem {
+                    position,
+                    entry: text.trim().to_string(),
+                    reason,
+                });
+                continue;
+            }
+        };
+        let expires_at = match expires.as_deref().map(humantime::parse_rfc3339_weak) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                problems.push(EntryProblem {
+                    position,
+                    entry: text.trim().to_string(),
+                    reason: format!("expires_at is not an RFC 3339 time: {e}"),
+                });
+                continue;
+            }
+        };
+        entries.push(AllowEntry {
+            net,
+            note,
+            expires_at,
+        });
+    }
+    let list = AllowList::from_canonical(entries);
+    if list.entries().len() > max_entries {
+        problems.push(EntryProblem {
+            position: max_entries + 1,
+            entry: String::new(),
+            reason: format!(
+                "{} distinct entries; at most {max_entries} per key",
+                list.entries().len()
+            ),
+        });
+    }
+    if problems.is_empty() {
+        Ok(list)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Split a comma- and/or newline-separated list. Blank lines and a comma that
+/// ends a line (before another line) are separators, not entries; any other
+/// empty piece (`a,,b`, a leading comma, a trailing comma at the very end) is
+/// kept so that it is reported as an empty entry.
+fn split_list(s: &str) -> Vec<&str> {
+    let lines: Vec<&str> = s
+        .trim_end_matches(['\n', '\r', ' ', '\t'])
+        .split('\n')
+        .collect();
+    let mut out = Vec::new();
+    for (li, line) in lines.iter().enumerate() {
+        let segs: Vec<&str> = line.split(',').collect();
+        for (si, seg) in segs.iter().enumerate() {
+            let blank = seg.trim().is_empty();
+            let blank_line = segs.len() == 1;
+            let line_continuation = si == segs.len() - 1 && li + 1 < lines.len();
+            if blank && (blank_line || line_continuation) {
+                continue;
+            }
+            out.push(*seg);
+        }
+    }
+    out
+}
+
+/// One entry: an address or a CIDR, canonical or refused with the reason.
+pub fn parse_entry(text: &str) -> Result<IpNet, String> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err("empty entry".into());
+    }
+    if s.contains('%') {
+        return Err("zone ids (%iface) are not allowed".into());
+    }
+    if let Some((addr, len)) = s.split_once('/') {
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{:?} is not an IP address", addr.trim()))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .trim()
+            .parse()
+            .map_err(|_| format!("prefix length {:?} is not a number", len.trim()))?;
+        if len > max {
+            return Err(format!("prefix length {len} out of range (0-{max})"));
+        }
+        let net = IpNet::new(addr, len).map_err(|e| e.to_string())?;
+        let canonical = fold_net(net.trunc());
+        if net.trunc() != net {
+            return Err(format!("host bits set; did you mean {canonical}?"));
+        }
+        return Ok(fold_net(net));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(fold_ip(ip)));
+    }
+    if s.contains('-') && s.split('-').all(|p| p.trim().parse::<IpAddr>().is_ok()) {
+        return Err("ranges (a-b) are not supported; write CIDR prefixes".into());
+    }
+    if s.chars().any(|c| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    {
+        return Err("hostnames are not allowed; write IP addresses or CIDR prefixes".into());
+    }
+    Err("not an IP address or CIDR prefix".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC_EXAMPLE: &str = r#"
+store:
+  path: /var/lib/keyfence/keyfence.db
+datapath:
+  interfaces: [eth0]
+  mode: auto
+  pin_path: /sys/fs/bpf/keyfence
+listeners:
+  - name: api
+    bind: "[::]:8443"
+    mode: proxy
+    upstream: "http://127.0.0.1:8080"
+    early_drop: true
+    client_ip: { source: peer }
+  - name: authz
+    bind: "127.0.0.1:9000"
+    mode: auth
+    client_ip: { source: x_forwarded_for, trusted_proxies: ["127.0.0.1/32"], hops: 1 }
+keys:
+  - id: prod
+    name: Production servers
+    secret_env: KEYFENCE_PROD_SECRET
+    ip_allow_list: ["203.0.113.100", "203.0.113.101", "203.0.113.102"]
+  - id: office
+    name: Office and CI
+    secret_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    ip_allow_list: "203.0.113.100/30, 198.51.100.0/24, 2001:db8:1::/48"
+  - id: dev
+    name: Development (no restriction)
+    secret_env: KEYFENCE_DEV_SECRET
+rejection:
+  status: 403
+  body: '{"error":"IP address not allowed"}'
+management:
+  bind: "127.0.0.1:9900"
+  admins:
+    - name: ops
+      token_env: KEYFENCE_ADMIN_TOKEN
+      ip_allow_list: ["127.0.0.1", "198.51.100.0/24"]
+  confirm:
+    totp_secret_env: KEYFENCE_CONFIRM_TOTP
+metrics:
+  bind: "127.0.0.1:9901"
+"#;
+
+    #[test]
+    fn the_spec_example_parses() {
+        let c = parse(SPEC_EXAMPLE, "keyfence.yaml").unwrap();
+        assert_eq!(c.datapath.interfaces, ["eth0"]);
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(
+            c.listeners[1].client_ip.source,
+            ClientIpSource::XForwardedFor
+        );
+        assert_eq!(c.keys.len(), 3);
+        assert_eq!(c.keys[1].allow.entries().len(), 3);
+        assert!(c.keys[2].allow.is_unrestricted());
+        assert_eq!(c.keys[0].tenant, "default");
+        assert_eq!(c.keys[0].scopes, ["api"]);
+        assert_eq!(c.metrics.bind, "127.0.0.1:9901".parse().unwrap());
+    }
+
+    #[test]
+    fn defaults_for_a_minimal_file() {
+        let c = parse("listeners: []\n", "k.yaml").unwrap();
+        assert_eq!(c.datapath.mode, AttachMode::Auto);
+        assert_eq!(c.datapath.pin_path, PathBuf::from("/sys/fs/bpf/keyfence"));
+        assert_eq!(c.rejection.status, 403);
+        assert_eq!(c.rejection.body, r#"{"error":"IP address not allowed"}"#);
+    }
+
+    /// (name, yaml, expected "LINE:COL: path: message-substring" lines, in order)
+    const BROKEN: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown top-level field",
+            "listners: []\n",
+            &["1:1: (yaml): unknown field `listners`"],
+        ),
+        (
+            "unknown listener field",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    colour: red\n",
+            &["5:5: (yaml): unknown field `colour`"],
+        ),
+        (
+            "wrong type",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    early_drop: maybe\n",
+            &["5:17: (yaml):"],
+        ),
+        (
+            "syntax",
+            "listeners: [\n",
+            &["1:12: (yaml): unclosed bracket"],
+        ),
+        (
+            "bad datapath mode",
+            "datapath:\n  mode: turbo\n",
+            &["2:9: datapath.mode: unknown mode \"turbo\""],
+        ),
+        (
+            "relative pin path",
+            "datapath:\n  pin_path: bpf/kf\n",
+            &["2:13: datapath.pin_path: must be an absolute path"],
+        ),
+        (
+            "bad bind",
+            "listeners:\n  - name: a\n    bind: \"8443\"\n    mode: auth\n",
+            &["3:11: listeners[0].bind: \"8443\" is not ADDR:PORT"],
+        ),
+        (
+            "bad listener mode",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: mirror\n",
+            &["4:11: listeners[0].mode: unknown mode \"mirror\""],
+        ),
+        (
+            "proxy without upstream",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: proxy\n",
+            &["2:5: listeners[0].upstream: proxy mode needs an upstream"],
+        ),
+        (
+            "auth with upstream",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    upstream: \"http://127.0.0.1:1\"\n",
+            &["5:15: listeners[0].upstream: auth mode"],
+        ),
+        (
+            "bad upstream",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: proxy\n    upstream: \"ftp://x\"\n",
+            &["5:15: listeners[0].upstream: \"ftp://x\" is not an http"],
+        ),
+        (
+            "missing tls files",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }\n",
+            &[
+                "5:18: listeners[0].tls.cert: cannot read",
+                "5:43: listeners[0].tls.key: cannot read",
+            ],
+        ),
+        (
+            "duplicate listener names and overlapping binds",
+            "listeners:\n  - { name: a, bind: \"[::]:1\", mode: auth }\n  - { name: a, bind: \"0.0.0.0:1\", mode: auth }\n",
+            &[
+                "3:13: listeners[1].name: listener name \"a\" is used twice",
+                "3:22: listeners[1].bind: 0.0.0.0:1 overlaps",
+            ],
+        ),
+        (
+            "trust everyone",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    client_ip: { source: x_forwarded_for, trusted_proxies: [\"::/0\"] }\n",
+            &["5:61: listeners[0].client_ip.trusted_proxies[0]: ::/0 trusts every address"],
+        ),
+        (
+            "forwarded without trusted proxies",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    client_ip: { source: proxy_protocol }\n",
+            &[
+                "2:5: listeners[0].client_ip.trusted_proxies: proxy_protocol and x_forwarded_for need trusted_proxies",
+            ],
+        ),
+        (
+            "unknown client_ip source",
+            "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    client_ip: { source: header }\n",
+            &["5:26: listeners[0].client_ip.source: unknown source \"header\""],
+        ),
+        (
+            "duplicate key ids",
+            "keys:\n  - { id: k, name: a, secret_env: A }\n  - { id: k, name: b, secret_env: B }\n",
+            &["3:11: keys[1].id: key id \"k\" is used twice"],
+        ),
+        (
+            "bad key id",
+            "keys:\n  - { id: \"a b\", name: a, secret_env: A }\n",
+            &["2:11: keys[0].id: \"a b\" is not a key id"],
+        ),
+        (
+            "no secret",
+            "keys:\n  - { id: k, name: a }\n",
+            &["2:5: keys[0]: needs secret_sha256 or secret_env"],
+        ),
+        (
+            "two secrets",
+            "keys:\n  - { id: k, name: a, secret_env: A, secret_sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" }\n",
+            &["keys[0].secret_env: give either"],
+        ),
+        (
+            "bad digest",
+            "keys:\n  - { id: k, name: a, secret_sha256: \"abc\" }\n",
+            &["2:38: keys[0].secret_sha256: must be 64 hexadecimal"],
+        ),
+        (
+            "bad entries all reported",
+            "keys:\n  - id: k\n    name: a\n    secret_env: A\n    ip_allow_list: \"192.0.2.1, 10.0.0.5/8, localhost\"\n",
+            &[
+                "5:20: keys[0].ip_allow_list: entry 2 \"10.0.0.5/8\": host bits set; did you mean 10.0.0.0/8?",
+                "5:20: keys[0].ip_allow_list: entry 3 \"localhost\": hostnames are not allowed",
+            ],
+        ),
+        (
+            "rejection status",
+            "rejection:\n  status: 200\n",
+            &["2:11: rejection.status: status 200 is not an HTTP error status"],
+        ),
+        (
+            "postgres not yet",
+            "store:\n  postgres: \"postgres://x\"\n",
+            &["2:13: store.postgres: the PostgreSQL store is not supported yet"],
+        ),
+        (
+            "admin without token",
+            "management:\n  admins:\n    - { name: ops }\n",
+            &["3:7: management.admins[0]: admin \"ops\" needs exactly one of"],
+        ),
+        (
+            "metrics bind",
+            "metrics:\n  bind: localhost\n",
+            &["2:9: metrics.bind: \"localhost\" is not ADDR:PORT"],
+        ),
+    ];
+
+    #[test]
+    fn broken_configs_are_located_and_complete() {
+        for (name, yaml, expected) in BROKEN {
+            let errors = parse(yaml, "k.yaml").expect_err(name).0;
+            let lines: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}:{}: {}: {}", e.line, e.col, e.path, e.message))
+                .collect();
+            assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
+            for (line, want) in lines.iter().zip(*expected) {
+                assert!(
+                    line.contains(want),
+                    "{name}: {line:?} should contain {want:?}"
+                );
+            }
+            let rendered = ConfigErrors(errors).to_string();
+            assert!(rendered.starts_with("k.yaml:"), "{name}: {rendered}");
+        }
+    }
+
+    #[test]
+    fn entry_grammar() {
+        let ok = |s: &str| parse_entry(s).unwrap().to_string();
+        assert_eq!(ok(" 203.0.113.42 "), "203.0.113.42/32");
+        assert_eq!(ok("2001:db8::1"), "2001:db8::1/128");
+        assert_eq!(ok("::ffff:203.0.113.7"), "203.0.113.7/32");
+        assert_eq!(ok("::ffff:203.0.113.0/120"), "203.0.113.0/24");
+        assert_eq!(ok("0.0.0.0/0"), "0.0.0.0/0");
+        assert_eq!(ok("::/0"), "::/0");
+        for (bad, why) in [
+            ("", "empty"),
+            ("10.0.0.5/8", "did you mean 10.0.0.0/8?"),
+            ("2001:db8::1/32", "did you mean 2001:db8::/32?"),
+            ("::ffff:203.0.113.7/120", "did you mean 203.0.113.0/24?"),
+            ("192.0.2.0/33", "out of range"),
+            ("2001:db8::/129", "out of range"),
+            ("192.0.2.0/x", "not a number"),
+            ("192.0.2.0/-1", "not a number"),
+            ("fe80::1%eth0", "zone ids"),
+            ("192.0.2.1-192.0.2.9", "ranges"),
+            ("example.com", "hostnames"),
+            ("localhost", "hostnames"),
+            ("192.0.2", "not an IP address"),
+            ("192.0.2.256", "not an IP address"),
+            ("300.0.0.0/8", "not an IP address"),
+            ("1.2.3.4 5.6.7.8", "not an IP address"),
+            ("*", "not an IP address"),
+        ] {
+            let err = parse_entry(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn lists_dedup_fold_and_limit() {
+        let l = parse_list(
+            &RawList::One("203.0.113.1,\n ::ffff:203.0.113.1 , 198.51.100.0/24".into()),
+            10,
+        )
+        .unwrap();
+        assert_eq!(l.entries().len(), 2);
+        assert!(
+            parse_list(&RawList::One("  ".into()), 10)
+                .unwrap()
+                .is_unrestricted()
+        );
+        let many = RawList::Many(
+            (0..5)
+                .map(|i| RawEntry::Text(format!("192.0.2.{i}")))
+                .collect(),
+        );
+        let err = parse_list(&many, 4).unwrap_err();
+        assert!(err[0].reason.contains("at most 4"), "{err:?}");
+        let trailing = parse_list(&RawList::One("192.0.2.1,".into()), 10).unwrap_err();
+        assert_eq!(trailing[0].position, 2);
+        let obj = RawList::Many(vec![RawEntry::Object {
+            cidr: "203.0.113.0/24".into(),
+            note: Some("office".into()),
+            expires_at: Some("2027-01-01T00:00:00Z".into()),
+        }]);
+        let l = parse_list(&obj, 10).unwrap();
+        assert_eq!(l.entries()[0].note.as_deref(), Some("office"));
+        assert!(l.entries()[0].expires_at.is_some());
+    }
+}
