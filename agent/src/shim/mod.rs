@@ -3,5 +3,6 @@
 
 pub mod client_ip;
 pub mod keys;
+pub mod runtime;
 pub mod server;
 pub mod tls;

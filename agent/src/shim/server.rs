@@ -63,6 +63,15 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
+impl ListenerCtx {
+    fn config(&self) -> Arc<ListenerConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 impl Shared {
     fn keys(&self) -> Arc<KeyTable> {
         self.keys
@@ -79,7 +88,7 @@ impl Shared {
 }
 
 struct ListenerCtx {
-    config: ListenerConfig,
+    config: RwLock<Arc<ListenerConfig>>,
     shared: Arc<Shared>,
     client: Client<HttpConnector, ProxyBody>,
     upstream: Option<hyper::Uri>,
@@ -96,11 +105,12 @@ pub async fn bind(config: &ListenerConfig) -> anyhow::Result<TcpListener> {
 /// open connections finish their requests.
 pub async fn serve(
     socket: TcpListener,
-    config: ListenerConfig,
+    mut config_rx: watch::Receiver<Arc<ListenerConfig>>,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let config = config_rx.borrow_and_update().as_ref().clone();
     let upstream = config
         .upstream
         .as_deref()
@@ -111,8 +121,9 @@ pub async fn serve(
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_mins(1))
         .build(connector);
+    let name = config.name.clone();
     let ctx = Arc::new(ListenerCtx {
-        config,
+        config: RwLock::new(Arc::new(config)),
         shared,
         client,
         upstream,
@@ -124,7 +135,7 @@ pub async fn serve(
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(listener = ctx.config.name, error = %e, "accept failed");
+                        tracing::warn!(listener = name, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -134,18 +145,22 @@ pub async fn serve(
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, peer, ctx.clone(), tls, watcher).await {
-                        tracing::debug!(listener = ctx.config.name, %peer, error = %format!("{e:#}"), "connection ended");
+                        tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
                     }
                 });
             }
-            _ = shutdown.wait_for(|s| *s) => break,
+            Ok(()) = config_rx.changed() => {
+                let new = config_rx.borrow_and_update().clone();
+                *ctx.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+            }
+            () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         }
     }
     drop(socket);
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(Duration::from_secs(30)) => {
-            tracing::warn!(listener = ctx.config.name, "connections still open after 30 s: closing");
+            tracing::warn!(listener = name, "connections still open after 30 s: closing");
         }
     }
 }
@@ -183,10 +198,11 @@ async fn connection(
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let peer_ip = crate::allowlist::fold_ip(peer.ip());
+    let config = ctx.config();
     // The connection-level client address (before any X-Forwarded-For).
-    let conn_client = match ctx.config.client_ip.source {
+    let conn_client = match config.client_ip.source {
         ClientIpSource::ProxyProtocol => {
-            if !is_trusted(peer_ip, &ctx.config.client_ip.trusted_proxies) {
+            if !is_trusted(peer_ip, &config.client_ip.trusted_proxies) {
                 anyhow::bail!("PROXY protocol from untrusted peer {peer_ip}: closed");
             }
             let source = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream))
@@ -287,8 +303,9 @@ async fn handle(
     conn_client: IpAddr,
 ) -> Response<Body> {
     let started = Instant::now();
-    let listener = ctx.config.name.as_str();
-    let client = match ctx.config.client_ip.source {
+    let config = ctx.config();
+    let listener = config.name.as_str();
+    let client = match config.client_ip.source {
         ClientIpSource::XForwardedFor => {
             let values: Vec<&str> = req
                 .headers()
@@ -299,8 +316,8 @@ async fn handle(
             forwarded_client(
                 peer,
                 &values,
-                &ctx.config.client_ip.trusted_proxies,
-                ctx.config.client_ip.hops,
+                &config.client_ip.trusted_proxies,
+                config.client_ip.hops,
             )
         }
         ClientIpSource::Peer | ClientIpSource::ProxyProtocol => Some(conn_client),
@@ -315,7 +332,7 @@ async fn handle(
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let presented = presented_key(header("authorization"), header("x-api-key"));
     let verdict = decide(
-        &ctx.config,
+        &config,
         &ctx.shared.keys(),
         presented,
         client,
@@ -341,11 +358,11 @@ async fn handle(
         }
         Verdict::ReportOnly { key, ip } => {
             tracing::info!(listener, key_id = key.id, client = ?ip, "report-only key used from an address outside its list");
-            let (resp, ok) = pass(req, ctx, &key.id, peer).await;
+            let (resp, ok) = pass(req, ctx, config.mode, &key.id, peer).await;
             (resp, if ok { "report_only" } else { "upstream_error" })
         }
         Verdict::Allowed { key } => {
-            let (resp, ok) = pass(req, ctx, &key.id, peer).await;
+            let (resp, ok) = pass(req, ctx, config.mode, &key.id, peer).await;
             (resp, if ok { "allowed" } else { "upstream_error" })
         }
     };
@@ -358,6 +375,7 @@ async fn handle(
 async fn pass(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
+    mode: ListenerMode,
     key_id: &str,
     peer: IpAddr,
 ) -> (Response<Body>, bool) {
@@ -369,7 +387,7 @@ async fn pass(
         }
         return (resp, true);
     }
-    match ctx.config.mode {
+    match mode {
         ListenerMode::Auth => {
             let mut resp = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
             if let Some(v) = key_header {
@@ -460,7 +478,7 @@ async fn proxy(
             (Response::from_parts(parts, body.boxed()), true)
         }
         Ok(Err(e)) => {
-            tracing::warn!(listener = ctx.config.name, error = %e, "upstream request failed");
+            tracing::warn!(error = %e, "upstream request failed");
             (
                 json(
                     StatusCode::BAD_GATEWAY,

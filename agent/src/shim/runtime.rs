@@ -1,0 +1,181 @@
+//! The shim's lifecycle: bind every listener, swap keys and listener settings on
+//! reload without dropping connections, and drain on shutdown.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::{Context as _, anyhow};
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{
+    keys::{KeyTable, ShimKey, digest},
+    server::{self, Shared},
+    tls::TlsAcceptor,
+};
+use crate::{
+    config::{Config, KeySecret, ListenerConfig, StaticKey},
+    metrics::Metrics,
+};
+
+/// Minimum length of a static key's secret (SPEC §2).
+pub const MIN_STATIC_SECRET: usize = 20;
+
+/// The key table of the config's static keys. `secret_env` variables are read
+/// here; a missing or short one is an error naming the key.
+pub fn static_key_table(keys: &[StaticKey]) -> anyhow::Result<KeyTable> {
+    let mut rows = Vec::with_capacity(keys.len());
+    for k in keys {
+        let d = match &k.secret {
+            KeySecret::Sha256(d) => *d,
+            KeySecret::Env(var) => {
+                let secret = std::env::var(var)
+                    .map_err(|_| anyhow!("key {}: environment variable {var} is not set", k.id))?;
+                if secret.len() < MIN_STATIC_SECRET {
+                    anyhow::bail!(
+                        "key {}: the secret in {var} is shorter than {MIN_STATIC_SECRET} characters",
+                        k.id
+                    );
+                }
+                digest(&secret)
+            }
+        };
+        rows.push((
+            d,
+            ShimKey {
+                id: k.id.clone(),
+                tenant: k.tenant.clone(),
+                scopes: k.scopes.clone(),
+                allow: k.allow.clone(),
+                report_only: k.report_only,
+            },
+        ));
+    }
+    Ok(KeyTable::new(rows))
+}
+
+struct Running {
+    config: watch::Sender<Arc<ListenerConfig>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Every listener the shim serves.
+pub struct Shim {
+    shared: Arc<Shared>,
+    listeners: BTreeMap<String, Running>,
+}
+
+impl Shim {
+    /// Bind and serve every listener of `config`.
+    pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            keys: RwLock::new(Arc::new(static_key_table(&config.keys)?)),
+            rejection: RwLock::new(Arc::new(config.rejection.clone())),
+            metrics,
+        });
+        let mut shim = Self {
+            shared,
+            listeners: BTreeMap::new(),
+        };
+        for l in &config.listeners {
+            shim.spawn(l).await?;
+        }
+        Ok(shim)
+    }
+
+    async fn spawn(&mut self, l: &ListenerConfig) -> anyhow::Result<()> {
+        let tls = l
+            .tls
+            .as_ref()
+            .map(TlsAcceptor::load)
+            .transpose()
+            .with_context(|| format!("listener {}: TLS", l.name))?;
+        let socket = server::bind(l).await?;
+        let (config_tx, config_rx) = watch::channel(Arc::new(l.clone()));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(server::serve(
+            socket,
+            config_rx,
+            self.shared.clone(),
+            tls.clone(),
+            stop_rx,
+        ));
+        tracing::info!(listener = l.name, bind = %l.bind, tls = l.tls.is_some(), "listening");
+        self.listeners.insert(
+            l.name.clone(),
+            Running {
+                config: config_tx,
+                stop: stop_tx,
+                task,
+                tls,
+            },
+        );
+        Ok(())
+    }
+
+    /// Apply a new config: keys and rejection swap at once; listeners whose bind
+    /// or TLS files changed are restarted, others take the new settings in place.
+    pub async fn update(&mut self, config: &Config) -> anyhow::Result<()> {
+        let table = static_key_table(&config.keys)?;
+        *self
+            .shared
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+        *self
+            .shared
+            .rejection
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(config.rejection.clone());
+        let wanted: BTreeMap<&str, &ListenerConfig> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l))
+            .collect();
+        let names: Vec<String> = self.listeners.keys().cloned().collect();
+        for name in names {
+            let keep_in_place = wanted.get(name.as_str()).is_some_and(|new| {
+                let old = self.listeners[&name].config.borrow();
+                old.bind == new.bind && old.tls == new.tls && old.upstream == new.upstream
+            });
+            if keep_in_place {
+                let running = &self.listeners[&name];
+                running
+                    .config
+                    .send_replace(Arc::new((*wanted[name.as_str()]).clone()));
+            } else if let Some(running) = self.listeners.remove(&name) {
+                let _ = running.stop.send(true);
+                let _ = running.task.await;
+            }
+        }
+        for l in &config.listeners {
+            if !self.listeners.contains_key(&l.name) {
+                self.spawn(l).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reload TLS certificates whose files changed.
+    pub fn reload_certificates(&self) {
+        for running in self.listeners.values() {
+            if let Some(tls) = &running.tls {
+                tls.reload_if_changed();
+            }
+        }
+    }
+
+    /// Stop accepting, let in-flight requests finish (bounded), return.
+    pub async fn shutdown(self) {
+        for running in self.listeners.values() {
+            let _ = running.stop.send(true);
+        }
+        for (_, running) in self.listeners {
+            let _ = running.task.await;
+        }
+    }
+}
