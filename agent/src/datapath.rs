@@ -48,7 +48,7 @@ use crate::{
 };
 
 /// The eBPF object built by `build.rs`.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence-ebpf"));
 
 /// How a program ended up attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -679,6 +679,9 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
     if fs::read_dir(pin_root).is_ok_and(|mut d| d.next().is_none()) {
         fs::remove_dir(pin_root).with_context(|| format!("removing {}", pin_root.display()))?;
     }
+    // Uninstalled: the lock file goes too (we still hold it, so no agent is
+    // between opening and locking it).
+    let _ = fs::remove_file(lock_path(pin_root));
     Ok(report)
 }
 

@@ -5,10 +5,6 @@
 //! whatever cannot be parsed passes and is counted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-#![cfg_attr(
-    not(target_arch = "bpf"),
-    expect(unused, reason = "the programs exist only on the bpf target")
-)]
 
 #[cfg(target_arch = "bpf")]
 mod maps;

@@ -1,0 +1,58 @@
+//! `cargo xtask <subcommand>`: every step of building, testing and showing keyfence
+//! that is not plain cargo. CI calls only `cargo xtask test`, so anyone can replay CI.
+//! One module per subcommand; `setup` runs first in all of them.
+
+mod build;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "keyfence's developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prepare this machine: nightly rust-src, bpf-linker built against the
+    /// nightly's LLVM, bpffs mounted, the Debian packages the tests need.
+    /// Idempotent.
+    Setup,
+    /// Setup, then build the agent (and through its build script the eBPF
+    /// object) in release mode.
+    Build,
+    /// Setup, then rustfmt, clippy, the unprivileged tests and the privileged
+    /// tests (root). Ends with a line `N passed, N failed`.
+    Test,
+    /// Setup and build, then run the agent in network namespaces on a built-in
+    /// example and show allowed and dropped connections and the counters.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => build::run().map(|_| ()),
+        Command::Test => test::run(),
+        Command::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

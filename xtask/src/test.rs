@@ -1,0 +1,205 @@
+//! `cargo xtask test`: what CI runs (`.ci/run`). Setup, then rustfmt, clippy on
+//! every crate and target, the unprivileged tests (default members), a debug
+//! build of `keyfence` for the privileged tests to run, and the privileged tests
+//! (`keyfence-tests`, one thread: they share the kernel). Every step runs even
+//! when an earlier one failed; the last line is `N passed, N failed`, the sum of
+//! cargo's `test result:` lines, for CI to read.
+
+use std::path::Path;
+
+use anyhow::bail;
+
+use crate::{
+    build::{self, Profile},
+    cmd,
+};
+
+/// Passed and failed tests, summed over cargo's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Add one `test result: ok. 3 passed; 1 failed; 0 ignored; …` line; other lines are ignored.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One step's outcome, for the closing summary.
+struct Step {
+    name: &'static str,
+    ok: bool,
+    note: String,
+}
+
+pub fn run() -> anyhow::Result<()> {
+    crate::setup::run()?;
+    let mut steps = Vec::new();
+    let mut tally = Tally::default();
+
+    let mut fmt = cmd::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    steps.push(plain("rustfmt", &mut fmt));
+
+    let mut clippy = cmd::cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    steps.push(plain("clippy", &mut clippy));
+
+    let mut unit = cmd::cargo();
+    unit.arg("test");
+    steps.push(tests("unprivileged tests", &mut unit, &mut tally));
+
+    let bin = build::agent(Profile::Debug);
+    steps.push(Step {
+        name: "build keyfence (debug)",
+        ok: bin.is_ok(),
+        note: bin
+            .as_ref()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default(),
+    });
+
+    let privileged = "privileged tests";
+    match &bin {
+        Ok(_) if !cmd::is_root() => {
+            tally.failed += 1;
+            steps.push(Step {
+                name: privileged,
+                ok: false,
+                note: "they need root (BPF, namespaces): run `sudo -E cargo xtask test`".into(),
+            });
+        }
+        Ok(bin) => steps.push(privileged_tests(privileged, bin, &mut tally)),
+        Err(_) => {
+            tally.failed += 1;
+            steps.push(Step {
+                name: privileged,
+                ok: false,
+                note: "not run: keyfence did not build".into(),
+            });
+        }
+    }
+
+    println!();
+    for step in &steps {
+        let status = if step.ok { "ok" } else { "FAILED" };
+        if step.note.is_empty() {
+            println!("test: {}: {status}", step.name);
+        } else {
+            println!("test: {}: {status} ({})", step.name, step.note);
+        }
+    }
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    let failed: Vec<&str> = steps.iter().filter(|s| !s.ok).map(|s| s.name).collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("failed: {}", failed.join(", "))
+    }
+}
+
+fn privileged_tests(name: &'static str, bin: &Path, tally: &mut Tally) -> Step {
+    let mut cmd = cmd::cargo();
+    cmd.env("KEYFENCE_BIN", bin)
+        .args(["test", "--package", "keyfence-tests", "--"])
+        .arg("--test-threads=1");
+    tests(name, &mut cmd, tally)
+}
+
+/// A step whose success is its exit status.
+fn plain(name: &'static str, cmd: &mut std::process::Command) -> Step {
+    println!("test: {name}: {}", cmd::display(cmd));
+    match cmd::run(cmd) {
+        Ok(()) => Step {
+            name,
+            ok: true,
+            note: String::new(),
+        },
+        Err(e) => Step {
+            name,
+            ok: false,
+            note: format!("{e:#}"),
+        },
+    }
+}
+
+/// A `cargo test` step: its result lines go into `tally`. A failure that left no
+/// failed test behind (a build error, a crashed test binary) counts as one failed
+/// test, so the summary line never reads `0 failed` for a red run.
+fn tests(name: &'static str, cmd: &mut std::process::Command, tally: &mut Tally) -> Step {
+    println!("test: {name}: {}", cmd::display(cmd));
+    let mut mine = Tally::default();
+    let outcome = cmd::run_streaming(cmd, |line| mine.add_line(line));
+    let (ok, note) = match outcome {
+        Ok(true) => (true, String::new()),
+        Ok(false) => (false, "cargo test exited non-zero".to_owned()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    if !ok && mine.failed == 0 {
+        mine.failed = 1;
+    }
+    tally.passed += mine.passed;
+    tally.failed += mine.failed;
+    Step {
+        name,
+        ok,
+        note: if note.is_empty() {
+            format!("{} passed, {} failed", mine.passed, mine.failed)
+        } else {
+            format!("{} passed, {} failed; {note}", mine.passed, mine.failed)
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn sums_result_lines_and_ignores_the_rest() {
+        let mut tally = Tally::default();
+        for line in [
+            "running 3 tests",
+            "test a ... ok",
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            "test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.20s",
+            "test passed_and_failed_names ... ok",
+        ] {
+            tally.add_line(line);
+        }
+        assert_eq!(
+            tally,
+            Tally {
+                passed: 8,
+                failed: 2
+            }
+        );
+    }
+}
