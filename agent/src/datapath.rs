@@ -172,6 +172,9 @@ pub struct Datapath {
     ifaces: IfaceSlots,
     samples: Option<RingBuf<MapData>>,
     attachments: Vec<Attachment>,
+    /// Interface slots assigned directly (`set_interface_slots`), read with the
+    /// attachments' slots.
+    extra_iface_slots: Vec<u32>,
     _lock: Option<File>,
 }
 
@@ -374,6 +377,7 @@ impl Datapath {
             ifaces,
             samples,
             attachments: Vec::new(),
+            extra_iface_slots: Vec::new(),
             _lock: lock,
         })
     }
@@ -445,9 +449,12 @@ impl Datapath {
 
     /// Counters of every interface slot (slot 0 = interfaces keyfence does not know).
     pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
-        let slots: Vec<u32> = std::iter::once(0)
+        let mut slots: Vec<u32> = std::iter::once(0)
             .chain(self.attachments.iter().map(|a| a.slot))
+            .chain(self.extra_iface_slots.iter().copied())
             .collect();
+        slots.sort_unstable();
+        slots.dedup();
         self.counters.snapshot(&slots)
     }
 
@@ -463,7 +470,9 @@ impl Datapath {
 
     /// Assign counter slots to ifindexes directly (tests use ifindex 1, `lo`).
     pub fn set_interface_slots(&mut self, slots: &[(u32, u32)]) -> anyhow::Result<()> {
-        self.ifaces.assign(slots)
+        self.ifaces.assign(slots)?;
+        self.extra_iface_slots = slots.iter().map(|(_, slot)| *slot).collect();
+        Ok(())
     }
 
     /// Attach to every interface per the ladder of `mode`, adopting pinned links.

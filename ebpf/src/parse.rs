@@ -139,7 +139,8 @@ fn parse_ipv6(data: usize, end: usize, off: usize) -> Result<Flow, Stat> {
     dst.copy_from_slice(&ip[24..40]);
     let mut l4 = off + IPV6_HLEN;
 
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // One more round than headers: the last one hands over to TCP/UDP.
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let ext = read(header::<8>(data, end, l4)?);

@@ -1,0 +1,225 @@
+//! A userspace reference model of the datapath verdict (SPEC §7), written from
+//! the contract over byte slices, independent of the eBPF code: the same packet
+//! and the same map contents must give the same `Stat` and listener slot.
+
+use keyfence::maps::policy::PolicyTables;
+use keyfence_common::{
+    PROTO_TCP, PROTO_UDP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
+    policy::{ALLOWED, LISTENER_OPEN, ListenerKey, MAX_LISTENERS, POLICY_BITS, PolicyAddr},
+    stats::Stat,
+};
+
+/// IPv6 extension headers the datapath follows before calling a chain malformed.
+pub const MAX_EXT_HEADERS: usize = 6;
+
+struct Flow {
+    src: [u8; 16],
+    dst: [u8; 16],
+    port: u16,
+    proto: u8,
+    v4: bool,
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn take(pkt: &[u8], from: usize, len: usize) -> Result<&[u8], Stat> {
+    pkt.get(from..from + len).ok_or(Stat::PassTruncated)
+}
+
+fn parse(pkt: &[u8]) -> Result<Flow, Stat> {
+    let eth = take(pkt, 0, 14)?;
+    let mut ethertype = be16(&eth[12..]);
+    let mut off = 14;
+    for _ in 0..2 {
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        ethertype = be16(&take(pkt, off, 4)?[2..]);
+        off += 4;
+    }
+    match ethertype {
+        0x0800 => parse_v4(pkt, off),
+        0x86dd => parse_v6(pkt, off),
+        _ => Err(Stat::PassNotIp),
+    }
+}
+
+fn ports(pkt: &[u8], at: usize, proto: u8) -> Result<u16, Stat> {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Stat::PassNotTcpUdp);
+    }
+    Ok(be16(&take(pkt, at, 4)?[2..]))
+}
+
+fn parse_v4(pkt: &[u8], off: usize) -> Result<Flow, Stat> {
+    let h = take(pkt, off, 20)?;
+    if h[0] >> 4 != 4 {
+        return Err(Stat::PassMalformed);
+    }
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(Stat::PassMalformed);
+    }
+    take(pkt, off, ihl)?;
+    if be16(&h[6..]) & 0x1fff != 0 {
+        return Err(Stat::PassFragment);
+    }
+    let proto = h[9];
+    let port = ports(pkt, off + ihl, proto)?;
+    Ok(Flow {
+        src: ipv4_mapped(h[12..16].try_into().expect("4 bytes")),
+        dst: ipv4_mapped(h[16..20].try_into().expect("4 bytes")),
+        port,
+        proto,
+        v4: true,
+    })
+}
+
+fn parse_v6(pkt: &[u8], off: usize) -> Result<Flow, Stat> {
+    let h = take(pkt, off, 40)?;
+    if h[0] >> 4 != 6 {
+        return Err(Stat::PassMalformed);
+    }
+    let mut next = h[6];
+    let mut at = off + 40;
+    // Up to MAX_EXT_HEADERS extension headers, then the upper layer.
+    for _ in 0..=MAX_EXT_HEADERS {
+        match next {
+            0 | 43 | 60 => {
+                let e = take(pkt, at, 8)?;
+                next = e[0];
+                at += (usize::from(e[1]) + 1) * 8;
+            }
+            51 => {
+                let e = take(pkt, at, 8)?;
+                next = e[0];
+                at += (usize::from(e[1]) + 2) * 4;
+            }
+            44 => {
+                let e = take(pkt, at, 8)?;
+                if be16(&e[2..]) >> 3 != 0 {
+                    return Err(Stat::PassFragment);
+                }
+                next = e[0];
+                at += 8;
+            }
+            proto => {
+                let port = ports(pkt, at, proto)?;
+                return Ok(Flow {
+                    src: h[8..24].try_into().expect("16 bytes"),
+                    dst: h[24..40].try_into().expect("16 bytes"),
+                    port,
+                    proto,
+                    v4: false,
+                });
+            }
+        }
+    }
+    Err(Stat::PassMalformed)
+}
+
+/// Does the trie entry `(len, key)` cover `(policy, addr)`?
+fn covers(len: u32, key: &PolicyAddr, policy: u32, addr: &[u8; 16]) -> bool {
+    if key.policy() != policy {
+        return false;
+    }
+    let bits = len.saturating_sub(POLICY_BITS).min(128);
+    if bits == 0 {
+        return true;
+    }
+    let mask = u128::MAX << (128 - bits);
+    u128::from_be_bytes(key.addr) & mask == u128::from_be_bytes(*addr) & mask
+}
+
+/// The verdict for `pkt` under `tables`: `(why, listener slot counted under)`.
+#[must_use]
+pub fn verdict(pkt: &[u8], tables: &PolicyTables) -> (Stat, u32) {
+    let flow = match parse(pkt) {
+        Ok(f) => f,
+        Err(stat) => return (stat, 0),
+    };
+    let key = ListenerKey::new(flow.dst, flow.port, flow.proto);
+    let wildcard = ListenerKey::new(
+        if flow.v4 { WILDCARD_V4 } else { WILDCARD_V6 },
+        flow.port,
+        flow.proto,
+    );
+    let Some(listener) = tables
+        .listeners
+        .get(&key)
+        .or_else(|| tables.listeners.get(&wildcard))
+    else {
+        return (Stat::PassNoListener, 0);
+    };
+    let slot = listener.policy;
+    if slot == 0 || slot >= MAX_LISTENERS {
+        return (Stat::PassMapError, 0);
+    }
+    if listener.flags & LISTENER_OPEN != 0 {
+        return (Stat::PassListenerOpen, slot);
+    }
+    if tables.exact.contains(&PolicyAddr::new(slot, flow.src)) {
+        return (Stat::PassAllowedExact, slot);
+    }
+    let longest = tables
+        .prefixes
+        .iter()
+        .filter(|((len, key), _)| covers(*len, key, slot, &flow.src))
+        .max_by_key(|((len, _), _)| *len);
+    match longest {
+        Some((_, &ALLOWED)) => (Stat::PassAllowedPrefix, slot),
+        _ => (Stat::DropNotAllowed, slot),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::{L4, arp, simple};
+    use keyfence::{
+        maps::policy::{MemoryBackend, PolicyWriter},
+        policy::{Access, CompiledPolicy, ListenerPolicy},
+    };
+
+    #[test]
+    fn model_basics() {
+        let mut w = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+        w.apply(&CompiledPolicy {
+            listeners: vec![ListenerPolicy {
+                name: "api".into(),
+                bind: "[::]:8443".parse().unwrap(),
+                access: Access::Restricted(vec![
+                    "192.0.2.0/24".parse().unwrap(),
+                    "::/0".parse().unwrap(),
+                ]),
+            }],
+            next_change: None,
+        })
+        .unwrap();
+        let t = w.tables();
+        let tcp = L4::Tcp {
+            sport: 1,
+            dport: 8443,
+        };
+        let v = |s: &str, d: &str| {
+            verdict(
+                &simple(&[], s.parse().unwrap(), d.parse().unwrap(), &tcp),
+                t,
+            )
+        };
+        assert_eq!(v("192.0.2.9", "198.51.100.1"), (Stat::PassAllowedPrefix, 1));
+        assert_eq!(v("203.0.113.9", "198.51.100.1"), (Stat::DropNotAllowed, 1));
+        assert_eq!(
+            v("2001:db8::9", "2001:db8::1"),
+            (Stat::PassAllowedPrefix, 1)
+        );
+        assert_eq!(
+            v("::ffff:203.0.113.9", "2001:db8::1"),
+            (Stat::DropNotAllowed, 1)
+        );
+        assert_eq!(verdict(&arp(), t), (Stat::PassNotIp, 0));
+        assert_eq!(verdict(&arp()[..10], t), (Stat::PassTruncated, 0));
+    }
+}
