@@ -6,12 +6,10 @@
 //! An empty list means the key is unrestricted; a list whose entries have all
 //! expired allows nobody.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::SystemTime,
-};
+use std::{fmt, net::IpAddr, time::SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
+use serde::Deserialize;
 
 /// Default cap on entries per key (SPEC §3).
 pub const DEFAULT_MAX_ENTRIES: usize = 1000;
@@ -111,8 +109,471 @@ pub fn fold_net(net: IpNet) -> IpNet {
     }
 }
 
-const _: () = {
-    // Silence unused-import lints until the grammar below uses them.
-    let _ = Ipv4Addr::UNSPECIFIED;
-    let _ = Ipv6Addr::UNSPECIFIED;
-};
+/// An allow list as written: one comma/newline-separated string, or an array of
+/// entries (strings or `{cidr, note, expires_at}` objects). YAML and JSON alike.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawList {
+    One(String),
+    Many(Vec<RawEntry>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawEntry {
+    Text(String),
+    Object {
+        cidr: String,
+        note: Option<String>,
+        expires_at: Option<String>,
+    },
+}
+
+/// Why an entry was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EntryErrorKind {
+    #[error("empty entry")]
+    Empty,
+    #[error("zone ids (%iface) are not allowed")]
+    ZoneId,
+    #[error("ranges (a-b) are not supported; write CIDR prefixes")]
+    Range,
+    #[error("hostnames are not allowed; write IP addresses or CIDR prefixes")]
+    Hostname,
+    #[error("{0:?} is not an IP address")]
+    BadAddress(String),
+    #[error("prefix length {0:?} is not a number")]
+    BadPrefix(String),
+    #[error("prefix length {len} out of range (0-{max})")]
+    PrefixOutOfRange { len: u8, max: u8 },
+    #[error("host bits set; did you mean {canonical}?")]
+    HostBitsSet { canonical: IpNet },
+    #[error("not an IP address or CIDR prefix")]
+    Syntax,
+    #[error("expires_at is not an RFC 3339 time: {0}")]
+    BadExpiry(String),
+    #[error("{count} distinct entries; at most {limit} per key")]
+    TooMany { count: usize, limit: usize },
+}
+
+/// A refused entry: its 1-based position in the list as written, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryError {
+    pub position: usize,
+    pub entry: String,
+    pub reason: EntryErrorKind,
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "entry {} {:?}: {}",
+            self.position, self.entry, self.reason
+        )
+    }
+}
+
+impl std::error::Error for EntryError {}
+
+/// One entry: an address or a CIDR prefix, canonical, or refused with the reason.
+/// Never resolves names.
+pub fn parse_entry(text: &str) -> Result<IpNet, EntryErrorKind> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(EntryErrorKind::Empty);
+    }
+    if s.contains('%') {
+        return Err(EntryErrorKind::ZoneId);
+    }
+    if let Some((addr, len)) = s.split_once('/') {
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| EntryErrorKind::BadAddress(addr.trim().to_string()))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len_text = len.trim();
+        if len_text.is_empty() || !len_text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(EntryErrorKind::BadPrefix(len_text.to_string()));
+        }
+        let len: u8 = len_text
+            .parse()
+            .map_err(|_| EntryErrorKind::PrefixOutOfRange { len: u8::MAX, max })?;
+        if len > max {
+            return Err(EntryErrorKind::PrefixOutOfRange { len, max });
+        }
+        let net =
+            IpNet::new(addr, len).map_err(|_| EntryErrorKind::PrefixOutOfRange { len, max })?;
+        if net.trunc() != net {
+            return Err(EntryErrorKind::HostBitsSet {
+                canonical: fold_net(net.trunc()),
+            });
+        }
+        return Ok(fold_net(net));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(fold_ip(ip)));
+    }
+    if s.contains('-') && s.split('-').all(|p| p.trim().parse::<IpAddr>().is_ok()) {
+        return Err(EntryErrorKind::Range);
+    }
+    if s.chars().any(|c| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    {
+        return Err(EntryErrorKind::Hostname);
+    }
+    Err(EntryErrorKind::Syntax)
+}
+
+/// Split a comma- and/or newline-separated list. Blank lines and a comma that
+/// ends a line (before another line) are separators, not entries; any other
+/// empty piece (`a,,b`, a leading comma, a trailing comma at the very end) is
+/// kept so that it is reported as an empty entry.
+fn split_list(s: &str) -> Vec<&str> {
+    let lines: Vec<&str> = s
+        .trim_end_matches(['\n', '\r', ' ', '\t'])
+        .split('\n')
+        .collect();
+    let mut out = Vec::new();
+    for (li, line) in lines.iter().enumerate() {
+        let segs: Vec<&str> = line.split(',').collect();
+        for (si, seg) in segs.iter().enumerate() {
+            let blank = seg.trim().is_empty();
+            let blank_line = segs.len() == 1;
+            let line_continuation = si == segs.len() - 1 && li + 1 < lines.len();
+            if blank && (blank_line || line_continuation) {
+                continue;
+            }
+            out.push(*seg);
+        }
+    }
+    out
+}
+
+/// Parse a whole list in either form, reporting every bad entry (not only the
+/// first). An empty string or array is the empty (unrestricted) list.
+pub fn parse_list(raw: &RawList, max_entries: usize) -> Result<AllowList, Vec<EntryError>> {
+    let items: Vec<(&str, Option<&String>, Option<&String>)> = match raw {
+        RawList::One(s) => split_list(s).into_iter().map(|e| (e, None, None)).collect(),
+        RawList::Many(v) => v
+            .iter()
+            .map(|e| match e {
+                RawEntry::Text(t) => (t.as_str(), None, None),
+                RawEntry::Object {
+                    cidr,
+                    note,
+                    expires_at,
+                } => (cidr.as_str(), note.as_ref(), expires_at.as_ref()),
+            })
+            .collect(),
+    };
+    let mut problems = Vec::new();
+    let mut entries = Vec::new();
+    for (i, (text, note, expires)) in items.into_iter().enumerate() {
+        let problem = |reason| EntryError {
+            position: i + 1,
+            entry: text.trim().to_string(),
+            reason,
+        };
+        let net = match parse_entry(text) {
+            Ok(n) => n,
+            Err(reason) => {
+                problems.push(problem(reason));
+                continue;
+            }
+        };
+        let expires_at = match expires.map(|e| humantime::parse_rfc3339_weak(e.trim())) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                problems.push(problem(EntryErrorKind::BadExpiry(e.to_string())));
+                continue;
+            }
+        };
+        entries.push(AllowEntry {
+            net,
+            note: note.cloned(),
+            expires_at,
+        });
+    }
+    let list = AllowList::from_canonical(entries);
+    if list.entries().len() > max_entries {
+        problems.push(EntryError {
+            position: max_entries + 1,
+            entry: String::new(),
+            reason: EntryErrorKind::TooMany {
+                count: list.entries().len(),
+                limit: max_entries,
+            },
+        });
+    }
+    if problems.is_empty() {
+        Ok(list)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The canonical text of a list: `a, b, c` (parses back to the same list).
+#[must_use]
+pub fn to_canonical_string(list: &AllowList) -> String {
+    list.entries()
+        .iter()
+        .map(|e| e.net.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn one(s: &str) -> Result<AllowList, Vec<EntryError>> {
+        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES)
+    }
+
+    #[test]
+    fn good_entries_are_canonical() {
+        let ok = |s: &str| parse_entry(s).unwrap().to_string();
+        assert_eq!(ok(" 203.0.113.42 "), "203.0.113.42/32");
+        assert_eq!(ok("2001:db8::1"), "2001:db8::1/128");
+        assert_eq!(ok("2001:DB8::1"), "2001:db8::1/128");
+        assert_eq!(ok("198.51.100.0/24"), "198.51.100.0/24");
+        assert_eq!(ok("2001:db8::/32"), "2001:db8::/32");
+        assert_eq!(ok("::ffff:203.0.113.7"), "203.0.113.7/32");
+        assert_eq!(ok("::ffff:203.0.113.0/120"), "203.0.113.0/24");
+        assert_eq!(ok("::ffff:0:0/96"), "0.0.0.0/0");
+        assert_eq!(ok("0.0.0.0/0"), "0.0.0.0/0");
+        assert_eq!(ok("::/0"), "::/0");
+        assert_eq!(ok("192.0.2.1/32"), "192.0.2.1/32");
+        assert_eq!(ok("192.0.2.0 / 24"), "192.0.2.0/24");
+    }
+
+    /// (input, expected reason substring). At least 40 kinds and shapes of bad input.
+    const BAD: &[(&str, &str)] = &[
+        ("", "empty"),
+        ("   ", "empty"),
+        ("\t", "empty"),
+        ("10.0.0.5/8", "did you mean 10.0.0.0/8?"),
+        ("192.0.2.1/24", "did you mean 192.0.2.0/24?"),
+        ("203.0.113.101/30", "did you mean 203.0.113.100/30?"),
+        ("2001:db8::1/32", "did you mean 2001:db8::/32?"),
+        ("2001:db8:1:2::/48", "did you mean 2001:db8:1::/48?"),
+        ("::ffff:203.0.113.7/120", "did you mean 203.0.113.0/24?"),
+        ("0.0.0.1/0", "did you mean 0.0.0.0/0?"),
+        ("::1/0", "did you mean ::/0?"),
+        ("192.0.2.0/33", "out of range (0-32)"),
+        ("2001:db8::/129", "out of range (0-128)"),
+        ("192.0.2.0/999", "out of range"),
+        ("192.0.2.0/99999999999", "out of range"),
+        ("192.0.2.0/", "is not a number"),
+        ("192.0.2.0/x", "is not a number"),
+        ("192.0.2.0/-1", "is not a number"),
+        ("192.0.2.0/+8", "is not a number"),
+        ("192.0.2.0/2 4", "is not a number"),
+        ("192.0.2.0/24/24", "is not a number"),
+        ("/24", "is not an IP address"),
+        ("fe80::1%eth0", "zone ids"),
+        ("fe80::%1/64", "zone ids"),
+        ("192.0.2.1-192.0.2.9", "ranges"),
+        ("2001:db8::1-2001:db8::9", "ranges"),
+        ("example.com", "hostnames"),
+        ("localhost", "hostnames"),
+        ("api-gateway", "hostnames"),
+        ("example.com/24", "is not an IP address"),
+        ("192.0.2", "not an IP address or CIDR"),
+        ("192.0.2.256", "not an IP address or CIDR"),
+        ("192.0.2.1.5", "not an IP address or CIDR"),
+        ("300.0.0.0/8", "is not an IP address"),
+        ("1.2.3.4 5.6.7.8", "not an IP address or CIDR"),
+        ("*", "not an IP address or CIDR"),
+        ("192.0.2.*", "not an IP address or CIDR"),
+        ("2001:db8:::1", "not an IP address or CIDR"),
+        ("2001:db8::g", "not an IP address or CIDR"),
+        ("[2001:db8::1]", "not an IP address or CIDR"),
+        ("192.0.2.1:80", "not an IP address or CIDR"),
+        ("0x7f000001", "hostnames"),
+        ("'192.0.2.1'", "not an IP address or CIDR"),
+        ("192.0.2.1;", "not an IP address or CIDR"),
+    ];
+
+    #[test]
+    fn bad_entries_are_refused_with_the_reason() {
+        assert!(BAD.len() >= 40, "{} bad inputs", BAD.len());
+        for (input, why) in BAD {
+            let err = parse_entry(input).expect_err(input).to_string();
+            assert!(
+                err.contains(why),
+                "{input:?}: {err:?} should contain {why:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_bad_entry_of_a_list_is_reported_with_its_position() {
+        let errs = one("192.0.2.1, 10.0.0.5/8, example.com,, 2001:db8::/129").unwrap_err();
+        let got: Vec<(usize, &str)> = errs
+            .iter()
+            .map(|e| (e.position, e.entry.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, "10.0.0.5/8"),
+                (3, "example.com"),
+                (4, ""),
+                (5, "2001:db8::/129")
+            ]
+        );
+        assert_eq!(
+            errs[0].to_string(),
+            "entry 2 \"10.0.0.5/8\": host bits set; did you mean 10.0.0.0/8?"
+        );
+    }
+
+    #[test]
+    fn separators_trimming_and_empties() {
+        assert!(one("").unwrap().is_unrestricted());
+        assert!(one(" \n ").unwrap().is_unrestricted());
+        assert_eq!(
+            one("192.0.2.1,\n198.51.100.0/24\n\n2001:db8::1\n")
+                .unwrap()
+                .entries()
+                .len(),
+            3
+        );
+        assert_eq!(one(",192.0.2.1").unwrap_err()[0].position, 1);
+        assert_eq!(
+            one("192.0.2.1,").unwrap_err()[0].reason,
+            EntryErrorKind::Empty
+        );
+        assert_eq!(one("192.0.2.1,,192.0.2.2").unwrap_err()[0].position, 2);
+    }
+
+    #[test]
+    fn duplicates_folding_and_order_do_not_matter() {
+        let a = one("203.0.113.1, ::ffff:203.0.113.1, 198.51.100.0/24, 203.0.113.1").unwrap();
+        let b = parse_list(
+            &RawList::Many(vec![
+                RawEntry::Text("198.51.100.0/24".into()),
+                RawEntry::Text(" 203.0.113.1 ".into()),
+            ]),
+            DEFAULT_MAX_ENTRIES,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(to_canonical_string(&a), "198.51.100.0/24, 203.0.113.1/32");
+    }
+
+    #[test]
+    fn limit_counts_distinct_entries() {
+        let five = RawList::Many(
+            (0..5)
+                .map(|i| RawEntry::Text(format!("192.0.2.{i}")))
+                .collect(),
+        );
+        let err = parse_list(&five, 4).unwrap_err();
+        assert_eq!(
+            err[0].reason,
+            EntryErrorKind::TooMany { count: 5, limit: 4 }
+        );
+        let dups = RawList::Many((0..5).map(|_| RawEntry::Text("192.0.2.1".into())).collect());
+        assert!(parse_list(&dups, 1).is_ok());
+    }
+
+    #[test]
+    fn object_form_with_note_and_expiry() {
+        let obj = RawList::Many(vec![
+            RawEntry::Object {
+                cidr: "203.0.113.0/24".into(),
+                note: Some("office".into()),
+                expires_at: Some("2027-01-01T00:00:00Z".into()),
+            },
+            RawEntry::Object {
+                cidr: "198.51.100.0/24".into(),
+                note: None,
+                expires_at: Some("next tuesday".into()),
+            },
+        ]);
+        let err = parse_list(&obj, 10).unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert!(matches!(err[0].reason, EntryErrorKind::BadExpiry(_)));
+        let ok = parse_list(&RawList::Many(vec![obj_entry()]), 10).unwrap();
+        let e = &ok.entries()[0];
+        assert_eq!(e.note.as_deref(), Some("office"));
+        let t = e.expires_at.unwrap();
+        assert!(ok.allows(
+            "203.0.113.9".parse().unwrap(),
+            t - std::time::Duration::from_secs(1)
+        ));
+        assert!(!ok.allows("203.0.113.9".parse().unwrap(), t));
+        assert_eq!(
+            ok.next_expiry(t - std::time::Duration::from_secs(1)),
+            Some(t)
+        );
+    }
+
+    fn obj_entry() -> RawEntry {
+        RawEntry::Object {
+            cidr: "203.0.113.0/24".into(),
+            note: Some("office".into()),
+            expires_at: Some("2027-01-01T00:00:00Z".into()),
+        }
+    }
+
+    #[test]
+    fn yaml_and_json_forms_deserialize() {
+        let from_json: RawList =
+            serde_json::from_str(r#"["192.0.2.1", {"cidr": "198.51.100.0/24", "note": "x"}]"#)
+                .unwrap();
+        assert_eq!(parse_list(&from_json, 10).unwrap().entries().len(), 2);
+        let from_str: RawList = serde_json::from_str(r#""192.0.2.1, 198.51.100.0/24""#).unwrap();
+        assert_eq!(parse_list(&from_str, 10).unwrap().entries().len(), 2);
+    }
+
+    #[test]
+    fn matching_folds_the_client() {
+        let l = one("203.0.113.0/24, 2001:db8::/32").unwrap();
+        let now = SystemTime::UNIX_EPOCH;
+        assert!(l.allows("::ffff:203.0.113.7".parse().unwrap(), now));
+        assert!(l.allows("2001:db8::7".parse().unwrap(), now));
+        assert!(!l.allows("198.51.100.7".parse().unwrap(), now));
+        assert!(
+            one("")
+                .unwrap()
+                .allows("198.51.100.7".parse().unwrap(), now)
+        );
+        let v6_any = one("::/0").unwrap();
+        assert!(
+            !v6_any.allows("198.51.100.7".parse().unwrap(), now),
+            "::/0 is IPv6 only"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn never_panics_on_arbitrary_text(s in ".{0,80}") {
+            let _ = one(&s);
+        }
+
+        #[test]
+        fn canonical_text_round_trips(
+            nets in prop::collection::vec(
+                prop_oneof![
+                    (any::<u32>(), 0u8..=32).prop_map(|(a, l)| IpNet::V4(Ipv4Net::new(a.into(), l).unwrap().trunc())),
+                    (any::<u128>(), 0u8..=128).prop_map(|(a, l)| IpNet::V6(ipnet::Ipv6Net::new(a.into(), l).unwrap().trunc())),
+                ],
+                0..20,
+            )
+        ) {
+            let text = nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",\n");
+            let first = one(&text).unwrap();
+            let again = one(&to_canonical_string(&first)).unwrap();
+            prop_assert_eq!(first, again);
+        }
+    }
+}

@@ -16,7 +16,7 @@ use super::model::{
     AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
     ListenerMode, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
 };
-use crate::allowlist::{AllowEntry, AllowList, DEFAULT_MAX_ENTRIES, fold_ip, fold_net};
+use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
 
 /// One located problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,26 +121,6 @@ struct RawKey {
     secret_env: Option<Spanned<String>>,
     ip_allow_list: Option<Spanned<RawList>>,
     report_only: Option<bool>,
-}
-
-/// An allow list as written: one comma/newline-separated string, or an array of
-/// entries (strings or `{cidr, note, expires_at}` objects).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawList {
-    One(String),
-    Many(Vec<RawEntry>),
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawEntry {
-    Text(String),
-    Object {
-        cidr: String,
-        note: Option<String>,
-        expires_at: Option<String>,
-    },
 }
 
 #[derive(Deserialize)]
@@ -431,7 +411,11 @@ fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> 
                 format!("{net} trusts every address: any client could forge its address"),
             ),
             Ok(net) => out.push(net),
-            Err(reason) => errors.at(&entry.referenced, format!("{path}[{i}]"), reason),
+            Err(reason) => errors.at(
+                &entry.referenced,
+                format!("{path}[{i}]"),
+                reason.to_string(),
+            ),
         }
     }
     IpNet::aggregate(&out)
@@ -750,165 +734,6 @@ fn management(raw: RawManagement, errors: &mut Errors) {
     let _ = raw.confirm.map(|c| c.totp_secret_env);
 }
 
-/// A bad allow-list entry: where it is and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EntryProblem {
-    /// 1-based position in the list as written.
-    pub position: usize,
-    pub entry: String,
-    pub reason: String,
-}
-
-impl fmt::Display for EntryProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "entry {} {:?}: {}",
-            self.position, self.entry, self.reason
-        )
-    }
-}
-
-/// Parse an allow list as written in YAML (either form), reporting every bad entry.
-pub fn parse_list(raw: &RawList, max_entries: usize) -> Result<AllowList, Vec<EntryProblem>> {
-    let items: Vec<(String, Option<String>, Option<String>)> = match raw {
-        RawList::One(s) if s.trim().is_empty() => Vec::new(),
-        RawList::One(s) => split_list(s)
-            .into_iter()
-            .map(|e| (e.to_string(), None, None))
-            .collect(),
-        RawList::Many(v) => v
-            .iter()
-            .map(|e| match e {
-                RawEntry::Text(t) => (t.clone(), None, None),
-                RawEntry::Object {
-                    cidr,
-                    note,
-                    expires_at,
-                } => (cidr.clone(), note.clone(), expires_at.clone()),
-            })
-            .collect(),
-    };
-    let mut problems = Vec::new();
-    let mut entries = Vec::new();
-    for (i, (text, note, expires)) in items.into_iter().enumerate() {
-        let position = i + 1;
-        let net = match parse_entry(&text) {
-            Ok(n) => n,
-            Err(reason) => {
-                problems.push(EntryProblem {
-                    position,
-                    entry: text.trim().to_string(),
-                    reason,
-                });
-                continue;
-            }
-        };
-        let expires_at = match expires.as_deref().map(humantime::parse_rfc3339_weak) {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
-                problems.push(EntryProblem {
-                    position,
-                    entry: text.trim().to_string(),
-                    reason: format!("expires_at is not an RFC 3339 time: {e}"),
-                });
-                continue;
-            }
-        };
-        entries.push(AllowEntry {
-            net,
-            note,
-            expires_at,
-        });
-    }
-    let list = AllowList::from_canonical(entries);
-    if list.entries().len() > max_entries {
-        problems.push(EntryProblem {
-            position: max_entries + 1,
-            entry: String::new(),
-            reason: format!(
-                "{} distinct entries; at most {max_entries} per key",
-                list.entries().len()
-            ),
-        });
-    }
-    if problems.is_empty() {
-        Ok(list)
-    } else {
-        Err(problems)
-    }
-}
-
-/// Split a comma- and/or newline-separated list. Blank lines and a comma that
-/// ends a line (before another line) are separators, not entries; any other
-/// empty piece (`a,,b`, a leading comma, a trailing comma at the very end) is
-/// kept so that it is reported as an empty entry.
-fn split_list(s: &str) -> Vec<&str> {
-    let lines: Vec<&str> = s
-        .trim_end_matches(['\n', '\r', ' ', '\t'])
-        .split('\n')
-        .collect();
-    let mut out = Vec::new();
-    for (li, line) in lines.iter().enumerate() {
-        let segs: Vec<&str> = line.split(',').collect();
-        for (si, seg) in segs.iter().enumerate() {
-            let blank = seg.trim().is_empty();
-            let blank_line = segs.len() == 1;
-            let line_continuation = si == segs.len() - 1 && li + 1 < lines.len();
-            if blank && (blank_line || line_continuation) {
-                continue;
-            }
-            out.push(*seg);
-        }
-    }
-    out
-}
-
-/// One entry: an address or a CIDR, canonical or refused with the reason.
-pub fn parse_entry(text: &str) -> Result<IpNet, String> {
-    let s = text.trim();
-    if s.is_empty() {
-        return Err("empty entry".into());
-    }
-    if s.contains('%') {
-        return Err("zone ids (%iface) are not allowed".into());
-    }
-    if let Some((addr, len)) = s.split_once('/') {
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{:?} is not an IP address", addr.trim()))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len
-            .trim()
-            .parse()
-            .map_err(|_| format!("prefix length {:?} is not a number", len.trim()))?;
-        if len > max {
-            return Err(format!("prefix length {len} out of range (0-{max})"));
-        }
-        let net = IpNet::new(addr, len).map_err(|e| e.to_string())?;
-        let canonical = fold_net(net.trunc());
-        if net.trunc() != net {
-            return Err(format!("host bits set; did you mean {canonical}?"));
-        }
-        return Ok(fold_net(net));
-    }
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(fold_ip(ip)));
-    }
-    if s.contains('-') && s.split('-').all(|p| p.trim().parse::<IpAddr>().is_ok()) {
-        return Err("ranges (a-b) are not supported; write CIDR prefixes".into());
-    }
-    if s.chars().any(|c| c.is_ascii_alphabetic())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-    {
-        return Err("hostnames are not allowed; write IP addresses or CIDR prefixes".into());
-    }
-    Err("not an IP address or CIDR prefix".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1147,70 +972,5 @@ metrics:
             let rendered = ConfigErrors(errors).to_string();
             assert!(rendered.starts_with("k.yaml:"), "{name}: {rendered}");
         }
-    }
-
-    #[test]
-    fn entry_grammar() {
-        let ok = |s: &str| parse_entry(s).unwrap().to_string();
-        assert_eq!(ok(" 203.0.113.42 "), "203.0.113.42/32");
-        assert_eq!(ok("2001:db8::1"), "2001:db8::1/128");
-        assert_eq!(ok("::ffff:203.0.113.7"), "203.0.113.7/32");
-        assert_eq!(ok("::ffff:203.0.113.0/120"), "203.0.113.0/24");
-        assert_eq!(ok("0.0.0.0/0"), "0.0.0.0/0");
-        assert_eq!(ok("::/0"), "::/0");
-        for (bad, why) in [
-            ("", "empty"),
-            ("10.0.0.5/8", "did you mean 10.0.0.0/8?"),
-            ("2001:db8::1/32", "did you mean 2001:db8::/32?"),
-            ("::ffff:203.0.113.7/120", "did you mean 203.0.113.0/24?"),
-            ("192.0.2.0/33", "out of range"),
-            ("2001:db8::/129", "out of range"),
-            ("192.0.2.0/x", "not a number"),
-            ("192.0.2.0/-1", "not a number"),
-            ("fe80::1%eth0", "zone ids"),
-            ("192.0.2.1-192.0.2.9", "ranges"),
-            ("example.com", "hostnames"),
-            ("localhost", "hostnames"),
-            ("192.0.2", "not an IP address"),
-            ("192.0.2.256", "not an IP address"),
-            ("300.0.0.0/8", "not an IP address"),
-            ("1.2.3.4 5.6.7.8", "not an IP address"),
-            ("*", "not an IP address"),
-        ] {
-            let err = parse_entry(bad).expect_err(bad);
-            assert!(err.contains(why), "{bad:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn lists_dedup_fold_and_limit() {
-        let l = parse_list(
-            &RawList::One("203.0.113.1,\n ::ffff:203.0.113.1 , 198.51.100.0/24".into()),
-            10,
-        )
-        .unwrap();
-        assert_eq!(l.entries().len(), 2);
-        assert!(
-            parse_list(&RawList::One("  ".into()), 10)
-                .unwrap()
-                .is_unrestricted()
-        );
-        let many = RawList::Many(
-            (0..5)
-                .map(|i| RawEntry::Text(format!("192.0.2.{i}")))
-                .collect(),
-        );
-        let err = parse_list(&many, 4).unwrap_err();
-        assert!(err[0].reason.contains("at most 4"), "{err:?}");
-        let trailing = parse_list(&RawList::One("192.0.2.1,".into()), 10).unwrap_err();
-        assert_eq!(trailing[0].position, 2);
-        let obj = RawList::Many(vec![RawEntry::Object {
-            cidr: "203.0.113.0/24".into(),
-            note: Some("office".into()),
-            expires_at: Some("2027-01-01T00:00:00Z".into()),
-        }]);
-        let l = parse_list(&obj, 10).unwrap();
-        assert_eq!(l.entries()[0].note.as_deref(), Some("office"));
-        assert!(l.entries()[0].expires_at.is_some());
     }
 }

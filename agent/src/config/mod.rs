@@ -3,8 +3,5 @@
 mod load;
 pub mod model;
 
-pub use load::{
-    ConfigError, ConfigErrors, EntryProblem, RawEntry, RawList, load, parse, parse_entry,
-    parse_list,
-};
+pub use load::{ConfigError, ConfigErrors, load, parse};
 pub use model::*;
