@@ -144,7 +144,14 @@ impl Metrics {
     /// fill disks (the counters stay exact).
     pub fn refusal_log(&self, listener: &str, key_id: &str, ip: Option<std::net::IpAddr>) {
         if self.refusal_logs.allow() {
-            tracing::info!(listener, key_id, client = ?ip, reason = "ip_not_allowed", "request refused");
+            let client = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+            tracing::info!(
+                listener,
+                key_id,
+                client,
+                reason = "ip_not_allowed",
+                "request refused"
+            );
         }
     }
 

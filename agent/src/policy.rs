@@ -155,6 +155,7 @@ mod tests {
             },
             early_drop: true,
             tenants: None,
+            key_header: None,
         }
     }
 

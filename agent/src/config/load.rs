@@ -92,6 +92,7 @@ struct RawListener {
     client_ip: Option<RawClientIp>,
     early_drop: Option<bool>,
     tenants: Option<Vec<String>>,
+    key_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +574,22 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
                 }
             }
         };
+        let key_header = l.key_header.and_then(|h| {
+            let name = h.value.trim().to_ascii_lowercase();
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid || name == "authorization" {
+                errors.at(
+                    &h.referenced,
+                    format!("{p}.key_header"),
+                    format!("{:?} is not a usable header name", h.value),
+                );
+                return None;
+            }
+            Some(name)
+        });
         if let Some(bind) = bind {
             out.push(ListenerConfig {
                 name,
@@ -583,6 +600,7 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
                 client_ip,
                 early_drop: l.early_drop.unwrap_or(true),
                 tenants: l.tenants,
+                key_header,
             });
         }
     }

@@ -61,6 +61,9 @@ pub struct ListenerConfig {
     pub early_drop: bool,
     /// `None`: every key. `Some(list)`: only keys of these tenants.
     pub tenants: Option<Vec<String>>,
+    /// A header read for the key when `Authorization: Bearer` is absent (for
+    /// example `X-API-Key`); `None` reads only `Authorization`.
+    pub key_header: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

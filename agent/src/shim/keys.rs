@@ -160,6 +160,7 @@ mod tests {
             },
             early_drop: true,
             tenants,
+            key_header: None,
         }
     }
 

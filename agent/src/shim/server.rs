@@ -330,7 +330,10 @@ async fn handle(
         );
     }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let presented = presented_key(header("authorization"), header("x-api-key"));
+    let presented = presented_key(
+        header("authorization"),
+        config.key_header.as_deref().and_then(header),
+    );
     let verdict = decide(
         &config,
         &ctx.shared.keys(),
