@@ -2,6 +2,7 @@
 //! that is not plain cargo. CI calls only `cargo xtask test`, so anyone can replay CI.
 //! One module per subcommand; `setup` runs first in all of them.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -38,6 +39,9 @@ enum Command {
     /// Setup and build, then run the agent in network namespaces on a built-in
     /// example and show allowed and dropped connections and the counters.
     Demo,
+    /// Setup, then measure: the datapath's cost per packet at growing prefix
+    /// counts (BPF_PROG_TEST_RUN on the real object); writes target/bench/report.md.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Build => build::run().map(|_| ()),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Bench => bench::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
