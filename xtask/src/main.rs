@@ -40,7 +40,7 @@ enum Command {
     /// example and show allowed and dropped connections and the counters.
     Demo,
     /// Setup, then measure: the datapath's cost per packet at growing prefix
-    /// counts (BPF_PROG_TEST_RUN on the real object); writes target/bench/report.md.
+    /// counts (`BPF_PROG_TEST_RUN` on the real object); writes `target/bench/report.md`.
     Bench,
 }
 

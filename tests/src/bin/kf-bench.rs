@@ -69,15 +69,6 @@ fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(format!("/sys/fs/bpf/kf-bench-{}", std::process::id()));
     let _pins = Pins(root.clone());
     let mut dp = Datapath::load_unattached(&root)?;
-    let allowed = simple(
-        &[],
-        "10.0.0.1".parse()?,
-        "192.0.2.1".parse()?,
-        &L4::Tcp {
-            sport: 40000,
-            dport: 8443,
-        },
-    );
     let refused = simple(
         &[],
         "203.0.113.9".parse()?,
