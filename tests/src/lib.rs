@@ -2,5 +2,6 @@
 //! reference model, and network-namespace hosts.
 
 pub mod frames;
+pub mod loaded;
 pub mod netns;
 pub mod refmodel;

@@ -8,20 +8,17 @@ use std::{
     cell::{Cell, RefCell},
     collections::BTreeMap,
     net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use keyfence::{
-    datapath::Datapath,
-    policy::{Access, CompiledPolicy, ListenerPolicy},
-};
+use keyfence::policy::CompiledPolicy;
 use keyfence_common::stats::Stat;
 use keyfence_tests::{
     frames::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Ext, L4, NEXT_DEST, NEXT_HOP,
         NEXT_ROUTING, ethernet, ipv4, ipv6,
     },
+    loaded::{Loaded, open, restricted},
     refmodel,
 };
 use proptest::{
@@ -33,21 +30,7 @@ use proptest::{
 const CASES: u32 = 100_000;
 const LO_SLOT: u32 = 2;
 
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = keyfence::datapath::detach(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn policy() -> CompiledPolicy {
-    let restricted = |name: &str, bind: &str, nets: &[&str]| ListenerPolicy {
-        name: name.into(),
-        bind: bind.parse().unwrap(),
-        access: Access::Restricted(nets.iter().map(|n| n.parse().unwrap()).collect()),
-    };
     CompiledPolicy {
         listeners: vec![
             restricted(
@@ -69,11 +52,7 @@ fn policy() -> CompiledPolicy {
                 &["203.0.113.0/30", "203.0.113.9/32"],
             ),
             restricted("v6", "[2001:db8::1]:9443", &["::/1", "2001:db8:1::5/128"]),
-            ListenerPolicy {
-                name: "open".into(),
-                bind: "[::]:8080".parse().unwrap(),
-                access: Access::Open,
-            },
+            open("open", "[::]:8080"),
         ],
         next_change: None,
     }
@@ -222,15 +201,10 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn differential(program: &str) {
-    let root = PathBuf::from(format!(
-        "/sys/fs/bpf/kf-diff-{program}-{}",
-        std::process::id()
-    ));
-    let _pins = Pins(root.clone());
-    let mut dp = Datapath::load_unattached(&root).expect("loading the datapath (root needed)");
+    let mut loaded = Loaded::new(&format!("diff-{program}"), LO_SLOT)
+        .expect("loading the datapath (root needed)");
+    let dp = &mut loaded.datapath;
     dp.apply(&policy()).expect("seeding the maps");
-    dp.set_interface_slots(&[(1, LO_SLOT)])
-        .expect("interface slot");
     let tables = dp.tables().clone();
     let before = dp.counters().unwrap();
 

@@ -4,16 +4,10 @@
 //! expected counter moved by one, and that the reference model agrees.
 //! Needs root (BPF); run with `cargo xtask test`.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use keyfence::{
-    datapath::Datapath,
-    policy::{Access, CompiledPolicy, ListenerPolicy},
-};
+use keyfence::policy::CompiledPolicy;
 use keyfence_common::stats::Stat;
 use keyfence_tests::{
     frames::{
@@ -21,6 +15,7 @@ use keyfence_tests::{
         NEXT_NONE, NEXT_ROUTING, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, arp, ethernet, ipv4, ipv6,
         simple,
     },
+    loaded::{Loaded, open, restricted},
     refmodel,
 };
 
@@ -32,22 +27,7 @@ const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
 /// the test maps it to this counter slot to exercise the interface lookup.
 const LO_SLOT: u32 = 3;
 
-/// Removes the test's pin root however the test ends.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = keyfence::datapath::detach(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn policy() -> CompiledPolicy {
-    let restricted = |name: &str, bind: &str, nets: &[&str]| ListenerPolicy {
-        name: name.into(),
-        bind: bind.parse().unwrap(),
-        access: Access::Restricted(nets.iter().map(|n| n.parse().unwrap()).collect()),
-    };
     CompiledPolicy {
         listeners: vec![
             restricted(
@@ -62,11 +42,7 @@ fn policy() -> CompiledPolicy {
                 ],
             ),
             restricted("admin", "192.0.2.1:22", &["203.0.113.0/30"]),
-            ListenerPolicy {
-                name: "open".into(),
-                bind: "0.0.0.0:8444".parse().unwrap(),
-                access: Access::Open,
-            },
+            open("open", "0.0.0.0:8444"),
             restricted("v6any", "[2001:db8::1]:9443", &["::/0"]),
         ],
         next_change: None,
@@ -611,15 +587,10 @@ fn fixtures() -> Vec<Row> {
 }
 
 fn run_table(program: &str) {
-    let root = PathBuf::from(format!(
-        "/sys/fs/bpf/kf-fixtures-{program}-{}",
-        std::process::id()
-    ));
-    let _pins = Pins(root.clone());
-    let mut dp = Datapath::load_unattached(&root).expect("loading the datapath (root needed)");
+    let mut loaded = Loaded::new(&format!("fixtures-{program}"), LO_SLOT)
+        .expect("loading the datapath (root needed)");
+    let dp = &mut loaded.datapath;
     dp.apply(&policy()).expect("seeding the maps");
-    dp.set_interface_slots(&[(1, LO_SLOT)])
-        .expect("interface slot");
     let rows = fixtures();
     assert!(rows.len() >= 30, "{} fixtures", rows.len());
     let mut failures = Vec::new();

@@ -4,7 +4,7 @@
 //! what count on these noisy machines; the table prints them against the
 //! 10-prefix pass path.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
+use std::{net::Ipv4Addr, time::Instant};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use ipnet::{IpNet, Ipv4Net};
@@ -12,19 +12,15 @@ use keyfence::{
     datapath::Datapath,
     policy::{Access, CompiledPolicy, ListenerPolicy},
 };
-use keyfence_tests::frames::{L4, simple};
+use keyfence_tests::{
+    frames::{L4, simple},
+    loaded::Loaded,
+};
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 5;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-
-struct Pins(PathBuf);
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = keyfence::datapath::detach(&self.0);
-    }
-}
 
 /// `n` non-adjacent prefixes from 10.0.0.0 upwards: all /32, or a mix of
 /// /32 /28 /24 /20 (one 4096-address block each).
@@ -66,9 +62,8 @@ fn ns_per_packet(dp: &Datapath, packet: &[u8], verdict: u32) -> anyhow::Result<f
 }
 
 fn main() -> anyhow::Result<()> {
-    let root = PathBuf::from(format!("/sys/fs/bpf/kf-bench-{}", std::process::id()));
-    let _pins = Pins(root.clone());
-    let mut dp = Datapath::load_unattached(&root)?;
+    let mut loaded = Loaded::new("bench", 1)?;
+    let dp = &mut loaded.datapath;
     let refused = simple(
         &[],
         "203.0.113.9".parse()?,
@@ -125,9 +120,9 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         dp.apply(&policy)?;
         let apply = started.elapsed();
-        let pass = ns_per_packet(&dp, &allowed, XDP_PASS)?;
-        let drop = ns_per_packet(&dp, &refused, XDP_DROP)?;
-        let none = ns_per_packet(&dp, &unprotected, XDP_PASS)?;
+        let pass = ns_per_packet(dp, &allowed, XDP_PASS)?;
+        let drop = ns_per_packet(dp, &refused, XDP_DROP)?;
+        let none = ns_per_packet(dp, &unprotected, XDP_PASS)?;
         let base = *baseline.get_or_insert(pass);
         println!(
             "| {n} | {} | {apply:.2?} | {pass:.1} ({:.2}×) | {drop:.1} ({:.2}×) | {none:.1} |",
