@@ -47,6 +47,16 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show what is attached where (interface, mode), map fill against
+    /// capacity, and packet counters per listener, read from the pinned maps
+    /// (works while the agent is stopped).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach the datapath from every interface and remove its pins under the
     /// config's datapath.pin_path (uninstall). Refused while an agent runs.
     Detach {

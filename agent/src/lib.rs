@@ -16,4 +16,5 @@ pub mod policy;
 pub mod ratelimit;
 pub mod run;
 pub mod shim;
+pub mod status;
 pub mod sys;

@@ -36,6 +36,32 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Status { config, json } => {
+            let config = match config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match keyfence::status::read(&config) {
+                Ok(status) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    print!("{}", keyfence::status::render(&status));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keyfence status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Detach { config } => {
             let config = match config::load(&config) {
                 Ok(c) => c,

@@ -1,0 +1,254 @@
+//! `keyfence status`: what is attached where, map fill against capacity, and
+//! the counters, read straight from the pinned maps and links. It works while
+//! the agent is down too: that is when the pins are what enforces.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::links::{FdLink, PinnedLink},
+};
+use keyfence_common::{
+    map_names,
+    policy::{
+        EXACT_CAPACITY, LISTENER_OPEN, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
+        PREFIXES_CAPACITY, PolicyAddr,
+    },
+    stats::{MAX_IFACE_SLOTS, STAT_SLOTS, Stat, StatBlock, stats_index},
+};
+use serde::Serialize;
+
+use crate::{config::Config, datapath::pin_dir, maps::policy::listener_keys};
+
+#[derive(Debug, Serialize)]
+pub struct LinkStatus {
+    pub interface: String,
+    pub mode: String,
+    pub program_id: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub bind: String,
+    pub slot: Option<u32>,
+    pub open: bool,
+    pub exact_entries: usize,
+    pub prefix_entries: usize,
+    /// `verdict/reason` → packets, summed over interfaces and CPUs.
+    pub packets: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub links: Vec<LinkStatus>,
+    pub listeners: Vec<ListenerStatus>,
+    pub listener_entries: (usize, u32),
+    pub exact_entries: (usize, u32),
+    pub prefix_entries: (usize, u32),
+    /// Packets no listener claimed, by reason.
+    pub unclaimed: BTreeMap<String, u64>,
+}
+
+fn open_map(dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is the datapath loaded? start `keyfence run` once)",
+            path.display()
+        )
+    })
+}
+
+/// The pinned links: interface and mode from the pin name, program from the link.
+fn read_links(dir: &Path) -> anyhow::Result<Vec<LinkStatus>> {
+    let mut links = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("link-") else {
+            continue;
+        };
+        let (mode, interface) = ["xdp-native", "xdp-generic", "tc"]
+            .iter()
+            .find_map(|m| rest.strip_prefix(&format!("{m}-")).map(|i| (*m, i)))
+            .unwrap_or(("unknown", rest));
+        let program_id = PinnedLink::from_pin(dir.join(&name))
+            .ok()
+            .and_then(|l| FdLink::from(l).info().ok())
+            .map(|i| i.program_id());
+        links.push(LinkStatus {
+            interface: interface.to_string(),
+            mode: mode.trim_start_matches("xdp-").to_string(),
+            program_id,
+        });
+    }
+
+    Ok(links)
+}
+
+/// Read the pinned state under the config's `datapath.pin_path`.
+pub fn read(config: &Config) -> anyhow::Result<Status> {
+    let dir = pin_dir(&config.datapath.pin_path);
+    let links = read_links(&dir)?;
+    let listeners_map: HashMap<MapData, ListenerKey, ListenerValue> =
+        HashMap::try_from(Map::HashMap(open_map(&dir, map_names::LISTENERS)?))?;
+    let exact: HashMap<MapData, PolicyAddr, u32> =
+        HashMap::try_from(Map::HashMap(open_map(&dir, map_names::EXACT)?))?;
+    let prefixes: LpmTrie<MapData, PolicyAddr, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open_map(&dir, map_names::PREFIXES)?))?;
+    let stats: PerCpuArray<MapData, StatBlock> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(&dir, map_names::STATS)?))?;
+
+    let listener_rows: Vec<(ListenerKey, ListenerValue)> =
+        listeners_map.iter().collect::<Result<_, _>>()?;
+    let mut exact_by_slot: BTreeMap<u32, usize> = BTreeMap::new();
+    for key in exact.keys() {
+        *exact_by_slot.entry(key?.policy()).or_default() += 1;
+    }
+    let mut prefixes_by_slot: BTreeMap<u32, usize> = BTreeMap::new();
+    for key in prefixes.keys() {
+        *prefixes_by_slot.entry(key?.data().policy()).or_default() += 1;
+    }
+    let mut per_slot: BTreeMap<u32, [u64; STAT_SLOTS]> = BTreeMap::new();
+    for iface in 0..MAX_IFACE_SLOTS {
+        for slot in 0..keyfence_common::policy::MAX_LISTENERS {
+            let values = stats.get(&stats_index(iface, slot), 0)?;
+            let sum = per_slot.entry(slot).or_insert([0; STAT_SLOTS]);
+            for block in values.iter() {
+                for (total, n) in sum.iter_mut().zip(block.packets) {
+                    *total = total.wrapping_add(n);
+                }
+            }
+        }
+    }
+    let named = |counts: &[u64; STAT_SLOTS]| -> BTreeMap<String, u64> {
+        Stat::ALL
+            .iter()
+            .filter(|s| counts[**s as usize] > 0)
+            .map(|s| {
+                (
+                    format!("{}/{}", s.verdict(), s.reason()),
+                    counts[*s as usize],
+                )
+            })
+            .collect()
+    };
+
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let value = listener_keys(l.bind).iter().find_map(|k| {
+                listener_rows
+                    .iter()
+                    .find(|(rk, _)| rk == k)
+                    .map(|(_, v)| *v)
+            });
+            let slot = value.map(|v| v.policy);
+            ListenerStatus {
+                name: l.name.clone(),
+                bind: l.bind.to_string(),
+                slot,
+                open: value.is_some_and(|v| v.flags & LISTENER_OPEN != 0),
+                exact_entries: slot
+                    .and_then(|s| exact_by_slot.get(&s).copied())
+                    .unwrap_or(0),
+                prefix_entries: slot
+                    .and_then(|s| prefixes_by_slot.get(&s).copied())
+                    .unwrap_or(0),
+                packets: slot
+                    .and_then(|s| per_slot.get(&s))
+                    .map(named)
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    Ok(Status {
+        pin_dir: dir.display().to_string(),
+        links,
+        listeners,
+        listener_entries: (listener_rows.len(), LISTENERS_CAPACITY),
+        exact_entries: (exact_by_slot.values().sum(), EXACT_CAPACITY),
+        prefix_entries: (prefixes_by_slot.values().sum(), PREFIXES_CAPACITY),
+        unclaimed: per_slot.get(&0).map(named).unwrap_or_default(),
+    })
+}
+
+/// The human-readable form.
+#[must_use]
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "pins: {}", s.pin_dir);
+    if s.links.is_empty() {
+        let _ = writeln!(out, "attached: nowhere");
+    }
+    for l in &s.links {
+        let prog = l.program_id.map_or_else(|| "?".into(), |p| p.to_string());
+        let _ = writeln!(
+            out,
+            "attached: {} ({}, program {prog})",
+            l.interface, l.mode
+        );
+    }
+    let fill = |(n, cap): (usize, u32)| format!("{n}/{cap}");
+    let _ = writeln!(
+        out,
+        "maps: listeners {}, exact {}, prefixes {}",
+        fill(s.listener_entries),
+        fill(s.exact_entries),
+        fill(s.prefix_entries)
+    );
+    let mut rows = vec![[
+        "LISTENER".to_string(),
+        "BIND".into(),
+        "ACCESS".into(),
+        "/32+/128".into(),
+        "PREFIXES".into(),
+        "PACKETS".into(),
+    ]];
+    for l in &s.listeners {
+        let access = match (l.slot, l.open) {
+            (None, _) => "not loaded",
+            (Some(_), true) => "open",
+            (Some(_), false) => "restricted",
+        };
+        let packets = l
+            .packets
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        rows.push([
+            l.name.clone(),
+            l.bind.clone(),
+            access.into(),
+            l.exact_entries.to_string(),
+            l.prefix_entries.to_string(),
+            packets,
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let _ = writeln!(out);
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if !s.unclaimed.is_empty() {
+        let rest = s
+            .unclaimed
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let _ = writeln!(out, "(no listener)  {rest}");
+    }
+    out
+}
