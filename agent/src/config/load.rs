@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 use super::model::{
-    AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
-    ListenerMode, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
+    Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
+    ListenerMode, ManagementConfig, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
 };
 use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
 
@@ -281,9 +281,7 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
             }
         }
     };
-    if let Some(m) = raw.management {
-        management(m, errors);
-    }
+    let management = management(raw.management, errors);
     let metrics = MetricsConfig {
         bind: raw
             .metrics
@@ -297,6 +295,7 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
         listeners,
         keys,
         rejection,
+        management,
         metrics,
     }
 }
@@ -710,46 +709,85 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
     out
 }
 
-fn management(raw: RawManagement, errors: &mut Errors) {
-    if let Some(bind) = &raw.bind {
-        socket_addr(bind, "management.bind", errors);
-    }
-    for (i, admin) in raw.admins.iter().enumerate() {
+fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConfig {
+    let default_bind: SocketAddr = "127.0.0.1:9900".parse().expect("constant");
+    let Some(raw) = raw else {
+        return ManagementConfig {
+            bind: default_bind,
+            admins: Vec::new(),
+            confirm_totp_env: None,
+        };
+    };
+    let bind = raw
+        .bind
+        .as_ref()
+        .and_then(|b| socket_addr(b, "management.bind", errors))
+        .unwrap_or(default_bind);
+    let mut admins: Vec<Admin> = Vec::new();
+    for (i, admin) in raw.admins.into_iter().enumerate() {
         let p = format!("management.admins[{i}]");
-        let a = &admin.value;
-        match (&a.token_sha256, &a.token_env) {
-            (Some(h), None) => {
-                if hex::decode(h.value.trim()).map_or(true, |b| b.len() != 32) {
+        let a = admin.value;
+        if admins.iter().any(|o| o.name == a.name) {
+            errors.at(
+                &admin.referenced,
+                format!("{p}.name"),
+                format!("admin name {:?} is used twice", a.name),
+            );
+        }
+        let token = match (&a.token_sha256, &a.token_env) {
+            (Some(h), None) => match hex::decode(h.value.trim()) {
+                Ok(b) if b.len() == 32 => Some(KeySecret::Sha256(b.try_into().expect("32 bytes"))),
+                _ => {
                     errors.at(
                         &h.referenced,
                         format!("{p}.token_sha256"),
                         "must be 64 hexadecimal characters",
                     );
+                    None
                 }
-            }
-            (None, Some(_)) => {}
-            _ => errors.at(
-                &admin.referenced,
-                p.clone(),
-                format!(
-                    "admin {:?} needs exactly one of token_sha256 or token_env",
-                    a.name
-                ),
-            ),
-        }
-        if let Some(list) = &a.ip_allow_list
-            && let Err(problems) = parse_list(&list.value, DEFAULT_MAX_ENTRIES)
-        {
-            for problem in problems {
+            },
+            (None, Some(env)) => Some(KeySecret::Env(env.trim().to_string())),
+            _ => {
                 errors.at(
-                    &list.referenced,
-                    format!("{p}.ip_allow_list"),
-                    problem.to_string(),
+                    &admin.referenced,
+                    p.clone(),
+                    format!(
+                        "admin {:?} needs exactly one of token_sha256 or token_env",
+                        a.name
+                    ),
                 );
+                None
             }
+        };
+        let allow = match &a.ip_allow_list {
+            None => AllowList::default(),
+            Some(list) => match parse_list(&list.value, DEFAULT_MAX_ENTRIES) {
+                Ok(l) => l,
+                Err(problems) => {
+                    for problem in problems {
+                        errors.at(
+                            &list.referenced,
+                            format!("{p}.ip_allow_list"),
+                            problem.to_string(),
+                        );
+                    }
+                    AllowList::default()
+                }
+            },
+        };
+        if let Some(token) = token {
+            admins.push(Admin {
+                name: a.name,
+                token,
+                allow,
+            });
         }
     }
-    let _ = raw.confirm.map(|c| c.totp_secret_env);
+    ManagementConfig {
+        bind,
+        admins,
+        confirm_totp_env: raw.confirm.map(|c| c.totp_secret_env),
+    }
 }
 
 #[cfg(test)]
@@ -816,6 +854,13 @@ metrics:
         assert_eq!(c.keys[0].tenant, "default");
         assert_eq!(c.keys[0].scopes, ["api"]);
         assert_eq!(c.metrics.bind, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.management.bind, "127.0.0.1:9900".parse().unwrap());
+        assert_eq!(c.management.admins[0].name, "ops");
+        assert_eq!(c.management.admins[0].allow.entries().len(), 2);
+        assert_eq!(
+            c.management.confirm_totp_env.as_deref(),
+            Some("KEYFENCE_CONFIRM_TOTP")
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub keys: Vec<StaticKey>,
     pub rejection: Rejection,
+    pub management: ManagementConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -128,4 +129,24 @@ pub struct Rejection {
 pub struct MetricsConfig {
     /// Default `127.0.0.1:9901`.
     pub bind: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagementConfig {
+    /// Default `127.0.0.1:9900`.
+    pub bind: SocketAddr,
+    pub admins: Vec<Admin>,
+    /// `confirm.totp_secret_env`: the variable holding the base32 TOTP secret.
+    pub confirm_totp_env: Option<String>,
+}
+
+/// A management principal from the config (read-only through the API).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admin {
+    pub name: String,
+    /// `token_sha256` or `token_env`, as for static keys.
+    pub token: KeySecret,
+    /// Empty = from anywhere (not recommended; the management API binds to
+    /// loopback by default).
+    pub allow: AllowList,
 }
