@@ -5,4 +5,5 @@ pub mod client_ip;
 pub mod keys;
 pub mod runtime;
 pub mod server;
+pub mod sources;
 pub mod tls;

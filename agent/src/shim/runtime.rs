@@ -19,6 +19,11 @@ use crate::{
     metrics::Metrics,
 };
 
+/// Addresses remembered per key for `GET /v1/keys/{id}/sources`.
+pub const SOURCES_PER_KEY: usize = 32;
+/// Keys remembered there (least recently used forgotten first).
+pub const SOURCES_KEYS: usize = 4096;
+
 /// Minimum length of a static key's secret (SPEC §2).
 pub const MIN_STATIC_SECRET: usize = 20;
 
@@ -75,6 +80,7 @@ impl Shim {
             keys: RwLock::new(Arc::new(static_key_table(&config.keys)?)),
             rejection: RwLock::new(Arc::new(config.rejection.clone())),
             metrics,
+            sources: super::sources::Sources::new(SOURCES_PER_KEY, SOURCES_KEYS),
         });
         let mut shim = Self {
             shared,

@@ -61,6 +61,8 @@ pub struct Shared {
     pub keys: RwLock<Arc<KeyTable>>,
     pub rejection: RwLock<Arc<Rejection>>,
     pub metrics: Arc<Metrics>,
+    /// Recently seen client addresses per key.
+    pub sources: super::sources::Sources,
 }
 
 impl ListenerCtx {
@@ -342,6 +344,12 @@ async fn handle(
         SystemTime::now(),
     );
     let metrics = &ctx.shared.metrics;
+    let now = SystemTime::now();
+    let seen = |key_id: &str, ip: Option<IpAddr>, allowed: bool| {
+        if let Some(ip) = ip {
+            ctx.shared.sources.record(key_id, ip, allowed, now);
+        }
+    };
     let (response, outcome) = match verdict {
         Verdict::InvalidKey => (
             json(
@@ -351,6 +359,7 @@ async fn handle(
             "invalid_key",
         ),
         Verdict::IpNotAllowed { key, ip } => {
+            seen(&key.id, ip, false);
             let rejection = ctx.shared.rejection();
             metrics.refusal_log(listener, &key.id, ip);
             let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::FORBIDDEN);
@@ -360,11 +369,14 @@ async fn handle(
             )
         }
         Verdict::ReportOnly { key, ip } => {
+            // Counted as refused: it is the refusal the key would have had.
+            seen(&key.id, ip, false);
             tracing::info!(listener, key_id = key.id, client = ?ip, "report-only key used from an address outside its list");
             let (resp, ok) = pass(req, ctx, config.mode, &key.id, peer).await;
             (resp, if ok { "report_only" } else { "upstream_error" })
         }
         Verdict::Allowed { key } => {
+            seen(&key.id, client, true);
             let (resp, ok) = pass(req, ctx, config.mode, &key.id, peer).await;
             (resp, if ok { "allowed" } else { "upstream_error" })
         }

@@ -1,0 +1,176 @@
+//! Recently seen client addresses per key, with allowed and refused counts
+//! (`GET /v1/keys/{id}/sources`): what an operator needs to answer "I added my
+//! IP but it still says not allowed". Memory is bounded: at most
+//! `per_key` addresses per key (the least recently seen is forgotten first) and
+//! at most `keys` keys.
+
+use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::SystemTime};
+
+use serde::Serialize;
+
+/// What is known of one address for one key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourceStats {
+    pub ip: IpAddr,
+    pub allowed: u64,
+    pub refused: u64,
+    #[serde(with = "unix_seconds")]
+    pub last_seen: SystemTime,
+}
+
+mod unix_seconds {
+    use std::time::SystemTime;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
+    }
+}
+
+#[derive(Default)]
+struct PerKey {
+    addrs: HashMap<IpAddr, SourceStats>,
+    last_seen: Option<SystemTime>,
+}
+
+pub struct Sources {
+    per_key: usize,
+    keys: usize,
+    inner: Mutex<HashMap<String, PerKey>>,
+}
+
+impl Sources {
+    #[must_use]
+    pub fn new(per_key: usize, keys: usize) -> Self {
+        Self {
+            per_key,
+            keys,
+            inner: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Record one decision for `key_id` from `ip`.
+    pub fn record(&self, key_id: &str, ip: IpAddr, allowed: bool, now: SystemTime) {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !inner.contains_key(key_id) && inner.len() >= self.keys {
+            // Forget the key seen least recently.
+            if let Some(oldest) = inner
+                .iter()
+                .min_by_key(|(_, k)| k.last_seen)
+                .map(|(id, _)| id.clone())
+            {
+                inner.remove(&oldest);
+            }
+        }
+        let entry = inner.entry(key_id.to_string()).or_default();
+        entry.last_seen = Some(now);
+        if !entry.addrs.contains_key(&ip)
+            && entry.addrs.len() >= self.per_key
+            && let Some(oldest) = entry
+                .addrs
+                .values()
+                .min_by_key(|s| s.last_seen)
+                .map(|s| s.ip)
+        {
+            entry.addrs.remove(&oldest);
+        }
+        let stats = entry.addrs.entry(ip).or_insert(SourceStats {
+            ip,
+            allowed: 0,
+            refused: 0,
+            last_seen: now,
+        });
+        if allowed {
+            stats.allowed += 1;
+        } else {
+            stats.refused += 1;
+        }
+        stats.last_seen = now;
+    }
+
+    /// The addresses seen for `key_id`, most recent first.
+    #[must_use]
+    pub fn of(&self, key_id: &str) -> Vec<SourceStats> {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<SourceStats> = inner
+            .get(key_id)
+            .map(|k| k.addrs.values().cloned().collect())
+            .unwrap_or_default();
+        out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.ip.cmp(&b.ip)));
+        out
+    }
+
+    /// Forget a key (revoked).
+    pub fn forget(&self, key_id: &str) {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn counts_and_order() {
+        let s = Sources::new(8, 8);
+        s.record("k", ip("192.0.2.1"), true, t(1));
+        s.record("k", ip("192.0.2.1"), true, t(2));
+        s.record("k", ip("203.0.113.9"), false, t(3));
+        let seen = s.of("k");
+        assert_eq!(seen[0].ip, ip("203.0.113.9"));
+        assert_eq!((seen[0].allowed, seen[0].refused), (0, 1));
+        assert_eq!((seen[1].allowed, seen[1].refused), (2, 0));
+        assert!(s.of("other").is_empty());
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let s = Sources::new(3, 2);
+        for i in 0..10u8 {
+            s.record("k", IpAddr::from([192, 0, 2, i]), true, t(u64::from(i)));
+        }
+        let seen = s.of("k");
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].ip, ip("192.0.2.9"), "the most recent stay");
+        s.record("a", ip("192.0.2.1"), true, t(20));
+        s.record("b", ip("192.0.2.1"), true, t(21));
+        assert!(
+            s.of("k").is_empty(),
+            "the least recently seen key went first"
+        );
+        assert_eq!(s.of("a").len(), 1);
+        s.forget("a");
+        assert!(s.of("a").is_empty());
+    }
+
+    #[test]
+    fn serializes_for_the_api() {
+        let s = Sources::new(3, 3);
+        s.record("k", ip("2001:db8::7"), false, t(86_400));
+        let json = serde_json::to_string(&s.of("k")).unwrap();
+        assert_eq!(
+            json,
+            r#"[{"ip":"2001:db8::7","allowed":0,"refused":1,"last_seen":"1970-01-02T00:00:00Z"}]"#
+        );
+    }
+}
