@@ -1,0 +1,216 @@
+//! Who may call the management API (SPEC §6): the config's `management.admins`
+//! and stored keys whose scopes include `admin`, each with its own allow list,
+//! authenticated by `Authorization: Bearer`. Also the self-lockout rule: a write
+//! must not leave the caller's own list without the address it calls from.
+
+use std::{collections::HashMap, net::IpAddr, time::SystemTime};
+
+use crate::{
+    allowlist::{AllowList, fold_ip},
+    shim::keys::digest,
+};
+
+/// The scope that makes a stored key a management principal.
+pub const ADMIN_SCOPE: &str = "admin";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrincipalKind {
+    /// From the config file: read-only through the API.
+    ConfigAdmin,
+    /// A stored key with the `admin` scope (its id).
+    Key(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub kind: PrincipalKind,
+    pub allow: AllowList,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// 401: no token, or an unknown one.
+    #[error("invalid management token")]
+    Unauthenticated,
+    /// 403: a valid token from outside its principal's allow list.
+    #[error("IP address not allowed")]
+    AddressNotAllowed,
+}
+
+/// Principals indexed by token digest.
+#[derive(Clone, Debug, Default)]
+pub struct Principals {
+    by_digest: HashMap<[u8; 32], Principal>,
+}
+
+impl Principals {
+    #[must_use]
+    pub fn new(rows: impl IntoIterator<Item = ([u8; 32], Principal)>) -> Self {
+        Self {
+            by_digest: rows.into_iter().collect(),
+        }
+    }
+
+    /// The principal presenting `token` from `client`.
+    pub fn authenticate(
+        &self,
+        token: Option<&str>,
+        client: IpAddr,
+        now: SystemTime,
+    ) -> Result<&Principal, AuthError> {
+        let principal = token
+            .and_then(|t| self.by_digest.get(&digest(t)))
+            .ok_or(AuthError::Unauthenticated)?;
+        if principal.allow.allows(client, now) {
+            Ok(principal)
+        } else {
+            Err(AuthError::AddressNotAllowed)
+        }
+    }
+}
+
+/// 409: the change would lock the caller out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("this change would lock you out: {ip} would no longer be allowed to use this key")]
+pub struct LockOut {
+    pub ip: IpAddr,
+}
+
+/// Refuse a change of key `target`'s allow list to `new_list` when the caller
+/// is that very key and `new_list` would exclude the address it calls from.
+pub fn check_self_lockout(
+    caller: &Principal,
+    caller_ip: IpAddr,
+    target: &str,
+    new_list: &AllowList,
+    now: SystemTime,
+) -> Result<(), LockOut> {
+    match &caller.kind {
+        PrincipalKind::Key(id) if id == target && !new_list.allows(caller_ip, now) => {
+            Err(LockOut {
+                ip: fold_ip(caller_ip),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list};
+
+    fn list(s: &str) -> AllowList {
+        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    const NOW: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn principals() -> Principals {
+        Principals::new([
+            (
+                digest("ops-token-0123456789abcdef"),
+                Principal {
+                    name: "ops".into(),
+                    kind: PrincipalKind::ConfigAdmin,
+                    allow: list("127.0.0.1, 198.51.100.0/24"),
+                },
+            ),
+            (
+                digest("kf_admin_key_0123456789abcdef"),
+                Principal {
+                    name: "ci-admin".into(),
+                    kind: PrincipalKind::Key("k1".into()),
+                    allow: list(""),
+                },
+            ),
+        ])
+    }
+
+    #[test]
+    fn tokens_and_addresses() {
+        let p = principals();
+        assert_eq!(
+            p.authenticate(Some("ops-token-0123456789abcdef"), ip("198.51.100.7"), NOW)
+                .unwrap()
+                .name,
+            "ops"
+        );
+        assert_eq!(
+            p.authenticate(
+                Some("ops-token-0123456789abcdef"),
+                ip("::ffff:127.0.0.1"),
+                NOW
+            )
+            .unwrap()
+            .name,
+            "ops"
+        );
+        assert_eq!(
+            p.authenticate(Some("ops-token-0123456789abcdef"), ip("203.0.113.1"), NOW),
+            Err(AuthError::AddressNotAllowed)
+        );
+        assert_eq!(
+            p.authenticate(Some("nope"), ip("127.0.0.1"), NOW),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            p.authenticate(None, ip("127.0.0.1"), NOW),
+            Err(AuthError::Unauthenticated)
+        );
+        assert!(
+            p.authenticate(
+                Some("kf_admin_key_0123456789abcdef"),
+                ip("203.0.113.1"),
+                NOW
+            )
+            .is_ok(),
+            "an empty list is unrestricted"
+        );
+    }
+
+    #[test]
+    fn self_lockout() {
+        let p = principals();
+        let key_admin = p
+            .authenticate(
+                Some("kf_admin_key_0123456789abcdef"),
+                ip("203.0.113.1"),
+                NOW,
+            )
+            .unwrap()
+            .clone();
+        let from = ip("203.0.113.1");
+        let err =
+            check_self_lockout(&key_admin, from, "k1", &list("198.51.100.0/24"), NOW).unwrap_err();
+        assert_eq!(err.ip, from);
+        assert!(err.to_string().contains("203.0.113.1"));
+        assert!(check_self_lockout(&key_admin, from, "k1", &list("203.0.113.0/24"), NOW).is_ok());
+        assert!(check_self_lockout(&key_admin, from, "k1", &list(""), NOW).is_ok());
+        assert!(
+            check_self_lockout(&key_admin, from, "k2", &list("198.51.100.0/24"), NOW).is_ok(),
+            "other keys are not the caller's own list"
+        );
+        let ops = p
+            .authenticate(Some("ops-token-0123456789abcdef"), ip("127.0.0.1"), NOW)
+            .unwrap()
+            .clone();
+        assert!(
+            check_self_lockout(&ops, ip("127.0.0.1"), "k1", &list("198.51.100.0/24"), NOW).is_ok()
+        );
+        let mapped = check_self_lockout(
+            &key_admin,
+            ip("::ffff:203.0.113.1"),
+            "k1",
+            &list("198.51.100.0/24"),
+            NOW,
+        )
+        .unwrap_err();
+        assert_eq!(mapped.ip, from, "named in its folded form");
+    }
+}
