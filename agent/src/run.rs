@@ -28,7 +28,11 @@ use crate::{
     datapath::{Datapath, decode_sample},
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
     policy::{self, CompiledPolicy, KeyAccess},
+    shim::runtime::Shim,
 };
+
+/// How often TLS certificate files are checked for changes.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A config change seen on disk is applied after this quiet period, so a
 /// writer's several events (truncate, write, rename) make one reload.
@@ -79,6 +83,8 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     // from its first packet; an adopted one keeps the previous policy until now.
     let mut next_change = daemon.apply_policy()?;
     daemon.attach()?;
+    // The shim compiles from the same config snapshot; its listeners open last.
+    let mut shim = Shim::start(&daemon.config, metrics.clone()).await?;
 
     let ready = Arc::new(AtomicBool::new(true));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -111,20 +117,23 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
 
     loop {
         let expiry = sleep_until_system(next_change);
         tokio::select! {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                daemon.reload(&mut next_change);
+                daemon.reload(&mut shim, &mut next_change).await;
+                shim.reload_certificates();
             }
             Some(()) = change_rx.recv() => {
                 tokio::time::sleep(RELOAD_DEBOUNCE).await;
                 while change_rx.try_recv().is_ok() {}
                 tracing::info!("configuration file changed: reloading");
-                daemon.reload(&mut next_change);
+                daemon.reload(&mut shim, &mut next_change).await;
             }
+            _ = cert_check.tick() => shim.reload_certificates(),
             () = expiry => {
                 tracing::info!("an allow-list entry expired: recompiling the policy");
                 match daemon.apply_policy() {
@@ -136,8 +145,9 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("stopping; the pinned datapath keeps enforcing the last policy");
+    tracing::info!("stopping: draining listeners; the pinned datapath keeps enforcing");
     ready.store(false, Ordering::Release);
+    shim.shutdown().await;
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())
@@ -183,7 +193,9 @@ impl Daemon {
     fn write(&self, compiled: &CompiledPolicy) -> anyhow::Result<()> {
         let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(dp) = guard.as_mut() {
-            let report = dp.apply(compiled)?;
+            // Map writes are syscalls (about 2 µs each; a million prefixes take
+            // seconds): let the runtime move other tasks off this worker.
+            let report = tokio::task::block_in_place(|| dp.apply(compiled))?;
             tracing::info!(
                 added = report.added,
                 removed = report.removed,
@@ -204,7 +216,7 @@ impl Daemon {
 
     /// Load the file again; keep the last good config when it is invalid. On
     /// success `next_change` becomes the new policy's next expiry.
-    fn reload(&mut self, next_change: &mut Option<SystemTime>) {
+    async fn reload(&mut self, shim: &mut Shim, next_change: &mut Option<SystemTime>) {
         let result = match config::load(&self.config_path) {
             Err(errors) => {
                 for line in errors.to_string().lines() {
@@ -212,7 +224,7 @@ impl Daemon {
                 }
                 Err(anyhow!("invalid configuration; keeping the last good one"))
             }
-            Ok(new) => self.switch_to(new),
+            Ok(new) => self.switch_to(new, shim).await,
         };
         match result {
             Ok(next) => {
@@ -234,7 +246,14 @@ impl Daemon {
         }
     }
 
-    fn switch_to(&mut self, new: Config) -> anyhow::Result<Option<SystemTime>> {
+    async fn switch_to(
+        &mut self,
+        new: Config,
+        shim: &mut Shim,
+    ) -> anyhow::Result<Option<SystemTime>> {
+        // Secrets are read before anything changes, so a missing variable
+        // rejects the whole reload.
+        crate::shim::runtime::static_key_table(&new.keys)?;
         if new.datapath.pin_path != self.config.datapath.pin_path
             || (new.datapath.mode == AttachMode::Off)
                 != (self.config.datapath.mode == AttachMode::Off)
@@ -262,6 +281,7 @@ impl Daemon {
         {
             self.attach()?;
         }
+        shim.update(&self.config).await?;
         Ok(next)
     }
 }

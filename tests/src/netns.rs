@@ -311,6 +311,9 @@ fn connect_here(source: IpAddr, dest: SocketAddr, timeout: Duration) -> Connect 
         Ok(socket) => {
             let mut stream = TcpStream::from(socket);
             let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            // Half-close: a greeting server still greets, an HTTP server (the
+            // shim) sees the end of a request-less connection and closes it.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
             let mut greeting = String::new();
             let _ = stream.read_to_string(&mut greeting);
             Connect::Completed(greeting)

@@ -1,19 +1,21 @@
 //! `cargo xtask demo`: the agent at work on a built-in example.
 //!
 //! Builds two hosts as network namespaces joined by a veth pair, runs a small
-//! HTTP responder on the protected ports in the gateway, starts the real
-//! `target/release/keyfence` there, and shows connection attempts from allowed
-//! and refused documentation addresses, a listener that an unrestricted key
-//! opens, the datapath counters from `/metrics`, and that enforcement outlives
-//! the agent (its links are pinned). Everything it creates is removed on the way
+//! HTTP upstream on `127.0.0.1:8080` in the gateway, starts the real
+//! `target/release/keyfence` there (XDP on the veth, proxy listeners on :8443
+//! and :8444), and shows requests with API keys from allowed and refused
+//! documentation addresses: proxied answers, the 403 body, a missing key's 401,
+//! an unrestricted key, SYNs the datapath drops, the counters of both layers
+//! from `/metrics`, and that enforcement outlives the agent (its links are
+//! pinned). Everything it creates is removed on the way
 //! out: guards clean up on return, on error, on panic and on Ctrl-C.
 //!
 //! ```text
 //!  client ns (kf-demo-client-PID)              gateway ns (kf-demo-gw-PID)
 //!  client0: 192.0.2.10 192.0.2.99 ─── veth ─── gw0: 192.0.2.1, 2001:db8::1
-//!           198.51.100.7 203.0.113.66            XDP (keyfence), responder on
-//!           2001:db8:1::10 2001:db8:2::7         :8443 (api) and :8444 (open),
-//!           2001:db8:3::66                       agent /metrics on 127.0.0.1:9901
+//!           198.51.100.7 203.0.113.66            XDP + listeners :8443 (api) and
+//!           2001:db8:1::10 2001:db8:2::7         :8444 (open), upstream on
+//!           2001:db8:3::66                       127.0.0.1:8080, /metrics on :9901
 //! ```
 
 use std::{
@@ -53,6 +55,8 @@ const GATEWAY_V6: &str = "2001:db8::1";
 const API_PORT: u16 = 8443;
 const OPEN_PORT: u16 = 8444;
 const METRICS: &str = "127.0.0.1:9901";
+/// The API the listeners protect, inside the gateway.
+const UPSTREAM: &str = "127.0.0.1:8080";
 /// How long a refused attempt waits before calling its SYN dropped.
 const CONNECT_TIMEOUT_S: &str = "2";
 
@@ -67,40 +71,86 @@ const CLIENT_ADDRS: &[&str] = &[
     "2001:db8:3::66",
 ];
 
-/// `(source, port, expected to connect, why)`.
-const ATTEMPTS: &[(&str, u16, bool, &str)] = &[
-    ("192.0.2.10", API_PORT, true, "key prod lists it (exact)"),
+/// What a demo request should meet.
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    /// Answered with this HTTP status.
+    Status(u16),
+    /// The SYN is dropped in XDP: no answer at all.
+    Dropped,
+}
+
+/// `(source, port, key, expected, why)`; `key` names a secret of [`secrets`].
+const ATTEMPTS: &[(&str, u16, Option<&str>, Expect, &str)] = &[
     (
-        "198.51.100.7",
+        "192.0.2.10",
         API_PORT,
-        true,
-        "key office lists 198.51.100.0/24",
+        Some("prod"),
+        Expect::Status(200),
+        "key prod lists 192.0.2.10",
     ),
     (
         "2001:db8:1::10",
         API_PORT,
-        true,
-        "key prod lists it (exact)",
+        Some("prod"),
+        Expect::Status(200),
+        "key prod lists 2001:db8:1::10",
+    ),
+    (
+        "198.51.100.7",
+        API_PORT,
+        Some("office"),
+        Expect::Status(200),
+        "key office lists 198.51.100.0/24",
     ),
     (
         "2001:db8:2::7",
         API_PORT,
-        true,
+        Some("office"),
+        Expect::Status(200),
         "key office lists 2001:db8:2::/48",
     ),
-    ("203.0.113.66", API_PORT, false, "in no key's list"),
+    (
+        "198.51.100.7",
+        API_PORT,
+        Some("prod"),
+        Expect::Status(403),
+        "packets pass (office's range), key prod does not list it",
+    ),
+    (
+        "192.0.2.10",
+        API_PORT,
+        None,
+        Expect::Status(401),
+        "no API key",
+    ),
+    (
+        "203.0.113.66",
+        API_PORT,
+        Some("prod"),
+        Expect::Dropped,
+        "in no key's list: dropped in XDP",
+    ),
     (
         "192.0.2.99",
         API_PORT,
-        false,
+        Some("prod"),
+        Expect::Dropped,
         "in no key's list (its neighbour .10 is)",
     ),
-    ("2001:db8:3::66", API_PORT, false, "in no key's list"),
+    (
+        "2001:db8:3::66",
+        API_PORT,
+        Some("office"),
+        Expect::Dropped,
+        "in no key's list",
+    ),
     (
         "203.0.113.66",
         OPEN_PORT,
-        true,
-        "listener open accepts key public, which has no list",
+        Some("public"),
+        Expect::Status(200),
+        "key public has no list: works from anywhere",
     ),
 ];
 
@@ -197,11 +247,8 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
     ));
     check_interrupt()?;
 
-    let upstream = Responder::start(&gateway, &[API_PORT, OPEN_PORT])?;
-    say(format_args!(
-        "responder in {} on ports {API_PORT} (listener api) and {OPEN_PORT} (listener open)",
-        gateway.name
-    ));
+    let upstream = Responder::start(&gateway, UPSTREAM)?;
+    say(format_args!("upstream in {} on {UPSTREAM}", gateway.name));
 
     let pin_path = PathBuf::from(format!("/sys/fs/bpf/keyfence-demo-{pid}"));
     let config = work.path.join("keyfence.yaml");
@@ -233,18 +280,24 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
 
     println!();
     let mut surprises = Vec::new();
-    for &(source, port, expected, why) in ATTEMPTS {
+    for &(source, port, key, expected, why) in ATTEMPTS {
         check_interrupt()?;
-        let outcome = attempt(&client, source, port)?;
+        let outcome = attempt(&client, source, port, key)?;
         check_interrupt()?;
-        let verdict = match (&outcome, expected) {
-            (Attempt::Answered { .. }, true) | (Attempt::TimedOut, false) => "as expected",
-            _ => {
-                surprises.push(format!("{source} → :{port}: {outcome}"));
-                "NOT AS EXPECTED"
-            }
+        let met = match (&outcome, expected) {
+            (Attempt::Answered { status, .. }, Expect::Status(want)) => *status == want,
+            (Attempt::TimedOut, Expect::Dropped) => true,
+            _ => false,
         };
-        println!("  {source:>15} → :{port}  {outcome:<44} {why} [{verdict}]");
+        let verdict = if met {
+            "as expected"
+        } else {
+            surprises.push(format!("{source} → :{port}: {outcome}"));
+            "NOT AS EXPECTED"
+        };
+        let key = key.map_or_else(|| "no key".to_owned(), |k| format!("key {k}"));
+        println!("  {source:>15} → :{port} {key:<10} {why} [{verdict}]");
+        println!("  {:>15}   {outcome}", "");
     }
     println!();
 
@@ -254,7 +307,8 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
     let mut zero = 0;
     for line in metrics.1.lines() {
         let series = line.starts_with("keyfence_datapath_packets_total")
-            || line.starts_with("keyfence_datapath_attached");
+            || line.starts_with("keyfence_datapath_attached")
+            || line.starts_with("keyfence_http_requests_total");
         if !series {
             continue;
         }
@@ -269,7 +323,7 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
     check_interrupt()?;
     agent.stop();
     say("agent stopped; the pinned datapath keeps enforcing:");
-    let after = attempt(&client, "203.0.113.66", API_PORT)?;
+    let after = attempt(&client, "203.0.113.66", API_PORT, Some("prod"))?;
     println!("  {:>15} → :{API_PORT}  {after}", "203.0.113.66");
     if !matches!(after, Attempt::TimedOut) {
         surprises.push(format!(
@@ -300,12 +354,12 @@ listeners:
   - name: api
     bind: "[::]:{API_PORT}"
     mode: proxy
-    upstream: "http://127.0.0.1:8080"
+    upstream: "http://{UPSTREAM}"
     tenants: [default]
   - name: open
     bind: "0.0.0.0:{OPEN_PORT}"
     mode: proxy
-    upstream: "http://127.0.0.1:8080"
+    upstream: "http://{UPSTREAM}"
     tenants: [public]
 keys:
   - id: prod
@@ -480,34 +534,28 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body.to_owned()))
 }
 
-/// A tiny HTTP responder in the gateway namespace, standing in for the API the
-/// listeners protect (the agent does not bind listener ports in this version).
+/// A tiny HTTP upstream in the gateway namespace, standing in for the API the
+/// listeners protect. It answers with what keyfence told it: the key id and the
+/// client address keyfence appended to `X-Forwarded-For`.
 struct Responder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Responder {
-    fn start(ns: &Netns, ports: &[u16]) -> anyhow::Result<Self> {
+    fn start(ns: &Netns, bind: &'static str) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = ns.path();
-        let ports = ports.to_vec();
         let stop_flag = Arc::clone(&stop);
         let thread = thread::spawn(move || {
             let bound = enter(&path).and_then(|()| {
-                ports
-                    .iter()
-                    .map(|port| {
-                        // `[::]` is dual-stack (net.ipv6.bindv6only is 0 in a new namespace).
-                        let listener = TcpListener::bind(("::", *port))
-                            .with_context(|| format!("binding [::]:{port}"))?;
-                        listener.set_nonblocking(true)?;
-                        Ok(listener)
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()
+                let listener =
+                    TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
+                listener.set_nonblocking(true)?;
+                Ok(listener)
             });
-            let listeners = match bound {
+            let listener = match bound {
                 Ok(l) => {
                     let _ = ready_tx.send(Ok(()));
                     l
@@ -518,21 +566,15 @@ impl Responder {
                 }
             };
             while !stop_flag.load(Ordering::SeqCst) {
-                let mut idle = true;
-                for listener in &listeners {
-                    if let Ok((stream, peer)) = listener.accept() {
-                        idle = false;
-                        answer(stream, peer);
-                    }
-                }
-                if idle {
-                    thread::sleep(Duration::from_millis(10));
+                match listener.accept() {
+                    Ok((stream, _)) => answer(stream),
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
         ready_rx
             .recv_timeout(Duration::from_secs(5))
-            .context("the responder did not start")??;
+            .context("the upstream did not start")??;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -540,15 +582,30 @@ impl Responder {
     }
 }
 
-fn answer(mut stream: TcpStream, peer: SocketAddr) {
+/// Read one request head and answer it (one request per connection).
+fn answer(mut stream: TcpStream) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut request = [0u8; 2048];
-    let _ = stream.read(&mut request);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map_or("-", |(_, v)| v.trim())
+            .to_owned()
+    };
     let body = format!(
-        "hello from the API behind keyfence, {} on port {}",
-        peer.ip().to_canonical(),
-        stream.local_addr().map(|a| a.port()).unwrap_or_default()
+        "hello from the upstream: key {}, forwarded for {}",
+        header("x-keyfence-key-id"),
+        header("x-forwarded-for")
     );
     let _ = write!(
         stream,
@@ -568,7 +625,7 @@ impl Drop for Responder {
 
 /// The result of one `curl` from the client host.
 enum Attempt {
-    Answered { status: String, body: String },
+    Answered { status: u16, body: String },
     TimedOut,
     Failed(String),
 }
@@ -577,38 +634,47 @@ impl std::fmt::Display for Attempt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = match self {
             Attempt::Answered { status, body } => {
-                let mut t = format!("connected, HTTP {status}");
+                let mut t = format!("HTTP {status}");
                 if !body.is_empty() {
-                    let _ = write!(t, " \"{}…\"", body.chars().take(14).collect::<String>());
+                    let _ = write!(t, " {}", body.trim());
                 }
                 t
             }
-            Attempt::TimedOut => format!("no answer in {CONNECT_TIMEOUT_S} s (SYN dropped)"),
+            Attempt::TimedOut => {
+                format!("no answer in {CONNECT_TIMEOUT_S} s: the SYN was dropped")
+            }
             Attempt::Failed(why) => format!("failed: {why}"),
         };
         f.pad(&text)
     }
 }
 
-/// `curl --interface SOURCE` from the client host to the gateway on `port`.
-fn attempt(client: &Netns, source: &str, port: u16) -> anyhow::Result<Attempt> {
+/// `curl --interface SOURCE` from the client host to the gateway on `port`,
+/// presenting the secret of `key` as a bearer token.
+fn attempt(client: &Netns, source: &str, port: u16, key: Option<&str>) -> anyhow::Result<Attempt> {
     let url = if source.contains(':') {
-        format!("http://[{GATEWAY_V6}]:{port}/")
+        format!("http://[{GATEWAY_V6}]:{port}/v1/orders")
     } else {
-        format!("http://{GATEWAY_V4}:{port}/")
+        format!("http://{GATEWAY_V4}:{port}/v1/orders")
     };
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &client.name,
-            "curl",
-            "--silent",
-            "--show-error",
-        ])
-        .args(["--globoff", "--interface", source])
-        .args(["--connect-timeout", CONNECT_TIMEOUT_S, "--max-time", "5"])
-        .args(["--write-out", "\n%{http_code}", &url])
+    let mut curl = Command::new("ip");
+    curl.args([
+        "netns",
+        "exec",
+        &client.name,
+        "curl",
+        "--silent",
+        "--show-error",
+    ])
+    .args(["--globoff", "--interface", source])
+    .args(["--connect-timeout", CONNECT_TIMEOUT_S, "--max-time", "5"])
+    .args(["--write-out", "\n%{http_code}"]);
+    if let Some(key) = key {
+        let secret = secret_of(key)?;
+        curl.args(["--header", &format!("Authorization: Bearer {secret}")]);
+    }
+    let out = curl
+        .arg(&url)
         .stdin(Stdio::null())
         .output()
         .context("running curl")?;
@@ -617,7 +683,7 @@ fn attempt(client: &Netns, source: &str, port: u16) -> anyhow::Result<Attempt> {
         Some(0) => {
             let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
             Attempt::Answered {
-                status: status.to_owned(),
+                status: status.trim().parse().unwrap_or_default(),
                 body: body.to_owned(),
             }
         }
@@ -773,6 +839,16 @@ impl Drop for Agent {
             forget_leftover(&hint);
         }
     }
+}
+
+/// The secret of the example key `id`.
+fn secret_of(id: &str) -> anyhow::Result<&'static str> {
+    let var = format!("KF_DEMO_{}", id.to_ascii_uppercase());
+    secrets()
+        .into_iter()
+        .find(|(name, _)| *name == var)
+        .map(|(_, secret)| secret)
+        .ok_or_else(|| anyhow!("no secret for key {id}"))
 }
 
 /// Secrets for the example's keys (static keys read them from the environment).
