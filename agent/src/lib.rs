@@ -19,4 +19,5 @@ pub mod ratelimit;
 pub mod run;
 pub mod shim;
 pub mod status;
+pub mod store;
 pub mod sys;

@@ -1,0 +1,1 @@
+//! Durable key storage (SPEC §2 `store`, §6).
