@@ -10,7 +10,7 @@
 
 use std::{
     fs,
-    os::unix::fs::symlink,
+    os::unix::fs::{PermissionsExt as _, symlink},
     path::{Path, PathBuf},
 };
 
@@ -40,7 +40,20 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "util-linux",
         "nsenter: runs the agent in a namespace with the host's bpffs",
     ),
-    ("curl", "the demo's HTTP client"),
+    ("curl", "the HTTP client of the demo and the shim tests"),
+    (
+        "nginx",
+        "auth_request in front of an auth-mode listener (shim tests, bench)",
+    ),
+    (
+        "haproxy",
+        "sends PROXY protocol v2 to a proxy_protocol listener (shim tests)",
+    ),
+    ("openssl", "makes the TLS listener's test certificate"),
+    (
+        "wrk",
+        "requests/s and latency of the shim against its upstream",
+    ),
 ];
 
 /// Where bpffs must be mounted.
@@ -292,6 +305,39 @@ fn bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `policy-rc.d` answering 101 ("action forbidden") while packages install,
+/// so their services are not started; removed on drop. An existing policy is
+/// left alone.
+struct NoServiceStarts {
+    path: Option<&'static Path>,
+}
+
+impl NoServiceStarts {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn install() -> anyhow::Result<Self> {
+        let path = Path::new(Self::PATH);
+        if path.exists() {
+            return Ok(Self { path: None });
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# keyfence setup: no service starts while installing\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+        Ok(Self { path: Some(path) })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.path {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
 fn installed(package: &str) -> bool {
     cmd::output(&mut cmd::new("dpkg", ["-s", package])).is_ok_and(|out| {
         out.lines()
@@ -317,6 +363,9 @@ fn packages() -> anyhow::Result<()> {
         bail!("installing {} needs root", missing.join(", "));
     }
     cmd::run(cmd::new("apt-get", ["update"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    // The tests start nginx and HAProxy themselves, in their own namespaces;
+    // the packages' services must not start on the host.
+    let _no_services = NoServiceStarts::install()?;
     cmd::run(
         cmd::new("apt-get", ["install", "-y", "--no-install-recommends"])
             .args(&missing)
