@@ -1,7 +1,8 @@
 //! Helpers for keyfence's privileged tests: packet frames, the datapath's
-//! reference model, and network-namespace hosts.
+//! reference model, network-namespace hosts and HTTP peers.
 
 pub mod frames;
+pub mod http;
 pub mod loaded;
 pub mod netns;
 pub mod refmodel;

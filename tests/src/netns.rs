@@ -615,6 +615,12 @@ impl Agent {
         &self.pin_path
     }
 
+    /// The agent's temporary directory (config, log; tests may add files).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     #[must_use]
     pub fn config_path(&self) -> &Path {
         &self.config
@@ -788,6 +794,22 @@ impl Agent {
             .packets()?
             .iter()
             .filter(|s| s.label("listener") == Some(listener) && s.label("reason") == Some(reason))
+            .map(|s| s.value)
+            .sum();
+        #[expect(
+            clippy::cast_sign_loss,
+            reason = "a counter is a non-negative integer below 2^53"
+        )]
+        Ok(total as u64)
+    }
+
+    /// `keyfence_http_requests_total` for `listener` and `outcome`.
+    pub fn http_count(&self, listener: &str, outcome: &str) -> anyhow::Result<u64> {
+        let total: f64 = parse_samples(&self.metrics()?, "keyfence_http_requests_total")
+            .iter()
+            .filter(|s| {
+                s.label("listener") == Some(listener) && s.label("outcome") == Some(outcome)
+            })
             .map(|s| s.value)
             .sum();
         #[expect(

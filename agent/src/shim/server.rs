@@ -372,12 +372,12 @@ async fn handle(
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, false);
             tracing::info!(listener, key_id = key.id, client = ?ip, "report-only key used from an address outside its list");
-            let (resp, ok) = pass(req, ctx, config.mode, &key.id, peer).await;
+            let (resp, ok) = pass(req, ctx, config.mode, &key.id, conn_client).await;
             (resp, if ok { "report_only" } else { "upstream_error" })
         }
         Verdict::Allowed { key } => {
             seen(&key.id, client, true);
-            let (resp, ok) = pass(req, ctx, config.mode, &key.id, peer).await;
+            let (resp, ok) = pass(req, ctx, config.mode, &key.id, conn_client).await;
             (resp, if ok { "allowed" } else { "upstream_error" })
         }
     };
@@ -386,13 +386,15 @@ async fn handle(
 }
 
 /// An accepted request: ping, auth answer, or the proxied exchange.
-/// The flag is false when the upstream failed.
+/// The flag is false when the upstream failed. `origin` is the connection's
+/// origin appended to `X-Forwarded-For`: the TCP peer, or the source a trusted
+/// PROXY header named.
 async fn pass(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
     mode: ListenerMode,
     key_id: &str,
-    peer: IpAddr,
+    origin: IpAddr,
 ) -> (Response<Body>, bool) {
     let key_header = HeaderValue::from_str(key_id).ok();
     if req.uri().path() == "/_keyfence/ping" {
@@ -410,7 +412,7 @@ async fn pass(
             }
             (resp, true)
         }
-        ListenerMode::Proxy => proxy(req, ctx, key_header, peer).await,
+        ListenerMode::Proxy => proxy(req, ctx, key_header, origin).await,
     }
 }
 
@@ -418,7 +420,7 @@ async fn proxy(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
     key_header: Option<HeaderValue>,
-    peer: IpAddr,
+    origin: IpAddr,
 ) -> (Response<Body>, bool) {
     let Some(upstream) = &ctx.upstream else {
         return (
@@ -471,8 +473,8 @@ async fn proxy(
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) => format!("{prev}, {peer}"),
-        None => peer.to_string(),
+        Some(prev) => format!("{prev}, {origin}"),
+        None => origin.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         parts.headers.insert("x-forwarded-for", v);

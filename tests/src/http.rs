@@ -1,0 +1,399 @@
+//! HTTP peers for the shim's end-to-end tests: an echoing upstream, `curl` as
+//! the client, and a guard for third-party daemons (nginx, HAProxy) run inside
+//! a namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::netns::{Netns, enter};
+
+/// Largest request head the upstream reads.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// An HTTP/1.1 upstream inside a namespace that answers every request with a
+/// JSON echo of what reached it: `{"upstream":"echo","method","path","headers"}`
+/// (header names lower-case, repeated headers joined with `, `). Keep-alive,
+/// one thread per connection. Stops on drop.
+pub struct Upstream {
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Upstream {
+    pub fn start(ns: &Netns, bind: SocketAddr) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = ns.path();
+        let (stop_flag, count) = (Arc::clone(&stop), Arc::clone(&requests));
+        let thread = thread::spawn(move || {
+            let bound = enter(&path).and_then(|()| {
+                let l = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            });
+            let listener = match bound {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while !stop_flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (stop, count) = (Arc::clone(&stop_flag), Arc::clone(&count));
+                        thread::spawn(move || echo_connection(stream, &stop, &count));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("the upstream did not start")??;
+        Ok(Self {
+            stop,
+            requests,
+            thread: Some(thread),
+        })
+    }
+
+    /// Requests answered so far.
+    #[must_use]
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn echo_connection(stream: TcpStream, stop: &AtomicBool, count: &AtomicU64) {
+    // Blocking reads without a timeout: a pooled keep-alive connection idles
+    // until keyfence closes it (at the latest when the test's agent stops).
+    let _ = stream.set_nonblocking(false);
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(Some(head)) = read_head(&mut reader) else {
+            return;
+        };
+        let mut lines = head.lines();
+        let request_line = lines.next().unwrap_or_default();
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        let mut headers: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+            headers
+                .entry(name.trim().to_ascii_lowercase())
+                .and_modify(|v| {
+                    v.push_str(", ");
+                    v.push_str(value.trim());
+                })
+                .or_insert_with(|| value.trim().to_owned());
+        }
+        let length: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if length > 0 {
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+        }
+        count.fetch_add(1, Ordering::SeqCst);
+        let body = serde_json::json!({
+            "upstream": "echo",
+            "method": method,
+            "path": path,
+            "headers": headers,
+        })
+        .to_string();
+        let close = headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if writer.write_all(answer.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// One request head, without its final empty line; `None` at a clean end.
+fn read_head(reader: &mut BufReader<TcpStream>) -> io::Result<Option<String>> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if line == "\r\n" || line == "\n" {
+            if head.is_empty() {
+                continue;
+            }
+            return Ok(Some(head));
+        }
+        head.push_str(&line);
+        if head.len() > MAX_HEAD {
+            return Err(io::Error::other("request head too large"));
+        }
+    }
+}
+
+/// What one `curl` run met.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Answered {
+        status: u16,
+        body: String,
+        /// `1.1` or `2`, from curl's `%{http_version}`.
+        http_version: String,
+    },
+    /// curl gave up on connecting or on the answer: no handshake, for a
+    /// dropped SYN.
+    TimedOut,
+    Failed(String),
+}
+
+impl Reply {
+    #[must_use]
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Reply::Answered { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn body(&self) -> &str {
+        match self {
+            Reply::Answered { body, .. } => body,
+            _ => "",
+        }
+    }
+
+    /// The upstream's echo, when the request reached it.
+    #[must_use]
+    pub fn echo(&self) -> Option<serde_json::Value> {
+        let value: serde_json::Value = serde_json::from_str(self.body()).ok()?;
+        (value["upstream"] == "echo").then_some(value)
+    }
+
+    /// A header the upstream saw (lower-case name).
+    #[must_use]
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.echo()?["headers"][name].as_str().map(str::to_owned)
+    }
+}
+
+/// A `curl` invocation from `source` inside `ns`.
+pub struct Curl<'a> {
+    ns: &'a Netns,
+    source: IpAddr,
+    url: String,
+    args: Vec<String>,
+    connect_timeout: Duration,
+}
+
+impl<'a> Curl<'a> {
+    #[must_use]
+    pub fn new(ns: &'a Netns, source: IpAddr, url: impl Into<String>) -> Self {
+        Self {
+            ns,
+            source,
+            url: url.into(),
+            args: Vec::new(),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// `Authorization: Bearer SECRET`.
+    #[must_use]
+    pub fn bearer(self, secret: &str) -> Self {
+        self.header(&format!("Authorization: Bearer {secret}"))
+    }
+
+    #[must_use]
+    pub fn header(mut self, line: &str) -> Self {
+        self.args.extend(["--header".into(), line.into()]);
+        self
+    }
+
+    #[must_use]
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// How long the handshake may take before the attempt counts as dropped.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Run it (at most the connect timeout plus five seconds).
+    #[must_use]
+    pub fn send(&self) -> Reply {
+        let connect = format!("{:.3}", self.connect_timeout.as_secs_f64());
+        let max = format!("{:.3}", self.connect_timeout.as_secs_f64() + 5.0);
+        let out = self
+            .ns
+            .command("curl")
+            .args(["--silent", "--show-error", "--globoff"])
+            .args(["--interface", &self.source.to_string()])
+            .args(["--connect-timeout", &connect, "--max-time", &max])
+            .args(["--write-out", "\n%{http_code} %{http_version}"])
+            .args(&self.args)
+            .arg(&self.url)
+            .stdin(Stdio::null())
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return Reply::Failed(format!("running curl: {e}")),
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match out.status.code() {
+            Some(0) => {
+                let (body, trailer) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+                let mut t = trailer.split_whitespace();
+                Reply::Answered {
+                    status: t.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+                    http_version: t.next().unwrap_or_default().to_owned(),
+                    body: body.to_owned(),
+                }
+            }
+            Some(28) => Reply::TimedOut,
+            _ => Reply::Failed(format!(
+                "curl {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+}
+
+/// `http://ADDR:PORT` with IPv6 addresses bracketed.
+#[must_use]
+pub fn url(scheme: &str, addr: SocketAddr, path: &str) -> String {
+    format!("{scheme}://{addr}{path}")
+}
+
+/// A third-party daemon (nginx, HAProxy) run in the foreground inside a
+/// namespace, with its output in a log file. Killed on drop.
+pub struct Daemon {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawn `program args…` inside `ns`, then wait until `ready` (a TCP
+    /// address inside `ns`) accepts connections.
+    pub fn start(
+        ns: &Netns,
+        program: &str,
+        args: &[&str],
+        log: &Path,
+        ready: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let log_file = std::fs::File::create(log)?;
+        let child = ns
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        let mut daemon = Self {
+            name: program.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(child) = daemon.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("{program} exited ({status}): {}", daemon.log());
+            }
+            let up =
+                ns.run(move || TcpStream::connect_timeout(&ready, Duration::from_millis(200)))?;
+            if up.is_ok() {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!("{program} does not listen on {ready}: {}", daemon.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Its output so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Whether `program` is on `PATH` (`cargo xtask setup` installs the peers).
+pub fn require(program: &str) -> anyhow::Result<()> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| anyhow!("running sh: {e}"))?;
+    if found.success() {
+        Ok(())
+    } else {
+        bail!("{program} is not installed: run `cargo xtask setup`")
+    }
+}

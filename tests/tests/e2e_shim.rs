@@ -1,0 +1,808 @@
+//! End to end through the HTTP shim: the real `keyfence` binary in the gateway
+//! namespace with XDP on its veth, an echoing upstream on `127.0.0.1:8080`
+//! behind it, and real clients (curl, nginx, HAProxy) speaking HTTP from
+//! documentation addresses held by the client namespace. Needs root; run
+//! through `cargo xtask test`.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use keyfence_tests::{
+    http::{Curl, Daemon, Reply, Upstream, require, url},
+    netns::{Agent, GATEWAY_V4, GATEWAY_V6, Lab, poll_until},
+};
+
+const API: u16 = 8443;
+const STRICT: u16 = 8444;
+const AUTH: u16 = 8445;
+const PROXY_PROTOCOL: u16 = 8446;
+const XFF: u16 = 8447;
+const TLS: u16 = 8448;
+const BROKEN: u16 = 8449;
+/// nginx (`auth_request` to listener `auth`) in the gateway.
+const NGINX: u16 = 8090;
+/// HAProxy (PROXY v2 to listener `pp`) in the gateway.
+const HAPROXY: u16 = 8091;
+const UPSTREAM: &str = "127.0.0.1:8080";
+
+const DENIED_BODY: &str = r#"{"error":"IP address not allowed"}"#;
+const INVALID_BODY: &str = r#"{"error":"invalid API key"}"#;
+
+/// Every address the client host holds.
+const CLIENT_ADDRS: &[&str] = &[
+    "192.0.2.10",
+    "192.0.2.11",
+    "192.0.2.12",
+    "192.0.2.13",
+    "192.0.2.20",
+    "192.0.2.30",
+    "192.0.2.31",
+    "192.0.2.40",
+    "192.0.2.41",
+    "192.0.2.50",
+    "192.0.2.51",
+    "192.0.2.60",
+    "192.0.2.61",
+    "192.0.2.70",
+    "192.0.2.71",
+    "192.0.2.80",
+    "192.0.2.81",
+    "198.51.100.7",
+    "198.51.100.200",
+    "198.51.100.250",
+    "203.0.113.8",
+    "203.0.113.11",
+    "203.0.113.12",
+    "203.0.113.99",
+    "2001:db8:1::5",
+    "2001:db8:2::10",
+    "2001:db8:2::11",
+    "2001:db8:3:4::5",
+    "2001:db8:4::1",
+];
+
+/// `(key id, tenant, allow list as YAML, report_only)`; each key's secret is
+/// `secret_of(id)`, passed in `KF_E2E_<ID>`.
+const KEYS: &[(&str, &str, &str, bool)] = &[
+    ("anyone", "default", "", false),
+    ("single", "default", r#"["192.0.2.10"]"#, false),
+    ("host32", "default", r#"["192.0.2.12/32"]"#, false),
+    ("net24", "default", r#"["198.51.100.0/24"]"#, false),
+    // A /16 around the documentation range 192.0.2.0/24: no traffic goes
+    // beyond the namespaces' own addresses.
+    ("net16", "default", r#"["192.0.0.0/16"]"#, false),
+    ("net30", "default", r#"["203.0.113.8/30"]"#, false),
+    (
+        "mixed",
+        "default",
+        r#"["192.0.2.20", "198.51.100.128/25", "2001:db8:1::/64"]"#,
+        false,
+    ),
+    ("v6single", "default", r#"["2001:db8:2::10"]"#, false),
+    ("v6prefix", "default", r#"["2001:db8:3::/48"]"#, false),
+    (
+        "prodoffice",
+        "default",
+        r#""192.0.2.30, 192.0.2.31, 203.0.113.0/24""#,
+        false,
+    ),
+    ("reportonly", "default", r#"["192.0.2.80"]"#, true),
+    ("a", "strict", r#"["192.0.2.40"]"#, false),
+    ("b", "strict", r#"["192.0.2.41"]"#, false),
+    ("edge", "edge", r#"["192.0.2.60"]"#, false),
+    ("x", "xff", r#"["192.0.2.70"]"#, false),
+    ("y", "xff", r#"["192.0.2.71"]"#, false),
+];
+
+fn secret_of(id: &str) -> String {
+    format!("e2e-{id}-secret-0123456789abcdef")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a test address")
+}
+
+/// The gateway's address of `source`'s family, at `port`.
+fn gateway(source: IpAddr, port: u16) -> SocketAddr {
+    match source {
+        IpAddr::V4(_) => SocketAddr::new(GATEWAY_V4.into(), port),
+        IpAddr::V6(_) => SocketAddr::new(GATEWAY_V6.into(), port),
+    }
+}
+
+/// What varies between the tests' configs.
+#[derive(Default)]
+struct Options<'a> {
+    /// Extra YAML list of key `tester` (empty: `["192.0.2.50"]`).
+    tester: Option<&'a str>,
+    rejection_body: Option<&'a str>,
+    tls: Option<(&'a Path, &'a Path)>,
+}
+
+fn config(pin: &Path, o: &Options<'_>) -> String {
+    let mut keys = String::new();
+    let tester = o.tester.unwrap_or(r#"["192.0.2.50"]"#);
+    for &(id, tenant, list, report_only) in KEYS
+        .iter()
+        .chain([("tester", "default", tester, false)].iter())
+    {
+        let _ = writeln!(
+            keys,
+            "  - {{ id: {id}, name: {id}, tenant: {tenant}, secret_env: KF_E2E_{env}, report_only: {report_only}{list} }}",
+            env = id.to_ascii_uppercase(),
+            list = if list.is_empty() {
+                String::new()
+            } else {
+                format!(", ip_allow_list: {list}")
+            },
+        );
+    }
+    let tls = o.tls.map_or_else(String::new, |(cert, key)| {
+        format!(
+            r#"
+  - name: tls
+    bind: "[::]:{TLS}"
+    mode: proxy
+    upstream: "http://{UPSTREAM}"
+    tenants: [default]
+    tls: {{ cert: "{}", key: "{}" }}"#,
+            cert.display(),
+            key.display()
+        )
+    });
+    let rejection = o.rejection_body.map_or_else(String::new, |body| {
+        format!("rejection: {{ status: 403, body: '{body}' }}\n")
+    });
+    format!(
+        r#"datapath: {{ interfaces: [gw0], mode: auto, pin_path: "{pin}" }}
+listeners:
+  - {{ name: api, bind: "[::]:{API}", mode: proxy, upstream: "http://{UPSTREAM}", tenants: [default] }}
+  - {{ name: strict, bind: "[::]:{STRICT}", mode: proxy, upstream: "http://{UPSTREAM}", tenants: [strict] }}
+  - name: auth
+    bind: "127.0.0.1:{AUTH}"
+    mode: auth
+    tenants: [edge]
+    client_ip: {{ source: x_forwarded_for, trusted_proxies: ["127.0.0.1/32"], hops: 1 }}
+  - name: pp
+    bind: "127.0.0.1:{PROXY_PROTOCOL}"
+    mode: proxy
+    upstream: "http://{UPSTREAM}"
+    tenants: [edge]
+    client_ip: {{ source: proxy_protocol, trusted_proxies: ["127.0.0.1/32"] }}
+  - name: xff
+    bind: "[::]:{XFF}"
+    mode: proxy
+    upstream: "http://{UPSTREAM}"
+    tenants: [xff]
+    client_ip: {{ source: x_forwarded_for, trusted_proxies: ["198.51.100.250/32"], hops: 1 }}
+  - {{ name: broken, bind: "0.0.0.0:{BROKEN}", mode: proxy, upstream: "http://127.0.0.1:8099", tenants: [default] }}{tls}
+keys:
+{keys}{rejection}metrics: {{ bind: "127.0.0.1:9901" }}
+"#,
+        pin = pin.display(),
+    )
+}
+
+/// Hosts, upstream and agent. Field order is drop order.
+struct Scenario {
+    agent: Agent,
+    upstream: Upstream,
+    lab: Lab,
+}
+
+impl Scenario {
+    fn new(options: &Options<'_>) -> Self {
+        let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
+        let lab = Lab::new(&addrs).expect("building the namespaces");
+        let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
+            .expect("starting the upstream");
+        let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+        for id in KEYS.iter().map(|k| k.0).chain(["tester"]) {
+            agent.env(
+                &format!("KF_E2E_{}", id.to_ascii_uppercase()),
+                &secret_of(id),
+            );
+        }
+        let yaml = config(agent.pin_path(), options);
+        agent.write_config(&yaml).expect("writing the config");
+        agent.spawn().expect("starting keyfence");
+        agent
+            .wait_ready(Duration::from_secs(30))
+            .expect("keyfence becomes ready");
+        Self {
+            agent,
+            upstream,
+            lab,
+        }
+    }
+
+    /// `GET path` on `port` from `source` with key `key`'s secret.
+    fn get(&self, source: &str, port: u16, key: Option<&str>, path: &str) -> Reply {
+        let source = ip(source);
+        let mut curl = Curl::new(
+            &self.lab.client,
+            source,
+            url("http", gateway(source, port), path),
+        );
+        if let Some(key) = key {
+            curl = curl.bearer(&secret_of(key));
+        }
+        curl.send()
+    }
+
+    fn http_count(&self, listener: &str, outcome: &str) -> u64 {
+        self.agent
+            .http_count(listener, outcome)
+            .expect("reading /metrics")
+    }
+
+    fn packet_count(&self, listener: &str, reason: &str) -> u64 {
+        self.agent
+            .packet_count(listener, reason)
+            .expect("reading /metrics")
+    }
+}
+
+/// The request reached the upstream, which saw the key id and the client
+/// address appended to `X-Forwarded-For`.
+#[track_caller]
+fn assert_proxied(reply: &Reply, key: &str, client: &str, what: &str) {
+    assert_eq!(reply.status(), Some(200), "{what}: {reply:?}");
+    assert_eq!(
+        reply.upstream_header("x-keyfence-key-id").as_deref(),
+        Some(key),
+        "{what}: the upstream did not see the key id: {reply:?}"
+    );
+    let xff = reply.upstream_header("x-forwarded-for").unwrap_or_default();
+    assert!(
+        xff.rsplit(',').next().map(str::trim) == Some(client),
+        "{what}: X-Forwarded-For {xff:?} does not end with {client}"
+    );
+    assert!(
+        reply.upstream_header("authorization").is_some(),
+        "{what}: the credential is the upstream's business too; it must pass"
+    );
+}
+
+#[track_caller]
+fn assert_refused(reply: &Reply, body: &str, what: &str) {
+    assert_eq!(reply.status(), Some(403), "{what}: {reply:?}");
+    assert_eq!(reply.body(), body, "{what}: not the rejection body");
+}
+
+/// `(key, source, allowed)`: the seed scenarios on listener `api`.
+const SEED: &[(&str, &str, bool)] = &[
+    ("single", "192.0.2.10", true),
+    ("single", "192.0.2.11", false),
+    ("single", "2001:db8:1::5", false),
+    ("host32", "192.0.2.12", true),
+    ("host32", "192.0.2.13", false),
+    ("net24", "198.51.100.7", true),
+    ("net24", "198.51.100.200", true),
+    ("net24", "203.0.113.99", false),
+    ("net16", "192.0.2.11", true),
+    ("net16", "198.51.100.7", false),
+    ("net30", "203.0.113.8", true),
+    ("net30", "203.0.113.11", true),
+    ("net30", "203.0.113.12", false),
+    ("mixed", "192.0.2.20", true),
+    ("mixed", "198.51.100.200", true),
+    ("mixed", "2001:db8:1::5", true),
+    ("mixed", "198.51.100.7", false),
+    ("mixed", "2001:db8:2::10", false),
+    ("v6single", "2001:db8:2::10", true),
+    ("v6single", "2001:db8:2::11", false),
+    ("v6single", "192.0.2.10", false),
+    ("v6prefix", "2001:db8:3:4::5", true),
+    ("v6prefix", "2001:db8:4::1", false),
+    ("prodoffice", "192.0.2.30", true),
+    ("prodoffice", "192.0.2.31", true),
+    ("prodoffice", "203.0.113.99", true),
+    ("prodoffice", "192.0.2.10", false),
+];
+
+#[test]
+fn seed_scenarios_answer_as_the_allow_lists_say() {
+    let s = Scenario::new(&Options::default());
+    let (allowed_before, refused_before) = (
+        s.http_count("api", "allowed"),
+        s.http_count("api", "ip_not_allowed"),
+    );
+    let mut allowed = 0;
+    for &(key, source, expect_allowed) in SEED {
+        let what = format!("key {key} from {source}");
+        let reply = s.get(source, API, Some(key), "/v1/orders?page=2");
+        if expect_allowed {
+            assert_proxied(&reply, key, source, &what);
+            let echo = reply.echo().expect("an echo");
+            assert_eq!(echo["path"], "/v1/orders?page=2", "{what}: path changed");
+            allowed += 1;
+        } else {
+            assert_refused(&reply, DENIED_BODY, &what);
+        }
+    }
+    // The empty list works from every address the client holds.
+    for source in CLIENT_ADDRS {
+        let reply = s.get(source, API, Some("anyone"), "/");
+        assert_proxied(
+            &reply,
+            "anyone",
+            source,
+            &format!("key anyone from {source}"),
+        );
+        allowed += 1;
+    }
+    let refused = SEED.iter().filter(|s| !s.2).count() as u64;
+    assert_eq!(
+        s.http_count("api", "allowed"),
+        allowed_before + allowed,
+        "keyfence_http_requests_total{{outcome=allowed}}"
+    );
+    assert_eq!(
+        s.http_count("api", "ip_not_allowed"),
+        refused_before + refused,
+        "keyfence_http_requests_total{{outcome=ip_not_allowed}}"
+    );
+    assert_eq!(
+        s.upstream.requests(),
+        allowed,
+        "refused requests reached the upstream"
+    );
+}
+
+#[test]
+fn missing_and_unknown_keys_get_401_and_the_helpers_answer() {
+    let s = Scenario::new(&Options::default());
+    let invalid_before = s.http_count("api", "invalid_key");
+    let no_key = s.get("192.0.2.10", API, None, "/");
+    assert_eq!(no_key.status(), Some(401), "{no_key:?}");
+    assert_eq!(no_key.body(), INVALID_BODY);
+    let unknown = Curl::new(
+        &s.lab.client,
+        ip("192.0.2.10"),
+        url("http", gateway(ip("192.0.2.10"), API), "/"),
+    )
+    .bearer("e2e-nobody-secret-0123456789abcdef")
+    .send();
+    assert_eq!(unknown.status(), Some(401), "{unknown:?}");
+    assert_eq!(unknown.body(), INVALID_BODY);
+    // A key of another tenant is unknown on this listener.
+    let other_tenant = s.get("192.0.2.40", API, Some("a"), "/");
+    assert_eq!(other_tenant.status(), Some(401), "{other_tenant:?}");
+    assert_eq!(s.http_count("api", "invalid_key"), invalid_before + 3);
+
+    let ping = s.get("192.0.2.10", API, Some("single"), "/_keyfence/ping");
+    assert_eq!(ping.status(), Some(200), "{ping:?}");
+    assert_eq!(ping.body(), r#"{"message":"pong"}"#);
+    let ping_refused = s.get("192.0.2.11", API, Some("single"), "/_keyfence/ping");
+    assert_refused(&ping_refused, DENIED_BODY, "ping from an unlisted address");
+    let ping_no_key = s.get("192.0.2.10", API, None, "/_keyfence/ping");
+    assert_eq!(ping_no_key.status(), Some(401), "{ping_no_key:?}");
+
+    // The address the shim sees; IPv4 clients of a dual-stack listener folded.
+    for source in ["192.0.2.11", "2001:db8:1::5"] {
+        let reply = s.get(source, API, None, "/_keyfence/ip");
+        assert_eq!(reply.body(), format!(r#"{{"ip":"{source}"}}"#), "{reply:?}");
+    }
+    assert_eq!(
+        s.upstream.requests(),
+        0,
+        "nothing here may reach the upstream"
+    );
+}
+
+#[test]
+fn layers_agree_the_datapath_drops_what_no_key_allows() {
+    let s = Scenario::new(&Options::default());
+    let dropped = s.packet_count("strict", "not_allowed");
+    let answered: u64 = ["allowed", "ip_not_allowed", "invalid_key"]
+        .iter()
+        .map(|o| s.http_count("strict", o))
+        .sum();
+
+    // 203.0.113.99 is in no strict key's list: its SYN never reaches the shim.
+    let reply = Curl::new(
+        &s.lab.client,
+        ip("203.0.113.99"),
+        url("http", gateway(ip("203.0.113.99"), STRICT), "/"),
+    )
+    .bearer(&secret_of("a"))
+    .connect_timeout(Duration::from_millis(800))
+    .send();
+    assert_eq!(reply, Reply::TimedOut, "the datapath should drop it");
+    assert!(
+        s.packet_count("strict", "not_allowed") > dropped,
+        "the datapath's not_allowed counter did not move"
+    );
+    let answered_after: u64 = ["allowed", "ip_not_allowed", "invalid_key"]
+        .iter()
+        .map(|o| s.http_count("strict", o))
+        .sum();
+    assert_eq!(answered_after, answered, "the shim saw a dropped client");
+
+    // Key A's address with key B: packets pass (A's list), the shim refuses.
+    assert_refused(
+        &s.get("192.0.2.40", STRICT, Some("b"), "/"),
+        DENIED_BODY,
+        "key b from key a's address",
+    );
+    assert_proxied(
+        &s.get("192.0.2.40", STRICT, Some("a"), "/"),
+        "a",
+        "192.0.2.40",
+        "key a from its address",
+    );
+    assert_proxied(
+        &s.get("192.0.2.41", STRICT, Some("b"), "/"),
+        "b",
+        "192.0.2.41",
+        "key b from its address",
+    );
+    assert_eq!(s.http_count("strict", "ip_not_allowed"), 1);
+    assert_eq!(s.http_count("strict", "allowed"), 2);
+}
+
+/// "Testing IP restrictions": add the client's address, remove it, put it back,
+/// each by editing the config file; the agent never restarts.
+#[test]
+fn allow_list_edits_in_the_config_apply_without_restart() {
+    let mut s = Scenario::new(&Options::default());
+    let pid = s.agent.pid();
+    let pin = s.agent.pin_path().to_owned();
+    let client = "192.0.2.51";
+    let status = |s: &Scenario| s.get(client, API, Some("tester"), "/").status();
+    assert_eq!(status(&s), Some(403), "before: not listed");
+
+    let steps: [(&str, Option<&str>, u16); 3] = [
+        ("add", Some(r#"["192.0.2.50", "192.0.2.51"]"#), 200),
+        ("remove", None, 403),
+        ("put back", Some(r#""192.0.2.50, 192.0.2.51""#), 200),
+    ];
+    for (i, (step, list, want)) in steps.into_iter().enumerate() {
+        let yaml = config(
+            &pin,
+            &Options {
+                tester: list,
+                ..Options::default()
+            },
+        );
+        // Both ways editors save: in place, and write-then-rename.
+        if i % 2 == 0 {
+            s.agent.write_config(&yaml).expect("editing the config");
+        } else {
+            s.agent.replace_config(&yaml).expect("replacing the config");
+        }
+        let applied = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            status(&s) == Some(want)
+        });
+        assert!(applied, "{step}: not {want} within 5 s of the edit");
+        let reply = s.get(client, API, Some("tester"), "/");
+        if want == 200 {
+            assert_proxied(&reply, "tester", client, step);
+        } else {
+            assert_refused(&reply, DENIED_BODY, step);
+        }
+        // The other address of the list never stopped working.
+        assert_proxied(
+            &s.get("192.0.2.50", API, Some("tester"), "/"),
+            "tester",
+            "192.0.2.50",
+            step,
+        );
+    }
+    assert!(s.agent.is_running(), "the agent exited");
+    assert_eq!(s.agent.pid(), pid, "the agent was restarted");
+}
+
+#[test]
+fn report_only_keys_pass_and_count_and_the_rejection_template_renders() {
+    let template =
+        r#"{"message":"source IP {ip} is not allowed for this API key","key":"{key_id}"}"#;
+    let s = Scenario::new(&Options {
+        rejection_body: Some(template),
+        ..Options::default()
+    });
+    let would_refuse = s.http_count("api", "report_only");
+    assert_proxied(
+        &s.get("192.0.2.81", API, Some("reportonly"), "/"),
+        "reportonly",
+        "192.0.2.81",
+        "report-only key from an unlisted address",
+    );
+    assert_eq!(
+        s.http_count("api", "report_only"),
+        would_refuse + 1,
+        "the would-be refusal was not counted"
+    );
+    assert_proxied(
+        &s.get("192.0.2.80", API, Some("reportonly"), "/"),
+        "reportonly",
+        "192.0.2.80",
+        "report-only key from its address",
+    );
+    assert_eq!(s.http_count("api", "report_only"), would_refuse + 1);
+
+    assert_refused(
+        &s.get("192.0.2.11", API, Some("single"), "/"),
+        r#"{"message":"source IP 192.0.2.11 is not allowed for this API key","key":"single"}"#,
+        "templated rejection",
+    );
+    assert_refused(
+        &s.get("2001:db8:2::11", API, Some("v6single"), "/"),
+        r#"{"message":"source IP 2001:db8:2::11 is not allowed for this API key","key":"v6single"}"#,
+        "templated rejection over IPv6",
+    );
+}
+
+#[test]
+fn an_unreachable_upstream_answers_502() {
+    let s = Scenario::new(&Options::default());
+    let reply = s.get("192.0.2.10", BROKEN, Some("single"), "/");
+    assert_eq!(reply.status(), Some(502), "{reply:?}");
+    assert_eq!(s.http_count("broken", "upstream_error"), 1);
+    // A refusal is still a refusal there.
+    assert_refused(
+        &s.get("192.0.2.11", BROKEN, Some("single"), "/"),
+        DENIED_BODY,
+        "refused on the broken listener",
+    );
+}
+
+#[test]
+fn a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let s = Scenario::new(&Options::default());
+    let from = |source: &str, key: &str, xff: &str, path: &str| {
+        let source = ip(source);
+        Curl::new(
+            &s.lab.client,
+            source,
+            url("http", gateway(source, XFF), path),
+        )
+        .bearer(&secret_of(key))
+        .header(&format!("X-Forwarded-For: {xff}"))
+        .send()
+    };
+    // 192.0.2.71 claims to be key x's 192.0.2.70: its own address counts.
+    assert_refused(
+        &from("192.0.2.71", "x", "192.0.2.70", "/"),
+        DENIED_BODY,
+        "forged X-Forwarded-For",
+    );
+    let seen = from("192.0.2.71", "x", "192.0.2.70", "/_keyfence/ip");
+    assert_eq!(seen.body(), r#"{"ip":"192.0.2.71"}"#, "{seen:?}");
+    // The trusted proxy 198.51.100.250 speaks for its clients.
+    let via_proxy = from("198.51.100.250", "x", "192.0.2.70", "/");
+    assert_proxied(
+        &via_proxy,
+        "x",
+        "198.51.100.250",
+        "through the trusted proxy",
+    );
+    assert_eq!(
+        via_proxy.upstream_header("x-forwarded-for").as_deref(),
+        Some("192.0.2.70, 198.51.100.250"),
+        "the chain is kept and the proxy appended"
+    );
+    assert_refused(
+        &from("198.51.100.250", "x", "192.0.2.71", "/"),
+        DENIED_BODY,
+        "through the trusted proxy for another client",
+    );
+    // Rightmost untrusted entry wins: a client-written left part is ignored.
+    assert_refused(
+        &from("198.51.100.250", "x", "192.0.2.70, 192.0.2.71", "/"),
+        DENIED_BODY,
+        "forged left part behind the trusted proxy",
+    );
+}
+
+fn nginx_config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {d}/nginx-access.log;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    fastcgi_temp_path {d}/nginx-fastcgi;
+    uwsgi_temp_path {d}/nginx-uwsgi;
+    scgi_temp_path {d}/nginx-scgi;
+    server {{
+        listen {NGINX};
+        listen [::]:{NGINX};
+        location / {{
+            auth_request /_keyfence_auth;
+            auth_request_set $keyfence_key_id $upstream_http_x_keyfence_key_id;
+            proxy_set_header X-Keyfence-Key-Id $keyfence_key_id;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_pass http://{UPSTREAM};
+        }}
+        location = /_keyfence_auth {{
+            internal;
+            proxy_pass http://127.0.0.1:{AUTH};
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length '';
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+    }}
+}}
+"
+    )
+}
+
+#[test]
+fn nginx_auth_request_in_front_of_an_auth_listener() {
+    require("nginx").expect("nginx");
+    let s = Scenario::new(&Options::default());
+    let dir = s.agent.dir().to_owned();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_config(&dir)).expect("writing nginx.conf");
+    let _nginx = Daemon::start(
+        &s.lab.gateway,
+        "nginx",
+        &[
+            "-c",
+            &conf.to_string_lossy(),
+            "-e",
+            &dir.join("nginx-error.log").to_string_lossy(),
+        ],
+        &dir.join("nginx.out"),
+        SocketAddr::from(([127, 0, 0, 1], NGINX)),
+    )
+    .expect("starting nginx");
+
+    let allowed = s.get("192.0.2.60", NGINX, Some("edge"), "/v1/things");
+    assert_eq!(allowed.status(), Some(200), "{allowed:?}");
+    assert_eq!(
+        allowed.upstream_header("x-keyfence-key-id").as_deref(),
+        Some("edge"),
+        "nginx passed keyfence's key id on: {allowed:?}"
+    );
+    let refused = s.get("192.0.2.61", NGINX, Some("edge"), "/v1/things");
+    assert_eq!(refused.status(), Some(403), "{refused:?}");
+    let no_key = s.get("192.0.2.60", NGINX, None, "/v1/things");
+    assert_eq!(no_key.status(), Some(401), "{no_key:?}");
+    assert_eq!(
+        s.upstream.requests(),
+        1,
+        "only the allowed request is proxied"
+    );
+    assert_eq!(s.http_count("auth", "allowed"), 1);
+    assert_eq!(s.http_count("auth", "ip_not_allowed"), 1);
+    assert_eq!(s.http_count("auth", "invalid_key"), 1);
+}
+
+#[test]
+fn haproxy_sends_proxy_v2_to_a_proxy_protocol_listener() {
+    require("haproxy").expect("haproxy");
+    let s = Scenario::new(&Options::default());
+    let dir = s.agent.dir().to_owned();
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\nfrontend edge\n    bind :::{HAPROXY} v4v6\n    default_backend keyfence\nbackend keyfence\n    server kf 127.0.0.1:{PROXY_PROTOCOL} send-proxy-v2\n"
+        ),
+    )
+    .expect("writing haproxy.cfg");
+    let _haproxy = Daemon::start(
+        &s.lab.gateway,
+        "haproxy",
+        &["-db", "-f", &conf.to_string_lossy()],
+        &dir.join("haproxy.out"),
+        SocketAddr::from(([127, 0, 0, 1], HAPROXY)),
+    )
+    .expect("starting haproxy");
+
+    let allowed = s.get("192.0.2.60", HAPROXY, Some("edge"), "/");
+    assert_proxied(&allowed, "edge", "192.0.2.60", "through HAProxy");
+    let refused = s.get("192.0.2.61", HAPROXY, Some("edge"), "/");
+    assert_refused(&refused, DENIED_BODY, "through HAProxy, unlisted client");
+    let seen = s.get("192.0.2.61", HAPROXY, None, "/_keyfence/ip");
+    assert_eq!(seen.body(), r#"{"ip":"192.0.2.61"}"#, "{seen:?}");
+
+    // Without the PROXY header (straight from the gateway's loopback) the
+    // connection is refused: the header is required.
+    let direct = Curl::new(
+        &s.lab.gateway,
+        ip("127.0.0.1"),
+        format!("http://127.0.0.1:{PROXY_PROTOCOL}/"),
+    )
+    .bearer(&secret_of("edge"))
+    .send();
+    assert!(
+        !matches!(direct, Reply::Answered { status: 200, .. }),
+        "a connection without a PROXY header was served: {direct:?}"
+    );
+    assert_eq!(s.upstream.requests(), 1);
+}
+
+/// A self-signed certificate for the gateway's addresses.
+fn make_certificate(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+        .args(["-addext", "subjectAltName=IP:192.0.2.1,IP:2001:db8::1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+#[test]
+fn tls_listener_with_a_test_certificate_and_reload() {
+    require("openssl").expect("openssl");
+    let dir = std::env::temp_dir().join(format!("kf-e2e-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let (cert, key) = make_certificate(&dir, "first");
+    let s = Scenario::new(&Options {
+        tls: Some((&cert, &key)),
+        ..Options::default()
+    });
+    let https = |source: &str, key_id: &str, ca: &Path, http2: bool| {
+        let source = ip(source);
+        let mut curl = Curl::new(
+            &s.lab.client,
+            source,
+            url("https", gateway(source, TLS), "/"),
+        )
+        .bearer(&secret_of(key_id))
+        .arg("--cacert")
+        .arg(&ca.to_string_lossy());
+        curl = curl.arg(if http2 { "--http2" } else { "--http1.1" });
+        curl.send()
+    };
+    for (source, http2) in [("192.0.2.10", false), ("192.0.2.10", true)] {
+        let reply = https(source, "single", &cert, http2);
+        assert_proxied(&reply, "single", source, "over TLS");
+        let Reply::Answered { http_version, .. } = &reply else {
+            unreachable!()
+        };
+        assert_eq!(http_version, if http2 { "2" } else { "1.1" }, "ALPN");
+    }
+    assert_refused(
+        &https("2001:db8:2::11", "v6single", &cert, true),
+        DENIED_BODY,
+        "over TLS, unlisted",
+    );
+
+    // A renewed certificate is picked up without restart.
+    let (new_cert, new_key) = make_certificate(&dir, "second");
+    std::fs::copy(&new_key, &key).expect("replacing the key");
+    std::fs::copy(&new_cert, &cert).expect("replacing the certificate");
+    let reloaded = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        https("192.0.2.10", "single", &new_cert, false).status() == Some(200)
+    });
+    assert!(reloaded, "the new certificate was not served within 15 s");
+    let _ = std::fs::remove_dir_all(&dir);
+}
