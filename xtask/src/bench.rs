@@ -1,36 +1,51 @@
 //! `cargo xtask bench`: performance measured side by side in one run (never by
-//! timed tests). So far the datapath section: the real XDP program's cost per
-//! packet through `BPF_PROG_TEST_RUN` at growing prefix counts. The table is
-//! printed and written to `target/bench/report.md`.
+//! timed tests). Two sections so far:
+//!
+//! - datapath: the real XDP program's cost per packet through
+//!   `BPF_PROG_TEST_RUN` at growing prefix counts (`kf-bench`);
+//! - shim: requests/s and latency with wrk, upstream directly against keyfence
+//!   in proxy mode and nginx with `allow`/`deny` (`kf-bench-shim`).
+//!
+//! The tables are printed and written to `target/bench/report.md`.
+
+use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::{cmd, setup};
+use crate::{build, cmd, setup};
 
-pub fn run() -> anyhow::Result<()> {
-    setup::run()?;
+/// Run one bench binary of the tests package (release) and return its stdout.
+fn section(bin: &str, keyfence: &Path) -> anyhow::Result<String> {
     let mut bench = cmd::cargo();
-    bench.args([
+    bench.env("KEYFENCE_BIN", keyfence).args([
         "run",
         "--release",
         "--package",
         "keyfence-tests",
         "--bin",
-        "kf-bench",
+        bin,
     ]);
-    let output = bench.output().context("running kf-bench")?;
-    let table = String::from_utf8_lossy(&output.stdout);
+    println!("bench: {}", cmd::display(&bench));
+    let output = bench.output().with_context(|| format!("running {bin}"))?;
     if !output.status.success() {
         anyhow::bail!(
-            "kf-bench failed ({}):\n{}",
+            "{bin} failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    setup::run()?;
+    let keyfence = build::agent(build::Profile::Release)?;
+    let datapath = section("kf-bench", &keyfence)?;
+    let shim = section("kf-bench-shim", &keyfence)?;
     let dir = cmd::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let report = format!(
-        "# keyfence bench\n\n## Datapath cost (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5)\n\n{table}"
+        "# keyfence bench\n\n## Datapath cost (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5)\n\n{datapath}\n## Shim overhead (wrk on loopback)\n\n{shim}"
     );
     std::fs::write(dir.join("report.md"), &report)?;
     print!("{report}");

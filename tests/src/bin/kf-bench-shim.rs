@@ -1,0 +1,216 @@
+//! `cargo xtask bench` (shim section): requests/s and latency percentiles with
+//! wrk on loopback inside one network namespace, side by side in one run:
+//!
+//! - the upstream (nginx answering `200 ok`) directly,
+//! - keyfence in proxy mode in front of it (a key whose list holds the client),
+//! - nginx as a reverse proxy with `allow`/`deny` for the same address (it
+//!   cannot bind lists to keys; it is the speed reference).
+//!
+//! Each target is measured `ROUNDS` times, interleaved, at 1, 16 and 128
+//! connections; the table shows medians and ratios against the upstream. wrk,
+//! nginx and keyfence share the machine's cores, as they would on a gateway.
+//! Needs root (namespace) and `KEYFENCE_BIN` (a release build).
+
+use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context as _, bail};
+use keyfence_tests::{
+    http::{Daemon, require},
+    netns::{Agent, Netns},
+};
+
+const UPSTREAM: u16 = 8080;
+const KEYFENCE: u16 = 8443;
+const NGINX_PROXY: u16 = 8081;
+const ROUNDS: usize = 3;
+const DURATION: &str = "4s";
+const CONNECTIONS: [u32; 3] = [1, 16, 128];
+const SECRET: &str = "bench-secret-0123456789abcdef";
+
+fn nginx_config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    fastcgi_temp_path {d}/nginx-fastcgi;
+    uwsgi_temp_path {d}/nginx-uwsgi;
+    scgi_temp_path {d}/nginx-scgi;
+    upstream backend {{ server 127.0.0.1:{UPSTREAM}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{UPSTREAM};
+        location / {{ default_type text/plain; return 200 "ok\n"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{NGINX_PROXY};
+        location / {{
+            allow 127.0.0.1;
+            deny all;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_pass http://backend;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+fn keyfence_config(pin: &Path) -> String {
+    format!(
+        r#"datapath: {{ mode: off, pin_path: "{pin}" }}
+listeners:
+  - {{ name: api, bind: "127.0.0.1:{KEYFENCE}", mode: proxy, upstream: "http://127.0.0.1:{UPSTREAM}" }}
+keys:
+  - {{ id: bench, name: bench, secret_env: KF_BENCH_SECRET, ip_allow_list: ["127.0.0.1", "203.0.113.0/24"] }}
+metrics: {{ bind: "127.0.0.1:9901" }}
+"#,
+        pin = pin.display()
+    )
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// `12.34us`, `1.20ms`, `2.00s` → microseconds.
+fn micros(text: &str) -> Option<f64> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<Run> {
+    let mut run = Run::default();
+    for line in out.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Requests/sec:"), Some(v)) => run.rps = v.parse()?,
+            (Some("50%"), Some(v)) => run.p50_us = micros(v).context("p50")?,
+            (Some("99%"), Some(v)) => run.p99_us = micros(v).context("p99")?,
+            _ => {}
+        }
+        if line.contains("Non-2xx or 3xx responses") {
+            bail!("wrk saw error answers:\n{out}");
+        }
+    }
+    if run.rps == 0.0 {
+        bail!("no Requests/sec in wrk's output:\n{out}");
+    }
+    Ok(run)
+}
+
+fn wrk(ns: &Netns, port: u16, connections: u32, key: bool) -> anyhow::Result<Run> {
+    let mut cmd = ns.command("wrk");
+    cmd.args(["-t1", "-d", DURATION, "--latency", "--timeout", "2s"])
+        .args(["-c", &connections.to_string()]);
+    if key {
+        cmd.args(["-H", &format!("Authorization: Bearer {SECRET}")]);
+    }
+    let out = cmd
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .context("running wrk")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    for program in ["wrk", "nginx"] {
+        require(program)?;
+    }
+    let ns = Netns::new("bench")?;
+    let mut agent = Agent::new(&ns)?;
+    agent.env("KF_BENCH_SECRET", SECRET);
+    let dir = agent.dir().to_owned();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_config(&dir))?;
+    let _nginx = Daemon::start(
+        &ns,
+        "nginx",
+        &[
+            "-c",
+            &conf.to_string_lossy(),
+            "-e",
+            &dir.join("nginx-error.log").to_string_lossy(),
+        ],
+        &dir.join("nginx.out"),
+        SocketAddr::from(([127, 0, 0, 1], UPSTREAM)),
+    )?;
+    agent.write_config(&keyfence_config(agent.pin_path()))?;
+    agent.spawn()?;
+    agent.wait_ready(Duration::from_secs(30))?;
+
+    let targets: [(&str, u16, bool); 3] = [
+        ("upstream direct (nginx return 200)", UPSTREAM, false),
+        ("keyfence proxy mode", KEYFENCE, true),
+        ("nginx proxy, allow/deny", NGINX_PROXY, false),
+    ];
+    let mut table = String::from(
+        "| connections | target | requests/s | × upstream | p50 µs | p99 µs | p99 added µs |\n|---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for connections in CONNECTIONS {
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
+        for _ in 0..ROUNDS {
+            for (i, &(_, port, key)) in targets.iter().enumerate() {
+                runs[i].push(wrk(&ns, port, connections, key)?);
+            }
+        }
+        let medians: Vec<Run> = runs
+            .iter()
+            .map(|r| Run {
+                rps: median(r.iter().map(|x| x.rps).collect()),
+                p50_us: median(r.iter().map(|x| x.p50_us).collect()),
+                p99_us: median(r.iter().map(|x| x.p99_us).collect()),
+            })
+            .collect();
+        let base = medians[0];
+        for (&(name, _, _), m) in targets.iter().zip(&medians) {
+            let _ = writeln!(
+                table,
+                "| {connections} | {name} | {:.0} | {:.2} | {:.0} | {:.0} | {:+.0} |",
+                m.rps,
+                m.rps / base.rps,
+                m.p50_us,
+                m.p99_us,
+                m.p99_us - base.p99_us
+            );
+        }
+    }
+    let allowed = agent.http_count("api", "allowed")?;
+    let other: u64 = ["ip_not_allowed", "invalid_key", "upstream_error"]
+        .iter()
+        .map(|o| agent.http_count("api", o))
+        .sum::<anyhow::Result<u64>>()?;
+    if other > 0 {
+        bail!("keyfence answered {other} requests with something other than the upstream's");
+    }
+    print!("{table}");
+    println!(
+        "\nwrk -t1 -d {DURATION} on loopback, median of {ROUNDS} interleaved rounds; keyfence proxied {allowed} requests, refused none."
+    );
+    Ok(())
+}
