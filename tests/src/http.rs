@@ -25,8 +25,9 @@ const MAX_HEAD: usize = 64 * 1024;
 
 /// An HTTP/1.1 upstream inside a namespace that answers every request with a
 /// JSON echo of what reached it: `{"upstream":"echo","method","path","headers"}`
-/// (header names lower-case, repeated headers joined with `, `). Keep-alive,
-/// one thread per connection. Stops on drop.
+/// (header names lower-case, repeated headers joined with `, `). A path
+/// `/slow/MS` answers after MS milliseconds (at most 10 s). Keep-alive, one
+/// thread per connection. Stops on drop.
 pub struct Upstream {
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
@@ -130,6 +131,12 @@ fn echo_connection(stream: TcpStream, stop: &AtomicBool, count: &AtomicU64) {
             if reader.read_exact(&mut body).is_err() {
                 return;
             }
+        }
+        if let Some(ms) = path
+            .strip_prefix("/slow/")
+            .and_then(|ms| ms.parse::<u64>().ok())
+        {
+            thread::sleep(Duration::from_millis(ms.min(10_000)));
         }
         count.fetch_add(1, Ordering::SeqCst);
         let body = serde_json::json!({
@@ -306,6 +313,54 @@ impl<'a> Curl<'a> {
             )),
         }
     }
+}
+
+/// Connect from `source` inside `ns`, send `request` as is, and read until the
+/// peer closes or `timeout` passes: `(answer, how long until the close)`. The
+/// duration is `None` if the connection was still open at the timeout.
+pub fn raw_exchange(
+    ns: &Netns,
+    source: IpAddr,
+    dest: SocketAddr,
+    request: Vec<u8>,
+    timeout: Duration,
+) -> anyhow::Result<(String, Option<Duration>)> {
+    ns.run(move || -> anyhow::Result<(String, Option<Duration>)> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(dest),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&dest.into(), Duration::from_secs(2))?;
+        let mut stream = TcpStream::from(socket);
+        let started = Instant::now();
+        stream.write_all(&request)?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Ok((String::from_utf8_lossy(&answer).into_owned(), None));
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                // A reset is a close too.
+                Err(_) => break,
+            }
+        }
+        Ok((
+            String::from_utf8_lossy(&answer).into_owned(),
+            Some(started.elapsed()),
+        ))
+    })?
 }
 
 /// `http://ADDR:PORT` with IPv6 addresses bracketed.

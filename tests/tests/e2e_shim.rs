@@ -122,15 +122,24 @@ struct Options<'a> {
     tester: Option<&'a str>,
     rejection_body: Option<&'a str>,
     tls: Option<(&'a Path, &'a Path)>,
+    /// Key `temp` (tenant strict) lists 192.0.2.13 until this RFC 3339 time.
+    temp_until: Option<String>,
 }
 
 fn config(pin: &Path, o: &Options<'_>) -> String {
     let mut keys = String::new();
     let tester = o.tester.unwrap_or(r#"["192.0.2.50"]"#);
-    for &(id, tenant, list, report_only) in KEYS
-        .iter()
-        .chain([("tester", "default", tester, false)].iter())
-    {
+    let temp = o.temp_until.as_ref().map_or_else(
+        || r#"["192.0.2.41"]"#.to_owned(),
+        |until| format!(r#"[{{ cidr: "192.0.2.13", note: "contractor", expires_at: "{until}" }}]"#),
+    );
+    for &(id, tenant, list, report_only) in KEYS.iter().chain(
+        [
+            ("tester", "default", tester, false),
+            ("temp", "strict", temp.as_str(), false),
+        ]
+        .iter(),
+    ) {
         let _ = writeln!(
             keys,
             "  - {{ id: {id}, name: {id}, tenant: {tenant}, secret_env: KF_E2E_{env}, report_only: {report_only}{list} }}",
@@ -202,7 +211,7 @@ impl Scenario {
         let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
             .expect("starting the upstream");
         let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
-        for id in KEYS.iter().map(|k| k.0).chain(["tester"]) {
+        for id in KEYS.iter().map(|k| k.0).chain(["tester", "temp"]) {
             agent.env(
                 &format!("KF_E2E_{}", id.to_ascii_uppercase()),
                 &secret_of(id),
@@ -805,4 +814,134 @@ fn tls_listener_with_a_test_certificate_and_reload() {
     });
     assert!(reloaded, "the new certificate was not served within 15 s");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_expired_entry_stops_matching_on_time_in_both_layers() {
+    let until = std::time::SystemTime::now() + Duration::from_secs(4);
+    let s = Scenario::new(&Options {
+        temp_until: Some(humantime::format_rfc3339_seconds(until).to_string()),
+        ..Options::default()
+    });
+    assert_proxied(
+        &s.get("192.0.2.13", STRICT, Some("temp"), "/"),
+        "temp",
+        "192.0.2.13",
+        "before expiry",
+    );
+    std::thread::sleep(
+        until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(300),
+    );
+    let dropped = s.packet_count("strict", "not_allowed");
+    let expired = poll_until(Duration::from_secs(3), Duration::from_millis(100), || {
+        Curl::new(
+            &s.lab.client,
+            ip("192.0.2.13"),
+            url("http", gateway(ip("192.0.2.13"), STRICT), "/"),
+        )
+        .bearer(&secret_of("temp"))
+        .connect_timeout(Duration::from_millis(500))
+        .send()
+            == Reply::TimedOut
+    });
+    assert!(expired, "192.0.2.13 still passes after its entry expired");
+    assert!(s.packet_count("strict", "not_allowed") > dropped);
+}
+
+#[test]
+fn oversized_headers_and_bodies_and_slow_clients_are_cut_off() {
+    let s = Scenario::new(&Options::default());
+    let client = ip("192.0.2.10");
+    let dest = gateway(client, API);
+    let auth = format!("Authorization: Bearer {}", secret_of("single"));
+
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: api\r\n{auth}\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let (answer, closed) = keyfence_tests::http::raw_exchange(
+        &s.lab.client,
+        client,
+        dest,
+        huge.into_bytes(),
+        Duration::from_secs(5),
+    )
+    .expect("sending a 100 KiB header");
+    assert!(closed.is_some(), "the connection stayed open");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "a 100 KiB header must be refused: {answer:?}"
+    );
+
+    let big_body =
+        format!("POST / HTTP/1.1\r\nHost: api\r\n{auth}\r\nContent-Length: 17000000\r\n\r\n");
+    let (answer, _) = keyfence_tests::http::raw_exchange(
+        &s.lab.client,
+        client,
+        dest,
+        big_body.into_bytes(),
+        Duration::from_secs(5),
+    )
+    .expect("announcing a 17 MB body");
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "a body over the limit must get 413: {answer:?}"
+    );
+
+    // Half a request head, then silence: cut off after the header read timeout.
+    let slow = b"GET / HTTP/1.1\r\nHost: api\r\n".to_vec();
+    let (_, closed) = keyfence_tests::http::raw_exchange(
+        &s.lab.client,
+        client,
+        dest,
+        slow,
+        Duration::from_secs(20),
+    )
+    .expect("a slow client");
+    let closed = closed.expect("a silent client must be cut off within 20 s");
+    assert!(
+        closed >= Duration::from_secs(9) && closed < Duration::from_secs(15),
+        "cut off after {closed:?}, expected about 10 s"
+    );
+    assert_eq!(
+        s.upstream.requests(),
+        0,
+        "none of these may reach the upstream"
+    );
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let mut s = Scenario::new(&Options::default());
+    let client = &s.lab.client;
+    let in_flight = std::thread::scope(|scope| {
+        let request = scope.spawn(|| {
+            Curl::new(
+                client,
+                ip("192.0.2.10"),
+                url("http", gateway(ip("192.0.2.10"), API), "/slow/1500"),
+            )
+            .bearer(&secret_of("single"))
+            .send()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let status = s.agent.sigterm().expect("SIGTERM");
+        assert!(status.success(), "keyfence exited {status} on SIGTERM");
+        request.join().expect("the request thread")
+    });
+    assert_proxied(
+        &in_flight,
+        "single",
+        "192.0.2.10",
+        "in flight during SIGTERM",
+    );
+    // The listener is closed now; the pinned datapath still drops strangers.
+    let after = s.get("192.0.2.10", API, Some("single"), "/");
+    assert!(
+        matches!(&after, Reply::Failed(e) if e.contains("refused") || e.contains("(7)")),
+        "nothing listens after the drain: {after:?}"
+    );
 }
