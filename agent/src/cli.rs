@@ -57,10 +57,94 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage keys through the running agent's management API: create, list,
+    /// show, update, revoke, rotate, sources, audit. The token comes from
+    /// KEYFENCE_TOKEN (a config admin's token or an admin-scoped key).
+    Keys(KeysArgs),
     /// Detach the datapath from every interface and remove its pins under the
     /// config's datapath.pin_path (uninstall). Refused while an agent runs.
     Detach {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeysArgs {
+    /// The management API.
+    #[arg(
+        long,
+        env = "KEYFENCE_API",
+        default_value = "http://127.0.0.1:9900",
+        global = true
+    )]
+    pub api: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Step-up code (the current TOTP code) for writes that set or change an
+    /// allow list, when the agent requires confirmation.
+    #[arg(long, env = "KEYFENCE_CONFIRM", global = true)]
+    pub confirm: Option<String>,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key. Its secret is printed once; keyfence stores only its
+    /// SHA-256.
+    Create {
+        /// A name people recognise ("CI runners").
+        #[arg(long)]
+        name: String,
+        /// Tenant (default: default).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Scope, repeatable: api (use on listeners, the default) and/or
+        /// admin (call this API).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Allow list: "203.0.113.100, 198.51.100.0/24". Empty or absent: any
+        /// address.
+        #[arg(long)]
+        allow: Option<String>,
+        /// Log refusals but let requests through.
+        #[arg(long)]
+        report_only: bool,
+    },
+    /// List every key (config keys included, marked source=config).
+    List,
+    /// Show one key.
+    Show { id: String },
+    /// Change a key's name, allow list or report-only flag. The new list
+    /// replaces the old one and is in force when the command returns.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// The whole new allow list ("" makes the key work from anywhere).
+        #[arg(long)]
+        allow: Option<String>,
+        #[arg(long)]
+        report_only: Option<bool>,
+    },
+    /// Revoke a key: its next request is refused (401).
+    Revoke { id: String },
+    /// Give a key a new secret (printed once); the old one stops working.
+    Rotate { id: String },
+    /// Client addresses seen recently with this key, allowed and refused.
+    Sources { id: String },
+    /// Who changed what, from where (oldest first).
+    Audit {
+        /// Only this key's changes.
+        #[arg(long)]
+        key: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Rows after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
     },
 }

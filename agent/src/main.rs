@@ -86,6 +86,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Keys(args) => match keyfence::keys_cli::run(&args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("keyfence keys: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -75,6 +75,17 @@ impl<'a> From<&'a StaticKey> for KeyAccess<'a> {
     }
 }
 
+impl<'a> From<&'a crate::store::StoredKey> for KeyAccess<'a> {
+    fn from(key: &'a crate::store::StoredKey) -> Self {
+        Self {
+            tenant: &key.tenant,
+            scopes: &key.scopes,
+            allow: &key.allow,
+            report_only: key.report_only,
+        }
+    }
+}
+
 /// Does `listener` accept `key` at all (tenant and scope)?
 #[must_use]
 pub fn accepts(listener: &ListenerConfig, key: &KeyAccess<'_>) -> bool {

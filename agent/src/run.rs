@@ -1,12 +1,16 @@
 //! `keyfence run`: the daemon's control loop.
 //!
-//! Start: load and validate the config, open the datapath (adopting pins), apply
-//! the policy, attach, serve metrics, then turn `/readyz` ready. Afterwards it
-//! reacts to config changes (file watch on the parent directory, so editors' and
-//! Kubernetes' rename-replace is seen; and SIGHUP), to allow-list expiries, and to
-//! SIGTERM/SIGINT. On exit the pinned datapath keeps enforcing the last policy.
+//! Start: load and validate the config, open the key store, open the datapath
+//! (adopting pins), apply the policy, attach, start the shim, the management
+//! API and metrics, then turn `/readyz` ready. Afterwards it reacts to config
+//! changes (file watch on the parent directory, so editors' and Kubernetes'
+//! rename-replace is seen; and SIGHUP), to key changes committed through the
+//! management API (enforced before the API answers), to allow-list expiries,
+//! and to SIGTERM/SIGINT. On exit the pinned datapath keeps enforcing the last
+//! policy.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
@@ -25,11 +29,23 @@ use tokio::{
 
 use crate::{
     config::{self, AttachMode, Config},
+    confirm::Confirmer,
     datapath::{Datapath, decode_sample},
+    management::{
+        self,
+        api::{self, ApiState, Apply, SharedStore},
+    },
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
     policy::{self, CompiledPolicy, KeyAccess},
-    shim::runtime::Shim,
+    shim::{
+        keys::KeyTable,
+        runtime::{self as shim_runtime, Shim},
+    },
+    store::{KeyStore, StoredKey, sqlite::SqliteStore},
 };
+
+/// How often keys' last-use times are written to the store.
+const LAST_USED_FLUSH: Duration = Duration::from_mins(1);
 
 /// How often TLS certificate files are checked for changes.
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -52,6 +68,10 @@ struct Daemon {
     config: Config,
     datapath: SharedDatapath,
     metrics: Arc<Metrics>,
+    store: SharedStore,
+    /// The store's keys, revoked ones included: read at start, then kept
+    /// current by the API's changes (it is the store's only writer).
+    stored: BTreeMap<String, StoredKey>,
 }
 
 /// Run until SIGTERM or SIGINT.
@@ -61,13 +81,23 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new(datapath.clone()));
     metrics.config_last_reload_successful.set(1);
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
+    let confirm = confirmer(&config)?;
+    let (store, stored) = open_store(&config)?;
+    let management_listener = tokio::net::TcpListener::bind(config.management.bind)
+        .await
+        .with_context(|| format!("binding management.bind {}", config.management.bind))?;
 
     let mut daemon = Daemon {
         config_path: config_path.to_path_buf(),
         config,
         datapath,
         metrics: metrics.clone(),
+        store,
+        stored,
     };
+    // Secrets from the environment are read before the kernel is touched.
+    let keys = daemon.key_table()?;
+    let principals = daemon.principals()?;
     let mut samples = None;
     if daemon.config.datapath.mode == AttachMode::Off {
         tracing::warn!("datapath mode off: the shim alone enforces allow lists");
@@ -81,13 +111,20 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     }
     // Policy first, then attach: a fresh attachment enforces a complete policy
     // from its first packet; an adopted one keeps the previous policy until now.
-    let mut next_change = daemon.apply_policy()?;
+    let next_change = daemon.apply_policy()?;
     daemon.attach()?;
     // The shim compiles from the same config snapshot; its listeners open last.
-    let mut shim = Shim::start(&daemon.config, metrics.clone()).await?;
-
-    let ready = Arc::new(AtomicBool::new(true));
+    let mut shim = Shim::start(&daemon.config, keys, metrics.clone()).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (api, mut apply_rx, management_server) = start_management(
+        &daemon,
+        &shim,
+        confirm,
+        principals,
+        management_listener,
+        &stop_rx,
+    );
+    let ready = Arc::new(AtomicBool::new(true));
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(metrics::serve(
         metrics_listener,
@@ -109,53 +146,203 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     tracing::info!(
         config = %daemon.config_path.display(),
         metrics = %daemon.config.metrics.bind,
+        management = %daemon.config.management.bind,
+        store = %daemon.config.store.path.display(),
+        keys = daemon.config.keys.len() + daemon.active_stored().count(),
         "keyfence running"
     );
 
-    let (change_tx, mut change_rx) = mpsc::channel::<()>(16);
-    let _watcher = watch_config(&daemon.config_path, change_tx)?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
-
-    loop {
-        let expiry = sleep_until_system(next_change);
-        tokio::select! {
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                daemon.reload(&mut shim, &mut next_change).await;
-                shim.reload_certificates();
-            }
-            Some(()) = change_rx.recv() => {
-                tokio::time::sleep(RELOAD_DEBOUNCE).await;
-                while change_rx.try_recv().is_ok() {}
-                tracing::info!("configuration file changed: reloading");
-                daemon.reload(&mut shim, &mut next_change).await;
-            }
-            _ = cert_check.tick() => shim.reload_certificates(),
-            () = expiry => {
-                tracing::info!("an allow-list entry expired: recompiling the policy");
-                match daemon.apply_policy() {
-                    Ok(n) => next_change = n,
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the policy"),
-                }
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-    }
+    daemon
+        .event_loop(&mut shim, &api, &mut apply_rx, next_change)
+        .await?;
     tracing::info!("stopping: draining listeners; the pinned datapath keeps enforcing");
     ready.store(false, Ordering::Release);
-    shim.shutdown().await;
     let _ = stop_tx.send(true);
+    let sources = shim.sources();
+    shim.shutdown().await;
+    daemon.flush_last_used(&sources);
     let _ = server.await;
+    let _ = management_server.await;
     Ok(())
 }
 
+/// Serve the management API; its writes arrive on the returned channel.
+fn start_management(
+    daemon: &Daemon,
+    shim: &Shim,
+    confirm: Option<Confirmer>,
+    principals: management::principals::Principals,
+    listener: tokio::net::TcpListener,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> (
+    Arc<ApiState>,
+    mpsc::Receiver<Apply>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (apply_tx, apply_rx) = mpsc::channel::<Apply>(64);
+    let api = Arc::new(ApiState {
+        store: daemon.store.clone(),
+        principals: std::sync::RwLock::new(Arc::new(principals)),
+        static_keys: std::sync::RwLock::new(Arc::new(daemon.config.keys.clone())),
+        confirm,
+        sources: shim.sources(),
+        apply: apply_tx,
+        writes: tokio::sync::Mutex::new(()),
+    });
+    let mut stop = stop.clone();
+    let server = tokio::spawn(api::serve(listener, api.clone(), async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    }));
+    (api, apply_rx, server)
+}
+
+/// Open the key store and read its keys.
+fn open_store(config: &Config) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>)> {
+    let mut store = SqliteStore::open(&config.store.path)
+        .with_context(|| format!("opening the key store {}", config.store.path.display()))?;
+    let stored = store
+        .keys()
+        .context("reading keys from the store")?
+        .into_iter()
+        .map(|k| (k.id.clone(), k))
+        .collect();
+    Ok((Arc::new(Mutex::new(Box::new(store))), stored))
+}
+
+/// The step-up confirmer, when `management.confirm.totp_secret_env` is set.
+fn confirmer(config: &Config) -> anyhow::Result<Option<Confirmer>> {
+    let Some(var) = &config.management.confirm_totp_env else {
+        return Ok(None);
+    };
+    let secret = std::env::var(var).map_err(|_| {
+        anyhow!("management.confirm.totp_secret_env: environment variable {var} is not set")
+    })?;
+    let confirmer = Confirmer::from_base32(&secret)
+        .map_err(|e| anyhow!("management.confirm.totp_secret_env: {var}: {e}"))?;
+    Ok(Some(confirmer))
+}
+
 impl Daemon {
+    fn active_stored(&self) -> impl Iterator<Item = &StoredKey> {
+        self.stored.values().filter(|k| k.is_active())
+    }
+
     fn keys(&self) -> Vec<KeyAccess<'_>> {
-        self.config.keys.iter().map(KeyAccess::from).collect()
+        self.config
+            .keys
+            .iter()
+            .map(KeyAccess::from)
+            .chain(self.active_stored().map(KeyAccess::from))
+            .collect()
+    }
+
+    /// The shim's key table: static and active stored keys.
+    fn key_table(&self) -> anyhow::Result<KeyTable> {
+        let stored: Vec<StoredKey> = self.active_stored().cloned().collect();
+        shim_runtime::key_table(&self.config.keys, &stored)
+    }
+
+    fn principals(&self) -> anyhow::Result<management::principals::Principals> {
+        management::principals(&self.config.management.admins, self.stored.values())
+    }
+
+    /// React to API writes, config changes, expiries and signals until
+    /// SIGTERM or SIGINT.
+    async fn event_loop(
+        &mut self,
+        shim: &mut Shim,
+        api: &ApiState,
+        apply_rx: &mut mpsc::Receiver<Apply>,
+        mut next_change: Option<SystemTime>,
+    ) -> anyhow::Result<()> {
+        let (change_tx, mut change_rx) = mpsc::channel::<()>(16);
+        let _watcher = watch_config(&self.config_path, change_tx)?;
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
+        let mut last_used = tokio::time::interval(LAST_USED_FLUSH);
+
+        loop {
+            let expiry = sleep_until_system(next_change);
+            tokio::select! {
+                Some(apply) = apply_rx.recv() => {
+                    let result = self.apply_key(apply.key, shim, api);
+                    let answer = match result {
+                        Ok((took, next)) => {
+                            next_change = next;
+                            Ok(took)
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    let _ = apply.done.send(answer);
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    self.reload(shim, api, &mut next_change).await;
+                    shim.reload_certificates();
+                }
+                Some(()) = change_rx.recv() => {
+                    tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                    while change_rx.try_recv().is_ok() {}
+                    tracing::info!("configuration file changed: reloading");
+                    self.reload(shim, api, &mut next_change).await;
+                }
+                _ = cert_check.tick() => shim.reload_certificates(),
+                _ = last_used.tick() => self.flush_last_used(&shim.sources()),
+                () = expiry => {
+                    tracing::info!("an allow-list entry expired: recompiling the policy");
+                    match self.apply_policy() {
+                        Ok(n) => next_change = n,
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the policy"),
+                    }
+                }
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+    }
+
+    /// Enforce a change the API committed: the shim's key table, the BPF maps
+    /// and the management principals. Returns how long that took and the
+    /// policy's next expiry.
+    fn apply_key(
+        &mut self,
+        key: StoredKey,
+        shim: &Shim,
+        api: &ApiState,
+    ) -> anyhow::Result<(Duration, Option<SystemTime>)> {
+        let started = Instant::now();
+        self.stored.insert(key.id.clone(), key);
+        // The shim first: it is the authority, and swapping its table cannot
+        // fail for want of map space.
+        shim.set_keys(self.key_table()?);
+        let next = self.apply_policy()?;
+        *api.principals
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+        Ok((started.elapsed(), next))
+    }
+
+    /// Write keys' last-use times (seen by the shim) to the store.
+    fn flush_last_used(&self, sources: &crate::shim::sources::Sources) {
+        let used: Vec<(String, SystemTime)> = sources
+            .last_used()
+            .into_iter()
+            .filter(|(id, _)| self.stored.contains_key(id))
+            .collect();
+        if used.is_empty() {
+            return;
+        }
+        let result = tokio::task::block_in_place(|| {
+            self.store
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .touch_last_used(&used)
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "recording keys' last use");
+        }
     }
 
     /// Compile the current config and make the datapath enforce it.
@@ -163,9 +350,10 @@ impl Daemon {
     fn apply_policy(&mut self) -> anyhow::Result<Option<SystemTime>> {
         let started = Instant::now();
         let compiled = policy::compile(&self.config.listeners, &self.keys(), SystemTime::now());
+        let key_count = self.config.keys.len() + self.active_stored().count();
         self.metrics
             .keys
-            .set(i64::try_from(self.config.keys.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(key_count).unwrap_or(i64::MAX));
         self.metrics.policy_prefixes.clear();
         for l in &compiled.listeners {
             self.metrics
@@ -216,7 +404,12 @@ impl Daemon {
 
     /// Load the file again; keep the last good config when it is invalid. On
     /// success `next_change` becomes the new policy's next expiry.
-    async fn reload(&mut self, shim: &mut Shim, next_change: &mut Option<SystemTime>) {
+    async fn reload(
+        &mut self,
+        shim: &mut Shim,
+        api: &ApiState,
+        next_change: &mut Option<SystemTime>,
+    ) {
         let result = match config::load(&self.config_path) {
             Err(errors) => {
                 for line in errors.to_string().lines() {
@@ -224,7 +417,7 @@ impl Daemon {
                 }
                 Err(anyhow!("invalid configuration; keeping the last good one"))
             }
-            Ok(new) => self.switch_to(new, shim).await,
+            Ok(new) => self.switch_to(new, shim, api).await,
         };
         match result {
             Ok(next) => {
@@ -250,10 +443,21 @@ impl Daemon {
         &mut self,
         new: Config,
         shim: &mut Shim,
+        api: &ApiState,
     ) -> anyhow::Result<Option<SystemTime>> {
         // Secrets are read before anything changes, so a missing variable
         // rejects the whole reload.
-        crate::shim::runtime::static_key_table(&new.keys)?;
+        let stored: Vec<StoredKey> = self.active_stored().cloned().collect();
+        let keys = shim_runtime::key_table(&new.keys, &stored)?;
+        let principals = management::principals(&new.management.admins, self.stored.values())?;
+        if new.store.path != self.config.store.path
+            || new.management.bind != self.config.management.bind
+            || new.management.confirm_totp_env != self.config.management.confirm_totp_env
+        {
+            tracing::warn!(
+                "store.path, management.bind and management.confirm take effect at the next restart"
+            );
+        }
         if new.datapath.pin_path != self.config.datapath.pin_path
             || (new.datapath.mode == AttachMode::Off)
                 != (self.config.datapath.mode == AttachMode::Off)
@@ -267,6 +471,11 @@ impl Daemon {
         let keep = |c: &mut Config| {
             c.datapath.pin_path.clone_from(&old.datapath.pin_path);
             c.metrics.bind = old.metrics.bind;
+            c.store.path.clone_from(&old.store.path);
+            c.management.bind = old.management.bind;
+            c.management
+                .confirm_totp_env
+                .clone_from(&old.management.confirm_totp_env);
         };
         keep(&mut self.config);
         let next = match self.apply_policy() {
@@ -281,7 +490,13 @@ impl Daemon {
         {
             self.attach()?;
         }
-        shim.update(&self.config).await?;
+        shim.update(&self.config, keys).await?;
+        *api.static_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.config.keys.clone());
+        *api.principals
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(principals);
         Ok(next)
     }
 }

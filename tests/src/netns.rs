@@ -626,16 +626,32 @@ impl Agent {
         &self.config
     }
 
+    /// The key store's file (in the agent's directory).
+    #[must_use]
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.join("keyfence.db")
+    }
+
+    /// `yaml` with a `store` section pointing into the agent's directory
+    /// unless it names one: tests never touch `/var/lib/keyfence`.
+    fn with_store(&self, yaml: &str) -> String {
+        if yaml.lines().any(|l| l.starts_with("store:")) {
+            return yaml.to_owned();
+        }
+        format!("store:\n  path: {}\n{yaml}", self.store_path().display())
+    }
+
     /// Replace the config file's contents in place (truncate and write).
     pub fn write_config(&self, yaml: &str) -> anyhow::Result<()> {
-        fs::write(&self.config, yaml).with_context(|| format!("writing {}", self.config.display()))
+        fs::write(&self.config, self.with_store(yaml))
+            .with_context(|| format!("writing {}", self.config.display()))
     }
 
     /// Replace the config file atomically (write a sibling, rename it over), as
     /// editors and configuration managers do.
     pub fn replace_config(&self, yaml: &str) -> anyhow::Result<()> {
         let tmp = self.dir.join(".keyfence.yaml.new");
-        fs::write(&tmp, yaml)?;
+        fs::write(&tmp, self.with_store(yaml))?;
         fs::rename(&tmp, &self.config)
             .with_context(|| format!("renaming over {}", self.config.display()))
     }

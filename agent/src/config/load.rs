@@ -698,7 +698,7 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
             out.push(StaticKey {
                 id,
                 name: k.name.value,
-                tenant: k.tenant.unwrap_or_else(|| "default".into()),
+                tenant: k.tenant.unwrap_or_else(|| super::DEFAULT_TENANT.into()),
                 scopes: k.scopes.unwrap_or_else(|| vec!["api".into()]),
                 secret,
                 allow,

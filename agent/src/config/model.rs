@@ -95,6 +95,9 @@ pub enum ClientIpSource {
     XForwardedFor,
 }
 
+/// The tenant of a key that names none.
+pub const DEFAULT_TENANT: &str = "default";
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct StaticKey {
     pub id: String,

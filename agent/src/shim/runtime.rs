@@ -17,6 +17,7 @@ use super::{
 use crate::{
     config::{Config, KeySecret, ListenerConfig, StaticKey},
     metrics::Metrics,
+    store::StoredKey,
 };
 
 /// Addresses remembered per key for `GET /v1/keys/{id}/sources`.
@@ -27,25 +28,54 @@ pub const SOURCES_KEYS: usize = 4096;
 /// Minimum length of a static key's secret (SPEC §2).
 pub const MIN_STATIC_SECRET: usize = 20;
 
-/// The key table of the config's static keys. `secret_env` variables are read
-/// here; a missing or short one is an error naming the key.
+/// The key table of the config's static keys and the store's active keys.
+/// `secret_env` variables are read here; a missing or short one is an error
+/// naming the key.
+pub fn key_table(statics: &[StaticKey], stored: &[StoredKey]) -> anyhow::Result<KeyTable> {
+    let mut rows = static_rows(statics)?;
+    rows.extend(stored.iter().filter(|k| k.revoked_at.is_none()).map(|k| {
+        (
+            k.digest,
+            ShimKey {
+                id: k.id.clone(),
+                tenant: k.tenant.clone(),
+                scopes: k.scopes.clone(),
+                allow: k.allow.clone(),
+                report_only: k.report_only,
+            },
+        )
+    }));
+    Ok(KeyTable::new(rows))
+}
+
+/// The key table of the config's static keys alone.
 pub fn static_key_table(keys: &[StaticKey]) -> anyhow::Result<KeyTable> {
+    Ok(KeyTable::new(static_rows(keys)?))
+}
+
+/// The digest of a configured secret; `secret_env` is read now. `what` names
+/// the owner in errors ("key ci", "admin ops").
+pub fn secret_digest(secret: &KeySecret, what: &str) -> anyhow::Result<[u8; 32]> {
+    match secret {
+        KeySecret::Sha256(d) => Ok(*d),
+        KeySecret::Env(var) => {
+            let secret = std::env::var(var)
+                .map_err(|_| anyhow!("{what}: environment variable {var} is not set"))?;
+            if secret.len() < MIN_STATIC_SECRET {
+                anyhow::bail!(
+                    "{what}: the secret in {var} is shorter than {MIN_STATIC_SECRET} characters"
+                );
+            }
+            Ok(digest(&secret))
+        }
+    }
+}
+
+/// `(digest, key)` rows of the static keys.
+fn static_rows(keys: &[StaticKey]) -> anyhow::Result<Vec<([u8; 32], ShimKey)>> {
     let mut rows = Vec::with_capacity(keys.len());
     for k in keys {
-        let d = match &k.secret {
-            KeySecret::Sha256(d) => *d,
-            KeySecret::Env(var) => {
-                let secret = std::env::var(var)
-                    .map_err(|_| anyhow!("key {}: environment variable {var} is not set", k.id))?;
-                if secret.len() < MIN_STATIC_SECRET {
-                    anyhow::bail!(
-                        "key {}: the secret in {var} is shorter than {MIN_STATIC_SECRET} characters",
-                        k.id
-                    );
-                }
-                digest(&secret)
-            }
-        };
+        let d = secret_digest(&k.secret, &format!("key {}", k.id))?;
         rows.push((
             d,
             ShimKey {
@@ -57,7 +87,7 @@ pub fn static_key_table(keys: &[StaticKey]) -> anyhow::Result<KeyTable> {
             },
         ));
     }
-    Ok(KeyTable::new(rows))
+    Ok(rows)
 }
 
 struct Running {
@@ -74,13 +104,17 @@ pub struct Shim {
 }
 
 impl Shim {
-    /// Bind and serve every listener of `config`.
-    pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    /// Bind and serve every listener of `config`, answering with `keys`.
+    pub async fn start(
+        config: &Config,
+        keys: KeyTable,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
-            keys: RwLock::new(Arc::new(static_key_table(&config.keys)?)),
+            keys: RwLock::new(Arc::new(keys)),
             rejection: RwLock::new(Arc::new(config.rejection.clone())),
             metrics,
-            sources: super::sources::Sources::new(SOURCES_PER_KEY, SOURCES_KEYS),
+            sources: Arc::new(super::sources::Sources::new(SOURCES_PER_KEY, SOURCES_KEYS)),
         });
         let mut shim = Self {
             shared,
@@ -122,15 +156,25 @@ impl Shim {
         Ok(())
     }
 
-    /// Apply a new config: keys and rejection swap at once; listeners whose bind
-    /// or TLS files changed are restarted, others take the new settings in place.
-    pub async fn update(&mut self, config: &Config) -> anyhow::Result<()> {
-        let table = static_key_table(&config.keys)?;
+    /// The per-key source statistics the listeners record.
+    #[must_use]
+    pub fn sources(&self) -> Arc<super::sources::Sources> {
+        self.shared.sources.clone()
+    }
+
+    /// Swap the key table: the next request is judged by `keys`.
+    pub fn set_keys(&self, keys: KeyTable) {
         *self
             .shared
             .keys
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+    }
+
+    /// Apply a new config: keys and rejection swap at once; listeners whose bind
+    /// or TLS files changed are restarted, others take the new settings in place.
+    pub async fn update(&mut self, config: &Config, keys: KeyTable) -> anyhow::Result<()> {
+        self.set_keys(keys);
         *self
             .shared
             .rejection

@@ -62,7 +62,7 @@ pub struct Shared {
     pub rejection: RwLock<Arc<Rejection>>,
     pub metrics: Arc<Metrics>,
     /// Recently seen client addresses per key.
-    pub sources: super::sources::Sources,
+    pub sources: Arc<super::sources::Sources>,
 }
 
 impl ListenerCtx {

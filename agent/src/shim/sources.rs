@@ -32,6 +32,8 @@ mod unix_seconds {
 struct PerKey {
     addrs: HashMap<IpAddr, SourceStats>,
     last_seen: Option<SystemTime>,
+    /// The last allowed use (the key's `last_used_at`).
+    last_allowed: Option<SystemTime>,
 }
 
 pub struct Sources {
@@ -86,6 +88,7 @@ impl Sources {
         });
         if allowed {
             stats.allowed += 1;
+            entry.last_allowed = Some(now);
         } else {
             stats.refused += 1;
         }
@@ -105,6 +108,17 @@ impl Sources {
             .unwrap_or_default();
         out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.ip.cmp(&b.ip)));
         out
+    }
+
+    /// The last allowed use of every key seen.
+    #[must_use]
+    pub fn last_used(&self) -> Vec<(String, SystemTime)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(|(id, k)| k.last_allowed.map(|t| (id.clone(), t)))
+            .collect()
     }
 
     /// Forget a key (revoked).
@@ -141,6 +155,11 @@ mod tests {
         assert_eq!((seen[0].allowed, seen[0].refused), (0, 1));
         assert_eq!((seen[1].allowed, seen[1].refused), (2, 0));
         assert!(s.of("other").is_empty());
+        assert_eq!(
+            s.last_used(),
+            vec![("k".to_string(), t(2))],
+            "refusals are not uses"
+        );
     }
 
     #[test]

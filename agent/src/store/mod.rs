@@ -1,1 +1,195 @@
 //! Durable key storage (SPEC §2 `store`, §6).
+//!
+//! Keys made through the management API live here: metadata, the SHA-256 of the
+//! secret (never the secret), the allow list, and an audit row for every change,
+//! written in the same transaction as the change. The daemon reads the store
+//! once at start and then learns each change from the API call that made it.
+//!
+//! [`KeyStore`] is the seam for other backends (PostgreSQL for fleets);
+//! [`sqlite::SqliteStore`] is the embedded default.
+
+pub mod secret;
+pub mod sqlite;
+
+use std::{net::IpAddr, time::SystemTime};
+
+use serde_json::{Value, json};
+
+use crate::allowlist::{AllowEntry, AllowList};
+
+/// Who made a change, as recorded in the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// `admin:NAME` for a config principal, `key:ID` for an admin-scoped key.
+    pub principal: String,
+    pub address: IpAddr,
+}
+
+/// A key to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewKey {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub scopes: Vec<String>,
+    /// SHA-256 of the secret.
+    pub digest: [u8; 32],
+    pub allow: AllowList,
+    pub report_only: bool,
+}
+
+/// Fields of a key to change; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub allow: Option<AllowList>,
+    pub report_only: Option<bool>,
+}
+
+/// A key as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredKey {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub scopes: Vec<String>,
+    pub digest: [u8; 32],
+    pub allow: AllowList,
+    pub report_only: bool,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    pub last_used_at: Option<SystemTime>,
+    pub revoked_at: Option<SystemTime>,
+}
+
+impl StoredKey {
+    #[must_use]
+    pub fn is_active(&self) -> bool {
+        self.revoked_at.is_none()
+    }
+
+    /// The key as the API and the audit log show it: everything but the digest.
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "tenant": self.tenant,
+            "scopes": self.scopes,
+            "ip_allow_list": list_json(&self.allow),
+            "report_only": self.report_only,
+            "created_at": time_json(self.created_at),
+            "updated_at": time_json(self.updated_at),
+            "last_used_at": self.last_used_at.map_or(Value::Null, time_json),
+            "revoked_at": self.revoked_at.map_or(Value::Null, time_json),
+        })
+    }
+}
+
+/// One audit row: who changed which key, from where, and the key before and after.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEntry {
+    /// Increasing; page with `after`.
+    pub seq: i64,
+    pub at: SystemTime,
+    pub principal: String,
+    pub address: IpAddr,
+    /// `create`, `update`, `revoke` or `rotate`.
+    pub action: String,
+    pub key_id: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unknown key id {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("key {0} is revoked")]
+    Revoked(String),
+    #[error(
+        "the store's schema is version {found}, newer than this keyfence knows ({known}): \
+         upgrade keyfence or restore a backup"
+    )]
+    Newer { found: i64, known: i64 },
+    #[error("the store is damaged: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Durable key storage. Every write is one transaction holding the change and
+/// its audit row; it either commits whole (and is on disk when this returns)
+/// or changes nothing.
+pub trait KeyStore: Send {
+    /// All keys, revoked ones included, oldest first.
+    fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError>;
+    fn key(&mut self, id: &str) -> Result<StoredKey, StoreError>;
+    fn create(
+        &mut self,
+        new: NewKey,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError>;
+    /// Returns the key before and after.
+    fn update(
+        &mut self,
+        id: &str,
+        patch: KeyPatch,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<(StoredKey, StoredKey), StoreError>;
+    fn revoke(&mut self, id: &str, actor: &Actor, now: SystemTime)
+    -> Result<StoredKey, StoreError>;
+    /// Replace the secret's digest; id, list and everything else stay.
+    fn rotate(
+        &mut self,
+        id: &str,
+        digest: [u8; 32],
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError>;
+    /// Audit rows with `seq > after` (of one key, when given), oldest first,
+    /// at most `limit`.
+    fn audit(
+        &mut self,
+        after: i64,
+        limit: usize,
+        key_id: Option<&str>,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Record when keys were last used (not audited: it is not a change).
+    fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError>;
+}
+
+/// RFC 3339, seconds.
+#[must_use]
+pub fn time_json(t: SystemTime) -> Value {
+    Value::String(humantime::format_rfc3339_seconds(t).to_string())
+}
+
+/// An entry as the API shows it: a string, or an object when it has a note or
+/// an expiry.
+#[must_use]
+pub fn entry_json(e: &AllowEntry) -> Value {
+    if e.note.is_none() && e.expires_at.is_none() {
+        return Value::String(e.net.to_string());
+    }
+    let mut o = serde_json::Map::new();
+    o.insert("cidr".into(), Value::String(e.net.to_string()));
+    if let Some(note) = &e.note {
+        o.insert("note".into(), Value::String(note.clone()));
+    }
+    if let Some(t) = e.expires_at {
+        o.insert("expires_at".into(), time_json(t));
+    }
+    Value::Object(o)
+}
+
+#[must_use]
+pub fn list_json(list: &AllowList) -> Value {
+    Value::Array(list.entries().iter().map(entry_json).collect())
+}

@@ -1,0 +1,578 @@
+//! `keyfence keys …`: the management API from the command line. Readable
+//! tables by default, the API's JSON with `--json`. The answer's status decides
+//! the exit code: 0 for 2xx, 1 otherwise (the API's error is printed).
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{TcpStream, ToSocketAddrs as _},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use serde_json::{Value, json};
+
+use crate::cli::{KeysArgs, KeysCommand};
+
+/// Connect and I/O timeout for one API call. Writes wait for enforcement,
+/// which with a million prefixes takes seconds.
+const TIMEOUT: Duration = Duration::from_mins(1);
+
+/// An answer from the API.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// `http://HOST:PORT` split into the address to connect to and the `Host`
+/// header.
+fn endpoint(api: &str) -> anyhow::Result<String> {
+    let rest = api.strip_prefix("http://").ok_or_else(|| {
+        anyhow!("--api {api:?}: expected http://HOST:PORT (the management API speaks plain HTTP on loopback)")
+    })?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') {
+        bail!("--api {api:?}: expected http://HOST:PORT without a path");
+    }
+    Ok(host.to_owned())
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`).
+pub fn call(
+    api: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    confirm: Option<&str>,
+) -> anyhow::Result<Answer> {
+    let host = endpoint(api)?;
+    let addr = host
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{host} has no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
+        .with_context(|| format!("connecting to the management API at {api}"))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Accept: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
+        payload.len()
+    );
+    if body.is_some() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(code) = confirm {
+        let _ = write!(head, "X-Keyfence-Confirm: {code}\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(payload.as_bytes())?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer from {api}"))?;
+    parse_answer(&raw)
+}
+
+fn parse_answer(raw: &[u8]) -> anyhow::Result<Answer> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("the management API sent no complete answer"))?;
+    let head = std::str::from_utf8(&raw[..split]).context("answer head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP answer: {head:?}"))?;
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let mut body = raw[split + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+    };
+    Ok(Answer { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("truncated chunked answer"))?;
+        let size_text = std::str::from_utf8(&data[..line_end])?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            bail!("truncated chunked answer");
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// `--allow "a, b"` as the API's list (one string: the server splits and
+/// validates it, reporting every bad entry).
+fn allow_value(allow: &str) -> Value {
+    Value::String(allow.to_owned())
+}
+
+/// Run one `keyfence keys` command; returns the process's exit code.
+pub fn run(args: &KeysArgs) -> anyhow::Result<u8> {
+    let token = std::env::var("KEYFENCE_TOKEN").map_err(|_| {
+        anyhow!("KEYFENCE_TOKEN is not set: export the management token (a config admin's token or an admin-scoped key)")
+    })?;
+    let api = args.api.as_str();
+    let confirm = args.confirm.as_deref();
+    let call = |method: &str, path: &str, body: Option<&Value>| {
+        call(api, &token, method, path, body, confirm)
+    };
+    let (answer, shape) = match &args.command {
+        KeysCommand::Create {
+            name,
+            tenant,
+            scopes,
+            allow,
+            report_only,
+        } => {
+            let mut body = json!({ "name": name });
+            if let Some(t) = tenant {
+                body["tenant"] = json!(t);
+            }
+            if !scopes.is_empty() {
+                body["scopes"] = json!(scopes);
+            }
+            if let Some(a) = allow {
+                body["ip_allow_list"] = allow_value(a);
+            }
+            if *report_only {
+                body["report_only"] = json!(true);
+            }
+            (call("POST", "/v1/keys", Some(&body))?, Shape::Key)
+        }
+        KeysCommand::List => (call("GET", "/v1/keys", None)?, Shape::List),
+        KeysCommand::Show { id } => (call("GET", &key_path(id, ""), None)?, Shape::Key),
+        KeysCommand::Update {
+            id,
+            name,
+            allow,
+            report_only,
+        } => {
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(a) = allow {
+                body["ip_allow_list"] = allow_value(a);
+            }
+            if let Some(r) = report_only {
+                body["report_only"] = json!(r);
+            }
+            if body.as_object().is_some_and(serde_json::Map::is_empty) {
+                bail!("nothing to change: give --name, --allow or --report-only");
+            }
+            (call("PATCH", &key_path(id, ""), Some(&body))?, Shape::Key)
+        }
+        KeysCommand::Revoke { id } => (call("DELETE", &key_path(id, ""), None)?, Shape::Key),
+        KeysCommand::Rotate { id } => (call("POST", &key_path(id, "/rotate"), None)?, Shape::Key),
+        KeysCommand::Sources { id } => (
+            call("GET", &key_path(id, "/sources"), None)?,
+            Shape::Sources,
+        ),
+        KeysCommand::Audit { key, limit, after } => {
+            let mut path = format!("/v1/audit?limit={limit}&after={after}");
+            if let Some(k) = key {
+                let _ = write!(path, "&key_id={}", encode(k));
+            }
+            (call("GET", &path, None)?, Shape::Audit)
+        }
+    };
+    if !(200..300).contains(&answer.status) {
+        eprint!("{}", render_error(&answer));
+        return Ok(1);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer.body)?);
+    } else {
+        print!("{}", shape.render(&answer.body));
+    }
+    Ok(0)
+}
+
+/// Percent-encode an id for a path segment (ids are `key_` + base62, but a
+/// static key's id is whatever the config says).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn key_path(id: &str, suffix: &str) -> String {
+    format!("/v1/keys/{}{suffix}", encode(id))
+}
+
+/// The API's error, with every bad entry of a 422 on its own line.
+#[must_use]
+pub fn render_error(answer: &Answer) -> String {
+    let message = answer.body["error"]
+        .as_str()
+        .map_or_else(|| answer.body.to_string(), str::to_owned);
+    let mut out = format!("keyfence keys: {} {message}\n", answer.status);
+    if let Some(entries) = answer.body["entries"].as_array() {
+        for e in entries {
+            let _ = writeln!(
+                out,
+                "  entry {}: {:?}: {}",
+                e["position"],
+                e["entry"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if answer.status == 401 && message == "confirmation required" {
+        out.push_str("  (pass the current TOTP code with --confirm or KEYFENCE_CONFIRM)\n");
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Key,
+    List,
+    Sources,
+    Audit,
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn entry_text(e: &Value) -> String {
+    match e {
+        Value::Object(o) => {
+            let mut s = text(&o.get("cidr").cloned().unwrap_or(Value::Null));
+            if let Some(n) = o.get("note").and_then(Value::as_str) {
+                let _ = write!(s, "  # {n}");
+            }
+            if let Some(t) = o.get("expires_at").and_then(Value::as_str) {
+                let _ = write!(s, "  (expires {t})");
+            }
+            s
+        }
+        other => text(other),
+    }
+}
+
+fn status_of(key: &Value) -> &'static str {
+    if !key["revoked_at"].is_null() {
+        "revoked"
+    } else if key["report_only"] == json!(true) {
+        "report-only"
+    } else {
+        "active"
+    }
+}
+
+fn allow_summary(key: &Value) -> String {
+    let entries = key["ip_allow_list"].as_array().cloned().unwrap_or_default();
+    match entries.len() {
+        0 => "any address".into(),
+        1..=3 => entries
+            .iter()
+            .map(|e| entry_text(e).split("  ").next().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
+        n => format!("{n} entries"),
+    }
+}
+
+/// Rows as aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.zip(&widths).enumerate() {
+            if i + 1 == widths.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+impl Shape {
+    fn render(self, body: &Value) -> String {
+        match self {
+            Shape::Key => render_key(body),
+            Shape::List => {
+                let keys = body["keys"].as_array().cloned().unwrap_or_default();
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            text(&k["id"]),
+                            text(&k["name"]),
+                            text(&k["tenant"]),
+                            k["scopes"]
+                                .as_array()
+                                .map(|s| s.iter().map(text).collect::<Vec<_>>().join(","))
+                                .unwrap_or_default(),
+                            text(&k["source"]),
+                            status_of(k).into(),
+                            text(&k["last_used_at"]),
+                            allow_summary(k),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "TENANT",
+                        "SCOPES",
+                        "SOURCE",
+                        "STATUS",
+                        "LAST USED",
+                        "ALLOW",
+                    ],
+                    &rows,
+                )
+            }
+            Shape::Sources => {
+                let rows: Vec<Vec<String>> = body["sources"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            text(&s["ip"]),
+                            text(&s["allowed"]),
+                            text(&s["refused"]),
+                            text(&s["last_seen"]),
+                        ]
+                    })
+                    .collect();
+                if rows.is_empty() {
+                    return format!("no requests seen for {} yet\n", text(&body["key_id"]));
+                }
+                table(&["ADDRESS", "ALLOWED", "REFUSED", "LAST SEEN"], &rows)
+            }
+            Shape::Audit => {
+                let rows: Vec<Vec<String>> = body["entries"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            text(&e["seq"]),
+                            text(&e["at"]),
+                            text(&e["principal"]),
+                            text(&e["address"]),
+                            text(&e["action"]),
+                            text(&e["key_id"]),
+                            audit_change(e),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "SEQ",
+                        "AT",
+                        "PRINCIPAL",
+                        "ADDRESS",
+                        "ACTION",
+                        "KEY",
+                        "CHANGE",
+                    ],
+                    &rows,
+                )
+            }
+        }
+    }
+}
+
+/// What an audit row changed, in a few words.
+fn audit_change(e: &Value) -> String {
+    let (before, after) = (&e["before"], &e["after"]);
+    if before.is_null() {
+        return format!("allow: {}", allow_summary(after));
+    }
+    let mut parts = Vec::new();
+    for field in ["name", "ip_allow_list", "report_only", "revoked_at"] {
+        if before[field] != after[field] {
+            parts.push(match field {
+                "ip_allow_list" => format!(
+                    "allow: {} -> {}",
+                    allow_summary(before),
+                    allow_summary(after)
+                ),
+                f => format!("{f}: {} -> {}", text(&before[f]), text(&after[f])),
+            });
+        }
+    }
+    if parts.is_empty() && e["action"] == "rotate" {
+        parts.push("new secret".into());
+    }
+    parts.join("; ")
+}
+
+fn render_key(k: &Value) -> String {
+    let mut out = String::new();
+    for (label, field) in [
+        ("id", "id"),
+        ("name", "name"),
+        ("tenant", "tenant"),
+        ("source", "source"),
+        ("created", "created_at"),
+        ("updated", "updated_at"),
+        ("last used", "last_used_at"),
+        ("revoked", "revoked_at"),
+    ] {
+        let _ = writeln!(out, "{label:<10} {}", text(&k[field]));
+    }
+    let scopes = k["scopes"]
+        .as_array()
+        .map(|s| s.iter().map(text).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    let _ = writeln!(out, "{:<10} {scopes}", "scopes");
+    let _ = writeln!(out, "{:<10} {}", "status", status_of(k));
+    let entries = k["ip_allow_list"].as_array().cloned().unwrap_or_default();
+    if entries.is_empty() {
+        let _ = writeln!(out, "{:<10} any address (the list is empty)", "allow");
+    } else {
+        let _ = writeln!(out, "{:<10} {} entries", "allow", entries.len());
+        for e in &entries {
+            let _ = writeln!(out, "  {}", entry_text(e));
+        }
+    }
+    if let Some(secret) = k["secret"].as_str() {
+        let _ = writeln!(out, "\nsecret     {secret}");
+        out.push_str("           (shown this once: keyfence stores only its SHA-256)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_plain_and_chunked() {
+        let plain = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"id\":\"k\"}";
+        let a = parse_answer(plain).unwrap();
+        assert_eq!(a.status, 201);
+        assert_eq!(a.body["id"], "k");
+        let chunked = b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"err\r\n8\r\nor\":\"x\"}\r\n0\r\n\r\n";
+        let a = parse_answer(chunked).unwrap();
+        assert_eq!(a.status, 409);
+        assert_eq!(a.body["error"], "x");
+        assert!(parse_answer(b"garbage").is_err());
+        assert!(
+            parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab").is_err()
+        );
+    }
+
+    #[test]
+    fn api_urls() {
+        assert_eq!(endpoint("http://127.0.0.1:9900").unwrap(), "127.0.0.1:9900");
+        assert_eq!(endpoint("http://[::1]:9900/").unwrap(), "[::1]:9900");
+        assert!(endpoint("https://127.0.0.1:9900").is_err());
+        assert!(endpoint("http://127.0.0.1:9900/v1").is_err());
+        assert!(endpoint("127.0.0.1:9900").is_err());
+    }
+
+    #[test]
+    fn ids_are_encoded() {
+        assert_eq!(
+            key_path("key_AbC09", "/rotate"),
+            "/v1/keys/key_AbC09/rotate"
+        );
+        assert_eq!(key_path("a b/c", ""), "/v1/keys/a%20b%2Fc");
+    }
+
+    #[test]
+    fn errors_list_every_entry() {
+        let a = Answer {
+            status: 422,
+            body: json!({"error":"invalid allow list","entries":[
+                {"position":1,"entry":"10.0.0.1/33","reason":"prefix length 33 out of range (0-32)"},
+                {"position":3,"entry":"nope","reason":"not an IP address or CIDR"}]}),
+        };
+        let text = render_error(&a);
+        assert!(
+            text.starts_with("keyfence keys: 422 invalid allow list\n"),
+            "{text}"
+        );
+        assert!(text.contains("entry 1: \"10.0.0.1/33\""), "{text}");
+        assert!(text.contains("entry 3: \"nope\""), "{text}");
+    }
+
+    #[test]
+    fn key_and_list_rendering() {
+        let key = json!({
+            "id": "key_1", "name": "CI", "tenant": "default", "scopes": ["api"],
+            "ip_allow_list": ["198.51.100.0/24", {"cidr":"203.0.113.7/32","note":"vpn","expires_at":"2026-12-31T00:00:00Z"}],
+            "report_only": false, "source": "api", "created_at": "2026-11-25T10:00:00Z",
+            "updated_at": "2026-11-25T10:00:00Z", "last_used_at": null, "revoked_at": null,
+            "secret": "kf_x"
+        });
+        let shown = render_key(&key);
+        assert!(shown.contains("allow      2 entries\n  198.51.100.0/24\n  203.0.113.7/32  # vpn  (expires 2026-12-31T00:00:00Z)\n"), "{shown}");
+        assert!(shown.contains("secret     kf_x"), "{shown}");
+        let listed = Shape::List.render(&json!({"keys":[key]}));
+        let mut lines = listed.lines();
+        assert!(
+            lines.next().unwrap().starts_with("ID     NAME  TENANT"),
+            "{listed}"
+        );
+        let row = lines.next().unwrap();
+        assert!(row.contains("active"), "{row}");
+        assert!(row.ends_with("198.51.100.0/24, 203.0.113.7/32"), "{row}");
+    }
+}

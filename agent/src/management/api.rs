@@ -1,0 +1,584 @@
+//! The management API's HTTP surface (SPEC §6, wire format in `docs/api.md`).
+//!
+//! Every write follows one order, so that a refused call changes nothing:
+//! authenticate → parse → validate (422) → self-lockout (409) → step-up
+//! confirmation (401) → one store transaction (the change and its audit row) →
+//! enforcement (shim key table and BPF maps) → answer. The answer is sent only
+//! once the daemon reports the new state enforced.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{ConnectInfo, Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals};
+use crate::{
+    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, parse_list},
+    config::StaticKey,
+    confirm::Confirmer,
+    policy::API_SCOPE,
+    shim::{keys::digest, sources::Sources},
+    store::{
+        Actor, KeyPatch, KeyStore, NewKey, StoreError, StoredKey, list_json, secret, time_json,
+    },
+};
+
+/// Header carrying the step-up code.
+pub const CONFIRM_HEADER: &str = "x-keyfence-confirm";
+/// Longest key name accepted.
+const MAX_NAME: usize = 200;
+/// `GET /v1/audit` page size: default and cap.
+const AUDIT_DEFAULT: usize = 100;
+const AUDIT_MAX: usize = 1000;
+/// A request body larger than this is refused before parsing.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// The store, shared between the API (writes) and the daemon (reads on apply).
+pub type SharedStore = Arc<Mutex<Box<dyn KeyStore>>>;
+
+/// A committed change for the daemon to enforce: the key's new state. The
+/// daemon answers on `done` with how long enforcement took, or why it failed.
+#[derive(Debug)]
+pub struct Apply {
+    pub key: StoredKey,
+    pub done: oneshot::Sender<Result<Duration, String>>,
+}
+
+/// What the handlers share. `principals` and `static_keys` are swapped by the
+/// daemon whenever keys or the config change.
+pub struct ApiState {
+    pub store: SharedStore,
+    pub principals: RwLock<Arc<Principals>>,
+    pub static_keys: RwLock<Arc<Vec<StaticKey>>>,
+    pub confirm: Option<Confirmer>,
+    pub sources: Arc<Sources>,
+    pub apply: mpsc::Sender<Apply>,
+    /// Held from a write's commit until it is enforced, so the daemon applies
+    /// changes in commit order.
+    pub writes: tokio::sync::Mutex<()>,
+}
+
+/// The router: every call of SPEC §6.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/keys", post(create).get(list))
+        .route("/v1/keys/{id}", get(show).patch(update).delete(revoke))
+        .route("/v1/keys/{id}/rotate", post(rotate))
+        .route("/v1/keys/{id}/sources", get(sources))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serve `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// An error answer: status and JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let status = match e {
+            AuthError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            AuthError::AddressNotAllowed => StatusCode::FORBIDDEN,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "unknown key id"),
+            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
+            StoreError::Revoked(id) => {
+                Self::new(StatusCode::CONFLICT, format!("key {id} is revoked"))
+            }
+            other => {
+                tracing::error!(error = %other, "key store");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "key store error")
+            }
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The caller, authenticated.
+struct Caller {
+    principal: Principal,
+    ip: IpAddr,
+}
+
+impl Caller {
+    fn actor(&self) -> Actor {
+        Actor {
+            principal: match &self.principal.kind {
+                PrincipalKind::ConfigAdmin => format!("admin:{}", self.principal.name),
+                PrincipalKind::Key(id) => format!("key:{id}"),
+            },
+            address: self.ip,
+        }
+    }
+}
+
+fn authenticate(
+    state: &ApiState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Caller, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ip = crate::allowlist::fold_ip(peer.ip());
+    let principals = state
+        .principals
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let principal = principals
+        .authenticate(token, ip, SystemTime::now())?
+        .clone();
+    Ok(Caller { principal, ip })
+}
+
+/// Parse a JSON body; anything malformed (syntax, unknown field, wrong type) is 400.
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
+}
+
+/// The grammar of SPEC §3; 422 lists every bad entry.
+fn parse_allow(raw: &RawList) -> Result<AllowList, ApiError> {
+    parse_list(raw, DEFAULT_MAX_ENTRIES).map_err(|errors| ApiError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        body: json!({
+            "error": "invalid allow list",
+            "entries": errors.iter().map(|e| json!({
+                "position": e.position,
+                "entry": e.entry,
+                "reason": e.reason.to_string(),
+            })).collect::<Vec<_>>(),
+        }),
+    })
+}
+
+fn check_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("name must be 1 to {MAX_NAME} characters"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// The step-up rule: with a TOTP secret configured, the write needs a fresh code.
+fn confirm(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(confirmer) = &state.confirm else {
+        return Ok(());
+    };
+    let code = headers.get(CONFIRM_HEADER).and_then(|v| v.to_str().ok());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    confirmer.verify(code, now).map_err(|e| {
+        tracing::warn!(reason = %e, "management write refused: step-up confirmation");
+        ApiError::new(StatusCode::UNAUTHORIZED, "confirmation required")
+    })
+}
+
+/// Run a store operation on this worker without stalling the runtime (SQLite
+/// with `synchronous=FULL` waits for the disk).
+fn with_store<T>(
+    state: &ApiState,
+    f: impl FnOnce(&mut dyn KeyStore) -> Result<T, StoreError>,
+) -> Result<T, ApiError> {
+    tokio::task::block_in_place(|| {
+        let mut store = state.store.lock().unwrap_or_else(PoisonError::into_inner);
+        f(store.as_mut()).map_err(ApiError::from)
+    })
+}
+
+/// Wait until the daemon enforces `key`'s committed state.
+async fn enforce(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
+    let (done, rx) = oneshot::channel();
+    let failed = |why: String| {
+        tracing::error!(error = why, "a stored change is not enforced yet");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("stored, but not yet enforced: {why}"),
+        )
+    };
+    state
+        .apply
+        .send(Apply { key, done })
+        .await
+        .map_err(|_| failed("the agent is stopping".into()))?;
+    match rx.await {
+        Ok(Ok(_took)) => Ok(()),
+        Ok(Err(why)) => Err(failed(why)),
+        Err(_) => Err(failed("the agent is stopping".into())),
+    }
+}
+
+fn static_key(state: &ApiState, id: &str) -> Option<StaticKey> {
+    state
+        .static_keys
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .find(|k| k.id == id)
+        .cloned()
+}
+
+fn refuse_static(state: &ApiState, id: &str) -> Result<(), ApiError> {
+    if static_key(state, id).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("key {id} comes from the config file: change it there"),
+        ));
+    }
+    Ok(())
+}
+
+/// A stored key as the API shows it (never its digest).
+#[must_use]
+pub fn stored_json(k: &StoredKey) -> Value {
+    let mut v = k.to_json();
+    if let Value::Object(o) = &mut v {
+        o.insert("source".into(), Value::String("api".into()));
+    }
+    v
+}
+
+fn static_json(k: &StaticKey) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "tenant": k.tenant,
+        "scopes": k.scopes,
+        "ip_allow_list": list_json(&k.allow),
+        "report_only": k.report_only,
+        "source": "config",
+        "created_at": Value::Null,
+        "updated_at": Value::Null,
+        "last_used_at": Value::Null,
+        "revoked_at": Value::Null,
+    })
+}
+
+fn with_secret(mut key: Value, secret: &str) -> Value {
+    if let Value::Object(o) = &mut key {
+        o.insert("secret".into(), Value::String(secret.to_owned()));
+    }
+    key
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    tenant: Option<String>,
+    scopes: Option<Vec<String>>,
+    ip_allow_list: Option<RawList>,
+    report_only: Option<bool>,
+}
+
+fn check_tenant(tenant: Option<String>) -> Result<String, ApiError> {
+    let tenant = tenant.unwrap_or_else(|| crate::config::DEFAULT_TENANT.to_owned());
+    let ok = !tenant.is_empty()
+        && tenant.len() <= 64
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "tenant must be 1 to 64 letters, digits, '-' or '_'",
+        ));
+    }
+    Ok(tenant)
+}
+
+fn check_scopes(scopes: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
+    let mut scopes = scopes.unwrap_or_else(|| vec![API_SCOPE.to_owned()]);
+    scopes.sort();
+    scopes.dedup();
+    if let Some(bad) = scopes
+        .iter()
+        .find(|s| s.as_str() != API_SCOPE && s.as_str() != ADMIN_SCOPE)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("unknown scope {bad:?}; scopes are {API_SCOPE:?} and {ADMIN_SCOPE:?}"),
+        ));
+    }
+    Ok(scopes)
+}
+
+async fn create(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = authenticate(&state, &headers, peer)?;
+    let body: CreateBody = parse_body(&body)?;
+    let name = check_name(&body.name)?;
+    let tenant = check_tenant(body.tenant)?;
+    let scopes = check_scopes(body.scopes)?;
+    let allow = body
+        .ip_allow_list
+        .as_ref()
+        .map(parse_allow)
+        .transpose()?
+        .unwrap_or_default();
+    // A new key always sets a list (an empty one opens it to everyone).
+    confirm(&state, &headers)?;
+    let secret = secret::generate();
+    let new = NewKey {
+        id: secret::new_key_id(),
+        name,
+        tenant,
+        scopes,
+        digest: digest(&secret),
+        allow,
+        report_only: body.report_only.unwrap_or(false),
+    };
+    let actor = caller.actor();
+    let _order = state.writes.lock().await;
+    let key = with_store(&state, |s| s.create(new, &actor, SystemTime::now()))?;
+    enforce(&state, key.clone()).await?;
+    tracing::info!(key_id = key.id, principal = actor.principal, "key created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(with_secret(stored_json(&key), &secret)),
+    )
+        .into_response())
+}
+
+async fn list(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authenticate(&state, &headers, peer)?;
+    let stored = with_store(&state, |s| s.keys())?;
+    let statics = state
+        .static_keys
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let keys: Vec<Value> = statics
+        .iter()
+        .map(static_json)
+        .chain(stored.iter().map(stored_json))
+        .collect();
+    Ok(axum::Json(json!({ "keys": keys })).into_response())
+}
+
+async fn show(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authenticate(&state, &headers, peer)?;
+    if let Some(k) = static_key(&state, &id) {
+        return Ok(axum::Json(static_json(&k)).into_response());
+    }
+    let key = with_store(&state, |s| s.key(&id))?;
+    Ok(axum::Json(stored_json(&key)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    name: Option<String>,
+    ip_allow_list: Option<RawList>,
+    report_only: Option<bool>,
+}
+
+async fn update(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let caller = authenticate(&state, &headers, peer)?;
+    let body: UpdateBody = parse_body(&body)?;
+    refuse_static(&state, &id)?;
+    let patch = KeyPatch {
+        name: body.name.as_deref().map(check_name).transpose()?,
+        allow: body.ip_allow_list.as_ref().map(parse_allow).transpose()?,
+        report_only: body.report_only,
+    };
+    if let Some(allow) = &patch.allow {
+        super::principals::check_self_lockout(
+            &caller.principal,
+            caller.ip,
+            &id,
+            allow,
+            SystemTime::now(),
+        )
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    }
+    if patch.allow.is_some() || patch.report_only.is_some() {
+        // Unknown ids answer 404 before a code is spent on them.
+        with_store(&state, |s| s.key(&id))?;
+        confirm(&state, &headers)?;
+    }
+    let actor = caller.actor();
+    let _order = state.writes.lock().await;
+    let (_, after) = with_store(&state, |s| s.update(&id, patch, &actor, SystemTime::now()))?;
+    enforce(&state, after.clone()).await?;
+    tracing::info!(key_id = id, principal = actor.principal, "key updated");
+    Ok(axum::Json(stored_json(&after)).into_response())
+}
+
+async fn revoke(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let caller = authenticate(&state, &headers, peer)?;
+    refuse_static(&state, &id)?;
+    if caller.principal.kind == PrincipalKind::Key(id.clone()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this change would lock you out: {} would no longer be allowed to use this key",
+                caller.ip
+            ),
+        ));
+    }
+    let actor = caller.actor();
+    let _order = state.writes.lock().await;
+    let key = with_store(&state, |s| s.revoke(&id, &actor, SystemTime::now()))?;
+    enforce(&state, key.clone()).await?;
+    state.sources.forget(&id);
+    tracing::info!(key_id = id, principal = actor.principal, "key revoked");
+    Ok(axum::Json(stored_json(&key)).into_response())
+}
+
+async fn rotate(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let caller = authenticate(&state, &headers, peer)?;
+    refuse_static(&state, &id)?;
+    let secret = secret::generate();
+    let actor = caller.actor();
+    let _order = state.writes.lock().await;
+    let key = with_store(&state, |s| {
+        s.rotate(&id, digest(&secret), &actor, SystemTime::now())
+    })?;
+    enforce(&state, key.clone()).await?;
+    tracing::info!(key_id = id, principal = actor.principal, "key rotated");
+    Ok(axum::Json(with_secret(stored_json(&key), &secret)).into_response())
+}
+
+async fn sources(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authenticate(&state, &headers, peer)?;
+    if static_key(&state, &id).is_none() {
+        with_store(&state, |s| s.key(&id))?;
+    }
+    let seen = state.sources.of(&id);
+    Ok(axum::Json(json!({ "key_id": id, "sources": seen })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+    key_id: Option<String>,
+}
+
+async fn audit(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    authenticate(&state, &headers, peer)?;
+    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(AUDIT_DEFAULT).clamp(1, AUDIT_MAX);
+    let entries = with_store(&state, |s| {
+        s.audit(q.after.unwrap_or(0), limit, q.key_id.as_deref())
+    })?;
+    let entries: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "at": time_json(e.at),
+                "principal": e.principal,
+                "address": e.address.to_string(),
+                "action": e.action,
+                "key_id": e.key_id,
+                "before": e.before,
+                "after": e.after,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "entries": entries })).into_response())
+}

@@ -1,0 +1,949 @@
+//! The embedded store: one SQLite file (bundled library), WAL journal,
+//! `synchronous=FULL` so a committed change survives power loss, foreign keys
+//! on, schema versioned through `PRAGMA user_version`.
+//!
+//! Times are Unix milliseconds. Allow-list entries are stored canonical, one
+//! row each, so a list round-trips exactly.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension as _, Row, Transaction,
+    TransactionBehavior, params,
+};
+use serde_json::Value;
+
+use super::{Actor, AuditEntry, KeyPatch, KeyStore, NewKey, StoreError, StoredKey};
+use crate::allowlist::{AllowEntry, AllowList};
+
+/// Schema migrations; `user_version` is the number applied. Append only: a
+/// released step is never edited.
+const MIGRATIONS: &[&str] = &[
+    // 1: keys, their allow-list entries, the audit log.
+    "CREATE TABLE keys (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        tenant        TEXT NOT NULL,
+        scopes        TEXT NOT NULL,
+        secret_sha256 BLOB NOT NULL UNIQUE CHECK (length(secret_sha256) = 32),
+        report_only   INTEGER NOT NULL CHECK (report_only IN (0, 1)),
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        last_used_at  INTEGER,
+        revoked_at    INTEGER
+    ) STRICT;
+    CREATE TABLE allow_entries (
+        key_id     TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+        cidr       TEXT NOT NULL,
+        note       TEXT,
+        expires_at INTEGER,
+        PRIMARY KEY (key_id, cidr)
+    ) STRICT;
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+        at        INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        address   TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        key_id    TEXT NOT NULL,
+        before    TEXT,
+        after     TEXT
+    ) STRICT;",
+    // 2: one key's history without scanning the whole log.
+    "CREATE INDEX audit_by_key ON audit (key_id, seq);",
+];
+
+/// The schema version this build writes.
+#[expect(clippy::cast_possible_wrap, reason = "a handful of migrations")]
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a write waits for another process holding the database.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH + d
+    } else {
+        UNIX_EPOCH - d
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+/// A constraint violation becomes a 409-style conflict; anything else stays.
+fn conflict_on_constraint(e: rusqlite::Error, what: &str) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(what.to_owned()),
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating when absent) the store at `path`, migrate it to the
+    /// current schema, and check it. A database written by a newer keyfence is
+    /// refused untouched.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
+        }
+        create_private(path)?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let mut store = Self {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store.configure()?;
+        store.migrate(MIGRATIONS)?;
+        Ok(store)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn configure(&mut self) -> Result<(), StoreError> {
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Reading the header first turns "not a database" into a clear error
+        // before any pragma writes.
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(ErrorCode::NotADatabase) => {
+                    corrupt(format!("{} is not a SQLite database", self.path.display()))
+                }
+                _ => StoreError::Sqlite(e),
+            })?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Newer {
+                found: version,
+                known: SCHEMA_VERSION,
+            });
+        }
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Io(format!(
+                "{}: the WAL journal is not available (journal_mode is {mode})",
+                self.path.display()
+            )));
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.pragma_update(None, "foreign_keys", "ON")?;
+        let check: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(corrupt(format!("{}: {check}", self.path.display())));
+        }
+        Ok(())
+    }
+
+    /// Apply the steps of `migrations` not yet applied, each in its own
+    /// transaction with the version bump.
+    fn migrate(&mut self, migrations: &[&str]) -> Result<(), StoreError> {
+        let known = i64::try_from(migrations.len()).unwrap_or(i64::MAX);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > known {
+            return Err(StoreError::Newer {
+                found: version,
+                known,
+            });
+        }
+        for (i, step) in migrations
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            tx.execute_batch(step)?;
+            tx.pragma_update(
+                None,
+                "user_version",
+                i64::try_from(i + 1).unwrap_or(i64::MAX),
+            )?;
+            tracing::info!(path = %self.path.display(), version = i + 1, "key store schema migrated");
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// `PRAGMA integrity_check`: empty when the database is sound.
+    pub fn integrity_check(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// A pragma's current value as text (tests and `keyfence status`).
+    pub fn pragma(&self, name: &str) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .query_row(&format!("PRAGMA {name}"), [], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })
+            .map(|v| match v {
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            })?)
+    }
+
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// Create `path` readable by its owner only when it does not exist yet (SQLite
+/// gives the journal files the database's permissions).
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Io(format!("creating {}: {e}", path.display()))),
+    }
+}
+
+const KEY_COLUMNS: &str = "id, name, tenant, scopes, secret_sha256, report_only, \
+                           created_at, updated_at, last_used_at, revoked_at";
+
+/// A `keys` row without its allow list.
+fn key_row(r: &Row<'_>) -> rusqlite::Result<StoredKey> {
+    let scopes: String = r.get(3)?;
+    let digest: Vec<u8> = r.get(4)?;
+    Ok(StoredKey {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        tenant: r.get(2)?,
+        scopes: serde_json::from_str(&scopes).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
+        })?,
+        digest: digest.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                4,
+                rusqlite::types::Type::Blob,
+                "digest is not 32 bytes".into(),
+            )
+        })?,
+        allow: AllowList::default(),
+        report_only: r.get(5)?,
+        created_at: from_millis(r.get(6)?),
+        updated_at: from_millis(r.get(7)?),
+        last_used_at: r.get::<_, Option<i64>>(8)?.map(from_millis),
+        revoked_at: r.get::<_, Option<i64>>(9)?.map(from_millis),
+    })
+}
+
+fn entry_row(r: &Row<'_>) -> rusqlite::Result<(String, String, Option<String>, Option<i64>)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+fn to_entry(
+    cidr: &str,
+    note: Option<String>,
+    expires: Option<i64>,
+) -> Result<AllowEntry, StoreError> {
+    let net: IpNet = cidr
+        .parse()
+        .map_err(|_| corrupt(format!("stored allow-list entry {cidr:?} is not a network")))?;
+    Ok(AllowEntry {
+        net,
+        note,
+        expires_at: expires.map(from_millis),
+    })
+}
+
+/// One key with its allow list, inside a transaction or not.
+fn load(conn: &Connection, id: &str) -> Result<StoredKey, StoreError> {
+    let mut key = conn
+        .query_row(
+            &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"),
+            [id],
+            key_row,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT key_id, cidr, note, expires_at FROM allow_entries WHERE key_id = ?1",
+    )?;
+    let mut entries = Vec::new();
+    for row in stmt.query_map([id], entry_row)? {
+        let (_, cidr, note, expires) = row?;
+        entries.push(to_entry(&cidr, note, expires)?);
+    }
+    key.allow = AllowList::from_canonical(entries);
+    Ok(key)
+}
+
+fn insert_entries(tx: &Transaction<'_>, id: &str, allow: &AllowList) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO allow_entries (key_id, cidr, note, expires_at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for e in allow.entries() {
+        stmt.execute(params![
+            id,
+            e.net.to_string(),
+            e.note,
+            e.expires_at.map(millis)
+        ])?;
+    }
+    Ok(())
+}
+
+fn audit_row(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    now: SystemTime,
+    action: &str,
+    key_id: &str,
+    before: Option<&StoredKey>,
+    after: Option<&StoredKey>,
+) -> Result<(), StoreError> {
+    let json = |k: Option<&StoredKey>| k.map(|k| k.to_json().to_string());
+    tx.prepare_cached(
+        "INSERT INTO audit (at, principal, address, action, key_id, before, after)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        millis(now),
+        actor.principal,
+        actor.address.to_string(),
+        action,
+        key_id,
+        json(before),
+        json(after),
+    ])?;
+    Ok(())
+}
+
+/// The key, which must exist and not be revoked.
+fn load_active(tx: &Transaction<'_>, id: &str) -> Result<StoredKey, StoreError> {
+    let key = load(tx, id)?;
+    if key.revoked_at.is_some() {
+        return Err(StoreError::Revoked(id.to_owned()));
+    }
+    Ok(key)
+}
+
+impl KeyStore for SqliteStore {
+    fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut keys: Vec<StoredKey> = tx
+            .prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY rowid"))?
+            .query_map([], key_row)?
+            .collect::<Result<_, _>>()?;
+        let mut entries: HashMap<String, Vec<AllowEntry>> = HashMap::new();
+        {
+            let mut stmt =
+                tx.prepare("SELECT key_id, cidr, note, expires_at FROM allow_entries")?;
+            for row in stmt.query_map([], entry_row)? {
+                let (id, cidr, note, expires) = row?;
+                entries
+                    .entry(id)
+                    .or_default()
+                    .push(to_entry(&cidr, note, expires)?);
+            }
+        }
+        tx.finish()?;
+        for k in &mut keys {
+            k.allow = AllowList::from_canonical(entries.remove(&k.id).unwrap_or_default());
+        }
+        Ok(keys)
+    }
+
+    fn key(&mut self, id: &str) -> Result<StoredKey, StoreError> {
+        let tx = self.conn.transaction()?;
+        let key = load(&tx, id)?;
+        tx.finish()?;
+        Ok(key)
+    }
+
+    fn create(
+        &mut self,
+        new: NewKey,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError> {
+        let scopes =
+            serde_json::to_string(&new.scopes).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO keys (id, name, tenant, scopes, secret_sha256, report_only,
+                                   created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![
+                    new.id,
+                    new.name,
+                    new.tenant,
+                    scopes,
+                    new.digest.as_slice(),
+                    new.report_only,
+                    millis(now)
+                ],
+            )
+            .map_err(|e| conflict_on_constraint(e, "a key with this id or secret exists"))?;
+            insert_entries(tx, &new.id, &new.allow)?;
+            let key = load(tx, &new.id)?;
+            audit_row(tx, actor, now, "create", &key.id, None, Some(&key))?;
+            Ok(key)
+        })
+    }
+
+    fn update(
+        &mut self,
+        id: &str,
+        patch: KeyPatch,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<(StoredKey, StoredKey), StoreError> {
+        self.write(|tx| {
+            let before = load_active(tx, id)?;
+            tx.execute(
+                "UPDATE keys SET name = ?2, report_only = ?3, updated_at = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    patch.name.as_deref().unwrap_or(&before.name),
+                    patch.report_only.unwrap_or(before.report_only),
+                    millis(now)
+                ],
+            )?;
+            if let Some(allow) = &patch.allow {
+                tx.execute("DELETE FROM allow_entries WHERE key_id = ?1", [id])?;
+                insert_entries(tx, id, allow)?;
+            }
+            let after = load(tx, id)?;
+            audit_row(tx, actor, now, "update", id, Some(&before), Some(&after))?;
+            Ok((before, after))
+        })
+    }
+
+    fn revoke(
+        &mut self,
+        id: &str,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError> {
+        self.write(|tx| {
+            let before = load_active(tx, id)?;
+            tx.execute(
+                "UPDATE keys SET revoked_at = ?2, updated_at = ?2 WHERE id = ?1",
+                params![id, millis(now)],
+            )?;
+            let after = load(tx, id)?;
+            audit_row(tx, actor, now, "revoke", id, Some(&before), Some(&after))?;
+            Ok(after)
+        })
+    }
+
+    fn rotate(
+        &mut self,
+        id: &str,
+        digest: [u8; 32],
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError> {
+        self.write(|tx| {
+            let before = load_active(tx, id)?;
+            tx.execute(
+                "UPDATE keys SET secret_sha256 = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, digest.as_slice(), millis(now)],
+            )
+            .map_err(|e| conflict_on_constraint(e, "a key with this secret exists"))?;
+            let after = load(tx, id)?;
+            audit_row(tx, actor, now, "rotate", id, Some(&before), Some(&after))?;
+            Ok(after)
+        })
+    }
+
+    fn audit(
+        &mut self,
+        after: i64,
+        limit: usize,
+        key_id: Option<&str>,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(if key_id.is_some() {
+            "SELECT seq, at, principal, address, action, key_id, before, after
+             FROM audit WHERE key_id = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2"
+        } else {
+            "SELECT seq, at, principal, address, action, key_id, before, after
+             FROM audit WHERE seq > ?1 AND ?3 IS NULL ORDER BY seq LIMIT ?2"
+        })?;
+        let rows = stmt
+            .query_map(params![after, limit, key_id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let json = |s: Option<String>| -> Result<Option<Value>, StoreError> {
+            s.map(|s| serde_json::from_str(&s).map_err(|e| corrupt(format!("audit row: {e}"))))
+                .transpose()
+        };
+        rows.into_iter()
+            .map(
+                |(seq, at, principal, address, action, key_id, before, after)| {
+                    Ok(AuditEntry {
+                        seq,
+                        at: from_millis(at),
+                        principal,
+                        address: address.parse::<IpAddr>().map_err(|_| {
+                            corrupt(format!("audit row {seq}: address {address:?}"))
+                        })?,
+                        action,
+                        key_id,
+                        before: json(before)?,
+                        after: json(after)?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE keys SET last_used_at = ?2
+                 WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+            )?;
+            for (id, at) in used {
+                stmt.execute(params![id, millis(*at)])?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, os::unix::fs::PermissionsExt as _};
+
+    use super::*;
+    use crate::{
+        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
+        shim::keys::digest,
+        store::secret,
+    };
+
+    /// A directory removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let n: u64 = u64::from_ne_bytes({
+                let mut b = [0u8; 8];
+                getrandom::fill(&mut b).unwrap();
+                b
+            });
+            let dir = std::env::temp_dir().join(format!("keyfence-store-test-{n:016x}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn db(&self) -> PathBuf {
+            self.0.join("keyfence.db")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn list(s: &str) -> AllowList {
+        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
+    }
+
+    fn actor() -> Actor {
+        Actor {
+            principal: "admin:ops".into(),
+            address: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    fn new_key(secret: &str, allow: &str) -> NewKey {
+        NewKey {
+            id: secret::new_key_id(),
+            name: "CI runners".into(),
+            tenant: "default".into(),
+            scopes: vec!["api".into()],
+            digest: digest(secret),
+            allow: list(allow),
+            report_only: false,
+        }
+    }
+
+    fn audit_len(s: &mut SqliteStore) -> usize {
+        s.audit(0, 10_000, None).unwrap().len()
+    }
+
+    #[test]
+    fn durability_settings() {
+        let dir = TempDir::new();
+        let s = SqliteStore::open(&dir.db()).unwrap();
+        assert_eq!(s.pragma("journal_mode").unwrap(), "wal");
+        assert_eq!(s.pragma("synchronous").unwrap(), "2", "FULL");
+        assert_eq!(s.pragma("foreign_keys").unwrap(), "1");
+        assert_eq!(
+            s.pragma("user_version").unwrap(),
+            SCHEMA_VERSION.to_string()
+        );
+        assert!(s.integrity_check().unwrap().is_empty());
+        let mode = std::fs::metadata(dir.db()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "owner only");
+    }
+
+    #[test]
+    fn keys_round_trip_across_reopen() {
+        let dir = TempDir::new();
+        let mut k = new_key(
+            &secret::generate(),
+            "198.51.100.0/24, 203.0.113.7, 2001:db8::/48",
+        );
+        k.allow = AllowList::from_canonical(
+            k.allow
+                .entries()
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    if e.net.to_string() == "203.0.113.7/32" {
+                        e.note = Some("contractor".into());
+                        e.expires_at = Some(at(3600));
+                    }
+                    e
+                })
+                .collect(),
+        );
+        k.scopes = vec!["admin".into(), "api".into()];
+        let created = {
+            let mut s = SqliteStore::open(&dir.db()).unwrap();
+            let created = s.create(k.clone(), &actor(), at(0)).unwrap();
+            assert_eq!(created.allow, k.allow);
+            assert_eq!(created.created_at, at(0));
+            assert_eq!(created.updated_at, at(0));
+            assert_eq!(created.last_used_at, None);
+            created
+        };
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        assert_eq!(s.key(&k.id).unwrap(), created);
+        assert_eq!(s.keys().unwrap(), vec![created]);
+        assert!(matches!(s.key("key_nope"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn only_the_digest_is_stored() {
+        let dir = TempDir::new();
+        let secret = secret::generate();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = new_key(&secret, "");
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        let rotated = secret::generate();
+        s.rotate(&k.id, digest(&rotated), &actor(), at(1)).unwrap();
+        let mut bytes = Vec::new();
+        for name in ["keyfence.db", "keyfence.db-wal"] {
+            if let Ok(b) = std::fs::read(dir.0.join(name)) {
+                bytes.extend(b);
+            }
+        }
+        let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(&digest(&rotated)), "the digest is there");
+        assert!(!contains(secret.as_bytes()), "the first secret is not");
+        assert!(!contains(rotated.as_bytes()), "the rotated secret is not");
+        assert!(!contains(&secret.as_bytes()[3..20]), "not even in part");
+    }
+
+    #[test]
+    fn updates_are_audited_with_before_and_after() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = new_key(&secret::generate(), "198.51.100.7");
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        let (before, after) = s
+            .update(
+                &k.id,
+                KeyPatch {
+                    allow: Some(list("198.51.100.7, 203.0.113.9")),
+                    ..KeyPatch::default()
+                },
+                &actor(),
+                at(5),
+            )
+            .unwrap();
+        assert_eq!(before.allow, list("198.51.100.7"));
+        assert_eq!(after.allow, list("198.51.100.7, 203.0.113.9"));
+        assert_eq!(after.name, before.name, "unpatched fields stay");
+        assert_eq!(after.updated_at, at(5));
+        assert_eq!(after.created_at, at(0));
+        let renamed = s
+            .update(
+                &k.id,
+                KeyPatch {
+                    name: Some("renamed".into()),
+                    report_only: Some(true),
+                    ..KeyPatch::default()
+                },
+                &actor(),
+                at(6),
+            )
+            .unwrap()
+            .1;
+        assert_eq!(
+            renamed.allow, after.allow,
+            "a patch without a list keeps it"
+        );
+        assert!(renamed.report_only);
+        let log = s.audit(0, 100, None).unwrap();
+        let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["create", "update", "update"]);
+        assert_eq!(log[1].principal, "admin:ops");
+        assert_eq!(log[1].address.to_string(), "192.0.2.10");
+        assert_eq!(log[1].at, at(5));
+        assert_eq!(log[1].key_id, k.id);
+        assert_eq!(
+            log[1].before.as_ref().unwrap()["ip_allow_list"],
+            serde_json::json!(["198.51.100.7/32"])
+        );
+        assert_eq!(
+            log[1].after.as_ref().unwrap()["ip_allow_list"],
+            serde_json::json!(["198.51.100.7/32", "203.0.113.9/32"])
+        );
+        assert!(log[0].before.is_none());
+        assert!(
+            log.iter()
+                .all(|e| !e.after.as_ref().unwrap().to_string().contains("sha256"))
+        );
+        // Paging.
+        assert_eq!(s.audit(log[0].seq, 1, None).unwrap()[0].seq, log[1].seq);
+        assert!(s.audit(log[2].seq, 10, None).unwrap().is_empty());
+        assert_eq!(s.audit(0, 10, Some(&k.id)).unwrap().len(), 3);
+        assert!(s.audit(0, 10, Some("key_other")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn refused_writes_change_nothing() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let secret = secret::generate();
+        let k = new_key(&secret, "198.51.100.7");
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        let snapshot = s.keys().unwrap();
+        let log = audit_len(&mut s);
+
+        let patch = KeyPatch {
+            allow: Some(list("203.0.113.0/24")),
+            ..KeyPatch::default()
+        };
+        assert!(matches!(
+            s.update("key_unknown", patch.clone(), &actor(), at(1)),
+            Err(StoreError::NotFound(_))
+        ));
+        let mut dup = new_key(&secret, "");
+        assert!(
+            matches!(
+                s.create(dup.clone(), &actor(), at(1)),
+                Err(StoreError::Conflict(_))
+            ),
+            "same secret"
+        );
+        dup.id.clone_from(&k.id);
+        dup.digest = digest(&secret::generate());
+        assert!(
+            matches!(s.create(dup, &actor(), at(1)), Err(StoreError::Conflict(_))),
+            "same id"
+        );
+        assert_eq!(s.keys().unwrap(), snapshot);
+        assert_eq!(audit_len(&mut s), log);
+
+        s.revoke(&k.id, &actor(), at(2)).unwrap();
+        let snapshot = s.keys().unwrap();
+        let log = audit_len(&mut s);
+        assert!(snapshot[0].revoked_at == Some(at(2)));
+        assert!(matches!(
+            s.update(&k.id, patch, &actor(), at(3)),
+            Err(StoreError::Revoked(_))
+        ));
+        assert!(matches!(
+            s.revoke(&k.id, &actor(), at(3)),
+            Err(StoreError::Revoked(_))
+        ));
+        assert!(matches!(
+            s.rotate(&k.id, digest("x"), &actor(), at(3)),
+            Err(StoreError::Revoked(_))
+        ));
+        assert_eq!(s.keys().unwrap(), snapshot);
+        assert_eq!(audit_len(&mut s), log);
+    }
+
+    #[test]
+    fn rotation_keeps_id_and_list() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = new_key(&secret::generate(), "198.51.100.0/24");
+        let created = s.create(k.clone(), &actor(), at(0)).unwrap();
+        let new_digest = digest(&secret::generate());
+        let rotated = s.rotate(&k.id, new_digest, &actor(), at(9)).unwrap();
+        assert_eq!(rotated.digest, new_digest);
+        assert_ne!(rotated.digest, created.digest);
+        assert_eq!(rotated.id, created.id);
+        assert_eq!(rotated.allow, created.allow);
+        assert_eq!(rotated.updated_at, at(9));
+    }
+
+    #[test]
+    fn last_used_only_moves_forward() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = new_key(&secret::generate(), "");
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        s.touch_last_used(&[(k.id.clone(), at(20)), ("key_gone".into(), at(20))])
+            .unwrap();
+        s.touch_last_used(&[(k.id.clone(), at(10))]).unwrap();
+        assert_eq!(s.key(&k.id).unwrap().last_used_at, Some(at(20)));
+        assert_eq!(audit_len(&mut s), 1, "use is not a change");
+    }
+
+    #[test]
+    fn migrates_an_older_schema_in_place() {
+        let dir = TempDir::new();
+        let k = new_key(&secret::generate(), "198.51.100.7");
+        {
+            // A store as the first schema left it.
+            create_private(&dir.db()).unwrap();
+            let mut s = SqliteStore {
+                conn: Connection::open(dir.db()).unwrap(),
+                path: dir.db(),
+            };
+            s.configure().unwrap();
+            s.migrate(&MIGRATIONS[..1]).unwrap();
+            assert_eq!(s.pragma("user_version").unwrap(), "1");
+            s.create(k.clone(), &actor(), at(0)).unwrap();
+        }
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        assert_eq!(
+            s.pragma("user_version").unwrap(),
+            SCHEMA_VERSION.to_string()
+        );
+        let index: i64 = s
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'audit_by_key'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
+        assert_eq!(s.key(&k.id).unwrap().allow, list("198.51.100.7"));
+        assert_eq!(audit_len(&mut s), 1);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_untouched() {
+        let dir = TempDir::new();
+        {
+            let s = SqliteStore::open(&dir.db()).unwrap();
+            s.conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = SqliteStore::open(&dir.db()).unwrap_err();
+        assert!(matches!(err, StoreError::Newer { found: 99, .. }), "{err}");
+        assert!(err.to_string().contains("upgrade keyfence"), "{err}");
+        let conn = Connection::open(dir.db()).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 99);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused() {
+        let dir = TempDir::new();
+        std::fs::write(
+            dir.db(),
+            b"this is not a database, just some text that is long enough",
+        )
+        .unwrap();
+        let err = SqliteStore::open(&dir.db()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        assert!(err.to_string().contains("not a SQLite database"), "{err}");
+    }
+
+    #[test]
+    fn times_round_trip_in_milliseconds() {
+        for t in [
+            at(0),
+            at(0) + Duration::from_millis(123),
+            UNIX_EPOCH - Duration::from_secs(5),
+        ] {
+            assert_eq!(from_millis(millis(t)), t);
+        }
+    }
+}
