@@ -1,0 +1,978 @@
+//! End to end through the management API: the real `keyfence` binary in the
+//! gateway namespace (XDP on its veth, the API on `0.0.0.0:9900`), an echoing
+//! upstream behind listener `api`, and curl in the client namespace speaking
+//! from documentation addresses, both to the API and to the listener. Needs
+//! root; run through `cargo xtask test`.
+//!
+//! Static key `neighbour` allows 192.0.2.10 and .11, so their packets always
+//! pass the datapath and the shim's verdict (200/401/403) is visible; 192.0.2.12
+//! is in no static list, so whether its SYN is dropped shows what the BPF maps
+//! hold.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use keyfence::{
+    confirm::{Confirmer, STEP_SECONDS},
+    keys_cli,
+    store::{KeyStore as _, sqlite::SqliteStore},
+};
+use keyfence_tests::{
+    http::{Curl, Reply, Upstream, url},
+    netns::{Agent, GATEWAY_V4, Lab, enter, parse_samples, poll_until},
+};
+use serde_json::{Value, json};
+
+const API: u16 = 8443;
+const MANAGEMENT: u16 = 9900;
+const UPSTREAM: &str = "127.0.0.1:8080";
+const OPS_TOKEN: &str = "e2e-ops-token-0123456789abcdef";
+const NEIGHBOUR_SECRET: &str = "e2e-neighbour-secret-0123456789";
+/// Base32 of "12345678901234567890" (RFC 6238's test secret).
+const TOTP_SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+
+/// The operator's address (in `ops`'s list).
+const OPS: &str = "192.0.2.100";
+/// Addresses an admin-scoped key calls from.
+const ADMIN_KEY_FROM: &str = "192.0.2.101";
+const OUTSIDER: &str = "192.0.2.102";
+/// Allowed by the static key `neighbour`: packets pass, the shim decides.
+const SEEN: &str = "192.0.2.10";
+const SEEN_TOO: &str = "192.0.2.11";
+/// In no static list: packets pass only when a stored key allows it.
+const DROPPED: &str = "192.0.2.12";
+
+const CLIENT_ADDRS: &[&str] = &[SEEN, SEEN_TOO, DROPPED, OPS, ADMIN_KEY_FROM, OUTSIDER];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a test address")
+}
+
+fn config(pin: &Path, confirm: bool, mode: &str) -> String {
+    let confirm = if confirm {
+        "\n  confirm: { totp_secret_env: KF_E2E_TOTP }"
+    } else {
+        ""
+    };
+    format!(
+        r#"datapath: {{ interfaces: [gw0], mode: {mode}, pin_path: "{pin}" }}
+listeners:
+  - {{ name: api, bind: "[::]:{API}", mode: proxy, upstream: "http://{UPSTREAM}" }}
+keys:
+  - {{ id: neighbour, name: neighbour, secret_env: KF_E2E_NEIGHBOUR, ip_allow_list: ["{SEEN}", "{SEEN_TOO}"] }}
+management:
+  bind: "0.0.0.0:{MANAGEMENT}"
+  admins:
+    - {{ name: ops, token_env: KF_E2E_OPS, ip_allow_list: ["{OPS}", "127.0.0.1"] }}{confirm}
+metrics: {{ bind: "127.0.0.1:9901" }}
+"#,
+        pin = pin.display()
+    )
+}
+
+/// Hosts, upstream and agent. Field order is drop order.
+struct Scenario {
+    agent: Agent,
+    _upstream: Upstream,
+    lab: Lab,
+}
+
+impl Scenario {
+    fn new(confirm: bool) -> Self {
+        Self::with_mode(confirm, "auto")
+    }
+
+    fn with_mode(confirm: bool, mode: &str) -> Self {
+        let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
+        let lab = Lab::new(&addrs).expect("building the namespaces");
+        let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
+            .expect("starting the upstream");
+        let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+        agent.env("KF_E2E_OPS", OPS_TOKEN);
+        agent.env("KF_E2E_NEIGHBOUR", NEIGHBOUR_SECRET);
+        agent.env("KF_E2E_TOTP", TOTP_SECRET);
+        agent
+            .write_config(&config(agent.pin_path(), confirm, mode))
+            .expect("writing the config");
+        agent.spawn().expect("starting keyfence");
+        agent
+            .wait_ready(Duration::from_secs(30))
+            .expect("keyfence becomes ready");
+        Self {
+            agent,
+            _upstream: upstream,
+            lab,
+        }
+    }
+
+    /// The operator, calling from `OPS`.
+    fn ops(&self) -> Caller<'_> {
+        self.caller(OPS, OPS_TOKEN)
+    }
+
+    fn caller<'a>(&'a self, from: &str, token: &str) -> Caller<'a> {
+        Caller {
+            lab: &self.lab,
+            from: ip(from),
+            token: token.to_owned(),
+        }
+    }
+
+    /// `GET /v1/orders` on listener `api` from `source` with `secret`.
+    fn request(&self, source: &str, secret: &str) -> Reply {
+        let source = ip(source);
+        Curl::new(
+            &self.lab.client,
+            source,
+            url(
+                "http",
+                SocketAddr::new(GATEWAY_V4.into(), API),
+                "/v1/orders",
+            ),
+        )
+        .connect_timeout(Duration::from_millis(700))
+        .bearer(secret)
+        .send()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.agent.metrics().expect("reading /metrics");
+        parse_samples(&text, name).iter().map(|s| s.value).sum()
+    }
+}
+
+/// A management principal calling the API from the client namespace.
+struct Caller<'a> {
+    lab: &'a Lab,
+    from: IpAddr,
+    token: String,
+}
+
+/// An API answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+impl Caller<'_> {
+    fn call(&self, method: &str, path: &str, body: Option<&str>, confirm: Option<&str>) -> Answer {
+        let mut curl = Curl::new(
+            &self.lab.client,
+            self.from,
+            url("http", SocketAddr::new(GATEWAY_V4.into(), MANAGEMENT), path),
+        )
+        .connect_timeout(Duration::from_secs(2))
+        .arg("--request")
+        .arg(method)
+        .bearer(&self.token);
+        if let Some(body) = body {
+            curl = curl
+                .header("Content-Type: application/json")
+                .arg("--data-binary")
+                .arg(body);
+        }
+        if let Some(code) = confirm {
+            curl = curl.header(&format!("X-Keyfence-Confirm: {code}"));
+        }
+        match curl.send() {
+            Reply::Answered { status, body, .. } => Answer {
+                status,
+                body: serde_json::from_str(&body).unwrap_or(Value::String(body)),
+            },
+            other => panic!("{method} {path}: no answer: {other:?}"),
+        }
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        self.call("GET", path, None, None)
+    }
+
+    /// Create a key; panics unless 201. Returns `(id, secret)`.
+    fn create(&self, body: &Value) -> (String, String) {
+        let a = self.call("POST", "/v1/keys", Some(&body.to_string()), None);
+        assert_eq!(a.status, 201, "create {body}: {a:?}");
+        (
+            a.body["id"].as_str().expect("an id").to_owned(),
+            a.body["secret"].as_str().expect("a secret").to_owned(),
+        )
+    }
+
+    fn set_allow(&self, id: &str, list: &Value) -> Answer {
+        let body = json!({ "ip_allow_list": list }).to_string();
+        self.call("PATCH", &format!("/v1/keys/{id}"), Some(&body), None)
+    }
+
+    fn audit_of(&self, id: &str) -> Vec<Value> {
+        let a = self.get(&format!("/v1/audit?key_id={id}"));
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body["entries"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+#[track_caller]
+fn assert_status(reply: &Reply, status: u16, what: &str) {
+    assert_eq!(reply.status(), Some(status), "{what}: {reply:?}");
+}
+
+#[track_caller]
+fn assert_dropped(reply: &Reply, what: &str) {
+    assert_eq!(
+        *reply,
+        Reply::TimedOut,
+        "{what}: the datapath should drop the SYN"
+    );
+}
+
+#[test]
+fn the_seed_routine_through_the_api_takes_effect_before_the_answer() {
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let applies_before = s.metric("keyfence_policy_apply_seconds_count");
+    let (id, secret) = ops.create(&json!({
+        "name": "CI runners",
+        "ip_allow_list": "198.51.100.7",
+    }));
+    assert!(id.starts_with("key_"), "{id}");
+    assert!(secret.starts_with("kf_") && secret.len() == 52, "{secret}");
+    assert_status(&s.request(SEEN, &secret), 403, "not yet listed");
+    assert_dropped(&s.request(DROPPED, &secret), "no key lists it");
+
+    // Add the client's addresses: in force when the answer arrives.
+    let a = ops.set_allow(&id, &json!(["198.51.100.7", SEEN, DROPPED]));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body["ip_allow_list"],
+        json!(["192.0.2.10/32", "192.0.2.12/32", "198.51.100.7/32"])
+    );
+    let r = s.request(SEEN, &secret);
+    assert_status(&r, 200, "added");
+    assert_eq!(
+        r.upstream_header("x-keyfence-key-id").as_deref(),
+        Some(id.as_str())
+    );
+    assert_status(
+        &s.request(DROPPED, &secret),
+        200,
+        "added, through the datapath",
+    );
+
+    // Remove them: 403 (and a dropped SYN) on the very next request.
+    let a = ops.set_allow(&id, &json!(["198.51.100.7"]));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_status(&s.request(SEEN, &secret), 403, "removed");
+    assert_dropped(&s.request(DROPPED, &secret), "removed from the maps");
+
+    // Re-add.
+    let a = ops.set_allow(&id, &json!("198.51.100.7, 192.0.2.10, 192.0.2.12"));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_status(&s.request(SEEN, &secret), 200, "re-added");
+    assert_status(&s.request(DROPPED, &secret), 200, "re-added to the maps");
+
+    // Every change was applied and audited, with who, from where, before and after.
+    assert!(s.metric("keyfence_policy_apply_seconds_count") >= applies_before + 4.0);
+    assert!(
+        (s.metric("keyfence_keys") - 2.0).abs() < 0.5,
+        "neighbour and the new key"
+    );
+    let log = ops.audit_of(&id);
+    let actions: Vec<&str> = log.iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["create", "update", "update", "update"]);
+    for e in &log {
+        assert_eq!(e["principal"], "admin:ops");
+        assert_eq!(e["address"], OPS);
+        assert!(e["at"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
+    }
+    assert_eq!(log[0]["before"], Value::Null);
+    assert_eq!(
+        log[2]["before"]["ip_allow_list"],
+        log[1]["after"]["ip_allow_list"]
+    );
+    assert_eq!(log[2]["after"]["ip_allow_list"], json!(["198.51.100.7/32"]));
+    assert!(
+        !log.iter().any(|e| e.to_string().contains(&secret)),
+        "no secret in the audit log"
+    );
+
+    // The list shows both keys, secrets never.
+    let listed = ops.get("/v1/keys");
+    assert_eq!(listed.status, 200);
+    let keys = listed.body["keys"].as_array().expect("keys");
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0]["source"], "config");
+    assert_eq!(keys[1]["id"], id.as_str());
+    assert!(!listed.body.to_string().contains(&secret));
+    let shown = ops.get(&format!("/v1/keys/{id}"));
+    assert!(
+        shown.body["last_used_at"].is_null(),
+        "flushed once a minute"
+    );
+}
+
+#[test]
+fn a_change_that_would_lock_the_caller_out_is_refused() {
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, secret) = ops.create(&json!({
+        "name": "automation",
+        "scopes": ["admin", "api"],
+        "ip_allow_list": [ADMIN_KEY_FROM],
+    }));
+    let me = s.caller(ADMIN_KEY_FROM, &secret);
+    assert_eq!(
+        me.get("/v1/keys").status,
+        200,
+        "an admin-scoped key is a principal"
+    );
+    assert_eq!(
+        s.caller(OUTSIDER, &secret).get("/v1/keys").status,
+        403,
+        "from outside its own list"
+    );
+
+    let a = me.set_allow(&id, &json!(["198.51.100.0/24"]));
+    assert_eq!(a.status, 409, "{a:?}");
+    assert!(
+        a.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(ADMIN_KEY_FROM)),
+        "the message names the address: {a:?}"
+    );
+    let a = me.call("DELETE", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(a.status, 409, "revoking itself: {a:?}");
+    assert_eq!(
+        ops.get(&format!("/v1/keys/{id}")).body["ip_allow_list"],
+        json!(["192.0.2.101/32"]),
+        "nothing changed"
+    );
+    assert_eq!(ops.audit_of(&id).len(), 1, "only the create");
+    assert_eq!(me.get("/v1/keys").status, 200, "still works");
+
+    // Keeping its own address is fine; an empty list (anywhere) too.
+    let a = me.set_allow(&id, &json!([ADMIN_KEY_FROM, "198.51.100.0/24"]));
+    assert_eq!(a.status, 200, "{a:?}");
+    // Another principal may narrow it: that is not self-lockout.
+    let a = ops.set_allow(&id, &json!(["198.51.100.0/24"]));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        me.get("/v1/keys").status,
+        403,
+        "its principal is updated at once"
+    );
+}
+
+#[test]
+fn step_up_confirmation_missing_wrong_replayed_and_valid() {
+    let s = Scenario::new(true);
+    let ops = s.ops();
+    let totp = Confirmer::from_base32(TOTP_SECRET).expect("the test secret");
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    };
+    // Leave room for two steps in the window (current and next code).
+    let into_step = now() % STEP_SECONDS;
+    if into_step > STEP_SECONDS - 5 {
+        thread::sleep(Duration::from_secs(STEP_SECONDS - into_step + 1));
+    }
+    let body = json!({"name": "CI", "ip_allow_list": [SEEN]}).to_string();
+    let create = |code: Option<&str>| ops.call("POST", "/v1/keys", Some(&body), code);
+    let keys_now = || {
+        ops.get("/v1/keys").body["keys"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+
+    let missing = create(None);
+    assert_eq!(missing.status, 401, "{missing:?}");
+    assert_eq!(missing.body, json!({"error": "confirmation required"}));
+    let wrong = create(Some("000000"));
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    assert_eq!(wrong.body, json!({"error": "confirmation required"}));
+    assert_eq!(keys_now(), 1, "nothing was created");
+
+    let code = totp.code_at(now());
+    let created = create(Some(&code));
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.body["id"].as_str().expect("id").to_owned();
+    let secret = created.body["secret"].as_str().expect("secret").to_owned();
+    assert_status(&s.request(SEEN, &secret), 200, "created with a valid code");
+
+    // The same code again: refused, nothing changes.
+    let change = json!({"ip_allow_list": [SEEN_TOO]}).to_string();
+    let path = format!("/v1/keys/{id}");
+    let replayed = ops.call("PATCH", &path, Some(&change), Some(&code));
+    assert_eq!(replayed.status, 401, "{replayed:?}");
+    assert_eq!(replayed.body, json!({"error": "confirmation required"}));
+    assert_status(&s.request(SEEN, &secret), 200, "the replay changed nothing");
+    let missing = ops.call("PATCH", &path, Some(&change), None);
+    assert_eq!(missing.status, 401);
+
+    // A renaming is not an allow-list change: no code needed.
+    let renamed = ops.call("PATCH", &path, Some(r#"{"name":"CI runners"}"#), None);
+    assert_eq!(renamed.status, 200, "{renamed:?}");
+
+    // The next step's code (within the allowed skew) works once.
+    let next = totp.code_at(now() + STEP_SECONDS);
+    let valid = ops.call("PATCH", &path, Some(&change), Some(&next));
+    assert_eq!(valid.status, 200, "{valid:?}");
+    assert_status(
+        &s.request(SEEN, &secret),
+        403,
+        "the confirmed change is in force",
+    );
+    assert_status(
+        &s.request(SEEN_TOO, &secret),
+        200,
+        "the confirmed change is in force",
+    );
+    let log = ops.audit_of(&id);
+    assert_eq!(log.len(), 3, "create, rename, update: {log:?}");
+}
+
+#[test]
+fn revoke_refuses_the_next_request_and_rotate_swaps_the_secret() {
+    let mut s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, old) = ops.create(&json!({"name": "mobile", "ip_allow_list": [SEEN]}));
+    assert_status(&s.request(SEEN, &old), 200, "new key");
+
+    let rotated = ops.call("POST", &format!("/v1/keys/{id}/rotate"), None, None);
+    assert_eq!(rotated.status, 200, "{rotated:?}");
+    let new = rotated.body["secret"]
+        .as_str()
+        .expect("a new secret")
+        .to_owned();
+    assert_ne!(new, old);
+    assert_eq!(rotated.body["id"], id.as_str());
+    assert_eq!(rotated.body["ip_allow_list"], json!(["192.0.2.10/32"]));
+    assert_status(&s.request(SEEN, &old), 401, "the old secret");
+    assert_status(&s.request(SEEN, &new), 200, "the new secret");
+    assert_status(&s.request(SEEN_TOO, &new), 403, "the same list");
+
+    let revoked = ops.call("DELETE", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    assert!(revoked.body["revoked_at"].is_string());
+    assert_status(
+        &s.request(SEEN, &new),
+        401,
+        "revoked: the very next request",
+    );
+    let again = ops.call("DELETE", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(again.status, 409, "{again:?}");
+    let patch = ops.set_allow(&id, &json!([SEEN_TOO]));
+    assert_eq!(
+        patch.status, 409,
+        "a revoked key cannot be edited: {patch:?}"
+    );
+    let actions: Vec<String> = ops
+        .audit_of(&id)
+        .iter()
+        .filter_map(|e| e["action"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(actions, ["create", "rotate", "revoke"]);
+
+    // A revoked key survives a restart as revoked.
+    s.agent.restart().expect("restarting keyfence");
+    assert_status(&s.request(SEEN, &new), 401, "still revoked after a restart");
+}
+
+/// Each malformed or refused call answers its status and message.
+fn expect_errors(ops: &Caller<'_>, path: &str) {
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        ("POST", "/v1/keys", Some("{not json"), 400, "malformed JSON"),
+        (
+            "POST",
+            "/v1/keys",
+            Some(r#"{"name":"x","colour":"red"}"#),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/keys",
+            Some(r#"{"name":7}"#),
+            400,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/keys",
+            Some(r#"{"name":""}"#),
+            422,
+            "name must be",
+        ),
+        (
+            "POST",
+            "/v1/keys",
+            Some(r#"{"name":"x","scopes":["root"]}"#),
+            422,
+            "unknown scope",
+        ),
+        (
+            "POST",
+            "/v1/keys",
+            Some(r#"{"name":"x","tenant":"a b"}"#),
+            422,
+            "tenant must be",
+        ),
+        (
+            "PATCH",
+            path,
+            Some(r#"{"ip_allow_list":"10.0.0.1/33"}"#),
+            422,
+            "invalid allow list",
+        ),
+        ("PATCH", path, Some("[1,2]"), 400, "malformed JSON"),
+        (
+            "PATCH",
+            "/v1/keys/key_doesnotexist00",
+            Some(r#"{"name":"x"}"#),
+            404,
+            "unknown key id",
+        ),
+        (
+            "DELETE",
+            "/v1/keys/key_doesnotexist00",
+            None,
+            404,
+            "unknown key id",
+        ),
+        (
+            "POST",
+            "/v1/keys/key_doesnotexist00/rotate",
+            None,
+            404,
+            "unknown key id",
+        ),
+        (
+            "GET",
+            "/v1/keys/key_doesnotexist00/sources",
+            None,
+            404,
+            "unknown key id",
+        ),
+        ("DELETE", "/v1/keys/neighbour", None, 409, "config file"),
+        (
+            "PATCH",
+            "/v1/keys/neighbour",
+            Some(r#"{"name":"x"}"#),
+            409,
+            "config file",
+        ),
+        ("GET", "/v1/audit?limit=many", None, 400, "limit"),
+        ("GET", "/v2/everything", None, 404, "no such endpoint"),
+    ];
+    for &(method, p, body, status, message) in cases {
+        let a = ops.call(method, p, body, None);
+        assert_eq!(a.status, status, "{method} {p} {body:?}: {a:?}");
+        assert!(
+            a.body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(message)),
+            "{method} {p} {body:?}: expected {message:?} in {a:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_meets_a_clear_error_and_changes_nothing() {
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, secret) = ops.create(&json!({"name": "kept", "ip_allow_list": [SEEN]}));
+    let before = ops.get("/v1/keys").body;
+    let path = format!("/v1/keys/{id}");
+
+    expect_errors(&ops, &path);
+
+    // 422 lists every bad entry with its position and reason.
+    let bad = ops.set_allow(
+        &id,
+        &json!([
+            "192.0.2.10",
+            "10.0.0.1/33",
+            "198.51.100.7/24",
+            "not-an-ip",
+            "2001:db8::/129"
+        ]),
+    );
+    assert_eq!(bad.status, 422, "{bad:?}");
+    let entries = bad.body["entries"].as_array().expect("entries");
+    let positions: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| e["position"].as_u64())
+        .collect();
+    assert_eq!(positions, [2, 3, 4, 5], "{bad:?}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["reason"].as_str().is_some_and(|r| !r.is_empty()))
+    );
+
+    // Who may call: no token, a wrong one, the right one from elsewhere.
+    let anonymous = s.caller(OPS, "");
+    assert_eq!(anonymous.get("/v1/keys").status, 401);
+    assert_eq!(
+        s.caller(OPS, "wrong-token-0123456789")
+            .get("/v1/keys")
+            .status,
+        401
+    );
+    let outsider = s.caller(OUTSIDER, OPS_TOKEN);
+    let a = outsider.get("/v1/keys");
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.body, json!({"error": "IP address not allowed"}));
+    assert_eq!(
+        outsider.set_allow(&id, &json!([])).status,
+        403,
+        "a write from outside the principal's list"
+    );
+
+    assert_eq!(ops.get("/v1/keys").body, before, "nothing changed");
+    assert_eq!(ops.audit_of(&id).len(), 1, "nothing audited but the create");
+    assert_status(&s.request(SEEN, &secret), 200, "the key works as before");
+}
+
+#[test]
+fn an_expiring_entry_stops_matching_on_time_in_both_layers() {
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let until =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(4)).to_string();
+    let (id, secret) = ops.create(&json!({
+        "name": "contractor",
+        "ip_allow_list": [
+            {"cidr": SEEN, "note": "contractor laptop", "expires_at": until},
+            {"cidr": DROPPED, "expires_at": until},
+            "198.51.100.7",
+        ],
+    }));
+    let shown = ops.get(&format!("/v1/keys/{id}")).body;
+    assert_eq!(shown["ip_allow_list"][0]["note"], "contractor laptop");
+    assert_eq!(shown["ip_allow_list"][0]["expires_at"], until.as_str());
+    assert_status(&s.request(SEEN, &secret), 200, "before expiry");
+    assert_status(&s.request(DROPPED, &secret), 200, "before expiry, datapath");
+    let expired = poll_until(Duration::from_secs(10), Duration::from_millis(250), || {
+        s.request(SEEN, &secret).status() == Some(403)
+    });
+    assert!(expired, "the shim stops honouring the entry");
+    let dropped = poll_until(Duration::from_secs(5), Duration::from_millis(250), || {
+        s.request(DROPPED, &secret) == Reply::TimedOut
+    });
+    assert!(dropped, "the datapath stops honouring the entry");
+}
+
+#[test]
+fn sources_show_refused_attempts() {
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, secret) = ops.create(&json!({"name": "partner", "ip_allow_list": [SEEN]}));
+    for _ in 0..3 {
+        assert_status(&s.request(SEEN_TOO, &secret), 403, "not listed");
+    }
+    assert_status(&s.request(SEEN, &secret), 200, "listed");
+    let a = ops.get(&format!("/v1/keys/{id}/sources"));
+    assert_eq!(a.status, 200, "{a:?}");
+    let sources: BTreeMap<String, (u64, u64)> = a.body["sources"]
+        .as_array()
+        .expect("sources")
+        .iter()
+        .map(|s| {
+            (
+                s["ip"].as_str().unwrap_or_default().to_owned(),
+                (
+                    s["allowed"].as_u64().unwrap_or(0),
+                    s["refused"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(sources.get(SEEN_TOO), Some(&(0, 3)), "{a:?}");
+    assert_eq!(sources.get(SEEN), Some(&(1, 0)), "{a:?}");
+    let other = ops.get("/v1/keys/neighbour/sources");
+    assert_eq!(other.status, 200);
+    assert_eq!(other.body["sources"], json!([]), "per key");
+}
+
+/// `keyfence keys …` run in the gateway namespace against the API on loopback.
+fn cli(s: &Scenario, args: &[&str]) -> (i32, String, String) {
+    let out = s
+        .lab
+        .gateway
+        .command(keyfence_tests::netns::keyfence_bin().expect("the keyfence binary"))
+        .arg("keys")
+        .args(args)
+        .env("KEYFENCE_API", format!("http://127.0.0.1:{MANAGEMENT}"))
+        .env("KEYFENCE_TOKEN", OPS_TOKEN)
+        .output()
+        .expect("running keyfence keys");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_manages_keys_with_tables_and_json() {
+    let s = Scenario::new(false);
+    let (code, out, err) = cli(
+        &s,
+        &[
+            "create",
+            "--name",
+            "CI runners",
+            "--allow",
+            "198.51.100.7, 192.0.2.10",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let created: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let secret = created["secret"].as_str().expect("secret").to_owned();
+    assert_status(&s.request(SEEN, &secret), 200, "created by the CLI");
+
+    let (code, out, _) = cli(&s, &["list"]);
+    assert_eq!(code, 0);
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("ID") && header.contains("ALLOW"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .expect("the new key's row");
+    assert!(
+        row.contains("CI runners") && row.contains("active"),
+        "{row}"
+    );
+    assert!(!out.contains(&secret), "list never shows secrets");
+
+    let (code, out, err) = cli(&s, &["update", &id, "--allow", "198.51.100.7, 192.0.2.11"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("192.0.2.11/32"), "{out}");
+    assert_status(&s.request(SEEN, &secret), 403, "updated by the CLI");
+    assert_status(&s.request(SEEN_TOO, &secret), 200, "updated by the CLI");
+
+    let (code, out, _) = cli(&s, &["sources", &id]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ADDRESS"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(SEEN) && l.split_whitespace().nth(2) == Some("1")),
+        "192.0.2.10 refused once: {out}"
+    );
+
+    let (code, out, err) = cli(
+        &s,
+        &[
+            "update",
+            &id,
+            "--allow",
+            "192.0.2.10, 300.1.1.1, 10.0.0.0/33",
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("422 invalid allow list"), "{err}");
+    assert!(err.contains("entry 2: \"300.1.1.1\""), "{err}");
+    assert!(err.contains("entry 3: \"10.0.0.0/33\""), "{err}");
+
+    let (code, out, _) = cli(&s, &["show", "key_doesnotexist00"]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, _) = cli(&s, &["rotate", &id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("secret     kf_"), "{out}");
+    let (code, _, _) = cli(&s, &["revoke", &id]);
+    assert_eq!(code, 0);
+    let (code, out, _) = cli(&s, &["audit", "--key", &id]);
+    assert_eq!(code, 0);
+    let actions: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert_eq!(actions, ["create", "update", "rotate", "revoke"], "{out}");
+}
+
+/// One write the crash test sent, and whether the API acknowledged it.
+struct Write {
+    id: String,
+    /// The allow list the write set (canonical text).
+    list: Vec<String>,
+    acknowledged: bool,
+}
+
+/// Send writes (creates, and updates of `known` keys) one at a time from the
+/// gateway namespace until the agent dies under them (at most 10 s).
+fn write_until_killed(
+    netns: &Path,
+    known: Vec<String>,
+    seed: u64,
+) -> thread::JoinHandle<Vec<Write>> {
+    let netns = netns.to_path_buf();
+    thread::spawn(move || {
+        enter(&netns).expect("entering the gateway namespace");
+        let api = format!("http://127.0.0.1:{MANAGEMENT}");
+        let mut done = Vec::new();
+        let started = Instant::now();
+        for i in 0u64.. {
+            if started.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            let octet = (seed.wrapping_add(i) % 250) + 1;
+            let list = vec![
+                format!("198.51.100.{octet}/32"),
+                format!("203.0.113.{octet}/32"),
+            ];
+            let (path, id, body) = if i % 2 == 0 || known.is_empty() {
+                let body = json!({ "name": format!("crash-{i}"), "ip_allow_list": list });
+                ("/v1/keys".to_owned(), None, body)
+            } else {
+                let id = known[usize::try_from(seed ^ i).unwrap_or(0) % known.len()].clone();
+                (
+                    format!("/v1/keys/{id}"),
+                    Some(id),
+                    json!({ "ip_allow_list": list }),
+                )
+            };
+            let method = if id.is_some() { "PATCH" } else { "POST" };
+            match keys_cli::call(&api, OPS_TOKEN, method, &path, Some(&body), None) {
+                Ok(a) if a.status == 200 || a.status == 201 => done.push(Write {
+                    id: id.unwrap_or_else(|| a.body["id"].as_str().unwrap_or("").to_owned()),
+                    list,
+                    acknowledged: true,
+                }),
+                Ok(a) => panic!("{method} {path}: {} {}", a.status, a.body),
+                // The agent died mid-call: not acknowledged.
+                Err(_) => {
+                    if let Some(id) = id {
+                        done.push(Write {
+                            id,
+                            list,
+                            acknowledged: false,
+                        });
+                    }
+                    break;
+                }
+            }
+        }
+        done
+    })
+}
+
+/// With the agent dead, read the store directly: sound, every acknowledged
+/// write there, nothing half-written.
+fn check_store(db: &Path, writes: &[Write], round: usize) {
+    let mut store = SqliteStore::open(db).expect("the store opens after kill -9");
+    assert_eq!(
+        store.integrity_check().expect("integrity_check"),
+        Vec::<String>::new(),
+        "round {round}"
+    );
+    let stored: BTreeMap<String, Vec<String>> = store
+        .keys()
+        .expect("reading keys")
+        .into_iter()
+        .map(|k| {
+            let list = k
+                .allow
+                .entries()
+                .iter()
+                .map(|e| e.net.to_string())
+                .collect();
+            (k.id, list)
+        })
+        .collect();
+    // Each key holds the list of its last acknowledged write, or of a later
+    // unacknowledged one (committed, but the agent died before answering).
+    let mut expected: BTreeMap<&str, Vec<&Write>> = BTreeMap::new();
+    for w in writes {
+        expected.entry(w.id.as_str()).or_default().push(w);
+    }
+    for (id, ws) in &expected {
+        let Some(list) = stored.get(*id) else {
+            panic!("round {round}: acknowledged key {id} is missing");
+        };
+        let last_ack = ws
+            .iter()
+            .rposition(|w| w.acknowledged)
+            .expect("created with an ack");
+        let allowed: Vec<&Vec<String>> = ws[last_ack..].iter().map(|w| &w.list).collect();
+        assert!(
+            allowed.contains(&list),
+            "round {round}: key {id} holds {list:?}, expected one of {allowed:?}"
+        );
+    }
+    // Every stored key's list matches its last audit row (written in the
+    // same transaction), so no change is visible without its audit row.
+    let audit = store.audit(0, 1_000_000, None).expect("audit");
+    let mut last_after: BTreeMap<&str, &Value> = BTreeMap::new();
+    for e in &audit {
+        if let Some(after) = &e.after {
+            last_after.insert(&e.key_id, after);
+        }
+    }
+    for (id, list) in &stored {
+        let after = last_after
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("round {round}: key {id} has no audit row"));
+        let audited: Vec<String> = after["ip_allow_list"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(
+            &audited, list,
+            "round {round}: key {id} disagrees with its audit row"
+        );
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_and_the_store_stays_sound() {
+    const KILLS: usize = 50;
+    // No datapath: this is about the store; it also makes restarts quick.
+    let mut s = Scenario::with_mode(false, "off");
+    let db = s.agent.store_path();
+    let netns = s.lab.gateway.path();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut writes: Vec<Write> = Vec::new();
+    for round in 0..KILLS {
+        let known: Vec<String> = writes.iter().map(|w| w.id.clone()).collect();
+        let sender = write_until_killed(&netns, known, next());
+        thread::sleep(Duration::from_millis(50 + next() % 400));
+        s.agent.sigkill().expect("kill -9");
+        writes.extend(sender.join().expect("the writer"));
+        assert!(
+            writes.iter().any(|w| w.acknowledged),
+            "the writer got nothing done before the first kill"
+        );
+        check_store(&db, &writes, round);
+        s.agent.spawn().expect("restarting keyfence");
+        s.agent
+            .wait_ready(Duration::from_secs(30))
+            .expect("keyfence is ready after kill -9");
+    }
+    let acknowledged = writes.iter().filter(|w| w.acknowledged).count();
+    assert!(
+        acknowledged >= KILLS,
+        "only {acknowledged} writes in {KILLS} rounds"
+    );
+    eprintln!("{KILLS} kills, {acknowledged} acknowledged writes checked");
+}
