@@ -55,6 +55,9 @@ const GATEWAY_V6: &str = "2001:db8::1";
 const API_PORT: u16 = 8443;
 const OPEN_PORT: u16 = 8444;
 const METRICS: &str = "127.0.0.1:9901";
+const MANAGEMENT: &str = "127.0.0.1:9900";
+/// The demo operator's management token (`management.admins[0]`).
+const ADMIN_TOKEN: &str = "demo-admin-token-0123456789";
 /// The API the listeners protect, inside the gateway.
 const UPSTREAM: &str = "127.0.0.1:8080";
 /// How long a refused attempt waits before calling its SYN dropped.
@@ -252,14 +255,15 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
 
     let pin_path = PathBuf::from(format!("/sys/fs/bpf/keyfence-demo-{pid}"));
     let config = work.path.join("keyfence.yaml");
-    fs::write(&config, example_config(&pin_path))
+    let store = work.path.join("keyfence.db");
+    fs::write(&config, example_config(&pin_path, &store))
         .with_context(|| format!("writing {}", config.display()))?;
     say(format_args!(
         "config {} (pins under {}):",
         config.display(),
         pin_path.display()
     ));
-    for line in example_config(&pin_path).lines() {
+    for line in example_config(&pin_path, &store).lines() {
         println!("    {line}");
     }
     cmd::output(
@@ -302,23 +306,10 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
     println!();
 
     check_interrupt()?;
-    let metrics = in_netns(&gateway.path(), || http_get(METRICS, "/metrics"))??;
-    say("counters from /metrics (zero series left out):");
-    let mut zero = 0;
-    for line in metrics.1.lines() {
-        let series = line.starts_with("keyfence_datapath_packets_total")
-            || line.starts_with("keyfence_datapath_attached")
-            || line.starts_with("keyfence_http_requests_total");
-        if !series {
-            continue;
-        }
-        if line.ends_with(" 0") {
-            zero += 1;
-        } else {
-            println!("    {line}");
-        }
-    }
-    say(format_args!("({zero} series at 0)"));
+    api_routine(bin, &client, &gateway, &mut surprises)?;
+
+    check_interrupt()?;
+    print_counters(&gateway)?;
 
     check_interrupt()?;
     agent.stop();
@@ -341,7 +332,7 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn example_config(pin_path: &Path) -> String {
+fn example_config(pin_path: &Path, store: &Path) -> String {
     format!(
         r#"# keyfence demo: the built-in example (addresses from the documentation ranges).
 datapath:
@@ -374,11 +365,177 @@ keys:
     name: Public (no restriction)
     tenant: public
     secret_env: KF_DEMO_PUBLIC
+management:
+  bind: "{MANAGEMENT}"
+  admins:
+    - name: ops
+      token_env: KF_DEMO_ADMIN
+      ip_allow_list: ["127.0.0.1"]
+store:
+  path: {store}
 metrics:
   bind: "{METRICS}"
 "#,
-        pin = pin_path.display()
+        pin = pin_path.display(),
+        store = store.display(),
     )
+}
+
+/// The counters of both layers from `/metrics`, zero series left out.
+fn print_counters(gateway: &Netns) -> anyhow::Result<()> {
+    let metrics = in_netns(&gateway.path(), || http_get(METRICS, "/metrics"))??;
+    say("counters from /metrics (zero series left out):");
+    let mut zero = 0;
+    for line in metrics.1.lines() {
+        let series = line.starts_with("keyfence_datapath_packets_total")
+            || line.starts_with("keyfence_policy_apply_seconds_count")
+            || line.starts_with("keyfence_keys ")
+            || line.starts_with("keyfence_datapath_attached")
+            || line.starts_with("keyfence_http_requests_total");
+        if !series {
+            continue;
+        }
+        if line.ends_with(" 0") {
+            zero += 1;
+        } else {
+            println!("    {line}");
+        }
+    }
+    say(format_args!("({zero} series at 0)"));
+    Ok(())
+}
+
+/// `keyfence keys ARGS` in the gateway (where the management API listens on
+/// loopback), printed with its output; returns stdout.
+fn keys_cli(bin: &Path, gateway: &Netns, args: &[&str]) -> anyhow::Result<String> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains([' ', ',']) {
+                format!("\"{a}\"")
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .collect();
+    println!("  $ keyfence keys {}", shown.join(" "));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", gateway.path().display()))
+        .arg("--")
+        .arg(bin)
+        .arg("keys")
+        .args(args)
+        .env("KEYFENCE_API", format!("http://{MANAGEMENT}"))
+        .env("KEYFENCE_TOKEN", ADMIN_TOKEN)
+        .stdin(Stdio::null())
+        .output()
+        .context("running keyfence keys")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in stdout.lines() {
+        println!("    {line}");
+    }
+    if !out.status.success() {
+        bail!(
+            "keyfence keys {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(stdout)
+}
+
+/// A key made through the management API with the CLI, and the routine of
+/// an operator adding and removing a client's address while it calls: each
+/// change is in force when the command returns.
+fn api_routine(
+    bin: &Path,
+    client: &Netns,
+    gateway: &Netns,
+    surprises: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    const PARTNER_FROM: &str = "198.51.100.7";
+    say(format_args!(
+        "keys through the management API ({MANAGEMENT}) with the CLI:"
+    ));
+    let created = keys_cli(
+        bin,
+        gateway,
+        &["create", "--name", "Partner", "--allow", "192.0.2.99"],
+    )?;
+    let field = |name: &str| {
+        created
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            .ok_or_else(|| anyhow!("keyfence keys create printed no {name}"))
+    };
+    let id = field("id ")?;
+    let secret = field("secret ")?;
+    let mut check = |step: &str, source: &str, expected: Expect| -> anyhow::Result<()> {
+        check_interrupt()?;
+        let outcome = attempt_with(client, source, API_PORT, Some(&secret))?;
+        let met = match (&outcome, expected) {
+            (Attempt::Answered { status, .. }, Expect::Status(want)) => *status == want,
+            (Attempt::TimedOut, Expect::Dropped) => true,
+            _ => false,
+        };
+        let verdict = if met {
+            "as expected"
+        } else {
+            "NOT AS EXPECTED"
+        };
+        if !met {
+            surprises.push(format!("{step}: {source} → :{API_PORT}: {outcome}"));
+        }
+        println!("  {source:>15} → :{API_PORT} key {id} {step} [{verdict}]");
+        println!("  {:>15}   {outcome}", "");
+        Ok(())
+    };
+    check("does not list it yet", PARTNER_FROM, Expect::Status(403))?;
+    keys_cli(
+        bin,
+        gateway,
+        &[
+            "update",
+            &id,
+            "--allow",
+            &format!("192.0.2.99, {PARTNER_FROM}"),
+        ],
+    )?;
+    check("added: works at once", PARTNER_FROM, Expect::Status(200))?;
+    keys_cli(bin, gateway, &["update", &id, "--allow", "192.0.2.99"])?;
+    check(
+        "removed: refused at once",
+        PARTNER_FROM,
+        Expect::Status(403),
+    )?;
+    keys_cli(
+        bin,
+        gateway,
+        &[
+            "update",
+            &id,
+            "--allow",
+            &format!("192.0.2.99, {PARTNER_FROM}"),
+        ],
+    )?;
+    check("re-added: works again", PARTNER_FROM, Expect::Status(200))?;
+    check("lists 192.0.2.99", "192.0.2.99", Expect::Status(200))?;
+    keys_cli(bin, gateway, &["sources", &id])?;
+    keys_cli(bin, gateway, &["audit", "--key", &id])?;
+    keys_cli(bin, gateway, &["revoke", &id])?;
+    check(
+        "revoked: the next request",
+        PARTNER_FROM,
+        Expect::Status(401),
+    )?;
+    check(
+        "revoked: no key lists 192.0.2.99 now",
+        "192.0.2.99",
+        Expect::Dropped,
+    )?;
+    keys_cli(bin, gateway, &["list"])?;
+    println!();
+    Ok(())
 }
 
 /// A temporary directory, removed on drop.
@@ -652,6 +809,16 @@ impl std::fmt::Display for Attempt {
 /// `curl --interface SOURCE` from the client host to the gateway on `port`,
 /// presenting the secret of `key` as a bearer token.
 fn attempt(client: &Netns, source: &str, port: u16, key: Option<&str>) -> anyhow::Result<Attempt> {
+    attempt_with(client, source, port, key.map(secret_of).transpose()?)
+}
+
+/// `curl --interface SOURCE` presenting `secret` (if any).
+fn attempt_with(
+    client: &Netns,
+    source: &str,
+    port: u16,
+    secret: Option<&str>,
+) -> anyhow::Result<Attempt> {
     let url = if source.contains(':') {
         format!("http://[{GATEWAY_V6}]:{port}/v1/orders")
     } else {
@@ -669,8 +836,7 @@ fn attempt(client: &Netns, source: &str, port: u16, key: Option<&str>) -> anyhow
     .args(["--globoff", "--interface", source])
     .args(["--connect-timeout", CONNECT_TIMEOUT_S, "--max-time", "5"])
     .args(["--write-out", "\n%{http_code}"]);
-    if let Some(key) = key {
-        let secret = secret_of(key)?;
+    if let Some(secret) = secret {
         curl.args(["--header", &format!("Authorization: Bearer {secret}")]);
     }
     let out = curl
@@ -852,8 +1018,9 @@ fn secret_of(id: &str) -> anyhow::Result<&'static str> {
 }
 
 /// Secrets for the example's keys (static keys read them from the environment).
-fn secrets() -> [(&'static str, &'static str); 3] {
+fn secrets() -> [(&'static str, &'static str); 4] {
     [
+        ("KF_DEMO_ADMIN", ADMIN_TOKEN),
         ("KF_DEMO_PROD", "demo-prod-secret-0123456789"),
         ("KF_DEMO_OFFICE", "demo-office-secret-0123456789"),
         ("KF_DEMO_PUBLIC", "demo-public-secret-0123456789"),
