@@ -4,7 +4,10 @@
 //! - datapath: the real XDP program's cost per packet through
 //!   `BPF_PROG_TEST_RUN` at growing prefix counts (`kf-bench`);
 //! - shim: requests/s and latency with wrk, upstream directly against keyfence
-//!   in proxy mode and nginx with `allow`/`deny` (`kf-bench-shim`).
+//!   in proxy mode and nginx with `allow`/`deny` (`kf-bench-shim`);
+//! - change: an allow-list change through the management API until enforced,
+//!   with 100,000 prefixes loaded, and the agent's start time and RSS with
+//!   them (`kf-bench-change`).
 //!
 //! The tables are printed and written to `target/bench/report.md`.
 
@@ -42,10 +45,11 @@ pub fn run() -> anyhow::Result<()> {
     let keyfence = build::agent(build::Profile::Release)?;
     let datapath = section("kf-bench", &keyfence)?;
     let shim = section("kf-bench-shim", &keyfence)?;
+    let change = section("kf-bench-change", &keyfence)?;
     let dir = cmd::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let report = format!(
-        "# keyfence bench\n\n## Datapath cost (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5)\n\n{datapath}\n## Shim overhead (wrk on loopback)\n\n{shim}"
+        "# keyfence bench\n\n## Datapath cost (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5)\n\n{datapath}\n## Shim overhead (wrk on loopback)\n\n{shim}\n## Change and scale (100,000 prefixes loaded)\n\n{change}"
     );
     std::fs::write(dir.join("report.md"), &report)?;
     print!("{report}");
