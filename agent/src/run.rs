@@ -317,10 +317,10 @@ impl Daemon {
         // The shim first: it is the authority, and swapping its table cannot
         // fail for want of map space.
         shim.set_keys(self.key_table()?);
-        let next = self.apply_policy()?;
         *api.principals
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+        let next = self.apply_policy()?;
         Ok((started.elapsed(), next))
     }
 
