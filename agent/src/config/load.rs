@@ -1037,3 +1037,20 @@ metrics:
         }
     }
 }
+
+#[cfg(test)]
+mod packaged_example {
+    /// The example shipped in `packaging/` is a valid config.
+    #[test]
+    fn the_packaged_example_is_valid() {
+        let text = include_str!("../../../packaging/keyfence.yaml");
+        let config = super::parse(text, "packaging/keyfence.yaml")
+            .unwrap_or_else(|e| panic!("packaging/keyfence.yaml:\n{e}"));
+        assert_eq!(config.listeners.len(), 2);
+        assert_eq!(config.keys.len(), 2);
+        assert_eq!(
+            config.store.path,
+            std::path::Path::new("/var/lib/keyfence/keyfence.db")
+        );
+    }
+}
