@@ -268,19 +268,77 @@ struct HttpState {
     ready: Arc<AtomicBool>,
 }
 
-async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic
+/// text format (0.0.4) otherwise: curl, `promtool check metrics` and older
+/// scrapers read that one.
+async fn metrics_handler(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     let metrics = state.metrics.clone();
     // Counter reads are syscalls: keep them off the async workers.
     let body = tokio::task::spawn_blocking(move || metrics.render())
         .await
         .unwrap_or_default();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+    } else {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_text_format(&body),
+        )
+    }
+}
+
+/// OpenMetrics text as the classic Prometheus text format: a counter family
+/// is named by its sample name (`x_total`) in `# HELP`/`# TYPE`, and there is
+/// no `# UNIT` or `# EOF`.
+#[must_use]
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    out.push_str("_total ");
+                    out.push_str(tail);
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
@@ -313,4 +371,25 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_text_format;
+
+    #[test]
+    fn openmetrics_to_the_classic_text_format() {
+        let om = "# HELP keyfence_http_requests Requests.\n# TYPE keyfence_http_requests counter\n\
+                  keyfence_http_requests_total{listener=\"api\"} 3\n\
+                  # HELP keyfence_keys Keys.\n# TYPE keyfence_keys gauge\nkeyfence_keys 2\n\
+                  # HELP d Seconds.\n# TYPE d histogram\n# UNIT d seconds\nd_bucket{le=\"+Inf\"} 1\nd_sum 0.5\nd_count 1\n# EOF\n";
+        let text = to_text_format(om);
+        assert_eq!(
+            text,
+            "# HELP keyfence_http_requests_total Requests.\n# TYPE keyfence_http_requests_total counter\n\
+             keyfence_http_requests_total{listener=\"api\"} 3\n\
+             # HELP keyfence_keys Keys.\n# TYPE keyfence_keys gauge\nkeyfence_keys 2\n\
+             # HELP d Seconds.\n# TYPE d histogram\nd_bucket{le=\"+Inf\"} 1\nd_sum 0.5\nd_count 1\n"
+        );
+    }
 }

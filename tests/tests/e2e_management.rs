@@ -976,3 +976,52 @@ fn acknowledged_writes_survive_kill_9_and_the_store_stays_sound() {
     );
     eprintln!("{KILLS} kills, {acknowledged} acknowledged writes checked");
 }
+
+#[test]
+fn metrics_pass_promtool_check_metrics() {
+    keyfence_tests::http::require("promtool").expect("promtool (Debian package prometheus)");
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, secret) = ops.create(&json!({"name": "promtool", "ip_allow_list": [SEEN]}));
+    assert_status(&s.request(SEEN, &secret), 200, "allowed");
+    assert_status(&s.request(SEEN_TOO, &secret), 403, "refused");
+    assert_status(&s.request(SEEN, "no-such-key-0123456789"), 401, "unknown");
+    assert_dropped(&s.request(DROPPED, &secret), "dropped");
+    assert_eq!(ops.set_allow(&id, &json!([SEEN, SEEN_TOO])).status, 200);
+    let text = s.agent.metrics().expect("reading /metrics");
+    for family in [
+        "keyfence_datapath_packets_total",
+        "keyfence_http_requests_total",
+        "keyfence_http_request_duration_seconds_bucket",
+        "keyfence_keys",
+        "keyfence_policy_prefixes",
+        "keyfence_policy_apply_seconds_bucket",
+        "keyfence_config_last_reload_successful",
+        "keyfence_datapath_attached",
+    ] {
+        assert!(
+            !parse_samples(&text, family).is_empty(),
+            "SPEC §8 family {family} missing:\n{text}"
+        );
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("feeding promtool");
+    }
+    let out = child.wait_with_output().expect("promtool's answer");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -54,6 +54,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "wrk",
         "requests/s and latency of the shim against its upstream",
     ),
+    (
+        "prometheus",
+        "promtool check metrics validates /metrics in the tests",
+    ),
 ];
 
 /// Where bpffs must be mounted.
