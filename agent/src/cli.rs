@@ -40,6 +40,11 @@ pub enum Command {
         /// Configuration file (YAML).
         #[arg(long, short)]
         config: PathBuf,
+        /// On SIGTERM/SIGINT, after draining, detach the datapath and remove
+        /// its pins (as `keyfence detach`) instead of leaving the last policy
+        /// enforcing: for a real uninstall.
+        #[arg(long)]
+        detach_on_exit: bool,
     },
     /// Validate a configuration without touching the kernel. Prints every error
     /// as FILE:LINE:COL: field.path: message and exits 64, or exits 0.

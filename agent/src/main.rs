@@ -93,7 +93,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -104,7 +107,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(&config)) {
+            match runtime.block_on(run(&config, detach_on_exit)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(StartError::Config(errors)) => {
                     eprint!("{errors}");

@@ -74,8 +74,9 @@ struct Daemon {
     stored: BTreeMap<String, StoredKey>,
 }
 
-/// Run until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path) -> Result<(), StartError> {
+/// Run until SIGTERM or SIGINT. With `detach_on_exit` the datapath is
+/// detached and its pins removed on the way out; otherwise it keeps enforcing.
+pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartError> {
     let config = config::load(config_path).map_err(StartError::Config)?;
     let datapath: SharedDatapath = Arc::new(Mutex::new(None));
     let metrics = Arc::new(Metrics::new(datapath.clone()));
@@ -155,7 +156,11 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     daemon
         .event_loop(&mut shim, &api, &mut apply_rx, next_change)
         .await?;
-    tracing::info!("stopping: draining listeners; the pinned datapath keeps enforcing");
+    if detach_on_exit {
+        tracing::info!("stopping: draining listeners, then detaching the datapath");
+    } else {
+        tracing::info!("stopping: draining listeners; the pinned datapath keeps enforcing");
+    }
     ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
     let sources = shim.sources();
@@ -163,6 +168,9 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     daemon.flush_last_used(&sources);
     let _ = server.await;
     let _ = management_server.await;
+    if detach_on_exit {
+        daemon.detach_datapath()?;
+    }
     Ok(())
 }
 
@@ -223,6 +231,26 @@ fn confirmer(config: &Config) -> anyhow::Result<Option<Confirmer>> {
 }
 
 impl Daemon {
+    /// `--detach-on-exit`: drop our handles (and the pin lock), then detach
+    /// the programs and remove the pins.
+    fn detach_datapath(&self) -> anyhow::Result<()> {
+        drop(
+            self.datapath
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let pin_path = &self.config.datapath.pin_path;
+        let report = crate::datapath::detach(pin_path)
+            .with_context(|| format!("detaching the datapath under {}", pin_path.display()))?;
+        tracing::info!(
+            links = report.links.len(),
+            maps = report.maps.len(),
+            "--detach-on-exit: datapath detached and pins removed"
+        );
+        Ok(())
+    }
+
     fn active_stored(&self) -> impl Iterator<Item = &StoredKey> {
         self.stored.values().filter(|k| k.is_active())
     }

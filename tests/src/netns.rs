@@ -557,6 +557,8 @@ pub struct Agent {
     log: PathBuf,
     metrics: SocketAddr,
     envs: Vec<(String, String)>,
+    /// Extra arguments after `run --config FILE`.
+    run_args: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
@@ -577,6 +579,7 @@ impl Agent {
             pin_path: Path::new("/sys/fs/bpf").join(id),
             metrics: METRICS_BIND,
             envs: Vec::new(),
+            run_args: Vec::new(),
             child: None,
             starts: 0,
         })
@@ -597,6 +600,12 @@ impl Agent {
         agent.spawn()?;
         agent.wait_ready(Duration::from_secs(30))?;
         Ok(agent)
+    }
+
+    /// Add an argument to `keyfence run` for the agent's next start.
+    pub fn run_arg(&mut self, arg: &str) -> &mut Self {
+        self.run_args.push(arg.to_owned());
+        self
     }
 
     /// Set an environment variable for the agent's next start.
@@ -674,6 +683,7 @@ impl Agent {
             .arg(&self.bin)
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(&self.run_args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -163,3 +163,51 @@ fn three_restarts_under_load_lose_no_allowed_request_and_open_nothing() {
         refused.len()
     );
 }
+
+/// `keyfence run --detach-on-exit`: on SIGTERM the agent drains, detaches its
+/// programs and removes the pins, so a source the datapath dropped now meets
+/// the kernel (a RST: nobody listens) instead of silence. Without the flag the
+/// pins stay (the other tests show them enforcing).
+#[test]
+fn detach_on_exit_removes_the_datapath() {
+    let lab = Lab::new(&[ip(ALLOWED), ip(REFUSED)]).expect("building the namespaces");
+    let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+    agent.env("KF_E2E_PROD", SECRET).run_arg("--detach-on-exit");
+    agent
+        .write_config(&config(agent.pin_path()))
+        .expect("writing the config");
+    agent.spawn().expect("starting keyfence");
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("keyfence becomes ready");
+    let dest = SocketAddr::new(GATEWAY_V4.into(), API);
+    let before = tcp_connect(&lab.client, ip(REFUSED), dest, Duration::from_millis(500));
+    assert!(before.timed_out(), "dropped while attached: {before:?}");
+    assert!(agent.pin_path().exists(), "pinned while running");
+
+    let status = agent.sigterm().expect("SIGTERM");
+    assert!(status.success(), "a clean exit: {status}\n{}", agent.log());
+    assert!(
+        !agent.pin_path().exists(),
+        "the pins are gone: {}",
+        agent.pin_path().display()
+    );
+    let links = lab
+        .gateway
+        .exec(&["ip", "-d", "link", "show", "gw0"])
+        .expect("ip link");
+    assert!(
+        !links.contains("xdp"),
+        "no XDP program left on gw0:\n{links}"
+    );
+    let after = tcp_connect(&lab.client, ip(REFUSED), dest, Duration::from_millis(500));
+    assert!(
+        matches!(after, Connect::Refused),
+        "after detaching, the SYN reaches the kernel: {after:?}"
+    );
+    assert!(
+        agent.log().contains("datapath detached and pins removed"),
+        "{}",
+        agent.log()
+    );
+}
