@@ -140,18 +140,31 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// One structured line per refused request, rate-limited so a flood cannot
-    /// fill disks (the counters stay exact).
-    pub fn refusal_log(&self, listener: &str, key_id: &str, ip: Option<std::net::IpAddr>) {
+    /// One structured line per refused (or report-only) request: key id
+    /// (`-` when no valid key was presented), client address, listener and
+    /// reason; rate-limited so a flood cannot fill disks (the counters stay
+    /// exact).
+    pub fn refusal_log(
+        &self,
+        listener: &str,
+        key_id: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+        reason: &'static str,
+    ) {
         if self.refusal_logs.allow() {
             let client = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-            tracing::info!(
-                listener,
-                key_id,
-                client,
-                reason = "ip_not_allowed",
-                "request refused"
-            );
+            let key_id = key_id.unwrap_or("-");
+            if reason == "report_only" {
+                tracing::info!(
+                    listener,
+                    key_id,
+                    client,
+                    reason,
+                    "request outside the key's list passed (report-only key)"
+                );
+            } else {
+                tracing::info!(listener, key_id, client, reason, "request refused");
+            }
         }
     }
 

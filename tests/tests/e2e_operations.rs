@@ -211,3 +211,88 @@ fn detach_on_exit_removes_the_datapath() {
         agent.log()
     );
 }
+
+/// One structured log line per refused request (key id, client, listener,
+/// reason) with `--log-format json`, rate-limited: a burst of 400 refusals
+/// writes a bounded number of lines while the counters count every one.
+#[test]
+fn refusals_are_logged_as_json_and_rate_limited() {
+    const BURST: usize = 200;
+    let lab = Lab::new(&[ip(ALLOWED)]).expect("building the namespaces");
+    let _upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream"))
+        .expect("starting the upstream");
+    let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+    agent
+        .env("KF_E2E_PROD", SECRET)
+        .env("KF_E2E_OTHER", "e2e-ops-other-secret-0123456789")
+        .run_arg("--log-format")
+        .run_arg("json");
+    let yaml = config(agent.pin_path()).replace(
+        "keys:\n",
+        "keys:\n  - { id: other, name: other, secret_env: KF_E2E_OTHER, ip_allow_list: [\"198.51.100.7\"] }\n",
+    );
+    agent.write_config(&yaml).expect("writing the config");
+    agent.spawn().expect("starting keyfence");
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("keyfence becomes ready");
+    let target = url(
+        "http",
+        SocketAddr::new(GATEWAY_V4.into(), API),
+        "/v1/orders",
+    );
+    let started = Instant::now();
+    for secret in ["e2e-ops-other-secret-0123456789", "not-a-key-0123456789"] {
+        // One curl, BURST requests on one connection.
+        let mut curl = Curl::new(&lab.client, ip(ALLOWED), target.clone()).bearer(secret);
+        for _ in 1..BURST {
+            curl = curl.arg(&target);
+        }
+        let reply = curl.send();
+        assert!(
+            matches!(reply, Reply::Answered { .. }),
+            "the burst was answered: {reply:?}"
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let refused = agent.http_count("api", "ip_not_allowed").expect("metrics");
+    let invalid = agent.http_count("api", "invalid_key").expect("metrics");
+    assert_eq!(
+        (refused, invalid),
+        (BURST as u64, BURST as u64),
+        "every request counted"
+    );
+
+    let log = agent.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request refused")
+        .collect();
+    for reason in ["ip_not_allowed", "invalid_key"] {
+        assert!(
+            lines.iter().any(|v| v["fields"]["reason"] == reason),
+            "a {reason} line:\n{log}"
+        );
+    }
+    let sample = lines
+        .iter()
+        .find(|v| v["fields"]["reason"] == "ip_not_allowed")
+        .expect("an ip_not_allowed line");
+    assert_eq!(sample["fields"]["key_id"], "other");
+    assert_eq!(sample["fields"]["client"], ALLOWED);
+    assert_eq!(sample["fields"]["listener"], "api");
+    // 20 at once, then 20 per second.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a small bound"
+    )]
+    let bound = 20 + (20.0 * (elapsed + 1.0)) as usize;
+    assert!(
+        lines.len() >= 20 && lines.len() <= bound && lines.len() < 2 * BURST,
+        "{} refusal lines for {} refusals in {elapsed:.2} s (bound {bound})",
+        lines.len(),
+        2 * BURST
+    );
+}

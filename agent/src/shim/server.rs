@@ -351,17 +351,20 @@ async fn handle(
         }
     };
     let (response, outcome) = match verdict {
-        Verdict::InvalidKey => (
-            json(
-                StatusCode::UNAUTHORIZED,
-                r#"{"error":"invalid API key"}"#.into(),
-            ),
-            "invalid_key",
-        ),
+        Verdict::InvalidKey => {
+            metrics.refusal_log(listener, None, client, "invalid_key");
+            (
+                json(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"error":"invalid API key"}"#.into(),
+                ),
+                "invalid_key",
+            )
+        }
         Verdict::IpNotAllowed { key, ip } => {
             seen(&key.id, ip, false);
             let rejection = ctx.shared.rejection();
-            metrics.refusal_log(listener, &key.id, ip);
+            metrics.refusal_log(listener, Some(&key.id), ip, "ip_not_allowed");
             let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::FORBIDDEN);
             (
                 json(status, render_rejection(&rejection.body, ip, &key.id)),
@@ -371,7 +374,7 @@ async fn handle(
         Verdict::ReportOnly { key, ip } => {
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, false);
-            tracing::info!(listener, key_id = key.id, client = ?ip, "report-only key used from an address outside its list");
+            metrics.refusal_log(listener, Some(&key.id), ip, "report_only");
             let (resp, ok) = pass(req, ctx, config.mode, &key.id, conn_client).await;
             (resp, if ok { "report_only" } else { "upstream_error" })
         }
