@@ -266,8 +266,7 @@ impl Daemon {
 
     /// The shim's key table: static and active stored keys.
     fn key_table(&self) -> anyhow::Result<KeyTable> {
-        let stored: Vec<StoredKey> = self.active_stored().cloned().collect();
-        shim_runtime::key_table(&self.config.keys, &stored)
+        shim_runtime::key_table(&self.config.keys, self.stored.values())
     }
 
     fn principals(&self) -> anyhow::Result<management::principals::Principals> {
@@ -475,8 +474,7 @@ impl Daemon {
     ) -> anyhow::Result<Option<SystemTime>> {
         // Secrets are read before anything changes, so a missing variable
         // rejects the whole reload.
-        let stored: Vec<StoredKey> = self.active_stored().cloned().collect();
-        let keys = shim_runtime::key_table(&new.keys, &stored)?;
+        let keys = shim_runtime::key_table(&new.keys, self.stored.values())?;
         let principals = management::principals(&new.management.admins, self.stored.values())?;
         if new.store.path != self.config.store.path
             || new.management.bind != self.config.management.bind

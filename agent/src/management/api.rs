@@ -15,8 +15,8 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::{ConnectInfo, Path, Query, State},
-    http::{HeaderMap, StatusCode, header},
+    extract::{ConnectInfo, FromRequestParts, Path, Query, State},
+    http::{HeaderMap, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -166,6 +166,24 @@ impl Caller {
     }
 }
 
+/// Every handler takes the caller first: authentication (401/403) comes
+/// before anything in the request is read.
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no peer address"))?;
+        authenticate(state, &parts.headers, peer)
+    }
+}
+
 fn authenticate(
     state: &ApiState,
     headers: &HeaderMap,
@@ -270,6 +288,27 @@ async fn enforce(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
     }
 }
 
+/// One write: serialised with the others, committed with its audit row,
+/// enforced, logged. `action` names it in the log.
+async fn commit(
+    state: &ApiState,
+    caller: &Caller,
+    action: &'static str,
+    write: impl FnOnce(&mut dyn KeyStore, &Actor, SystemTime) -> Result<StoredKey, StoreError>,
+) -> Result<StoredKey, ApiError> {
+    let actor = caller.actor();
+    let _order = state.writes.lock().await;
+    let key = with_store(state, |s| write(s, &actor, SystemTime::now()))?;
+    enforce(state, key.clone()).await?;
+    tracing::info!(
+        key_id = key.id,
+        principal = actor.principal,
+        action,
+        "key changed"
+    );
+    Ok(key)
+}
+
 fn static_key(state: &ApiState, id: &str) -> Option<StaticKey> {
     state
         .static_keys
@@ -367,11 +406,10 @@ fn check_scopes(scopes: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
 
 async fn create(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let caller = authenticate(&state, &headers, peer)?;
     let body: CreateBody = parse_body(&body)?;
     let name = check_name(&body.name)?;
     let tenant = check_tenant(body.tenant)?;
@@ -394,11 +432,10 @@ async fn create(
         allow,
         report_only: body.report_only.unwrap_or(false),
     };
-    let actor = caller.actor();
-    let _order = state.writes.lock().await;
-    let key = with_store(&state, |s| s.create(new, &actor, SystemTime::now()))?;
-    enforce(&state, key.clone()).await?;
-    tracing::info!(key_id = key.id, principal = actor.principal, "key created");
+    let key = commit(&state, &caller, "create", |s, actor, now| {
+        s.create(new, actor, now)
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(with_secret(stored_json(&key), &secret)),
@@ -406,12 +443,7 @@ async fn create(
         .into_response())
 }
 
-async fn list(
-    State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> ApiResult {
-    authenticate(&state, &headers, peer)?;
+async fn list(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult {
     let stored = with_store(&state, |s| s.keys())?;
     let statics = state
         .static_keys
@@ -428,11 +460,9 @@ async fn list(
 
 async fn show(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authenticate(&state, &headers, peer)?;
     if let Some(k) = static_key(&state, &id) {
         return Ok(axum::Json(static_json(&k)).into_response());
     }
@@ -450,12 +480,11 @@ struct UpdateBody {
 
 async fn update(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let caller = authenticate(&state, &headers, peer)?;
     let body: UpdateBody = parse_body(&body)?;
     refuse_static(&state, &id)?;
     let patch = KeyPatch {
@@ -478,66 +507,51 @@ async fn update(
         with_store(&state, |s| s.key(&id))?;
         confirm(&state, &headers)?;
     }
-    let actor = caller.actor();
-    let _order = state.writes.lock().await;
-    let (_, after) = with_store(&state, |s| s.update(&id, patch, &actor, SystemTime::now()))?;
-    enforce(&state, after.clone()).await?;
-    tracing::info!(key_id = id, principal = actor.principal, "key updated");
+    let after = commit(&state, &caller, "update", |s, actor, now| {
+        s.update(&id, patch, actor, now).map(|(_, after)| after)
+    })
+    .await?;
     Ok(axum::Json(stored_json(&after)).into_response())
 }
 
 async fn revoke(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let caller = authenticate(&state, &headers, peer)?;
     refuse_static(&state, &id)?;
     if caller.principal.kind == PrincipalKind::Key(id.clone()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "this change would lock you out: {} would no longer be allowed to use this key",
-                caller.ip
-            ),
-        ));
+        // `caller.ip` is already folded.
+        let lockout = super::principals::LockOut { ip: caller.ip };
+        return Err(ApiError::new(StatusCode::CONFLICT, lockout.to_string()));
     }
-    let actor = caller.actor();
-    let _order = state.writes.lock().await;
-    let key = with_store(&state, |s| s.revoke(&id, &actor, SystemTime::now()))?;
-    enforce(&state, key.clone()).await?;
+    let key = commit(&state, &caller, "revoke", |s, actor, now| {
+        s.revoke(&id, actor, now)
+    })
+    .await?;
     state.sources.forget(&id);
-    tracing::info!(key_id = id, principal = actor.principal, "key revoked");
     Ok(axum::Json(stored_json(&key)).into_response())
 }
 
 async fn rotate(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let caller = authenticate(&state, &headers, peer)?;
     refuse_static(&state, &id)?;
     let secret = secret::generate();
-    let actor = caller.actor();
-    let _order = state.writes.lock().await;
-    let key = with_store(&state, |s| {
-        s.rotate(&id, digest(&secret), &actor, SystemTime::now())
-    })?;
-    enforce(&state, key.clone()).await?;
-    tracing::info!(key_id = id, principal = actor.principal, "key rotated");
+    let key = commit(&state, &caller, "rotate", |s, actor, now| {
+        s.rotate(&id, digest(&secret), actor, now)
+    })
+    .await?;
     Ok(axum::Json(with_secret(stored_json(&key), &secret)).into_response())
 }
 
 async fn sources(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authenticate(&state, &headers, peer)?;
     if static_key(&state, &id).is_none() {
         with_store(&state, |s| s.key(&id))?;
     }
@@ -555,11 +569,9 @@ struct AuditQuery {
 
 async fn audit(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _caller: Caller,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    authenticate(&state, &headers, peer)?;
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(AUDIT_DEFAULT).clamp(1, AUDIT_MAX);
     let entries = with_store(&state, |s| {

@@ -24,6 +24,18 @@ pub struct ShimKey {
 }
 
 impl ShimKey {
+    /// The key `id` with the access facts of a static or stored key.
+    #[must_use]
+    pub fn new(id: &str, access: KeyAccess<'_>) -> Self {
+        Self {
+            id: id.to_owned(),
+            tenant: access.tenant.to_owned(),
+            scopes: access.scopes.to_vec(),
+            allow: access.allow.clone(),
+            report_only: access.report_only,
+        }
+    }
+
     fn access(&self) -> KeyAccess<'_> {
         KeyAccess {
             tenant: &self.tenant,

@@ -31,26 +31,22 @@ pub const MIN_STATIC_SECRET: usize = 20;
 /// The key table of the config's static keys and the store's active keys.
 /// `secret_env` variables are read here; a missing or short one is an error
 /// naming the key.
-pub fn key_table(statics: &[StaticKey], stored: &[StoredKey]) -> anyhow::Result<KeyTable> {
-    let mut rows = static_rows(statics)?;
-    rows.extend(stored.iter().filter(|k| k.revoked_at.is_none()).map(|k| {
-        (
-            k.digest,
-            ShimKey {
-                id: k.id.clone(),
-                tenant: k.tenant.clone(),
-                scopes: k.scopes.clone(),
-                allow: k.allow.clone(),
-                report_only: k.report_only,
-            },
-        )
-    }));
+pub fn key_table<'a>(
+    statics: &[StaticKey],
+    stored: impl IntoIterator<Item = &'a StoredKey>,
+) -> anyhow::Result<KeyTable> {
+    let mut rows = Vec::with_capacity(statics.len());
+    for k in statics {
+        let d = secret_digest(&k.secret, &format!("key {}", k.id))?;
+        rows.push((d, ShimKey::new(&k.id, k.into())));
+    }
+    rows.extend(
+        stored
+            .into_iter()
+            .filter(|k| k.is_active())
+            .map(|k| (k.digest, ShimKey::new(&k.id, k.into()))),
+    );
     Ok(KeyTable::new(rows))
-}
-
-/// The key table of the config's static keys alone.
-pub fn static_key_table(keys: &[StaticKey]) -> anyhow::Result<KeyTable> {
-    Ok(KeyTable::new(static_rows(keys)?))
 }
 
 /// The digest of a configured secret; `secret_env` is read now. `what` names
@@ -69,25 +65,6 @@ pub fn secret_digest(secret: &KeySecret, what: &str) -> anyhow::Result<[u8; 32]>
             Ok(digest(&secret))
         }
     }
-}
-
-/// `(digest, key)` rows of the static keys.
-fn static_rows(keys: &[StaticKey]) -> anyhow::Result<Vec<([u8; 32], ShimKey)>> {
-    let mut rows = Vec::with_capacity(keys.len());
-    for k in keys {
-        let d = secret_digest(&k.secret, &format!("key {}", k.id))?;
-        rows.push((
-            d,
-            ShimKey {
-                id: k.id.clone(),
-                tenant: k.tenant.clone(),
-                scopes: k.scopes.clone(),
-                allow: k.allow.clone(),
-                report_only: k.report_only,
-            },
-        ));
-    }
-    Ok(rows)
 }
 
 struct Running {

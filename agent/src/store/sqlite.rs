@@ -241,6 +241,25 @@ impl SqliteStore {
         tx.commit()?;
         Ok(out)
     }
+
+    /// One change of an active key in one transaction: `apply` edits the
+    /// rows; the key before and after goes into the audit row `action`.
+    fn change(
+        &mut self,
+        id: &str,
+        actor: &Actor,
+        now: SystemTime,
+        action: &str,
+        apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<(), StoreError>,
+    ) -> Result<(StoredKey, StoredKey), StoreError> {
+        self.write(|tx| {
+            let before = load_active(tx, id)?;
+            apply(tx, &before)?;
+            let after = load(tx, id)?;
+            audit_row(tx, actor, now, action, id, Some(&before), Some(&after))?;
+            Ok((before, after))
+        })
+    }
 }
 
 /// Create `path` readable by its owner only when it does not exist yet (SQLite
@@ -451,8 +470,7 @@ impl KeyStore for SqliteStore {
         actor: &Actor,
         now: SystemTime,
     ) -> Result<(StoredKey, StoredKey), StoreError> {
-        self.write(|tx| {
-            let before = load_active(tx, id)?;
+        self.change(id, actor, now, "update", |tx, before| {
             tx.execute(
                 "UPDATE keys SET name = ?2, report_only = ?3, updated_at = ?4 WHERE id = ?1",
                 params![
@@ -466,9 +484,7 @@ impl KeyStore for SqliteStore {
                 tx.execute("DELETE FROM allow_entries WHERE key_id = ?1", [id])?;
                 insert_entries(tx, id, allow)?;
             }
-            let after = load(tx, id)?;
-            audit_row(tx, actor, now, "update", id, Some(&before), Some(&after))?;
-            Ok((before, after))
+            Ok(())
         })
     }
 
@@ -478,16 +494,14 @@ impl KeyStore for SqliteStore {
         actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
-        self.write(|tx| {
-            let before = load_active(tx, id)?;
+        self.change(id, actor, now, "revoke", |tx, _| {
             tx.execute(
                 "UPDATE keys SET revoked_at = ?2, updated_at = ?2 WHERE id = ?1",
                 params![id, millis(now)],
             )?;
-            let after = load(tx, id)?;
-            audit_row(tx, actor, now, "revoke", id, Some(&before), Some(&after))?;
-            Ok(after)
+            Ok(())
         })
+        .map(|(_, after)| after)
     }
 
     fn rotate(
@@ -497,17 +511,15 @@ impl KeyStore for SqliteStore {
         actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
-        self.write(|tx| {
-            let before = load_active(tx, id)?;
+        self.change(id, actor, now, "rotate", |tx, _| {
             tx.execute(
                 "UPDATE keys SET secret_sha256 = ?2, updated_at = ?3 WHERE id = ?1",
                 params![id, digest.as_slice(), millis(now)],
             )
             .map_err(|e| conflict_on_constraint(e, "a key with this secret exists"))?;
-            let after = load(tx, id)?;
-            audit_row(tx, actor, now, "rotate", id, Some(&before), Some(&after))?;
-            Ok(after)
+            Ok(())
         })
+        .map(|(_, after)| after)
     }
 
     fn audit(
