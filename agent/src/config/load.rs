@@ -12,6 +12,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
+use super::shape;
+
 use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
     ListenerMode, ManagementConfig, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
@@ -196,6 +198,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Validate YAML `text` that came from `file` (used in messages).
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let shape = serde_saphyr::from_str::<Spanned<shape::Node>>(text).map(|tree| {
+        let mut mistakes = Vec::new();
+        shape::check(&tree, &shape::CONFIG, "", &mut mistakes);
+        mistakes
+    });
+    if let Ok(mistakes) = shape
+        && !mistakes.is_empty()
+    {
+        let mut errors = Errors {
+            file: file.into(),
+            list: Vec::new(),
+        };
+        for m in mistakes {
+            errors.at(&m.at, m.path, m.message);
+        }
+        errors.list.sort_by_key(|e| (e.line, e.col));
+        return Err(ConfigErrors(errors.list));
+    }
     let raw: RawConfig = match serde_saphyr::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
@@ -877,17 +897,36 @@ metrics:
         (
             "unknown top-level field",
             "listners: []\n",
-            &["1:1: (yaml): unknown field `listners`"],
+            &["1:1: listners: unknown field `listners`, expected one of store, datapath,"],
         ),
         (
             "unknown listener field",
             "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    colour: red\n",
-            &["5:5: (yaml): unknown field `colour`"],
+            &["5:5: listeners[0].colour: unknown field `colour`, expected one of name,"],
         ),
         (
             "wrong type",
             "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n    early_drop: maybe\n",
-            &["5:17: (yaml):"],
+            &["5:17: listeners[0].early_drop: expected true or false, found text"],
+        ),
+        (
+            "every shape mistake at once",
+            "datapath: [gw0]\nlisteners:\n  - name: a\n    bind: \"[::]:1\"\n    client_ip: { hops: -1, trusted_proxies: 10.0.0.1 }\nkeys:\n  - { id: k, name: [a], secret_env: A, ip_allow_list: { a: 1 } }\nrejection: { status: 70000 }\nmetric: {}\n",
+            &[
+                "1:11: datapath: expected a mapping, found a list",
+                "3:5: listeners[0].mode: missing field `mode`",
+                "5:24: listeners[0].client_ip.hops: expected a whole number from 0 to 4294967295, found a number",
+                "5:45: listeners[0].client_ip.trusted_proxies: expected a list, found text",
+                "7:20: keys[0].name: expected text, found a list",
+                "7:55: keys[0].ip_allow_list: expected text or a list, found a mapping",
+                "8:22: rejection.status: expected a whole number from 0 to 65535",
+                "9:1: metric: unknown field `metric`",
+            ],
+        ),
+        (
+            "a list entry that is not text",
+            "keys:\n  - { id: k, name: a, secret_env: A, ip_allow_list: [192.0.2.1, [10.0.0.0/8]] }\n",
+            &["2:65: keys[0].ip_allow_list[1]: expected text, found a list"],
         ),
         (
             "syntax",

@@ -2,6 +2,7 @@
 
 mod load;
 pub mod model;
+mod shape;
 
 pub use load::{ConfigError, ConfigErrors, load, parse};
 pub use model::*;

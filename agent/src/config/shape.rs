@@ -1,0 +1,283 @@
+//! The first pass over a config file: its shape. Unknown fields, a list where a
+//! mapping belongs, `maybe` where a boolean belongs, missing required fields:
+//! every such mistake in the file is reported at once, each with its line,
+//! column and field path. serde stops at the first one and names no path, so
+//! it only runs (and the value checks after it) once the shape is right.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::{Location, Spanned};
+
+/// A YAML value with the position of every part.
+pub(super) enum Node {
+    Map(Vec<(Spanned<String>, Spanned<Self>)>),
+    List(Vec<Spanned<Self>>),
+    Text,
+    Int(i128),
+    Float,
+    Bool,
+    Null,
+}
+
+impl Node {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Map(_) => "a mapping",
+            Self::List(_) => "a list",
+            Self::Text => "text",
+            Self::Int(_) => "a number",
+            Self::Float => "a decimal number",
+            Self::Bool => "a boolean",
+            Self::Null => "nothing",
+        }
+    }
+
+    const fn is_scalar(&self) -> bool {
+        matches!(self, Self::Text | Self::Int(_) | Self::Float | Self::Bool)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Bool)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
+                Ok(Node::Int(v.into()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
+                Ok(Node::Int(v.into()))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Node, E> {
+                Ok(Node::Int(v))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Node, E> {
+                Ok(Node::Int(i128::try_from(v).unwrap_or(i128::MAX)))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Float)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Node, E> {
+                Ok(Node::Text)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+                Ok(Node::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+                Ok(Node::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Node::List(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Node::Map(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a config value must look like.
+pub(super) enum Shape {
+    /// Fields: name, required, shape.
+    Map(&'static [(&'static str, bool, Self)]),
+    List(&'static Self),
+    /// A scalar read as text (`name: 2024` is the text "2024").
+    Text,
+    /// Text, or a list of scalars (allow lists: `"a, b"` or `[a, b]`).
+    TextOrList,
+    /// A whole number in `0..=max`.
+    Int(u32),
+    Bool,
+}
+
+const TLS: Shape = Shape::Map(&[("cert", true, Shape::Text), ("key", true, Shape::Text)]);
+const CLIENT_IP: Shape = Shape::Map(&[
+    ("source", false, Shape::Text),
+    ("trusted_proxies", false, Shape::List(&Shape::Text)),
+    ("hops", false, Shape::Int(u32::MAX)),
+]);
+const LISTENER: Shape = Shape::Map(&[
+    ("name", true, Shape::Text),
+    ("bind", true, Shape::Text),
+    ("mode", true, Shape::Text),
+    ("upstream", false, Shape::Text),
+    ("tls", false, TLS),
+    ("client_ip", false, CLIENT_IP),
+    ("early_drop", false, Shape::Bool),
+    ("tenants", false, Shape::List(&Shape::Text)),
+    ("key_header", false, Shape::Text),
+]);
+const KEY: Shape = Shape::Map(&[
+    ("id", true, Shape::Text),
+    ("name", true, Shape::Text),
+    ("tenant", false, Shape::Text),
+    ("scopes", false, Shape::List(&Shape::Text)),
+    ("secret_sha256", false, Shape::Text),
+    ("secret_env", false, Shape::Text),
+    ("ip_allow_list", false, Shape::TextOrList),
+    ("report_only", false, Shape::Bool),
+]);
+const ADMIN: Shape = Shape::Map(&[
+    ("name", true, Shape::Text),
+    ("token_sha256", false, Shape::Text),
+    ("token_env", false, Shape::Text),
+    ("ip_allow_list", false, Shape::TextOrList),
+]);
+
+/// The whole file (keep in step with the `Raw*` types in `load.rs`).
+pub(super) const CONFIG: Shape = Shape::Map(&[
+    (
+        "store",
+        false,
+        Shape::Map(&[
+            ("path", false, Shape::Text),
+            ("postgres", false, Shape::Text),
+        ]),
+    ),
+    (
+        "datapath",
+        false,
+        Shape::Map(&[
+            ("interfaces", false, Shape::List(&Shape::Text)),
+            ("mode", false, Shape::Text),
+            ("pin_path", false, Shape::Text),
+        ]),
+    ),
+    ("listeners", false, Shape::List(&LISTENER)),
+    ("keys", false, Shape::List(&KEY)),
+    (
+        "rejection",
+        false,
+        Shape::Map(&[
+            ("status", false, Shape::Int(u16::MAX as u32)),
+            ("body", false, Shape::Text),
+        ]),
+    ),
+    (
+        "management",
+        false,
+        Shape::Map(&[
+            ("bind", false, Shape::Text),
+            ("admins", false, Shape::List(&ADMIN)),
+            (
+                "confirm",
+                false,
+                Shape::Map(&[("totp_secret_env", true, Shape::Text)]),
+            ),
+        ]),
+    ),
+    (
+        "metrics",
+        false,
+        Shape::Map(&[("bind", false, Shape::Text)]),
+    ),
+]);
+
+/// One shape mistake: where, which field, what.
+pub(super) struct Mistake {
+    pub at: Location,
+    pub path: String,
+    pub message: String,
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// Every place where `node` departs from `shape`. An empty value (`null`) is
+/// left to the value checks: it is how YAML writes an optional field unset.
+pub(super) fn check(node: &Spanned<Node>, shape: &Shape, path: &str, out: &mut Vec<Mistake>) {
+    match (shape, &node.value) {
+        // An empty value is how YAML writes an optional field unset; whether
+        // the field may be unset is the value checks' business.
+        (_, Node::Null) => {}
+        (Shape::Map(fields), Node::Map(entries)) => {
+            for (key, value) in entries {
+                let here = join(path, &key.value);
+                if let Some((_, _, inner)) = fields.iter().find(|(name, _, _)| *name == key.value) {
+                    check(value, inner, &here, out);
+                    continue;
+                }
+                let known: Vec<&str> = fields.iter().map(|(name, _, _)| *name).collect();
+                out.push(Mistake {
+                    at: key.referenced,
+                    path: here,
+                    message: format!(
+                        "unknown field `{}`, expected one of {}",
+                        key.value,
+                        known.join(", ")
+                    ),
+                });
+            }
+            for (name, required, _) in *fields {
+                let present = entries
+                    .iter()
+                    .any(|(k, v)| k.value == *name && !matches!(v.value, Node::Null));
+                if *required && !present {
+                    out.push(Mistake {
+                        at: node.referenced,
+                        path: join(path, name),
+                        message: format!("missing field `{name}`"),
+                    });
+                }
+            }
+        }
+        (Shape::List(inner), Node::List(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                check(item, inner, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Shape::TextOrList, Node::List(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                check(item, &Shape::Text, &format!("{path}[{i}]"), out);
+            }
+        }
+        (shape, value) => {
+            let (fits, expected) = match shape {
+                Shape::Map(_) => (false, "a mapping".to_owned()),
+                Shape::List(_) => (false, "a list".to_owned()),
+                Shape::Text => (value.is_scalar(), "text".to_owned()),
+                Shape::TextOrList => (value.is_scalar(), "text or a list".to_owned()),
+                Shape::Int(max) => (
+                    matches!(value, Node::Int(v) if (0..=i128::from(*max)).contains(v)),
+                    format!("a whole number from 0 to {max}"),
+                ),
+                Shape::Bool => (matches!(value, Node::Bool), "true or false".to_owned()),
+            };
+            if !fits {
+                out.push(Mistake {
+                    at: node.referenced,
+                    path: if path.is_empty() {
+                        "(top)".into()
+                    } else {
+                        path.to_owned()
+                    },
+                    message: format!("expected {expected}, found {}", value.kind()),
+                });
+            }
+        }
+    }
+}
