@@ -551,7 +551,10 @@ fn watch_config(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Rec
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && !event.kind.is_access()
-            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
+            && event
+                .paths
+                .iter()
+                .any(|p| names_the_config(p, name.as_deref()))
         {
             let _ = tx.try_send(());
         }
@@ -561,6 +564,15 @@ fn watch_config(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Rec
         .watch(&dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
     Ok(watcher)
+}
+
+/// Whether a change to `path` (in the config's directory) can change the
+/// config: the file itself (edited in place, or replaced by a rename), or the
+/// `..data` symlink that a Kubernetes `ConfigMap` volume swaps atomically (the
+/// config file there is a symlink through it and never changes itself).
+fn names_the_config(path: &Path, config: Option<&std::ffi::OsStr>) -> bool {
+    let name = path.file_name();
+    name == config || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b"..data"))
 }
 
 /// Log the kernel's drop samples (already rate-limited per CPU in the kernel).
@@ -611,6 +623,30 @@ async fn read_samples(
                 listener,
                 "datapath dropped a packet (sample)"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{ffi::OsStr, path::Path};
+
+    use super::names_the_config;
+
+    #[test]
+    fn config_events_include_the_configmap_swap_and_nothing_else() {
+        let config = Some(OsStr::new("keyfence.yaml"));
+        for (path, wanted) in [
+            ("/etc/keyfence/keyfence.yaml", true),
+            // Kubernetes' atomic writer: a new ..data_tmp symlink renamed over ..data.
+            ("/etc/keyfence/..data", true),
+            ("/etc/keyfence/..data_tmp", true),
+            // Editors' and the store's neighbours.
+            ("/etc/keyfence/.keyfence.yaml.swp", false),
+            ("/etc/keyfence/keyfence.db-wal", false),
+            ("/etc/keyfence/..2026_12_01_00_00_00.123", false),
+        ] {
+            assert_eq!(names_the_config(Path::new(path), config), wanted, "{path}");
         }
     }
 }

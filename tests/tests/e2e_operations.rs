@@ -1,17 +1,25 @@
-//! Operations end to end: restarts of the real agent under load. Needs root;
+//! Operations end to end: restarts of the real agent under load, reloads,
+//! detaching, refusal logs. Needs root;
 //! run through `cargo xtask test`.
 
 use std::{
+    fs,
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
-    netns::{Agent, Connect, GATEWAY_V4, Lab, tcp_connect},
+    netns::{
+        Agent, Connect, GATEWAY_V4, Lab, enter, keyfence_bin, parse_samples, poll_until,
+        tcp_connect,
+    },
 };
 
 const API: u16 = 8443;
@@ -295,4 +303,262 @@ fn refusals_are_logged_as_json_and_rate_limited() {
         lines.len(),
         2 * BURST
     );
+}
+
+/// `keyfence_config_reloads_total{result}` and
+/// `keyfence_config_last_reload_successful`.
+#[derive(Clone, Copy, Debug)]
+struct Reloads {
+    success: f64,
+    failure: f64,
+    last_ok: bool,
+}
+
+fn reloads(agent: &Agent) -> Reloads {
+    let text = agent.metrics().expect("reading /metrics");
+    let count = |result: &str| {
+        parse_samples(&text, "keyfence_config_reloads_total")
+            .iter()
+            .find(|s| s.label("result") == Some(result))
+            .map_or(0.0, |s| s.value)
+    };
+    Reloads {
+        success: count("success"),
+        failure: count("failure"),
+        last_ok: parse_samples(&text, "keyfence_config_last_reload_successful")
+            .first()
+            .is_some_and(|s| s.value > 0.5),
+    }
+}
+
+/// Lay the config out as a Kubernetes `ConfigMap` volume does and publish
+/// `yaml` the way its atomic writer does: a new timestamped directory, a
+/// `..data_tmp` symlink to it renamed over `..data`; `keyfence.yaml` is a
+/// symlink through `..data` and never changes itself.
+fn configmap_publish(dir: &Path, generation: u32, yaml: &str) {
+    use std::os::unix::fs::symlink;
+    let version = format!("..2026_12_01_00_00_0{generation}.{generation}");
+    fs::create_dir(dir.join(&version)).expect("a ConfigMap version directory");
+    fs::write(dir.join(&version).join("keyfence.yaml"), yaml).expect("the ConfigMap's file");
+    symlink(&version, dir.join("..data_tmp")).expect("..data_tmp");
+    fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swapping ..data");
+    if !fs::symlink_metadata(dir.join("keyfence.yaml"))
+        .expect("the config")
+        .is_symlink()
+    {
+        symlink("..data/keyfence.yaml", dir.join(".keyfence.yaml.link")).expect("link");
+        fs::rename(dir.join(".keyfence.yaml.link"), dir.join("keyfence.yaml"))
+            .expect("turning the config into the ConfigMap's symlink");
+    }
+}
+
+/// One HTTP/1.1 request on an open keep-alive connection: the status.
+fn keep_alive_request(stream: &mut std::net::TcpStream) -> std::io::Result<u16> {
+    use std::io::{Read as _, Write as _};
+    write!(
+        stream,
+        "GET /v1/orders HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed by keyfence"));
+        }
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            return head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")));
+        }
+    }
+}
+
+/// A keep-alive connection from the allowed client, held open on its own
+/// thread in the client's namespace; each `next` sends one request on it.
+struct Held {
+    go: Option<mpsc::Sender<()>>,
+    statuses: mpsc::Receiver<Result<u16, String>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Held {
+    fn open(lab: &Lab, dest: SocketAddr) -> Self {
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (status_tx, statuses) = mpsc::channel();
+        let client_ns = lab.client.path();
+        let thread = thread::spawn(move || {
+            let connected = enter(&client_ns).and_then(|()| {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                socket.bind(&SocketAddr::new(ip(ALLOWED), 0).into())?;
+                socket.connect_timeout(&dest.into(), Duration::from_secs(2))?;
+                socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+                Ok(std::net::TcpStream::from(socket))
+            });
+            let mut stream = match connected {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = status_tx.send(Err(format!("{e:#}")));
+                    return;
+                }
+            };
+            // Bounded: one request per `next`, until closed.
+            while go_rx.recv().is_ok() {
+                let _ = status_tx.send(keep_alive_request(&mut stream).map_err(|e| e.to_string()));
+            }
+        });
+        Self {
+            go: Some(go),
+            statuses,
+            thread: Some(thread),
+        }
+    }
+
+    /// One more request on the held connection: its status.
+    fn next(&self) -> Result<u16, String> {
+        self.go
+            .as_ref()
+            .and_then(|go| go.send(()).ok())
+            .ok_or("the held connection's thread ended")?;
+        self.statuses
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| format!("no answer on the held connection: {e}"))?
+    }
+
+    fn close(mut self) {
+        drop(self.go.take());
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the held connection's thread");
+        }
+    }
+}
+
+/// Reloads as SPEC §7 and issue 5 describe them: a config that follows a
+/// Kubernetes `ConfigMap` swap is applied without restart and without closing an
+/// open keep-alive connection; a broken one is refused with the very lines
+/// `keyfence check` prints, the last good config keeps enforcing in both layers,
+/// and the reload metrics say so; SIGHUP reloads too.
+#[test]
+fn reloads_follow_configmap_swaps_and_a_broken_config_changes_nothing() {
+    let lab = Lab::new(&[ip(ALLOWED), ip(REFUSED)]).expect("building the namespaces");
+    let _upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream"))
+        .expect("starting the upstream");
+    let mut agent =
+        Agent::start(&lab.gateway, &[("KF_E2E_PROD", SECRET)], config).expect("starting keyfence");
+    let dir = agent.dir().to_owned();
+    let good = fs::read_to_string(agent.config_path()).expect("the written config");
+    let dest = SocketAddr::new(GATEWAY_V4.into(), API);
+    let status_from = |source: &str| {
+        Curl::new(&lab.client, ip(source), url("http", dest, "/v1/orders"))
+            .connect_timeout(Duration::from_secs(1))
+            .bearer(SECRET)
+            .send()
+            .status()
+    };
+    let wait_for = |what: &str, want: &dyn Fn(Reloads) -> bool| {
+        let ok = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            want(reloads(&agent))
+        });
+        assert!(
+            ok,
+            "{what}: reloads now {:?}\n{}",
+            reloads(&agent),
+            agent.log()
+        );
+    };
+
+    let held = Held::open(&lab, dest);
+    assert_eq!(held.next(), Ok(200), "the held connection, first request");
+
+    // 1. Into the ConfigMap layout (same content): a successful reload.
+    configmap_publish(&dir, 1, &good);
+    wait_for("the ConfigMap layout", &|r| r.success >= 1.0 && r.last_ok);
+    let successes = reloads(&agent).success;
+
+    // 2. A broken version: refused, every error logged as `keyfence check` prints it.
+    let broken = good
+        .replace(
+            "ip_allow_list: [\"192.0.2.10\"]",
+            "ip_allow_list: [\"192.0.2.10\", \"192.0.2.66/24\"], colour: red",
+        )
+        .replace("mode: proxy,", "mode: proxy, early_drop: maybe,");
+    assert_ne!(broken, good, "the test broke the config");
+    configmap_publish(&dir, 2, &broken);
+    wait_for("the broken version", &|r| r.failure >= 1.0 && !r.last_ok);
+    let check = std::process::Command::new(keyfence_bin().expect("keyfence"))
+        .args(["check", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .expect("keyfence check");
+    assert_eq!(check.status.code(), Some(64), "keyfence check refuses it");
+    let lines: Vec<String> = String::from_utf8_lossy(&check.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&check.stdout).lines())
+        .filter(|l| l.contains(": listeners[0].") || l.contains(": keys[0]."))
+        .map(ToOwned::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 2, "both shape mistakes at once: {lines:?}");
+    let log = agent.log();
+    for line in &lines {
+        assert!(
+            log.contains(line.as_str()),
+            "the reload logged {line:?}:\n{log}"
+        );
+    }
+    assert_eq!(
+        status_from(ALLOWED),
+        Some(200),
+        "the last good config allows"
+    );
+    let refused = tcp_connect(&lab.client, ip(REFUSED), dest, Duration::from_millis(500));
+    assert!(
+        refused.timed_out(),
+        "and still drops in the datapath: {refused:?}"
+    );
+    assert_eq!(
+        held.next(),
+        Ok(200),
+        "the held connection after the refusal"
+    );
+
+    // 3. A good version that adds the second client: applied, connection kept.
+    configmap_publish(
+        &dir,
+        3,
+        &good.replace("[\"192.0.2.10\"]", "[\"192.0.2.10\", \"192.0.2.66\"]"),
+    );
+    wait_for("the good version", &|r| r.success > successes && r.last_ok);
+    assert_eq!(
+        status_from(REFUSED),
+        Some(200),
+        "the added address is allowed"
+    );
+    assert_eq!(held.next(), Ok(200), "the held connection after the change");
+
+    // 4. SIGHUP reloads the same file once more.
+    let before = reloads(&agent).success;
+    agent.sighup().expect("SIGHUP");
+    wait_for("SIGHUP", &|r| r.success > before && r.last_ok);
+    assert_eq!(held.next(), Ok(200), "the held connection after SIGHUP");
+    held.close();
+    assert!(agent.is_running(), "the agent never restarted");
 }
