@@ -53,8 +53,9 @@ pub enum Command {
         config: PathBuf,
     },
     /// Show what is attached where (interface, mode), map fill against
-    /// capacity, and packet counters per listener, read from the pinned maps
-    /// (works while the agent is stopped).
+    /// capacity, packet counters per listener and the largest counters by
+    /// interface and listener, read from the pinned maps (works while the
+    /// agent is stopped).
     Status {
         #[arg(long, short)]
         config: PathBuf,

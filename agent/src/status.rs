@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::links::{FdLink, PinnedLink},
 };
 use keyfence_common::{
@@ -40,6 +40,19 @@ pub struct ListenerStatus {
     pub packets: BTreeMap<String, u64>,
 }
 
+/// One counter: packets with one verdict/reason on one interface for one
+/// listener (`None`: no listener claimed them).
+#[derive(Debug, Serialize)]
+pub struct Counter {
+    pub interface: String,
+    pub listener: Option<String>,
+    pub verdict: String,
+    pub packets: u64,
+}
+
+/// How many counters `status` lists, largest first.
+pub const TOP_COUNTERS: usize = 10;
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub pin_dir: String,
@@ -50,6 +63,30 @@ pub struct Status {
     pub prefix_entries: (usize, u32),
     /// Packets no listener claimed, by reason.
     pub unclaimed: BTreeMap<String, u64>,
+    /// The largest counters (at most [`TOP_COUNTERS`]), by interface and
+    /// listener: where the traffic and the drops are.
+    pub top: Vec<Counter>,
+}
+
+/// Interface slot → name, from the pinned ifindex → slot map; slot 0 is
+/// "other" (an interface the agent did not assign).
+fn interface_names(dir: &Path) -> anyhow::Result<BTreeMap<u32, String>> {
+    let slots: Array<MapData, u32> =
+        Array::try_from(Map::Array(open_map(dir, map_names::IFINDEX_SLOTS)?))?;
+    let mut names = BTreeMap::from([(0, "other".to_owned())]);
+    for (ifindex, slot) in slots.iter().enumerate() {
+        let slot = slot?;
+        if slot == 0 {
+            continue;
+        }
+        let index = u32::try_from(ifindex).unwrap_or(u32::MAX);
+        let name = nix::net::if_::if_indextoname(index).map_or_else(
+            |_| format!("ifindex {index}"),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        names.insert(slot, name);
+    }
+    Ok(names)
 }
 
 fn open_map(dir: &Path, name: &str) -> anyhow::Result<MapData> {
@@ -88,6 +125,61 @@ fn read_links(dir: &Path) -> anyhow::Result<Vec<LinkStatus>> {
     Ok(links)
 }
 
+/// Counters by listener slot (summed over interfaces and CPUs), and every
+/// non-zero (interface slot, listener slot, stat, packets) cell, largest first.
+#[expect(clippy::type_complexity, reason = "two plain tables")]
+fn read_counters(
+    stats: &PerCpuArray<MapData, StatBlock>,
+) -> anyhow::Result<(BTreeMap<u32, [u64; STAT_SLOTS]>, Vec<(u32, u32, Stat, u64)>)> {
+    let mut per_slot: BTreeMap<u32, [u64; STAT_SLOTS]> = BTreeMap::new();
+    // (interface slot, listener slot, stat) → packets, for the top list.
+    let mut cells: Vec<(u32, u32, Stat, u64)> = Vec::new();
+    for iface in 0..MAX_IFACE_SLOTS {
+        for slot in 0..keyfence_common::policy::MAX_LISTENERS {
+            let values = stats.get(&stats_index(iface, slot), 0)?;
+            let mut here = [0u64; STAT_SLOTS];
+            for block in values.iter() {
+                for (total, n) in here.iter_mut().zip(block.packets) {
+                    *total = total.wrapping_add(n);
+                }
+            }
+            let sum = per_slot.entry(slot).or_insert([0; STAT_SLOTS]);
+            for (total, n) in sum.iter_mut().zip(here) {
+                *total = total.wrapping_add(n);
+            }
+            cells.extend(
+                Stat::ALL
+                    .iter()
+                    .filter(|s| here[**s as usize] > 0)
+                    .map(|s| (iface, slot, *s, here[*s as usize])),
+            );
+        }
+    }
+    cells.sort_by_key(|c| std::cmp::Reverse(c.3));
+    Ok((per_slot, cells))
+}
+
+/// The first [`TOP_COUNTERS`] cells, named.
+fn top_counters(
+    cells: Vec<(u32, u32, Stat, u64)>,
+    interfaces: &BTreeMap<u32, String>,
+    listener_name: impl Fn(u32) -> Option<String>,
+) -> Vec<Counter> {
+    cells
+        .into_iter()
+        .take(TOP_COUNTERS)
+        .map(|(iface, slot, stat, packets)| Counter {
+            interface: interfaces
+                .get(&iface)
+                .cloned()
+                .unwrap_or_else(|| format!("slot {iface}")),
+            listener: listener_name(slot),
+            verdict: format!("{}/{}", stat.verdict(), stat.reason()),
+            packets,
+        })
+        .collect()
+}
+
 /// Read the pinned state under the config's `datapath.pin_path`.
 pub fn read(config: &Config) -> anyhow::Result<Status> {
     let dir = pin_dir(&config.datapath.pin_path);
@@ -111,18 +203,8 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
     for key in prefixes.keys() {
         *prefixes_by_slot.entry(key?.data().policy()).or_default() += 1;
     }
-    let mut per_slot: BTreeMap<u32, [u64; STAT_SLOTS]> = BTreeMap::new();
-    for iface in 0..MAX_IFACE_SLOTS {
-        for slot in 0..keyfence_common::policy::MAX_LISTENERS {
-            let values = stats.get(&stats_index(iface, slot), 0)?;
-            let sum = per_slot.entry(slot).or_insert([0; STAT_SLOTS]);
-            for block in values.iter() {
-                for (total, n) in sum.iter_mut().zip(block.packets) {
-                    *total = total.wrapping_add(n);
-                }
-            }
-        }
-    }
+    let interfaces = interface_names(&dir)?;
+    let (per_slot, cells) = read_counters(&stats)?;
     let named = |counts: &[u64; STAT_SLOTS]| -> BTreeMap<String, u64> {
         Stat::ALL
             .iter()
@@ -165,6 +247,23 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
             }
         })
         .collect();
+    let listener_name = |slot: u32| -> Option<String> {
+        if slot == 0 {
+            return None;
+        }
+        let named = listener_rows
+            .iter()
+            .find(|(_, v)| v.policy == slot)
+            .and_then(|(k, _)| {
+                config
+                    .listeners
+                    .iter()
+                    .find(|l| listener_keys(l.bind).contains(k))
+                    .map(|l| l.name.clone())
+            });
+        Some(named.unwrap_or_else(|| format!("slot {slot}")))
+    };
+    let top = top_counters(cells, &interfaces, listener_name);
     Ok(Status {
         pin_dir: dir.display().to_string(),
         links,
@@ -173,6 +272,7 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
         exact_entries: (exact_by_slot.values().sum(), EXACT_CAPACITY),
         prefix_entries: (prefixes_by_slot.values().sum(), PREFIXES_CAPACITY),
         unclaimed: per_slot.get(&0).map(named).unwrap_or_default(),
+        top,
     })
 }
 
@@ -249,6 +349,23 @@ pub fn render(s: &Status) -> String {
             .collect::<Vec<_>>()
             .join(" ");
         let _ = writeln!(out, "(no listener)  {rest}");
+    }
+    if !s.top.is_empty() {
+        let _ = writeln!(out, "\ntop counters:");
+        let width = s
+            .top
+            .iter()
+            .map(|c| c.packets.to_string().len())
+            .max()
+            .unwrap_or(0);
+        for c in &s.top {
+            let listener = c.listener.as_deref().unwrap_or("(no listener)");
+            let _ = writeln!(
+                out,
+                "  {:>width$}  {}  {}  {listener}",
+                c.packets, c.verdict, c.interface
+            );
+        }
     }
     out
 }

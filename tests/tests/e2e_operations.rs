@@ -562,3 +562,98 @@ fn reloads_follow_configmap_swaps_and_a_broken_config_changes_nothing() {
     held.close();
     assert!(agent.is_running(), "the agent never restarted");
 }
+
+/// `keyfence status` (and `--json`) after allowed and dropped traffic: the
+/// attachment and its mode, the listener's policy sizes, map fill against
+/// capacity, and top counters naming interface, listener and reason, largest
+/// first; the same while the agent is stopped, when the pins are what enforces.
+#[test]
+fn status_shows_attachments_fill_and_top_counters_also_while_stopped() {
+    const DROPS: u64 = 12;
+    let lab = Lab::new(&[ip(ALLOWED), ip(REFUSED)]).expect("building the namespaces");
+    let _upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream"))
+        .expect("starting the upstream");
+    let mut agent =
+        Agent::start(&lab.gateway, &[("KF_E2E_PROD", SECRET)], config).expect("starting keyfence");
+    let dest = SocketAddr::new(GATEWAY_V4.into(), API);
+    assert_eq!(allowed_request(&lab).reply.status(), Some(200));
+    for _ in 0..DROPS {
+        let c = tcp_connect(&lab.client, ip(REFUSED), dest, Duration::from_millis(150));
+        assert!(c.timed_out(), "dropped: {c:?}");
+    }
+    let bin = keyfence_bin().expect("keyfence");
+    let config_path = agent.config_path().display().to_string();
+    // nsenter, not `ip netns exec`: that remounts /sys and hides bpffs.
+    let status = |json: bool| {
+        let mut cmd = lab.gateway.command(&bin);
+        cmd.args(["status", "--config", &config_path]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().expect("running keyfence status");
+        assert!(
+            out.status.success(),
+            "keyfence status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    for running in [true, false] {
+        if !running {
+            assert!(agent.sigterm().expect("SIGTERM").success(), "a clean stop");
+        }
+        let when = if running { "running" } else { "stopped" };
+        let text = status(false);
+        assert!(
+            text.contains("attached: gw0 (native, program "),
+            "{when}:\n{text}"
+        );
+        assert!(
+            text.contains("maps: listeners 2/"),
+            "{when}: both families of [::]:{API}\n{text}"
+        );
+        assert!(text.contains("exact 1/"), "{when}: one /32\n{text}");
+        let top = text.split("top counters:").nth(1).unwrap_or_default();
+        let first = top
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default();
+        assert!(
+            first.contains("gw0") && first.contains("api") && first.contains("drop/"),
+            "{when}: the drops lead the top counters:\n{text}"
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&status(true)).expect("status --json is JSON");
+        assert_eq!(json["links"][0]["interface"], "gw0", "{when}: {json}");
+        assert_eq!(json["links"][0]["mode"], "native", "{when}: {json}");
+        let api = &json["listeners"][0];
+        assert_eq!(
+            (api["name"].as_str(), api["open"].as_bool()),
+            (Some("api"), Some(false))
+        );
+        assert_eq!(api["exact_entries"], 1, "{when}: {json}");
+        let top = json["top"].as_array().expect("a top list");
+        let packets: Vec<u64> = top.iter().filter_map(|c| c["packets"].as_u64()).collect();
+        assert!(
+            packets.windows(2).all(|w| w[0] >= w[1]),
+            "{when}: largest first: {packets:?}"
+        );
+        let drops: u64 = top
+            .iter()
+            .filter(|c| {
+                c["listener"] == "api"
+                    && c["verdict"]
+                        .as_str()
+                        .is_some_and(|v| v.starts_with("drop/"))
+            })
+            .filter_map(|c| c["packets"].as_u64())
+            .sum();
+        // SYN retransmits within the 150 ms wait may add a few more.
+        assert!(
+            drops >= DROPS,
+            "{when}: {drops} drops counted for {DROPS} attempts: {json}"
+        );
+    }
+}
