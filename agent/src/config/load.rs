@@ -884,6 +884,16 @@ metrics:
     }
 
     #[test]
+    fn allow_list_entries_may_be_mappings() {
+        let c = parse(
+            "keys:\n  - id: k\n    name: a\n    secret_env: A\n    ip_allow_list:\n      - 192.0.2.1\n      - { cidr: 198.51.100.0/24, note: office, expires_at: \"2030-01-01T00:00:00Z\" }\n",
+            "k.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.keys[0].allow.entries().len(), 2);
+    }
+
+    #[test]
     fn defaults_for_a_minimal_file() {
         let c = parse("listeners: []\n", "k.yaml").unwrap();
         assert_eq!(c.datapath.mode, AttachMode::Auto);
@@ -927,6 +937,14 @@ metrics:
             "a list entry that is not text",
             "keys:\n  - { id: k, name: a, secret_env: A, ip_allow_list: [192.0.2.1, [10.0.0.0/8]] }\n",
             &["2:65: keys[0].ip_allow_list[1]: expected text, found a list"],
+        ),
+        (
+            "an entry mapping with a typo and without its cidr",
+            "keys:\n  - id: k\n    name: a\n    secret_env: A\n    ip_allow_list:\n      - { cidr: 192.0.2.1, notes: x }\n      - { note: y }\n",
+            &[
+                "6:28: keys[0].ip_allow_list[0].notes: unknown field `notes`, expected one of cidr, note, expires_at",
+                "7:9: keys[0].ip_allow_list[1].cidr: missing field `cidr`",
+            ],
         ),
         (
             "syntax",

@@ -102,13 +102,20 @@ pub(super) enum Shape {
     List(&'static Self),
     /// A scalar read as text (`name: 2024` is the text "2024").
     Text,
-    /// Text, or a list of scalars (allow lists: `"a, b"` or `[a, b]`).
-    TextOrList,
+    /// An allow list: text (`"a, b"`) or a list of entries, each text or a
+    /// mapping (`{ cidr, note, expires_at }`).
+    AllowList,
     /// A whole number in `0..=max`.
     Int(u32),
     Bool,
 }
 
+/// One allow-list entry written as a mapping.
+const ENTRY: Shape = Shape::Map(&[
+    ("cidr", true, Shape::Text),
+    ("note", false, Shape::Text),
+    ("expires_at", false, Shape::Text),
+]);
 const TLS: Shape = Shape::Map(&[("cert", true, Shape::Text), ("key", true, Shape::Text)]);
 const CLIENT_IP: Shape = Shape::Map(&[
     ("source", false, Shape::Text),
@@ -133,14 +140,14 @@ const KEY: Shape = Shape::Map(&[
     ("scopes", false, Shape::List(&Shape::Text)),
     ("secret_sha256", false, Shape::Text),
     ("secret_env", false, Shape::Text),
-    ("ip_allow_list", false, Shape::TextOrList),
+    ("ip_allow_list", false, Shape::AllowList),
     ("report_only", false, Shape::Bool),
 ]);
 const ADMIN: Shape = Shape::Map(&[
     ("name", true, Shape::Text),
     ("token_sha256", false, Shape::Text),
     ("token_env", false, Shape::Text),
-    ("ip_allow_list", false, Shape::TextOrList),
+    ("ip_allow_list", false, Shape::AllowList),
 ]);
 
 /// The whole file (keep in step with the `Raw*` types in `load.rs`).
@@ -250,9 +257,14 @@ pub(super) fn check(node: &Spanned<Node>, shape: &Shape, path: &str, out: &mut V
                 check(item, inner, &format!("{path}[{i}]"), out);
             }
         }
-        (Shape::TextOrList, Node::List(items)) => {
+        (Shape::AllowList, Node::List(items)) => {
             for (i, item) in items.iter().enumerate() {
-                check(item, &Shape::Text, &format!("{path}[{i}]"), out);
+                let here = format!("{path}[{i}]");
+                if let Node::Map(_) = item.value {
+                    check(item, &ENTRY, &here, out);
+                } else {
+                    check(item, &Shape::Text, &here, out);
+                }
             }
         }
         (shape, value) => {
@@ -260,7 +272,7 @@ pub(super) fn check(node: &Spanned<Node>, shape: &Shape, path: &str, out: &mut V
                 Shape::Map(_) => (false, "a mapping".to_owned()),
                 Shape::List(_) => (false, "a list".to_owned()),
                 Shape::Text => (value.is_scalar(), "text".to_owned()),
-                Shape::TextOrList => (value.is_scalar(), "text or a list".to_owned()),
+                Shape::AllowList => (value.is_scalar(), "text or a list".to_owned()),
                 Shape::Int(max) => (
                     matches!(value, Node::Int(v) if (0..=i128::from(*max)).contains(v)),
                     format!("a whole number from 0 to {max}"),
