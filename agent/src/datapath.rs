@@ -390,6 +390,30 @@ impl Datapath {
             .expect("checked at load")
     }
 
+    /// Load one more XDP program of the object by name (the bench's reference
+    /// programs, `program_names::BENCH_*`) unless it is loaded already; it
+    /// shares the object's maps and is never attached.
+    pub fn load_xdp(&mut self, name: &str) -> anyhow::Result<&Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not XDP"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        Ok(program)
+    }
+
+    /// Take a map the datapath itself does not use (the bench's
+    /// `map_names::BENCH_LPM`).
+    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
     #[must_use]
     pub fn tc(&self) -> &SchedClassifier {
         self.ebpf

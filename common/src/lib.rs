@@ -25,6 +25,10 @@ pub mod map_names {
     pub const IFINDEX_SLOTS: &str = "KF_IFINDEX_SLOTS";
     pub const DROP_SAMPLES: &str = "KF_DROP_SAMPLES";
     pub const SAMPLE_CLOCK: &str = "KF_SAMPLE_CLOCK";
+    /// `cargo xtask bench` only, never pinned or filled by the agent: one LPM
+    /// trie holding every prefix of a policy, /32s included (the reference a
+    /// trie-only design would cost).
+    pub const BENCH_LPM: &str = "KF_BENCH_LPM";
     /// Every map the agent pins, in the order it checks their layouts.
     pub const ALL: [&str; 7] = [
         LISTENERS,
@@ -41,6 +45,11 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP: &str = "keyfence_xdp";
     pub const TC: &str = "keyfence_tc";
+    /// `cargo xtask bench` only, never attached: the parser alone (the floor).
+    pub const BENCH_PARSE: &str = "kf_bench_parse";
+    /// `cargo xtask bench` only, never attached: the parser and one bare LPM
+    /// lookup of the source in [`super::map_names::BENCH_LPM`].
+    pub const BENCH_LPM: &str = "kf_bench_lpm";
 }
 
 /// `IPPROTO_TCP`, as found in the IPv4 protocol / IPv6 next-header field.

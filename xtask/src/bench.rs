@@ -1,33 +1,58 @@
 //! `cargo xtask bench`: performance measured side by side in one run (never by
-//! timed tests). Two sections so far:
+//! timed tests; these machines are noisy, so ratios within one run are what
+//! count). Sections, each a release binary of the tests package:
 //!
-//! - datapath: the real XDP program's cost per packet through
-//!   `BPF_PROG_TEST_RUN` at growing prefix counts (`kf-bench`);
-//! - shim: requests/s and latency with wrk, upstream directly against keyfence
-//!   in proxy mode and nginx with `allow`/`deny` (`kf-bench-shim`);
-//! - change: an allow-list change through the management API until enforced,
-//!   with 100,000 prefixes loaded, and the agent's start time and RSS with
-//!   them (`kf-bench-change`).
+//! - datapath (`kf-bench`): the real XDP program's ns per packet through
+//!   `BPF_PROG_TEST_RUN` at 10 to 1M prefixes, IPv4/IPv6, host entries and
+//!   mixed lengths, beside a parse-only floor and a bare LPM lookup;
+//! - refused requests and floods (`kf-bench-flood`): CPU per refused attempt,
+//!   datapath against shim, and allowed latency under a SYN flood;
+//! - shim (`kf-bench-shim`): wrk against the upstream, keyfence proxy mode,
+//!   keyfence auth mode behind nginx `auth_request`, nginx `allow`/`deny`;
+//! - change and scale (`kf-bench-change`): an allow-list change through the
+//!   API until enforced with 100k prefixes loaded; 1M prefixes and 100k keys
+//!   from start, RSS and BPF map memory.
 //!
-//! The tables are printed and written to `target/bench/report.md`.
+//! Writes `target/bench/report.md`, `report.json` (each section's numbers and
+//! the goals, met or missed) and `datapath.svg`, and prints the report.
 
-use std::path::Path;
+use std::{fmt::Write as _, path::Path, time::Instant};
 
 use anyhow::Context as _;
+use serde_json::{Map, Value};
 
 use crate::{build, cmd, setup};
 
+/// (binary, JSON file and key, report heading)
+const SECTIONS: [(&str, &str, &str); 4] = [
+    (
+        "kf-bench",
+        "datapath",
+        "Datapath cost (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5)",
+    ),
+    (
+        "kf-bench-flood",
+        "flood",
+        "A refused request's cost, and allowed requests under a flood",
+    ),
+    ("kf-bench-shim", "shim", "Shim overhead (wrk on loopback)"),
+    ("kf-bench-change", "change", "Change and scale"),
+];
+
 /// Run one bench binary of the tests package (release) and return its stdout.
-fn section(bin: &str, keyfence: &Path) -> anyhow::Result<String> {
+fn section(bin: &str, keyfence: &Path, dir: &Path) -> anyhow::Result<String> {
     let mut bench = cmd::cargo();
-    bench.env("KEYFENCE_BIN", keyfence).args([
-        "run",
-        "--release",
-        "--package",
-        "keyfence-tests",
-        "--bin",
-        bin,
-    ]);
+    bench
+        .env("KEYFENCE_BIN", keyfence)
+        .env("KF_BENCH_DIR", dir)
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "keyfence-tests",
+            "--bin",
+            bin,
+        ]);
     println!("bench: {}", cmd::display(&bench));
     let output = bench.output().with_context(|| format!("running {bin}"))?;
     if !output.status.success() {
@@ -40,19 +65,64 @@ fn section(bin: &str, keyfence: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The goals of every section as a markdown table.
+fn goals(report: &Map<String, Value>) -> String {
+    let mut out = String::from("| goal | measured | |\n|---|---:|---|\n");
+    for (_, section) in report {
+        for goal in section["goals"].as_array().into_iter().flatten() {
+            let met = if goal["met"].as_bool() == Some(true) {
+                "met"
+            } else {
+                "**missed**"
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {met} |",
+                goal["goal"].as_str().unwrap_or("?"),
+                goal["measured"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    out
+}
+
 pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
     setup::run()?;
     let keyfence = build::agent(build::Profile::Release)?;
-    let datapath = section("kf-bench", &keyfence)?;
-    let shim = section("kf-bench-shim", &keyfence)?;
-    let change = section("kf-bench-change", &keyfence)?;
     let dir = cmd::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let report = format!(
-        "# keyfence bench\n\n## Datapath cost (BPF_PROG_TEST_RUN, repeat 1,000,000, median of 5)\n\n{datapath}\n## Shim overhead (wrk on loopback)\n\n{shim}\n## Change and scale (100,000 prefixes loaded)\n\n{change}"
+    let mut markdown = String::new();
+    let mut report = Map::new();
+    for (bin, key, heading) in SECTIONS {
+        let table = section(bin, &keyfence, &dir)?;
+        let _ = write!(markdown, "\n## {heading}\n\n{table}");
+        let file = dir.join(format!("{key}.json"));
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?,
+        )
+        .with_context(|| format!("parsing {}", file.display()))?;
+        report.insert(key.to_owned(), json);
+    }
+    if dir.join("datapath.svg").exists() {
+        markdown.push_str("\n![datapath cost against prefixes](datapath.svg)\n");
+    }
+    let markdown = format!(
+        "# keyfence bench\n\n## Goals\n\n{}{markdown}\nWhole run: {:.0} s on this machine ({} CPUs).\n",
+        goals(&report),
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
     );
-    std::fs::write(dir.join("report.md"), &report)?;
-    print!("{report}");
-    println!("\nbench: wrote {}", dir.join("report.md").display());
+    std::fs::write(dir.join("report.md"), &markdown)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&Value::Object(report))?,
+    )?;
+    print!("{markdown}");
+    println!(
+        "\nbench: wrote {}, report.json and datapath.svg",
+        dir.join("report.md").display()
+    );
     Ok(())
 }

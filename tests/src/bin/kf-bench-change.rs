@@ -8,7 +8,13 @@
 //! API `CHANGES` times (adding and removing an address in turn), each call
 //! timed from the client's side: the answer arrives only once the shim and the
 //! BPF maps enforce the change. The agent's own `keyfence_policy_apply_seconds`
-//! histogram and its RSS are read at the end. Needs root and `KEYFENCE_BIN`.
+//! histogram and its RSS are read at the end.
+//!
+//! Then the scale phase, in fresh namespaces: 100,000 keys of 10 entries
+//! each (1,000,000 prefixes) imported into the store, and the agent started
+//! on it: time from start to ready (every prefix in the BPF maps), its RSS,
+//! and the memory of its BPF maps (`memlock` of each map it holds). Needs root
+//! and `KEYFENCE_BIN`. Writes `change.json` into `$KF_BENCH_DIR` when set.
 
 use std::{
     net::{IpAddr, Ipv6Addr},
@@ -31,6 +37,9 @@ use serde_json::json;
 const KEYS: usize = 100;
 const ENTRIES_PER_KEY: usize = 1000;
 const CHANGES: usize = 200;
+const SCALE_KEYS: usize = 100_000;
+const SCALE_ENTRIES_PER_KEY: usize = 10;
+const IMPORT_BATCH: usize = 10_000;
 const TOKEN: &str = "bench-admin-token-0123456789";
 const MANAGEMENT: &str = "127.0.0.1:9900";
 
@@ -93,6 +102,105 @@ fn fill(store: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Entry `i` of scale key `k`: `2001:db8:KH:KL:I::/80`, or every third one a
+/// `/128` inside it (never adjacent, so none merge).
+fn scale_entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
+    let (hi, lo) = (u16::try_from(k >> 16)?, u16::try_from(k & 0xffff)?);
+    let i = u16::try_from(i * 2)?;
+    let net = if i % 6 == 0 {
+        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 1), 128)?
+    } else {
+        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 0), 80)?
+    };
+    Ok(AllowEntry {
+        net: IpNet::V6(net),
+        note: None,
+        expires_at: None,
+    })
+}
+
+/// `SCALE_KEYS` keys imported in batches of `IMPORT_BATCH` (one transaction each).
+fn fill_scale(store: &Path) -> anyhow::Result<()> {
+    let mut s = SqliteStore::open(store)?;
+    let actor = Actor {
+        principal: "bench".into(),
+        address: IpAddr::from([127, 0, 0, 1]),
+    };
+    for start in (0..SCALE_KEYS).step_by(IMPORT_BATCH) {
+        let batch = (start..(start + IMPORT_BATCH).min(SCALE_KEYS))
+            .map(|k| {
+                let entries = (0..SCALE_ENTRIES_PER_KEY)
+                    .map(|i| scale_entry(k, i))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok(NewKey {
+                    id: format!("key_scale{k:06}"),
+                    name: format!("scale {k}"),
+                    tenant: "default".into(),
+                    scopes: vec!["api".into()],
+                    digest: digest(&format!("scale-key-secret-{k}-0123456789")),
+                    allow: AllowList::from_canonical(entries),
+                    report_only: false,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        s.create_many(&batch, &actor, SystemTime::now())?;
+    }
+    Ok(())
+}
+
+/// Bytes of BPF map memory held by `pid` (`memlock` of each map descriptor).
+fn bpf_map_bytes(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
+        if !info.contains("map_type:") {
+            continue;
+        }
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// The scale phase, its table printed: `(start to ready s, prefixes, RSS MiB,
+/// BPF map MiB, import s)`.
+fn scale() -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+    let lab = Lab::new(&["192.0.2.10".parse()?])?;
+    let mut agent = Agent::new(&lab.gateway)?;
+    agent.env("KF_BENCH_TOKEN", TOKEN);
+    let imported = Instant::now();
+    fill_scale(&agent.store_path())?;
+    let import_took = imported.elapsed().as_secs_f64();
+    agent.write_config(&config(agent.pin_path()))?;
+    let started = Instant::now();
+    agent.spawn()?;
+    agent.wait_ready(Duration::from_mins(3))?;
+    let start_took = started.elapsed().as_secs_f64();
+    let prefixes: f64 = parse_samples(&agent.metrics()?, "keyfence_policy_prefixes")
+        .iter()
+        .map(|s| s.value)
+        .sum();
+    let pid = agent.pid().context("agent pid")?;
+    #[expect(clippy::cast_precision_loss, reason = "bytes far below 2^52")]
+    let maps = bpf_map_bytes(pid)? as f64 / (1024.0 * 1024.0);
+    let rss = rss_mib(pid)?;
+    println!(
+        "\n| scale: {SCALE_KEYS} keys × {SCALE_ENTRIES_PER_KEY} entries | value |\n|---|---:|"
+    );
+    println!(
+        "| import into the store ({IMPORT_BATCH} keys per transaction) | {import_took:.1} s |"
+    );
+    println!("| prefixes loaded (keyfence_policy_prefixes) | {prefixes:.0} |");
+    println!("| agent start to ready (every prefix in the BPF maps) | {start_took:.2} s |");
+    println!("| agent RSS | {rss:.1} MiB |");
+    println!("| BPF map memory (memlock of the agent's maps) | {maps:.1} MiB |");
+
+    Ok((start_took, prefixes, rss, maps, import_took))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     #[expect(
         clippy::cast_possible_truncation,
@@ -115,26 +223,11 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-fn main() -> anyhow::Result<()> {
-    let lab = Lab::new(&["192.0.2.10".parse()?])?;
-    let mut agent = Agent::new(&lab.gateway)?;
-    agent.env("KF_BENCH_TOKEN", TOKEN);
-    let filled = Instant::now();
-    fill(&agent.store_path())?;
-    let fill_took = filled.elapsed();
-    agent.write_config(&config(agent.pin_path()))?;
-    let started = Instant::now();
-    agent.spawn()?;
-    agent.wait_ready(Duration::from_mins(2))?;
-    let start_took = started.elapsed();
-    let prefixes: f64 = parse_samples(&agent.metrics()?, "keyfence_policy_prefixes")
-        .iter()
-        .map(|s| s.value)
-        .sum();
-
-    // The changes, timed from a thread inside the gateway namespace.
+/// `CHANGES` `PATCH` calls, each timed by the client, from a thread inside the
+/// gateway namespace: milliseconds each.
+fn time_changes(lab: &Lab) -> anyhow::Result<Vec<f64>> {
     let netns = lab.gateway.path();
-    let timings = thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+    thread::spawn(move || -> anyhow::Result<Vec<f64>> {
         enter(&netns)?;
         let api = format!("http://{MANAGEMENT}");
         let path = "/v1/keys/key_bench000";
@@ -158,7 +251,27 @@ fn main() -> anyhow::Result<()> {
         Ok(took)
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("the timing thread panicked"))??;
+    .map_err(|_| anyhow::anyhow!("the timing thread panicked"))?
+}
+
+fn main() -> anyhow::Result<()> {
+    let lab = Lab::new(&["192.0.2.10".parse()?])?;
+    let mut agent = Agent::new(&lab.gateway)?;
+    agent.env("KF_BENCH_TOKEN", TOKEN);
+    let filled = Instant::now();
+    fill(&agent.store_path())?;
+    let fill_took = filled.elapsed();
+    agent.write_config(&config(agent.pin_path()))?;
+    let started = Instant::now();
+    agent.spawn()?;
+    agent.wait_ready(Duration::from_mins(2))?;
+    let start_took = started.elapsed();
+    let prefixes: f64 = parse_samples(&agent.metrics()?, "keyfence_policy_prefixes")
+        .iter()
+        .map(|s| s.value)
+        .sum();
+
+    let timings = time_changes(&lab)?;
     let mut sorted = timings.clone();
     sorted.sort_by(f64::total_cmp);
     let metrics = agent.metrics()?;
@@ -202,5 +315,44 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\n{CHANGES} PATCHes of one key's 1,000-entry list (an address added, then removed), one at a time, timed by the client."
     );
+    drop(agent);
+    drop(lab);
+
+    let (scale_start, scale_prefixes, scale_rss, scale_maps, _) = scale()?;
+    let p50 = percentile(&sorted, 0.5);
+    let p99 = percentile(&sorted, 0.99);
+    let report = json!({
+        "change_ms": { "p50": p50, "p99": p99, "max": sorted.last().copied().unwrap_or_default() },
+        "policy_apply_mean_ms": apply_sum / apply_count.max(1.0) * 1e3,
+        "start_100k_prefixes_s": start_took.as_secs_f64(),
+        "rss_100k_prefixes_mib": rss,
+        "scale": {
+            "keys": SCALE_KEYS,
+            "prefixes": scale_prefixes,
+            "start_to_ready_s": scale_start,
+            "rss_mib": scale_rss,
+            "bpf_map_mib": scale_maps,
+        },
+        "goals": [
+            {
+                "goal": "allow-list change through the API to enforcement p99 ≤ 5 ms (100k prefixes loaded)",
+                "measured": format!("{p99:.1} ms"),
+                "met": p99 <= 5.0,
+            },
+            {
+                "goal": "1M prefixes loaded from start ≤ 5 s",
+                "measured": format!("{scale_start:.2} s"),
+                "met": scale_start <= 5.0 && scale_prefixes >= 1_000_000.0,
+            },
+            {
+                "goal": "agent RSS ≤ 100 MiB with 100k keys",
+                "measured": format!("{scale_rss:.1} MiB"),
+                "met": scale_rss <= 100.0,
+            },
+        ],
+    });
+    if let Some(dir) = std::env::var_os("KF_BENCH_DIR") {
+        std::fs::write(Path::new(&dir).join("change.json"), report.to_string())?;
+    }
     Ok(())
 }

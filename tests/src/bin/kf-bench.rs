@@ -1,40 +1,137 @@
 //! `cargo xtask bench` (datapath section): nanoseconds per packet of the real
 //! XDP program through `BPF_PROG_TEST_RUN` (repeat 1,000,000, median of 5), on
-//! the pass and drop paths, at growing prefix counts. Ratios within one run are
-//! what count on these noisy machines; the table prints them against the
-//! 10-prefix pass path.
+//! the pass and drop paths, at 10, 10k, 100k and 1M prefixes, IPv4 and IPv6,
+//! all host entries (/32, /128) or mixed lengths. Beside it, in the same run
+//! and on the same packet, two reference programs from the same object:
+//!
+//! - the floor: the same parser and nothing else (`kf_bench_parse`);
+//! - the parser and one bare kernel LPM lookup in a trie holding every prefix
+//!   of the row, host entries included (`kf_bench_lpm`): what a trie-only
+//!   design costs.
+//!
+//! Prefixes are synthetic and only ever exist in maps and in test-run
+//! packets: IPv4 from 240.0.0.0/4 (reserved, never routed; the documentation
+//! ranges are too small for a million), IPv6 inside `2001:db8::/32`. Prints the
+//! markdown table; writes `datapath.json` and `datapath.svg` into
+//! `$KF_BENCH_DIR` when set.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Instant,
+};
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use ipnet::{IpNet, Ipv4Net};
+use anyhow::Context as _;
+use aya::{
+    maps::{LpmTrie, MapData, lpm_trie::Key},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence::{
     datapath::Datapath,
     policy::{Access, CompiledPolicy, ListenerPolicy},
+};
+use keyfence_common::{
+    ipv4_mapped, map_names,
+    policy::{POLICY_BITS, PolicyAddr},
+    program_names,
 };
 use keyfence_tests::{
     frames::{L4, simple},
     loaded::Loaded,
 };
+use serde_json::json;
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 5;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const SIZES: [u32; 4] = [10, 10_000, 100_000, 1_000_000];
+/// Mixed rows cycle through these lengths (IPv4; IPv6 uses 96 more).
+const MIXED_V4: [u8; 4] = [32, 30, 28, 26];
+/// One block per prefix: the largest of the mix, so none overlap or merge.
+const STRIDE_V4: u32 = 1 << (32 - 26);
+const STRIDE_V6: u128 = 1 << (128 - 122);
+const REFUSED_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const REFUSED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 9);
 
-/// `n` non-adjacent prefixes from 10.0.0.0 upwards: all /32, or a mix of
-/// /32 /28 /24 /20 (one 4096-address block each).
-fn prefixes(n: u32, mixed: bool) -> Vec<IpNet> {
-    (0..n)
-        .map(|i| {
-            let (base, len) = if mixed {
-                (0x0a00_0000 + i * 4096, [32, 28, 24, 20][(i % 4) as usize])
-            } else {
-                (0x0a00_0000 + i * 2, 32)
-            };
-            IpNet::V4(Ipv4Net::new(Ipv4Addr::from(base), len).expect("valid"))
-        })
-        .collect()
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+/// Prefix `i` of a row: host entries two addresses apart, or a cycle of
+/// lengths each in its own block. The first `n` of the sequence are the
+/// row's prefixes, so growing rows only add.
+fn prefix(family: Family, mixed: bool, i: u32) -> IpNet {
+    let len4 = if mixed {
+        MIXED_V4[(i % 4) as usize]
+    } else {
+        32
+    };
+    match family {
+        Family::V4 => {
+            let base = 0xf000_0000_u32 + i * if mixed { STRIDE_V4 } else { 2 };
+            IpNet::V4(Ipv4Net::new(Ipv4Addr::from(base), len4).expect("a valid length"))
+        }
+        Family::V6 => {
+            let base = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0))
+                + u128::from(i) * if mixed { STRIDE_V6 } else { 2 };
+            IpNet::V6(Ipv6Net::new(Ipv6Addr::from(base), len4 + 96).expect("a valid length"))
+        }
+    }
+}
+
+/// An address inside prefix `i` that is not its first (a real host).
+fn inside(net: IpNet) -> IpAddr {
+    match net {
+        IpNet::V4(v4) if v4.prefix_len() == 32 => v4.addr().into(),
+        IpNet::V4(v4) => Ipv4Addr::from(u32::from(v4.network()) + 1).into(),
+        IpNet::V6(v6) if v6.prefix_len() == 128 => v6.addr().into(),
+        IpNet::V6(v6) => Ipv6Addr::from(u128::from(v6.network()) + 1).into(),
+    }
+}
+
+fn packet(src: IpAddr) -> Vec<u8> {
+    let dst: IpAddr = match src {
+        IpAddr::V4(_) => Ipv4Addr::new(192, 0, 2, 1).into(),
+        IpAddr::V6(_) => Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, 0, 0, 0, 0, 1).into(),
+    };
+    simple(
+        &[],
+        src,
+        dst,
+        &L4::Tcp {
+            sport: 40000,
+            dport: 8443,
+        },
+    )
+}
+
+/// The bare trie's key for `net` under policy 1 (IPv4 mapped, as the datapath
+/// stores it).
+fn lpm_key(net: IpNet) -> Key<PolicyAddr> {
+    match net {
+        IpNet::V4(v4) => Key::new(
+            POLICY_BITS + 96 + u32::from(v4.prefix_len()),
+            PolicyAddr::new(1, ipv4_mapped(v4.network().octets())),
+        ),
+        IpNet::V6(v6) => Key::new(
+            POLICY_BITS + u32::from(v6.prefix_len()),
+            PolicyAddr::new(1, v6.network().octets()),
+        ),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -42,11 +139,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median ns per packet, after checking the program gives `verdict`.
-fn ns_per_packet(dp: &Datapath, packet: &[u8], verdict: u32) -> anyhow::Result<f64> {
+/// Median ns per packet of `program`, after checking it gives `verdict`.
+fn ns_per_packet(program: &Xdp, packet: &[u8], verdict: u32) -> anyhow::Result<f64> {
     let mut samples = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
-        let r = dp.xdp().test_run(TestRunOptions {
+        let r = program.test_run(TestRunOptions {
             data_in: Some(packet),
             repeat: REPEAT,
             ..TestRunOptions::default()
@@ -61,75 +158,248 @@ fn ns_per_packet(dp: &Datapath, packet: &[u8], verdict: u32) -> anyhow::Result<f
     Ok(median(samples))
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut loaded = Loaded::new("bench", 1)?;
-    let dp = &mut loaded.datapath;
-    let refused = simple(
-        &[],
-        "203.0.113.9".parse()?,
-        "192.0.2.1".parse()?,
-        &L4::Tcp {
-            sport: 40000,
-            dport: 8443,
-        },
-    );
-    let unprotected = simple(
-        &[],
-        "203.0.113.9".parse()?,
-        "192.0.2.1".parse()?,
-        &L4::Tcp {
-            sport: 40000,
-            dport: 80,
-        },
-    );
-    println!("| prefixes | kind | apply | pass ns/pkt | drop ns/pkt | no-listener ns/pkt |");
-    println!("|---:|---|---:|---:|---:|---:|");
-    let mut baseline = None;
-    for (n, mixed) in [
-        (10, false),
-        (10, true),
-        (10_000, false),
-        (10_000, true),
-        (100_000, false),
-        (1_000_000, false),
-    ] {
-        let nets = prefixes(n, mixed);
-        // A source inside a prefix that is not a /32 when the mix has them (the
-        // trie path), else inside a /32 (the exact-hash path).
-        let inside = match nets[nets.len().min(2) - 1] {
-            IpNet::V4(v4) => v4.hosts().next().unwrap_or(v4.addr()),
-            IpNet::V6(_) => unreachable!("IPv4 prefixes only"),
-        };
-        let allowed = simple(
-            &[],
-            inside.into(),
-            "192.0.2.1".parse()?,
-            &L4::Tcp {
-                sport: 40000,
-                dport: 8443,
-            },
-        );
+struct Row {
+    family: Family,
+    mixed: bool,
+    prefixes: u32,
+    apply_s: f64,
+    floor: f64,
+    lpm: f64,
+    pass: f64,
+    drop: f64,
+}
+
+impl Row {
+    fn kind(&self) -> &'static str {
+        match (self.family, self.mixed) {
+            (Family::V4, false) => "/32",
+            (Family::V6, false) => "/128",
+            (Family::V4, true) => "mixed /32-/26",
+            (Family::V6, true) => "mixed /128-/122",
+        }
+    }
+}
+
+/// One (family, kind) series: the policy and the bare trie grow row by row.
+fn series(
+    dp: &mut Datapath,
+    bare: &mut LpmTrie<MapData, PolicyAddr, u32>,
+    family: Family,
+    mixed: bool,
+) -> anyhow::Result<Vec<Row>> {
+    let mut nets: Vec<IpNet> = Vec::new();
+    let mut rows = Vec::new();
+    for n in SIZES {
+        let from = u32::try_from(nets.len())?;
+        for i in from..n {
+            let net = prefix(family, mixed, i);
+            bare.insert(&lpm_key(net), 1, 0)
+                .context("filling the bare trie")?;
+            nets.push(net);
+        }
+        // A source in the middle of the list; in mixed rows one that is not a
+        // host entry, so the exact hash misses and the trie decides.
+        let mut probe = n / 2;
+        if mixed && probe % 4 == 0 {
+            probe += 1;
+        }
+        let allowed = packet(inside(nets[probe as usize]));
+        let refused = packet(match family {
+            Family::V4 => REFUSED_V4.into(),
+            Family::V6 => REFUSED_V6.into(),
+        });
         let policy = CompiledPolicy {
             listeners: vec![ListenerPolicy {
                 name: "api".into(),
                 bind: "[::]:8443".parse()?,
-                access: Access::Restricted(nets),
+                access: Access::Restricted(nets.clone()),
             }],
             next_change: None,
         };
         let started = Instant::now();
         dp.apply(&policy)?;
-        let apply = started.elapsed();
-        let pass = ns_per_packet(dp, &allowed, XDP_PASS)?;
-        let drop = ns_per_packet(dp, &refused, XDP_DROP)?;
-        let none = ns_per_packet(dp, &unprotected, XDP_PASS)?;
-        let base = *baseline.get_or_insert(pass);
-        println!(
-            "| {n} | {} | {apply:.2?} | {pass:.1} ({:.2}×) | {drop:.1} ({:.2}×) | {none:.1} |",
-            if mixed { "mixed /32-/20" } else { "/32" },
-            pass / base,
-            drop / base,
+        let apply_s = started.elapsed().as_secs_f64();
+        rows.push(Row {
+            family,
+            mixed,
+            prefixes: n,
+            apply_s,
+            floor: ns_per_packet(dp.load_xdp(program_names::BENCH_PARSE)?, &allowed, XDP_PASS)?,
+            lpm: ns_per_packet(dp.load_xdp(program_names::BENCH_LPM)?, &allowed, XDP_PASS)?,
+            pass: ns_per_packet(dp.xdp(), &allowed, XDP_PASS)?,
+            drop: ns_per_packet(dp.xdp(), &refused, XDP_DROP)?,
+        });
+    }
+    for net in nets {
+        bare.remove(&lpm_key(net))
+            .context("emptying the bare trie")?;
+    }
+    Ok(rows)
+}
+
+/// Datapath cost against prefix count (log scale), one line per series and
+/// verdict, the floor dashed.
+fn svg(rows: &[Row]) -> String {
+    let (w, h, left, right, top, bottom) = (760.0, 420.0, 60.0, 210.0, 20.0, 40.0);
+    let max_ns = rows
+        .iter()
+        .map(|r| r.pass.max(r.drop).max(r.lpm))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |n: u32| left + (f64::from(n).log10() - 1.0) / 5.0 * (w - left - right);
+    let y = |ns: f64| h - bottom - ns / max_ns * (h - top - bottom);
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">
+<rect width="{w}" height="{h}" fill="white"/>
+<line x1="{left}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
+<line x1="{left}" y1="{top}" x2="{left}" y2="{b}" stroke="black"/>
+<text x="{left}" y="{t}">ns per packet (BPF_PROG_TEST_RUN) against prefixes</text>
+"#,
+        b = h - bottom,
+        r = w - right,
+        t = top - 6.0,
+    );
+    for n in SIZES {
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{n}</text>"#,
+            x(n),
+            h - bottom + 16.0
         );
+    }
+    for step in 0..=4 {
+        let ns = max_ns * f64::from(step) / 4.0;
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{ns:.0}</text>"#,
+            left - 4.0,
+            y(ns) + 4.0
+        );
+    }
+    let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let mut legend = 0.0;
+    for (s, (family, mixed)) in [
+        (Family::V4, false),
+        (Family::V4, true),
+        (Family::V6, false),
+        (Family::V6, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let series: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.family == family && r.mixed == mixed)
+            .collect();
+        let Some(first) = series.first() else {
+            continue;
+        };
+        for (what, dash, value) in [
+            ("pass", "", (|r: &Row| r.pass) as fn(&Row) -> f64),
+            ("drop", "6 3", |r: &Row| r.drop),
+            ("floor", "2 3", |r: &Row| r.floor),
+        ] {
+            let points: Vec<String> = series
+                .iter()
+                .map(|r| format!("{:.1},{:.1}", x(r.prefixes), y(value(r))))
+                .collect();
+            let _ = writeln!(
+                out,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.5" stroke-dasharray="{dash}" points="{}"/>"#,
+                colours[s],
+                points.join(" ")
+            );
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{:.1}" fill="{}">{} {} {what}</text>"#,
+                w - right + 10.0,
+                top + 10.0 + legend,
+                colours[s],
+                family.name(),
+                first.kind()
+            );
+            legend += 14.0;
+        }
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut loaded = Loaded::new("bench", 1)?;
+    let dp = &mut loaded.datapath;
+    let mut bare: LpmTrie<MapData, PolicyAddr, u32> = LpmTrie::try_from(
+        dp.take_map(map_names::BENCH_LPM)
+            .context("KF_BENCH_LPM missing from the object")?,
+    )?;
+    let mut rows = Vec::new();
+    for (family, mixed) in [
+        (Family::V4, false),
+        (Family::V4, true),
+        (Family::V6, false),
+        (Family::V6, true),
+    ] {
+        rows.extend(series(dp, &mut bare, family, mixed)?);
+    }
+
+    println!(
+        "| family | entries | prefixes | apply | floor ns | bare LPM ns | pass ns (× floor) | drop ns (× floor) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2} s | {:.1} | {:.1} | {:.1} ({:.2}×) | {:.1} ({:.2}×) |",
+            r.family.name(),
+            r.kind(),
+            r.prefixes,
+            r.apply_s,
+            r.floor,
+            r.lpm,
+            r.pass,
+            r.pass / r.floor,
+            r.drop,
+            r.drop / r.floor
+        );
+    }
+    println!(
+        "\nfloor: the same parser alone; bare LPM: the parser and one lookup in a trie holding every prefix of the row; pass/drop: keyfence_xdp (listener lookup, exact hash, trie, counters)."
+    );
+
+    let worst = |pred: &dyn Fn(&Row) -> bool| {
+        rows.iter()
+            .filter(|r| pred(r))
+            .map(|r| r.pass.max(r.drop) / r.floor)
+            .fold(0.0, f64::max)
+    };
+    let at_1m_hosts = worst(&|r| !r.mixed && r.prefixes == 1_000_000);
+    let at_10k_mixed = worst(&|r| r.mixed && r.prefixes == 10_000);
+    let report = json!({
+        "rows": rows.iter().map(|r| json!({
+            "family": r.family.name(),
+            "entries": r.kind(),
+            "prefixes": r.prefixes,
+            "apply_seconds": r.apply_s,
+            "floor_ns": r.floor,
+            "bare_lpm_ns": r.lpm,
+            "pass_ns": r.pass,
+            "drop_ns": r.drop,
+        })).collect::<Vec<_>>(),
+        "goals": [
+            {
+                "goal": "datapath at 1M host prefixes ≤ 1.5× the floor (worst of pass/drop, IPv4/IPv6)",
+                "measured": format!("{at_1m_hosts:.2}×"),
+                "met": at_1m_hosts <= 1.5,
+            },
+            {
+                "goal": "datapath at 10k mixed prefixes ≤ 2× the floor (worst of pass/drop, IPv4/IPv6)",
+                "measured": format!("{at_10k_mixed:.2}×"),
+                "met": at_10k_mixed <= 2.0,
+            },
+        ],
+    });
+    if let Some(dir) = std::env::var_os("KF_BENCH_DIR").map(PathBuf::from) {
+        std::fs::write(dir.join("datapath.json"), report.to_string())?;
+        std::fs::write(dir.join("datapath.svg"), svg(&rows))?;
     }
     Ok(())
 }
