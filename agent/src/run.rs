@@ -417,6 +417,11 @@ impl Daemon {
                 updated = report.updated,
                 "policy applied"
             );
+            // A big apply leaves big freed temporaries; a small one (an API
+            // change) is not worth the heap walk.
+            if report.added + report.removed + report.updated >= BIG_APPLY {
+                crate::sys::release_free_memory();
+            }
         }
         Ok(())
     }
@@ -565,6 +570,9 @@ fn watch_config(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Rec
         .with_context(|| format!("watching {}", dir.display()))?;
     Ok(watcher)
 }
+
+/// Map writes from which an apply hands freed memory back to the kernel.
+const BIG_APPLY: usize = 10_000;
 
 /// Whether a change to `path` (in the config's directory) can change the
 /// config: the file itself (edited in place, or replaced by a rename), or the
