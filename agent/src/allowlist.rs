@@ -6,7 +6,7 @@
 //! An empty list means the key is unrestricted; a list whose entries have all
 //! expired allows nobody.
 
-use std::{fmt, net::IpAddr, time::SystemTime};
+use std::{fmt, net::IpAddr, sync::Arc, time::SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
@@ -31,10 +31,11 @@ impl AllowEntry {
 }
 
 /// A canonical allow list. Construct through the grammar (`parse_*`) so every
-/// instance is canonical.
+/// instance is canonical. Immutable and shared: a clone (the shim's key table,
+/// the principals) is a reference count, not a copy of every entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllowList {
-    entries: Vec<AllowEntry>,
+    entries: Arc<[AllowEntry]>,
 }
 
 impl AllowList {
@@ -44,7 +45,9 @@ impl AllowList {
     pub fn from_canonical(mut entries: Vec<AllowEntry>) -> Self {
         entries.sort_by_key(|e| e.net);
         entries.dedup_by(|later, first| later.net == first.net);
-        Self { entries }
+        Self {
+            entries: entries.into(),
+        }
     }
 
     #[must_use]
