@@ -1,8 +1,10 @@
 //! Helpers for keyfence's privileged tests: packet frames, the datapath's
-//! reference model, network-namespace hosts and HTTP peers.
+//! reference model, network-namespace hosts and HTTP peers, and wrk for the
+//! benches.
 
 pub mod frames;
 pub mod http;
 pub mod loaded;
 pub mod netns;
 pub mod refmodel;
+pub mod wrk;

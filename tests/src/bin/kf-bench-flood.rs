@@ -36,6 +36,7 @@ use anyhow::{Context as _, bail};
 use keyfence_tests::{
     http::{Daemon, require},
     netns::{Agent, CLIENT_IF, GATEWAY_IF, GATEWAY_V4, Lab, Netns, enter},
+    wrk::{self, Run as Latency},
 };
 use serde_json::json;
 
@@ -318,61 +319,15 @@ fn flood(
     }))
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Latency {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-fn micros(text: &str) -> Option<f64> {
-    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = number.parse().ok()?;
-    Some(match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => return None,
-    })
-}
-
 /// wrk from the allowed client through keyfence, 4 connections.
 fn wrk(client: &Netns) -> anyhow::Result<Latency> {
-    let out = client
-        .command("wrk")
-        .args([
-            "-t1",
-            "-c4",
-            "-d",
-            WRK_DURATION,
-            "--latency",
-            "--timeout",
-            "2s",
-        ])
-        .args(["-H", &format!("Authorization: Bearer {SECRET}")])
-        .arg(format!("http://{GATEWAY_V4}:{API}/"))
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || text.contains("Non-2xx") {
-        bail!("wrk failed or saw errors:\n{text}");
-    }
-    let mut l = Latency::default();
-    for line in text.lines().map(str::trim) {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("Requests/sec:"), Some(v)) => l.rps = v.parse()?,
-            (Some("50%"), Some(v)) => l.p50_us = micros(v).context("p50")?,
-            (Some("99%"), Some(v)) => l.p99_us = micros(v).context("p99")?,
-            _ => {}
-        }
-    }
-    Ok(l)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    wrk::run(
+        client,
+        &format!("http://{GATEWAY_V4}:{API}/"),
+        4,
+        WRK_DURATION,
+        Some(SECRET),
+    )
 }
 
 /// `ROUNDS` wrk runs without a flood and `ROUNDS` with one, interleaved:
@@ -398,12 +353,11 @@ fn latency_pair(lab: &Lab, gateway_mac: [u8; 6]) -> anyhow::Result<(Latency, Lat
         flooded.push(measured?);
         sent_total += sent.load(Ordering::Relaxed);
     }
-    let med = |v: &[Latency]| Latency {
-        rps: median(v.iter().map(|l| l.rps).collect()),
-        p50_us: median(v.iter().map(|l| l.p50_us).collect()),
-        p99_us: median(v.iter().map(|l| l.p99_us).collect()),
-    };
-    Ok((med(&quiet), med(&flooded), sent_total / ROUNDS as u64))
+    Ok((
+        Latency::median(&quiet),
+        Latency::median(&flooded),
+        sent_total / ROUNDS as u64,
+    ))
 }
 
 fn restart(agent: &mut Agent, datapath: bool) -> anyhow::Result<()> {

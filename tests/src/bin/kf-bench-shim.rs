@@ -15,10 +15,11 @@
 
 use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use keyfence_tests::{
     http::{Daemon, require},
     netns::{Agent, Netns},
+    wrk::{self, Run},
 };
 use serde_json::json;
 
@@ -105,65 +106,14 @@ metrics: {{ bind: "127.0.0.1:9901" }}
     )
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Run {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-/// `12.34us`, `1.20ms`, `2.00s` → microseconds.
-fn micros(text: &str) -> Option<f64> {
-    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = number.parse().ok()?;
-    Some(match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => return None,
-    })
-}
-
-fn parse_wrk(out: &str) -> anyhow::Result<Run> {
-    let mut run = Run::default();
-    for line in out.lines().map(str::trim) {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("Requests/sec:"), Some(v)) => run.rps = v.parse()?,
-            (Some("50%"), Some(v)) => run.p50_us = micros(v).context("p50")?,
-            (Some("99%"), Some(v)) => run.p99_us = micros(v).context("p99")?,
-            _ => {}
-        }
-        if line.contains("Non-2xx or 3xx responses") {
-            bail!("wrk saw error answers:\n{out}");
-        }
-    }
-    if run.rps == 0.0 {
-        bail!("no Requests/sec in wrk's output:\n{out}");
-    }
-    Ok(run)
-}
-
 fn wrk(ns: &Netns, port: u16, connections: u32, key: bool) -> anyhow::Result<Run> {
-    let mut cmd = ns.command("wrk");
-    cmd.args(["-t1", "-d", DURATION, "--latency", "--timeout", "2s"])
-        .args(["-c", &connections.to_string()]);
-    if key {
-        cmd.args(["-H", &format!("Authorization: Bearer {SECRET}")]);
-    }
-    let out = cmd
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .context("running wrk")?;
-    if !out.status.success() {
-        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    parse_wrk(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    wrk::run(
+        ns,
+        &format!("http://127.0.0.1:{port}/"),
+        connections,
+        DURATION,
+        key.then_some(SECRET),
+    )
 }
 
 /// Every target at every connection count, `ROUNDS` interleaved rounds: the
@@ -187,14 +137,7 @@ fn measure(
                 runs[i].push(wrk(ns, port, connections, key)?);
             }
         }
-        let medians: Vec<Run> = runs
-            .iter()
-            .map(|r| Run {
-                rps: median(r.iter().map(|x| x.rps).collect()),
-                p50_us: median(r.iter().map(|x| x.p50_us).collect()),
-                p99_us: median(r.iter().map(|x| x.p99_us).collect()),
-            })
-            .collect();
+        let medians: Vec<Run> = runs.iter().map(|r| Run::median(r)).collect();
         let base = medians[0];
         for (&(name, _, _), m) in targets.iter().zip(&medians) {
             let _ = writeln!(
