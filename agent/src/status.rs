@@ -218,7 +218,7 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
             .collect()
     };
 
-    let listeners = config
+    let listeners: Vec<ListenerStatus> = config
         .listeners
         .iter()
         .map(|l| {
@@ -247,21 +247,14 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
             }
         })
         .collect();
+    // The listeners above already know their slots.
     let listener_name = |slot: u32| -> Option<String> {
-        if slot == 0 {
-            return None;
-        }
-        let named = listener_rows
-            .iter()
-            .find(|(_, v)| v.policy == slot)
-            .and_then(|(k, _)| {
-                config
-                    .listeners
-                    .iter()
-                    .find(|l| listener_keys(l.bind).contains(k))
-                    .map(|l| l.name.clone())
-            });
-        Some(named.unwrap_or_else(|| format!("slot {slot}")))
+        (slot != 0).then(|| {
+            listeners
+                .iter()
+                .find(|l: &&ListenerStatus| l.slot == Some(slot))
+                .map_or_else(|| format!("slot {slot}"), |l| l.name.clone())
+        })
     };
     let top = top_counters(cells, &interfaces, listener_name);
     Ok(Status {

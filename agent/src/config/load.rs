@@ -883,6 +883,60 @@ metrics:
         );
     }
 
+    /// The shape pass and the serde types describe the same file: at every
+    /// mapping, serde's own list of known fields (from its unknown-field error)
+    /// is the shape's. Allow-list entry mappings are left out: serde reads
+    /// them untagged and ignores extra fields, the shape refuses them.
+    #[test]
+    fn the_shape_knows_the_same_fields_as_the_serde_types() {
+        for (yaml, path) in [
+            ("bogus_field: 1\n", &[][..]),
+            ("store: { bogus_field: 1 }\n", &["store"][..]),
+            ("datapath: { bogus_field: 1 }\n", &["datapath"][..]),
+            ("listeners: [{ bogus_field: 1 }]\n", &["listeners"][..]),
+            (
+                "listeners: [{ tls: { bogus_field: 1 } }]\n",
+                &["listeners", "tls"][..],
+            ),
+            (
+                "listeners: [{ client_ip: { bogus_field: 1 } }]\n",
+                &["listeners", "client_ip"][..],
+            ),
+            ("keys: [{ bogus_field: 1 }]\n", &["keys"][..]),
+            ("rejection: { bogus_field: 1 }\n", &["rejection"][..]),
+            ("management: { bogus_field: 1 }\n", &["management"][..]),
+            (
+                "management: { admins: [{ bogus_field: 1 }] }\n",
+                &["management", "admins"][..],
+            ),
+            (
+                "management: { confirm: { bogus_field: 1 } }\n",
+                &["management", "confirm"][..],
+            ),
+            ("metrics: { bogus_field: 1 }\n", &["metrics"][..]),
+        ] {
+            let Err(e) = serde_saphyr::from_str::<RawConfig>(yaml) else {
+                panic!("{yaml}: serde accepted an unknown field");
+            };
+            let message = e.without_snippet().to_string();
+            let (_, rest) = message
+                .split_once("expected")
+                .unwrap_or_else(|| panic!("{yaml}: {message}"));
+            let expected = rest.lines().next().unwrap_or_default();
+            let mut serde_fields: Vec<&str> = expected
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| {
+                    !w.is_empty() && !["one", "of", "or", "at", "line", "column"].contains(w)
+                })
+                .filter(|w| !w.chars().all(|c| c.is_ascii_digit()))
+                .collect();
+            let mut shape_fields = super::shape::fields_at(path);
+            serde_fields.sort_unstable();
+            shape_fields.sort_unstable();
+            assert_eq!(serde_fields, shape_fields, "{path:?} ({message})");
+        }
+    }
+
     #[test]
     fn allow_list_entries_may_be_mappings() {
         let c = parse(

@@ -150,7 +150,8 @@ const ADMIN: Shape = Shape::Map(&[
     ("ip_allow_list", false, Shape::AllowList),
 ]);
 
-/// The whole file (keep in step with the `Raw*` types in `load.rs`).
+/// The whole file. The `Raw*` types in `load.rs` describe it too; a test
+/// checks that both know the same fields at every mapping.
 pub(super) const CONFIG: Shape = Shape::Map(&[
     (
         "store",
@@ -291,5 +292,31 @@ pub(super) fn check(node: &Spanned<Node>, shape: &Shape, path: &str, out: &mut V
                 });
             }
         }
+    }
+}
+
+/// The field names of the mapping at `path` (list levels are stepped through).
+#[cfg(test)]
+pub(super) fn fields_at(path: &[&str]) -> Vec<&'static str> {
+    let mut shape = &CONFIG;
+    for step in path {
+        while let Shape::List(inner) = shape {
+            shape = inner;
+        }
+        let Shape::Map(fields) = shape else {
+            panic!("{path:?}: not a mapping");
+        };
+        shape = &fields
+            .iter()
+            .find(|(name, _, _)| name == step)
+            .unwrap_or_else(|| panic!("{path:?}: no field {step}"))
+            .2;
+    }
+    while let Shape::List(inner) = shape {
+        shape = inner;
+    }
+    match shape {
+        Shape::Map(fields) => fields.iter().map(|(name, _, _)| *name).collect(),
+        _ => panic!("{path:?}: not a mapping"),
     }
 }
