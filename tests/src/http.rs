@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::netns::{Netns, enter};
+use crate::netns::{Netns, connect_from, enter};
 
 /// Largest request head the upstream reads.
 const MAX_HEAD: usize = 64 * 1024;
@@ -326,14 +326,7 @@ pub fn raw_exchange(
     timeout: Duration,
 ) -> anyhow::Result<(String, Option<Duration>)> {
     ns.run(move || -> anyhow::Result<(String, Option<Duration>)> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(dest),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.bind(&SocketAddr::new(source, 0).into())?;
-        socket.connect_timeout(&dest.into(), Duration::from_secs(2))?;
-        let mut stream = TcpStream::from(socket);
+        let mut stream = connect_from(source, dest, Duration::from_secs(2))?;
         let started = Instant::now();
         stream.write_all(&request)?;
         let mut answer = Vec::new();

@@ -2,6 +2,7 @@
 //! reference model, network-namespace hosts and HTTP peers, and wrk for the
 //! benches.
 
+pub mod bench;
 pub mod frames;
 pub mod http;
 pub mod loaded;

@@ -300,16 +300,19 @@ pub fn tcp_connect(ns: &Netns, source: IpAddr, dest: SocketAddr, timeout: Durati
     }
 }
 
+/// A TCP connection from `source` (any port) to `dest`, giving up after
+/// `timeout`. Call it on a thread inside the namespace (see [`Netns::run`],
+/// [`enter`]).
+pub fn connect_from(source: IpAddr, dest: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SockAddr::from(SocketAddr::new(source, 0)))?;
+    socket.connect_timeout(&SockAddr::from(dest), timeout)?;
+    Ok(TcpStream::from(socket))
+}
+
 fn connect_here(source: IpAddr, dest: SocketAddr, timeout: Duration) -> Connect {
-    let attempt = || -> io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))?;
-        socket.bind(&SockAddr::from(SocketAddr::new(source, 0)))?;
-        socket.connect_timeout(&SockAddr::from(dest), timeout)?;
-        Ok(socket)
-    };
-    match attempt() {
-        Ok(socket) => {
-            let mut stream = TcpStream::from(socket);
+    match connect_from(source, dest, timeout) {
+        Ok(mut stream) => {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
             // Half-close: a greeting server still greets, an HTTP server (the
             // shim) sees the end of a request-less connection and closes it.

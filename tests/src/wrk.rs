@@ -3,7 +3,7 @@
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::Netns;
+use crate::{bench::median, netns::Netns};
 
 /// One wrk run: requests/s and latency percentiles.
 #[derive(Clone, Copy, Debug, Default)]
@@ -23,13 +23,6 @@ impl Run {
             p99_us: median(runs.iter().map(|r| r.p99_us).collect()),
         }
     }
-}
-
-/// The middle value (the upper one of an even count); NaN-safe ordering.
-#[must_use]
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// `12.34us`, `1.20ms`, `2.00s` → microseconds.
@@ -92,6 +85,8 @@ mod tests {
 
     #[test]
     fn a_latency_report_parses_and_error_answers_do_not() {
+        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!(median(Vec::new()).is_nan());
         let report = "  Latency Distribution\n     50%   25.00us\n     99%    1.20ms\nRequests/sec:  37188.10\n";
         let run = parse(report).unwrap();
         assert!((run.rps - 37188.10).abs() < 1e-6);
@@ -99,6 +94,5 @@ mod tests {
         assert!((run.p99_us - 1200.0).abs() < 1e-9);
         assert!(parse(&format!("{report}  Non-2xx or 3xx responses: 3\n")).is_err());
         assert!(parse("nothing").is_err());
-        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
     }
 }

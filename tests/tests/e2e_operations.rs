@@ -17,8 +17,8 @@ use std::{
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
     netns::{
-        Agent, Connect, GATEWAY_V4, Lab, enter, keyfence_bin, parse_samples, poll_until,
-        tcp_connect,
+        Agent, Connect, GATEWAY_V4, Lab, connect_from, enter, keyfence_bin, parse_samples,
+        poll_until, tcp_connect,
     },
 };
 
@@ -404,15 +404,9 @@ impl Held {
         let client_ns = lab.client.path();
         let thread = thread::spawn(move || {
             let connected = enter(&client_ns).and_then(|()| {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::IPV4,
-                    socket2::Type::STREAM,
-                    Some(socket2::Protocol::TCP),
-                )?;
-                socket.bind(&SocketAddr::new(ip(ALLOWED), 0).into())?;
-                socket.connect_timeout(&dest.into(), Duration::from_secs(2))?;
-                socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-                Ok(std::net::TcpStream::from(socket))
+                let stream = connect_from(ip(ALLOWED), dest, Duration::from_secs(2))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                Ok(stream)
             });
             let mut stream = match connected {
                 Ok(s) => s,

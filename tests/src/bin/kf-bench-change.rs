@@ -31,7 +31,10 @@ use keyfence::{
     shim::keys::digest,
     store::{Actor, KeyStore as _, NewKey, sqlite::SqliteStore},
 };
-use keyfence_tests::netns::{Agent, Lab, enter, parse_samples};
+use keyfence_tests::{
+    bench,
+    netns::{Agent, Lab, enter, parse_samples},
+};
 use serde_json::json;
 
 const KEYS: usize = 100;
@@ -334,25 +337,23 @@ fn main() -> anyhow::Result<()> {
             "bpf_map_mib": scale_maps,
         },
         "goals": [
-            {
-                "goal": "allow-list change through the API to enforcement p99 ≤ 5 ms (100k prefixes loaded)",
-                "measured": format!("{p99:.1} ms"),
-                "met": p99 <= 5.0,
-            },
-            {
-                "goal": "1M prefixes loaded from start ≤ 5 s",
-                "measured": format!("{scale_start:.2} s"),
-                "met": scale_start <= 5.0 && scale_prefixes >= 1_000_000.0,
-            },
-            {
-                "goal": "agent RSS ≤ 100 MiB with 100k keys",
-                "measured": format!("{scale_rss:.1} MiB"),
-                "met": scale_rss <= 100.0,
-            },
+            bench::goal(
+                "allow-list change through the API to enforcement p99 ≤ 5 ms (100k prefixes loaded)",
+                &format!("{p99:.1} ms"),
+                p99 <= 5.0,
+            ),
+            bench::goal(
+                "1M prefixes loaded from start ≤ 5 s",
+                &format!("{scale_start:.2} s"),
+                scale_start <= 5.0 && scale_prefixes >= 1_000_000.0,
+            ),
+            bench::goal(
+                "agent RSS ≤ 100 MiB with 100k keys",
+                &format!("{scale_rss:.1} MiB"),
+                scale_rss <= 100.0,
+            ),
         ],
     });
-    if let Some(dir) = std::env::var_os("KF_BENCH_DIR") {
-        std::fs::write(Path::new(&dir).join("change.json"), report.to_string())?;
-    }
+    bench::save("change", &report)?;
     Ok(())
 }

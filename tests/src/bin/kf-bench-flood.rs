@@ -22,7 +22,7 @@
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     sync::{
         Arc,
@@ -34,8 +34,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use keyfence_tests::{
-    http::{Daemon, require},
-    netns::{Agent, CLIENT_IF, GATEWAY_IF, GATEWAY_V4, Lab, Netns, enter},
+    bench,
+    http::require,
+    netns::{Agent, CLIENT_IF, GATEWAY_IF, GATEWAY_V4, Lab, Netns, connect_from, enter},
     wrk::{self, Run as Latency},
 };
 use serde_json::json;
@@ -53,31 +54,6 @@ const FLOOD_MAX: Duration = Duration::from_secs(8);
 const FLOOD_MAX_PACKETS: u64 = 1_000_000;
 const WRK_DURATION: &str = "4s";
 const ROUNDS: usize = 3;
-
-fn nginx_config(dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path {d}/nginx-body;
-    proxy_temp_path {d}/nginx-proxy;
-    fastcgi_temp_path {d}/nginx-fastcgi;
-    uwsgi_temp_path {d}/nginx-uwsgi;
-    scgi_temp_path {d}/nginx-scgi;
-    server {{
-        listen 127.0.0.1:{UPSTREAM};
-        location / {{ default_type text/plain; return 200 "ok\n"; }}
-    }}
-}}
-"#
-    )
-}
 
 fn keyfence_config(pin: &Path, datapath: bool) -> String {
     let dp = if datapath {
@@ -138,20 +114,12 @@ fn refused_attempts(client: &Netns) -> anyhow::Result<(usize, usize)> {
                 enter(&path)?;
                 let (mut refused, mut dropped) = (0, 0);
                 for _ in 0..ATTEMPTS / ATTEMPT_THREADS {
-                    let socket = socket2::Socket::new(
-                        socket2::Domain::IPV4,
-                        socket2::Type::STREAM,
-                        Some(socket2::Protocol::TCP),
-                    )?;
-                    socket.bind(&SocketAddr::new(REFUSED.into(), 0).into())?;
-                    if socket
-                        .connect_timeout(&dest.into(), Duration::from_millis(50))
-                        .is_err()
-                    {
+                    let Ok(mut stream) =
+                        connect_from(REFUSED.into(), dest, Duration::from_millis(50))
+                    else {
                         dropped += 1;
                         continue;
-                    }
-                    let mut stream = TcpStream::from(socket);
+                    };
                     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
                     write!(
                         stream,
@@ -447,21 +415,19 @@ fn report(m: &Measured) -> anyhow::Result<()> {
             { "case": "flood, datapath on", "rps": flood_on.rps, "p50_us": flood_on.p50_us, "p99_us": flood_on.p99_us },
         ],
         "goals": [
-            {
-                "goal": "a refused attempt ≥ 100× cheaper in the datapath than answered by the shim",
-                "measured": format!("{ratio:.0}×"),
-                "met": ratio >= 100.0,
-            },
-            {
-                "goal": "allowed p99 under a flood with the datapath on ≤ 1.5× no flood",
-                "measured": format!("{flood_ratio:.2}×"),
-                "met": flood_ratio <= 1.5,
-            },
+            bench::goal(
+                "a refused attempt ≥ 100× cheaper in the datapath than answered by the shim",
+                &format!("{ratio:.0}×"),
+                ratio >= 100.0,
+            ),
+            bench::goal(
+                "allowed p99 under a flood with the datapath on ≤ 1.5× no flood",
+                &format!("{flood_ratio:.2}×"),
+                flood_ratio <= 1.5,
+            ),
         ],
     });
-    if let Some(dir) = std::env::var_os("KF_BENCH_DIR") {
-        std::fs::write(Path::new(&dir).join("flood.json"), report.to_string())?;
-    }
+    bench::save("flood", &report)?;
     Ok(())
 }
 
@@ -476,18 +442,10 @@ fn main() -> anyhow::Result<()> {
         .env("KF_BENCH_SECRET", SECRET)
         .run_arg("--detach-on-exit");
     let dir = agent.dir().to_owned();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_config(&dir))?;
-    let _nginx = Daemon::start(
+    let _nginx = bench::nginx(
         &lab.gateway,
-        "nginx",
-        &[
-            "-c",
-            &conf.to_string_lossy(),
-            "-e",
-            &dir.join("nginx-error.log").to_string_lossy(),
-        ],
-        &dir.join("nginx.out"),
+        &dir,
+        &bench::upstream_server(UPSTREAM),
         SocketAddr::from(([127, 0, 0, 1], UPSTREAM)),
     )?;
     let gateway_mac = mac(&lab.gateway, GATEWAY_IF)?;

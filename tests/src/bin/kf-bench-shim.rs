@@ -17,7 +17,8 @@ use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::bail;
 use keyfence_tests::{
-    http::{Daemon, require},
+    bench,
+    http::require,
     netns::{Agent, Netns},
     wrk::{self, Run},
 };
@@ -33,27 +34,12 @@ const DURATION: &str = "4s";
 const CONNECTIONS: [u32; 3] = [1, 16, 128];
 const SECRET: &str = "bench-secret-0123456789abcdef";
 
-fn nginx_config(dir: &Path) -> String {
-    let d = dir.display();
+/// The upstream, nginx's `allow`/`deny` proxy and nginx `auth_request` in
+/// front of keyfence's auth listener.
+fn nginx_servers() -> String {
     format!(
-        r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path {d}/nginx-body;
-    proxy_temp_path {d}/nginx-proxy;
-    fastcgi_temp_path {d}/nginx-fastcgi;
-    uwsgi_temp_path {d}/nginx-uwsgi;
-    scgi_temp_path {d}/nginx-scgi;
+        r#"{upstream}
     upstream backend {{ server 127.0.0.1:{UPSTREAM}; keepalive 256; }}
-    server {{
-        listen 127.0.0.1:{UPSTREAM};
-        location / {{ default_type text/plain; return 200 "ok\n"; }}
-    }}
     server {{
         listen 127.0.0.1:{NGINX_PROXY};
         location / {{
@@ -87,8 +73,8 @@ http {{
             proxy_pass http://keyfence_auth;
         }}
     }}
-}}
-"#
+"#,
+        upstream = bench::upstream_server(UPSTREAM)
     )
 }
 
@@ -176,18 +162,10 @@ fn main() -> anyhow::Result<()> {
     let mut agent = Agent::new(&ns)?;
     agent.env("KF_BENCH_SECRET", SECRET);
     let dir = agent.dir().to_owned();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_config(&dir))?;
-    let _nginx = Daemon::start(
+    let _nginx = bench::nginx(
         &ns,
-        "nginx",
-        &[
-            "-c",
-            &conf.to_string_lossy(),
-            "-e",
-            &dir.join("nginx-error.log").to_string_lossy(),
-        ],
-        &dir.join("nginx.out"),
+        &dir,
+        &nginx_servers(),
         SocketAddr::from(([127, 0, 0, 1], UPSTREAM)),
     )?;
     agent.write_config(&keyfence_config(agent.pin_path()))?;
@@ -222,23 +200,18 @@ fn main() -> anyhow::Result<()> {
     let report = json!({
         "rows": rows,
         "goals": [
-            {
-                "goal": "keyfence proxy mode requests/s ≥ nginx allow/deny proxy (16 connections)",
-                "measured": format!("{ratio:.2}×"),
-                "met": ratio >= 1.0,
-            },
-            {
-                "goal": "keyfence proxy mode adds ≤ 100 µs p99 over the upstream (16 connections)",
-                "measured": format!("{added:+.0} µs"),
-                "met": added <= 100.0,
-            },
+            bench::goal(
+                "keyfence proxy mode requests/s ≥ nginx allow/deny proxy (16 connections)",
+                &format!("{ratio:.2}×"),
+                ratio >= 1.0,
+            ),
+            bench::goal(
+                "keyfence proxy mode adds ≤ 100 µs p99 over the upstream (16 connections)",
+                &format!("{added:+.0} µs"),
+                added <= 100.0,
+            ),
         ],
     });
-    if let Some(dir) = std::env::var_os("KF_BENCH_DIR") {
-        std::fs::write(
-            std::path::Path::new(&dir).join("shim.json"),
-            report.to_string(),
-        )?;
-    }
+    bench::save("shim", &report)?;
     Ok(())
 }

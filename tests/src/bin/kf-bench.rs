@@ -18,7 +18,6 @@
 use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
     time::Instant,
 };
 
@@ -38,6 +37,7 @@ use keyfence_common::{
     program_names,
 };
 use keyfence_tests::{
+    bench::{self, median},
     frames::{L4, simple},
     loaded::Loaded,
 };
@@ -132,11 +132,6 @@ fn lpm_key(net: IpNet) -> Key<PolicyAddr> {
             PolicyAddr::new(1, v6.network().octets()),
         ),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Median ns per packet of `program`, after checking it gives `verdict`.
@@ -385,20 +380,19 @@ fn main() -> anyhow::Result<()> {
             "drop_ns": r.drop,
         })).collect::<Vec<_>>(),
         "goals": [
-            {
-                "goal": "datapath at 1M host prefixes ≤ 1.5× the floor (worst of pass/drop, IPv4/IPv6)",
-                "measured": format!("{at_1m_hosts:.2}×"),
-                "met": at_1m_hosts <= 1.5,
-            },
-            {
-                "goal": "datapath at 10k mixed prefixes ≤ 2× the floor (worst of pass/drop, IPv4/IPv6)",
-                "measured": format!("{at_10k_mixed:.2}×"),
-                "met": at_10k_mixed <= 2.0,
-            },
+            bench::goal(
+                "datapath at 1M host prefixes ≤ 1.5× the floor (worst of pass/drop, IPv4/IPv6)",
+                &format!("{at_1m_hosts:.2}×"),
+                at_1m_hosts <= 1.5,
+            ),
+            bench::goal(
+                "datapath at 10k mixed prefixes ≤ 2× the floor (worst of pass/drop, IPv4/IPv6)",
+                &format!("{at_10k_mixed:.2}×"),
+                at_10k_mixed <= 2.0,
+            ),
         ],
     });
-    if let Some(dir) = std::env::var_os("KF_BENCH_DIR").map(PathBuf::from) {
-        std::fs::write(dir.join("datapath.json"), report.to_string())?;
+    if let Some(dir) = bench::save("datapath", &report)? {
         std::fs::write(dir.join("datapath.svg"), svg(&rows))?;
     }
     Ok(())

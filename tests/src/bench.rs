@@ -1,0 +1,84 @@
+//! What the bench binaries (`src/bin/kf-bench*`) share: medians, goals and
+//! the JSON each section leaves for `cargo xtask bench`, and nginx as the
+//! upstream (and reference proxy) started inside a namespace.
+
+use std::{net::SocketAddr, path::Path};
+
+use serde_json::{Value, json};
+
+use crate::{http::Daemon, netns::Netns};
+
+/// The middle value (the upper one of an even count); NaN-safe ordering.
+#[must_use]
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One goal of the issue, as the report's goals table shows it.
+#[must_use]
+pub fn goal(goal: &str, measured: &str, met: bool) -> Value {
+    json!({ "goal": goal, "measured": measured, "met": met })
+}
+
+/// Write `report` as `$KF_BENCH_DIR/<section>.json` when the variable is set
+/// (`cargo xtask bench` sets it and merges the files); the directory, if any.
+pub fn save(section: &str, report: &Value) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let Some(dir) = std::env::var_os("KF_BENCH_DIR").map(std::path::PathBuf::from) else {
+        return Ok(None);
+    };
+    std::fs::write(dir.join(format!("{section}.json")), report.to_string())?;
+    Ok(Some(dir))
+}
+
+/// Start nginx in `ns` (one worker, no access log, files under `dir`) with
+/// `servers` inside its `http` block, and wait until `ready` accepts. The
+/// caller's servers usually include the plain upstream, [`upstream_server`].
+pub fn nginx(ns: &Netns, dir: &Path, servers: &str, ready: SocketAddr) -> anyhow::Result<Daemon> {
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    fastcgi_temp_path {d}/nginx-fastcgi;
+    uwsgi_temp_path {d}/nginx-uwsgi;
+    scgi_temp_path {d}/nginx-scgi;
+{servers}
+}}
+"
+        ),
+    )?;
+    Daemon::start(
+        ns,
+        "nginx",
+        &[
+            "-c",
+            &conf.to_string_lossy(),
+            "-e",
+            &dir.join("nginx-error.log").to_string_lossy(),
+        ],
+        &dir.join("nginx.out"),
+        ready,
+    )
+}
+
+/// An nginx server answering `200 ok` on `127.0.0.1:port`: the upstream.
+#[must_use]
+pub fn upstream_server(port: u16) -> String {
+    format!(
+        r#"    server {{
+        listen 127.0.0.1:{port};
+        location / {{ default_type text/plain; return 200 "ok\n"; }}
+    }}"#
+    )
+}
