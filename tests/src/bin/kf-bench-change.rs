@@ -2,7 +2,7 @@
 //! from the API call to enforcement, with 100,000 prefixes loaded.
 //!
 //! The store is filled before the agent starts (100 keys of 1,000 entries:
-//! `/64`s and `/128`s inside `2001:db8::/32`, none adjacent, so the policy
+//! `/80`s and `/128`s inside `2001:db8::/32`, none adjacent, so the policy
 //! holds 100,000 prefixes), so the start itself shows the
 //! time to load them; then one key's list is changed through the management
 //! API `CHANGES` times (adding and removing an address in turn), each call
@@ -29,7 +29,7 @@ use keyfence::{
     allowlist::{AllowEntry, AllowList},
     keys_cli,
     shim::keys::digest,
-    store::{Actor, KeyStore as _, NewKey, sqlite::SqliteStore},
+    store::{Actor, NewKey, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     bench,
@@ -61,53 +61,9 @@ metrics: {{ bind: "127.0.0.1:9901" }}
     )
 }
 
-/// Entry `i` of key `k`: `2001:db8:K:2I::/64` or, every third one,
-/// `2001:db8:K:2I::1/128` (never two siblings, so none merge).
+/// Entry `i` of key `k`: `2001:db8:KH:KL:2I::/80` or, every third one, a
+/// `/128` inside it (never two siblings, so none merge).
 fn entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
-    let k = u16::try_from(k)?;
-    let i = u16::try_from(i * 2)?;
-    let net = if i % 6 == 0 {
-        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, k, i, 0, 0, 0, 1), 128)?
-    } else {
-        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, k, i, 0, 0, 0, 0), 64)?
-    };
-    Ok(AllowEntry {
-        net: IpNet::V6(net),
-        note: None,
-        expires_at: None,
-    })
-}
-
-fn fill(store: &Path) -> anyhow::Result<()> {
-    let mut s = SqliteStore::open(store)?;
-    let actor = Actor {
-        principal: "bench".into(),
-        address: IpAddr::from([127, 0, 0, 1]),
-    };
-    for k in 0..KEYS {
-        let entries = (0..ENTRIES_PER_KEY)
-            .map(|i| entry(k, i))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        s.create(
-            NewKey {
-                id: format!("key_bench{k:03}"),
-                name: format!("bench {k}"),
-                tenant: "default".into(),
-                scopes: vec!["api".into()],
-                digest: digest(&format!("bench-key-secret-{k}-0123456789")),
-                allow: AllowList::from_canonical(entries),
-                report_only: false,
-            },
-            &actor,
-            SystemTime::now(),
-        )?;
-    }
-    Ok(())
-}
-
-/// Entry `i` of scale key `k`: `2001:db8:KH:KL:I::/80`, or every third one a
-/// `/128` inside it (never adjacent, so none merge).
-fn scale_entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
     let (hi, lo) = (u16::try_from(k >> 16)?, u16::try_from(k & 0xffff)?);
     let i = u16::try_from(i * 2)?;
     let net = if i % 6 == 0 {
@@ -122,25 +78,26 @@ fn scale_entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
     })
 }
 
-/// `SCALE_KEYS` keys imported in batches of `IMPORT_BATCH` (one transaction each).
-fn fill_scale(store: &Path) -> anyhow::Result<()> {
+/// `keys` keys (`key_bench000000`…) of `entries_per_key` entries each,
+/// imported `IMPORT_BATCH` keys per transaction.
+fn fill(store: &Path, keys: usize, entries_per_key: usize) -> anyhow::Result<()> {
     let mut s = SqliteStore::open(store)?;
     let actor = Actor {
         principal: "bench".into(),
         address: IpAddr::from([127, 0, 0, 1]),
     };
-    for start in (0..SCALE_KEYS).step_by(IMPORT_BATCH) {
-        let batch = (start..(start + IMPORT_BATCH).min(SCALE_KEYS))
+    for start in (0..keys).step_by(IMPORT_BATCH) {
+        let batch = (start..(start + IMPORT_BATCH).min(keys))
             .map(|k| {
-                let entries = (0..SCALE_ENTRIES_PER_KEY)
-                    .map(|i| scale_entry(k, i))
+                let entries = (0..entries_per_key)
+                    .map(|i| entry(k, i))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 Ok(NewKey {
-                    id: format!("key_scale{k:06}"),
-                    name: format!("scale {k}"),
+                    id: format!("key_bench{k:06}"),
+                    name: format!("bench {k}"),
                     tenant: "default".into(),
                     scopes: vec!["api".into()],
-                    digest: digest(&format!("scale-key-secret-{k}-0123456789")),
+                    digest: digest(&format!("bench-key-secret-{k}-0123456789")),
                     allow: AllowList::from_canonical(entries),
                     report_only: false,
                 })
@@ -169,13 +126,13 @@ fn bpf_map_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// The scale phase, its table printed: `(start to ready s, prefixes, RSS MiB,
-/// BPF map MiB, import s)`.
-fn scale() -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+/// BPF map MiB)`.
+fn scale() -> anyhow::Result<(f64, f64, f64, f64)> {
     let lab = Lab::new(&["192.0.2.10".parse()?])?;
     let mut agent = Agent::new(&lab.gateway)?;
     agent.env("KF_BENCH_TOKEN", TOKEN);
     let imported = Instant::now();
-    fill_scale(&agent.store_path())?;
+    fill(&agent.store_path(), SCALE_KEYS, SCALE_ENTRIES_PER_KEY)?;
     let import_took = imported.elapsed().as_secs_f64();
     agent.write_config(&config(agent.pin_path()))?;
     let started = Instant::now();
@@ -201,7 +158,7 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64, f64)> {
     println!("| agent RSS | {rss:.1} MiB |");
     println!("| BPF map memory (memlock of the agent's maps) | {maps:.1} MiB |");
 
-    Ok((start_took, prefixes, rss, maps, import_took))
+    Ok((start_took, prefixes, rss, maps))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -233,7 +190,7 @@ fn time_changes(lab: &Lab) -> anyhow::Result<Vec<f64>> {
     thread::spawn(move || -> anyhow::Result<Vec<f64>> {
         enter(&netns)?;
         let api = format!("http://{MANAGEMENT}");
-        let path = "/v1/keys/key_bench000";
+        let path = "/v1/keys/key_bench000000";
         let base: Vec<String> = (0..ENTRIES_PER_KEY - 1)
             .map(|i| entry(0, i).map(|e| e.net.to_string()))
             .collect::<anyhow::Result<_>>()?;
@@ -262,7 +219,7 @@ fn main() -> anyhow::Result<()> {
     let mut agent = Agent::new(&lab.gateway)?;
     agent.env("KF_BENCH_TOKEN", TOKEN);
     let filled = Instant::now();
-    fill(&agent.store_path())?;
+    fill(&agent.store_path(), KEYS, ENTRIES_PER_KEY)?;
     let fill_took = filled.elapsed();
     agent.write_config(&config(agent.pin_path()))?;
     let started = Instant::now();
@@ -321,7 +278,7 @@ fn main() -> anyhow::Result<()> {
     drop(agent);
     drop(lab);
 
-    let (scale_start, scale_prefixes, scale_rss, scale_maps, _) = scale()?;
+    let (scale_start, scale_prefixes, scale_rss, scale_maps) = scale()?;
     let p50 = percentile(&sorted, 0.5);
     let p99 = percentile(&sorted, 0.99);
     let report = json!({
