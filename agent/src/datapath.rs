@@ -465,10 +465,9 @@ impl Datapath {
             .collect()
     }
 
-    /// The policy maps' current contents.
-    #[must_use]
-    pub fn tables(&self) -> &PolicyTables {
-        self.writer.tables()
+    /// The policy maps' current contents, read from the kernel.
+    pub fn tables(&self) -> anyhow::Result<PolicyTables> {
+        self.writer.backend().read_all()
     }
 
     /// Counters of every interface slot (slot 0 = interfaces keyfence does not know).

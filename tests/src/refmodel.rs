@@ -206,7 +206,7 @@ mod tests {
         let v = |s: &str, d: &str| {
             verdict(
                 &simple(&[], s.parse().unwrap(), d.parse().unwrap(), &tcp),
-                t,
+                &t,
             )
         };
         assert_eq!(v("192.0.2.9", "198.51.100.1"), (Stat::PassAllowedPrefix, 1));
@@ -219,7 +219,7 @@ mod tests {
             v("::ffff:203.0.113.9", "2001:db8::1"),
             (Stat::DropNotAllowed, 1)
         );
-        assert_eq!(verdict(&arp(), t), (Stat::PassNotIp, 0));
-        assert_eq!(verdict(&arp()[..10], t), (Stat::PassTruncated, 0));
+        assert_eq!(verdict(&arp(), &t), (Stat::PassNotIp, 0));
+        assert_eq!(verdict(&arp()[..10], &t), (Stat::PassTruncated, 0));
     }
 }

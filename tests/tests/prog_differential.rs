@@ -205,7 +205,7 @@ fn differential(program: &str) {
         .expect("loading the datapath (root needed)");
     let dp = &mut loaded.datapath;
     dp.apply(&policy()).expect("seeding the maps");
-    let tables = dp.tables().clone();
+    let tables = dp.tables().expect("reading the policy maps");
     let before = dp.counters().unwrap();
 
     let mut runner = TestRunner::new(Config {

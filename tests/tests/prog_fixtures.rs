@@ -591,6 +591,7 @@ fn run_table(program: &str) {
         .expect("loading the datapath (root needed)");
     let dp = &mut loaded.datapath;
     dp.apply(&policy()).expect("seeding the maps");
+    let tables = dp.tables().expect("reading the policy maps");
     let rows = fixtures();
     assert!(rows.len() >= 30, "{} fixtures", rows.len());
     let mut failures = Vec::new();
@@ -598,7 +599,7 @@ fn run_table(program: &str) {
     for (name, packet, stat, listener) in rows {
         let slot = listener.map_or(0, |l| dp.listener_slot(l).expect("listener slot"));
         assert_eq!(
-            refmodel::verdict(&packet, dp.tables()),
+            refmodel::verdict(&packet, &tables),
             (stat, slot),
             "{name}: the reference model disagrees with the fixture"
         );

@@ -13,11 +13,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use anyhow::{Context as _, bail};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use keyfence_common::{
     PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
     policy::{
@@ -67,59 +67,183 @@ pub fn listener_keys(bind: SocketAddr) -> Vec<ListenerKey> {
         .collect()
 }
 
-/// One network as datapath entries of `policy`: `/32` and `/128` go to the exact
-/// hash, everything else to the trie.
-fn add_net(policy: u32, net: IpNet, tables: &mut PolicyTables) {
+/// One datapath entry of a policy: `/32` and `/128` go to the exact hash,
+/// everything else to the trie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Entry {
+    Exact(PolicyAddr),
+    Prefix(PrefixKey),
+}
+
+/// The entry of `net` (folded: see [`canonical`]) under `policy`. One-to-one
+/// on folded networks, so two networks never share an entry.
+fn entry(policy: u32, net: IpNet) -> Entry {
     match net {
         IpNet::V4(v4) if v4.prefix_len() == 32 => {
-            tables
-                .exact
-                .insert(PolicyAddr::new(policy, ipv4_mapped(v4.addr().octets())));
+            Entry::Exact(PolicyAddr::new(policy, ipv4_mapped(v4.addr().octets())))
         }
         IpNet::V6(v6) if v6.prefix_len() == 128 => {
-            tables
-                .exact
-                .insert(PolicyAddr::new(policy, v6.addr().octets()));
+            Entry::Exact(PolicyAddr::new(policy, v6.addr().octets()))
         }
-        IpNet::V4(v4) => {
-            let len = POLICY_BITS + V4_MAPPED_BITS + u32::from(v4.prefix_len());
-            let key = PolicyAddr::new(policy, ipv4_mapped(v4.network().octets()));
-            tables.prefixes.insert((len, key), ALLOWED);
-        }
-        IpNet::V6(v6) => {
-            let len = POLICY_BITS + u32::from(v6.prefix_len());
-            let key = PolicyAddr::new(policy, v6.network().octets());
-            tables.prefixes.insert((len, key), ALLOWED);
-        }
+        IpNet::V4(v4) => Entry::Prefix((
+            POLICY_BITS + V4_MAPPED_BITS + u32::from(v4.prefix_len()),
+            PolicyAddr::new(policy, ipv4_mapped(v4.network().octets())),
+        )),
+        IpNet::V6(v6) => Entry::Prefix((
+            POLICY_BITS + u32::from(v6.prefix_len()),
+            PolicyAddr::new(policy, v6.network().octets()),
+        )),
     }
 }
 
-/// The trie key of `::ffff:0:0/96` (which is also how `0.0.0.0/0` is stored).
-fn v4_space(policy: u32) -> PrefixKey {
-    (
+/// The trie key of `::ffff:0:0/96`, which is also the entry of `0.0.0.0/0`.
+fn v4_space(policy: u32) -> Entry {
+    Entry::Prefix((
         POLICY_BITS + V4_MAPPED_BITS,
         PolicyAddr::new(policy, ipv4_mapped([0; 4])),
-    )
+    ))
 }
 
-/// The entries of one restricted policy.
-fn policy_entries(policy: u32, nets: &[IpNet], tables: &mut PolicyTables) {
-    let mapped_space: IpNet = "::ffff:0:0/96".parse().expect("constant network");
-    let mut covers_v4_space = false;
-    for &net in nets {
-        if let IpNet::V6(v6) = net
-            && v6.prefix_len() <= 96
-            && IpNet::V6(v6).contains(&mapped_space)
-        {
-            covers_v4_space = true;
-        }
-        add_net(policy, net, tables);
+fn is_v4_any(net: &IpNet) -> bool {
+    matches!(net, IpNet::V4(v4) if v4.prefix_len() == 0)
+}
+
+/// What the `v4_space` entry of a policy holds. An IPv6 prefix never admits an
+/// IPv4 client (SPEC §3), while in the trie IPv4 lives inside `::ffff:0:0/96`:
+/// an IPv6 prefix covering that space gets a `DENIED` marker there, unless
+/// `0.0.0.0/0` is itself allowed (same key, value `ALLOWED`).
+fn v4_space_value(nets: &[IpNet]) -> Option<u32> {
+    if nets.first().is_some_and(is_v4_any) {
+        return Some(ALLOWED);
     }
-    // An IPv6 prefix never admits an IPv4 client (SPEC §3); in the trie IPv4 lives
-    // inside ::ffff:0:0/96, so shadow that space unless 0.0.0.0/0 is itself allowed
-    // (same trie key, value ALLOWED).
-    if covers_v4_space {
-        tables.prefixes.entry(v4_space(policy)).or_insert(DENIED);
+    let mapped = Ipv6Net::new(Ipv6Addr::from(ipv4_mapped([0; 4])), 96).expect("constant network");
+    let covered = (0..=96).any(|len| {
+        let net = IpNet::V6(Ipv6Net::new(mapped.addr(), len).expect("len ≤ 128").trunc());
+        nets.binary_search(&net).is_ok()
+    });
+    covered.then_some(DENIED)
+}
+
+/// Networks as the writer holds them: IPv4-mapped IPv6 folded to IPv4 (it has
+/// the same entries), host bits clear, sorted, without duplicates.
+fn canonical(nets: &[IpNet]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = nets
+        .iter()
+        .map(|n| crate::allowlist::fold_net(n.trunc()))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Every entry of a restricted policy.
+fn entries_of(policy: u32, nets: &[IpNet]) -> BTreeMap<Entry, u32> {
+    let mut out: BTreeMap<Entry, u32> = nets
+        .iter()
+        .filter(|n| !is_v4_any(n))
+        .map(|&n| (entry(policy, n), ALLOWED))
+        .collect();
+    if let Some(value) = v4_space_value(nets) {
+        out.insert(v4_space(policy), value);
+    }
+    out
+}
+
+/// What the maps hold for one policy slot.
+#[derive(Clone, Debug)]
+enum Held {
+    /// Exactly the entries of these networks (canonical), as written by us.
+    Nets(Vec<IpNet>),
+    /// Entries read back from the maps: adopted from a previous agent, or
+    /// re-read after a failed write.
+    Entries(BTreeMap<Entry, u32>),
+}
+
+/// One map write: an entry going from one value to another (`None` = absent).
+#[derive(Clone, Copy, Debug)]
+struct Op {
+    entry: Entry,
+    from: Option<u32>,
+    to: Option<u32>,
+}
+
+impl Op {
+    /// Widening writes go before listeners switch, narrowing ones after.
+    fn widens(&self) -> bool {
+        self.to == Some(ALLOWED) || (self.from.is_none() && self.to.is_some())
+    }
+}
+
+/// The writes that take `slot` from what it holds to `nets` (canonical).
+fn slot_ops(slot: u32, held: Option<&Held>, nets: &[IpNet], ops: &mut Vec<Op>) {
+    match held {
+        None => ops.extend(entries_of(slot, nets).into_iter().map(|(entry, v)| Op {
+            entry,
+            from: None,
+            to: Some(v),
+        })),
+        Some(Held::Entries(have)) => {
+            let want = entries_of(slot, nets);
+            for (&entry, &v) in &want {
+                if have.get(&entry) != Some(&v) {
+                    ops.push(Op {
+                        entry,
+                        from: have.get(&entry).copied(),
+                        to: Some(v),
+                    });
+                }
+            }
+            for (&entry, &v) in have {
+                if !want.contains_key(&entry) {
+                    ops.push(Op {
+                        entry,
+                        from: Some(v),
+                        to: None,
+                    });
+                }
+            }
+        }
+        Some(Held::Nets(old)) => {
+            // Both lists are sorted: one merge pass finds what changed.
+            let (mut i, mut j) = (0, 0);
+            while i < old.len() || j < nets.len() {
+                let order = match (old.get(i), nets.get(j)) {
+                    (Some(a), Some(b)) => a.cmp(b),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    _ => std::cmp::Ordering::Greater,
+                };
+                let (net, from, to) = match order {
+                    std::cmp::Ordering::Equal => {
+                        i += 1;
+                        j += 1;
+                        continue;
+                    }
+                    std::cmp::Ordering::Less => {
+                        i += 1;
+                        (old[i - 1], Some(ALLOWED), None)
+                    }
+                    std::cmp::Ordering::Greater => {
+                        j += 1;
+                        (nets[j - 1], None, Some(ALLOWED))
+                    }
+                };
+                if !is_v4_any(&net) {
+                    ops.push(Op {
+                        entry: entry(slot, net),
+                        from,
+                        to,
+                    });
+                }
+            }
+            let (from, to) = (v4_space_value(old), v4_space_value(nets));
+            if from != to {
+                ops.push(Op {
+                    entry: v4_space(slot),
+                    from,
+                    to,
+                });
+            }
+        }
     }
 }
 
@@ -147,10 +271,15 @@ pub struct ApplyReport {
     pub updated: usize,
 }
 
-/// Moves the kernel maps from policy to policy; keeps a mirror of what it wrote.
+/// Moves the kernel maps from policy to policy.
+///
+/// It remembers each slot's networks rather than its entries: a change to a
+/// 100k-prefix policy is one merge of two sorted lists and a write per entry
+/// that differs, with no copy of the maps kept in memory.
 pub struct PolicyWriter<B> {
     backend: B,
-    current: PolicyTables,
+    listeners: BTreeMap<ListenerKey, ListenerValue>,
+    held: BTreeMap<u32, Held>,
     slots: SlotMap,
 }
 
@@ -158,14 +287,38 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     /// Adopt whatever the maps hold now (empty on a first start, the previous
     /// agent's policy after a restart) as the starting point of the next diff.
     pub fn adopt(backend: B) -> anyhow::Result<Self> {
-        let current = backend
-            .read_all()
-            .context("reading the pinned policy maps")?;
-        Ok(Self {
+        let mut writer = Self {
             backend,
-            current,
+            listeners: BTreeMap::new(),
+            held: BTreeMap::new(),
             slots: SlotMap::default(),
-        })
+        };
+        writer
+            .read_back()
+            .context("reading the pinned policy maps")?;
+        Ok(writer)
+    }
+
+    /// Forget what we wrote and take the maps' contents as they are.
+    fn read_back(&mut self) -> anyhow::Result<()> {
+        let tables = self.backend.read_all()?;
+        let mut held: BTreeMap<u32, BTreeMap<Entry, u32>> = BTreeMap::new();
+        for key in tables.exact {
+            held.entry(key.policy())
+                .or_default()
+                .insert(Entry::Exact(key), ALLOWED);
+        }
+        for (key, value) in tables.prefixes {
+            held.entry(key.1.policy())
+                .or_default()
+                .insert(Entry::Prefix(key), value);
+        }
+        self.listeners = tables.listeners;
+        self.held = held
+            .into_iter()
+            .map(|(slot, entries)| (slot, Held::Entries(entries)))
+            .collect();
+        Ok(())
     }
 
     #[must_use]
@@ -173,9 +326,31 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         &self.slots
     }
 
+    /// What the maps hold, rebuilt from what was written (for tests and the
+    /// reference model; a copy, so not for hot paths).
     #[must_use]
-    pub fn tables(&self) -> &PolicyTables {
-        &self.current
+    pub fn tables(&self) -> PolicyTables {
+        let mut tables = PolicyTables {
+            listeners: self.listeners.clone(),
+            ..PolicyTables::default()
+        };
+        for (&slot, held) in &self.held {
+            let entries = match held {
+                Held::Nets(nets) => entries_of(slot, nets),
+                Held::Entries(entries) => entries.clone(),
+            };
+            for (entry, value) in entries {
+                match entry {
+                    Entry::Exact(key) => {
+                        tables.exact.insert(key);
+                    }
+                    Entry::Prefix(key) => {
+                        tables.prefixes.insert(key, value);
+                    }
+                }
+            }
+        }
+        tables
     }
 
     #[must_use]
@@ -184,15 +359,13 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     }
 
     /// Slot for each listener: keep the slot its bind already has in the maps,
-    /// otherwise take a slot that no current entry uses.
+    /// otherwise take a slot that nothing uses.
     fn assign_slots(&self, policy: &CompiledPolicy) -> anyhow::Result<Vec<u32>> {
         let in_use: BTreeSet<u32> = self
-            .current
             .listeners
             .values()
             .map(|v| v.policy)
-            .chain(self.current.exact.iter().map(PolicyAddr::policy))
-            .chain(self.current.prefixes.keys().map(|(_, k)| k.policy()))
+            .chain(self.held.keys().copied())
             .collect();
         let mut taken = BTreeSet::new();
         let mut slots = Vec::with_capacity(policy.listeners.len());
@@ -200,7 +373,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         for (i, listener) in policy.listeners.iter().enumerate() {
             let existing = listener_keys(listener.bind)
                 .iter()
-                .find_map(|k| self.current.listeners.get(k))
+                .find_map(|k| self.listeners.get(k))
                 .map(|v| v.policy)
                 .filter(|s| *s > 0 && *s < MAX_LISTENERS && !taken.contains(s));
             if let Some(slot) = existing {
@@ -228,21 +401,24 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         Ok(slots)
     }
 
-    /// The tables `policy` needs, with the slots it will use.
-    pub fn desired(&self, policy: &CompiledPolicy) -> anyhow::Result<(PolicyTables, SlotMap)> {
+    /// Make the maps enforce `policy`. On error the maps hold a safe
+    /// intermediate state (never narrower than before ∩ after); the writer
+    /// reads it back, so the next apply continues from there.
+    pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
         let slots = self.assign_slots(policy)?;
-        let mut tables = PolicyTables::default();
+        let mut want_listeners = BTreeMap::new();
+        let mut want_nets: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
         let mut slot_map = SlotMap::default();
         for (listener, &slot) in policy.listeners.iter().zip(&slots) {
             let flags = match &listener.access {
                 Access::Open => LISTENER_OPEN,
                 Access::Restricted(nets) => {
-                    policy_entries(slot, nets, &mut tables);
+                    want_nets.insert(slot, canonical(nets));
                     0
                 }
             };
             for key in listener_keys(listener.bind) {
-                tables.listeners.insert(
+                want_listeners.insert(
                     key,
                     ListenerValue {
                         policy: slot,
@@ -252,110 +428,128 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             }
             slot_map.by_name.insert(listener.name.clone(), slot);
         }
-        if tables.exact.len() > EXACT_CAPACITY as usize {
-            bail!(
-                "the policy needs {} /32 and /128 entries; the datapath holds {EXACT_CAPACITY}",
-                tables.exact.len()
-            );
+        let mut ops = Vec::new();
+        for (&slot, nets) in &want_nets {
+            slot_ops(slot, self.held.get(&slot), nets, &mut ops);
         }
-        if tables.prefixes.len() > PREFIXES_CAPACITY as usize {
-            bail!(
-                "the policy needs {} prefix entries; the datapath holds {PREFIXES_CAPACITY}",
-                tables.prefixes.len()
-            );
+        for (&slot, held) in &self.held {
+            if !want_nets.contains_key(&slot) {
+                slot_ops(slot, Some(held), &[], &mut ops);
+            }
         }
-        Ok((tables, slot_map))
+        self.check_capacity(&ops)?;
+        match self.write(&ops, &want_listeners) {
+            Ok(report) => {
+                self.held = want_nets
+                    .into_iter()
+                    .map(|(slot, nets)| (slot, Held::Nets(nets)))
+                    .collect();
+                self.slots = slot_map;
+                Ok(report)
+            }
+            Err(e) => match self.read_back() {
+                Ok(()) => Err(e),
+                Err(read) => Err(e.context(format!("and reading the maps back failed: {read:#}"))),
+            },
+        }
     }
 
-    /// Make the maps enforce `policy`. On error the maps hold a safe intermediate
-    /// state (never narrower than before ∩ after) that the mirror describes
-    /// exactly, so the next apply continues from there.
-    pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
-        let (want, slots) = self.desired(policy)?;
-        let mut report = ApplyReport::default();
-
-        // 1. New allows first.
-        for key in want.exact.difference(&self.current.exact.clone()) {
-            self.backend.put_exact(key)?;
-            self.current.exact.insert(*key);
-            report.added += 1;
-        }
-        for (key, &value) in &want.prefixes {
-            let have = self.current.prefixes.get(key).copied();
-            let widen = match have {
-                None => true,
-                Some(old) => old != value && value == ALLOWED,
-            };
-            if widen {
-                self.backend.put_prefix(key, value)?;
-                self.current.prefixes.insert(*key, value);
-                if have.is_some() {
-                    report.updated += 1;
-                } else {
-                    report.added += 1;
+    /// Refuse, before writing anything, a policy the maps cannot hold.
+    fn check_capacity(&self, ops: &[Op]) -> anyhow::Result<()> {
+        let (mut exact, mut prefixes) = (0_i64, 0_i64);
+        for held in self.held.values() {
+            match held {
+                Held::Nets(nets) => {
+                    for net in nets.iter().filter(|n| !is_v4_any(n)) {
+                        match entry(0, *net) {
+                            Entry::Exact(_) => exact += 1,
+                            Entry::Prefix(_) => prefixes += 1,
+                        }
+                    }
+                    prefixes += i64::from(v4_space_value(nets).is_some());
+                }
+                Held::Entries(entries) => {
+                    for e in entries.keys() {
+                        match e {
+                            Entry::Exact(_) => exact += 1,
+                            Entry::Prefix(_) => prefixes += 1,
+                        }
+                    }
                 }
             }
         }
+        for op in ops {
+            let delta = i64::from(op.to.is_some()) - i64::from(op.from.is_some());
+            match op.entry {
+                Entry::Exact(_) => exact += delta,
+                Entry::Prefix(_) => prefixes += delta,
+            }
+        }
+        if exact > i64::from(EXACT_CAPACITY) {
+            bail!(
+                "the policy needs {exact} /32 and /128 entries; the datapath holds {EXACT_CAPACITY}"
+            );
+        }
+        if prefixes > i64::from(PREFIXES_CAPACITY) {
+            bail!(
+                "the policy needs {prefixes} prefix entries; the datapath holds {PREFIXES_CAPACITY}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The writes, in the order that keeps every flow allowed before and after
+    /// allowed throughout (see the module doc).
+    fn write(
+        &mut self,
+        ops: &[Op],
+        want_listeners: &BTreeMap<ListenerKey, ListenerValue>,
+    ) -> anyhow::Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        // 1. New allows first.
+        for op in ops.iter().filter(|op| op.widens()) {
+            self.write_op(op, &mut report)?;
+        }
         // 2. Listeners now point at complete entries.
-        for (key, value) in &want.listeners {
-            if self.current.listeners.get(key) != Some(value) {
+        for (key, value) in want_listeners {
+            if self.listeners.get(key) != Some(value) {
                 self.backend.put_listener(key, value)?;
-                self.current.listeners.insert(*key, *value);
+                self.listeners.insert(*key, *value);
                 report.updated += 1;
             }
         }
         // 3. Listeners that are gone.
         let gone: Vec<ListenerKey> = self
-            .current
             .listeners
             .keys()
-            .filter(|k| !want.listeners.contains_key(k))
+            .filter(|k| !want_listeners.contains_key(k))
             .copied()
             .collect();
         for key in gone {
             self.backend.del_listener(&key)?;
-            self.current.listeners.remove(&key);
+            self.listeners.remove(&key);
             report.removed += 1;
         }
         // 4. Narrowing last.
-        for (key, &value) in &want.prefixes {
-            if self
-                .current
-                .prefixes
-                .get(key)
-                .is_some_and(|&old| old != value)
-            {
-                self.backend.put_prefix(key, value)?;
-                self.current.prefixes.insert(*key, value);
-                report.updated += 1;
-            }
+        for op in ops.iter().filter(|op| !op.widens()) {
+            self.write_op(op, &mut report)?;
         }
-        let stale_prefixes: Vec<PrefixKey> = self
-            .current
-            .prefixes
-            .keys()
-            .filter(|k| !want.prefixes.contains_key(k))
-            .copied()
-            .collect();
-        for key in stale_prefixes {
-            self.backend.del_prefix(&key)?;
-            self.current.prefixes.remove(&key);
-            report.removed += 1;
-        }
-        let stale_exact: Vec<PolicyAddr> = self
-            .current
-            .exact
-            .difference(&want.exact)
-            .copied()
-            .collect();
-        for key in stale_exact {
-            self.backend.del_exact(&key)?;
-            self.current.exact.remove(&key);
-            report.removed += 1;
-        }
-        debug_assert_eq!(self.current, want);
-        self.slots = slots;
         Ok(report)
+    }
+
+    fn write_op(&mut self, op: &Op, report: &mut ApplyReport) -> anyhow::Result<()> {
+        match (op.entry, op.to) {
+            (Entry::Exact(key), Some(_)) => self.backend.put_exact(&key)?,
+            (Entry::Exact(key), None) => self.backend.del_exact(&key)?,
+            (Entry::Prefix(key), Some(value)) => self.backend.put_prefix(&key, value)?,
+            (Entry::Prefix(key), None) => self.backend.del_prefix(&key)?,
+        }
+        match (op.from, op.to) {
+            (None, _) => report.added += 1,
+            (_, None) => report.removed += 1,
+            _ => report.updated += 1,
+        }
+        Ok(())
     }
 }
 
@@ -473,7 +667,10 @@ impl PolicyBackend for MemoryBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::RefCell, rc::Rc};
+    use std::{
+        cell::{Cell, RefCell},
+        rc::Rc,
+    };
 
     use proptest::prelude::*;
 
@@ -646,6 +843,8 @@ mod tests {
     struct Watched {
         inner: MemoryBackend,
         must_pass: Rc<RefCell<Vec<(IpAddr, SocketAddr)>>>,
+        /// Fail the write with this number (counted from 0), once.
+        fail_at: Rc<Cell<Option<usize>>>,
     }
 
     impl Watched {
@@ -657,11 +856,26 @@ mod tests {
             }
             Ok(())
         }
+
+        fn fail_now(&self) -> anyhow::Result<()> {
+            match self.fail_at.get() {
+                Some(0) => {
+                    self.fail_at.set(None);
+                    Err(anyhow::anyhow!("injected map write failure"))
+                }
+                Some(n) => {
+                    self.fail_at.set(Some(n - 1));
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
     }
 
     macro_rules! watched {
         ($($name:ident($($arg:ident: $ty:ty),*)),*) => {
             $(fn $name(&mut self, $($arg: $ty),*) -> anyhow::Result<()> {
+                self.fail_now()?;
                 self.inner.$name($($arg),*)?;
                 self.check()
             })*
@@ -696,7 +910,7 @@ mod tests {
         "::ffff:192.0.2.1",
         "0.0.0.0",
     ];
-    const NETS: [&str; 14] = [
+    const NETS: [&str; 17] = [
         "192.0.2.0/24",
         "192.0.2.0/25",
         "192.0.2.128/25",
@@ -711,6 +925,9 @@ mod tests {
         "2001:db8::1/128",
         "2001:db8:1::/48",
         "::/0",
+        "::ffff:192.0.2.0/120",
+        "::ffff:0:0/96",
+        "::ffff:203.0.113.9/128",
     ];
 
     fn arb_listener(name: &'static str, port: u16) -> impl Strategy<Value = ListenerPolicy> {
@@ -756,34 +973,73 @@ mod tests {
         out
     }
 
+    /// The verdicts `policy` gives every probe, from a writer that starts empty.
+    fn fresh_tables(policy: &CompiledPolicy) -> PolicyTables {
+        let mut fresh = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+        fresh.apply(policy).unwrap();
+        fresh.backend().tables.clone()
+    }
+
+    fn both_allow(a: &PolicyTables, b: &PolicyTables) -> Vec<(IpAddr, SocketAddr)> {
+        probes()
+            .into_iter()
+            .filter(|(s, d)| a.verdict(*s, *d) == Some(true) && b.verdict(*s, *d) == Some(true))
+            .collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
-        /// No operation sequence of any apply drops a flow allowed before and after,
-        /// and after the apply the maps give exactly the new policy's verdicts.
+        /// No write of any apply drops a flow allowed before and after; after
+        /// each apply the maps give exactly the new policy's verdicts and the
+        /// writer's picture of them is exact. Covers the first apply, a
+        /// restart in between (adopted entries), a write failing half-way (the
+        /// writer reads the maps back) and the merge path of a later apply.
         #[test]
         fn applies_never_drop_what_both_sides_allow(
             before in arb_policy(),
+            middle in arb_policy(),
             after in arb_policy(),
+            restart in any::<bool>(),
+            fail_at in prop::option::of(0..24_usize),
         ) {
             let must_pass = Rc::new(RefCell::new(Vec::new()));
-            let backend = Watched { inner: MemoryBackend::default(), must_pass: must_pass.clone() };
+            let fail = Rc::new(Cell::new(None));
+            let backend = Watched {
+                inner: MemoryBackend::default(),
+                must_pass: must_pass.clone(),
+                fail_at: fail.clone(),
+            };
             let mut w = PolicyWriter::adopt(backend).unwrap();
             w.apply(&before).unwrap();
+            if restart {
+                let Watched { inner, must_pass, fail_at } = w.backend;
+                w = PolicyWriter::adopt(Watched { inner, must_pass, fail_at }).unwrap();
+            }
             let before_tables = w.backend().inner.tables.clone();
+            prop_assert_eq!(w.tables(), before_tables.clone());
 
-            let mut fresh = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
-            fresh.apply(&after).unwrap();
-            let after_tables = fresh.backend().tables.clone();
+            let middle_tables = fresh_tables(&middle);
+            *must_pass.borrow_mut() = both_allow(&before_tables, &middle_tables);
+            fail.set(fail_at);
+            if let Err(e) = w.apply(&middle) {
+                prop_assert!(e.to_string().contains("injected"), "{e:#}");
+                prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+                w.apply(&middle).unwrap();
+            }
+            fail.set(None);
+            prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+            for (s, d) in probes() {
+                prop_assert_eq!(
+                    w.backend().inner.tables.verdict(s, d),
+                    middle_tables.verdict(s, d),
+                    "{} → {}", s, d
+                );
+            }
 
-            let both: Vec<_> = probes()
-                .into_iter()
-                .filter(|(s, d)| {
-                    before_tables.verdict(*s, *d) == Some(true)
-                        && after_tables.verdict(*s, *d) == Some(true)
-                })
-                .collect();
-            *must_pass.borrow_mut() = both;
+            let after_tables = fresh_tables(&after);
+            *must_pass.borrow_mut() = both_allow(&middle_tables, &after_tables);
             w.apply(&after).unwrap();
+            prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
             for (s, d) in probes() {
                 prop_assert_eq!(
                     w.backend().inner.tables.verdict(s, d),
