@@ -16,6 +16,7 @@ pub mod management;
 pub mod maps;
 pub mod metrics;
 pub mod policy;
+pub mod prefixset;
 pub mod ratelimit;
 pub mod run;
 pub mod shim;

@@ -16,7 +16,10 @@ use std::{net::SocketAddr, time::SystemTime};
 
 use ipnet::IpNet;
 
-use crate::config::{ClientIpSource, ListenerConfig, StaticKey};
+use crate::{
+    config::{ClientIpSource, ListenerConfig, StaticKey},
+    prefixset::PrefixSet,
+};
 
 /// The scope a key needs to be usable on listeners (SPEC §6).
 pub const API_SCOPE: &str = "api";
@@ -103,48 +106,189 @@ pub fn compile(
     keys: &[KeyAccess<'_>],
     now: SystemTime,
 ) -> CompiledPolicy {
-    let next_change = keys.iter().filter_map(|k| k.allow.next_expiry(now)).min();
-    let listeners = listeners
-        .iter()
-        .map(|listener| ListenerPolicy {
-            name: listener.name.clone(),
-            bind: listener.bind,
-            access: listener_access(listener, keys, now),
-        })
-        .collect();
-    CompiledPolicy {
-        listeners,
-        next_change,
+    PolicyState::build(listeners, keys, now).compiled()
+}
+
+/// The compiled policy kept between changes, so that a change to one key
+/// costs work in proportion to that key's list, not to every list.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyState {
+    listeners: Vec<(ListenerConfig, Rule)>,
+    next_change: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug)]
+enum Rule {
+    /// `early_drop: false`.
+    Open,
+    /// `proxy_protocol`: only the trusted proxies, whatever the keys.
+    Proxies(Vec<IpNet>),
+    /// The union of the accepted keys' lists.
+    Keys {
+        /// Accepted keys that open the listener (unrestricted or report-only).
+        openers: usize,
+        /// Active entries of the other accepted keys, plus trusted proxies
+        /// for `x_forwarded_for`, collapsed.
+        nets: PrefixSet,
+        /// Always part of the union (`x_forwarded_for`), else empty.
+        trusted: Vec<IpNet>,
+    },
+}
+
+fn opens(key: &KeyAccess<'_>) -> bool {
+    key.report_only || key.allow.is_unrestricted()
+}
+
+/// What `key` adds to a `Rule::Keys` listener's union at `now`.
+fn contribution<'k>(
+    listener: &ListenerConfig,
+    key: &'k KeyAccess<'_>,
+    now: SystemTime,
+) -> impl Iterator<Item = IpNet> + 'k {
+    let counts = accepts(listener, key) && !opens(key);
+    key.allow
+        .active_nets(now)
+        .take(if counts { usize::MAX } else { 0 })
+        .map(|n| n.trunc())
+}
+
+impl PolicyState {
+    /// Compile from scratch.
+    #[must_use]
+    pub fn build(listeners: &[ListenerConfig], keys: &[KeyAccess<'_>], now: SystemTime) -> Self {
+        let next_change = keys.iter().filter_map(|k| k.allow.next_expiry(now)).min();
+        let listeners = listeners
+            .iter()
+            .map(|listener| (listener.clone(), rule(listener, keys, now)))
+            .collect();
+        Self {
+            listeners,
+            next_change,
+        }
+    }
+
+    /// When an entry expires next: the policy must be built again then, and
+    /// [`Self::change_key`] must not be used from that instant.
+    #[must_use]
+    pub fn next_change(&self) -> Option<SystemTime> {
+        self.next_change
+    }
+
+    /// Account for one key going from `old` to `new` (`None`: absent or
+    /// revoked). `keys` are all keys after the change. Valid only before
+    /// [`Self::next_change`]: until then no entry's activity changes.
+    pub fn change_key(
+        &mut self,
+        old: Option<&KeyAccess<'_>>,
+        new: Option<&KeyAccess<'_>>,
+        keys: &[KeyAccess<'_>],
+        now: SystemTime,
+    ) {
+        for (listener, rule) in &mut self.listeners {
+            let Rule::Keys {
+                openers,
+                nets,
+                trusted,
+            } = rule
+            else {
+                continue;
+            };
+            let accepted_opener =
+                |k: Option<&KeyAccess<'_>>| k.is_some_and(|k| accepts(listener, k) && opens(k));
+            *openers -= usize::from(accepted_opener(old));
+            *openers += usize::from(accepted_opener(new));
+            let mut before: Vec<IpNet> = old
+                .into_iter()
+                .flat_map(|k| contribution(listener, k, now))
+                .collect();
+            let mut after: Vec<IpNet> = new
+                .into_iter()
+                .flat_map(|k| contribution(listener, k, now))
+                .collect();
+            before.sort_unstable();
+            after.sort_unstable();
+            let gone: Vec<IpNet> = before
+                .iter()
+                .filter(|n| after.binary_search(n).is_err())
+                .copied()
+                .collect();
+            if !gone.is_empty() {
+                let remaining = keys
+                    .iter()
+                    .flat_map(|k| contribution(listener, k, now))
+                    .chain(trusted.iter().copied());
+                nets.remove(&gone, remaining);
+            }
+            for net in after.iter().filter(|n| before.binary_search(n).is_err()) {
+                nets.insert(*net);
+            }
+        }
+        if let Some(expiry) = new.and_then(|k| k.allow.next_expiry(now)) {
+            self.next_change = Some(self.next_change.map_or(expiry, |t| t.min(expiry)));
+        }
+    }
+
+    /// What the datapath enforces now.
+    #[must_use]
+    pub fn compiled(&self) -> CompiledPolicy {
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|(listener, rule)| ListenerPolicy {
+                name: listener.name.clone(),
+                bind: listener.bind,
+                access: match rule {
+                    Rule::Open | Rule::Keys { openers: 1.., .. } => Access::Open,
+                    Rule::Proxies(nets) => Access::Restricted(nets.clone()),
+                    Rule::Keys { nets, .. } => Access::Restricted(nets.iter().copied().collect()),
+                },
+            })
+            .collect();
+        CompiledPolicy {
+            listeners,
+            next_change: self.next_change,
+        }
     }
 }
 
-fn listener_access(listener: &ListenerConfig, keys: &[KeyAccess<'_>], now: SystemTime) -> Access {
+fn rule(listener: &ListenerConfig, keys: &[KeyAccess<'_>], now: SystemTime) -> Rule {
     if !listener.early_drop {
-        return Access::Open;
+        return Rule::Open;
     }
-    let trusted = listener.client_ip.trusted_proxies.iter().copied();
-    let nets: Vec<IpNet> = match listener.client_ip.source {
-        ClientIpSource::ProxyProtocol => trusted.collect(),
-        source @ (ClientIpSource::Peer | ClientIpSource::XForwardedFor) => {
-            let mut nets = Vec::new();
-            for key in keys.iter().filter(|k| accepts(listener, k)) {
-                if key.report_only || key.allow.is_unrestricted() {
-                    return Access::Open;
-                }
-                nets.extend(key.allow.active_nets(now));
-            }
-            if source == ClientIpSource::XForwardedFor {
-                nets.extend(trusted);
-            }
-            nets
+    let trusted = listener.client_ip.trusted_proxies.iter().map(IpNet::trunc);
+    match listener.client_ip.source {
+        ClientIpSource::ProxyProtocol => {
+            Rule::Proxies(PrefixSet::from_nets(trusted).iter().copied().collect())
         }
-    };
-    Access::Restricted(IpNet::aggregate(&nets))
+        source @ (ClientIpSource::Peer | ClientIpSource::XForwardedFor) => {
+            let trusted: Vec<IpNet> = if source == ClientIpSource::XForwardedFor {
+                trusted.collect()
+            } else {
+                Vec::new()
+            };
+            let openers = keys
+                .iter()
+                .filter(|k| accepts(listener, k) && opens(k))
+                .count();
+            let nets = PrefixSet::from_nets(
+                keys.iter()
+                    .flat_map(|k| contribution(listener, k, now))
+                    .chain(trusted.iter().copied()),
+            );
+            Rule::Keys {
+                openers,
+                nets,
+                trusted,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use proptest::prelude::*;
 
     use super::*;
     use crate::{
@@ -354,5 +498,93 @@ mod tests {
         };
         let p = compile(&[listener("api", 1)], &[KeyAccess::from(&k)], t0);
         assert_eq!(p.listeners[0].access, nets(&[]));
+    }
+
+    const POOL: [&str; 10] = [
+        "192.0.2.0/25",
+        "192.0.2.128/25",
+        "192.0.2.1/32",
+        "192.0.2.0/24",
+        "198.51.100.7/32",
+        "198.51.100.6/32",
+        "203.0.113.0/24",
+        "2001:db8::/33",
+        "2001:db8:8000::/33",
+        "2001:db8::1/128",
+    ];
+
+    fn arb_key() -> impl Strategy<Value = StaticKey> {
+        (
+            prop::sample::subsequence(POOL.to_vec(), 0..5),
+            prop::sample::select(vec!["default", "other"]),
+            any::<bool>(),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(nets, tenant, api, report_only)| {
+                let mut k = key("k", &nets);
+                k.tenant = tenant.into();
+                if !api {
+                    k.scopes = vec!["admin".into()];
+                }
+                k.report_only = report_only;
+                k
+            })
+    }
+
+    fn arb_listeners() -> impl Strategy<Value = Vec<ListenerConfig>> {
+        (any::<bool>(), any::<bool>(), prop::bool::weighted(0.2)).prop_map(
+            |(tenant_only, forwarded, open)| {
+                let mut all = listener("all", 1);
+                all.early_drop = !open;
+                let mut some = listener("some", 2);
+                if tenant_only {
+                    some.tenants = Some(vec!["default".into()]);
+                }
+                if forwarded {
+                    some.client_ip.source = ClientIpSource::XForwardedFor;
+                    some.client_ip.trusted_proxies = vec!["192.0.2.0/26".parse().unwrap()];
+                }
+                let mut proxied = listener("proxied", 3);
+                proxied.client_ip.source = ClientIpSource::ProxyProtocol;
+                proxied.client_ip.trusted_proxies = vec!["203.0.113.0/25".parse().unwrap()];
+                vec![all, some, proxied]
+            },
+        )
+    }
+
+    proptest! {
+        /// Any sequence of key changes applied one by one gives exactly what
+        /// compiling every key from scratch gives.
+        #[test]
+        fn changes_match_a_full_compile(
+            listeners in arb_listeners(),
+            start in prop::collection::vec(prop::option::of(arb_key()), 4),
+            steps in prop::collection::vec((0..4_usize, prop::option::of(arb_key())), 1..10),
+        ) {
+            let now = SystemTime::UNIX_EPOCH;
+            let mut keys = start;
+            let accesses = |keys: &[Option<StaticKey>]| -> Vec<StaticKey> {
+                keys.iter().flatten().cloned().collect()
+            };
+            let current = accesses(&keys);
+            let mut state = PolicyState::build(
+                &listeners,
+                &current.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+                now,
+            );
+            for (i, new) in steps {
+                let old = keys[i].take();
+                keys[i] = new;
+                let after = accesses(&keys);
+                let after_access: Vec<KeyAccess<'_>> = after.iter().map(KeyAccess::from).collect();
+                state.change_key(
+                    old.as_ref().map(KeyAccess::from).as_ref(),
+                    keys[i].as_ref().map(KeyAccess::from).as_ref(),
+                    &after_access,
+                    now,
+                );
+                prop_assert_eq!(state.compiled(), compile(&listeners, &after_access, now));
+            }
+        }
     }
 }

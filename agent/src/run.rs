@@ -36,7 +36,7 @@ use crate::{
         api::{self, ApiState, Apply, SharedStore},
     },
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
-    policy::{self, CompiledPolicy, KeyAccess},
+    policy::{self, KeyAccess, PolicyState},
     shim::{
         keys::KeyTable,
         runtime::{self as shim_runtime, Shim},
@@ -72,6 +72,9 @@ struct Daemon {
     /// The store's keys, revoked ones included: read at start, then kept
     /// current by the API's changes (it is the store's only writer).
     stored: BTreeMap<String, StoredKey>,
+    /// The packet-level policy of `config` and `stored`, kept so that an API
+    /// change recompiles only what the changed key touches.
+    policy: PolicyState,
 }
 
 /// Run until SIGTERM or SIGINT. With `detach_on_exit` the datapath is
@@ -95,6 +98,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         metrics: metrics.clone(),
         store,
         stored,
+        policy: PolicyState::default(),
     };
     // Secrets from the environment are read before the kernel is touched.
     let keys = daemon.key_table()?;
@@ -255,15 +259,6 @@ impl Daemon {
         self.stored.values().filter(|k| k.is_active())
     }
 
-    fn keys(&self) -> Vec<KeyAccess<'_>> {
-        self.config
-            .keys
-            .iter()
-            .map(KeyAccess::from)
-            .chain(self.active_stored().map(KeyAccess::from))
-            .collect()
-    }
-
     /// The shim's key table: static and active stored keys.
     fn key_table(&self) -> anyhow::Result<KeyTable> {
         shim_runtime::key_table(&self.config.keys, self.stored.values())
@@ -340,15 +335,31 @@ impl Daemon {
         api: &ApiState,
     ) -> anyhow::Result<(Duration, Option<SystemTime>)> {
         let started = Instant::now();
-        self.stored.insert(key.id.clone(), key);
+        let id = key.id.clone();
+        let old = self
+            .stored
+            .insert(id.clone(), key)
+            .filter(StoredKey::is_active);
         // The shim first: it is the authority, and swapping its table cannot
         // fail for want of map space.
         shim.set_keys(self.key_table()?);
         *api.principals
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
-        let next = self.apply_policy()?;
-        Ok((started.elapsed(), next))
+        let now = SystemTime::now();
+        if self.policy.next_change().is_some_and(|t| now >= t) {
+            // An entry expired since the last compile: start over.
+            return Ok((started.elapsed(), self.apply_policy()?));
+        }
+        let new = self.stored.get(&id).filter(|k| k.is_active());
+        self.policy.change_key(
+            old.as_ref().map(KeyAccess::from).as_ref(),
+            new.map(KeyAccess::from).as_ref(),
+            &key_accesses(&self.config, &self.stored),
+            now,
+        );
+        self.enforce(started)?;
+        Ok((started.elapsed(), self.policy.next_change()))
     }
 
     /// Write keys' last-use times (seen by the shim) to the store.
@@ -376,7 +387,23 @@ impl Daemon {
     /// Returns when the policy must be compiled again (next expiry).
     fn apply_policy(&mut self) -> anyhow::Result<Option<SystemTime>> {
         let started = Instant::now();
-        let compiled = policy::compile(&self.config.listeners, &self.keys(), SystemTime::now());
+        let state = PolicyState::build(
+            &self.config.listeners,
+            &key_accesses(&self.config, &self.stored),
+            SystemTime::now(),
+        );
+        // Kept only once enforced: a failed reload goes back to the old state.
+        let previous = std::mem::replace(&mut self.policy, state);
+        if let Err(e) = self.enforce(started) {
+            self.policy = previous;
+            return Err(e);
+        }
+        Ok(self.policy.next_change())
+    }
+
+    /// Make the datapath enforce `self.policy`; `started` is when compiling began.
+    fn enforce(&self, started: Instant) -> anyhow::Result<()> {
+        let compiled = self.policy.compiled();
         let key_count = self.config.keys.len() + self.active_stored().count();
         self.metrics
             .keys
@@ -402,10 +429,10 @@ impl Daemon {
         self.metrics
             .policy_apply_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok(compiled.next_change)
+        Ok(())
     }
 
-    fn write(&self, compiled: &CompiledPolicy) -> anyhow::Result<()> {
+    fn write(&self, compiled: &policy::CompiledPolicy) -> anyhow::Result<()> {
         let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(dp) = guard.as_mut() {
             // Map writes are syscalls (about 2 µs each; a million prefixes take
@@ -530,6 +557,24 @@ impl Daemon {
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(principals);
         Ok(next)
     }
+}
+
+/// Every key a listener may accept: static ones and active stored ones.
+fn key_accesses<'a>(
+    config: &'a Config,
+    stored: &'a BTreeMap<String, StoredKey>,
+) -> Vec<KeyAccess<'a>> {
+    config
+        .keys
+        .iter()
+        .map(KeyAccess::from)
+        .chain(
+            stored
+                .values()
+                .filter(|k| k.is_active())
+                .map(KeyAccess::from),
+        )
+        .collect()
 }
 
 /// Resolves at `when` (wall clock), or never.

@@ -502,7 +502,7 @@ async fn update(
         )
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
     }
-    if patch.allow.is_some() || patch.report_only.is_some() {
+    if (patch.allow.is_some() || patch.report_only.is_some()) && state.confirm.is_some() {
         // Unknown ids answer 404 before a code is spent on them.
         with_store(&state, |s| s.key(&id))?;
         confirm(&state, &headers)?;

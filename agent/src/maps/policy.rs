@@ -127,6 +127,10 @@ fn v4_space_value(nets: &[IpNet]) -> Option<u32> {
 /// Networks as the writer holds them: IPv4-mapped IPv6 folded to IPv4 (it has
 /// the same entries), host bits clear, sorted, without duplicates.
 fn canonical(nets: &[IpNet]) -> Vec<IpNet> {
+    let is_canonical = |n: &IpNet| crate::allowlist::fold_net(n.trunc()) == *n;
+    if nets.is_sorted_by(|a, b| a < b) && nets.iter().all(is_canonical) {
+        return nets.to_vec();
+    }
     let mut out: Vec<IpNet> = nets
         .iter()
         .map(|n| crate::allowlist::fold_net(n.trunc()))
@@ -280,7 +284,35 @@ pub struct PolicyWriter<B> {
     backend: B,
     listeners: BTreeMap<ListenerKey, ListenerValue>,
     held: BTreeMap<u32, Held>,
+    /// Entries in `KF_EXACT` and `KF_PREFIXES` (what `held` amounts to).
+    entries: EntryCounts,
     slots: SlotMap,
+}
+
+/// Entries per map, against the maps' capacities.
+#[derive(Clone, Copy, Debug, Default)]
+struct EntryCounts {
+    exact: i64,
+    prefixes: i64,
+}
+
+impl EntryCounts {
+    fn count(&mut self, entry: &Entry, delta: i64) {
+        match entry {
+            Entry::Exact(_) => self.exact += delta,
+            Entry::Prefix(_) => self.prefixes += delta,
+        }
+    }
+
+    fn after(mut self, ops: &[Op]) -> Self {
+        for op in ops {
+            self.count(
+                &op.entry,
+                i64::from(op.to.is_some()) - i64::from(op.from.is_some()),
+            );
+        }
+        self
+    }
 }
 
 impl<B: PolicyBackend> PolicyWriter<B> {
@@ -291,6 +323,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             backend,
             listeners: BTreeMap::new(),
             held: BTreeMap::new(),
+            entries: EntryCounts::default(),
             slots: SlotMap::default(),
         };
         writer
@@ -302,6 +335,10 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     /// Forget what we wrote and take the maps' contents as they are.
     fn read_back(&mut self) -> anyhow::Result<()> {
         let tables = self.backend.read_all()?;
+        self.entries = EntryCounts {
+            exact: i64::try_from(tables.exact.len()).unwrap_or(i64::MAX),
+            prefixes: i64::try_from(tables.prefixes.len()).unwrap_or(i64::MAX),
+        };
         let mut held: BTreeMap<u32, BTreeMap<Entry, u32>> = BTreeMap::new();
         for key in tables.exact {
             held.entry(key.policy())
@@ -437,9 +474,10 @@ impl<B: PolicyBackend> PolicyWriter<B> {
                 slot_ops(slot, Some(held), &[], &mut ops);
             }
         }
-        self.check_capacity(&ops)?;
+        let entries = self.check_capacity(&ops)?;
         match self.write(&ops, &want_listeners) {
             Ok(report) => {
+                self.entries = entries;
                 self.held = want_nets
                     .into_iter()
                     .map(|(slot, nets)| (slot, Held::Nets(nets)))
@@ -455,47 +493,21 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     }
 
     /// Refuse, before writing anything, a policy the maps cannot hold.
-    fn check_capacity(&self, ops: &[Op]) -> anyhow::Result<()> {
-        let (mut exact, mut prefixes) = (0_i64, 0_i64);
-        for held in self.held.values() {
-            match held {
-                Held::Nets(nets) => {
-                    for net in nets.iter().filter(|n| !is_v4_any(n)) {
-                        match entry(0, *net) {
-                            Entry::Exact(_) => exact += 1,
-                            Entry::Prefix(_) => prefixes += 1,
-                        }
-                    }
-                    prefixes += i64::from(v4_space_value(nets).is_some());
-                }
-                Held::Entries(entries) => {
-                    for e in entries.keys() {
-                        match e {
-                            Entry::Exact(_) => exact += 1,
-                            Entry::Prefix(_) => prefixes += 1,
-                        }
-                    }
-                }
-            }
-        }
-        for op in ops {
-            let delta = i64::from(op.to.is_some()) - i64::from(op.from.is_some());
-            match op.entry {
-                Entry::Exact(_) => exact += delta,
-                Entry::Prefix(_) => prefixes += delta,
-            }
-        }
-        if exact > i64::from(EXACT_CAPACITY) {
+    fn check_capacity(&self, ops: &[Op]) -> anyhow::Result<EntryCounts> {
+        let after = self.entries.after(ops);
+        if after.exact > i64::from(EXACT_CAPACITY) {
             bail!(
-                "the policy needs {exact} /32 and /128 entries; the datapath holds {EXACT_CAPACITY}"
+                "the policy needs {} /32 and /128 entries; the datapath holds {EXACT_CAPACITY}",
+                after.exact
             );
         }
-        if prefixes > i64::from(PREFIXES_CAPACITY) {
+        if after.prefixes > i64::from(PREFIXES_CAPACITY) {
             bail!(
-                "the policy needs {prefixes} prefix entries; the datapath holds {PREFIXES_CAPACITY}"
+                "the policy needs {} prefix entries; the datapath holds {PREFIXES_CAPACITY}",
+                after.prefixes
             );
         }
-        Ok(())
+        Ok(after)
     }
 
     /// The writes, in the order that keeps every flow allowed before and after

@@ -6,7 +6,7 @@
 //! row each, so a list round-trips exactly.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -259,19 +259,19 @@ impl SqliteStore {
     }
 
     /// One change of an active key in one transaction: `apply` edits the
-    /// rows; the key before and after goes into the audit row `action`.
+    /// rows and returns the key after; the key before and after goes into
+    /// the audit row `action`.
     fn change(
         &mut self,
         id: &str,
         actor: &Actor,
         now: SystemTime,
         action: &str,
-        apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<(), StoreError>,
+        apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<StoredKey, StoreError>,
     ) -> Result<(StoredKey, StoredKey), StoreError> {
         self.write(|tx| {
             let before = load_active(tx, id)?;
-            apply(tx, &before)?;
-            let after = load(tx, id)?;
+            let after = apply(tx, &before)?;
             audit_row(tx, actor, now, action, id, Some(&before), Some(&after))?;
             Ok((before, after))
         })
@@ -409,6 +409,38 @@ fn insert_entries(tx: &Transaction<'_>, id: &str, allow: &AllowList) -> Result<(
     Ok(())
 }
 
+/// Rewrite `id`'s entries from `before` to `after`, touching only the rows
+/// that differ (a one-entry change to a long list is one row, not all of them).
+fn replace_entries(
+    tx: &Transaction<'_>,
+    id: &str,
+    before: &AllowList,
+    after: &AllowList,
+) -> Result<(), StoreError> {
+    let old: HashMap<IpNet, &AllowEntry> = before.entries().iter().map(|e| (e.net, e)).collect();
+    let new: HashSet<IpNet> = after.entries().iter().map(|e| e.net).collect();
+    let mut delete =
+        tx.prepare_cached("DELETE FROM allow_entries WHERE key_id = ?1 AND cidr = ?2")?;
+    for net in old.keys().filter(|n| !new.contains(n)) {
+        delete.execute(params![id, net.to_string()])?;
+    }
+    let mut upsert = tx.prepare_cached(
+        "INSERT OR REPLACE INTO allow_entries (key_id, cidr, note, expires_at)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for e in after.entries() {
+        if old.get(&e.net).is_none_or(|o| *o != e) {
+            upsert.execute(params![
+                id,
+                e.net.to_string(),
+                e.note,
+                e.expires_at.map(millis)
+            ])?;
+        }
+    }
+    Ok(())
+}
+
 fn audit_row(
     tx: &Transaction<'_>,
     actor: &Actor,
@@ -504,10 +536,16 @@ impl KeyStore for SqliteStore {
                 ],
             )?;
             if let Some(allow) = &patch.allow {
-                tx.execute("DELETE FROM allow_entries WHERE key_id = ?1", [id])?;
-                insert_entries(tx, id, allow)?;
+                replace_entries(tx, id, &before.allow, allow)?;
             }
-            Ok(())
+            // What `load` would read back, without reading a long list again.
+            Ok(StoredKey {
+                name: patch.name.unwrap_or_else(|| before.name.clone()),
+                report_only: patch.report_only.unwrap_or(before.report_only),
+                allow: patch.allow.unwrap_or_else(|| before.allow.clone()),
+                updated_at: from_millis(millis(now)),
+                ..before.clone()
+            })
         })
     }
 
@@ -522,7 +560,7 @@ impl KeyStore for SqliteStore {
                 "UPDATE keys SET revoked_at = ?2, updated_at = ?2 WHERE id = ?1",
                 params![id, millis(now)],
             )?;
-            Ok(())
+            load(tx, id)
         })
         .map(|(_, after)| after)
     }
@@ -540,7 +578,7 @@ impl KeyStore for SqliteStore {
                 params![id, digest.as_slice(), millis(now)],
             )
             .map_err(|e| conflict_on_constraint(e, "a key with this secret exists"))?;
-            Ok(())
+            load(tx, id)
         })
         .map(|(_, after)| after)
     }
@@ -778,6 +816,58 @@ mod tests {
         assert!(!contains(secret.as_bytes()), "the first secret is not");
         assert!(!contains(rotated.as_bytes()), "the rotated secret is not");
         assert!(!contains(&secret.as_bytes()[3..20]), "not even in part");
+    }
+
+    #[test]
+    fn updates_write_only_changed_rows_and_answer_what_is_stored() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = new_key(
+            &secret::generate(),
+            "198.51.100.7, 203.0.113.0/24, 2001:db8::/48",
+        );
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        let noted = AllowList::from_canonical(vec![
+            AllowEntry {
+                net: "198.51.100.7/32".parse().unwrap(),
+                note: Some("office".into()),
+                expires_at: Some(at(3600)),
+            },
+            AllowEntry {
+                net: "2001:db8::/48".parse().unwrap(),
+                note: None,
+                expires_at: None,
+            },
+        ]);
+        let patches = [
+            list("198.51.100.7, 203.0.113.0/24, 2001:db8::/48, 192.0.2.1"),
+            list("203.0.113.0/24"),
+            noted,
+            list(""),
+            list("192.0.2.0/24, 198.51.100.7"),
+        ];
+        for (i, allow) in patches.into_iter().enumerate() {
+            let (_, after) = s
+                .update(
+                    &k.id,
+                    KeyPatch {
+                        allow: Some(allow.clone()),
+                        name: (i == 2).then(|| format!("renamed-{i}")),
+                        ..KeyPatch::default()
+                    },
+                    &actor(),
+                    at(10 + i as u64),
+                )
+                .unwrap();
+            assert_eq!(after.allow, allow, "patch {i}");
+            assert_eq!(s.key(&k.id).unwrap(), after, "patch {i}: answer = stored");
+        }
+        drop(s);
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        assert_eq!(
+            s.key(&k.id).unwrap().allow,
+            list("192.0.2.0/24, 198.51.100.7")
+        );
     }
 
     #[test]
