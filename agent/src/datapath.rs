@@ -449,6 +449,15 @@ impl Datapath {
         Ok(report)
     }
 
+    /// Write only these listeners' prefix changes (see
+    /// `PolicyWriter::apply_changes`); `Ok(None)`: use [`Self::apply`].
+    pub fn apply_changes(
+        &mut self,
+        changes: &[(String, crate::prefixset::Change)],
+    ) -> anyhow::Result<Option<ApplyReport>> {
+        self.writer.apply_changes(changes)
+    }
+
     #[must_use]
     pub fn listener_slot(&self, name: &str) -> Option<u32> {
         self.writer.slots().by_name.get(name).copied()

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::{
     config::{ClientIpSource, ListenerConfig, StaticKey},
-    prefixset::PrefixSet,
+    prefixset::{Change, PrefixSet},
 };
 
 /// The scope a key needs to be usable on listeners (SPEC §6).
@@ -109,6 +109,15 @@ pub fn compile(
     PolicyState::build(listeners, keys, now).compiled()
 }
 
+/// What one key change did to the packet-level policy.
+#[derive(Clone, Debug, Default)]
+pub struct KeyChange {
+    /// Some listener opened or closed: the datapath needs a full apply.
+    pub reshaped: bool,
+    /// Restricted listeners whose prefixes changed, and how.
+    pub restricted: Vec<(String, Change)>,
+}
+
 /// The compiled policy kept between changes, so that a change to one key
 /// costs work in proportion to that key's list, not to every list.
 #[derive(Clone, Debug, Default)]
@@ -146,10 +155,10 @@ fn contribution<'k>(
     now: SystemTime,
 ) -> impl Iterator<Item = IpNet> + 'k {
     let counts = accepts(listener, key) && !opens(key);
+    // Allow lists are canonical: host bits are already clear.
     key.allow
         .active_nets(now)
         .take(if counts { usize::MAX } else { 0 })
-        .map(|n| n.trunc())
 }
 
 impl PolicyState {
@@ -183,7 +192,8 @@ impl PolicyState {
         new: Option<&KeyAccess<'_>>,
         keys: &[KeyAccess<'_>],
         now: SystemTime,
-    ) {
+    ) -> KeyChange {
+        let mut out = KeyChange::default();
         for (listener, rule) in &mut self.listeners {
             let Rule::Keys {
                 openers,
@@ -195,8 +205,11 @@ impl PolicyState {
             };
             let accepted_opener =
                 |k: Option<&KeyAccess<'_>>| k.is_some_and(|k| accepts(listener, k) && opens(k));
+            let was_open = *openers > 0;
             *openers -= usize::from(accepted_opener(old));
             *openers += usize::from(accepted_opener(new));
+            out.reshaped |= was_open != (*openers > 0);
+            let mut change = Change::default();
             let mut before: Vec<IpNet> = old
                 .into_iter()
                 .flat_map(|k| contribution(listener, k, now))
@@ -217,15 +230,43 @@ impl PolicyState {
                     .iter()
                     .flat_map(|k| contribution(listener, k, now))
                     .chain(trusted.iter().copied());
-                nets.remove(&gone, remaining);
+                nets.remove(&gone, remaining, &mut change);
             }
             for net in after.iter().filter(|n| before.binary_search(n).is_err()) {
-                nets.insert(*net);
+                nets.insert(*net, &mut change);
+            }
+            if *openers == 0 && !change.is_empty() {
+                out.restricted.push((listener.name.clone(), change));
             }
         }
         if let Some(expiry) = new.and_then(|k| k.allow.next_expiry(now)) {
             self.next_change = Some(self.next_change.map_or(expiry, |t| t.min(expiry)));
         }
+        out
+    }
+
+    /// Restricted listeners whose union is empty: every packet to them drops.
+    pub fn unreachable(&self) -> impl Iterator<Item = &str> {
+        self.listeners.iter().filter_map(|(listener, rule)| {
+            let empty = match rule {
+                Rule::Open | Rule::Keys { openers: 1.., .. } => false,
+                Rule::Proxies(nets) => nets.is_empty(),
+                Rule::Keys { nets, .. } => nets.is_empty(),
+            };
+            empty.then_some(listener.name.as_str())
+        })
+    }
+
+    /// Prefixes the datapath holds for each listener (0 for an open one).
+    pub fn prefix_counts(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.listeners.iter().map(|(listener, rule)| {
+            let count = match rule {
+                Rule::Open | Rule::Keys { openers: 1.., .. } => 0,
+                Rule::Proxies(nets) => nets.len(),
+                Rule::Keys { nets, .. } => nets.len(),
+            };
+            (listener.name.as_str(), count)
+        })
     }
 
     /// What the datapath enforces now.
@@ -255,7 +296,12 @@ fn rule(listener: &ListenerConfig, keys: &[KeyAccess<'_>], now: SystemTime) -> R
     if !listener.early_drop {
         return Rule::Open;
     }
-    let trusted = listener.client_ip.trusted_proxies.iter().map(IpNet::trunc);
+    // Folded like allow-list entries, so the datapath writer takes changes as is.
+    let trusted = listener
+        .client_ip
+        .trusted_proxies
+        .iter()
+        .map(|n| crate::allowlist::fold_net(n.trunc()));
     match listener.client_ip.source {
         ClientIpSource::ProxyProtocol => {
             Rule::Proxies(PrefixSet::from_nets(trusted).iter().copied().collect())
@@ -577,13 +623,38 @@ mod tests {
                 keys[i] = new;
                 let after = accesses(&keys);
                 let after_access: Vec<KeyAccess<'_>> = after.iter().map(KeyAccess::from).collect();
-                state.change_key(
+                let before = state.compiled();
+                let change = state.change_key(
                     old.as_ref().map(KeyAccess::from).as_ref(),
                     keys[i].as_ref().map(KeyAccess::from).as_ref(),
                     &after_access,
                     now,
                 );
-                prop_assert_eq!(state.compiled(), compile(&listeners, &after_access, now));
+                let compiled = state.compiled();
+                prop_assert_eq!(&compiled, &compile(&listeners, &after_access, now));
+                if change.reshaped {
+                    continue;
+                }
+                // Without a reshape, the reported changes take every listener
+                // from its old prefixes to its new ones.
+                for (was, is) in before.listeners.iter().zip(&compiled.listeners) {
+                    let moved = change.restricted.iter().find(|(n, _)| *n == is.name);
+                    match (&was.access, &is.access, moved) {
+                        (Access::Restricted(was), Access::Restricted(is), Some((_, c))) => {
+                            let mut nets: std::collections::BTreeSet<IpNet> =
+                                was.iter().copied().collect();
+                            for n in &c.removed {
+                                prop_assert!(nets.remove(n));
+                            }
+                            nets.extend(&c.added);
+                            prop_assert_eq!(nets.into_iter().collect::<Vec<_>>(), is.clone());
+                        }
+                        (was, is, None) => prop_assert_eq!(was, is),
+                        (was, is, Some(_)) => {
+                            prop_assert!(false, "a change reported for {:?} -> {:?}", was, is);
+                        }
+                    }
+                }
             }
         }
     }

@@ -12,6 +12,33 @@ pub struct PrefixSet {
     blocks: BTreeSet<IpNet>,
 }
 
+/// Blocks that left and joined a set over some updates, net of each other
+/// (a block that left and came back is in neither).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    pub removed: BTreeSet<IpNet>,
+    pub added: BTreeSet<IpNet>,
+}
+
+impl Change {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.added.is_empty()
+    }
+
+    fn remove(&mut self, block: IpNet) {
+        if !self.added.remove(&block) {
+            self.removed.insert(block);
+        }
+    }
+
+    fn add(&mut self, block: IpNet) {
+        if !self.removed.remove(&block) {
+            self.added.insert(block);
+        }
+    }
+}
+
 impl PrefixSet {
     #[must_use]
     pub fn from_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
@@ -51,7 +78,7 @@ impl PrefixSet {
     /// Add `net`: the blocks inside it go, and it merges upwards while its
     /// sibling is a block too (a sibling covered by smaller blocks cannot
     /// happen: they would have merged into it).
-    pub fn insert(&mut self, net: IpNet) {
+    pub fn insert(&mut self, net: IpNet, change: &mut Change) {
         let net = net.trunc();
         if self.covering(&net).is_some() {
             return;
@@ -59,24 +86,32 @@ impl PrefixSet {
         let inside: Vec<IpNet> = self.blocks.range(net..=last_inside(net)).copied().collect();
         for n in inside {
             self.blocks.remove(&n);
+            change.remove(n);
         }
         let mut block = net;
         while let Some(sibling) = sibling(block) {
             if !self.blocks.remove(&sibling) {
                 break;
             }
+            change.remove(sibling);
             block = block
                 .supernet()
                 .expect("a network with a sibling has a parent");
         }
         self.blocks.insert(block);
+        change.add(block);
     }
 
     /// Take networks away: `gone` are networks no longer wanted, `remaining`
-    /// every network still wanted (in any order, any amount). Only the blocks
-    /// that cover something in `gone` are rebuilt, from the remaining networks
-    /// inside them.
-    pub fn remove(&mut self, gone: &[IpNet], remaining: impl IntoIterator<Item = IpNet>) {
+    /// every network still wanted (host bits clear, in any order, any amount).
+    /// Only the blocks that cover something in `gone` are rebuilt, from the
+    /// remaining networks inside them.
+    pub fn remove(
+        &mut self,
+        gone: &[IpNet],
+        remaining: impl IntoIterator<Item = IpNet>,
+        change: &mut Change,
+    ) {
         let affected: BTreeSet<IpNet> = gone.iter().filter_map(|n| self.covering(n)).collect();
         let (Some(&first), Some(&last)) = (affected.first(), affected.last()) else {
             return;
@@ -86,7 +121,7 @@ impl PrefixSet {
         let last = last_inside(last);
         let mut refill: BTreeMap<IpNet, Vec<IpNet>> = BTreeMap::new();
         for net in remaining {
-            let net = net.trunc();
+            debug_assert_eq!(net, net.trunc(), "host bits set");
             if net < first || net > last {
                 continue;
             }
@@ -100,8 +135,10 @@ impl PrefixSet {
         }
         for block in affected {
             self.blocks.remove(&block);
-            if let Some(nets) = refill.get(&block) {
-                self.blocks.extend(IpNet::aggregate(nets));
+            change.remove(block);
+            for net in refill.get(&block).map(IpNet::aggregate).unwrap_or_default() {
+                self.blocks.insert(net);
+                change.add(net);
             }
         }
     }
@@ -154,29 +191,31 @@ mod tests {
     #[test]
     fn siblings_merge_upwards_and_covered_blocks_go() {
         let mut set = PrefixSet::default();
-        set.insert(net("192.0.2.0/26"));
-        set.insert(net("192.0.2.64/26"));
+        let c = &mut Change::default();
+        set.insert(net("192.0.2.0/26"), c);
+        set.insert(net("192.0.2.64/26"), c);
         assert_eq!(blocks(&set), ["192.0.2.0/25"]);
-        set.insert(net("192.0.2.200/32"));
-        set.insert(net("192.0.2.128/25"));
+        set.insert(net("192.0.2.200/32"), c);
+        set.insert(net("192.0.2.128/25"), c);
         assert_eq!(blocks(&set), ["192.0.2.0/24"]);
-        set.insert(net("192.0.2.7/32"));
+        set.insert(net("192.0.2.7/32"), c);
         assert_eq!(blocks(&set), ["192.0.2.0/24"], "covered: no change");
-        set.insert(net("2001:db8::/33"));
-        set.insert(net("2001:db8:8000::/33"));
+        set.insert(net("2001:db8::/33"), c);
+        set.insert(net("2001:db8:8000::/33"), c);
         assert_eq!(blocks(&set), ["192.0.2.0/24", "2001:db8::/32"]);
     }
 
     #[test]
     fn removal_rebuilds_only_from_what_remains() {
         let mut set = PrefixSet::from_nets([net("192.0.2.0/25"), net("192.0.2.128/25")]);
+        let c = &mut Change::default();
         assert_eq!(blocks(&set), ["192.0.2.0/24"]);
-        set.remove(&[net("192.0.2.128/25")], [net("192.0.2.0/25")]);
+        set.remove(&[net("192.0.2.128/25")], [net("192.0.2.0/25")], c);
         assert_eq!(blocks(&set), ["192.0.2.0/25"]);
         // A network that is still wanted elsewhere keeps its block.
-        set.remove(&[net("192.0.2.0/25")], [net("192.0.2.0/25")]);
+        set.remove(&[net("192.0.2.0/25")], [net("192.0.2.0/25")], c);
         assert_eq!(blocks(&set), ["192.0.2.0/25"]);
-        set.remove(&[net("192.0.2.0/25")], [net("198.51.100.0/24")]);
+        set.remove(&[net("192.0.2.0/25")], [net("198.51.100.0/24")], c);
         assert!(set.is_empty());
     }
 
@@ -212,18 +251,29 @@ mod tests {
         ) {
             let mut wanted: Vec<IpNet> = start.iter().map(|s| net(s)).collect();
             let mut set = PrefixSet::from_nets(wanted.clone());
+            let mut change = Change::default();
+            let mut seen = set.blocks.clone();
             for (add, nets) in steps {
                 let nets: Vec<IpNet> = nets.iter().map(|s| net(s)).collect();
                 if add {
                     wanted.extend(&nets);
                     for n in &nets {
-                        set.insert(*n);
+                        set.insert(*n, &mut change);
                     }
                 } else {
                     wanted.retain(|n| !nets.contains(n));
-                    set.remove(&nets, wanted.clone());
+                    set.remove(&nets, wanted.clone(), &mut change);
                 }
                 prop_assert_eq!(&set, &PrefixSet::from_nets(wanted.clone()));
+                // The change, applied to where it started, gives where it is.
+                for n in &change.removed {
+                    prop_assert!(seen.remove(n), "{} removed but never there", n);
+                }
+                for n in &change.added {
+                    prop_assert!(seen.insert(*n), "{} added twice", n);
+                }
+                prop_assert_eq!(&seen, &set.blocks);
+                change = Change::default();
             }
         }
     }

@@ -352,13 +352,17 @@ impl Daemon {
             return Ok((started.elapsed(), self.apply_policy()?));
         }
         let new = self.stored.get(&id).filter(|k| k.is_active());
-        self.policy.change_key(
+        let change = self.policy.change_key(
             old.as_ref().map(KeyAccess::from).as_ref(),
             new.map(KeyAccess::from).as_ref(),
             &key_accesses(&self.config, &self.stored),
             now,
         );
-        self.enforce(started)?;
+        if change.reshaped || !self.write_changes(&change.restricted)? {
+            self.enforce(started)?;
+        } else {
+            self.record_policy(started);
+        }
         Ok((started.elapsed(), self.policy.next_change()))
     }
 
@@ -403,33 +407,58 @@ impl Daemon {
 
     /// Make the datapath enforce `self.policy`; `started` is when compiling began.
     fn enforce(&self, started: Instant) -> anyhow::Result<()> {
-        let compiled = self.policy.compiled();
+        self.write(&self.policy.compiled())?;
+        self.record_policy(started);
+        Ok(())
+    }
+
+    /// Key and prefix gauges, warnings about listeners nothing can reach, and
+    /// the time since `started` as one policy apply.
+    fn record_policy(&self, started: Instant) {
         let key_count = self.config.keys.len() + self.active_stored().count();
         self.metrics
             .keys
             .set(i64::try_from(key_count).unwrap_or(i64::MAX));
         self.metrics.policy_prefixes.clear();
-        for l in &compiled.listeners {
+        for (listener, count) in self.policy.prefix_counts() {
             self.metrics
                 .policy_prefixes
                 .get_or_create(&metrics::ListenerLabel {
-                    listener: l.name.clone(),
+                    listener: listener.to_owned(),
                 })
-                .set(i64::try_from(l.access.prefix_count()).unwrap_or(i64::MAX));
-            if let policy::Access::Restricted(nets) = &l.access
-                && nets.is_empty()
-            {
-                tracing::warn!(
-                    listener = l.name,
-                    "no key this listener accepts allows any address: its packets are all dropped"
-                );
-            }
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
-        self.write(&compiled)?;
+        for listener in self.policy.unreachable() {
+            tracing::warn!(
+                listener,
+                "no key this listener accepts allows any address: its packets are all dropped"
+            );
+        }
         self.metrics
             .policy_apply_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
+    }
+
+    /// Write prefix changes of restricted listeners alone. `false`: the
+    /// datapath needs a full apply instead.
+    fn write_changes(
+        &self,
+        changes: &[(String, crate::prefixset::Change)],
+    ) -> anyhow::Result<bool> {
+        let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(dp) = guard.as_mut() else {
+            return Ok(true);
+        };
+        let Some(report) = tokio::task::block_in_place(|| dp.apply_changes(changes))? else {
+            return Ok(false);
+        };
+        tracing::info!(
+            added = report.added,
+            removed = report.removed,
+            updated = report.updated,
+            "policy applied"
+        );
+        Ok(true)
     }
 
     fn write(&self, compiled: &policy::CompiledPolicy) -> anyhow::Result<()> {

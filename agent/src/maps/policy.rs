@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence_common::{
     PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
     policy::{
@@ -26,7 +26,10 @@ use keyfence_common::{
     },
 };
 
-use crate::policy::{Access, CompiledPolicy};
+use crate::{
+    policy::{Access, CompiledPolicy},
+    prefixset::Change,
+};
 
 /// A trie entry: `(prefix length in bits including the policy id, key)`.
 pub type PrefixKey = (u32, PolicyAddr);
@@ -112,16 +115,22 @@ fn is_v4_any(net: &IpNet) -> bool {
 /// IPv4 client (SPEC §3), while in the trie IPv4 lives inside `::ffff:0:0/96`:
 /// an IPv6 prefix covering that space gets a `DENIED` marker there, unless
 /// `0.0.0.0/0` is itself allowed (same key, value `ALLOWED`).
-fn v4_space_value(nets: &[IpNet]) -> Option<u32> {
-    if nets.first().is_some_and(is_v4_any) {
+/// `holds` tells whether a network is in the policy.
+fn v4_space_value(holds: impl Fn(&IpNet) -> bool) -> Option<u32> {
+    if holds(&IpNet::V4(Ipv4Net::default())) {
         return Some(ALLOWED);
     }
-    let mapped = Ipv6Net::new(Ipv6Addr::from(ipv4_mapped([0; 4])), 96).expect("constant network");
+    let mapped = Ipv6Addr::from(ipv4_mapped([0; 4]));
     let covered = (0..=96).any(|len| {
-        let net = IpNet::V6(Ipv6Net::new(mapped.addr(), len).expect("len ≤ 128").trunc());
-        nets.binary_search(&net).is_ok()
+        holds(&IpNet::V6(
+            Ipv6Net::new(mapped, len).expect("len ≤ 128").trunc(),
+        ))
     });
     covered.then_some(DENIED)
+}
+
+fn in_slice(nets: &[IpNet]) -> impl Fn(&IpNet) -> bool + '_ {
+    |n| nets.binary_search(n).is_ok()
 }
 
 /// Networks as the writer holds them: IPv4-mapped IPv6 folded to IPv4 (it has
@@ -147,7 +156,7 @@ fn entries_of(policy: u32, nets: &[IpNet]) -> BTreeMap<Entry, u32> {
         .filter(|n| !is_v4_any(n))
         .map(|&n| (entry(policy, n), ALLOWED))
         .collect();
-    if let Some(value) = v4_space_value(nets) {
+    if let Some(value) = v4_space_value(in_slice(nets)) {
         out.insert(v4_space(policy), value);
     }
     out
@@ -157,7 +166,7 @@ fn entries_of(policy: u32, nets: &[IpNet]) -> BTreeMap<Entry, u32> {
 #[derive(Clone, Debug)]
 enum Held {
     /// Exactly the entries of these networks (canonical), as written by us.
-    Nets(Vec<IpNet>),
+    Nets(BTreeSet<IpNet>),
     /// Entries read back from the maps: adopted from a previous agent, or
     /// re-read after a failed write.
     Entries(BTreeMap<Entry, u32>),
@@ -208,29 +217,25 @@ fn slot_ops(slot: u32, held: Option<&Held>, nets: &[IpNet], ops: &mut Vec<Op>) {
             }
         }
         Some(Held::Nets(old)) => {
-            // Both lists are sorted: one merge pass finds what changed.
-            let (mut i, mut j) = (0, 0);
-            while i < old.len() || j < nets.len() {
-                let order = match (old.get(i), nets.get(j)) {
-                    (Some(a), Some(b)) => a.cmp(b),
-                    (Some(_), None) => std::cmp::Ordering::Less,
-                    _ => std::cmp::Ordering::Greater,
-                };
-                let (net, from, to) = match order {
-                    std::cmp::Ordering::Equal => {
-                        i += 1;
-                        j += 1;
+            // Both are sorted: one merge pass finds what changed.
+            let (mut have, mut want) = (old.iter().peekable(), nets.iter().peekable());
+            loop {
+                let (net, from, to) = match (have.peek(), want.peek()) {
+                    (None, None) => break,
+                    (Some(a), Some(b)) if a == b => {
+                        have.next();
+                        want.next();
                         continue;
                     }
-                    std::cmp::Ordering::Less => {
-                        i += 1;
-                        (old[i - 1], Some(ALLOWED), None)
-                    }
-                    std::cmp::Ordering::Greater => {
-                        j += 1;
-                        (nets[j - 1], None, Some(ALLOWED))
-                    }
+                    (Some(a), Some(b)) if a < b => (**a, Some(ALLOWED), None),
+                    (Some(a), None) => (**a, Some(ALLOWED), None),
+                    (_, Some(b)) => (**b, None, Some(ALLOWED)),
                 };
+                if from.is_some() {
+                    have.next();
+                } else {
+                    want.next();
+                }
                 if !is_v4_any(&net) {
                     ops.push(Op {
                         entry: entry(slot, net),
@@ -239,7 +244,8 @@ fn slot_ops(slot: u32, held: Option<&Held>, nets: &[IpNet], ops: &mut Vec<Op>) {
                     });
                 }
             }
-            let (from, to) = (v4_space_value(old), v4_space_value(nets));
+            let from = v4_space_value(|n| old.contains(n));
+            let to = v4_space_value(in_slice(nets));
             if from != to {
                 ops.push(Op {
                     entry: v4_space(slot),
@@ -373,7 +379,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         };
         for (&slot, held) in &self.held {
             let entries = match held {
-                Held::Nets(nets) => entries_of(slot, nets),
+                Held::Nets(nets) => entries_of(slot, &nets.iter().copied().collect::<Vec<_>>()),
                 Held::Entries(entries) => entries.clone(),
             };
             for (entry, value) in entries {
@@ -480,15 +486,91 @@ impl<B: PolicyBackend> PolicyWriter<B> {
                 self.entries = entries;
                 self.held = want_nets
                     .into_iter()
-                    .map(|(slot, nets)| (slot, Held::Nets(nets)))
+                    .map(|(slot, nets)| (slot, Held::Nets(nets.into_iter().collect())))
                     .collect();
                 self.slots = slot_map;
                 Ok(report)
             }
-            Err(e) => match self.read_back() {
-                Ok(()) => Err(e),
-                Err(read) => Err(e.context(format!("and reading the maps back failed: {read:#}"))),
-            },
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// Apply changes to restricted listeners' prefixes (listeners, binds and
+    /// open/restricted unchanged since the last apply): writes only the
+    /// entries the changes touch, with no pass over the rest. `Ok(None)`
+    /// when the writer cannot take them this way (a listener it did not
+    /// write, or a network that is not canonical); use [`Self::apply`] then.
+    pub fn apply_changes(
+        &mut self,
+        changes: &[(String, Change)],
+    ) -> anyhow::Result<Option<ApplyReport>> {
+        let is_canonical = |n: &IpNet| crate::allowlist::fold_net(n.trunc()) == *n;
+        let mut ops = Vec::new();
+        let mut slots = Vec::with_capacity(changes.len());
+        for (name, change) in changes {
+            let Some(&slot) = self.slots.by_name.get(name) else {
+                return Ok(None);
+            };
+            let Some(Held::Nets(have)) = self.held.get(&slot) else {
+                return Ok(None);
+            };
+            if !change.removed.iter().chain(&change.added).all(is_canonical)
+                || !change.removed.iter().all(|n| have.contains(n))
+                || change.added.iter().any(|n| have.contains(n))
+            {
+                return Ok(None);
+            }
+            for (net, from, to) in change
+                .removed
+                .iter()
+                .map(|n| (n, Some(ALLOWED), None))
+                .chain(change.added.iter().map(|n| (n, None, Some(ALLOWED))))
+            {
+                if !is_v4_any(net) {
+                    ops.push(Op {
+                        entry: entry(slot, *net),
+                        from,
+                        to,
+                    });
+                }
+            }
+            let from = v4_space_value(|n| have.contains(n));
+            let to = v4_space_value(|n| {
+                change.added.contains(n) || (have.contains(n) && !change.removed.contains(n))
+            });
+            if from != to {
+                ops.push(Op {
+                    entry: v4_space(slot),
+                    from,
+                    to,
+                });
+            }
+            slots.push(slot);
+        }
+        let entries = self.check_capacity(&ops)?;
+        let listeners = self.listeners.clone();
+        match self.write(&ops, &listeners) {
+            Ok(report) => {
+                self.entries = entries;
+                for ((_, change), slot) in changes.iter().zip(slots) {
+                    if let Some(Held::Nets(have)) = self.held.get_mut(&slot) {
+                        for n in &change.removed {
+                            have.remove(n);
+                        }
+                        have.extend(&change.added);
+                    }
+                }
+                Ok(Some(report))
+            }
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// After a failed write: take the maps as they are now.
+    fn failed(&mut self, e: anyhow::Error) -> anyhow::Error {
+        match self.read_back() {
+            Ok(()) => e,
+            Err(read) => e.context(format!("and reading the maps back failed: {read:#}")),
         }
     }
 
@@ -1013,6 +1095,7 @@ mod tests {
             after in arb_policy(),
             restart in any::<bool>(),
             fail_at in prop::option::of(0..24_usize),
+            targets in prop::collection::vec(prop::sample::subsequence(NETS.to_vec(), 0..6), 3),
         ) {
             let must_pass = Rc::new(RefCell::new(Vec::new()));
             let fail = Rc::new(Cell::new(None));
@@ -1056,6 +1139,37 @@ mod tests {
                 prop_assert_eq!(
                     w.backend().inner.tables.verdict(s, d),
                     after_tables.verdict(s, d),
+                    "{} → {}", s, d
+                );
+            }
+
+            // Changes to every restricted listener, written without a full apply.
+            let mut last = after.clone();
+            let mut changes = Vec::new();
+            for (listener, target) in last.listeners.iter_mut().zip(&targets) {
+                let Access::Restricted(nets) = &mut listener.access else {
+                    continue;
+                };
+                let have: BTreeSet<IpNet> = canonical(nets).into_iter().collect();
+                let want: BTreeSet<IpNet> =
+                    canonical(&target.iter().map(|n| n.parse().unwrap()).collect::<Vec<_>>())
+                        .into_iter()
+                        .collect();
+                changes.push((listener.name.clone(), Change {
+                    removed: have.difference(&want).copied().collect(),
+                    added: want.difference(&have).copied().collect(),
+                }));
+                *nets = want.into_iter().collect();
+            }
+            let last_tables = fresh_tables(&last);
+            *must_pass.borrow_mut() = both_allow(&after_tables, &last_tables);
+            let report = w.apply_changes(&changes).unwrap();
+            prop_assert!(report.is_some(), "the writer wrote every listener");
+            prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+            for (s, d) in probes() {
+                prop_assert_eq!(
+                    w.backend().inner.tables.verdict(s, d),
+                    last_tables.verdict(s, d),
                     "{} → {}", s, d
                 );
             }
