@@ -12,7 +12,7 @@
 //!   *is* `trusted_proxies` (the shim closes every other peer before reading a key);
 //! - duplicates and covered prefixes are collapsed.
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
 use ipnet::IpNet;
 
@@ -139,8 +139,9 @@ enum Rule {
         /// Active entries of the other accepted keys, plus trusted proxies
         /// for `x_forwarded_for`, collapsed.
         nets: PrefixSet,
-        /// Always part of the union (`x_forwarded_for`), else empty.
-        trusted: Vec<IpNet>,
+        /// How many contributions each network of `nets` has (a key's entry,
+        /// a trusted proxy): what is left when a key lets a network go.
+        refs: BTreeMap<IpNet, u32>,
     },
 }
 
@@ -184,13 +185,12 @@ impl PolicyState {
     }
 
     /// Account for one key going from `old` to `new` (`None`: absent or
-    /// revoked). `keys` are all keys after the change. Valid only before
-    /// [`Self::next_change`]: until then no entry's activity changes.
+    /// revoked). Valid only before [`Self::next_change`]: until then no
+    /// entry's activity changes. Costs work in proportion to the two lists.
     pub fn change_key(
         &mut self,
         old: Option<&KeyAccess<'_>>,
         new: Option<&KeyAccess<'_>>,
-        keys: &[KeyAccess<'_>],
         now: SystemTime,
     ) -> KeyChange {
         let mut out = KeyChange::default();
@@ -198,7 +198,7 @@ impl PolicyState {
             let Rule::Keys {
                 openers,
                 nets,
-                trusted,
+                refs,
             } = rule
             else {
                 continue;
@@ -210,30 +210,33 @@ impl PolicyState {
             *openers += usize::from(accepted_opener(new));
             out.reshaped |= was_open != (*openers > 0);
             let mut change = Change::default();
-            let mut before: Vec<IpNet> = old
-                .into_iter()
-                .flat_map(|k| contribution(listener, k, now))
-                .collect();
-            let mut after: Vec<IpNet> = new
-                .into_iter()
-                .flat_map(|k| contribution(listener, k, now))
-                .collect();
-            before.sort_unstable();
-            after.sort_unstable();
-            let gone: Vec<IpNet> = before
-                .iter()
-                .filter(|n| after.binary_search(n).is_err())
-                .copied()
-                .collect();
-            if !gone.is_empty() {
-                let remaining = keys
-                    .iter()
-                    .flat_map(|k| contribution(listener, k, now))
-                    .chain(trusted.iter().copied());
-                nets.remove(&gone, remaining, &mut change);
+            // New contributions count first, so a network both versions hold
+            // never drops to zero on the way.
+            let mut came = Vec::new();
+            for net in new.into_iter().flat_map(|k| contribution(listener, k, now)) {
+                let count = refs.entry(net).or_insert(0);
+                *count += 1;
+                if *count == 1 {
+                    came.push(net);
+                }
             }
-            for net in after.iter().filter(|n| before.binary_search(n).is_err()) {
-                nets.insert(*net, &mut change);
+            let mut gone = Vec::new();
+            for net in old.into_iter().flat_map(|k| contribution(listener, k, now)) {
+                if let Some(count) = refs.get_mut(&net) {
+                    *count -= 1;
+                    if *count == 0 {
+                        refs.remove(&net);
+                        gone.push(net);
+                    }
+                }
+            }
+            nets.remove(
+                &gone,
+                |range| refs.range(range).map(|(n, _)| *n).collect(),
+                &mut change,
+            );
+            for net in came {
+                nets.insert(net, &mut change);
             }
             if *openers == 0 && !change.is_empty() {
                 out.restricted.push((listener.name.clone(), change));
@@ -307,24 +310,23 @@ fn rule(listener: &ListenerConfig, keys: &[KeyAccess<'_>], now: SystemTime) -> R
             Rule::Proxies(PrefixSet::from_nets(trusted).iter().copied().collect())
         }
         source @ (ClientIpSource::Peer | ClientIpSource::XForwardedFor) => {
-            let trusted: Vec<IpNet> = if source == ClientIpSource::XForwardedFor {
-                trusted.collect()
-            } else {
-                Vec::new()
-            };
+            let trusted = trusted.filter(|_| source == ClientIpSource::XForwardedFor);
             let openers = keys
                 .iter()
                 .filter(|k| accepts(listener, k) && opens(k))
                 .count();
-            let nets = PrefixSet::from_nets(
-                keys.iter()
-                    .flat_map(|k| contribution(listener, k, now))
-                    .chain(trusted.iter().copied()),
-            );
+            let mut refs: BTreeMap<IpNet, u32> = BTreeMap::new();
+            for net in keys
+                .iter()
+                .flat_map(|k| contribution(listener, k, now))
+                .chain(trusted)
+            {
+                *refs.entry(net).or_insert(0) += 1;
+            }
             Rule::Keys {
                 openers,
-                nets,
-                trusted,
+                nets: PrefixSet::from_nets(refs.keys().copied()),
+                refs,
             }
         }
     }
@@ -627,7 +629,6 @@ mod tests {
                 let change = state.change_key(
                     old.as_ref().map(KeyAccess::from).as_ref(),
                     keys[i].as_ref().map(KeyAccess::from).as_ref(),
-                    &after_access,
                     now,
                 );
                 let compiled = state.compiled();

@@ -3,7 +3,7 @@
 //! network touches only the blocks it covers and the siblings it merges with,
 //! and taking networks away rebuilds only the blocks that held them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{collections::BTreeSet, ops::RangeInclusive};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -102,41 +102,22 @@ impl PrefixSet {
         change.add(block);
     }
 
-    /// Take networks away: `gone` are networks no longer wanted, `remaining`
-    /// every network still wanted (host bits clear, in any order, any amount).
-    /// Only the blocks that cover something in `gone` are rebuilt, from the
-    /// remaining networks inside them.
+    /// Take networks away: `gone` are networks no longer wanted;
+    /// `remaining(range)` lists the networks still wanted within a range of
+    /// `IpNet` order (host bits clear). Only the blocks that cover something
+    /// in `gone` are rebuilt, from the remaining networks inside them.
     pub fn remove(
         &mut self,
         gone: &[IpNet],
-        remaining: impl IntoIterator<Item = IpNet>,
+        remaining: impl Fn(RangeInclusive<IpNet>) -> Vec<IpNet>,
         change: &mut Change,
     ) {
         let affected: BTreeSet<IpNet> = gone.iter().filter_map(|n| self.covering(n)).collect();
-        let (Some(&first), Some(&last)) = (affected.first(), affected.last()) else {
-            return;
-        };
-        // `remaining` is usually every network of every key: reject most of
-        // them with two comparisons before looking for their block.
-        let last = last_inside(last);
-        let mut refill: BTreeMap<IpNet, Vec<IpNet>> = BTreeMap::new();
-        for net in remaining {
-            debug_assert_eq!(net, net.trunc(), "host bits set");
-            if net < first || net > last {
-                continue;
-            }
-            if let Some(block) = affected
-                .range(..=net)
-                .next_back()
-                .filter(|b| b.contains(&net))
-            {
-                refill.entry(*block).or_default().push(net);
-            }
-        }
         for block in affected {
             self.blocks.remove(&block);
             change.remove(block);
-            for net in refill.get(&block).map(IpNet::aggregate).unwrap_or_default() {
+            let inside = remaining(block..=last_inside(block));
+            for net in IpNet::aggregate(&inside) {
                 self.blocks.insert(net);
                 change.add(net);
             }
@@ -184,6 +165,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// `remaining` for [`PrefixSet::remove`] from a plain list.
+    fn within(nets: &[IpNet]) -> impl Fn(RangeInclusive<IpNet>) -> Vec<IpNet> + '_ {
+        |range| nets.iter().filter(|n| range.contains(n)).copied().collect()
+    }
+
     fn blocks(set: &PrefixSet) -> Vec<String> {
         set.iter().map(ToString::to_string).collect()
     }
@@ -210,12 +196,12 @@ mod tests {
         let mut set = PrefixSet::from_nets([net("192.0.2.0/25"), net("192.0.2.128/25")]);
         let c = &mut Change::default();
         assert_eq!(blocks(&set), ["192.0.2.0/24"]);
-        set.remove(&[net("192.0.2.128/25")], [net("192.0.2.0/25")], c);
+        set.remove(&[net("192.0.2.128/25")], within(&[net("192.0.2.0/25")]), c);
         assert_eq!(blocks(&set), ["192.0.2.0/25"]);
         // A network that is still wanted elsewhere keeps its block.
-        set.remove(&[net("192.0.2.0/25")], [net("192.0.2.0/25")], c);
+        set.remove(&[net("192.0.2.0/25")], within(&[net("192.0.2.0/25")]), c);
         assert_eq!(blocks(&set), ["192.0.2.0/25"]);
-        set.remove(&[net("192.0.2.0/25")], [net("198.51.100.0/24")], c);
+        set.remove(&[net("192.0.2.0/25")], within(&[net("198.51.100.0/24")]), c);
         assert!(set.is_empty());
     }
 
@@ -262,7 +248,7 @@ mod tests {
                     }
                 } else {
                     wanted.retain(|n| !nets.contains(n));
-                    set.remove(&nets, wanted.clone(), &mut change);
+                    set.remove(&nets, within(&wanted), &mut change);
                 }
                 prop_assert_eq!(&set, &PrefixSet::from_nets(wanted.clone()));
                 // The change, applied to where it started, gives where it is.

@@ -355,7 +355,6 @@ impl Daemon {
         let change = self.policy.change_key(
             old.as_ref().map(KeyAccess::from).as_ref(),
             new.map(KeyAccess::from).as_ref(),
-            &key_accesses(&self.config, &self.stored),
             now,
         );
         if change.reshaped || !self.write_changes(&change.restricted)? {
