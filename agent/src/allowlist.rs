@@ -33,9 +33,23 @@ impl AllowEntry {
 /// A canonical allow list. Construct through the grammar (`parse_*`) so every
 /// instance is canonical. Immutable and shared: a clone (the shim's key table,
 /// the principals) is a reference count, not a copy of every entry.
+///
+/// Stored compactly, because a gateway may hold a million entries: the
+/// networks alone (18 bytes each), and notes and expiry times only for the
+/// entries that have them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllowList {
-    entries: Arc<[AllowEntry]>,
+    /// Sorted, distinct.
+    nets: Arc<[IpNet]>,
+    /// `(index into nets, note, expiry)` of the entries that have either, by index.
+    extra: Option<Arc<[Extra]>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Extra {
+    index: usize,
+    note: Option<String>,
+    expires_at: Option<SystemTime>,
 }
 
 impl AllowList {
@@ -45,28 +59,70 @@ impl AllowList {
     pub fn from_canonical(mut entries: Vec<AllowEntry>) -> Self {
         entries.sort_by_key(|e| e.net);
         entries.dedup_by(|later, first| later.net == first.net);
+        let extra: Vec<Extra> = entries
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, e)| e.note.is_some() || e.expires_at.is_some())
+            .map(|(index, e)| Extra {
+                index,
+                note: e.note.take(),
+                expires_at: e.expires_at,
+            })
+            .collect();
         Self {
-            entries: entries.into(),
+            nets: entries.into_iter().map(|e| e.net).collect(),
+            extra: (!extra.is_empty()).then(|| extra.into()),
         }
     }
 
+    /// The entries, in order (built on demand: for the API, the store and the
+    /// CLI, not for matching).
     #[must_use]
-    pub fn entries(&self) -> &[AllowEntry] {
-        &self.entries
+    pub fn entries(&self) -> Vec<AllowEntry> {
+        let mut out: Vec<AllowEntry> = self
+            .nets
+            .iter()
+            .map(|&net| AllowEntry {
+                net,
+                note: None,
+                expires_at: None,
+            })
+            .collect();
+        for x in self.extra.iter().flat_map(|x| x.iter()) {
+            out[x.index].note.clone_from(&x.note);
+            out[x.index].expires_at = x.expires_at;
+        }
+        out
+    }
+
+    /// Number of entries.
+    #[must_use]
+    pub fn entry_count(&self) -> usize {
+        self.nets.len()
     }
 
     /// No entries configured: the key works from anywhere.
     #[must_use]
     pub fn is_unrestricted(&self) -> bool {
-        self.entries.is_empty()
+        self.nets.is_empty()
     }
 
-    /// Networks in force at `now`.
+    /// Networks in force at `now`. Allocates nothing (it runs per request).
     pub fn active_nets(&self, now: SystemTime) -> impl Iterator<Item = IpNet> + '_ {
-        self.entries
+        self.nets
             .iter()
-            .filter(move |e| e.is_active(now))
-            .map(|e| e.net)
+            .enumerate()
+            .filter(move |(i, _)| self.is_active(*i, now))
+            .map(|(_, n)| *n)
+    }
+
+    fn is_active(&self, index: usize, now: SystemTime) -> bool {
+        let Some(extra) = &self.extra else {
+            return true;
+        };
+        extra
+            .binary_search_by_key(&index, |x| x.index)
+            .map_or(true, |at| extra[at].expires_at.is_none_or(|t| now < t))
     }
 
     /// Does this list let `ip` use the key at `now`? (`ip` is folded first.)
@@ -82,9 +138,10 @@ impl AllowList {
     /// The earliest expiry still in the future, when the policy must be recompiled.
     #[must_use]
     pub fn next_expiry(&self, now: SystemTime) -> Option<SystemTime> {
-        self.entries
+        self.extra
             .iter()
-            .filter_map(|e| e.expires_at)
+            .flat_map(|x| x.iter())
+            .filter_map(|x| x.expires_at)
             .filter(|t| *t > now)
             .min()
     }
@@ -301,12 +358,12 @@ pub fn parse_list(raw: &RawList, max_entries: usize) -> Result<AllowList, Vec<En
         });
     }
     let list = AllowList::from_canonical(entries);
-    if list.entries().len() > max_entries {
+    if list.entry_count() > max_entries {
         problems.push(EntryError {
             position: max_entries + 1,
             entry: String::new(),
             reason: EntryErrorKind::TooMany {
-                count: list.entries().len(),
+                count: list.entry_count(),
                 limit: max_entries,
             },
         });
@@ -321,9 +378,9 @@ pub fn parse_list(raw: &RawList, max_entries: usize) -> Result<AllowList, Vec<En
 /// The canonical text of a list: `a, b, c` (parses back to the same list).
 #[must_use]
 pub fn to_canonical_string(list: &AllowList) -> String {
-    list.entries()
+    list.nets
         .iter()
-        .map(|e| e.net.to_string())
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -472,6 +529,52 @@ mod tests {
     }
 
     #[test]
+    fn notes_and_expiries_stay_with_their_entries() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let entry = |net: &str, note: Option<&str>, exp: Option<u64>| AllowEntry {
+            net: net.parse().unwrap(),
+            note: note.map(Into::into),
+            expires_at: exp.map(t),
+        };
+        let given = vec![
+            entry("203.0.113.0/24", None, Some(50)),
+            entry("192.0.2.1/32", Some("office"), None),
+            entry("2001:db8::/48", None, None),
+            entry("198.51.100.7/32", Some("vpn"), Some(100)),
+            entry("192.0.2.9/32", None, None),
+        ];
+        let list = AllowList::from_canonical(given.clone());
+        let mut sorted = given;
+        sorted.sort_by_key(|e| e.net);
+        assert_eq!(list.entries(), sorted);
+        assert_eq!(list.entry_count(), 5);
+        let active = |at| {
+            list.active_nets(t(at))
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(active(10).len(), 5);
+        assert_eq!(
+            active(60),
+            [
+                "192.0.2.1/32",
+                "192.0.2.9/32",
+                "198.51.100.7/32",
+                "2001:db8::/48"
+            ]
+        );
+        assert_eq!(
+            active(100),
+            ["192.0.2.1/32", "192.0.2.9/32", "2001:db8::/48"]
+        );
+        assert_eq!(list.next_expiry(t(10)), Some(t(50)));
+        assert_eq!(list.next_expiry(t(50)), Some(t(100)));
+        assert_eq!(list.next_expiry(t(100)), None);
+        assert!(!list.allows("203.0.113.5".parse().unwrap(), t(60)));
+        assert!(list.allows("203.0.113.5".parse().unwrap(), t(49)));
+    }
+
+    #[test]
     fn limit_counts_distinct_entries() {
         let five = RawList::Many(
             (0..5)
@@ -505,7 +608,8 @@ mod tests {
         assert_eq!(err.len(), 1);
         assert!(matches!(err[0].reason, EntryErrorKind::BadExpiry(_)));
         let ok = parse_list(&RawList::Many(vec![obj_entry()]), 10).unwrap();
-        let e = &ok.entries()[0];
+        let entries = ok.entries();
+        let e = &entries[0];
         assert_eq!(e.note.as_deref(), Some("office"));
         let t = e.expires_at.unwrap();
         assert!(ok.allows(

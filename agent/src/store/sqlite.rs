@@ -417,7 +417,8 @@ fn replace_entries(
     before: &AllowList,
     after: &AllowList,
 ) -> Result<(), StoreError> {
-    let old: HashMap<IpNet, &AllowEntry> = before.entries().iter().map(|e| (e.net, e)).collect();
+    let old: HashMap<IpNet, AllowEntry> =
+        before.entries().into_iter().map(|e| (e.net, e)).collect();
     let new: HashSet<IpNet> = after.entries().iter().map(|e| e.net).collect();
     let mut delete =
         tx.prepare_cached("DELETE FROM allow_entries WHERE key_id = ?1 AND cidr = ?2")?;
