@@ -69,7 +69,15 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// Keys as this connection last wrote them, so the next change to the same
+    /// key need not read its (possibly long) list back. Valid while
+    /// `PRAGMA data_version` stays the same: it moves when any other
+    /// connection commits.
+    written: Option<(i64, HashMap<String, StoredKey>)>,
 }
+
+/// Keys kept in `SqliteStore::written` at most (recently changed ones).
+const WRITTEN_KEYS: usize = 256;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,6 +134,7 @@ impl SqliteStore {
         let mut store = Self {
             conn,
             path: path.to_path_buf(),
+            written: None,
         };
         store.configure()?;
         store.migrate(MIGRATIONS)?;
@@ -269,12 +278,34 @@ impl SqliteStore {
         action: &str,
         apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<StoredKey, StoreError>,
     ) -> Result<(StoredKey, StoredKey), StoreError> {
-        self.write(|tx| {
-            let before = load_active(tx, id)?;
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let known = match &self.written {
+            Some((v, keys)) if *v == version => keys.get(id).cloned(),
+            _ => None,
+        };
+        let (before, after) = self.write(|tx| {
+            let before = match known {
+                Some(key) if key.revoked_at.is_some() => {
+                    return Err(StoreError::Revoked(id.to_owned()));
+                }
+                Some(key) => key,
+                None => load_active(tx, id)?,
+            };
             let after = apply(tx, &before)?;
             audit_row(tx, actor, now, action, id, Some(&before), Some(&after))?;
             Ok((before, after))
-        })
+        })?;
+        let (v, keys) = self
+            .written
+            .get_or_insert_with(|| (version, HashMap::new()));
+        if *v != version || keys.len() >= WRITTEN_KEYS {
+            *v = version;
+            keys.clear();
+        }
+        keys.insert(id.to_owned(), after.clone());
+        Ok((before, after))
     }
 }
 
@@ -637,6 +668,8 @@ impl KeyStore for SqliteStore {
     }
 
     fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+        // The keys' last use moves under the copies `change` keeps.
+        self.written = None;
         if used.is_empty() {
             return Ok(());
         }
@@ -872,6 +905,46 @@ mod tests {
     }
 
     #[test]
+    fn changes_see_what_other_connections_and_last_use_wrote() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = new_key(&secret::generate(), "198.51.100.7");
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        let patch = |allow: &str| KeyPatch {
+            allow: Some(list(allow)),
+            ..KeyPatch::default()
+        };
+        s.update(&k.id, patch("192.0.2.1"), &actor(), at(1))
+            .unwrap();
+        // Another process (connection) changes the key behind our back.
+        let mut other = SqliteStore::open(&dir.db()).unwrap();
+        other
+            .update(&k.id, patch("203.0.113.9"), &actor(), at(2))
+            .unwrap();
+        let (before, _) = s
+            .update(&k.id, patch("192.0.2.2"), &actor(), at(3))
+            .unwrap();
+        assert_eq!(before.allow, list("203.0.113.9"), "not our stale copy");
+        // A revocation elsewhere is seen too.
+        other.revoke(&k.id, &actor(), at(4)).unwrap();
+        assert!(matches!(
+            s.update(&k.id, patch("192.0.2.3"), &actor(), at(5)),
+            Err(StoreError::Revoked(_))
+        ));
+        // Last use recorded on this connection shows in the next change.
+        let k2 = new_key(&secret::generate(), "198.51.100.8");
+        s.create(k2.clone(), &actor(), at(6)).unwrap();
+        s.update(&k2.id, patch("192.0.2.4"), &actor(), at(7))
+            .unwrap();
+        s.touch_last_used(&[(k2.id.clone(), at(8))]).unwrap();
+        let (before, after) = s
+            .update(&k2.id, patch("192.0.2.5"), &actor(), at(9))
+            .unwrap();
+        assert_eq!(before.last_used_at, Some(at(8)));
+        assert_eq!(s.key(&k2.id).unwrap(), after);
+    }
+
+    #[test]
     fn updates_are_audited_with_before_and_after() {
         let dir = TempDir::new();
         let mut s = SqliteStore::open(&dir.db()).unwrap();
@@ -1031,6 +1104,7 @@ mod tests {
             let mut s = SqliteStore {
                 conn: Connection::open(dir.db()).unwrap(),
                 path: dir.db(),
+                written: None,
             };
             s.configure().unwrap();
             s.migrate(&MIGRATIONS[..1]).unwrap();
