@@ -49,6 +49,9 @@ const LAST_USED_FLUSH: Duration = Duration::from_mins(1);
 
 /// How often TLS certificate files are checked for changes.
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the store's WAL is copied into the database, off the API's path
+/// (the writer's connection never checkpoints inside a commit).
+const STORE_CHECKPOINT: Duration = Duration::from_secs(5);
 
 /// A config change seen on disk is applied after this quiet period, so a
 /// writer's several events (truncate, write, rename) make one reload.
@@ -212,6 +215,9 @@ fn start_management(
 fn open_store(config: &Config) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>)> {
     let mut store = SqliteStore::open(&config.store.path)
         .with_context(|| format!("opening the key store {}", config.store.path.display()))?;
+    store
+        .defer_checkpoints()
+        .context("configuring the key store")?;
     let stored = store
         .keys()
         .context("reading keys from the store")?
@@ -284,6 +290,7 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
         let mut last_used = tokio::time::interval(LAST_USED_FLUSH);
+        let mut checkpoint = tokio::time::interval(STORE_CHECKPOINT);
 
         loop {
             let expiry = sleep_until_system(next_change);
@@ -312,6 +319,14 @@ impl Daemon {
                 }
                 _ = cert_check.tick() => shim.reload_certificates(),
                 _ = last_used.tick() => self.flush_last_used(&shim.sources()),
+                _ = checkpoint.tick() => {
+                    let path = self.config.store.path.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = crate::store::sqlite::checkpoint(&path) {
+                            tracing::warn!(error = %e, "checkpointing the key store");
+                        }
+                    });
+                }
                 () = expiry => {
                     tracing::info!("an allow-list entry expired: recompiling the policy");
                     match self.apply_policy() {

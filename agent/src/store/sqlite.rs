@@ -141,6 +141,15 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Leave WAL checkpoints to [`checkpoint`] instead of running one inside
+    /// whichever commit crosses 1,000 pages. The agent does this: a
+    /// checkpoint copies and syncs the database file, which would otherwise
+    /// land on one API call in every few dozen.
+    pub fn defer_checkpoints(&mut self) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
@@ -307,6 +316,20 @@ impl SqliteStore {
         keys.insert(id.to_owned(), after.clone());
         Ok((before, after))
     }
+}
+
+/// Copy what the WAL holds into the database file, from a connection of its
+/// own: `PASSIVE` neither waits for nor blocks the writer. Returns the WAL's
+/// size and how much of it is now in the database, in pages.
+pub fn checkpoint(path: &Path) -> Result<(i64, i64), StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let (wal, done) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    })?;
+    Ok((wal, done))
 }
 
 /// Create `path` readable by its owner only when it does not exist yet (SQLite
@@ -942,6 +965,45 @@ mod tests {
             .unwrap();
         assert_eq!(before.last_used_at, Some(at(8)));
         assert_eq!(s.key(&k2.id).unwrap(), after);
+    }
+
+    #[test]
+    fn deferred_checkpoints_happen_from_another_connection() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        s.defer_checkpoints().unwrap();
+        assert_eq!(s.pragma("wal_autocheckpoint").unwrap(), "0");
+        let long: Vec<String> = (0..1000).map(|i| format!("2001:db8:{i:x}::/48")).collect();
+        let k = new_key(&secret::generate(), &long.join(","));
+        s.create(k.clone(), &actor(), at(0)).unwrap();
+        for i in 0..100 {
+            let allow = list(&long[i..].join(","));
+            s.update(
+                &k.id,
+                KeyPatch {
+                    allow: Some(allow),
+                    ..KeyPatch::default()
+                },
+                &actor(),
+                at(1),
+            )
+            .unwrap();
+        }
+        let wal = || {
+            std::fs::metadata(dir.0.join("keyfence.db-wal"))
+                .unwrap()
+                .len()
+        };
+        assert!(
+            wal() > 1500 * 4096,
+            "no checkpoint ran inside a commit: {} bytes",
+            wal()
+        );
+        let (pages, copied) = checkpoint(&dir.db()).unwrap();
+        assert!(pages > 1500 && copied == pages, "{copied} of {pages} pages");
+        drop(s);
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        assert_eq!(s.key(&k.id).unwrap().allow, list(&long[99..].join(",")));
     }
 
     #[test]
