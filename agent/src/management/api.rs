@@ -332,11 +332,7 @@ fn refuse_static(state: &ApiState, id: &str) -> Result<(), ApiError> {
 /// A stored key as the API shows it (never its digest).
 #[must_use]
 pub fn stored_json(k: &StoredKey) -> Value {
-    let mut v = k.to_json();
-    if let Value::Object(o) = &mut v {
-        o.insert("source".into(), Value::String("api".into()));
-    }
-    v
+    serde_json::to_value(k.view(Some("api"))).expect("a key serializes")
 }
 
 fn static_json(k: &StaticKey) -> Value {
@@ -511,7 +507,7 @@ async fn update(
         s.update(&id, patch, actor, now).map(|(_, after)| after)
     })
     .await?;
-    Ok(axum::Json(stored_json(&after)).into_response())
+    Ok(axum::Json(after.view(Some("api"))).into_response())
 }
 
 async fn revoke(

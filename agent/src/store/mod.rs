@@ -13,7 +13,7 @@ pub mod sqlite;
 
 use std::{net::IpAddr, time::SystemTime};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::allowlist::{AllowEntry, AllowList};
 
@@ -71,18 +71,84 @@ impl StoredKey {
     /// The key as the API and the audit log show it: everything but the digest.
     #[must_use]
     pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "name": self.name,
-            "tenant": self.tenant,
-            "scopes": self.scopes,
-            "ip_allow_list": list_json(&self.allow),
-            "report_only": self.report_only,
-            "created_at": time_json(self.created_at),
-            "updated_at": time_json(self.updated_at),
-            "last_used_at": self.last_used_at.map_or(Value::Null, time_json),
-            "revoked_at": self.revoked_at.map_or(Value::Null, time_json),
-        })
+        serde_json::to_value(self.view(None)).expect("a key serializes")
+    }
+
+    /// The same, written straight to text or a response (no `Value` tree:
+    /// a 1,000-entry list is written on every change, twice for the audit).
+    /// `source` adds that field (`api` in API answers).
+    #[must_use]
+    pub fn view(&self, source: Option<&'static str>) -> KeyView<'_> {
+        KeyView { key: self, source }
+    }
+}
+
+/// See [`StoredKey::view`]. Fields in the order `to_json` has always had
+/// (sorted), so stored audit rows and answers read the same as before.
+pub struct KeyView<'a> {
+    key: &'a StoredKey,
+    source: Option<&'static str>,
+}
+
+struct Time(SystemTime);
+
+impl serde::Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_seconds(self.0))
+    }
+}
+
+struct ListView<'a>(&'a AllowList);
+
+impl serde::Serialize for ListView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap as _, SerializeSeq as _};
+        struct Entry<'e>(&'e AllowEntry);
+        impl serde::Serialize for Entry<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let e = self.0;
+                if e.note.is_none() && e.expires_at.is_none() {
+                    return s.collect_str(&e.net);
+                }
+                let mut m = s.serialize_map(None)?;
+                m.serialize_entry("cidr", &e.net.to_string())?;
+                if let Some(t) = e.expires_at {
+                    m.serialize_entry("expires_at", &Time(t))?;
+                }
+                if let Some(note) = &e.note {
+                    m.serialize_entry("note", note)?;
+                }
+                m.end()
+            }
+        }
+        let entries = self.0.entries();
+        let mut seq = s.serialize_seq(Some(entries.len()))?;
+        for e in &entries {
+            seq.serialize_element(&Entry(e))?;
+        }
+        seq.end()
+    }
+}
+
+impl serde::Serialize for KeyView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let k = self.key;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("created_at", &Time(k.created_at))?;
+        m.serialize_entry("id", &k.id)?;
+        m.serialize_entry("ip_allow_list", &ListView(&k.allow))?;
+        m.serialize_entry("last_used_at", &k.last_used_at.map(Time))?;
+        m.serialize_entry("name", &k.name)?;
+        m.serialize_entry("report_only", &k.report_only)?;
+        m.serialize_entry("revoked_at", &k.revoked_at.map(Time))?;
+        m.serialize_entry("scopes", &k.scopes)?;
+        if let Some(source) = self.source {
+            m.serialize_entry("source", source)?;
+        }
+        m.serialize_entry("tenant", &k.tenant)?;
+        m.serialize_entry("updated_at", &Time(k.updated_at))?;
+        m.end()
     }
 }
 
@@ -192,4 +258,80 @@ pub fn entry_json(e: &AllowEntry) -> Value {
 #[must_use]
 pub fn list_json(list: &AllowList) -> Value {
     Value::Array(list.entries().iter().map(entry_json).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// The `Value` tree `to_json` built before it serialized directly.
+    fn reference(k: &StoredKey) -> Value {
+        json!({
+            "id": k.id,
+            "name": k.name,
+            "tenant": k.tenant,
+            "scopes": k.scopes,
+            "ip_allow_list": list_json(&k.allow),
+            "report_only": k.report_only,
+            "created_at": time_json(k.created_at),
+            "updated_at": time_json(k.updated_at),
+            "last_used_at": k.last_used_at.map_or(Value::Null, time_json),
+            "revoked_at": k.revoked_at.map_or(Value::Null, time_json),
+        })
+    }
+
+    #[test]
+    fn direct_serialization_matches_the_value_tree() {
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let mut k = StoredKey {
+            id: "key_1".into(),
+            name: "ci \"runner\"".into(),
+            tenant: "default".into(),
+            scopes: vec!["api".into(), "admin".into()],
+            digest: [7; 32],
+            allow: AllowList::from_canonical(vec![
+                AllowEntry {
+                    net: "192.0.2.0/24".parse().unwrap(),
+                    note: None,
+                    expires_at: None,
+                },
+                AllowEntry {
+                    net: "2001:db8::/48".parse().unwrap(),
+                    note: Some("office\nwifi".into()),
+                    expires_at: Some(t(1_800_000_000)),
+                },
+                AllowEntry {
+                    net: "198.51.100.7/32".parse().unwrap(),
+                    note: None,
+                    expires_at: Some(t(1_800_000_100)),
+                },
+            ]),
+            report_only: false,
+            created_at: t(1_700_000_000),
+            updated_at: t(1_700_000_500),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        assert_eq!(k.to_json(), reference(&k));
+        let text = serde_json::to_string(&k.view(None)).unwrap();
+        assert_eq!(text, reference(&k).to_string(), "same text, same order");
+        k.last_used_at = Some(t(1_700_000_900));
+        k.revoked_at = Some(t(1_700_001_000));
+        k.report_only = true;
+        k.allow = AllowList::default();
+        assert_eq!(
+            serde_json::to_string(&k.view(None)).unwrap(),
+            reference(&k).to_string()
+        );
+        let mut with_source = reference(&k);
+        with_source["source"] = json!("api");
+        assert_eq!(
+            serde_json::to_string(&k.view(Some("api"))).unwrap(),
+            with_source.to_string()
+        );
+    }
 }

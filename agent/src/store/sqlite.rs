@@ -505,7 +505,9 @@ fn audit_row(
     before: Option<&StoredKey>,
     after: Option<&StoredKey>,
 ) -> Result<(), StoreError> {
-    let json = |k: Option<&StoredKey>| k.map(|k| k.to_json().to_string());
+    let json = |k: Option<&StoredKey>| {
+        k.map(|k| serde_json::to_string(&k.view(None)).expect("a key serializes"))
+    };
     tx.prepare_cached(
         "INSERT INTO audit (at, principal, address, action, key_id, before, after)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
