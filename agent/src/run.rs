@@ -34,11 +34,12 @@ use crate::{
     management::{
         self,
         api::{self, ApiState, Apply, SharedStore},
+        principals::ADMIN_SCOPE,
     },
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
     policy::{self, KeyAccess, PolicyState},
     shim::{
-        keys::KeyTable,
+        keys::{KeyTable, ShimKey},
         runtime::{self as shim_runtime, Shim},
     },
     store::{KeyStore, StoredKey, sqlite::SqliteStore},
@@ -355,18 +356,26 @@ impl Daemon {
             .stored
             .insert(id.clone(), key)
             .filter(StoredKey::is_active);
-        // The shim first: it is the authority, and swapping its table cannot
+        // The shim first: it is the authority, and changing its table cannot
         // fail for want of map space.
-        shim.set_keys(self.key_table()?);
-        *api.principals
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+        let new = self.stored.get(&id).filter(|k| k.is_active());
+        shim.replace_key(
+            old.as_ref().map(|k| k.digest),
+            new.map(|k| (k.digest, ShimKey::new(&k.id, k.into()))),
+        );
+        // Principals are the config's admins and admin-scoped keys: rebuilt
+        // only when such a key changes.
+        let admin = |k: &StoredKey| k.scopes.iter().any(|s| s == ADMIN_SCOPE);
+        if old.as_ref().is_some_and(admin) || new.is_some_and(admin) {
+            *api.principals
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+        }
         let now = SystemTime::now();
         if self.policy.next_change().is_some_and(|t| now >= t) {
             // An entry expired since the last compile: start over.
             return Ok((started.elapsed(), self.apply_policy()?));
         }
-        let new = self.stored.get(&id).filter(|k| k.is_active());
         let change = self.policy.change_key(
             old.as_ref().map(KeyAccess::from).as_ref(),
             new.map(KeyAccess::from).as_ref(),

@@ -76,6 +76,17 @@ impl KeyTable {
         self.by_digest.is_empty()
     }
 
+    /// Put one key's new state in place of its old one (`old`: the digest it
+    /// had; `new`: `None` when it is revoked). Costs the same at any size.
+    pub fn replace(&mut self, old: Option<[u8; 32]>, new: Option<([u8; 32], ShimKey)>) {
+        if let Some(digest) = old {
+            self.by_digest.remove(&digest);
+        }
+        if let Some((digest, key)) = new {
+            self.by_digest.insert(digest, Arc::new(key));
+        }
+    }
+
     #[must_use]
     pub fn lookup(&self, secret: &str) -> Option<&Arc<ShimKey>> {
         self.by_digest.get(&digest(secret))
@@ -317,6 +328,50 @@ mod tests {
             ),
             Verdict::Allowed { .. }
         ));
+    }
+
+    #[test]
+    fn one_key_changes_in_place() {
+        let mut t = table(vec![(
+            "kf_prod_secret_0000000000",
+            key("prod", &["192.0.2.1/32"]),
+        )]);
+        let l = listener(None);
+        let ip = |s: &str| Some(s.parse().unwrap());
+        let (a, b) = ("kf_prod_secret_0000000000", "kf_rotated_secret_000000");
+        // The list changes.
+        t.replace(
+            Some(digest(a)),
+            Some((digest(a), key("prod", &["198.51.100.0/24"]))),
+        );
+        assert!(matches!(
+            decide(&l, &t, Some(a), ip("198.51.100.9"), T0),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            decide(&l, &t, Some(a), ip("192.0.2.1"), T0),
+            Verdict::IpNotAllowed { .. }
+        ));
+        // Rotation: the old secret stops working, the new one works.
+        t.replace(
+            Some(digest(a)),
+            Some((digest(b), key("prod", &["198.51.100.0/24"]))),
+        );
+        assert!(matches!(
+            decide(&l, &t, Some(a), ip("198.51.100.9"), T0),
+            Verdict::InvalidKey
+        ));
+        assert!(matches!(
+            decide(&l, &t, Some(b), ip("198.51.100.9"), T0),
+            Verdict::Allowed { .. }
+        ));
+        // Revocation.
+        t.replace(Some(digest(b)), None);
+        assert!(matches!(
+            decide(&l, &t, Some(b), ip("198.51.100.9"), T0),
+            Verdict::InvalidKey
+        ));
+        assert!(t.is_empty());
     }
 
     #[test]

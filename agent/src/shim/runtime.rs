@@ -88,7 +88,7 @@ impl Shim {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
-            keys: RwLock::new(Arc::new(keys)),
+            keys: RwLock::new(keys),
             rejection: RwLock::new(Arc::new(config.rejection.clone())),
             metrics,
             sources: Arc::new(super::sources::Sources::new(SOURCES_PER_KEY, SOURCES_KEYS)),
@@ -145,7 +145,16 @@ impl Shim {
             .shared
             .keys
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+    }
+
+    /// One key changed (see [`KeyTable::replace`]): the next request sees it.
+    pub fn replace_key(&self, old: Option<[u8; 32]>, new: Option<([u8; 32], ShimKey)>) {
+        self.shared
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(old, new);
     }
 
     /// Apply a new config: keys and rejection swap at once; listeners whose bind

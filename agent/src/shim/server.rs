@@ -58,7 +58,8 @@ pub const KEY_ID_HEADER: &str = "x-keyfence-key-id";
 
 /// What every listener reads on each request; swapped whole on change.
 pub struct Shared {
-    pub keys: RwLock<Arc<KeyTable>>,
+    /// Read for the moment of a decision, written in place by key changes.
+    pub keys: RwLock<KeyTable>,
     pub rejection: RwLock<Arc<Rejection>>,
     pub metrics: Arc<Metrics>,
     /// Recently seen client addresses per key.
@@ -75,12 +76,6 @@ impl ListenerCtx {
 }
 
 impl Shared {
-    fn keys(&self) -> Arc<KeyTable> {
-        self.keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
     fn rejection(&self) -> Arc<Rejection> {
         self.rejection
             .read()
@@ -338,7 +333,10 @@ async fn handle(
     );
     let verdict = decide(
         &config,
-        &ctx.shared.keys(),
+        &ctx.shared
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
         presented,
         client,
         SystemTime::now(),

@@ -42,6 +42,7 @@ const ENTRIES_PER_KEY: usize = 1000;
 const CHANGES: usize = 200;
 const SCALE_KEYS: usize = 100_000;
 const SCALE_ENTRIES_PER_KEY: usize = 10;
+const SCALE_CHANGES: usize = 50;
 const IMPORT_BATCH: usize = 10_000;
 const TOKEN: &str = "bench-admin-token-0123456789";
 const MANAGEMENT: &str = "127.0.0.1:9900";
@@ -126,8 +127,8 @@ fn bpf_map_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// The scale phase, its table printed: `(start to ready s, prefixes, RSS MiB,
-/// BPF map MiB)`.
-fn scale() -> anyhow::Result<(f64, f64, f64, f64)> {
+/// BPF map MiB, sorted change times ms)`.
+fn scale() -> anyhow::Result<(f64, f64, f64, f64, Vec<f64>)> {
     let lab = Lab::new(&["192.0.2.10".parse()?])?;
     let mut agent = Agent::new(&lab.gateway)?;
     agent.env("KF_BENCH_TOKEN", TOKEN);
@@ -147,6 +148,7 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64)> {
     #[expect(clippy::cast_precision_loss, reason = "bytes far below 2^52")]
     let maps = bpf_map_bytes(pid)? as f64 / (1024.0 * 1024.0);
     let rss = rss_mib(pid)?;
+    let changes = time_changes(&lab, SCALE_ENTRIES_PER_KEY, SCALE_CHANGES)?;
     println!(
         "\n| scale: {SCALE_KEYS} keys × {SCALE_ENTRIES_PER_KEY} entries | value |\n|---|---:|"
     );
@@ -157,8 +159,13 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64)> {
     println!("| agent start to ready (every prefix in the BPF maps) | {start_took:.2} s |");
     println!("| agent RSS | {rss:.1} MiB |");
     println!("| BPF map memory (memlock of the agent's maps) | {maps:.1} MiB |");
+    println!(
+        "| allow-list change with them, API call to enforced: p50 / max ({SCALE_CHANGES} PATCHes of a 10-entry list) | {:.2} / {:.2} ms |",
+        percentile(&changes, 0.5),
+        changes.last().copied().unwrap_or_default()
+    );
 
-    Ok((start_took, prefixes, rss, maps))
+    Ok((start_took, prefixes, rss, maps, changes))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -183,19 +190,20 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// `CHANGES` `PATCH` calls, each timed by the client, from a thread inside the
-/// gateway namespace: milliseconds each.
-fn time_changes(lab: &Lab) -> anyhow::Result<Vec<f64>> {
+/// `changes` `PATCH` calls to key 0 (which holds `entries` entries), each
+/// timed by the client, from a thread inside the gateway namespace:
+/// milliseconds each, sorted.
+fn time_changes(lab: &Lab, entries: usize, changes: usize) -> anyhow::Result<Vec<f64>> {
     let netns = lab.gateway.path();
     thread::spawn(move || -> anyhow::Result<Vec<f64>> {
         enter(&netns)?;
         let api = format!("http://{MANAGEMENT}");
         let path = "/v1/keys/key_bench000000";
-        let base: Vec<String> = (0..ENTRIES_PER_KEY - 1)
+        let base: Vec<String> = (0..entries - 1)
             .map(|i| entry(0, i).map(|e| e.net.to_string()))
             .collect::<anyhow::Result<_>>()?;
-        let mut took = Vec::with_capacity(CHANGES);
-        for n in 0..CHANGES {
+        let mut took = Vec::with_capacity(changes);
+        for n in 0..changes {
             let mut list = base.clone();
             if n % 2 == 0 {
                 list.push("192.0.2.10".into());
@@ -208,6 +216,7 @@ fn time_changes(lab: &Lab) -> anyhow::Result<Vec<f64>> {
                 bail!("PATCH answered {}: {}", a.status, a.body);
             }
         }
+        took.sort_by(f64::total_cmp);
         Ok(took)
     })
     .join()
@@ -231,9 +240,7 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.value)
         .sum();
 
-    let timings = time_changes(&lab)?;
-    let mut sorted = timings.clone();
-    sorted.sort_by(f64::total_cmp);
+    let sorted = time_changes(&lab, ENTRIES_PER_KEY, CHANGES)?;
     let metrics = agent.metrics()?;
     let apply_sum: f64 = parse_samples(&metrics, "keyfence_policy_apply_seconds_sum")
         .iter()
@@ -278,7 +285,7 @@ fn main() -> anyhow::Result<()> {
     drop(agent);
     drop(lab);
 
-    let (scale_start, scale_prefixes, scale_rss, scale_maps) = scale()?;
+    let (scale_start, scale_prefixes, scale_rss, scale_maps, scale_changes) = scale()?;
     let p50 = percentile(&sorted, 0.5);
     let p99 = percentile(&sorted, 0.99);
     let report = json!({
@@ -292,6 +299,10 @@ fn main() -> anyhow::Result<()> {
             "start_to_ready_s": scale_start,
             "rss_mib": scale_rss,
             "bpf_map_mib": scale_maps,
+            "change_ms": {
+                "p50": percentile(&scale_changes, 0.5),
+                "max": scale_changes.last().copied().unwrap_or_default(),
+            },
         },
         "goals": [
             bench::goal(
