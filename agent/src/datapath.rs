@@ -29,8 +29,8 @@ use aya::{
 use keyfence_common::{
     LAYOUT_VERSION, map_names,
     policy::{
-        ALLOWED, EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PREFIXES_CAPACITY,
-        PolicyAddr,
+        ALLOWED, EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY,
+        PREFIXES_CAPACITY, PolicyAddr,
     },
     program_names,
     sample::{DROP_SAMPLES_BYTES, DropSample},
@@ -113,6 +113,7 @@ pub struct Attachment {
 /// The policy maps in the kernel.
 pub struct KernelPolicyMaps {
     listeners: HashMap<MapData, ListenerKey, ListenerValue>,
+    ports: Array<MapData, u32>,
     exact: HashMap<MapData, PolicyAddr, u32>,
     prefixes: LpmTrie<MapData, PolicyAddr, u32>,
 }
@@ -127,6 +128,11 @@ impl PolicyBackend for KernelPolicyMaps {
         self.listeners
             .remove(key)
             .context("removing from KF_LISTENERS")
+    }
+    fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()> {
+        self.ports
+            .set(u32::from(port), value, 0)
+            .context("writing KF_PORTS")
     }
     fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
         self.exact
@@ -151,6 +157,15 @@ impl PolicyBackend for KernelPolicyMaps {
         for item in &self.listeners {
             let (k, v) = item.context("iterating KF_LISTENERS")?;
             tables.listeners.insert(k, v);
+        }
+        for port in 0..=u16::MAX {
+            let value = self
+                .ports
+                .get(&u32::from(port), 0)
+                .context("reading KF_PORTS")?;
+            if value != 0 {
+                tables.ports.insert(port, value);
+            }
         }
         for key in self.exact.keys() {
             tables.exact.insert(key.context("iterating KF_EXACT")?);
@@ -243,6 +258,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
             STATS_CAPACITY,
         ),
         map_names::IFINDEX_SLOTS => (MapType::Array, 4, 4, IFINDEX_SLOTS_CAPACITY),
+        map_names::PORTS => (MapType::Array, 4, 4, PORTS_CAPACITY),
         map_names::DROP_SAMPLES => (MapType::RingBuf, 0, 0, DROP_SAMPLES_BYTES),
         map_names::SAMPLE_CLOCK => (MapType::PerCpuArray, 4, 8, 1),
         _ => return None,
@@ -353,6 +369,7 @@ impl Datapath {
         }
         let backend = KernelPolicyMaps {
             listeners: take(&mut ebpf, map_names::LISTENERS)?,
+            ports: take(&mut ebpf, map_names::PORTS)?,
             exact: take(&mut ebpf, map_names::EXACT)?,
             prefixes: take(&mut ebpf, map_names::PREFIXES)?,
         };

@@ -25,13 +25,15 @@ pub mod map_names {
     pub const IFINDEX_SLOTS: &str = "KF_IFINDEX_SLOTS";
     pub const DROP_SAMPLES: &str = "KF_DROP_SAMPLES";
     pub const SAMPLE_CLOCK: &str = "KF_SAMPLE_CLOCK";
+    pub const PORTS: &str = "KF_PORTS";
     /// `cargo xtask bench` only, never pinned or filled by the agent: one LPM
     /// trie holding every prefix of a policy, /32s included (the reference a
     /// trie-only design would cost).
     pub const BENCH_LPM: &str = "KF_BENCH_LPM";
     /// Every map the agent pins, in the order it checks their layouts.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         LISTENERS,
+        PORTS,
         EXACT,
         PREFIXES,
         STATS,

@@ -42,6 +42,61 @@ impl ListenerKey {
     }
 }
 
+/// Capacity of `KF_PORTS`: one entry per TCP destination port.
+pub const PORTS_CAPACITY: u32 = 1 << 16;
+
+/// `KF_PORTS` value bit: some listener on this port binds a specific address,
+/// so the packet takes the full listener lookup (exact address, then wildcard).
+pub const PORT_SPECIFIC: u32 = 1 << 31;
+const _: () = assert!(
+    MAX_LISTENERS <= 0x100,
+    "slots fit in a byte of a port value"
+);
+
+/// A `KF_PORTS` value: what a TCP destination port leads to without any hash
+/// lookup. Bits 0-7: slot of the IPv4 wildcard listener (0: none), bit 8: it
+/// is open; bits 16-24: the same for IPv6; [`PORT_SPECIFIC`]. 0: nothing
+/// listens on the port.
+#[must_use]
+pub const fn port_value(
+    v4: Option<ListenerValue>,
+    v6: Option<ListenerValue>,
+    specific: bool,
+) -> u32 {
+    const fn half(v: Option<ListenerValue>) -> u32 {
+        match v {
+            Some(v) => {
+                (v.policy & 0xff)
+                    | if v.flags & LISTENER_OPEN != 0 {
+                        0x100
+                    } else {
+                        0
+                    }
+            }
+            None => 0,
+        }
+    }
+    half(v4) | (half(v6) << 16) | if specific { PORT_SPECIFIC } else { 0 }
+}
+
+/// The wildcard listener a `KF_PORTS` value gives one family, if any.
+#[must_use]
+pub const fn port_listener(value: u32, v4: bool) -> Option<ListenerValue> {
+    let half = if v4 {
+        value & 0x1ff
+    } else {
+        (value >> 16) & 0x1ff
+    };
+    let slot = half & 0xff;
+    if slot == 0 {
+        return None;
+    }
+    Some(ListenerValue {
+        policy: slot,
+        flags: if half & 0x100 != 0 { LISTENER_OPEN } else { 0 },
+    })
+}
+
 /// The listener is open at packet level: some key it accepts is unrestricted or
 /// report-only, or `early_drop` is off. Packets are counted, never dropped.
 pub const LISTENER_OPEN: u32 = 1;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use keyfence_common::{
     policy::{
-        EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PREFIXES_CAPACITY,
-        PolicyAddr,
+        EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY,
+        PREFIXES_CAPACITY, PolicyAddr,
     },
     sample::DROP_SAMPLES_BYTES,
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
@@ -19,6 +19,12 @@ use keyfence_common::{
 #[map]
 pub static KF_LISTENERS: HashMap<ListenerKey, ListenerValue> =
     HashMap::pinned(LISTENERS_CAPACITY, 0);
+
+/// TCP destination port → the wildcard listeners there, or "look up the
+/// address" (see `port_value`): most packets need no hash lookup to learn
+/// whether, and by which listener, they are protected.
+#[map]
+pub static KF_PORTS: Array<u32> = Array::pinned(PORTS_CAPACITY, 0);
 
 /// `/32` and `/128` allow entries per policy: one hash lookup before the trie.
 #[map]

@@ -1,5 +1,6 @@
-//! From a parsed flow to a counted verdict (SPEC §7): listener lookup (exact
-//! address, then the family's wildcard) → exact-match hash → LPM trie → drop.
+//! From a parsed flow to a counted verdict (SPEC §7): port table (then, where a
+//! listener binds a specific address, listener lookup: exact address, then the
+//! family's wildcard) → exact-match hash → LPM trie → drop.
 //!
 //! Fail-open: every outcome other than [`Stat::DropNotAllowed`] passes, including
 //! parse failures and unusable map contents. The shim behind the datapath is the
@@ -8,16 +9,19 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use keyfence_common::{
-    WILDCARD_V4, WILDCARD_V6,
-    policy::{ALLOWED, LISTENER_OPEN, ListenerKey, MAX_LISTENERS, POLICY_BITS, PolicyAddr},
+    PROTO_TCP, WILDCARD_V4, WILDCARD_V6,
+    policy::{
+        ALLOWED, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS, POLICY_BITS,
+        PORT_SPECIFIC, PolicyAddr, port_listener,
+    },
     sample::{DropSample, SAMPLE_INTERVAL_NS},
     stats::{STAT_SLOTS, Stat, stats_index},
 };
 
 use crate::{
     maps::{
-        KF_DROP_SAMPLES, KF_EXACT, KF_IFINDEX_SLOTS, KF_LISTENERS, KF_PREFIXES, KF_SAMPLE_CLOCK,
-        KF_STATS,
+        KF_DROP_SAMPLES, KF_EXACT, KF_IFINDEX_SLOTS, KF_LISTENERS, KF_PORTS, KF_PREFIXES,
+        KF_SAMPLE_CLOCK, KF_STATS,
     },
     parse::{Flow, parse},
 };
@@ -39,6 +43,36 @@ pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
 
 #[inline(always)]
 fn decide(flow: &Flow) -> Decision {
+    // TCP: the port table says whether anything listens there and, unless some
+    // listener binds a specific address, which listener it is (an array read,
+    // no hash). Other protocols, and ports with specific binds, look up the
+    // address. A missing entry (cannot happen) also takes the full lookup.
+    let port = if flow.proto == PROTO_TCP {
+        KF_PORTS
+            .get(u32::from(u16::from_be_bytes(flow.port)))
+            .copied()
+            .unwrap_or(PORT_SPECIFIC)
+    } else {
+        PORT_SPECIFIC
+    };
+    let listener = match port {
+        0 => None,
+        p if p & PORT_SPECIFIC == 0 => port_listener(p, flow.v4),
+        _ => lookup_listener(flow),
+    };
+    match listener {
+        Some(listener) => verdict_for(flow, listener),
+        None => Decision {
+            slot: 0,
+            stat: Stat::PassNoListener,
+        },
+    }
+}
+
+/// The listener of `flow` from `KF_LISTENERS`: its exact address, else the
+/// family's wildcard.
+#[inline(always)]
+fn lookup_listener(flow: &Flow) -> Option<ListenerValue> {
     let mut key = ListenerKey {
         addr: flow.dst,
         port: flow.port,
@@ -49,20 +83,17 @@ fn decide(flow: &Flow) -> Decision {
         Some(v) => v,
         None => {
             key.addr = if flow.v4 { WILDCARD_V4 } else { WILDCARD_V6 };
-            match KF_LISTENERS.get_ptr(&key) {
-                Some(v) => v,
-                None => {
-                    return Decision {
-                        slot: 0,
-                        stat: Stat::PassNoListener,
-                    };
-                }
-            }
+            KF_LISTENERS.get_ptr(&key)?
         }
     };
     // SAFETY: a non-null pointer to a map value returned by the lookup helper.
     #[expect(unsafe_code, reason = "reading a map value")]
-    let listener = unsafe { *listener };
+    Some(unsafe { *listener })
+}
+
+/// The decision for a packet of a protected listener.
+#[inline(always)]
+fn verdict_for(flow: &Flow, listener: ListenerValue) -> Decision {
     let slot = listener.policy;
     if slot == 0 || slot >= MAX_LISTENERS {
         return Decision {

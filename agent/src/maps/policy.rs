@@ -22,7 +22,8 @@ use keyfence_common::{
     PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
     policy::{
         ALLOWED, DENIED, EXACT_CAPACITY, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS,
-        POLICY_BITS, PREFIXES_CAPACITY, PolicyAddr, V4_MAPPED_BITS,
+        POLICY_BITS, PORT_SPECIFIC, PREFIXES_CAPACITY, PolicyAddr, V4_MAPPED_BITS, port_listener,
+        port_value,
     },
 };
 
@@ -38,6 +39,8 @@ pub type PrefixKey = (u32, PolicyAddr);
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyTables {
     pub listeners: BTreeMap<ListenerKey, ListenerValue>,
+    /// `KF_PORTS`, non-zero entries: derived from `listeners` (see [`ports_of`]).
+    pub ports: BTreeMap<u16, u32>,
     pub exact: BTreeSet<PolicyAddr>,
     pub prefixes: BTreeMap<PrefixKey, u32>,
 }
@@ -46,6 +49,8 @@ pub struct PolicyTables {
 pub trait PolicyBackend {
     fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()>;
     fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()>;
+    /// Set a `KF_PORTS` entry (0 clears it).
+    fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()>;
     fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()>;
     fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()>;
     fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()>;
@@ -67,6 +72,26 @@ pub fn listener_keys(bind: SocketAddr) -> Vec<ListenerKey> {
     addrs
         .into_iter()
         .map(|a| ListenerKey::new(a, port, PROTO_TCP))
+        .collect()
+}
+
+/// The `KF_PORTS` entries listeners need: per TCP port, its wildcard
+/// listeners, or `PORT_SPECIFIC` when some listener binds an address there.
+#[must_use]
+pub fn ports_of(listeners: &BTreeMap<ListenerKey, ListenerValue>) -> BTreeMap<u16, u32> {
+    let mut by_port: BTreeMap<u16, (Option<ListenerValue>, Option<ListenerValue>, bool)> =
+        BTreeMap::new();
+    for (key, value) in listeners.iter().filter(|(k, _)| k.proto == PROTO_TCP) {
+        let entry = by_port.entry(u16::from_be_bytes(key.port)).or_default();
+        match key.addr {
+            WILDCARD_V4 => entry.0 = Some(*value),
+            WILDCARD_V6 => entry.1 = Some(*value),
+            _ => entry.2 = true,
+        }
+    }
+    by_port
+        .into_iter()
+        .map(|(port, (v4, v6, specific))| (port, port_value(v4, v6, specific)))
         .collect()
 }
 
@@ -291,6 +316,8 @@ pub struct ApplyReport {
 pub struct PolicyWriter<B> {
     backend: B,
     listeners: BTreeMap<ListenerKey, ListenerValue>,
+    /// What `KF_PORTS` holds (non-zero entries).
+    ports: BTreeMap<u16, u32>,
     held: BTreeMap<u32, Held>,
     /// Entries in `KF_EXACT` and `KF_PREFIXES` (what `held` amounts to).
     entries: EntryCounts,
@@ -330,6 +357,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         let mut writer = Self {
             backend,
             listeners: BTreeMap::new(),
+            ports: BTreeMap::new(),
             held: BTreeMap::new(),
             entries: EntryCounts::default(),
             slots: SlotMap::default(),
@@ -359,6 +387,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
                 .insert(Entry::Prefix(key), value);
         }
         self.listeners = tables.listeners;
+        self.ports = tables.ports;
         self.held = held
             .into_iter()
             .map(|(slot, entries)| (slot, Held::Entries(entries)))
@@ -377,6 +406,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     pub fn tables(&self) -> PolicyTables {
         let mut tables = PolicyTables {
             listeners: self.listeners.clone(),
+            ports: self.ports.clone(),
             ..PolicyTables::default()
         };
         for (&slot, held) in &self.held {
@@ -620,6 +650,28 @@ impl<B: PolicyBackend> PolicyWriter<B> {
                 report.updated += 1;
             }
         }
+        // The port table follows: a port whose only listeners were wildcards
+        // and now has a specific one switches to the full lookup once the new
+        // listener entries exist, and back before any of them go.
+        let want_ports = ports_of(want_listeners);
+        for (&port, &value) in &want_ports {
+            if self.ports.get(&port) != Some(&value) {
+                self.backend.put_port(port, value)?;
+                self.ports.insert(port, value);
+                report.updated += 1;
+            }
+        }
+        let stale: Vec<u16> = self
+            .ports
+            .keys()
+            .filter(|p| !want_ports.contains_key(p))
+            .copied()
+            .collect();
+        for port in stale {
+            self.backend.put_port(port, 0)?;
+            self.ports.remove(&port);
+            report.removed += 1;
+        }
         // 3. Listeners that are gone.
         let gone: Vec<ListenerKey> = self
             .listeners
@@ -680,10 +732,19 @@ impl PolicyTables {
             dst.port(),
             PROTO_TCP,
         );
-        let value = self
-            .listeners
-            .get(&exact)
-            .or_else(|| self.listeners.get(&wild))?;
+        // As the kernel does: the port table first, the listener map only for
+        // ports where a listener binds a specific address.
+        let port = self.ports.get(&dst.port()).copied().unwrap_or(0);
+        let found = match port {
+            0 => None,
+            p if p & PORT_SPECIFIC == 0 => port_listener(p, v4),
+            _ => self
+                .listeners
+                .get(&exact)
+                .or_else(|| self.listeners.get(&wild))
+                .copied(),
+        };
+        let value = &found?;
         if value.flags & LISTENER_OPEN != 0 {
             return Some(true);
         }
@@ -739,6 +800,15 @@ impl PolicyBackend for MemoryBackend {
     }
     fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
         self.tables.listeners.remove(key);
+        self.ops += 1;
+        Ok(())
+    }
+    fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()> {
+        if value == 0 {
+            self.tables.ports.remove(&port);
+        } else {
+            self.tables.ports.insert(port, value);
+        }
         self.ops += 1;
         Ok(())
     }
@@ -988,6 +1058,7 @@ mod tests {
         watched!(
             put_listener(key: &ListenerKey, value: &ListenerValue),
             del_listener(key: &ListenerKey),
+            put_port(port: u16, value: u32),
             put_exact(key: &PolicyAddr),
             del_exact(key: &PolicyAddr),
             put_prefix(key: &PrefixKey, value: u32),
@@ -1033,11 +1104,17 @@ mod tests {
     ];
 
     fn arb_listener(name: &'static str, port: u16) -> impl Strategy<Value = ListenerPolicy> {
-        let binds = prop::sample::select(vec![
+        let mut binds = vec![
             format!("[::]:{port}"),
             format!("0.0.0.0:{port}"),
             format!("192.0.2.1:{port}"),
-        ]);
+        ];
+        if port == 3 {
+            // Specific addresses on `a`'s port, beside its wildcard or its
+            // own specific bind: the port table's full-lookup case.
+            binds.extend(["192.0.2.9:1".into(), "[2001:db8::1]:1".into()]);
+        }
+        let binds = prop::sample::select(binds);
         let access = prop_oneof![
             1 => Just(Access::Open),
             5 => prop::sample::subsequence(NETS.to_vec(), 0..6).prop_map(|v| {
@@ -1080,6 +1157,22 @@ mod tests {
         let mut fresh = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
         fresh.apply(policy).unwrap();
         fresh.backend().tables.clone()
+    }
+
+    /// The port table agrees with the listener map: every probe gets the
+    /// verdict the listener map alone gives (all ports on the full lookup).
+    fn ports_agree(t: &PolicyTables) -> Result<(), TestCaseError> {
+        let mut full = t.clone();
+        full.ports = t
+            .listeners
+            .keys()
+            .map(|k| (u16::from_be_bytes(k.port), PORT_SPECIFIC))
+            .collect();
+        prop_assert_eq!(ports_of(&t.listeners), t.ports.clone());
+        for (s, d) in probes() {
+            prop_assert_eq!(t.verdict(s, d), full.verdict(s, d), "{} → {}", s, d);
+        }
+        Ok(())
     }
 
     fn both_allow(a: &PolicyTables, b: &PolicyTables) -> Vec<(IpAddr, SocketAddr)> {
@@ -1131,6 +1224,7 @@ mod tests {
             }
             fail.set(None);
             prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+            ports_agree(&w.backend().inner.tables)?;
             for (s, d) in probes() {
                 prop_assert_eq!(
                     w.backend().inner.tables.verdict(s, d),
@@ -1143,6 +1237,7 @@ mod tests {
             *must_pass.borrow_mut() = both_allow(&middle_tables, &after_tables);
             w.apply(&after).unwrap();
             prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+            ports_agree(&w.backend().inner.tables)?;
             for (s, d) in probes() {
                 prop_assert_eq!(
                     w.backend().inner.tables.verdict(s, d),
