@@ -449,18 +449,7 @@ fn load(conn: &Connection, id: &str) -> Result<StoredKey, StoreError> {
 }
 
 fn insert_entries(tx: &Transaction<'_>, id: &str, allow: &AllowList) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO allow_entries (key_id, cidr, note, expires_at) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    for e in allow.entries() {
-        stmt.execute(params![
-            id,
-            e.net.to_string(),
-            e.note,
-            e.expires_at.map(millis)
-        ])?;
-    }
-    Ok(())
+    replace_entries(tx, id, &AllowList::default(), allow)
 }
 
 /// Rewrite `id`'s entries from `before` to `after`, touching only the rows
