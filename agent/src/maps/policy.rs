@@ -642,8 +642,15 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         for op in ops.iter().filter(|op| op.widens()) {
             self.write_op(op, &mut report)?;
         }
-        // 2. Listeners now point at complete entries.
-        for (key, value) in want_listeners {
+        // 2. Listeners now point at complete entries. Specific addresses go
+        // first: a new `192.0.2.9:P` must take its packets over before the
+        // wildcard `[::]:P` they fell to so far changes under them.
+        let is_wildcard = |k: &ListenerKey| k.addr == WILDCARD_V4 || k.addr == WILDCARD_V6;
+        let specific_first = want_listeners
+            .iter()
+            .filter(|(k, _)| !is_wildcard(k))
+            .chain(want_listeners.iter().filter(|(k, _)| is_wildcard(k)));
+        for (key, value) in specific_first {
             if self.listeners.get(key) != Some(value) {
                 self.backend.put_listener(key, value)?;
                 self.listeners.insert(*key, *value);
