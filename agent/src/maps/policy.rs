@@ -161,7 +161,6 @@ fn in_slice(nets: &[IpNet]) -> impl Fn(&IpNet) -> bool + '_ {
 /// Networks as the writer holds them: IPv4-mapped IPv6 folded to IPv4 (it has
 /// the same entries), host bits clear, sorted, without duplicates.
 fn canonical(nets: &[IpNet]) -> Vec<IpNet> {
-    let is_canonical = |n: &IpNet| crate::allowlist::fold_net(n.trunc()) == *n;
     if nets.is_sorted_by(|a, b| a < b) && nets.iter().all(is_canonical) {
         return nets.to_vec();
     }
@@ -172,6 +171,11 @@ fn canonical(nets: &[IpNet]) -> Vec<IpNet> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// Folded and with host bits clear: as the writer holds networks.
+fn is_canonical(net: &IpNet) -> bool {
+    crate::allowlist::fold_net(net.trunc()) == *net
 }
 
 /// Every entry of a restricted policy.
@@ -513,7 +517,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             }
         }
         let entries = self.check_capacity(&ops)?;
-        match self.write(&ops, &want_listeners) {
+        match self.write(&ops, Some(&want_listeners)) {
             Ok(report) => {
                 self.entries = entries;
                 self.held = want_nets
@@ -536,7 +540,6 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         &mut self,
         changes: &[(String, Change)],
     ) -> anyhow::Result<Option<ApplyReport>> {
-        let is_canonical = |n: &IpNet| crate::allowlist::fold_net(n.trunc()) == *n;
         let mut ops = Vec::new();
         let mut slots = Vec::with_capacity(changes.len());
         for (name, change) in changes {
@@ -580,8 +583,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             slots.push(slot);
         }
         let entries = self.check_capacity(&ops)?;
-        let listeners = self.listeners.clone();
-        match self.write(&ops, &listeners) {
+        match self.write(&ops, None) {
             Ok(report) => {
                 self.entries = entries;
                 for ((_, change), slot) in changes.iter().zip(slots) {
@@ -631,17 +633,34 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     }
 
     /// The writes, in the order that keeps every flow allowed before and after
-    /// allowed throughout (see the module doc).
+    /// allowed throughout (see the module doc). `listeners`: the listener map
+    /// to reach between widening and narrowing; `None` leaves it as it is.
     fn write(
         &mut self,
         ops: &[Op],
-        want_listeners: &BTreeMap<ListenerKey, ListenerValue>,
+        listeners: Option<&BTreeMap<ListenerKey, ListenerValue>>,
     ) -> anyhow::Result<ApplyReport> {
         let mut report = ApplyReport::default();
         // 1. New allows first.
         for op in ops.iter().filter(|op| op.widens()) {
             self.write_op(op, &mut report)?;
         }
+        if let Some(listeners) = listeners {
+            self.write_listeners(listeners, &mut report)?;
+        }
+        // 4. Narrowing last.
+        for op in ops.iter().filter(|op| !op.widens()) {
+            self.write_op(op, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// Steps 2 and 3: the listener map and the port table it implies.
+    fn write_listeners(
+        &mut self,
+        want_listeners: &BTreeMap<ListenerKey, ListenerValue>,
+        report: &mut ApplyReport,
+    ) -> anyhow::Result<()> {
         // 2. Listeners now point at complete entries. Specific addresses go
         // first: a new `192.0.2.9:P` must take its packets over before the
         // wildcard `[::]:P` they fell to so far changes under them.
@@ -691,11 +710,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             self.listeners.remove(&key);
             report.removed += 1;
         }
-        // 4. Narrowing last.
-        for op in ops.iter().filter(|op| !op.widens()) {
-            self.write_op(op, &mut report)?;
-        }
-        Ok(report)
+        Ok(())
     }
 
     fn write_op(&mut self, op: &Op, report: &mut ApplyReport) -> anyhow::Result<()> {
@@ -1004,6 +1019,89 @@ mod tests {
         assert_eq!(t.exact.len(), 1);
         assert!(t.prefixes.is_empty());
         assert_eq!(w.slots().by_name["b"], 2, "b keeps its slot");
+    }
+
+    #[test]
+    fn changes_the_writer_cannot_take_write_nothing() {
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let change = |removed: &[&str], added: &[&str]| Change {
+            removed: removed.iter().map(|s| net(s)).collect(),
+            added: added.iter().map(|s| net(s)).collect(),
+        };
+        let mut w = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+        w.apply(&policy(vec![
+            restricted("api", "[::]:1", &["192.0.2.0/24"]),
+            open("pub", "[::]:2"),
+        ]))
+        .unwrap();
+        let before = w.backend().tables.clone();
+        let ops = w.backend().ops;
+        for (name, c, why) in [
+            (
+                "nope",
+                change(&[], &["198.51.100.0/24"]),
+                "unknown listener",
+            ),
+            ("pub", change(&[], &["198.51.100.0/24"]), "open listener"),
+            (
+                "api",
+                change(&["198.51.100.0/24"], &[]),
+                "removes what it does not hold",
+            ),
+            ("api", change(&[], &["192.0.2.0/24"]), "adds what it holds"),
+            (
+                "api",
+                change(&[], &["::ffff:198.51.100.0/120"]),
+                "not folded",
+            ),
+        ] {
+            let taken = w.apply_changes(&[(name.into(), c)]).unwrap();
+            assert_eq!(taken, None, "{why}");
+            assert_eq!(w.backend().ops, ops, "{why}: nothing written");
+        }
+        assert_eq!(w.backend().tables, before);
+        // The same writer takes a valid change.
+        let taken = w.apply_changes(&[(
+            "api".into(),
+            change(&["192.0.2.0/24"], &["198.51.100.7/32"]),
+        )]);
+        assert!(taken.unwrap().is_some());
+        let t = &w.backend().tables;
+        assert_eq!(
+            t.verdict(ip("198.51.100.7"), dst("192.0.2.1:1")),
+            Some(true)
+        );
+        assert_eq!(t.verdict(ip("192.0.2.9"), dst("192.0.2.1:1")), Some(false));
+    }
+
+    #[test]
+    fn a_policy_over_capacity_is_refused_before_any_write() {
+        let mut w = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+        w.apply(&policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &["192.0.2.1/32"],
+        )]))
+        .unwrap();
+        // As if the hash were one entry short of full.
+        w.entries.exact = i64::from(EXACT_CAPACITY);
+        let before = w.backend().tables.clone();
+        let ops = w.backend().ops;
+        let err = w
+            .apply(&policy(vec![restricted(
+                "api",
+                "[::]:1",
+                &["192.0.2.1/32", "192.0.2.2/32"],
+            )]))
+            .unwrap_err();
+        assert!(err.to_string().contains("/32 and /128 entries"), "{err}");
+        let added = Change {
+            removed: BTreeSet::new(),
+            added: ["192.0.2.3/32".parse().unwrap()].into(),
+        };
+        let err = w.apply_changes(&[("api".into(), added)]).unwrap_err();
+        assert!(err.to_string().contains("/32 and /128 entries"), "{err}");
+        assert_eq!((w.backend().ops, &w.backend().tables), (ops, &before));
     }
 
     #[test]
