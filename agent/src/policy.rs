@@ -145,6 +145,17 @@ enum Rule {
     },
 }
 
+impl Rule {
+    /// Prefixes of a restricted listener; `None` when it is open.
+    fn restricted_len(&self) -> Option<usize> {
+        match self {
+            Rule::Open | Rule::Keys { openers: 1.., .. } => None,
+            Rule::Proxies(nets) => Some(nets.len()),
+            Rule::Keys { nets, .. } => Some(nets.len()),
+        }
+    }
+}
+
 fn opens(key: &KeyAccess<'_>) -> bool {
     key.report_only || key.allow.is_unrestricted()
 }
@@ -250,26 +261,17 @@ impl PolicyState {
 
     /// Restricted listeners whose union is empty: every packet to them drops.
     pub fn unreachable(&self) -> impl Iterator<Item = &str> {
-        self.listeners.iter().filter_map(|(listener, rule)| {
-            let empty = match rule {
-                Rule::Open | Rule::Keys { openers: 1.., .. } => false,
-                Rule::Proxies(nets) => nets.is_empty(),
-                Rule::Keys { nets, .. } => nets.is_empty(),
-            };
-            empty.then_some(listener.name.as_str())
-        })
+        self.listeners
+            .iter()
+            .filter(|(_, rule)| rule.restricted_len() == Some(0))
+            .map(|(listener, _)| listener.name.as_str())
     }
 
     /// Prefixes the datapath holds for each listener (0 for an open one).
     pub fn prefix_counts(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.listeners.iter().map(|(listener, rule)| {
-            let count = match rule {
-                Rule::Open | Rule::Keys { openers: 1.., .. } => 0,
-                Rule::Proxies(nets) => nets.len(),
-                Rule::Keys { nets, .. } => nets.len(),
-            };
-            (listener.name.as_str(), count)
-        })
+        self.listeners
+            .iter()
+            .map(|(listener, rule)| (listener.name.as_str(), rule.restricted_len().unwrap_or(0)))
     }
 
     /// What the datapath enforces now.
@@ -633,6 +635,17 @@ mod tests {
                 );
                 let compiled = state.compiled();
                 prop_assert_eq!(&compiled, &compile(&listeners, &after_access, now));
+                let counts: Vec<usize> = state.prefix_counts().map(|(_, c)| c).collect();
+                let want: Vec<usize> = compiled.listeners.iter().map(|l| l.access.prefix_count()).collect();
+                prop_assert_eq!(counts, want);
+                let unreachable: Vec<&str> = state.unreachable().collect();
+                let want: Vec<&str> = compiled
+                    .listeners
+                    .iter()
+                    .filter(|l| l.access == Access::Restricted(Vec::new()))
+                    .map(|l| l.name.as_str())
+                    .collect();
+                prop_assert_eq!(unreachable, want);
                 if change.reshaped {
                     continue;
                 }
