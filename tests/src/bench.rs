@@ -58,18 +58,7 @@ http {{
 "
         ),
     )?;
-    Daemon::start(
-        ns,
-        "nginx",
-        &[
-            "-c",
-            &conf.to_string_lossy(),
-            "-e",
-            &dir.join("nginx-error.log").to_string_lossy(),
-        ],
-        &dir.join("nginx.out"),
-        ready,
-    )
+    Daemon::nginx(ns, dir, &conf, ready)
 }
 
 /// An nginx server answering `200 ok` on `127.0.0.1:port`: the upstream.

@@ -413,6 +413,23 @@ impl Daemon {
         }
     }
 
+    /// nginx in `ns` with the config file `conf` (its error log and output
+    /// under `dir`), once `ready` accepts.
+    pub fn nginx(ns: &Netns, dir: &Path, conf: &Path, ready: SocketAddr) -> anyhow::Result<Self> {
+        Self::start(
+            ns,
+            "nginx",
+            &[
+                "-c",
+                &conf.to_string_lossy(),
+                "-e",
+                &dir.join("nginx-error.log").to_string_lossy(),
+            ],
+            &dir.join("nginx.out"),
+            ready,
+        )
+    }
+
     /// Its output so far.
     #[must_use]
     pub fn log(&self) -> String {

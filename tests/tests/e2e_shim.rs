@@ -657,16 +657,10 @@ fn nginx_auth_request_in_front_of_an_auth_listener() {
     let dir = s.agent.dir().to_owned();
     let conf = dir.join("nginx.conf");
     std::fs::write(&conf, nginx_config(&dir)).expect("writing nginx.conf");
-    let _nginx = Daemon::start(
+    let _nginx = Daemon::nginx(
         &s.lab.gateway,
-        "nginx",
-        &[
-            "-c",
-            &conf.to_string_lossy(),
-            "-e",
-            &dir.join("nginx-error.log").to_string_lossy(),
-        ],
-        &dir.join("nginx.out"),
+        &dir,
+        &conf,
         SocketAddr::from(([127, 0, 0, 1], NGINX)),
     )
     .expect("starting nginx");
