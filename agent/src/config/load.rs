@@ -16,6 +16,7 @@ use super::shape;
 
 use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
+    MapCapacity,
     ListenerMode, ManagementConfig, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
 };
 use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
@@ -81,6 +82,14 @@ struct RawDatapath {
     interfaces: Vec<Spanned<String>>,
     mode: Option<Spanned<String>>,
     pin_path: Option<Spanned<String>>,
+    capacity: Option<RawCapacity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapacity {
+    exact: Option<Spanned<u32>>,
+    prefixes: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -354,6 +363,7 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
             interfaces: Vec::new(),
             mode: AttachMode::Auto,
             pin_path: PathBuf::from("/sys/fs/bpf/keyfence"),
+            capacity: MapCapacity::default(),
         };
     };
     let mode = match raw.mode.as_ref().map(|m| m.value.as_str()) {
@@ -417,6 +427,36 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
         interfaces,
         mode,
         pin_path,
+        capacity: capacity(raw.capacity, errors),
+    }
+}
+
+/// `datapath.capacity`: each size from 1 to [`MapCapacity::MAX`], defaults
+/// the built-in sizes.
+fn capacity(raw: Option<RawCapacity>, errors: &mut Errors) -> MapCapacity {
+    let default = MapCapacity::default();
+    let Some(raw) = raw else {
+        return default;
+    };
+    let mut size = |v: Option<Spanned<u32>>, field: &str, fallback: u32| match v {
+        None => fallback,
+        Some(v) if (1..=MapCapacity::MAX).contains(&v.value) => v.value,
+        Some(v) => {
+            errors.at(
+                &v.referenced,
+                format!("datapath.capacity.{field}"),
+                format!(
+                    "{} is out of range: from 1 to {} entries",
+                    v.value,
+                    MapCapacity::MAX
+                ),
+            );
+            fallback
+        }
+    };
+    MapCapacity {
+        exact: size(raw.exact, "exact", default.exact),
+        prefixes: size(raw.prefixes, "prefixes", default.prefixes),
     }
 }
 
