@@ -503,6 +503,11 @@ impl Datapath {
         self.writer.check_changes(changes)
     }
 
+    /// Read the policy maps again before a reconcile (see `PolicyWriter::resync`).
+    pub fn resync(&mut self) -> anyhow::Result<()> {
+        self.writer.resync()
+    }
+
     /// After a failed write: open the listeners whose entries do not cover
     /// `policy` (see `PolicyWriter::open_uncovered`). Returns their names.
     pub fn open_uncovered(&mut self, policy: &CompiledPolicy) -> anyhow::Result<Vec<String>> {

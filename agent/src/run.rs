@@ -325,8 +325,7 @@ impl Daemon {
                     let _ = apply.done.send(answer);
                 }
                 () = reconcile => {
-                    tracing::info!("reconciling the datapath with the policy");
-                    if let Ok(next) = self.apply_policy() {
+                    if let Ok(next) = self.reconcile() {
                         next_change = next;
                     }
                 }
@@ -519,6 +518,24 @@ impl Daemon {
             );
         }
         Ok(())
+    }
+
+    /// A full reconcile: read the maps back, diff against a fresh compile,
+    /// write. A failure schedules the next one (longer back-off).
+    fn reconcile(&mut self) -> anyhow::Result<Option<SystemTime>> {
+        tracing::info!("reconciling the datapath with the policy");
+        let resync = {
+            let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            guard
+                .as_mut()
+                .map_or(Ok(()), |dp| tokio::task::block_in_place(|| dp.resync()))
+        };
+        if let Err(e) = resync {
+            // Reading failed: nothing was written, try again later.
+            let _ = self.datapath_failed(&e);
+            return Err(e);
+        }
+        self.apply_policy()
     }
 
     /// The maps match `self.policy` again.

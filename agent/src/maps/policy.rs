@@ -710,6 +710,13 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         Some((ops, slots))
     }
 
+    /// Forget what the writer believes and read the maps again, so that the
+    /// next apply diffs against what the kernel holds (a reconcile: the maps
+    /// may have changed under it, space may have come back).
+    pub fn resync(&mut self) -> anyhow::Result<()> {
+        self.read_back().context("re-reading the policy maps")
+    }
+
     /// After a failed write: take the maps as they are now.
     fn failed(&mut self, e: anyhow::Error) -> anyhow::Error {
         match self.read_back() {
