@@ -31,12 +31,12 @@ use crate::{
     config::{self, AttachMode, Config},
     confirm::Confirmer,
     datapath::{Datapath, decode_sample},
-    maps::policy::CapacityError,
     management::{
         self,
         api::{self, ApiState, Apply, EnforceError, SharedStore},
         principals::ADMIN_SCOPE,
     },
+    maps::policy::CapacityError,
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
     policy::{self, KeyAccess, PolicyState},
     shim::{
@@ -376,48 +376,46 @@ impl Daemon {
         let old = self.stored.get(&key.id).filter(|k| k.is_active());
         let new = Some(key).filter(|k| k.is_active());
         let now = SystemTime::now();
-        let full_check = |state: &PolicyState| {
-            tokio::task::block_in_place(|| dp.check_apply(&state.compiled()))
-        };
-        let result = if self.reconcile.is_some()
-            || self.policy.next_change().is_some_and(|t| now >= t)
-        {
-            // The next write is a full apply: check the whole policy.
-            let mut accesses: Vec<KeyAccess<'_>> = self
-                .config
-                .keys
-                .iter()
-                .map(KeyAccess::from)
-                .chain(
-                    self.stored
-                        .values()
-                        .filter(|k| k.is_active() && k.id != key.id)
-                        .map(KeyAccess::from),
+        let full_check =
+            |state: &PolicyState| tokio::task::block_in_place(|| dp.check_apply(&state.compiled()));
+        let result =
+            if self.reconcile.is_some() || self.policy.next_change().is_some_and(|t| now >= t) {
+                // The next write is a full apply: check the whole policy.
+                let mut accesses: Vec<KeyAccess<'_>> = self
+                    .config
+                    .keys
+                    .iter()
+                    .map(KeyAccess::from)
+                    .chain(
+                        self.stored
+                            .values()
+                            .filter(|k| k.is_active() && k.id != key.id)
+                            .map(KeyAccess::from),
+                    )
+                    .collect();
+                accesses.extend(new.map(KeyAccess::from));
+                full_check(&PolicyState::build(&self.config.listeners, &accesses, now))
+            } else {
+                self.policy.preview_key(
+                    old.map(KeyAccess::from).as_ref(),
+                    new.map(KeyAccess::from).as_ref(),
+                    now,
+                    |state, change| {
+                        if !change.reshaped
+                            && let Some(()) = dp.check_changes(&change.restricted)?
+                        {
+                            return Ok(());
+                        }
+                        full_check(state)
+                    },
                 )
-                .collect();
-            accesses.extend(new.map(KeyAccess::from));
-            full_check(&PolicyState::build(&self.config.listeners, &accesses, now))
-        } else {
-            self.policy.preview_key(
-                old.map(KeyAccess::from).as_ref(),
-                new.map(KeyAccess::from).as_ref(),
-                now,
-                |state, change| {
-                    if !change.reshaped
-                        && let Some(()) = dp.check_changes(&change.restricted)?
-                    {
-                        return Ok(());
-                    }
-                    full_check(state)
-                },
-            )
-        };
-        result.map(|()| started.elapsed()).map_err(|e| {
-            match e.downcast::<CapacityError>() {
+            };
+        result
+            .map(|()| started.elapsed())
+            .map_err(|e| match e.downcast::<CapacityError>() {
                 Ok(full) => EnforceError::Full(full),
                 Err(e) => EnforceError::Failed(format!("{e:#}")),
-            }
-        })
+            })
     }
 
     /// Enforce a change the API committed: the shim's key table, the BPF maps

@@ -259,10 +259,7 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
         links,
         listeners,
         listener_entries: (listener_rows.len(), LISTENERS_CAPACITY),
-        exact_entries: (
-            exact_by_slot.values().sum(),
-            config.datapath.capacity.exact,
-        ),
+        exact_entries: (exact_by_slot.values().sum(), config.datapath.capacity.exact),
         prefix_entries: (
             prefixes_by_slot.values().sum(),
             config.datapath.capacity.prefixes,

@@ -1079,7 +1079,9 @@ impl Scenario {
 fn assert_full(a: &Answer, limit: u32, what: &str) {
     assert_eq!(a.status, 507, "{what}: {a:?}");
     assert_eq!(
-        a.body["error"].as_str().map(|e| e.split(" (").next().unwrap_or(e)),
+        a.body["error"]
+            .as_str()
+            .map(|e| e.split(" (").next().unwrap_or(e)),
         Some(format!("datapath exact-match map full: {limit} entries").as_str()),
         "{what}: {a:?}"
     );
@@ -1100,7 +1102,11 @@ fn a_full_map_refuses_with_507_stores_nothing_and_works_once_room_is_made() {
     let ops = s.ops();
     let (a, a_secret) = ops.create(&json!({"name": "a", "ip_allow_list": [DROPPED]}));
     let (b, _) = ops.create(&json!({"name": "b", "ip_allow_list": ["198.51.100.7"]}));
-    assert_status(&s.request(DROPPED, &a_secret), 200, "a, through the datapath");
+    assert_status(
+        &s.request(DROPPED, &a_secret),
+        200,
+        "a, through the datapath",
+    );
 
     // Full: a create is refused, and nothing of it exists anywhere.
     let audit_before = ops.get("/v1/audit").body["entries"]
@@ -1139,7 +1145,11 @@ fn a_full_map_refuses_with_507_stores_nothing_and_works_once_room_is_made() {
     assert_dropped(&s.request(ADMIN_KEY_FROM, &c_secret), "c's entry is gone");
     let a2 = ops.set_allow(&a, &wider);
     assert_eq!(a2.status, 200, "{a2:?}");
-    assert_status(&s.request(OUTSIDER, &a_secret), 200, "a's new address, both layers");
+    assert_status(
+        &s.request(OUTSIDER, &a_secret),
+        200,
+        "a's new address, both layers",
+    );
     assert_status(&s.request(DROPPED, &a_secret), 200, "a's old address");
     assert_eq!(s.readyz(), (200, "ready\n".into()));
     assert!((s.metric("keyfence_datapath_in_sync") - 1.0).abs() < 0.5);
@@ -1202,7 +1212,11 @@ fn a_kernel_refusal_fails_open_reports_degraded_and_reconciles() {
     // The agent now knows the map is full: a change needing more is refused.
     let wider = json!([DROPPED, OUTSIDER]);
     assert_full(&ops.set_allow(&id, &wider), 8, "full from outside");
-    assert_status(&s.request(OUTSIDER, &secret), 403, "open, and the shim refuses");
+    assert_status(
+        &s.request(OUTSIDER, &secret),
+        403,
+        "open, and the shim refuses",
+    );
 
     // Space back: the reconcile (back-off from 0.5 s) catches up.
     let keys: Vec<_> = foreign.keys().filter_map(Result::ok).collect();

@@ -16,8 +16,8 @@ use super::shape;
 
 use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
-    MapCapacity,
-    ListenerMode, ManagementConfig, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
+    ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
+    TlsConfig,
 };
 use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
 

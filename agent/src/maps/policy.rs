@@ -655,10 +655,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
 
     /// Whether [`Self::apply_changes`] would fit, without writing; `Ok(None)`
     /// when it would not take them (ask [`Self::check_apply`] then).
-    pub fn check_changes(
-        &self,
-        changes: &[(String, Change)],
-    ) -> Result<Option<()>, CapacityError> {
+    pub fn check_changes(&self, changes: &[(String, Change)]) -> Result<Option<()>, CapacityError> {
         let Some((ops, _)) = self.plan_changes(changes) else {
             return Ok(None);
         };
@@ -1310,9 +1307,12 @@ mod tests {
             removed: BTreeSet::new(),
             added: ["192.0.2.3/32".parse().unwrap()].into(),
         };
-        let err = w.apply_changes(&[("api".into(), added.clone())]).unwrap_err();
+        let err = w
+            .apply_changes(&[("api".into(), added.clone())])
+            .unwrap_err();
         assert_eq!(
-            err.downcast_ref::<CapacityError>().map(CapacityError::limit),
+            err.downcast_ref::<CapacityError>()
+                .map(CapacityError::limit),
             Some(1)
         );
         assert_eq!(
@@ -1378,7 +1378,10 @@ mod tests {
             removed: BTreeSet::new(),
             added: ["192.0.2.3/32".parse().unwrap()].into(),
         };
-        assert_eq!(w.check_changes(&[("api".into(), add.clone())]), Ok(Some(())));
+        assert_eq!(
+            w.check_changes(&[("api".into(), add.clone())]),
+            Ok(Some(()))
+        );
         assert!(w.apply_changes(&[("api".into(), add)]).unwrap().is_some());
         let t = &w.backend().tables;
         assert_eq!(t.verdict(ip("192.0.2.3"), dst("192.0.2.1:1")), Some(true));
