@@ -992,6 +992,23 @@ metrics:
         let c = parse("listeners: []\n", "k.yaml").unwrap();
         assert_eq!(c.datapath.mode, AttachMode::Auto);
         assert_eq!(c.datapath.pin_path, PathBuf::from("/sys/fs/bpf/keyfence"));
+        assert_eq!(c.datapath.capacity, MapCapacity::default());
+        assert_eq!(
+            c.datapath.capacity.exact,
+            keyfence_common::policy::EXACT_CAPACITY
+        );
+        let small = parse(
+            "datapath:\n  capacity: { exact: 8 }\nlisteners: []\n",
+            "k.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            small.datapath.capacity,
+            MapCapacity {
+                exact: 8,
+                prefixes: keyfence_common::policy::PREFIXES_CAPACITY
+            }
+        );
         assert_eq!(c.rejection.status, 403);
         assert_eq!(c.rejection.body, r#"{"error":"IP address not allowed"}"#);
     }
@@ -1054,6 +1071,19 @@ metrics:
             "relative pin path",
             "datapath:\n  pin_path: bpf/kf\n",
             &["2:13: datapath.pin_path: must be an absolute path"],
+        ),
+        (
+            "map capacity out of range",
+            "datapath:\n  capacity: { exact: 0, prefixes: 16777217 }\n",
+            &[
+                "2:22: datapath.capacity.exact: 0 is out of range: from 1 to 16777216 entries",
+                "2:35: datapath.capacity.prefixes: 16777217 is out of range",
+            ],
+        ),
+        (
+            "map capacity field typo",
+            "datapath:\n  capacity: { exakt: 8 }\n",
+            &["2:15: datapath.capacity.exakt: unknown field `exakt`"],
         ),
         (
             "bad bind",

@@ -161,3 +161,95 @@ impl KeyStore for Preview<'_> {
         self.inner.touch_last_used(used)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use super::*;
+    use crate::{
+        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
+        store::{secret, sqlite::SqliteStore},
+    };
+
+    fn store() -> (SqliteStore, std::path::PathBuf) {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("keyfence-preview-{:016x}", u64::from_ne_bytes(b)));
+        std::fs::create_dir_all(&dir).unwrap();
+        (SqliteStore::open(&dir.join("k.db")).unwrap(), dir)
+    }
+
+    fn actor() -> Actor {
+        Actor {
+            principal: "admin:ops".into(),
+            address: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+        }
+    }
+
+    fn list(s: &str) -> crate::allowlist::AllowList {
+        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
+    }
+
+    #[test]
+    fn a_preview_writes_nothing_and_its_replay_stores_what_it_answered() {
+        let (mut s, dir) = store();
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let new = NewKey {
+            id: secret::new_key_id(),
+            name: "ci".into(),
+            tenant: "default".into(),
+            scopes: vec!["api".into()],
+            digest: [1; 32],
+            allow: list("198.51.100.7"),
+            report_only: false,
+        };
+        let mut preview = Preview::new(&mut s);
+        let would_be = preview.create(new.clone(), &actor(), now).unwrap();
+        let call = preview.into_call().expect("recorded");
+        assert!(s.keys().unwrap().is_empty(), "nothing stored");
+        assert!(s.audit(0, 10, None).unwrap().is_empty(), "nothing audited");
+        let stored = call.replay(&mut s, &actor(), now).unwrap();
+        assert_eq!(stored, would_be);
+
+        // An update: the patched key answered, the stored one unchanged.
+        let patch = KeyPatch {
+            allow: Some(list("198.51.100.0/24, 203.0.113.9")),
+            report_only: Some(true),
+            ..KeyPatch::default()
+        };
+        let later = now + Duration::from_secs(5);
+        let mut preview = Preview::new(&mut s);
+        let (before, after) = preview.update(&new.id, patch, &actor(), later).unwrap();
+        let call = preview.into_call().expect("recorded");
+        assert_eq!(before, stored);
+        assert_eq!(s.key(&new.id).unwrap(), stored, "not written");
+        let written = call.replay(&mut s, &actor(), later).unwrap();
+        assert_eq!(
+            (written.allow.clone(), written.report_only),
+            (after.allow, true)
+        );
+
+        // Revoked: the preview refuses changes as the store does.
+        let mut preview = Preview::new(&mut s);
+        let revoked = preview.revoke(&new.id, &actor(), later).unwrap();
+        assert!(!revoked.is_active());
+        preview
+            .into_call()
+            .unwrap()
+            .replay(&mut s, &actor(), later)
+            .unwrap();
+        let mut preview = Preview::new(&mut s);
+        assert!(matches!(
+            preview.rotate(&new.id, [2; 32], &actor(), later),
+            Err(StoreError::Revoked(_))
+        ));
+        assert!(preview.into_call().is_none());
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
