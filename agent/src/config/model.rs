@@ -47,7 +47,7 @@ pub struct MapCapacity {
 }
 
 impl MapCapacity {
-    /// The largest size accepted for either map: about 2 GB of kernel memory
+    /// The largest size accepted for either map: gigabytes of kernel memory
     /// for the hash, far beyond any list keyfence is meant for.
     pub const MAX: u32 = 1 << 24;
 }
