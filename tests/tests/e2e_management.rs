@@ -1237,3 +1237,69 @@ fn a_kernel_refusal_fails_open_reports_degraded_and_reconciles() {
         "restricted again: a source in no list is dropped",
     );
 }
+
+/// A reload whose policy the maps cannot hold is refused and counted, the
+/// last good config staying in force; a restart asking for another map size
+/// than the pinned maps have is refused with the fix.
+#[test]
+fn a_reload_beyond_capacity_is_refused_and_a_resized_pin_is_refused_at_start() {
+    let mut s = small_maps(2);
+    let failures = |s: &Scenario| {
+        let text = s.agent.metrics().expect("metrics");
+        parse_samples(&text, "keyfence_config_reloads_total")
+            .iter()
+            .filter(|x| x.label("result") == Some("failure"))
+            .map(|x| x.value)
+            .sum::<f64>()
+    };
+    let base = config(s.agent.pin_path(), false, "auto").replacen(
+        "mode: auto,",
+        "mode: auto, capacity: { exact: 2, prefixes: 64 },",
+        1,
+    );
+    // Three /32 entries that do not merge: one more than the map holds.
+    let wide = base.replacen(
+        "management:\n",
+        &format!(
+            "  - {{ id: wide, name: wide, secret_sha256: \"{}\", ip_allow_list: [\"198.51.100.1\", \"198.51.100.3\", \"198.51.100.5\"] }}\nmanagement:\n",
+            "ab".repeat(32)
+        ),
+        1,
+    );
+    s.agent.write_config(&wide).expect("writing the config");
+    s.agent.sighup().expect("SIGHUP");
+    let refused = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        failures(&s) >= 1.0
+    });
+    assert!(refused, "the reload is refused\n{}", s.agent.log());
+    assert!(
+        s.agent
+            .log()
+            .contains("datapath exact-match map full: 2 entries"),
+        "refused for the capacity\n{}",
+        s.agent.log()
+    );
+    let listed = s.ops().get("/v1/keys");
+    assert!(
+        !listed.body.to_string().contains("\"wide\""),
+        "the last good config stays: {listed:?}"
+    );
+    assert_status(&s.request(SEEN, NEIGHBOUR_SECRET), 200, "still in force");
+    assert_eq!(s.readyz(), (200, "ready\n".into()), "nothing was written");
+
+    // Another size than the pinned maps: refused at start, naming the fix.
+    s.agent.sigterm().expect("stopping keyfence");
+    let resized = base.replacen("exact: 2,", "exact: 3,", 1);
+    s.agent.write_config(&resized).expect("writing the config");
+    s.agent.spawn().expect("starting keyfence");
+    let exited = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        s.agent.exited().ok().flatten().is_some()
+    });
+    assert!(exited, "keyfence refuses to start\n{}", s.agent.log());
+    let log = s.agent.log();
+    assert!(
+        log.contains("holds 2 entries, datapath.capacity asks for 3")
+            && log.contains("keyfence detach"),
+        "{log}"
+    );
+}
