@@ -28,17 +28,14 @@ use aya::{
 };
 use keyfence_common::{
     LAYOUT_VERSION, map_names,
-    policy::{
-        ALLOWED, EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY,
-        PREFIXES_CAPACITY, PolicyAddr,
-    },
+    policy::{ALLOWED, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY, PolicyAddr},
     program_names,
     sample::{DROP_SAMPLES_BYTES, DropSample},
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
 };
 
 use crate::{
-    config::AttachMode,
+    config::{AttachMode, MapCapacity},
     maps::{
         ifaces::IfaceSlots,
         policy::{ApplyReport, PolicyBackend, PolicyTables, PolicyWriter, PrefixKey},
@@ -228,8 +225,9 @@ fn take_lock(pin_root: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Expected kernel layout of every pinned map: type, key size, value size, capacity.
-fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
+/// Expected kernel layout of every pinned map: type, key size, value size,
+/// capacity (the allow-entry maps' sizes come from `datapath.capacity`).
+fn expected_layout(name: &str, capacity: MapCapacity) -> Option<(MapType, u32, u32, u32)> {
     use std::mem::size_of;
     let sz = |n: usize| u32::try_from(n).expect("small type");
     Some(match name {
@@ -243,13 +241,13 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
             MapType::Hash,
             sz(size_of::<PolicyAddr>()),
             4,
-            EXACT_CAPACITY,
+            capacity.exact,
         ),
         map_names::PREFIXES => (
             MapType::LpmTrie,
             4 + sz(size_of::<PolicyAddr>()),
             4,
-            PREFIXES_CAPACITY,
+            capacity.prefixes,
         ),
         map_names::STATS => (
             MapType::PerCpuArray,
@@ -267,7 +265,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
 
 /// aya reuses a pinned map without comparing layouts; do it here so a map of an
 /// older layout is never written with the new one.
-fn check_pinned_layouts(dir: &Path) -> anyhow::Result<()> {
+fn check_pinned_layouts(dir: &Path, capacity: MapCapacity) -> anyhow::Result<()> {
     for name in map_names::ALL {
         let path = dir.join(name);
         if !path.exists() {
@@ -275,13 +273,25 @@ fn check_pinned_layouts(dir: &Path) -> anyhow::Result<()> {
         }
         let info =
             MapInfo::from_pin(&path).with_context(|| format!("inspecting {}", path.display()))?;
-        let (ty, key, value, max) = expected_layout(name).expect("every map has a layout");
+        let (ty, key, value, max) =
+            expected_layout(name, capacity).expect("every map has a layout");
         let found = (
             info.map_type().ok(),
             info.key_size(),
             info.value_size(),
             info.max_entries(),
         );
+        let resized = (found.0, found.1, found.2) == (Some(ty), key, value) && found.3 != max;
+        if resized && (name == map_names::EXACT || name == map_names::PREFIXES) {
+            bail!(
+                "pinned map {} holds {} entries, datapath.capacity asks for {max}: a map \
+                 cannot be resized in place. Restore the old datapath.capacity, or run \
+                 `keyfence detach` (the datapath stops enforcing until the next start) and \
+                 start again",
+                path.display(),
+                found.3
+            );
+        }
         if found != (Some(ty), key, value, max) {
             bail!(
                 "pinned map {} has layout {found:?}, this keyfence expects {:?}; \
@@ -335,25 +345,29 @@ fn ifindex(interface: &str) -> anyhow::Result<u32> {
 }
 
 impl Datapath {
-    /// Load with maps pinned under `pin_root`, holding the agent lock.
-    pub fn open(pin_root: &Path) -> anyhow::Result<Self> {
+    /// Load with maps pinned under `pin_root`, holding the agent lock; new
+    /// allow-entry maps are created with `capacity` entries.
+    pub fn open(pin_root: &Path, capacity: MapCapacity) -> anyhow::Result<Self> {
         let lock = take_lock(pin_root)?;
-        Self::load(pin_root, Some(lock))
+        Self::load(pin_root, Some(lock), capacity)
     }
 
     /// Load without the lock and without attaching anywhere: for tests that drive
     /// the programs through `BPF_PROG_TEST_RUN` with a private pin root.
     pub fn load_unattached(pin_root: &Path) -> anyhow::Result<Self> {
-        Self::load(pin_root, None)
+        Self::load(pin_root, None, MapCapacity::default())
     }
 
-    fn load(pin_root: &Path, lock: Option<File>) -> anyhow::Result<Self> {
+    fn load(pin_root: &Path, lock: Option<File>, capacity: MapCapacity) -> anyhow::Result<Self> {
         check_on_bpffs(pin_root)?;
         let dir = pin_dir(pin_root);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        check_pinned_layouts(&dir)?;
+        check_pinned_layouts(&dir, capacity)?;
+        // Sizes apply to maps created now; pinned ones were checked above.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
+            .map_max_entries(map_names::EXACT, capacity.exact)
+            .map_max_entries(map_names::PREFIXES, capacity.prefixes)
             .load(OBJECT)
             .context("loading the eBPF object")?;
         for name in [program_names::XDP, program_names::TC] {
@@ -373,7 +387,7 @@ impl Datapath {
             exact: take(&mut ebpf, map_names::EXACT)?,
             prefixes: take(&mut ebpf, map_names::PREFIXES)?,
         };
-        let writer = PolicyWriter::adopt(backend)?;
+        let writer = PolicyWriter::adopt(backend)?.with_capacity(capacity);
         let counters = Counters::new(take::<PerCpuArray<MapData, StatBlock>>(
             &mut ebpf,
             map_names::STATS,
@@ -473,6 +487,31 @@ impl Datapath {
         changes: &[(String, crate::prefixset::Change)],
     ) -> anyhow::Result<Option<ApplyReport>> {
         self.writer.apply_changes(changes)
+    }
+
+    /// Whether [`Self::apply`] of `policy` would fit, writing nothing.
+    pub fn check_apply(&self, policy: &CompiledPolicy) -> anyhow::Result<()> {
+        self.writer.check_apply(policy)
+    }
+
+    /// Whether [`Self::apply_changes`] would fit, writing nothing; `Ok(None)`:
+    /// ask [`Self::check_apply`].
+    pub fn check_changes(
+        &self,
+        changes: &[(String, crate::prefixset::Change)],
+    ) -> Result<Option<()>, crate::maps::policy::CapacityError> {
+        self.writer.check_changes(changes)
+    }
+
+    /// Read the policy maps again before a reconcile (see `PolicyWriter::resync`).
+    pub fn resync(&mut self) -> anyhow::Result<()> {
+        self.writer.resync()
+    }
+
+    /// After a failed write: open the listeners whose entries do not cover
+    /// `policy` (see `PolicyWriter::open_uncovered`). Returns their names.
+    pub fn open_uncovered(&mut self, policy: &CompiledPolicy) -> anyhow::Result<Vec<String>> {
+        self.writer.open_uncovered(policy)
     }
 
     #[must_use]

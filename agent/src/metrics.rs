@@ -49,6 +49,10 @@ pub struct Metrics {
     pub config_last_reload_successful: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub drop_samples: Counter,
+    /// 1 while the maps match the policy; 0 after a failed write until a
+    /// reconcile succeeds (`/readyz` answers degraded meanwhile).
+    pub datapath_in_sync: Gauge,
+    pub datapath_write_failures: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<ListenerLabel, Histogram>,
     refusal_logs: crate::ratelimit::RateLimiter,
@@ -96,6 +100,19 @@ impl Metrics {
             "Dropped packets sampled to the log (rate-limited in the kernel)",
             drop_samples.clone(),
         );
+        let datapath_in_sync = Gauge::default();
+        datapath_in_sync.set(1);
+        registry.register(
+            "keyfence_datapath_in_sync",
+            "1 while the datapath maps match the policy, 0 while a reconcile is pending",
+            datapath_in_sync.clone(),
+        );
+        let datapath_write_failures = Counter::default();
+        registry.register(
+            "keyfence_datapath_write_failures",
+            "Datapath map writes the kernel refused (each one schedules a full reconcile)",
+            datapath_write_failures.clone(),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             "keyfence_http_requests",
@@ -119,6 +136,8 @@ impl Metrics {
             config_last_reload_successful,
             config_reloads,
             drop_samples,
+            datapath_in_sync,
+            datapath_write_failures,
             http_requests,
             http_duration,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
@@ -354,11 +373,20 @@ pub fn to_text_format(openmetrics: &str) -> String {
     out
 }
 
+/// `ready` (200) once serving; `degraded` (still 200: every listener
+/// serves and the shim enforces every key, the datapath fails open where its
+/// maps are behind) while a datapath reconcile is pending; `not ready` (503)
+/// before the start completes and while stopping.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !state.ready.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    } else if state.metrics.datapath_in_sync.get() == 0 {
+        (
+            StatusCode::OK,
+            "degraded: datapath maps do not match the policy (reconciling)\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 

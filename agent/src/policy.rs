@@ -259,6 +259,26 @@ impl PolicyState {
         out
     }
 
+    /// What [`Self::change_key`] of `old` → `new` would do: `f` sees the
+    /// state as it would be and the change; afterwards the state is as it
+    /// was (the change is undone key for key, which costs the same as
+    /// making it). The API asks this before it commits, to refuse a change
+    /// the datapath cannot hold.
+    pub fn preview_key<R>(
+        &mut self,
+        old: Option<&KeyAccess<'_>>,
+        new: Option<&KeyAccess<'_>>,
+        now: SystemTime,
+        f: impl FnOnce(&Self, &KeyChange) -> R,
+    ) -> R {
+        let next_change = self.next_change;
+        let change = self.change_key(old, new, now);
+        let out = f(self, &change);
+        self.change_key(new, old, now);
+        self.next_change = next_change;
+        out
+    }
+
     /// Restricted listeners whose union is empty: every packet to them drops.
     pub fn unreachable(&self) -> impl Iterator<Item = &str> {
         self.listeners
@@ -628,6 +648,14 @@ mod tests {
                 let after = accesses(&keys);
                 let after_access: Vec<KeyAccess<'_>> = after.iter().map(KeyAccess::from).collect();
                 let before = state.compiled();
+                let previewed = state.preview_key(
+                    old.as_ref().map(KeyAccess::from).as_ref(),
+                    keys[i].as_ref().map(KeyAccess::from).as_ref(),
+                    now,
+                    |s, _| s.compiled(),
+                );
+                prop_assert_eq!(&previewed, &compile(&listeners, &after_access, now));
+                prop_assert_eq!(&state.compiled(), &before, "a preview changes nothing");
                 let change = state.change_key(
                     old.as_ref().map(KeyAccess::from).as_ref(),
                     keys[i].as_ref().map(KeyAccess::from).as_ref(),

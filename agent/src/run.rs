@@ -33,9 +33,10 @@ use crate::{
     datapath::{Datapath, decode_sample},
     management::{
         self,
-        api::{self, ApiState, Apply, SharedStore},
+        api::{self, ApiState, Apply, EnforceError, SharedStore},
         principals::ADMIN_SCOPE,
     },
+    maps::policy::CapacityError,
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
     policy::{self, KeyAccess, PolicyState},
     shim::{
@@ -53,6 +54,11 @@ const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the store's WAL is copied into the database, off the API's path
 /// (the writer's connection never checkpoints inside a commit).
 const STORE_CHECKPOINT: Duration = Duration::from_secs(5);
+
+/// After a failed datapath write, the first full reconcile comes this soon;
+/// each failure doubles the wait, up to `RECONCILE_MAX`.
+const RECONCILE_FIRST: Duration = Duration::from_millis(500);
+const RECONCILE_MAX: Duration = Duration::from_secs(30);
 
 /// A config change seen on disk is applied after this quiet period, so a
 /// writer's several events (truncate, write, rename) make one reload.
@@ -79,6 +85,9 @@ struct Daemon {
     /// The packet-level policy of `config` and `stored`, kept so that an API
     /// change recompiles only what the changed key touches.
     policy: PolicyState,
+    /// After a failed datapath write: when to reconcile next, and the wait
+    /// after that. `None` while the maps match `policy`.
+    reconcile: Option<(Instant, Duration)>,
 }
 
 /// Run until SIGTERM or SIGINT. With `detach_on_exit` the datapath is
@@ -103,6 +112,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         store,
         stored,
         policy: PolicyState::default(),
+        reconcile: None,
     };
     // Secrets from the environment are read before the kernel is touched.
     let keys = daemon.key_table()?;
@@ -111,7 +121,10 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     if daemon.config.datapath.mode == AttachMode::Off {
         tracing::warn!("datapath mode off: the shim alone enforces allow lists");
     } else {
-        let mut dp = Datapath::open(&daemon.config.datapath.pin_path)?;
+        let mut dp = Datapath::open(
+            &daemon.config.datapath.pin_path,
+            daemon.config.datapath.capacity,
+        )?;
         samples = dp.take_samples();
         *daemon
             .datapath
@@ -295,17 +308,26 @@ impl Daemon {
 
         loop {
             let expiry = sleep_until_system(next_change);
+            let reconcile = sleep_until_opt(self.reconcile.map(|(at, _)| at));
             tokio::select! {
                 Some(apply) = apply_rx.recv() => {
-                    let result = self.apply_key(apply.key, shim, api);
-                    let answer = match result {
-                        Ok((took, next)) => {
-                            next_change = next;
-                            Ok(took)
+                    let answer = if apply.check_only {
+                        self.check_key(&apply.key)
+                    } else {
+                        match self.apply_key(apply.key, shim, api) {
+                            Ok((took, next)) => {
+                                next_change = next;
+                                Ok(took)
+                            }
+                            Err(e) => Err(EnforceError::Failed(format!("{e:#}"))),
                         }
-                        Err(e) => Err(format!("{e:#}")),
                     };
                     let _ = apply.done.send(answer);
+                }
+                () = reconcile => {
+                    if let Ok(next) = self.reconcile() {
+                        next_change = next;
+                    }
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
@@ -341,6 +363,61 @@ impl Daemon {
         }
     }
 
+    /// Whether the datapath can hold `key` in its new state (the API asks
+    /// before it commits). Changes nothing.
+    fn check_key(&mut self, key: &StoredKey) -> Result<Duration, EnforceError> {
+        let started = Instant::now();
+        let datapath = self.datapath.clone();
+        let guard = datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(dp) = guard.as_ref() else {
+            // No datapath: the shim alone enforces and has no map to fill.
+            return Ok(started.elapsed());
+        };
+        let old = self.stored.get(&key.id).filter(|k| k.is_active());
+        let new = Some(key).filter(|k| k.is_active());
+        let now = SystemTime::now();
+        let full_check =
+            |state: &PolicyState| tokio::task::block_in_place(|| dp.check_apply(&state.compiled()));
+        let result =
+            if self.reconcile.is_some() || self.policy.next_change().is_some_and(|t| now >= t) {
+                // The next write is a full apply: check the whole policy.
+                let mut accesses: Vec<KeyAccess<'_>> = self
+                    .config
+                    .keys
+                    .iter()
+                    .map(KeyAccess::from)
+                    .chain(
+                        self.stored
+                            .values()
+                            .filter(|k| k.is_active() && k.id != key.id)
+                            .map(KeyAccess::from),
+                    )
+                    .collect();
+                accesses.extend(new.map(KeyAccess::from));
+                full_check(&PolicyState::build(&self.config.listeners, &accesses, now))
+            } else {
+                self.policy.preview_key(
+                    old.map(KeyAccess::from).as_ref(),
+                    new.map(KeyAccess::from).as_ref(),
+                    now,
+                    |state, change| {
+                        if !change.reshaped
+                            && let Some(()) = dp.check_changes(&change.restricted)?
+                        {
+                            return Ok(());
+                        }
+                        full_check(state)
+                    },
+                )
+            };
+        result
+            .map(|()| started.elapsed())
+            .map_err(|e| match e.downcast::<CapacityError>() {
+                Ok(full) => EnforceError::Full(full),
+                Err(e) => EnforceError::Failed(format!("{e:#}")),
+            })
+    }
+
     /// Enforce a change the API committed: the shim's key table, the BPF maps
     /// and the management principals. Returns how long that took and the
     /// policy's next expiry.
@@ -372,21 +449,99 @@ impl Daemon {
                 .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
         }
         let now = SystemTime::now();
-        if self.policy.next_change().is_some_and(|t| now >= t) {
+        // The policy follows the shim whatever the maps do: it is what the
+        // datapath must pass, and what a reconcile writes.
+        let full = if self.policy.next_change().is_some_and(|t| now >= t) {
             // An entry expired since the last compile: start over.
-            return Ok((started.elapsed(), self.apply_policy()?));
-        }
-        let change = self.policy.change_key(
-            old.as_ref().map(KeyAccess::from).as_ref(),
-            new.map(KeyAccess::from).as_ref(),
-            now,
-        );
-        if change.reshaped || !self.write_changes(&change.restricted)? {
-            self.enforce(started)?;
+            self.policy = PolicyState::build(
+                &self.config.listeners,
+                &key_accesses(&self.config, &self.stored),
+                now,
+            );
+            true
         } else {
-            self.record_policy(started);
+            let change = self.policy.change_key(
+                old.as_ref().map(KeyAccess::from).as_ref(),
+                new.map(KeyAccess::from).as_ref(),
+                now,
+            );
+            // Out of sync, only a full apply catches the maps up.
+            change.reshaped
+                || self.reconcile.is_some()
+                || match self.write_changes(&change.restricted) {
+                    Ok(written) => !written,
+                    Err(e) => {
+                        self.datapath_failed(&e)?;
+                        false
+                    }
+                }
+        };
+        if full && let Err(e) = self.enforce() {
+            self.datapath_failed(&e)?;
         }
+        self.record_policy(started);
         Ok((started.elapsed(), self.policy.next_change()))
+    }
+
+    /// A datapath write failed (or was refused) while `self.policy` is what
+    /// the shim enforces: open, in the datapath, every listener whose
+    /// entries do not cover that policy, so no source the shim accepts is
+    /// dropped; report out of sync (`keyfence_datapath_in_sync` 0, `/readyz`
+    /// degraded); schedule a full reconcile with back-off. `Err` only when
+    /// even opening the listeners failed.
+    fn datapath_failed(&mut self, error: &anyhow::Error) -> anyhow::Result<()> {
+        self.metrics.datapath_write_failures.inc();
+        self.metrics.datapath_in_sync.set(0);
+        let wait = self
+            .reconcile
+            .map_or(RECONCILE_FIRST, |(_, wait)| (wait * 2).min(RECONCILE_MAX));
+        self.reconcile = Some((Instant::now() + wait, wait));
+        tracing::error!(
+            error = %format!("{error:#}"),
+            retry_in_ms = wait.as_millis(),
+            "the datapath does not match the policy: failing open where needed, reconciling"
+        );
+        let compiled = self.policy.compiled();
+        let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(dp) = guard.as_mut() else {
+            return Ok(());
+        };
+        let opened = tokio::task::block_in_place(|| dp.open_uncovered(&compiled))
+            .context("opening listeners in the datapath after a failed write")?;
+        if !opened.is_empty() {
+            tracing::warn!(
+                listeners = ?opened,
+                "listeners open in the datapath until the reconcile succeeds; the shim still \
+                 enforces every key"
+            );
+        }
+        Ok(())
+    }
+
+    /// A full reconcile: read the maps back, diff against a fresh compile,
+    /// write. A failure schedules the next one (longer back-off).
+    fn reconcile(&mut self) -> anyhow::Result<Option<SystemTime>> {
+        tracing::info!("reconciling the datapath with the policy");
+        let resync = {
+            let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            guard
+                .as_mut()
+                .map_or(Ok(()), |dp| tokio::task::block_in_place(|| dp.resync()))
+        };
+        if let Err(e) = resync {
+            // Reading failed: nothing was written, try again later.
+            let _ = self.datapath_failed(&e);
+            return Err(e);
+        }
+        self.apply_policy()
+    }
+
+    /// The maps match `self.policy` again.
+    fn datapath_in_sync(&mut self) {
+        if self.reconcile.take().is_some() {
+            tracing::info!("the datapath matches the policy again");
+        }
+        self.metrics.datapath_in_sync.set(1);
     }
 
     /// Write keys' last-use times (seen by the shim) to the store.
@@ -421,17 +576,27 @@ impl Daemon {
         );
         // Kept only once enforced: a failed reload goes back to the old state.
         let previous = std::mem::replace(&mut self.policy, state);
-        if let Err(e) = self.enforce(started) {
+        if let Err(e) = self.enforce() {
             self.policy = previous;
+            // A capacity refusal wrote nothing: the maps still hold the old
+            // state (a refused reload changes nothing). Any other failure may
+            // have stopped half-way; a failed reconcile must be retried.
+            if (e.downcast_ref::<CapacityError>().is_none() || self.reconcile.is_some())
+                && let Err(open) = self.datapath_failed(&e)
+            {
+                tracing::error!(error = %format!("{open:#}"), "failing open");
+            }
             return Err(e);
         }
+        self.record_policy(started);
         Ok(self.policy.next_change())
     }
 
-    /// Make the datapath enforce `self.policy`; `started` is when compiling began.
-    fn enforce(&self, started: Instant) -> anyhow::Result<()> {
+    /// Make the datapath enforce `self.policy` with a full apply (which
+    /// brings the maps back in sync).
+    fn enforce(&mut self) -> anyhow::Result<()> {
         self.write(&self.policy.compiled())?;
-        self.record_policy(started);
+        self.datapath_in_sync();
         Ok(())
     }
 
@@ -627,6 +792,14 @@ fn key_accesses<'a>(
                 .map(KeyAccess::from),
         )
         .collect()
+}
+
+/// Resolves at `when` (monotonic), or never.
+async fn sleep_until_opt(when: Option<Instant>) {
+    match when {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves at `when` (wall clock), or never.

@@ -11,10 +11,7 @@ use aya::{
 };
 use keyfence_common::{
     map_names,
-    policy::{
-        EXACT_CAPACITY, LISTENER_OPEN, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
-        PREFIXES_CAPACITY, PolicyAddr,
-    },
+    policy::{LISTENER_OPEN, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PolicyAddr},
     stats::{MAX_IFACE_SLOTS, STAT_SLOTS, Stat, StatBlock, stats_index},
 };
 use serde::Serialize;
@@ -262,8 +259,11 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
         links,
         listeners,
         listener_entries: (listener_rows.len(), LISTENERS_CAPACITY),
-        exact_entries: (exact_by_slot.values().sum(), EXACT_CAPACITY),
-        prefix_entries: (prefixes_by_slot.values().sum(), PREFIXES_CAPACITY),
+        exact_entries: (exact_by_slot.values().sum(), config.datapath.capacity.exact),
+        prefix_entries: (
+            prefixes_by_slot.values().sum(),
+            config.datapath.capacity.prefixes,
+        ),
         unclaimed: per_slot.get(&0).map(named).unwrap_or_default(),
         top,
     })

@@ -1025,3 +1025,287 @@ fn metrics_pass_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The scenario with small allow-entry maps (`datapath.capacity`), so that
+/// filling them takes a handful of keys. `neighbour`'s two addresses are
+/// adjacent: one `/31` prefix entry, no exact one.
+fn small_maps(exact: u32) -> Scenario {
+    let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
+    let lab = Lab::new(&addrs).expect("building the namespaces");
+    let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
+        .expect("starting the upstream");
+    let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+    agent.env("KF_E2E_OPS", OPS_TOKEN);
+    agent.env("KF_E2E_NEIGHBOUR", NEIGHBOUR_SECRET);
+    let config = config(agent.pin_path(), false, "auto").replacen(
+        "mode: auto,",
+        &format!("mode: auto, capacity: {{ exact: {exact}, prefixes: 64 }},"),
+        1,
+    );
+    assert!(config.contains("capacity:"), "{config}");
+    agent.write_config(&config).expect("writing the config");
+    agent.spawn().expect("starting keyfence");
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("keyfence becomes ready");
+    Scenario {
+        agent,
+        _upstream: upstream,
+        lab,
+    }
+}
+
+impl Scenario {
+    /// `/readyz`: status and body.
+    fn readyz(&self) -> (u16, String) {
+        self.agent.get("/readyz").expect("reading /readyz")
+    }
+
+    /// The ids of the stored keys the API lists.
+    fn stored_ids(&self) -> Vec<String> {
+        let listed = self.ops().get("/v1/keys");
+        assert_eq!(listed.status, 200, "{listed:?}");
+        listed.body["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .filter(|k| k["source"] == "api" && k["revoked_at"].is_null())
+            .filter_map(|k| k["id"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+#[track_caller]
+fn assert_full(a: &Answer, limit: u32, what: &str) {
+    assert_eq!(a.status, 507, "{what}: {a:?}");
+    assert_eq!(
+        a.body["error"]
+            .as_str()
+            .map(|e| e.split(" (").next().unwrap_or(e)),
+        Some(format!("datapath exact-match map full: {limit} entries").as_str()),
+        "{what}: {a:?}"
+    );
+    assert_eq!(a.body["limit"], limit, "{what}: {a:?}");
+    assert_eq!(a.body["map"], "exact", "{what}: {a:?}");
+    assert!(a.body.get("secret").is_none(), "{what}: no secret: {a:?}");
+}
+
+/// Issue 13 finding 5: a full exact map used to answer 500 without the
+/// secret while the key was stored and enforced by the shim only, and a
+/// PATCH after a revoke answered 200 without reaching the maps. Now a change
+/// the maps cannot hold is refused with 507 before anything is stored, and
+/// once room is made the same change is enforced in both layers.
+#[test]
+fn a_full_map_refuses_with_507_stores_nothing_and_works_once_room_is_made() {
+    // Room for two /32 entries.
+    let s = small_maps(2);
+    let ops = s.ops();
+    let (a, a_secret) = ops.create(&json!({"name": "a", "ip_allow_list": [DROPPED]}));
+    let (b, _) = ops.create(&json!({"name": "b", "ip_allow_list": ["198.51.100.7"]}));
+    assert_status(
+        &s.request(DROPPED, &a_secret),
+        200,
+        "a, through the datapath",
+    );
+
+    // Full: a create is refused, and nothing of it exists anywhere.
+    let audit_before = ops.get("/v1/audit").body["entries"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let refused = ops.call(
+        "POST",
+        "/v1/keys",
+        Some(&json!({"name": "c", "ip_allow_list": ["198.51.100.8"]}).to_string()),
+        None,
+    );
+    assert_full(&refused, 2, "create in a full map");
+    assert_eq!(s.stored_ids(), [a.clone(), b.clone()], "no key c");
+    let audit_after = ops.get("/v1/audit").body["entries"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(audit_after, audit_before, "no audit row: nothing committed");
+
+    // A PATCH that needs one more entry: refused, the key unchanged.
+    let wider = json!([DROPPED, OUTSIDER]);
+    assert_full(&ops.set_allow(&a, &wider), 2, "patch in a full map");
+    let shown = ops.get(&format!("/v1/keys/{a}"));
+    assert_eq!(shown.body["ip_allow_list"], json!(["192.0.2.12/32"]));
+    assert_status(&s.request(SEEN, &a_secret), 403, "the shim agrees");
+    assert_dropped(&s.request(OUTSIDER, &a_secret), "no entry for it");
+
+    // Room made: the same create works and its address passes.
+    let revoked = ops.call("DELETE", &format!("/v1/keys/{b}"), None, None);
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    let (c, c_secret) = ops.create(&json!({"name": "c", "ip_allow_list": [ADMIN_KEY_FROM]}));
+    assert_status(&s.request(ADMIN_KEY_FROM, &c_secret), 200, "c, both layers");
+    // Full again (c took the space); revoke c, and the same PATCH is enforced.
+    assert_full(&ops.set_allow(&a, &wider), 2, "full again");
+    let revoked = ops.call("DELETE", &format!("/v1/keys/{c}"), None, None);
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    assert_dropped(&s.request(ADMIN_KEY_FROM, &c_secret), "c's entry is gone");
+    let a2 = ops.set_allow(&a, &wider);
+    assert_eq!(a2.status, 200, "{a2:?}");
+    assert_status(
+        &s.request(OUTSIDER, &a_secret),
+        200,
+        "a's new address, both layers",
+    );
+    assert_status(&s.request(DROPPED, &a_secret), 200, "a's old address");
+    assert_eq!(s.readyz(), (200, "ready\n".into()));
+    assert!((s.metric("keyfence_datapath_in_sync") - 1.0).abs() < 0.5);
+    assert!(s.metric("keyfence_datapath_write_failures_total") < 0.5);
+}
+
+/// Entries written into the agent's pinned `KF_EXACT` from outside under a
+/// policy id no listener uses, so the kernel refuses the agent's next insert
+/// although its own count says there is room.
+fn fill_from_outside(
+    s: &Scenario,
+) -> aya::maps::HashMap<aya::maps::MapData, keyfence_common::policy::PolicyAddr, u32> {
+    use aya::maps::{HashMap, Map, MapData};
+    use keyfence_common::policy::{ALLOWED, PolicyAddr};
+    let path = s
+        .agent
+        .pin_path()
+        .join(format!("v{}", keyfence_common::LAYOUT_VERSION))
+        .join(keyfence_common::map_names::EXACT);
+    let data = MapData::from_pin(&path).expect("opening the pinned KF_EXACT");
+    let mut map: HashMap<MapData, PolicyAddr, u32> =
+        HashMap::try_from(Map::HashMap(data)).expect("KF_EXACT is a hash");
+    let mut inserted = 0;
+    for i in 0..=255u8 {
+        let key = PolicyAddr::new(60, keyfence_common::ipv4_mapped([203, 0, 113, i]));
+        if map.insert(key, ALLOWED, 0).is_err() {
+            break;
+        }
+        inserted += 1;
+    }
+    assert!(inserted > 0 && inserted < 255, "the map filled: {inserted}");
+    map
+}
+
+/// The kernel refusing a write the agent thought would fit: the key is
+/// stored and answered (the shim enforces it), the datapath fails open for
+/// its listener instead of dropping the key's addresses, `/readyz` says
+/// degraded and `keyfence_datapath_in_sync` is 0; once the space is back
+/// the reconcile writes the entries and the listener is restricted again.
+#[test]
+fn a_kernel_refusal_fails_open_reports_degraded_and_reconciles() {
+    let s = small_maps(8);
+    let ops = s.ops();
+    assert_eq!(s.readyz(), (200, "ready\n".into()));
+    let mut foreign = fill_from_outside(&s);
+
+    let (id, secret) = ops.create(&json!({"name": "a", "ip_allow_list": [DROPPED]}));
+    assert_status(
+        &s.request(DROPPED, &secret),
+        200,
+        "the key's address passes although its entry could not be written",
+    );
+    let (status, body) = s.readyz();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("degraded"), "{body}");
+    assert!(s.metric("keyfence_datapath_in_sync") < 0.5);
+    assert!(s.metric("keyfence_datapath_write_failures_total") >= 1.0);
+    // Open, not bypassed: the shim still refuses sources outside the list.
+    assert_status(&s.request(ADMIN_KEY_FROM, &secret), 403, "the shim refuses");
+    // The agent now knows the map is full: a change needing more is refused.
+    let wider = json!([DROPPED, OUTSIDER]);
+    assert_full(&ops.set_allow(&id, &wider), 8, "full from outside");
+    assert_status(
+        &s.request(OUTSIDER, &secret),
+        403,
+        "open, and the shim refuses",
+    );
+
+    // Space back: the reconcile (back-off from 0.5 s) catches up.
+    let keys: Vec<_> = foreign.keys().filter_map(Result::ok).collect();
+    for k in keys.iter().filter(|k| k.policy() == 60) {
+        let _ = foreign.remove(k);
+    }
+    let synced = poll_until(Duration::from_secs(40), Duration::from_millis(250), || {
+        s.readyz() == (200, "ready\n".to_string())
+    });
+    assert!(synced, "reconciled: {:?}\n{}", s.readyz(), s.agent.log());
+    assert!((s.metric("keyfence_datapath_in_sync") - 1.0).abs() < 0.5);
+    assert_status(&s.request(DROPPED, &secret), 200, "entry written");
+    let a = ops.set_allow(&id, &wider);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_status(&s.request(OUTSIDER, &secret), 200, "entry written");
+    assert_dropped(
+        &s.request(ADMIN_KEY_FROM, &secret),
+        "restricted again: a source in no list is dropped",
+    );
+}
+
+/// A reload whose policy the maps cannot hold is refused and counted, the
+/// last good config staying in force; a restart asking for another map size
+/// than the pinned maps have is refused with the fix.
+#[test]
+fn a_reload_beyond_capacity_is_refused_and_a_resized_pin_is_refused_at_start() {
+    let mut s = small_maps(2);
+    let failures = |s: &Scenario| {
+        let text = s.agent.metrics().unwrap_or_default();
+        parse_samples(&text, "keyfence_config_reloads_total")
+            .iter()
+            .filter(|x| x.label("result") == Some("failure"))
+            .map(|x| x.value)
+            .sum::<f64>()
+    };
+    let base = config(s.agent.pin_path(), false, "auto").replacen(
+        "mode: auto,",
+        "mode: auto, capacity: { exact: 2, prefixes: 64 },",
+        1,
+    );
+    // Three /32 entries that do not merge: one more than the map holds.
+    let wide = base.replacen(
+        "management:\n",
+        &format!(
+            "  - {{ id: wide, name: wide, secret_sha256: \"{}\", ip_allow_list: [\"198.51.100.1\", \"198.51.100.3\", \"198.51.100.5\"] }}\nmanagement:\n",
+            "ab".repeat(32)
+        ),
+        1,
+    );
+    // A write answered means the daemon's loop runs (signal handlers are in
+    // place: `/readyz` turns ready a moment before them).
+    let (_, secret) = s
+        .ops()
+        .create(&json!({"name": "a", "ip_allow_list": [DROPPED]}));
+    s.agent.write_config(&wide).expect("writing the config");
+    s.agent.sighup().expect("SIGHUP");
+    let refused = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        failures(&s) >= 1.0
+    });
+    assert!(refused, "the reload is refused\n{}", s.agent.log());
+    assert!(
+        s.agent
+            .log()
+            .contains("datapath exact-match map full: 2 entries"),
+        "refused for the capacity\n{}",
+        s.agent.log()
+    );
+    let listed = s.ops().get("/v1/keys");
+    assert!(
+        !listed.body.to_string().contains("\"wide\""),
+        "the last good config stays: {listed:?}"
+    );
+    assert_status(&s.request(SEEN, NEIGHBOUR_SECRET), 200, "still in force");
+    assert_status(&s.request(DROPPED, &secret), 200, "the stored key too");
+    assert_eq!(s.readyz(), (200, "ready\n".into()), "nothing was written");
+
+    // Another size than the pinned maps: refused at start, naming the fix.
+    s.agent.sigterm().expect("stopping keyfence");
+    let resized = base.replacen("exact: 2,", "exact: 3,", 1);
+    s.agent.write_config(&resized).expect("writing the config");
+    s.agent.spawn().expect("starting keyfence");
+    let exited = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        s.agent.exited().ok().flatten().is_some()
+    });
+    assert!(exited, "keyfence refuses to start\n{}", s.agent.log());
+    let log = s.agent.log();
+    assert!(
+        log.contains("holds 2 entries, datapath.capacity asks for 3")
+            && log.contains("keyfence detach"),
+        "{log}"
+    );
+}

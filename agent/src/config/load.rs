@@ -16,7 +16,8 @@ use super::shape;
 
 use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
-    ListenerMode, ManagementConfig, MetricsConfig, Rejection, StaticKey, StoreConfig, TlsConfig,
+    ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
+    TlsConfig,
 };
 use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
 
@@ -81,6 +82,14 @@ struct RawDatapath {
     interfaces: Vec<Spanned<String>>,
     mode: Option<Spanned<String>>,
     pin_path: Option<Spanned<String>>,
+    capacity: Option<RawCapacity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapacity {
+    exact: Option<Spanned<u32>>,
+    prefixes: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -354,6 +363,7 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
             interfaces: Vec::new(),
             mode: AttachMode::Auto,
             pin_path: PathBuf::from("/sys/fs/bpf/keyfence"),
+            capacity: MapCapacity::default(),
         };
     };
     let mode = match raw.mode.as_ref().map(|m| m.value.as_str()) {
@@ -417,6 +427,36 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
         interfaces,
         mode,
         pin_path,
+        capacity: capacity(raw.capacity, errors),
+    }
+}
+
+/// `datapath.capacity`: each size from 1 to [`MapCapacity::MAX`], defaults
+/// the built-in sizes.
+fn capacity(raw: Option<RawCapacity>, errors: &mut Errors) -> MapCapacity {
+    let default = MapCapacity::default();
+    let Some(raw) = raw else {
+        return default;
+    };
+    let mut size = |v: Option<Spanned<u32>>, field: &str, fallback: u32| match v {
+        None => fallback,
+        Some(v) if (1..=MapCapacity::MAX).contains(&v.value) => v.value,
+        Some(v) => {
+            errors.at(
+                &v.referenced,
+                format!("datapath.capacity.{field}"),
+                format!(
+                    "{} is out of range: from 1 to {} entries",
+                    v.value,
+                    MapCapacity::MAX
+                ),
+            );
+            fallback
+        }
+    };
+    MapCapacity {
+        exact: size(raw.exact, "exact", default.exact),
+        prefixes: size(raw.prefixes, "prefixes", default.prefixes),
     }
 }
 
@@ -952,6 +992,23 @@ metrics:
         let c = parse("listeners: []\n", "k.yaml").unwrap();
         assert_eq!(c.datapath.mode, AttachMode::Auto);
         assert_eq!(c.datapath.pin_path, PathBuf::from("/sys/fs/bpf/keyfence"));
+        assert_eq!(c.datapath.capacity, MapCapacity::default());
+        assert_eq!(
+            c.datapath.capacity.exact,
+            keyfence_common::policy::EXACT_CAPACITY
+        );
+        let small = parse(
+            "datapath:\n  capacity: { exact: 8 }\nlisteners: []\n",
+            "k.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            small.datapath.capacity,
+            MapCapacity {
+                exact: 8,
+                prefixes: keyfence_common::policy::PREFIXES_CAPACITY
+            }
+        );
         assert_eq!(c.rejection.status, 403);
         assert_eq!(c.rejection.body, r#"{"error":"IP address not allowed"}"#);
     }
@@ -1014,6 +1071,19 @@ metrics:
             "relative pin path",
             "datapath:\n  pin_path: bpf/kf\n",
             &["2:13: datapath.pin_path: must be an absolute path"],
+        ),
+        (
+            "map capacity out of range",
+            "datapath:\n  capacity: { exact: 0, prefixes: 16777217 }\n",
+            &[
+                "2:22: datapath.capacity.exact: 0 is out of range: from 1 to 16777216 entries",
+                "2:35: datapath.capacity.prefixes: 16777217 is out of range",
+            ],
+        ),
+        (
+            "map capacity field typo",
+            "datapath:\n  capacity: { exakt: 8 }\n",
+            &["2:15: datapath.capacity.exakt: unknown field `exakt`"],
         ),
         (
             "bad bind",

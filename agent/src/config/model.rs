@@ -31,6 +31,34 @@ pub struct DatapathConfig {
     pub mode: AttachMode,
     /// Default `/sys/fs/bpf/keyfence`; the agent pins under `<pin_path>/v<LAYOUT_VERSION>/`.
     pub pin_path: PathBuf,
+    /// `datapath.capacity`: sizes of the allow-entry maps.
+    pub capacity: MapCapacity,
+}
+
+/// `datapath.capacity`: how many entries the allow-entry maps hold, summed
+/// over listeners. Fixed when the maps are created: a pinned map of another
+/// size is refused at start (see `datapath::check_pinned_layouts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacity {
+    /// `KF_EXACT`: `/32` and `/128` entries.
+    pub exact: u32,
+    /// `KF_PREFIXES`: every other prefix length (and deny markers).
+    pub prefixes: u32,
+}
+
+impl MapCapacity {
+    /// The largest size accepted for either map: gigabytes of kernel memory
+    /// for the hash, far beyond any list keyfence is meant for.
+    pub const MAX: u32 = 1 << 24;
+}
+
+impl Default for MapCapacity {
+    fn default() -> Self {
+        Self {
+            exact: keyfence_common::policy::EXACT_CAPACITY,
+            prefixes: keyfence_common::policy::PREFIXES_CAPACITY,
+        }
+    }
 }
 
 /// `datapath.mode`.

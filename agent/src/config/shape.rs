@@ -168,6 +168,14 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
             ("interfaces", false, Shape::List(&Shape::Text)),
             ("mode", false, Shape::Text),
             ("pin_path", false, Shape::Text),
+            (
+                "capacity",
+                false,
+                Shape::Map(&[
+                    ("exact", false, Shape::Int(u32::MAX)),
+                    ("prefixes", false, Shape::Int(u32::MAX)),
+                ]),
+            ),
         ]),
     ),
     ("listeners", false, Shape::List(&LISTENER)),

@@ -2,7 +2,8 @@
 //!
 //! Every write follows one order, so that a refused call changes nothing:
 //! authenticate → parse → validate (422) → self-lockout (409) → step-up
-//! confirmation (401) → one store transaction (the change and its audit row) →
+//! confirmation (401) → datapath capacity (507, a dry run of the store call:
+//! see `preview`) → one store transaction (the change and its audit row) →
 //! enforcement (shim key table and BPF maps) → answer. The answer is sent only
 //! once the daemon reports the new state enforced.
 
@@ -49,12 +50,25 @@ const MAX_BODY: usize = 1024 * 1024;
 /// The store, shared between the API (writes) and the daemon (reads on apply).
 pub type SharedStore = Arc<Mutex<Box<dyn KeyStore>>>;
 
-/// A committed change for the daemon to enforce: the key's new state. The
-/// daemon answers on `done` with how long enforcement took, or why it failed.
+/// A change for the daemon: the key's new state. With `check_only` the
+/// daemon only tells whether the datapath can hold it (nothing is committed
+/// yet); otherwise it is committed and the daemon enforces it. The daemon
+/// answers on `done` with how long that took, or why it could not.
 #[derive(Debug)]
 pub struct Apply {
     pub key: StoredKey,
-    pub done: oneshot::Sender<Result<Duration, String>>,
+    pub check_only: bool,
+    pub done: oneshot::Sender<Result<Duration, EnforceError>>,
+}
+
+/// Why the daemon could not take a change.
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    /// The datapath's maps cannot hold it: 507 naming the limit.
+    #[error(transparent)]
+    Full(#[from] crate::maps::policy::CapacityError),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What the handlers share. `principals` and `static_keys` are swapped by the
@@ -266,30 +280,61 @@ fn with_store<T>(
     })
 }
 
+/// Ask the daemon to take `key` (`check_only`: only whether it fits).
+async fn ask(state: &ApiState, key: StoredKey, check_only: bool) -> Result<(), EnforceError> {
+    let (done, rx) = oneshot::channel();
+    let stopping = || EnforceError::Failed("the agent is stopping".into());
+    state
+        .apply
+        .send(Apply {
+            key,
+            check_only,
+            done,
+        })
+        .await
+        .map_err(|_| stopping())?;
+    rx.await.map_err(|_| stopping())?.map(|_took| ())
+}
+
+/// 507: the datapath's maps cannot hold the change (nothing was stored).
+fn full(e: &crate::maps::policy::CapacityError) -> ApiError {
+    tracing::warn!(error = %e, "management write refused: the datapath is full");
+    ApiError {
+        status: StatusCode::INSUFFICIENT_STORAGE,
+        body: json!({ "error": e.to_string(), "map": e.map(), "limit": e.limit() }),
+    }
+}
+
+/// Refuse, before anything is stored, a key state the datapath cannot hold.
+async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
+    match ask(state, key, true).await {
+        Ok(()) => Ok(()),
+        Err(EnforceError::Full(e)) => Err(full(&e)),
+        Err(EnforceError::Failed(why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("nothing stored: {why}"),
+        )),
+    }
+}
+
 /// Wait until the daemon enforces `key`'s committed state.
 async fn enforce(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
-    let (done, rx) = oneshot::channel();
-    let failed = |why: String| {
+    ask(state, key, false).await.map_err(|e| {
+        let why = e.to_string();
         tracing::error!(error = why, "a stored change is not enforced yet");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("stored, but not yet enforced: {why}"),
         )
-    };
-    state
-        .apply
-        .send(Apply { key, done })
-        .await
-        .map_err(|_| failed("the agent is stopping".into()))?;
-    match rx.await {
-        Ok(Ok(_took)) => Ok(()),
-        Ok(Err(why)) => Err(failed(why)),
-        Err(_) => Err(failed("the agent is stopping".into())),
-    }
+    })
 }
 
-/// One write: serialised with the others, committed with its audit row,
-/// enforced, logged. `action` names it in the log.
+/// One write: serialised with the others, checked against the datapath's
+/// capacity, committed with its audit row, enforced, logged. `action` names
+/// it in the log. The store call runs twice: first against a
+/// [`Preview`](super::preview::Preview) that records it and tells what the
+/// key would become, then, once the datapath is known to hold that, for
+/// real (the `writes` lock keeps other writes out in between).
 async fn commit(
     state: &ApiState,
     caller: &Caller,
@@ -298,7 +343,21 @@ async fn commit(
 ) -> Result<StoredKey, ApiError> {
     let actor = caller.actor();
     let _order = state.writes.lock().await;
-    let key = with_store(state, |s| write(s, &actor, SystemTime::now()))?;
+    let now = SystemTime::now();
+    let (would_be, call) = with_store(state, |s| {
+        let mut preview = super::preview::Preview::new(s);
+        let key = write(&mut preview, &actor, now)?;
+        Ok((key, preview.into_call()))
+    })?;
+    let key = match call {
+        Some(call) => {
+            check_capacity(state, would_be).await?;
+            with_store(state, |s| call.replay(s, &actor, now))?
+        }
+        // The closure wrote nothing through the store (it answered from a
+        // read): nothing to check or replay.
+        None => would_be,
+    };
     enforce(state, key.clone()).await?;
     tracing::info!(
         key_id = key.id,

@@ -2,6 +2,7 @@
 //! take effect before the answer is sent.
 
 pub mod api;
+pub mod preview;
 pub mod principals;
 
 use principals::{ADMIN_SCOPE, Principal, PrincipalKind, Principals};

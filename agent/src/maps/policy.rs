@@ -16,21 +16,57 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence_common::{
     PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
     policy::{
-        ALLOWED, DENIED, EXACT_CAPACITY, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS,
-        POLICY_BITS, PORT_SPECIFIC, PREFIXES_CAPACITY, PolicyAddr, V4_MAPPED_BITS, port_listener,
-        port_value,
+        ALLOWED, DENIED, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS, POLICY_BITS,
+        PORT_SPECIFIC, PolicyAddr, V4_MAPPED_BITS, port_listener, port_value,
     },
 };
 
 use crate::{
+    config::MapCapacity,
     policy::{Access, CompiledPolicy},
     prefixset::Change,
 };
+
+/// A change the datapath cannot hold: refused before anything is written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CapacityError {
+    #[error(
+        "datapath exact-match map full: {limit} entries (/32 and /128 addresses; \
+         the change needs {needed})"
+    )]
+    Exact { needed: i64, limit: u32 },
+    #[error("datapath prefix map full: {limit} entries (the change needs {needed})")]
+    Prefixes { needed: i64, limit: u32 },
+    #[error("more than {limit} listeners: the datapath has no free slot")]
+    Listeners { limit: u32 },
+}
+
+impl CapacityError {
+    /// The limit that was reached, in entries (listeners for `Listeners`).
+    #[must_use]
+    pub fn limit(&self) -> u32 {
+        match self {
+            CapacityError::Exact { limit, .. }
+            | CapacityError::Prefixes { limit, .. }
+            | CapacityError::Listeners { limit } => *limit,
+        }
+    }
+
+    /// Which map is full: `exact`, `prefixes` or `listeners`.
+    #[must_use]
+    pub fn map(&self) -> &'static str {
+        match self {
+            CapacityError::Exact { .. } => "exact",
+            CapacityError::Prefixes { .. } => "prefixes",
+            CapacityError::Listeners { .. } => "listeners",
+        }
+    }
+}
 
 /// A trie entry: `(prefix length in bits including the policy id, key)`.
 pub type PrefixKey = (u32, PolicyAddr);
@@ -326,6 +362,16 @@ pub struct PolicyWriter<B> {
     /// Entries in `KF_EXACT` and `KF_PREFIXES` (what `held` amounts to).
     entries: EntryCounts,
     slots: SlotMap,
+    /// The sizes the maps were created with.
+    capacity: MapCapacity,
+}
+
+/// The writes of one full apply, computed without touching the maps.
+struct Plan {
+    ops: Vec<Op>,
+    listeners: BTreeMap<ListenerKey, ListenerValue>,
+    nets: BTreeMap<u32, Vec<IpNet>>,
+    slots: SlotMap,
 }
 
 /// Entries per map, against the maps' capacities.
@@ -341,6 +387,16 @@ impl EntryCounts {
             Entry::Exact(_) => self.exact += delta,
             Entry::Prefix(_) => self.prefixes += delta,
         }
+    }
+
+    /// The counts while `ops` are written: every new entry is in place
+    /// before any old one goes (see the module doc), so this is the most the
+    /// maps hold at once.
+    fn peak(mut self, ops: &[Op]) -> Self {
+        for op in ops.iter().filter(|op| op.from.is_none() && op.to.is_some()) {
+            self.count(&op.entry, 1);
+        }
+        self
     }
 
     fn after(mut self, ops: &[Op]) -> Self {
@@ -365,6 +421,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             held: BTreeMap::new(),
             entries: EntryCounts::default(),
             slots: SlotMap::default(),
+            capacity: MapCapacity::default(),
         };
         writer
             .read_back()
@@ -397,6 +454,14 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             .map(|(slot, entries)| (slot, Held::Entries(entries)))
             .collect();
         Ok(())
+    }
+
+    /// The sizes the maps hold (the defaults unless set here): what every
+    /// apply is checked against before it writes.
+    #[must_use]
+    pub fn with_capacity(mut self, capacity: MapCapacity) -> Self {
+        self.capacity = capacity;
+        self
     }
 
     #[must_use]
@@ -470,20 +535,18 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             .chain((1..MAX_LISTENERS).filter(|s| in_use.contains(s) && !taken.contains(s)));
         for i in pending {
             let Some(slot) = free.next() else {
-                bail!(
-                    "more than {} listeners: the datapath has no free slot",
-                    MAX_LISTENERS - 1
-                );
+                return Err(CapacityError::Listeners {
+                    limit: MAX_LISTENERS - 1,
+                }
+                .into());
             };
             slots[i] = slot;
         }
         Ok(slots)
     }
 
-    /// Make the maps enforce `policy`. On error the maps hold a safe
-    /// intermediate state (never narrower than before ∩ after); the writer
-    /// reads it back, so the next apply continues from there.
-    pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
+    /// The writes that take the maps to `policy`, nothing written.
+    fn plan(&self, policy: &CompiledPolicy) -> anyhow::Result<Plan> {
         let slots = self.assign_slots(policy)?;
         let mut want_listeners = BTreeMap::new();
         let mut want_nets: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
@@ -516,15 +579,38 @@ impl<B: PolicyBackend> PolicyWriter<B> {
                 slot_ops(slot, Some(held), &[], &mut ops);
             }
         }
-        let entries = self.check_capacity(&ops)?;
-        match self.write(&ops, Some(&want_listeners)) {
+        Ok(Plan {
+            ops,
+            listeners: want_listeners,
+            nets: want_nets,
+            slots: slot_map,
+        })
+    }
+
+    /// Whether [`Self::apply`] of `policy` would fit, without writing: the
+    /// management API asks this before it commits a change.
+    pub fn check_apply(&self, policy: &CompiledPolicy) -> anyhow::Result<()> {
+        let plan = self.plan(policy)?;
+        self.check_capacity(&plan.ops)?;
+        Ok(())
+    }
+
+    /// Make the maps enforce `policy`. On error the maps hold a safe
+    /// intermediate state (never narrower than before ∩ after); the writer
+    /// reads it back, so the next apply continues from there. A
+    /// [`CapacityError`] is returned before anything is written.
+    pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
+        let plan = self.plan(policy)?;
+        let entries = self.check_capacity(&plan.ops)?;
+        match self.write(&plan.ops, Some(&plan.listeners)) {
             Ok(report) => {
                 self.entries = entries;
-                self.held = want_nets
+                self.held = plan
+                    .nets
                     .into_iter()
                     .map(|(slot, nets)| (slot, Held::Nets(nets)))
                     .collect();
-                self.slots = slot_map;
+                self.slots = plan.slots;
                 Ok(report)
             }
             Err(e) => Err(self.failed(e)),
@@ -540,20 +626,56 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         &mut self,
         changes: &[(String, Change)],
     ) -> anyhow::Result<Option<ApplyReport>> {
+        let Some((ops, slots)) = self.plan_changes(changes) else {
+            return Ok(None);
+        };
+        let entries = self.check_capacity(&ops)?;
+        match self.write(&ops, None) {
+            Ok(report) => {
+                self.entries = entries;
+                for ((_, change), slot) in changes.iter().zip(slots) {
+                    if let Some(Held::Nets(have)) = self.held.get_mut(&slot) {
+                        for n in &change.removed {
+                            if let Ok(at) = have.binary_search(n) {
+                                have.remove(at);
+                            }
+                        }
+                        for n in &change.added {
+                            if let Err(at) = have.binary_search(n) {
+                                have.insert(at, *n);
+                            }
+                        }
+                    }
+                }
+                Ok(Some(report))
+            }
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// Whether [`Self::apply_changes`] would fit, without writing; `Ok(None)`
+    /// when it would not take them (ask [`Self::check_apply`] then).
+    pub fn check_changes(&self, changes: &[(String, Change)]) -> Result<Option<()>, CapacityError> {
+        let Some((ops, _)) = self.plan_changes(changes) else {
+            return Ok(None);
+        };
+        self.check_capacity(&ops).map(|_| Some(()))
+    }
+
+    /// The writes of [`Self::apply_changes`] and the slots they touch.
+    fn plan_changes(&self, changes: &[(String, Change)]) -> Option<(Vec<Op>, Vec<u32>)> {
         let mut ops = Vec::new();
         let mut slots = Vec::with_capacity(changes.len());
         for (name, change) in changes {
-            let Some(&slot) = self.slots.by_name.get(name) else {
-                return Ok(None);
-            };
+            let &slot = self.slots.by_name.get(name)?;
             let Some(Held::Nets(have)) = self.held.get(&slot) else {
-                return Ok(None);
+                return None;
             };
             if !change.removed.iter().chain(&change.added).all(is_canonical)
                 || !change.removed.iter().all(in_slice(have))
                 || change.added.iter().any(in_slice(have))
             {
-                return Ok(None);
+                return None;
             }
             for (net, from, to) in change
                 .removed
@@ -582,28 +704,14 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             }
             slots.push(slot);
         }
-        let entries = self.check_capacity(&ops)?;
-        match self.write(&ops, None) {
-            Ok(report) => {
-                self.entries = entries;
-                for ((_, change), slot) in changes.iter().zip(slots) {
-                    if let Some(Held::Nets(have)) = self.held.get_mut(&slot) {
-                        for n in &change.removed {
-                            if let Ok(at) = have.binary_search(n) {
-                                have.remove(at);
-                            }
-                        }
-                        for n in &change.added {
-                            if let Err(at) = have.binary_search(n) {
-                                have.insert(at, *n);
-                            }
-                        }
-                    }
-                }
-                Ok(Some(report))
-            }
-            Err(e) => Err(self.failed(e)),
-        }
+        Some((ops, slots))
+    }
+
+    /// Forget what the writer believes and read the maps again, so that the
+    /// next apply diffs against what the kernel holds (a reconcile: the maps
+    /// may have changed under it, space may have come back).
+    pub fn resync(&mut self) -> anyhow::Result<()> {
+        self.read_back().context("re-reading the policy maps")
     }
 
     /// After a failed write: take the maps as they are now.
@@ -614,22 +722,105 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         }
     }
 
-    /// Refuse, before writing anything, a policy the maps cannot hold.
-    fn check_capacity(&self, ops: &[Op]) -> anyhow::Result<EntryCounts> {
-        let after = self.entries.after(ops);
-        if after.exact > i64::from(EXACT_CAPACITY) {
-            bail!(
-                "the policy needs {} /32 and /128 entries; the datapath holds {EXACT_CAPACITY}",
-                after.exact
-            );
+    /// Refuse, before writing anything, a policy the maps cannot hold, at
+    /// any moment of its writes (new entries go in before old ones leave).
+    /// Returns the counts once written.
+    fn check_capacity(&self, ops: &[Op]) -> Result<EntryCounts, CapacityError> {
+        let peak = self.entries.peak(ops);
+        if peak.exact > i64::from(self.capacity.exact) {
+            return Err(CapacityError::Exact {
+                needed: peak.exact,
+                limit: self.capacity.exact,
+            });
         }
-        if after.prefixes > i64::from(PREFIXES_CAPACITY) {
-            bail!(
-                "the policy needs {} prefix entries; the datapath holds {PREFIXES_CAPACITY}",
-                after.prefixes
-            );
+        if peak.prefixes > i64::from(self.capacity.prefixes) {
+            return Err(CapacityError::Prefixes {
+                needed: peak.prefixes,
+                limit: self.capacity.prefixes,
+            });
         }
-        Ok(after)
+        Ok(self.entries.after(ops))
+    }
+
+    /// After a failed write: mark open every listener of `policy` whose
+    /// entries in the maps do not cover its allow set, so that the datapath
+    /// passes every source the shim accepts until a full apply succeeds (it
+    /// closes them again once their entries are in place). Only listener
+    /// and port entries are written: those never need map space (updating
+    /// an existing hash entry does not count against `max_entries`, and the
+    /// port table is an array). Returns the names of the listeners opened.
+    pub fn open_uncovered(&mut self, policy: &CompiledPolicy) -> anyhow::Result<Vec<String>> {
+        let mut listeners = self.listeners.clone();
+        let mut opened = Vec::new();
+        for l in &policy.listeners {
+            let nets = match &l.access {
+                Access::Open => Vec::new(),
+                Access::Restricted(nets) => canonical(nets),
+            };
+            let mut open_here = false;
+            for key in listener_keys(l.bind) {
+                // Where the kernel sends this listener's packets: its own
+                // entry, else (a specific bind not written yet) the port's
+                // wildcard of the same family; neither means they pass.
+                let v4 = key.addr == WILDCARD_V4
+                    || (key.addr != WILDCARD_V6 && key.addr[..12] == ipv4_mapped([0; 4])[..12]);
+                let wildcard = ListenerKey {
+                    addr: if v4 { WILDCARD_V4 } else { WILDCARD_V6 },
+                    ..key
+                };
+                let target = if listeners.contains_key(&key) {
+                    key
+                } else {
+                    wildcard
+                };
+                let Some(value) = listeners.get_mut(&target) else {
+                    continue;
+                };
+                let covered = value.flags & LISTENER_OPEN != 0
+                    || (matches!(l.access, Access::Restricted(_))
+                        && self.slot_covers(value.policy, &nets));
+                if !covered {
+                    value.flags |= LISTENER_OPEN;
+                    open_here = true;
+                }
+            }
+            if open_here {
+                opened.push(l.name.clone());
+            }
+        }
+        // Entries of listeners `policy` no longer has may still catch
+        // packets that now belong to one it has (a specific bind that became
+        // a wildcard): open them too until the full apply removes them.
+        let wanted: BTreeSet<ListenerKey> = policy
+            .listeners
+            .iter()
+            .flat_map(|l| listener_keys(l.bind))
+            .collect();
+        for (key, value) in &mut listeners {
+            if !wanted.contains(key) {
+                value.flags |= LISTENER_OPEN;
+            }
+        }
+        // Written even when nothing opens: a write that failed between the
+        // listener map and the port table left them disagreeing.
+        let mut report = ApplyReport::default();
+        if let Err(e) = self.write_listeners(&listeners, &mut report) {
+            return Err(self.failed(e));
+        }
+        Ok(opened)
+    }
+
+    /// Whether the maps hold every allow entry of `nets` under `slot`.
+    fn slot_covers(&self, slot: u32, nets: &[IpNet]) -> bool {
+        let want = entries_of(slot, nets);
+        let have = match self.held.get(&slot) {
+            None => BTreeMap::new(),
+            Some(Held::Nets(held)) => entries_of(slot, held),
+            Some(Held::Entries(entries)) => entries.clone(),
+        };
+        want.iter()
+            .filter(|(_, v)| **v == ALLOWED)
+            .all(|(entry, _)| have.get(entry) == Some(&ALLOWED))
     }
 
     /// The writes, in the order that keeps every flow allowed before and after
@@ -866,6 +1057,7 @@ mod tests {
         rc::Rc,
     };
 
+    use anyhow::bail;
     use proptest::prelude::*;
 
     use super::*;
@@ -1076,32 +1268,226 @@ mod tests {
 
     #[test]
     fn a_policy_over_capacity_is_refused_before_any_write() {
-        let mut w = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+        let capacity = MapCapacity {
+            exact: 1,
+            prefixes: 1,
+        };
+        let mut w = PolicyWriter::adopt(MemoryBackend::default())
+            .unwrap()
+            .with_capacity(capacity);
         w.apply(&policy(vec![restricted(
             "api",
             "[::]:1",
             &["192.0.2.1/32"],
         )]))
         .unwrap();
-        // As if the hash were one entry short of full.
-        w.entries.exact = i64::from(EXACT_CAPACITY);
         let before = w.backend().tables.clone();
         let ops = w.backend().ops;
-        let err = w
-            .apply(&policy(vec![restricted(
-                "api",
-                "[::]:1",
-                &["192.0.2.1/32", "192.0.2.2/32"],
-            )]))
-            .unwrap_err();
-        assert!(err.to_string().contains("/32 and /128 entries"), "{err}");
+        let two = policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &["192.0.2.1/32", "192.0.2.2/32"],
+        )]);
+        let err = w.apply(&two).unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<CapacityError>(),
+            Some(&CapacityError::Exact {
+                needed: 2,
+                limit: 1
+            }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("datapath exact-match map full: 1 entries"),
+            "{err}"
+        );
+        assert!(w.check_apply(&two).is_err(), "the dry run agrees");
         let added = Change {
             removed: BTreeSet::new(),
             added: ["192.0.2.3/32".parse().unwrap()].into(),
         };
-        let err = w.apply_changes(&[("api".into(), added)]).unwrap_err();
-        assert!(err.to_string().contains("/32 and /128 entries"), "{err}");
+        let err = w
+            .apply_changes(&[("api".into(), added.clone())])
+            .unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<CapacityError>()
+                .map(CapacityError::limit),
+            Some(1)
+        );
+        assert_eq!(
+            w.check_changes(&[("api".into(), added)]),
+            Err(CapacityError::Exact {
+                needed: 2,
+                limit: 1
+            })
+        );
+        let prefixes = policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &["192.0.2.1/32", "198.51.100.0/24", "203.0.113.0/24"],
+        )]);
+        let err = w.check_apply(&prefixes).unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<CapacityError>().map(CapacityError::map),
+            Some("prefixes")
+        );
         assert_eq!((w.backend().ops, &w.backend().tables), (ops, &before));
+    }
+
+    #[test]
+    fn a_change_needs_room_for_its_new_entries_before_the_old_ones_go() {
+        let mut w = PolicyWriter::adopt(MemoryBackend::default())
+            .unwrap()
+            .with_capacity(MapCapacity {
+                exact: 2,
+                prefixes: 8,
+            });
+        let full = policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &["192.0.2.1/32", "192.0.2.2/32"],
+        )]);
+        w.apply(&full).unwrap();
+        // Same count in the end, but .3 goes in while .2 is still there.
+        let swap = policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &["192.0.2.1/32", "192.0.2.3/32"],
+        )]);
+        assert_eq!(
+            w.check_apply(&swap)
+                .unwrap_err()
+                .downcast_ref::<CapacityError>(),
+            Some(&CapacityError::Exact {
+                needed: 3,
+                limit: 2
+            })
+        );
+        let swap_change = Change {
+            removed: ["192.0.2.2/32".parse().unwrap()].into(),
+            added: ["192.0.2.3/32".parse().unwrap()].into(),
+        };
+        assert!(w.check_changes(&[("api".into(), swap_change)]).is_err());
+        // Room made first (a revoke), the same change fits and is written.
+        let one = policy(vec![restricted("api", "[::]:1", &["192.0.2.1/32"])]);
+        assert_eq!(w.check_apply(&one).ok(), Some(()));
+        w.apply(&one).unwrap();
+        assert_eq!(w.check_apply(&swap).ok(), Some(()));
+        let add = Change {
+            removed: BTreeSet::new(),
+            added: ["192.0.2.3/32".parse().unwrap()].into(),
+        };
+        assert_eq!(
+            w.check_changes(&[("api".into(), add.clone())]),
+            Ok(Some(()))
+        );
+        assert!(w.apply_changes(&[("api".into(), add)]).unwrap().is_some());
+        let t = &w.backend().tables;
+        assert_eq!(t.verdict(ip("192.0.2.3"), dst("192.0.2.1:1")), Some(true));
+        assert_eq!(t.exact.len(), 2);
+    }
+
+    /// The kernel refusing a write the writer thought would fit (another
+    /// program filled the map, a race with a reload): the listener opens, the
+    /// writer's picture stays the kernel's, and the next full apply closes it.
+    #[test]
+    fn a_refused_kernel_write_opens_the_listener_until_a_full_apply() {
+        let limit = Rc::new(Cell::new(2_usize));
+        let mut w = PolicyWriter::adopt(Limited {
+            inner: MemoryBackend::default(),
+            exact_limit: limit.clone(),
+        })
+        .unwrap();
+        let small = policy(vec![
+            restricted("api", "[::]:1", &["192.0.2.1/32"]),
+            restricted("other", "[::]:2", &["198.51.100.0/24"]),
+        ]);
+        w.apply(&small).unwrap();
+        let big = policy(vec![
+            restricted(
+                "api",
+                "[::]:1",
+                &["192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32"],
+            ),
+            restricted("other", "[::]:2", &["198.51.100.0/24"]),
+        ]);
+        let err = w.apply(&big).unwrap_err();
+        assert!(err.to_string().contains("kernel: map full"), "{err:#}");
+        assert_eq!(w.tables(), w.backend().inner.tables, "read back");
+        let t = &w.backend().inner.tables;
+        assert_eq!(
+            t.verdict(ip("192.0.2.3"), dst("192.0.2.1:1")),
+            Some(false),
+            "not yet open: the shim accepts .3, the datapath drops it"
+        );
+        let opened = w.open_uncovered(&big).unwrap();
+        assert_eq!(opened, ["api"], "only the listener that lacks entries");
+        let t = &w.backend().inner.tables;
+        assert_eq!(t.verdict(ip("192.0.2.3"), dst("192.0.2.1:1")), Some(true));
+        assert_eq!(t.verdict(ip("203.0.113.9"), dst("192.0.2.1:1")), Some(true));
+        assert_eq!(
+            t.verdict(ip("203.0.113.9"), dst("192.0.2.1:2")),
+            Some(false),
+            "the other listener stays restricted"
+        );
+        // Incremental changes cannot continue from a read-back state.
+        let same = Change::default();
+        assert_eq!(w.apply_changes(&[("api".into(), same)]).unwrap(), None);
+        // Opening twice opens nothing more; still full, the apply fails
+        // again before it switches any listener, so `api` stays open.
+        assert_eq!(w.open_uncovered(&big).unwrap(), Vec::<String>::new());
+        assert!(w.apply(&big).is_err());
+        assert_eq!(w.open_uncovered(&big).unwrap(), Vec::<String>::new());
+        let t = &w.backend().inner.tables;
+        assert_eq!(t.verdict(ip("192.0.2.3"), dst("192.0.2.1:1")), Some(true));
+        // Room again: a full apply closes the listener over complete entries.
+        limit.set(8);
+        w.apply(&big).unwrap();
+        let t = &w.backend().inner.tables;
+        assert_eq!(t.verdict(ip("192.0.2.3"), dst("192.0.2.1:1")), Some(true));
+        assert_eq!(
+            t.verdict(ip("203.0.113.9"), dst("192.0.2.1:1")),
+            Some(false)
+        );
+        assert_eq!(w.open_uncovered(&big).unwrap(), Vec::<String>::new());
+    }
+
+    /// A kernel whose exact map holds fewer entries than the writer was told.
+    struct Limited {
+        inner: MemoryBackend,
+        exact_limit: Rc<Cell<usize>>,
+    }
+
+    impl PolicyBackend for Limited {
+        fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()> {
+            self.inner.put_listener(key, value)
+        }
+        fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
+            self.inner.del_listener(key)
+        }
+        fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()> {
+            self.inner.put_port(port, value)
+        }
+        fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
+            let t = &self.inner.tables;
+            if !t.exact.contains(key) && t.exact.len() >= self.exact_limit.get() {
+                bail!("kernel: map full (E2BIG)");
+            }
+            self.inner.put_exact(key)
+        }
+        fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
+            self.inner.del_exact(key)
+        }
+        fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()> {
+            self.inner.put_prefix(key, value)
+        }
+        fn del_prefix(&mut self, key: &PrefixKey) -> anyhow::Result<()> {
+            self.inner.del_prefix(key)
+        }
+        fn read_all(&self) -> anyhow::Result<PolicyTables> {
+            self.inner.read_all()
+        }
     }
 
     #[test]
@@ -1112,6 +1498,10 @@ mod tests {
         let mut w = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
         let err = w.apply(&policy(listeners)).unwrap_err();
         assert!(err.to_string().contains("no free slot"), "{err}");
+        assert_eq!(
+            err.downcast_ref::<CapacityError>(),
+            Some(&CapacityError::Listeners { limit: 63 })
+        );
         assert_eq!(w.backend().ops, 0);
     }
 
@@ -1325,6 +1715,20 @@ mod tests {
             if let Err(e) = w.apply(&middle) {
                 prop_assert!(e.to_string().contains("injected"), "{e:#}");
                 prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+                // Failing open: every flow the new policy allows passes now.
+                w.open_uncovered(&middle).unwrap();
+                prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+                ports_agree(&w.backend().inner.tables)?;
+                for (s, d) in probes() {
+                    // `None`: no listener there, the packet passes too.
+                    if middle_tables.verdict(s, d) == Some(true) {
+                        prop_assert_ne!(
+                            w.backend().inner.tables.verdict(s, d),
+                            Some(false),
+                            "open after a failure: {} → {}", s, d
+                        );
+                    }
+                }
                 w.apply(&middle).unwrap();
             }
             fail.set(None);
