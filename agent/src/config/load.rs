@@ -95,6 +95,15 @@ struct RawListener {
     early_drop: Option<bool>,
     tenants: Option<Vec<String>>,
     key_header: Option<Spanned<String>>,
+    connections: Option<RawConnections>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_per_source: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -609,6 +618,7 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
             }
             Some(name)
         });
+        let connections = connections(l.connections, &format!("{p}.connections"), errors);
         if let Some(bind) = bind {
             out.push(ListenerConfig {
                 name,
@@ -620,10 +630,77 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
                 early_drop: l.early_drop.unwrap_or(true),
                 tenants: l.tenants,
                 key_header,
+                connections,
             });
         }
     }
     out
+}
+
+/// Shortest and longest `header_timeout` / `idle_timeout` accepted.
+const MIN_CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_hours(24);
+
+/// A duration: whole seconds (`10`) or with a unit (`10s`, `500ms`, `2m`).
+fn duration(s: &Spanned<String>, path: &str, errors: &mut Errors) -> Option<std::time::Duration> {
+    let text = s.value.trim();
+    let parsed = match text.parse::<u64>() {
+        Ok(secs) => Ok(std::time::Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(d) if (MIN_CONN_TIMEOUT..=MAX_CONN_TIMEOUT).contains(&d) => Some(d),
+        Ok(_) => {
+            errors.at(
+                &s.referenced,
+                path,
+                format!("{text:?} is outside 100ms..24h"),
+            );
+            None
+        }
+        Err(e) => {
+            errors.at(
+                &s.referenced,
+                path,
+                format!("{text:?} is not a duration (seconds, or with a unit: \"10s\", \"500ms\"): {e}"),
+            );
+            None
+        }
+    }
+}
+
+/// `listeners[].connections`; defaults from `crate::conn`.
+fn connections(
+    raw: Option<RawConnections>,
+    path: &str,
+    errors: &mut Errors,
+) -> crate::conn::ConnLimits {
+    let mut limits = crate::conn::ConnLimits::default();
+    let Some(raw) = raw else {
+        return limits;
+    };
+    if let Some(d) = raw
+        .header_timeout
+        .and_then(|h| duration(&h, &format!("{path}.header_timeout"), errors))
+    {
+        limits.header_timeout = d;
+    }
+    if let Some(d) = raw
+        .idle_timeout
+        .and_then(|h| duration(&h, &format!("{path}.idle_timeout"), errors))
+    {
+        limits.idle_timeout = d;
+    }
+    match raw.max_per_source {
+        Some(n) if n.value == 0 => errors.at(
+            &n.referenced,
+            format!("{path}.max_per_source"),
+            "must be at least 1",
+        ),
+        Some(n) => limits.max_per_source = n.value,
+        None => {}
+    }
+    limits
 }
 
 fn valid_upstream(u: &str) -> bool {
