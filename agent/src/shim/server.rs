@@ -156,7 +156,10 @@ pub async fn serve(
     drop(socket);
     // Each connection sees `shutdown` too and closes gracefully.
     if !gate.drain(conn::CLOSE_GRACE).await {
-        tracing::warn!(listener = name, "connections still open after 30 s: closing");
+        tracing::warn!(
+            listener = name,
+            "connections still open after 30 s: closing"
+        );
     }
 }
 
