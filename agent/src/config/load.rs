@@ -1260,7 +1260,10 @@ mod connection_limits {
     #[test]
     fn defaults_when_absent() {
         let c = parse(LISTENER, "k.yaml").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.listeners[0].connections, crate::conn::ConnLimits::default());
+        assert_eq!(
+            c.listeners[0].connections,
+            crate::conn::ConnLimits::default()
+        );
         assert_eq!(
             c.listeners[0].connections.header_timeout,
             Duration::from_secs(10)
@@ -1284,7 +1287,11 @@ mod connection_limits {
             );
             let c = parse(&yaml, "k.yaml").unwrap_or_else(|e| panic!("{yaml}: {e}"));
             let l = c.listeners[0].connections;
-            assert_eq!(l.header_timeout, Duration::from_millis(want_header), "{yaml}");
+            assert_eq!(
+                l.header_timeout,
+                Duration::from_millis(want_header),
+                "{yaml}"
+            );
             assert_eq!(l.idle_timeout, Duration::from_millis(want_idle), "{yaml}");
             assert_eq!(l.max_per_source, 20);
         }
@@ -1327,7 +1334,10 @@ mod connection_limits {
             assert_eq!(errors.len(), 1, "{fields}: {errors:?}");
             let e = &errors[0];
             let line = format!("{}:{}: {}: {}", e.line, e.col, e.path, e.message);
-            assert!(line.starts_with(want), "{fields}: {line:?} should start with {want:?}");
+            assert!(
+                line.starts_with(want),
+                "{fields}: {line:?} should start with {want:?}"
+            );
         }
     }
 }
