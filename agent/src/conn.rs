@@ -295,7 +295,7 @@ impl Gate {
             }
         };
         if let Some(refusal) = refusal {
-            self.refuse(peer, refusal.reason());
+            self.refuse(Some(peer), refusal.reason());
             return Err(refusal);
         }
         self.open.fetch_add(1, Ordering::AcqRel);
@@ -306,10 +306,13 @@ impl Gate {
         })
     }
 
-    fn refuse(&self, peer: IpAddr, reason: &'static str) {
+    /// Count a refusal and log it (rate-limited); `peer` is `None` when no
+    /// connection could be read (a shed backlog entry).
+    fn refuse(&self, peer: Option<IpAddr>, reason: &'static str) {
         self.metrics.refused(&self.name, reason);
         if self.log.0.allow() {
-            tracing::warn!(listener = self.name, client = %peer, reason, "connection refused");
+            let client = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+            tracing::warn!(listener = self.name, client, reason, "connection refused");
         }
     }
 
@@ -434,7 +437,7 @@ pub async fn accept(
         Err(e) => {
             let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
             if exhausted && shed_one(socket).await {
-                gate.refuse(IpAddr::from([0, 0, 0, 0]), "descriptor_exhausted");
+                gate.refuse(None, "descriptor_exhausted");
             } else {
                 if gate.log.0.allow() {
                     tracing::warn!(listener = gate.name, error = %e, "accept failed");
