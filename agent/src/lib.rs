@@ -10,6 +10,7 @@ pub mod allowlist;
 pub mod cli;
 pub mod config;
 pub mod confirm;
+pub mod conn;
 pub mod datapath;
 pub mod keys_cli;
 pub mod management;

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub datapath_write_failures: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<ListenerLabel, Histogram>,
+    /// Connection admission and timeouts of every server (`crate::conn`).
+    pub connections: crate::conn::ConnMetrics,
     refusal_logs: crate::ratelimit::RateLimiter,
 }
 
@@ -127,6 +129,7 @@ impl Metrics {
             "Time from request head to response head, including the upstream",
             http_duration.clone(),
         );
+        let connections = crate::conn::ConnMetrics::register(&mut registry);
         registry.register_collector(Box::new(DatapathCollector { datapath }));
         Self {
             registry,
@@ -140,6 +143,7 @@ impl Metrics {
             datapath_write_failures,
             http_requests,
             http_duration,
+            connections,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
         }
     }
@@ -398,20 +402,27 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding metrics on {addr}"))
 }
 
-/// Serve `/metrics` and `/readyz` until `shutdown` resolves.
+/// Serve `/metrics` and `/readyz` until `shutdown` resolves, with the same
+/// header and idle timeouts as the listeners and the right to use the
+/// descriptors they leave free (`crate::conn`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let gate = crate::conn::Gate::new(
+        "metrics",
+        crate::conn::Reserve::Use,
+        crate::conn::ConnLimits::default(),
+        Vec::new(),
+        metrics.connections.clone(),
+    );
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/readyz", get(readyz))
         .with_state(HttpState { metrics, ready });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::conn::serve_router(listener, app, gate, shutdown).await
 }
 
 #[cfg(test)]

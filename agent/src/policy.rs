@@ -381,6 +381,7 @@ mod tests {
             early_drop: true,
             tenants: None,
             key_header: None,
+            connections: crate::conn::ConnLimits::default(),
         }
     }
 

@@ -94,6 +94,10 @@ struct Daemon {
 /// detached and its pins removed on the way out; otherwise it keeps enforcing.
 pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartError> {
     let config = config::load(config_path).map_err(StartError::Config)?;
+    // Before any socket: the listeners' descriptor reserve is computed from it.
+    if let Err(e) = crate::conn::init_descriptors() {
+        tracing::warn!(error = %e, "cannot read the descriptor limit");
+    }
     let datapath: SharedDatapath = Arc::new(Mutex::new(None));
     let metrics = Arc::new(Metrics::new(datapath.clone()));
     metrics.config_last_reload_successful.set(1);
@@ -219,9 +223,14 @@ fn start_management(
         writes: tokio::sync::Mutex::new(()),
     });
     let mut stop = stop.clone();
-    let server = tokio::spawn(api::serve(listener, api.clone(), async move {
-        let _ = stop.wait_for(|stop| *stop).await;
-    }));
+    let server = tokio::spawn(api::serve(
+        listener,
+        api.clone(),
+        daemon.metrics.connections.clone(),
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        },
+    ));
     (api, apply_rx, server)
 }
 

@@ -30,3 +30,39 @@ pub fn release_free_memory() {
         }
     }
 }
+
+/// The process's `RLIMIT_NOFILE`: `(soft, hard)`. The soft limit is one more
+/// than the highest descriptor number the process may open.
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a valid, exclusive pointer
+    // to a stack value and reads nothing else.
+    #[expect(unsafe_code, reason = "getrlimit(2) has no safe wrapper in the tree")]
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) };
+    if rc == 0 {
+        Ok((limit.rlim_cur, limit.rlim_max))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Set the soft `RLIMIT_NOFILE` to `soft` (at most the hard limit), keeping
+/// the hard limit.
+pub fn set_nofile_soft(soft: u64) -> io::Result<()> {
+    let (_, hard) = nofile_limit()?;
+    let limit = libc::rlimit {
+        rlim_cur: soft.min(hard),
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit only reads the `rlimit` behind a valid pointer.
+    #[expect(unsafe_code, reason = "setrlimit(2) has no safe wrapper in the tree")]
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

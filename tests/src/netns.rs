@@ -562,6 +562,8 @@ pub struct Agent {
     envs: Vec<(String, String)>,
     /// Extra arguments after `run --config FILE`.
     run_args: Vec<String>,
+    /// A command the agent runs under (`prlimit --nofile=256 --`), if any.
+    wrapper: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
@@ -583,6 +585,7 @@ impl Agent {
             metrics: METRICS_BIND,
             envs: Vec::new(),
             run_args: Vec::new(),
+            wrapper: Vec::new(),
             child: None,
             starts: 0,
         })
@@ -608,6 +611,14 @@ impl Agent {
     /// Add an argument to `keyfence run` for the agent's next start.
     pub fn run_arg(&mut self, arg: &str) -> &mut Self {
         self.run_args.push(arg.to_owned());
+        self
+    }
+
+    /// Run the agent under `argv` from its next start on, for example
+    /// `["prlimit", "--nofile=256", "--"]`. The wrapper must exec the agent
+    /// (so that [`Agent::pid`] stays the agent's own).
+    pub fn wrap(&mut self, argv: &[&str]) -> &mut Self {
+        self.wrapper = argv.iter().map(|&a| a.to_owned()).collect();
         self
     }
 
@@ -683,6 +694,7 @@ impl Agent {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns.display()))
             .arg("--")
+            .args(&self.wrapper)
             .arg(&self.bin)
             .args(["run", "--config"])
             .arg(&self.config)

@@ -104,6 +104,15 @@ struct RawListener {
     early_drop: Option<bool>,
     tenants: Option<Vec<String>>,
     key_header: Option<Spanned<String>>,
+    connections: Option<RawConnections>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_per_source: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -649,6 +658,7 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
             }
             Some(name)
         });
+        let connections = connections(l.connections, &format!("{p}.connections"), errors);
         if let Some(bind) = bind {
             out.push(ListenerConfig {
                 name,
@@ -660,10 +670,79 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
                 early_drop: l.early_drop.unwrap_or(true),
                 tenants: l.tenants,
                 key_header,
+                connections,
             });
         }
     }
     out
+}
+
+/// Shortest and longest `header_timeout` / `idle_timeout` accepted.
+const MIN_CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_hours(24);
+
+/// A duration: whole seconds (`10`) or with a unit (`10s`, `500ms`, `2m`).
+fn duration(s: &Spanned<String>, path: &str, errors: &mut Errors) -> Option<std::time::Duration> {
+    let text = s.value.trim();
+    let parsed = match text.parse::<u64>() {
+        Ok(secs) => Ok(std::time::Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(d) if (MIN_CONN_TIMEOUT..=MAX_CONN_TIMEOUT).contains(&d) => Some(d),
+        Ok(_) => {
+            errors.at(
+                &s.referenced,
+                path,
+                format!("{text:?} is outside 100ms..24h"),
+            );
+            None
+        }
+        Err(e) => {
+            errors.at(
+                &s.referenced,
+                path,
+                format!(
+                    "{text:?} is not a duration (seconds, or with a unit: \"10s\", \"500ms\"): {e}"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `listeners[].connections`; defaults from `crate::conn`.
+fn connections(
+    raw: Option<RawConnections>,
+    path: &str,
+    errors: &mut Errors,
+) -> crate::conn::ConnLimits {
+    let mut limits = crate::conn::ConnLimits::default();
+    let Some(raw) = raw else {
+        return limits;
+    };
+    if let Some(d) = raw
+        .header_timeout
+        .and_then(|h| duration(&h, &format!("{path}.header_timeout"), errors))
+    {
+        limits.header_timeout = d;
+    }
+    if let Some(d) = raw
+        .idle_timeout
+        .and_then(|h| duration(&h, &format!("{path}.idle_timeout"), errors))
+    {
+        limits.idle_timeout = d;
+    }
+    match raw.max_per_source {
+        Some(n) if n.value == 0 => errors.at(
+            &n.referenced,
+            format!("{path}.max_per_source"),
+            "must be at least 1",
+        ),
+        Some(n) => limits.max_per_source = n.value,
+        None => {}
+    }
+    limits
 }
 
 fn valid_upstream(u: &str) -> bool {
@@ -941,6 +1020,10 @@ metrics:
             (
                 "listeners: [{ client_ip: { bogus_field: 1 } }]\n",
                 &["listeners", "client_ip"][..],
+            ),
+            (
+                "listeners: [{ connections: { bogus_field: 1 } }]\n",
+                &["listeners", "connections"][..],
             ),
             ("keys: [{ bogus_field: 1 }]\n", &["keys"][..]),
             ("rejection: { bogus_field: 1 }\n", &["rejection"][..]),
@@ -1233,5 +1316,98 @@ mod packaged_example {
             config.store.path,
             std::path::Path::new("/var/lib/keyfence/keyfence.db")
         );
+    }
+}
+
+#[cfg(test)]
+mod connection_limits {
+    use std::time::Duration;
+
+    use super::parse;
+
+    const LISTENER: &str = "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: auth\n";
+
+    #[test]
+    fn defaults_when_absent() {
+        let c = parse(LISTENER, "k.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.listeners[0].connections,
+            crate::conn::ConnLimits::default()
+        );
+        assert_eq!(
+            c.listeners[0].connections.header_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            c.listeners[0].connections.idle_timeout,
+            Duration::from_mins(1)
+        );
+        assert_eq!(c.listeners[0].connections.max_per_source, 256);
+    }
+
+    #[test]
+    fn durations_in_seconds_or_with_units() {
+        for (header, idle, want_header, want_idle) in [
+            ("1", "5", 1000, 5000),
+            ("\"10s\"", "2m", 10_000, 120_000),
+            ("500ms", "1h", 500, 3_600_000),
+        ] {
+            let yaml = format!(
+                "{LISTENER}    connections: {{ header_timeout: {header}, idle_timeout: {idle}, max_per_source: 20 }}\n"
+            );
+            let c = parse(&yaml, "k.yaml").unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            let l = c.listeners[0].connections;
+            assert_eq!(
+                l.header_timeout,
+                Duration::from_millis(want_header),
+                "{yaml}"
+            );
+            assert_eq!(l.idle_timeout, Duration::from_millis(want_idle), "{yaml}");
+            assert_eq!(l.max_per_source, 20);
+        }
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        for (fields, want) in [
+            (
+                "header_timeout: soon",
+                "5:36: listeners[0].connections.header_timeout: \"soon\" is not a duration",
+            ),
+            (
+                "idle_timeout: 10ms",
+                "5:34: listeners[0].connections.idle_timeout: \"10ms\" is outside 100ms..24h",
+            ),
+            (
+                "header_timeout: 0",
+                "5:36: listeners[0].connections.header_timeout: \"0\" is outside",
+            ),
+            (
+                "idle_timeout: 2d",
+                "5:34: listeners[0].connections.idle_timeout: \"2d\" is outside",
+            ),
+            (
+                "max_per_source: 0",
+                "5:36: listeners[0].connections.max_per_source: must be at least 1",
+            ),
+            (
+                "max_per_source: -3",
+                "5:36: listeners[0].connections.max_per_source: expected a whole number",
+            ),
+            (
+                "max_per_source: many",
+                "5:36: listeners[0].connections.max_per_source: expected a whole number",
+            ),
+        ] {
+            let yaml = format!("{LISTENER}    connections: {{ {fields} }}\n");
+            let errors = parse(&yaml, "k.yaml").expect_err(fields).0;
+            assert_eq!(errors.len(), 1, "{fields}: {errors:?}");
+            let e = &errors[0];
+            let line = format!("{}:{}: {}: {}", e.line, e.col, e.path, e.message);
+            assert!(
+                line.starts_with(want),
+                "{fields}: {line:?} should start with {want:?}"
+            );
+        }
     }
 }

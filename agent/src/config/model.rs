@@ -93,6 +93,8 @@ pub struct ListenerConfig {
     /// A header read for the key when `Authorization: Bearer` is absent (for
     /// example `X-API-Key`); `None` reads only `Authorization`.
     pub key_header: Option<String>,
+    /// `connections`: header and idle timeouts, connections per source.
+    pub connections: crate::conn::ConnLimits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -132,6 +132,12 @@ const LISTENER: Shape = Shape::Map(&[
     ("early_drop", false, Shape::Bool),
     ("tenants", false, Shape::List(&Shape::Text)),
     ("key_header", false, Shape::Text),
+    ("connections", false, CONNECTIONS),
+]);
+const CONNECTIONS: Shape = Shape::Map(&[
+    ("header_timeout", false, Shape::Text),
+    ("idle_timeout", false, Shape::Text),
+    ("max_per_source", false, Shape::Int(u32::MAX)),
 ]);
 const KEY: Shape = Shape::Map(&[
     ("id", true, Shape::Text),

@@ -98,18 +98,24 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Serve `router` on `listener` until `shutdown` resolves.
+/// Serve `router` on `listener` until `shutdown` resolves, through the
+/// connection limits of `crate::conn` (header and idle timeouts, a cap per
+/// source, and the descriptor reserve the listeners leave free). Every
+/// request carries the peer as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
+    connections: crate::conn::ConnMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let gate = crate::conn::Gate::new(
+        "management",
+        crate::conn::Reserve::Use,
+        crate::conn::ConnLimits::default(),
+        Vec::new(),
+        connections,
+    );
+    crate::conn::serve_router(listener, router(state), gate, shutdown).await
 }
 
 /// An error answer: status and JSON body.

@@ -184,6 +184,7 @@ mod tests {
             early_drop: true,
             tenants,
             key_header: None,
+            connections: crate::conn::ConnLimits::default(),
         }
     }
 

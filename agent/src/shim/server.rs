@@ -20,8 +20,7 @@ use hyper::{
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
+    rt::TokioExecutor,
 };
 use tokio::{
     io::AsyncReadExt as _,
@@ -36,11 +35,10 @@ use super::{
 };
 use crate::{
     config::{ClientIpSource, ListenerConfig, ListenerMode, Rejection},
+    conn::{self, Activity, Gate, Permit, Reserve},
     metrics::Metrics,
 };
 
-/// Time a client gets to send its request head (slowloris bound).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a trusted proxy gets to send its PROXY header.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted.
@@ -99,7 +97,9 @@ pub async fn bind(config: &ListenerConfig) -> anyhow::Result<TcpListener> {
 }
 
 /// Accept and serve until `shutdown` flips to true; then stop accepting and let
-/// open connections finish their requests.
+/// open connections finish their requests. Every connection passes the
+/// listener's [`Gate`] (a cap per source, the descriptor reserve) and is
+/// driven under its header and idle timeouts (`crate::conn`).
 pub async fn serve(
     socket: TcpListener,
     mut config_rx: watch::Receiver<Arc<ListenerConfig>>,
@@ -119,46 +119,47 @@ pub async fn serve(
         .pool_idle_timeout(Duration::from_mins(1))
         .build(connector);
     let name = config.name.clone();
+    let gate = Gate::new(
+        &name,
+        Reserve::Honour,
+        config.connections,
+        config.client_ip.trusted_proxies.clone(),
+        shared.metrics.connections.clone(),
+    );
     let ctx = Arc::new(ListenerCtx {
         config: RwLock::new(Arc::new(config)),
         shared,
         client,
         upstream,
     });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
-            accepted = socket.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(listener = name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+            accepted = conn::accept(&socket, &gate) => {
+                let Some((stream, peer, permit)) = accepted else { continue };
                 let ctx = ctx.clone();
                 let tls = tls.clone();
-                let watcher = graceful.watcher();
+                let stop = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, peer, ctx.clone(), tls, watcher).await {
+                    if let Err(e) = connection(stream, peer, permit, ctx, tls, stop).await {
                         tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
                     }
                 });
             }
             Ok(()) = config_rx.changed() => {
                 let new = config_rx.borrow_and_update().clone();
+                gate.set_limits(new.connections, new.client_ip.trusted_proxies.clone());
                 *ctx.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new;
             }
             () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         }
     }
     drop(socket);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(Duration::from_secs(30)) => {
-            tracing::warn!(listener = name, "connections still open after 30 s: closing");
-        }
+    // Each connection sees `shutdown` too and closes gracefully.
+    if !gate.drain(conn::CLOSE_GRACE).await {
+        tracing::warn!(
+            listener = name,
+            "connections still open after 30 s: closing"
+        );
     }
 }
 
@@ -189,11 +190,17 @@ async fn read_proxy_header(stream: &mut TcpStream) -> anyhow::Result<Option<Sock
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    permit: Permit,
     ctx: Arc<ListenerCtx>,
     tls: Option<TlsAcceptor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
+    // The head deadline runs from the accept: the PROXY header and the TLS
+    // handshake spend the same budget as the request head.
+    let activity = Activity::new();
+    let limits = permit.gate().limits();
+    let head_due = activity.first_head_deadline(&limits);
     let peer_ip = crate::allowlist::fold_ip(peer.ip());
     let config = ctx.config();
     // The connection-level client address (before any X-Forwarded-For).
@@ -202,7 +209,8 @@ async fn connection(
             if !is_trusted(peer_ip, &config.client_ip.trusted_proxies) {
                 anyhow::bail!("PROXY protocol from untrusted peer {peer_ip}: closed");
             }
-            let source = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream))
+            let due = head_due.min(tokio::time::Instant::now() + PROXY_HEADER_TIMEOUT);
+            let source = tokio::time::timeout_at(due, read_proxy_header(&mut stream))
                 .await
                 .context("PROXY header timeout")??;
             source.map_or(peer_ip, |s| crate::allowlist::fold_ip(s.ip()))
@@ -213,29 +221,21 @@ async fn connection(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx, peer_ip, conn_client).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
+    let mut builder = conn::builder(&limits);
+    builder.http1().max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
     if let Some(acceptor) = tls {
-        let stream = acceptor.accept(stream).await.context("TLS handshake")?;
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        watcher
-            .watch(conn.into_owned())
+        let stream = tokio::time::timeout_at(head_due, acceptor.accept(stream))
             .await
-            .map_err(|e| anyhow::anyhow!(e))
+            .context("TLS handshake timeout")?
+            .context("TLS handshake")?;
+        conn::drive(&builder, stream, peer, service, &permit, activity, shutdown).await?;
     } else {
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        watcher
-            .watch(conn.into_owned())
-            .await
-            .map_err(|e| anyhow::anyhow!(e))
+        conn::drive(&builder, stream, peer, service, &permit, activity, shutdown).await?;
     }
+    Ok(())
 }
 
 fn json(status: StatusCode, body: String) -> Response<Body> {
