@@ -209,18 +209,21 @@ fn lock_path(pin_root: &Path) -> PathBuf {
     Path::new("/run/keyfence").join(format!("{name}.lock"))
 }
 
+/// Lock `pin_root`. The lock file is 0600 in the 0700 directory
+/// `/run/keyfence`, both the agent's own: a lock anyone could open is a lock
+/// anyone could hold (a shared `flock` on a 0644 file kept the agent from
+/// starting). See `fsguard::open_lock`.
 fn take_lock(pin_root: &Path) -> anyhow::Result<File> {
     let path = lock_path(pin_root);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let file = File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    let file = crate::fsguard::open_lock(&path, crate::fsguard::euid())?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => bail!(
-            "another keyfence agent holds {} (pin path {}): stop it first",
+            "another keyfence agent holds {} (pin path {}): stop it first (if none runs, \
+             `fuser -v {}` names the process holding it)",
             path.display(),
-            pin_root.display()
+            pin_root.display(),
+            path.display()
         ),
         Err(fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("locking {}", path.display()))
@@ -350,7 +353,10 @@ impl Datapath {
     fn load(pin_root: &Path, lock: Option<File>) -> anyhow::Result<Self> {
         check_on_bpffs(pin_root)?;
         let dir = pin_dir(pin_root);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // bpffs' root is 1777: a pin directory someone else made (or could
+        // write) would let them unlink our links or plant maps; create it
+        // 0700 or refuse it with the fix.
+        crate::fsguard::ensure_pin_dirs(pin_root, &dir, crate::fsguard::euid())?;
         check_pinned_layouts(&dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod confirm;
 pub mod datapath;
+pub mod fsguard;
 pub mod keys_cli;
 pub mod management;
 pub mod maps;
