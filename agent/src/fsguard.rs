@@ -13,7 +13,9 @@
 use std::{
     fs::{self, DirBuilder, File, OpenOptions},
     io,
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -491,7 +493,9 @@ fn open_private_file(path: &Path, role: Role, euid: u32) -> Result<File, FsGuard
                 FsGuardError::io("opening", path)(e)
             }
         })?;
-    let meta = file.metadata().map_err(FsGuardError::io("inspecting", path))?;
+    let meta = file
+        .metadata()
+        .map_err(FsGuardError::io("inspecting", path))?;
     enforce(path, Stat::of(&meta), private_file, role, euid, |mode| {
         file.set_permissions(fs::Permissions::from_mode(mode))
     })?;
@@ -556,10 +560,7 @@ mod tests {
     #[test]
     fn private_dirs_are_ours_and_closed() {
         assert_eq!(private_dir(dir(ME, 0o700), ME), Ok(Verdict::Ok));
-        assert_eq!(
-            private_dir(dir(ME, 0o755), ME),
-            Ok(Verdict::Tighten(0o700))
-        );
+        assert_eq!(private_dir(dir(ME, 0o755), ME), Ok(Verdict::Tighten(0o700)));
         assert_eq!(
             private_dir(dir(NOBODY, 0o700), ME),
             Err(Problem::Owner(NOBODY))
@@ -631,10 +632,7 @@ mod tests {
             store_dir(dir(0, 0o1777), ME),
             Err(Problem::Writable(0o1777))
         );
-        assert_eq!(
-            store_dir(dir(ME, 0o775), ME),
-            Err(Problem::Writable(0o775))
-        );
+        assert_eq!(store_dir(dir(ME, 0o775), ME), Err(Problem::Writable(0o775)));
     }
 
     #[test]

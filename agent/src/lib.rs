@@ -9,6 +9,7 @@
 pub mod allowlist;
 pub mod cli;
 pub mod config;
+pub mod config_warnings;
 pub mod confirm;
 pub mod datapath;
 pub mod fsguard;
