@@ -200,7 +200,8 @@ pub fn pin_dir(pin_root: &Path) -> PathBuf {
 }
 
 /// The lock file guarding one pin root (bpffs cannot hold regular files).
-fn lock_path(pin_root: &Path) -> PathBuf {
+#[must_use]
+pub fn lock_path(pin_root: &Path) -> PathBuf {
     let name: String = pin_root
         .to_string_lossy()
         .chars()
