@@ -721,6 +721,8 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
     let mut report = DetachReport::default();
     let dir = pin_dir(pin_root);
     if !dir.exists() {
+        // Nothing pinned; the lock file `take_lock` just made goes too.
+        let _ = fs::remove_file(lock_path(pin_root));
         return Ok(report);
     }
     for entry in fs::read_dir(&dir)? {

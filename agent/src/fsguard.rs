@@ -345,16 +345,16 @@ fn lstat(path: &Path) -> Result<Option<Stat>, FsGuardError> {
     }
 }
 
-/// Apply `rule` to `st` (of `path`), tightening the mode when it says so.
+/// Apply the rule `check` to `st` (of `path`), tightening the mode when it says so.
 fn enforce(
     path: &Path,
     st: Stat,
-    rule: Rule,
+    check: Rule,
     role: Role,
     euid: u32,
     chmod: impl FnOnce(u32) -> io::Result<()>,
 ) -> Result<(), FsGuardError> {
-    match rule(st, euid).map_err(|p| FsGuardError::from_problem(role, path, p, euid))? {
+    match check(st, euid).map_err(|p| FsGuardError::from_problem(role, path, p, euid))? {
         Verdict::Ok => Ok(()),
         Verdict::Tighten(mode) => {
             chmod(mode).map_err(FsGuardError::io("tightening the mode of", path))?;
@@ -401,10 +401,10 @@ pub fn check_ancestors(path: &Path, same_fs: bool, euid: u32) -> Result<(), FsGu
     Ok(())
 }
 
-/// Create `path` as a 0700 directory when absent, then check it with `rule`
-/// (tightening when the rule says so). A symbolic link is refused, never
+/// Create `path` as a 0700 directory when absent, then check it with the rule
+/// `check` (tightening when the rule says so). A symbolic link is refused, never
 /// followed.
-pub fn ensure_dir(path: &Path, rule: Rule, role: Role, euid: u32) -> Result<(), FsGuardError> {
+pub fn ensure_dir(path: &Path, check: Rule, role: Role, euid: u32) -> Result<(), FsGuardError> {
     if lstat(path)?.is_none() {
         match DirBuilder::new().mode(PRIVATE_DIR_MODE).create(path) {
             Ok(()) => {}
@@ -416,7 +416,7 @@ pub fn ensure_dir(path: &Path, rule: Rule, role: Role, euid: u32) -> Result<(), 
     let st = lstat(path)?.ok_or_else(|| {
         FsGuardError::io("creating", path)(io::Error::from(io::ErrorKind::NotFound))
     })?;
-    enforce(path, st, rule, role, euid, |mode| {
+    enforce(path, st, check, role, euid, |mode| {
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
     })
 }
