@@ -197,7 +197,8 @@ pub fn pin_dir(pin_root: &Path) -> PathBuf {
 }
 
 /// The lock file guarding one pin root (bpffs cannot hold regular files).
-fn lock_path(pin_root: &Path) -> PathBuf {
+#[must_use]
+pub fn lock_path(pin_root: &Path) -> PathBuf {
     let name: String = pin_root
         .to_string_lossy()
         .chars()
@@ -206,18 +207,21 @@ fn lock_path(pin_root: &Path) -> PathBuf {
     Path::new("/run/keyfence").join(format!("{name}.lock"))
 }
 
+/// Lock `pin_root`. The lock file is 0600 in the 0700 directory
+/// `/run/keyfence`, both the agent's own: a lock anyone could open is a lock
+/// anyone could hold (a shared `flock` on a 0644 file kept the agent from
+/// starting). See `fsguard::open_lock`.
 fn take_lock(pin_root: &Path) -> anyhow::Result<File> {
     let path = lock_path(pin_root);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let file = File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    let file = crate::fsguard::open_lock(&path, crate::fsguard::euid())?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => bail!(
-            "another keyfence agent holds {} (pin path {}): stop it first",
+            "another keyfence agent holds {} (pin path {}): stop it first (if none runs, \
+             `fuser -v {}` names the process holding it)",
             path.display(),
-            pin_root.display()
+            pin_root.display(),
+            path.display()
         ),
         Err(fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("locking {}", path.display()))
@@ -361,7 +365,10 @@ impl Datapath {
     fn load(pin_root: &Path, lock: Option<File>, capacity: MapCapacity) -> anyhow::Result<Self> {
         check_on_bpffs(pin_root)?;
         let dir = pin_dir(pin_root);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // bpffs' root is 1777: a pin directory someone else made (or could
+        // write) would let them unlink our links or plant maps; create it
+        // 0700 or refuse it with the fix.
+        crate::fsguard::ensure_pin_dirs(pin_root, &dir, crate::fsguard::euid())?;
         check_pinned_layouts(&dir, capacity)?;
         // Sizes apply to maps created now; pinned ones were checked above.
         let mut ebpf = EbpfLoader::new()
@@ -753,6 +760,8 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
     let mut report = DetachReport::default();
     let dir = pin_dir(pin_root);
     if !dir.exists() {
+        // Nothing pinned; the lock file `take_lock` just made goes too.
+        let _ = fs::remove_file(lock_path(pin_root));
         return Ok(report);
     }
     for entry in fs::read_dir(&dir)? {

@@ -9,9 +9,11 @@
 pub mod allowlist;
 pub mod cli;
 pub mod config;
+pub mod config_warnings;
 pub mod confirm;
 pub mod conn;
 pub mod datapath;
+pub mod fsguard;
 pub mod keys_cli;
 pub mod management;
 pub mod maps;

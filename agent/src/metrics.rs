@@ -57,6 +57,8 @@ pub struct Metrics {
     pub http_duration: Family<ListenerLabel, Histogram>,
     /// Connection admission and timeouts of every server (`crate::conn`).
     pub connections: crate::conn::ConnMetrics,
+    /// `keyfence_config_warnings{warning}` (see `config_warnings`).
+    pub config_warnings: crate::config_warnings::WarningGauges,
     refusal_logs: crate::ratelimit::RateLimiter,
 }
 
@@ -130,6 +132,7 @@ impl Metrics {
             http_duration.clone(),
         );
         let connections = crate::conn::ConnMetrics::register(&mut registry);
+        let config_warnings = crate::config_warnings::register(&mut registry);
         registry.register_collector(Box::new(DatapathCollector { datapath }));
         Self {
             registry,
@@ -144,6 +147,7 @@ impl Metrics {
             http_requests,
             http_duration,
             connections,
+            config_warnings,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
         }
     }

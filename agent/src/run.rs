@@ -101,6 +101,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let datapath: SharedDatapath = Arc::new(Mutex::new(None));
     let metrics = Arc::new(Metrics::new(datapath.clone()));
     metrics.config_last_reload_successful.set(1);
+    crate::config_warnings::report(config_path, &config, &metrics.config_warnings);
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
     let confirm = confirmer(&config)?;
     let (store, stored) = open_store(&config)?;
@@ -704,6 +705,13 @@ impl Daemon {
             }
             Ok(new) => self.switch_to(new, shim, api).await,
         };
+        // The file as it is now; management.bind as it runs (it changes only
+        // at a restart).
+        crate::config_warnings::report(
+            &self.config_path,
+            &self.config,
+            &self.metrics.config_warnings,
+        );
         match result {
             Ok(next) => {
                 self.metrics.config_last_reload_successful.set(1);

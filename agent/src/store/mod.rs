@@ -186,6 +186,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Io(String),
+    /// The store's directory or files are not the agent's alone.
+    #[error(transparent)]
+    Unsafe(#[from] crate::fsguard::FsGuardError),
 }
 
 /// Durable key storage. Every write is one transaction holding the change and

@@ -120,10 +120,14 @@ impl SqliteStore {
     /// current schema, and check it. A database written by a newer keyfence is
     /// refused untouched.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
-        }
+        // SQLite creates `-wal` and `-shm` next to the database: whoever may
+        // create files in its directory may plant them. The directory is
+        // created 0700 or must be closed to others (`fsguard::store_dir`).
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::fsguard::ensure_store_dir(dir, crate::fsguard::euid())?;
         create_private(path)?;
         let conn = Connection::open_with_flags(
             path,
@@ -333,19 +337,11 @@ pub fn checkpoint(path: &Path) -> Result<(i64, i64), StoreError> {
 }
 
 /// Create `path` readable by its owner only when it does not exist yet (SQLite
-/// gives the journal files the database's permissions).
+/// gives the journal files the database's permissions), and refuse one (or a
+/// `-wal`/`-shm`) someone else owns or could write (`fsguard::private_file`).
 fn create_private(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StoreError::Io(format!("creating {}: {e}", path.display()))),
-    }
+    crate::fsguard::ensure_store_file(path, crate::fsguard::euid())?;
+    Ok(())
 }
 
 /// One new key, its entries and its audit row, inside `tx`.
