@@ -122,20 +122,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     // Secrets from the environment are read before the kernel is touched.
     let keys = daemon.key_table()?;
     let principals = daemon.principals()?;
-    let mut samples = None;
-    if daemon.config.datapath.mode == AttachMode::Off {
-        tracing::warn!("datapath mode off: the shim alone enforces allow lists");
-    } else {
-        let mut dp = Datapath::open(
-            &daemon.config.datapath.pin_path,
-            daemon.config.datapath.capacity,
-        )?;
-        samples = dp.take_samples();
-        *daemon
-            .datapath
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(dp);
-    }
+    let samples = daemon.open_datapath()?;
     // Policy first, then attach: a fresh attachment enforces a complete policy
     // from its first packet; an adopted one keeps the previous policy until now.
     let next_change = daemon.apply_policy()?;
@@ -151,6 +138,9 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         management_listener,
         &stop_rx,
     );
+    // Signal handlers and the config watcher exist before `/readyz` turns
+    // ready: a SIGHUP sent by whoever saw ready must reload, not kill us.
+    let triggers = Triggers::install(&daemon.config_path)?;
     let ready = Arc::new(AtomicBool::new(true));
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(metrics::serve(
@@ -180,7 +170,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     );
 
     daemon
-        .event_loop(&mut shim, &api, &mut apply_rx, next_change)
+        .event_loop(&mut shim, &api, &mut apply_rx, next_change, triggers)
         .await?;
     if detach_on_exit {
         tracing::info!("stopping: draining listeners, then detaching the datapath");
@@ -294,6 +284,22 @@ impl Daemon {
         shim_runtime::key_table(&self.config.keys, self.stored.values())
     }
 
+    /// Open (or adopt) the pinned datapath unless it is off; hands back the
+    /// drop-sample ring for the reader task.
+    fn open_datapath(&self) -> anyhow::Result<Option<RingBuf<MapData>>> {
+        if self.config.datapath.mode == AttachMode::Off {
+            tracing::warn!("datapath mode off: the shim alone enforces allow lists");
+            return Ok(None);
+        }
+        let mut dp = Datapath::open(
+            &self.config.datapath.pin_path,
+            self.config.datapath.capacity,
+        )?;
+        let samples = dp.take_samples();
+        *self.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(dp);
+        Ok(samples)
+    }
+
     fn principals(&self) -> anyhow::Result<management::principals::Principals> {
         management::principals(&self.config.management.admins, self.stored.values())
     }
@@ -306,12 +312,15 @@ impl Daemon {
         api: &ApiState,
         apply_rx: &mut mpsc::Receiver<Apply>,
         mut next_change: Option<SystemTime>,
+        triggers: Triggers,
     ) -> anyhow::Result<()> {
-        let (change_tx, mut change_rx) = mpsc::channel::<()>(16);
-        let _watcher = watch_config(&self.config_path, change_tx)?;
-        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let Triggers {
+            _watcher,
+            mut change_rx,
+            mut hup,
+            mut term,
+            mut int,
+        } = triggers;
         let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
         let mut last_used = tokio::time::interval(LAST_USED_FLUSH);
         let mut checkpoint = tokio::time::interval(STORE_CHECKPOINT);
@@ -833,6 +842,29 @@ async fn sleep_until_system(when: Option<SystemTime>) {
 }
 
 /// Watch the config file's directory (rename-replace safe) and signal changes.
+/// What wakes the event loop besides API writes and timers: config file
+/// changes and signals.
+struct Triggers {
+    _watcher: notify::RecommendedWatcher,
+    change_rx: mpsc::Receiver<()>,
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Triggers {
+    fn install(config_path: &Path) -> anyhow::Result<Self> {
+        let (change_tx, change_rx) = mpsc::channel::<()>(16);
+        Ok(Self {
+            _watcher: watch_config(config_path, change_tx)?,
+            change_rx,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+}
+
 fn watch_config(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
     let path = std::path::absolute(path).context("resolving the config path")?;
     let dir = path
