@@ -361,6 +361,7 @@ mod tests {
             early_drop: true,
             tenants: None,
             key_header: None,
+            forward_credential: true,
         }
     }
 

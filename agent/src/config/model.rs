@@ -65,6 +65,10 @@ pub struct ListenerConfig {
     /// A header read for the key when `Authorization: Bearer` is absent (for
     /// example `X-API-Key`); `None` reads only `Authorization`.
     pub key_header: Option<String>,
+    /// Proxy mode: whether the one credential header that carried the checked
+    /// key goes on to the upstream (true, the default) or `Authorization` and
+    /// `key_header` are both removed (false).
+    pub forward_credential: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
