@@ -420,6 +420,86 @@ pub fn raw_exchange(
     })?
 }
 
+/// POST `total` bytes over HTTP/2 with prior knowledge (h2c) from `source`
+/// inside `ns`, in 64 KiB frames and with no `Content-Length`, so the server
+/// only learns the size as the body streams: `(status, body)` of the answer.
+/// `headers` are `(name, value)` pairs. Bounded by `timeout`.
+pub fn h2_post_unsized(
+    ns: &Netns,
+    source: IpAddr,
+    dest: SocketAddr,
+    headers: &[(&str, &str)],
+    total: usize,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt as _;
+
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    ns.run(move || -> anyhow::Result<(u16, String)> {
+        let stream = connect_from(source, dest, Duration::from_secs(2))?;
+        stream.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
+            let exchange = async {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await?;
+                tokio::spawn(conn);
+                let mut request = hyper::Request::post(format!("http://{dest}/upload"));
+                for (name, value) in &headers {
+                    request = request.header(name, value);
+                }
+                let response = sender
+                    .send_request(request.body(Unsized::new(total))?)
+                    .await?;
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await?.to_bytes();
+                anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| anyhow!("no HTTP/2 answer within {timeout:?}"))?
+        })
+    })?
+}
+
+/// A request body of `left` bytes in 64 KiB frames, with no size hint.
+struct Unsized {
+    left: usize,
+}
+
+impl Unsized {
+    fn new(total: usize) -> Self {
+        Self { left: total }
+    }
+}
+
+impl hyper::body::Body for Unsized {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.left.min(64 * 1024);
+        this.left -= n;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from(
+            vec![b'k'; n],
+        )))))
+    }
+}
+
 /// `http://ADDR:PORT` with IPv6 addresses bracketed.
 #[must_use]
 pub fn url(scheme: &str, addr: SocketAddr, path: &str) -> String {
