@@ -421,15 +421,16 @@ pub fn raw_exchange(
 }
 
 /// POST `total` bytes over HTTP/2 with prior knowledge (h2c) from `source`
-/// inside `ns`, in 64 KiB frames and with no `Content-Length`, so the server
-/// only learns the size as the body streams: `(status, body)` of the answer.
-/// `headers` are `(name, value)` pairs. Bounded by `timeout`.
-pub fn h2_post_unsized(
+/// inside `ns`, in 64 KiB frames: `(status, body)` of the answer. With
+/// `announce` the length goes in `Content-Length`; without, the server only
+/// learns the size as the body streams. `headers` are `(name, value)` pairs.
+/// Bounded by `timeout`.
+pub fn h2_post(
     ns: &Netns,
     source: IpAddr,
     dest: SocketAddr,
     headers: &[(&str, &str)],
-    total: usize,
+    (total, announce): (usize, bool),
     timeout: Duration,
 ) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt as _;
@@ -456,7 +457,10 @@ pub fn h2_post_unsized(
                     request = request.header(name, value);
                 }
                 let response = sender
-                    .send_request(request.body(Unsized::new(total))?)
+                    .send_request(request.body(Generated {
+                        left: total,
+                        announce,
+                    })?)
                     .await?;
                 let status = response.status().as_u16();
                 let body = response.into_body().collect().await?.to_bytes();
@@ -469,18 +473,14 @@ pub fn h2_post_unsized(
     })?
 }
 
-/// A request body of `left` bytes in 64 KiB frames, with no size hint.
-struct Unsized {
+/// A request body of `left` bytes in 64 KiB frames; its size hint is exact
+/// (hyper sends `Content-Length`) only with `announce`.
+struct Generated {
     left: usize,
+    announce: bool,
 }
 
-impl Unsized {
-    fn new(total: usize) -> Self {
-        Self { left: total }
-    }
-}
-
-impl hyper::body::Body for Unsized {
+impl hyper::body::Body for Generated {
     type Data = bytes::Bytes;
     type Error = std::convert::Infallible;
 
@@ -497,6 +497,14 @@ impl hyper::body::Body for Unsized {
         std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from(
             vec![b'k'; n],
         )))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.announce {
+            hyper::body::SizeHint::with_exact(self.left as u64)
+        } else {
+            hyper::body::SizeHint::default()
+        }
     }
 }
 

@@ -1238,21 +1238,27 @@ fn a_body_over_the_limit_gets_413_and_counts_as_a_bad_request() {
         assert_eq!(reply.status(), Some(413), "{what}: {reply:?}");
         assert_eq!(reply.body(), too_large, "{what}");
     }
-    // HTTP/2 with no length announced: the body is only known to be too
-    // large once 16 MiB have streamed, and the answer must reach the client
-    // before the stream is reset.
+    // HTTP/2, with no length announced (the body is only known to be too
+    // large once 16 MiB have streamed) and with one: the answer must reach
+    // the client before the stream is reset.
     let secret = format!("Bearer {}", secret_of("single"));
-    let h2 = keyfence_tests::http::h2_post_unsized(
-        &s.lab.client,
-        ip("192.0.2.10"),
-        gateway(ip("192.0.2.10"), API),
-        &[("authorization", &secret)],
-        17 * 1024 * 1024,
-        Duration::from_secs(20),
-    )
-    .expect("an HTTP/2 answer");
-    assert_eq!(h2, (413, too_large.to_owned()), "no length, HTTP/2");
-    assert_eq!(s.http_count("api", "bad_request"), 3);
+    for announce in [false, true] {
+        let h2 = keyfence_tests::http::h2_post(
+            &s.lab.client,
+            ip("192.0.2.10"),
+            gateway(ip("192.0.2.10"), API),
+            &[("authorization", &secret)],
+            (17 * 1024 * 1024, announce),
+            Duration::from_secs(20),
+        )
+        .expect("an HTTP/2 answer");
+        assert_eq!(
+            h2,
+            (413, too_large.to_owned()),
+            "HTTP/2, length announced: {announce}"
+        );
+    }
+    assert_eq!(s.http_count("api", "bad_request"), 4);
     assert_eq!(s.http_count("api", "upstream_error"), 0);
     assert_eq!(
         s.upstream.requests(),

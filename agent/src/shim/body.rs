@@ -7,7 +7,7 @@
 use std::{
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
@@ -23,58 +23,41 @@ pub struct TooLarge {
     pub limit: usize,
 }
 
-struct Shared<B> {
-    happened: AtomicBool,
-    /// The request body, parked here when it overflowed.
-    body: Mutex<Option<B>>,
-}
+/// Set once the body it was handed to went over its limit.
+#[derive(Clone, Debug, Default)]
+pub struct Overflow(Arc<AtomicBool>);
 
-/// Tells whether the body it was handed to went over its limit, and keeps
-/// that body from then on.
-pub struct Overflow<B>(Arc<Shared<B>>);
-
-impl<B> Overflow<B> {
+impl Overflow {
     #[must_use]
     pub fn happened(&self) -> bool {
-        self.0.happened.load(Ordering::Acquire)
+        self.0.load(Ordering::Acquire)
     }
 
-    /// The request body, once it overflowed. Dropping an HTTP/2 request body
-    /// before the response is sent resets the stream with `CANCEL`, and the
-    /// client never sees the 413; hold it in the answer instead ([`Holding`]).
-    #[must_use]
-    pub fn take_body(&self) -> Option<B> {
-        self.0
-            .body
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
+    fn mark(&self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
 /// A body that ends with [`TooLarge`] (and marks its [`Overflow`]) at the
 /// first data frame that takes it past `limit` bytes; that frame is not
-/// passed on, and the inner body is handed to the [`Overflow`].
+/// passed on.
 pub struct Capped<B> {
-    inner: Option<B>,
+    inner: B,
     limit: usize,
     seen: usize,
-    overflow: Arc<Shared<B>>,
+    overflow: Overflow,
 }
 
 impl<B> Capped<B> {
-    pub fn new(inner: B, limit: usize) -> (Self, Overflow<B>) {
-        let shared = Arc::new(Shared {
-            happened: AtomicBool::new(false),
-            body: Mutex::new(None),
-        });
+    pub fn new(inner: B, limit: usize) -> (Self, Overflow) {
+        let overflow = Overflow::default();
         let capped = Self {
-            inner: Some(inner),
+            inner,
             limit,
             seen: 0,
-            overflow: Arc::clone(&shared),
+            overflow: overflow.clone(),
         };
-        (capped, Overflow(shared))
+        (capped, overflow)
     }
 }
 
@@ -91,20 +74,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
+        if this.overflow.happened() {
             return Poll::Ready(Some(Err(TooLarge { limit: this.limit }.into())));
-        };
-        match Pin::new(inner).poll_frame(cx) {
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.remaining());
                     if this.seen > this.limit {
-                        *this
-                            .overflow
-                            .body
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = this.inner.take();
-                        this.overflow.happened.store(true, Ordering::Release);
+                        this.overflow.mark();
                         return Poll::Ready(Some(Err(TooLarge { limit: this.limit }.into())));
                     }
                 }
@@ -117,49 +95,12 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         // An announced length over the limit is refused before streaming, so
         // the inner hint (which hyper turns into Content-Length) holds.
-        self.inner
-            .as_ref()
-            .map_or_else(SizeHint::default, Body::size_hint)
-    }
-}
-
-/// A response body that keeps `held` (the request body it answers) alive
-/// until the response has been sent: then HTTP/2 ends the request stream
-/// with `NO_ERROR` after the answer, as RFC 9113 §8.1 asks of a server that
-/// answers before reading the whole request.
-pub struct Holding<B, H> {
-    inner: B,
-    _held: H,
-}
-
-impl<B, H> Holding<B, H> {
-    pub fn new(inner: B, held: H) -> Self {
-        Self { inner, _held: held }
-    }
-}
-
-impl<B: Body + Unpin, H: Unpin> Body for Holding<B, H> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
 }
@@ -198,7 +139,6 @@ mod tests {
         let collected = body.collect().await.expect("within the limit");
         assert_eq!(collected.to_bytes().len(), 10);
         assert!(!overflow.happened());
-        assert!(overflow.take_body().is_none());
     }
 
     #[tokio::test]
@@ -218,10 +158,6 @@ mod tests {
         assert!(overflow.happened());
         // And it stays failed if polled again.
         assert!(matches!(body.frame().await, Some(Err(_))));
-        // The rest of the request body is kept for the answer to hold.
-        let rest = overflow.take_body().expect("the parked request body");
-        assert_eq!(rest.0.len(), 1, "the chunks after the one that crossed");
-        assert!(overflow.take_body().is_none());
     }
 
     #[tokio::test]
@@ -229,15 +165,5 @@ mod tests {
         let (body, overflow) = Capped::new(chunks(&[11]), 10);
         assert!(body.collect().await.is_err());
         assert!(overflow.happened());
-    }
-
-    #[tokio::test]
-    async fn holding_passes_the_answer_and_drops_the_held_body_with_it() {
-        let held = Arc::new(());
-        let answer = Holding::new(chunks(&[3, 2]), Arc::clone(&held));
-        assert_eq!(Arc::strong_count(&held), 2);
-        let collected = answer.collect().await.expect("the answer");
-        assert_eq!(collected.to_bytes().len(), 5);
-        assert_eq!(Arc::strong_count(&held), 1, "dropped with the answer");
     }
 }

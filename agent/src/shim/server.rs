@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use super::{
-    body::{Capped, Holding},
+    body::Capped,
     client_ip::{
         PROXY_V2_MAX, ProxyParse, appended_xff, forwarded_client, is_trusted, parse_proxy_header,
     },
@@ -455,19 +455,14 @@ impl Passed {
     }
 }
 
-/// 413, holding the unread request body until the answer is sent (so that
-/// HTTP/2 does not reset the stream before the client sees it).
-fn body_too_large(unread: Option<Incoming>) -> (Response<Body>, Passed) {
-    let (parts, body) = json(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        r#"{"error":"request body too large"}"#.into(),
+fn body_too_large() -> (Response<Body>, Passed) {
+    (
+        json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            r#"{"error":"request body too large"}"#.into(),
+        ),
+        Passed::ClientError,
     )
-    .into_parts();
-    let body = match unread {
-        Some(unread) => Holding::new(body, unread).boxed(),
-        None => body,
-    };
-    (Response::from_parts(parts, body), Passed::ClientError)
 }
 
 /// An accepted request: ping, auth answer, or the proxied exchange.
@@ -534,7 +529,7 @@ async fn proxy(
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > MAX_BODY_BYTES)
     {
-        return body_too_large(Some(req.into_body()));
+        return body_too_large();
     }
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -595,8 +590,7 @@ async fn proxy(
         // The body passed the limit before the upstream answered: whatever
         // the upstream exchange did then (usually failed), the client sent
         // too much.
-        drop(result);
-        return body_too_large(overflow.take_body());
+        return body_too_large();
     }
     match result {
         Ok(Ok(resp)) => {
