@@ -280,13 +280,14 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Remove hop-by-hop headers, including those named by `Connection`.
+/// `Connection` is read as bytes, so a value with a byte that is not UTF-8
+/// does not hide the names listed next to it.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -720,6 +721,18 @@ mod tests {
         h.insert("x-end-to-end", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+
+        // A byte that is not UTF-8 in one name does not keep the others.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_bytes(b"x-b\xffad, x-secret-hop").unwrap(),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-secret-hop"));
         assert!(h.contains_key("x-end-to-end"));
     }
 }
