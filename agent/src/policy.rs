@@ -382,6 +382,7 @@ mod tests {
             tenants: None,
             key_header: None,
             connections: crate::conn::ConnLimits::default(),
+            forward_credential: true,
         }
     }
 

@@ -4,8 +4,10 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::unix::ffi::OsStringExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -22,10 +24,15 @@ use crate::netns::{Netns, connect_from, enter};
 
 /// Largest request head the upstream reads.
 const MAX_HEAD: usize = 64 * 1024;
+/// Largest request body the upstream reads (above keyfence's 16 MiB limit,
+/// so that the limit is keyfence's, not the upstream's).
+const MAX_BODY: usize = 32 * 1024 * 1024;
 
 /// An HTTP/1.1 upstream inside a namespace that answers every request with a
-/// JSON echo of what reached it: `{"upstream":"echo","method","path","headers"}`
-/// (header names lower-case, repeated headers joined with `, `). A path
+/// JSON echo of what reached it: `{"upstream":"echo","method","path","headers",
+/// "body_bytes"}` (header names lower-case, repeated headers joined with `, `,
+/// bytes that are not UTF-8 shown as U+FFFD). It reads a `Content-Length` or
+/// chunked body whole before it answers, as an application would. A path
 /// `/slow/MS` answers after MS milliseconds (at most 10 s). Keep-alive, one
 /// thread per connection. Stops on drop.
 pub struct Upstream {
@@ -122,16 +129,30 @@ fn echo_connection(stream: TcpStream, stop: &AtomicBool, count: &AtomicU64) {
                 })
                 .or_insert_with(|| value.trim().to_owned());
         }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if length > 0 {
-            let mut body = vec![0; length];
-            if reader.read_exact(&mut body).is_err() {
+        let chunked = headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let body_bytes = if chunked {
+            match read_chunked(&mut reader) {
+                Ok(n) => n,
+                Err(_) => return,
+            }
+        } else {
+            let length: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if length > MAX_BODY {
                 return;
             }
-        }
+            if length > 0 {
+                let mut body = vec![0; length];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+            }
+            length
+        };
         if let Some(ms) = path
             .strip_prefix("/slow/")
             .and_then(|ms| ms.parse::<u64>().ok())
@@ -144,6 +165,7 @@ fn echo_connection(stream: TcpStream, stop: &AtomicBool, count: &AtomicU64) {
             "method": method,
             "path": path,
             "headers": headers,
+            "body_bytes": body_bytes,
         })
         .to_string();
         let close = headers
@@ -161,24 +183,58 @@ fn echo_connection(stream: TcpStream, stop: &AtomicBool, count: &AtomicU64) {
 }
 
 /// One request head, without its final empty line; `None` at a clean end.
+/// Read as bytes (a header value may hold obs-text), shown lossily.
 fn read_head(reader: &mut BufReader<TcpStream>) -> io::Result<Option<String>> {
-    let mut head = String::new();
+    let mut head = Vec::new();
     loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line)?;
+        let mut line = Vec::new();
+        let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(None);
         }
-        if line == "\r\n" || line == "\n" {
+        if line == b"\r\n" || line == b"\n" {
             if head.is_empty() {
                 continue;
             }
-            return Ok(Some(head));
+            return Ok(Some(String::from_utf8_lossy(&head).into_owned()));
         }
-        head.push_str(&line);
+        head.extend_from_slice(&line);
         if head.len() > MAX_HEAD {
             return Err(io::Error::other("request head too large"));
         }
+    }
+}
+
+/// Read a chunked body to its end (trailers included): its length.
+fn read_chunked(reader: &mut BufReader<TcpStream>) -> io::Result<usize> {
+    let mut total = 0usize;
+    loop {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line)? == 0 || line.len() > 1024 {
+            return Err(io::Error::other("bad chunk size line"));
+        }
+        let text = String::from_utf8_lossy(&line);
+        let size = text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16)
+            .map_err(|_| io::Error::other(format!("bad chunk size {size:?}")))?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let mut trailer = Vec::new();
+                if reader.read_until(b'\n', &mut trailer)? == 0 {
+                    return Err(io::Error::other("closed in the trailers"));
+                }
+                if trailer == b"\r\n" || trailer == b"\n" {
+                    return Ok(total);
+                }
+            }
+        }
+        total = total.saturating_add(size);
+        if total > MAX_BODY {
+            return Err(io::Error::other("body too large"));
+        }
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk)?;
     }
 }
 
@@ -233,7 +289,7 @@ pub struct Curl<'a> {
     ns: &'a Netns,
     source: IpAddr,
     url: String,
-    args: Vec<String>,
+    args: Vec<OsString>,
     connect_timeout: Duration,
 }
 
@@ -258,6 +314,14 @@ impl<'a> Curl<'a> {
     #[must_use]
     pub fn header(mut self, line: &str) -> Self {
         self.args.extend(["--header".into(), line.into()]);
+        self
+    }
+
+    /// A header line given as raw bytes (obs-text, bytes that are not UTF-8).
+    #[must_use]
+    pub fn header_bytes(mut self, line: &[u8]) -> Self {
+        self.args
+            .extend(["--header".into(), OsString::from_vec(line.to_vec())]);
         self
     }
 
@@ -354,6 +418,94 @@ pub fn raw_exchange(
             Some(started.elapsed()),
         ))
     })?
+}
+
+/// POST `total` bytes over HTTP/2 with prior knowledge (h2c) from `source`
+/// inside `ns`, in 64 KiB frames: `(status, body)` of the answer. With
+/// `announce` the length goes in `Content-Length`; without, the server only
+/// learns the size as the body streams. `headers` are `(name, value)` pairs.
+/// Bounded by `timeout`.
+pub fn h2_post(
+    ns: &Netns,
+    source: IpAddr,
+    dest: SocketAddr,
+    headers: &[(&str, &str)],
+    (total, announce): (usize, bool),
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt as _;
+
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    ns.run(move || -> anyhow::Result<(u16, String)> {
+        let stream = connect_from(source, dest, Duration::from_secs(2))?;
+        stream.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
+            let exchange = async {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await?;
+                tokio::spawn(conn);
+                let mut request = hyper::Request::post(format!("http://{dest}/upload"));
+                for (name, value) in &headers {
+                    request = request.header(name, value);
+                }
+                let response = sender
+                    .send_request(request.body(Generated {
+                        left: total,
+                        announce,
+                    })?)
+                    .await?;
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await?.to_bytes();
+                anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| anyhow!("no HTTP/2 answer within {timeout:?}"))?
+        })
+    })?
+}
+
+/// A request body of `left` bytes in 64 KiB frames; its size hint is exact
+/// (hyper sends `Content-Length`) only with `announce`.
+struct Generated {
+    left: usize,
+    announce: bool,
+}
+
+impl hyper::body::Body for Generated {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.left.min(64 * 1024);
+        this.left -= n;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from(
+            vec![b'k'; n],
+        )))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.announce {
+            hyper::body::SizeHint::with_exact(self.left as u64)
+        } else {
+            hyper::body::SizeHint::default()
+        }
+    }
 }
 
 /// `http://ADDR:PORT` with IPv6 addresses bracketed.

@@ -24,6 +24,10 @@ const PROXY_PROTOCOL: u16 = 8446;
 const XFF: u16 = 8447;
 const TLS: u16 = 8448;
 const BROKEN: u16 = 8449;
+/// Proxy listener reading `X-API-Key` too; forwards the checked credential.
+const KEYED: u16 = 8450;
+/// Like `keyed`, with `forward_credential: false`.
+const HIDDEN: u16 = 8451;
 /// nginx (`auth_request` to listener `auth`) in the gateway.
 const NGINX: u16 = 8090;
 /// HAProxy (PROXY v2 to listener `pp`) in the gateway.
@@ -97,6 +101,9 @@ const KEYS: &[(&str, &str, &str, bool)] = &[
     ("edge", "edge", r#"["192.0.2.60"]"#, false),
     ("x", "xff", r#"["192.0.2.70"]"#, false),
     ("y", "xff", r#"["192.0.2.71"]"#, false),
+    // Lists the trusted proxy's own network: it must never work for a client
+    // the shim cannot name.
+    ("proxynet", "xff", r#"["198.51.100.0/24"]"#, false),
 ];
 
 fn secret_of(id: &str) -> String {
@@ -189,11 +196,22 @@ listeners:
     upstream: "http://{UPSTREAM}"
     tenants: [xff]
     client_ip: {{ source: x_forwarded_for, trusted_proxies: ["198.51.100.250/32"], hops: 1 }}
-  - {{ name: broken, bind: "0.0.0.0:{BROKEN}", mode: proxy, upstream: "http://127.0.0.1:8099", tenants: [default] }}{tls}
+  - {{ name: broken, bind: "0.0.0.0:{BROKEN}", mode: proxy, upstream: "http://127.0.0.1:8099", tenants: [default] }}{tls}{credential}
 keys:
 {keys}{rejection}metrics: {{ bind: "127.0.0.1:9901" }}
 "#,
         pin = pin.display(),
+        credential = credential_listeners(),
+    )
+}
+
+/// Listeners `keyed` and `hidden`: keys from `Authorization` or `X-API-Key`,
+/// the checked credential forwarded or not.
+fn credential_listeners() -> String {
+    format!(
+        r#"
+  - {{ name: keyed, bind: "[::]:{KEYED}", mode: proxy, upstream: "http://{UPSTREAM}", tenants: [default], key_header: X-API-Key }}
+  - {{ name: hidden, bind: "[::]:{HIDDEN}", mode: proxy, upstream: "http://{UPSTREAM}", tenants: [default], key_header: X-API-Key, forward_credential: false }}"#
     )
 }
 
@@ -938,4 +956,324 @@ fn sigterm_lets_requests_in_flight_finish() {
         matches!(&after, Reply::Failed(e) if e.contains("refused") || e.contains("(7)")),
         "nothing listens after the drain: {after:?}"
     );
+}
+
+const SEVERAL_BODY: &str = r#"{"error":"more than one API key credential"}"#;
+
+impl Scenario {
+    /// A request from `source` to `port` with raw header lines and curl arguments.
+    fn send(&self, source: &str, port: u16, path: &str, headers: &[&[u8]], args: &[&str]) -> Reply {
+        let source = ip(source);
+        let mut curl = Curl::new(
+            &self.lab.client,
+            source,
+            url("http", gateway(source, port), path),
+        );
+        for line in headers {
+            curl = curl.header_bytes(line);
+        }
+        for arg in args {
+            curl = curl.arg(arg);
+        }
+        curl.send()
+    }
+}
+
+/// `Authorization: Bearer <secret of key>` as a header line.
+fn bearer_line(key: &str) -> Vec<u8> {
+    format!("Authorization: Bearer {}", secret_of(key)).into_bytes()
+}
+
+fn api_key_line(key: &str) -> Vec<u8> {
+    format!("X-API-Key: {}", secret_of(key)).into_bytes()
+}
+
+#[track_caller]
+fn assert_several(reply: &Reply, what: &str) {
+    assert_eq!(reply.status(), Some(400), "{what}: {reply:?}");
+    assert_eq!(reply.body(), SEVERAL_BODY, "{what}");
+}
+
+/// Issue 13, finding 2: the shim checked the first credential and forwarded
+/// them all, so a key that works from the attacker's address carried a stolen
+/// one to the upstream.
+#[test]
+fn more_than_one_credential_is_refused_and_never_reaches_the_upstream() {
+    let s = Scenario::new(&Options::default());
+    // `single` works from 192.0.2.10; `net24` is the stolen key.
+    let (mine, stolen) = (bearer_line("single"), api_key_line("net24"));
+    let from = "192.0.2.10";
+    assert_several(
+        &s.send(from, KEYED, "/", &[&mine, &stolen], &[]),
+        "Authorization and X-API-Key",
+    );
+    assert_several(
+        &s.send(from, HIDDEN, "/", &[&mine, &stolen], &[]),
+        "Authorization and X-API-Key, credential not forwarded",
+    );
+    assert_several(
+        &s.send(from, KEYED, "/", &[&api_key_line("single"), &stolen], &[]),
+        "two X-API-Key headers",
+    );
+    // An Authorization the shim cannot read (not UTF-8, or not Bearer) must
+    // not let the key header be the one checked.
+    assert_several(
+        &s.send(
+            from,
+            KEYED,
+            "/",
+            &[b"Authorization: Bearer \xff\xfe", &api_key_line("single")],
+            &[],
+        ),
+        "unreadable Authorization and X-API-Key",
+    );
+    assert_several(
+        &s.send(
+            from,
+            KEYED,
+            "/",
+            &[
+                b"Authorization: Basic dXNlcjpwdw==",
+                &api_key_line("single"),
+            ],
+            &[],
+        ),
+        "Basic Authorization and X-API-Key",
+    );
+    // Two Authorization headers over HTTP/1.1 and HTTP/2 (prior knowledge).
+    let two = [mine.as_slice(), &bearer_line("net24")];
+    assert_several(
+        &s.send(from, API, "/", &two, &[]),
+        "two Authorization, HTTP/1.1",
+    );
+    let h2 = s.send(from, API, "/", &two, &["--http2-prior-knowledge"]);
+    assert_several(&h2, "two Authorization, HTTP/2");
+    assert!(
+        matches!(&h2, Reply::Answered { http_version, .. } if http_version == "2"),
+        "not HTTP/2: {h2:?}"
+    );
+    // The rule holds before the address is looked at, and in auth mode.
+    assert_several(
+        &s.send("192.0.2.11", API, "/", &two, &[]),
+        "two Authorization from an unlisted address",
+    );
+    let auth_mode = Curl::new(
+        &s.lab.gateway,
+        ip("127.0.0.1"),
+        format!("http://127.0.0.1:{AUTH}/"),
+    )
+    .bearer(&secret_of("edge"))
+    .bearer(&secret_of("edge"))
+    .send();
+    assert_several(&auth_mode, "two Authorization on an auth listener");
+
+    assert_eq!(s.http_count("keyed", "bad_request"), 4);
+    assert_eq!(s.http_count("hidden", "bad_request"), 1);
+    assert_eq!(s.http_count("api", "bad_request"), 3);
+    assert_eq!(s.http_count("auth", "bad_request"), 1);
+    for listener in ["keyed", "hidden", "api", "auth"] {
+        assert_eq!(s.http_count(listener, "allowed"), 0, "{listener}");
+    }
+    assert_eq!(
+        s.upstream.requests(),
+        0,
+        "a refused request reached the upstream"
+    );
+}
+
+/// The upstream receives exactly the credential that was checked
+/// (`forward_credential: true`, the default) or none (`false`).
+#[test]
+fn the_upstream_receives_exactly_the_checked_credential_or_none() {
+    let s = Scenario::new(&Options::default());
+    let from = "192.0.2.10";
+    let secret = secret_of("single");
+    for http2 in [false, true] {
+        let args: &[&str] = if http2 {
+            &["--http2-prior-knowledge"]
+        } else {
+            &[]
+        };
+        let what = |w: &str| format!("{w} (HTTP/{})", if http2 { "2" } else { "1.1" });
+
+        let by_header = s.send(from, KEYED, "/", &[&api_key_line("single")], args);
+        assert_eq!(by_header.status(), Some(200), "{by_header:?}");
+        assert_eq!(
+            by_header.upstream_header("x-api-key").as_deref(),
+            Some(secret.as_str()),
+            "{}: the checked X-API-Key, once",
+            what("keyed")
+        );
+        assert_eq!(
+            by_header.upstream_header("authorization"),
+            None,
+            "{}",
+            what("keyed")
+        );
+        assert_eq!(
+            by_header.upstream_header("x-keyfence-key-id").as_deref(),
+            Some("single")
+        );
+
+        let by_bearer = s.send(from, KEYED, "/", &[&bearer_line("single")], args);
+        assert_eq!(by_bearer.status(), Some(200), "{by_bearer:?}");
+        assert_eq!(
+            by_bearer.upstream_header("authorization"),
+            Some(format!("Bearer {secret}")),
+            "{}: the checked Authorization, once",
+            what("keyed")
+        );
+        assert_eq!(by_bearer.upstream_header("x-api-key"), None);
+
+        for line in [api_key_line("single"), bearer_line("single")] {
+            let hidden = s.send(from, HIDDEN, "/", &[&line], args);
+            assert_eq!(hidden.status(), Some(200), "{hidden:?}");
+            assert_eq!(
+                hidden.upstream_header("authorization"),
+                None,
+                "{}",
+                what("hidden")
+            );
+            assert_eq!(
+                hidden.upstream_header("x-api-key"),
+                None,
+                "{}",
+                what("hidden")
+            );
+            assert_eq!(
+                hidden.upstream_header("x-keyfence-key-id").as_deref(),
+                Some("single"),
+                "{}: the key id still tells the upstream who called",
+                what("hidden")
+            );
+        }
+    }
+    assert_eq!(s.http_count("keyed", "allowed"), 4);
+    assert_eq!(s.http_count("hidden", "allowed"), 4);
+    assert_eq!(s.upstream.requests(), 8);
+}
+
+/// Issue 13, finding 1: a value of `X-Forwarded-For` that is not UTF-8 was
+/// dropped whole, so the trusted proxy itself became the client.
+#[test]
+fn an_unreadable_x_forwarded_for_makes_the_client_unknown_never_the_proxy() {
+    let s = Scenario::new(&Options::default());
+    let proxy = "198.51.100.250";
+    let with_xff = |source: &str, key: Option<&str>, xff: &[u8], path: &str| {
+        let mut line = b"X-Forwarded-For: ".to_vec();
+        line.extend_from_slice(xff);
+        let mut headers = vec![line];
+        if let Some(key) = key {
+            headers.push(bearer_line(key));
+        }
+        let headers: Vec<&[u8]> = headers.iter().map(Vec::as_slice).collect();
+        s.send(source, XFF, path, &headers, &[])
+    };
+    let seen = with_xff(proxy, None, b"x\xff", "/_keyfence/ip");
+    assert_eq!(seen.body(), r#"{"ip":"unknown"}"#, "{seen:?}");
+    // Key proxynet lists the proxy's /24: an unknown client may not use it.
+    assert_refused(
+        &with_xff(proxy, Some("proxynet"), b"192.0.2.99\xff", "/"),
+        DENIED_BODY,
+        "unreadable X-Forwarded-For behind the trusted proxy",
+    );
+    // What nginx's $proxy_add_x_forwarded_for builds: the client's bytes on
+    // the left, the address the proxy saw on the right of the same line.
+    let nginx_line = b"192.0.2.99\xff, 192.0.2.70";
+    assert_refused(
+        &with_xff(proxy, Some("proxynet"), nginx_line, "/"),
+        DENIED_BODY,
+        "the client is 192.0.2.70, not the proxy",
+    );
+    let passed = with_xff(proxy, Some("x"), nginx_line, "/");
+    assert_eq!(passed.status(), Some(200), "{passed:?}");
+    assert_eq!(
+        passed.upstream_header("x-forwarded-for").as_deref(),
+        Some("192.0.2.99\u{fffd}, 192.0.2.70, 198.51.100.250"),
+        "the chain goes upstream byte for byte with the proxy appended"
+    );
+    // An untrusted peer stays its own client, whatever bytes it sends.
+    let direct = with_xff("192.0.2.71", None, b"x\xff", "/_keyfence/ip");
+    assert_eq!(direct.body(), r#"{"ip":"192.0.2.71"}"#, "{direct:?}");
+    assert_eq!(s.http_count("xff", "ip_not_allowed"), 2);
+    assert_eq!(s.upstream.requests(), 1);
+}
+
+/// Issue 13, finding 9: a chunked body over 16 MiB was answered 502 and
+/// counted as the upstream's failure.
+#[test]
+fn a_body_over_the_limit_gets_413_and_counts_as_a_bad_request() {
+    let s = Scenario::new(&Options::default());
+    let dir = std::env::temp_dir().join(format!("kf-e2e-body-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let write = |name: &str, mib: usize| {
+        let path = dir.join(name);
+        let chunk = vec![b'k'; 1024 * 1024];
+        let mut file = std::fs::File::create(&path).expect("creating the body file");
+        for _ in 0..mib {
+            std::io::Write::write_all(&mut file, &chunk).expect("writing the body file");
+        }
+        format!("@{}", path.display())
+    };
+    let (big, small) = (write("17mib", 17), write("1mib", 1));
+    let post = |file: &str, chunked: bool| {
+        let mut args = vec!["--data-binary", file];
+        if chunked {
+            args.extend(["--header", "Transfer-Encoding: chunked"]);
+        }
+        s.send(
+            "192.0.2.10",
+            API,
+            "/upload",
+            &[&bearer_line("single")],
+            &args,
+        )
+    };
+    let too_large = r#"{"error":"request body too large"}"#;
+    for (what, chunked) in [
+        ("chunked, HTTP/1.1", true),
+        ("Content-Length, HTTP/1.1", false),
+    ] {
+        let reply = post(&big, chunked);
+        assert_eq!(reply.status(), Some(413), "{what}: {reply:?}");
+        assert_eq!(reply.body(), too_large, "{what}");
+    }
+    // HTTP/2, with no length announced (the body is only known to be too
+    // large once 16 MiB have streamed) and with one: the answer must reach
+    // the client before the stream is reset.
+    let secret = format!("Bearer {}", secret_of("single"));
+    for announce in [false, true] {
+        let h2 = keyfence_tests::http::h2_post(
+            &s.lab.client,
+            ip("192.0.2.10"),
+            gateway(ip("192.0.2.10"), API),
+            &[("authorization", &secret)],
+            (17 * 1024 * 1024, announce),
+            Duration::from_secs(20),
+        )
+        .expect("an HTTP/2 answer");
+        assert_eq!(
+            h2,
+            (413, too_large.to_owned()),
+            "HTTP/2, length announced: {announce}"
+        );
+    }
+    assert_eq!(s.http_count("api", "bad_request"), 4);
+    assert_eq!(s.http_count("api", "upstream_error"), 0);
+    assert_eq!(
+        s.upstream.requests(),
+        0,
+        "an over-limit body reached the application"
+    );
+
+    // Under the limit, a chunked body streams through whole.
+    let reply = post(&small, true);
+    assert_eq!(reply.status(), Some(200), "{reply:?}");
+    assert_eq!(
+        reply.echo().expect("an echo")["body_bytes"],
+        1024 * 1024,
+        "the upstream got the whole body"
+    );
+    assert_eq!(s.http_count("api", "allowed"), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

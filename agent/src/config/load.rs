@@ -104,6 +104,7 @@ struct RawListener {
     early_drop: Option<bool>,
     tenants: Option<Vec<String>>,
     key_header: Option<Spanned<String>>,
+    forward_credential: Option<Spanned<bool>>,
     connections: Option<RawConnections>,
 }
 
@@ -659,6 +660,7 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
             Some(name)
         });
         let connections = connections(l.connections, &format!("{p}.connections"), errors);
+        let forward_credential = forward_credential(l.forward_credential, mode, &p, errors);
         if let Some(bind) = bind {
             out.push(ListenerConfig {
                 name,
@@ -671,6 +673,7 @@ fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<Listene
                 tenants: l.tenants,
                 key_header,
                 connections,
+                forward_credential,
             });
         }
     }
@@ -743,6 +746,29 @@ fn connections(
         None => {}
     }
     limits
+}
+
+/// `forward_credential` (default true). Only a proxy forwards anything: in
+/// auth mode the proxy in front decides what its upstream receives, so the
+/// field there would promise what keyfence cannot keep.
+fn forward_credential(
+    field: Option<Spanned<bool>>,
+    mode: ListenerMode,
+    p: &str,
+    errors: &mut Errors,
+) -> bool {
+    match (field, mode) {
+        (None, _) => true,
+        (Some(f), ListenerMode::Proxy) => f.value,
+        (Some(f), ListenerMode::Auth) => {
+            errors.at(
+                &f.referenced,
+                format!("{p}.forward_credential"),
+                "auth mode forwards nothing; set what the proxy in front passes on there",
+            );
+            true
+        }
+    }
 }
 
 fn valid_upstream(u: &str) -> bool {
@@ -1094,6 +1120,45 @@ metrics:
         );
         assert_eq!(c.rejection.status, 403);
         assert_eq!(c.rejection.body, r#"{"error":"IP address not allowed"}"#);
+    }
+
+    #[test]
+    fn forward_credential_defaults_to_true_and_is_proxy_only() {
+        let yaml = |extra: &str, mode: &str| {
+            format!(
+                "listeners:\n  - name: a\n    bind: \"[::]:1\"\n    mode: {mode}\n{}{extra}",
+                if mode == "proxy" {
+                    "    upstream: \"http://127.0.0.1:1\"\n"
+                } else {
+                    ""
+                }
+            )
+        };
+        let forward = |extra: &str| {
+            parse(&yaml(extra, "proxy"), "k.yaml")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .listeners[0]
+                .forward_credential
+        };
+        assert!(forward(""));
+        assert!(forward("    forward_credential: true\n"));
+        assert!(!forward("    forward_credential: false\n"));
+        assert!(
+            parse(&yaml("", "auth"), "k.yaml").unwrap().listeners[0].forward_credential,
+            "the default holds in auth mode too"
+        );
+        let errors = parse(&yaml("    forward_credential: false\n", "auth"), "k.yaml")
+            .expect_err("refused in auth mode")
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            (errors[0].line, errors[0].col, errors[0].path.as_str()),
+            (5, 25, "listeners[0].forward_credential")
+        );
+        let errors = parse(&yaml("    forward_credential: maybe\n", "proxy"), "k.yaml")
+            .expect_err("not a bool")
+            .0;
+        assert_eq!(errors[0].path, "listeners[0].forward_credential");
     }
 
     /// (name, yaml, expected "LINE:COL: path: message-substring" lines, in order)

@@ -95,6 +95,10 @@ pub struct ListenerConfig {
     pub key_header: Option<String>,
     /// `connections`: header and idle timeouts, connections per source.
     pub connections: crate::conn::ConnLimits,
+    /// Proxy mode: whether the one credential header that carried the checked
+    /// key goes on to the upstream (true, the default) or `Authorization` and
+    /// `key_header` are both removed (false).
+    pub forward_credential: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -132,6 +132,7 @@ const LISTENER: Shape = Shape::Map(&[
     ("early_drop", false, Shape::Bool),
     ("tenants", false, Shape::List(&Shape::Text)),
     ("key_header", false, Shape::Text),
+    ("forward_credential", false, Shape::Bool),
     ("connections", false, CONNECTIONS),
 ]);
 const CONNECTIONS: Shape = Shape::Map(&[

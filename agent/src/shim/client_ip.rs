@@ -159,8 +159,9 @@ pub fn is_trusted(ip: IpAddr, nets: &[IpNet]) -> bool {
 }
 
 /// One `X-Forwarded-For` element: an address, optionally `[v6]:port` or `v4:port`.
-fn parse_xff_entry(s: &str) -> Option<IpAddr> {
-    let s = s.trim();
+/// Bytes that are not UTF-8 (obs-text) cannot be an address: `None`.
+fn parse_xff_entry(raw: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(raw).ok()?.trim();
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(ip);
     }
@@ -181,10 +182,15 @@ fn parse_xff_entry(s: &str) -> Option<IpAddr> {
 /// examined (the peer itself when there is none). An unparsable entry where
 /// the client should be yields `None`: the client is unknown, and only an
 /// unrestricted key may be used.
+///
+/// The values are raw header bytes, split on `,` before anything is decoded:
+/// a value with a byte that is not UTF-8 must not vanish as a whole, or the
+/// client address a trusted proxy appended to the same line would vanish with
+/// it and the proxy itself would become the client.
 #[must_use]
-pub fn forwarded_client(
+pub fn forwarded_client<V: AsRef<[u8]>>(
     peer: IpAddr,
-    xff_values: &[&str],
+    xff_values: &[V],
     trusted: &[IpNet],
     hops: u32,
 ) -> Option<IpAddr> {
@@ -196,8 +202,8 @@ pub fn forwarded_client(
     let mut skipped = 0u32;
     let entries = xff_values
         .iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_ref().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|e| !e.is_empty())
         .collect::<Vec<_>>();
     for entry in entries.into_iter().rev() {
@@ -210,6 +216,25 @@ pub fn forwarded_client(
         return Some(ip);
     }
     Some(last)
+}
+
+/// The `X-Forwarded-For` value sent upstream: every value that came in, in
+/// order and byte for byte, then `origin`. Working on bytes keeps a value the
+/// shim cannot read from being silently replaced (which would hide from the
+/// upstream what the client claimed).
+#[must_use]
+pub fn appended_xff<V: AsRef<[u8]>>(previous: &[V], origin: IpAddr) -> Vec<u8> {
+    let mut out = Vec::new();
+    for value in previous {
+        let value = value.as_ref().trim_ascii();
+        if value.is_empty() {
+            continue;
+        }
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(origin.to_string().as_bytes());
+    out
 }
 
 #[cfg(test)]
@@ -399,12 +424,73 @@ mod tests {
             None
         );
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &[], &t, 1),
+            forwarded_client::<&str>(ip("198.51.100.1"), &[], &t, 1),
             Some(ip("198.51.100.1"))
         );
         assert_eq!(
             forwarded_client(ip("198.51.100.1"), &[" , "], &t, 1),
             Some(ip("198.51.100.1"))
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_make_the_client_unknown_never_the_peer() {
+        let t = nets(&["198.51.100.0/24"]);
+        let proxy = ip("198.51.100.250");
+        // Where the client should be: unknown, not the trusted proxy.
+        for bad in [
+            &b"x\xff"[..],
+            b"192.0.2.99\xff",
+            b"\xff",
+            b"192.0.2.99, 203.0.113.7\xff",
+            b"203.0.113.7\x80:80",
+        ] {
+            assert_eq!(forwarded_client(proxy, &[bad], &t, 1), None, "{bad:?}");
+        }
+        // A line that nginx's $proxy_add_x_forwarded_for built: the client's
+        // bytes on the left, the address the proxy saw on the right.
+        assert_eq!(
+            forwarded_client(proxy, &[&b"192.0.2.99\xff, 203.0.113.7"[..]], &t, 1),
+            Some(ip("203.0.113.7"))
+        );
+        // Also when the proxy added its own line after the client's.
+        assert_eq!(
+            forwarded_client(proxy, &[&b"\xff\xfe"[..], b"203.0.113.7"], &t, 1),
+            Some(ip("203.0.113.7"))
+        );
+        // A skipped trusted hop does not make a bad entry behind it readable.
+        assert_eq!(
+            forwarded_client(proxy, &[&b"x\xff, 198.51.100.3"[..]], &t, 1),
+            None
+        );
+        // An untrusted peer is still its own client, whatever bytes it sends.
+        assert_eq!(
+            forwarded_client(ip("203.0.113.9"), &[&b"\xff"[..]], &t, 1),
+            Some(ip("203.0.113.9"))
+        );
+        // Tabs are whitespace in a header value.
+        assert_eq!(
+            forwarded_client(proxy, &[&b"\t203.0.113.7\t"[..]], &t, 1),
+            Some(ip("203.0.113.7"))
+        );
+    }
+
+    #[test]
+    fn appended_xff_keeps_every_value_byte_for_byte() {
+        let origin = ip("198.51.100.250");
+        assert_eq!(appended_xff::<&[u8]>(&[], origin), b"198.51.100.250");
+        assert_eq!(
+            appended_xff(&[&b"192.0.2.99\xff"[..]], origin),
+            b"192.0.2.99\xff, 198.51.100.250"
+        );
+        // Several lines are kept in order, not only the first.
+        assert_eq!(
+            appended_xff(&["192.0.2.1", " 192.0.2.2 ", ""], origin),
+            b"192.0.2.1, 192.0.2.2, 198.51.100.250"
+        );
+        assert_eq!(
+            appended_xff(&["2001:db8::7"], ip("2001:db8::1")),
+            b"2001:db8::7, 2001:db8::1"
         );
     }
 }

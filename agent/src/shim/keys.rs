@@ -144,18 +144,71 @@ pub fn decide(
     }
 }
 
-/// The key from `Authorization: Bearer <key>`, or from an extra header.
+/// The header that carried a request's API key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialHeader {
+    Authorization,
+    /// The listener's `key_header`.
+    KeyHeader,
+}
+
+/// The API key credential of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// Neither `Authorization` nor the listener's `key_header`.
+    Absent,
+    /// Exactly one credential header. `key` is `None` when its value cannot
+    /// be a key: another scheme than `Bearer`, bytes that are not UTF-8, or
+    /// nothing after trimming.
+    One {
+        header: CredentialHeader,
+        key: Option<&'a str>,
+    },
+    /// More than one credential header: refused, because the shim would check
+    /// one and the upstream might read another.
+    Several,
+}
+
+impl<'a> Credential<'a> {
+    /// The key to check, if the request carries exactly one readable one.
+    #[must_use]
+    pub fn key(&self) -> Option<&'a str> {
+        match self {
+            Credential::One { key, .. } => *key,
+            Credential::Absent | Credential::Several => None,
+        }
+    }
+}
+
+/// The credential of a request from the raw values of its `Authorization`
+/// headers and of the listener's `key_header` (empty when the listener has
+/// none). Every value counts, readable or not, and whatever its scheme: a
+/// value the shim cannot read must not let another header be the one checked.
 #[must_use]
-pub fn presented_key<'a>(
-    authorization: Option<&'a str>,
-    extra_header: Option<&'a str>,
-) -> Option<&'a str> {
-    let bearer = authorization.and_then(|v| {
-        let (scheme, rest) = v.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-    });
-    bearer
-        .or_else(|| extra_header.map(str::trim))
+pub fn credential<'a>(authorization: &[&'a [u8]], key_header: &[&'a [u8]]) -> Credential<'a> {
+    match (authorization, key_header) {
+        ([], []) => Credential::Absent,
+        ([value], []) => Credential::One {
+            header: CredentialHeader::Authorization,
+            key: bearer(value),
+        },
+        ([], [value]) => Credential::One {
+            header: CredentialHeader::KeyHeader,
+            key: std::str::from_utf8(value)
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty()),
+        },
+        _ => Credential::Several,
+    }
+}
+
+/// The key of `Authorization: Bearer <key>` (scheme case-insensitive).
+fn bearer(value: &[u8]) -> Option<&str> {
+    let (scheme, rest) = std::str::from_utf8(value).ok()?.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
         .filter(|k| !k.is_empty())
 }
 
@@ -185,6 +238,7 @@ mod tests {
             tenants,
             key_header: None,
             connections: crate::conn::ConnLimits::default(),
+            forward_credential: true,
         }
     }
 
@@ -403,12 +457,55 @@ mod tests {
     }
 
     #[test]
-    fn bearer_and_extra_header() {
-        assert_eq!(presented_key(Some("Bearer abc"), None), Some("abc"));
-        assert_eq!(presented_key(Some("bearer   abc  "), None), Some("abc"));
-        assert_eq!(presented_key(Some("Basic abc"), Some("xyz")), Some("xyz"));
-        assert_eq!(presented_key(Some("Bearer "), None), None);
-        assert_eq!(presented_key(None, Some("  ")), None);
-        assert_eq!(presented_key(None, None), None);
+    fn one_credential_is_read() {
+        let auth = |v: &'static [u8]| credential(&[v], &[]).key();
+        assert_eq!(auth(b"Bearer abc"), Some("abc"));
+        assert_eq!(auth(b"bearer   abc  "), Some("abc"));
+        assert_eq!(auth(b"BEARER abc"), Some("abc"));
+        assert_eq!(auth(b"Basic abc"), None);
+        assert_eq!(auth(b"Bearer "), None);
+        assert_eq!(auth(b"Bearer"), None);
+        assert_eq!(auth(b"Bearer ab\xffc"), None);
+        assert_eq!(
+            credential(&[b"Bearer abc"], &[]),
+            Credential::One {
+                header: CredentialHeader::Authorization,
+                key: Some("abc")
+            }
+        );
+        assert_eq!(
+            credential(&[], &[b" xyz "]),
+            Credential::One {
+                header: CredentialHeader::KeyHeader,
+                key: Some("xyz")
+            }
+        );
+        assert_eq!(credential(&[], &[b"  "]).key(), None);
+        assert_eq!(credential(&[], &[b"x\xffz"]).key(), None);
+        assert_eq!(credential(&[], &[]), Credential::Absent);
+        assert_eq!(Credential::Absent.key(), None);
+    }
+
+    #[test]
+    fn more_than_one_credential_is_several_whatever_the_values() {
+        let several = [
+            // Two Authorization headers, both bearer, either unreadable.
+            credential(&[b"Bearer mine", b"Bearer stolen"], &[]),
+            credential(&[b"Bearer mine", b"Basic c3RvbGVu"], &[]),
+            credential(&[b"Bearer \xff", b"Bearer stolen"], &[]),
+            // Authorization and the key header: the one keyfence would not
+            // check is the one an upstream may read.
+            credential(&[b"Bearer mine"], &[b"stolen"]),
+            credential(&[b"Basic abc"], &[b"stolen"]),
+            // An unreadable Authorization must not let the key header win.
+            credential(&[b"Bearer \xff\xfe"], &[b"mine"]),
+            credential(&[b""], &[b"mine"]),
+            // Two key header values.
+            credential(&[], &[b"mine", b"stolen"]),
+        ];
+        for c in several {
+            assert_eq!(c, Credential::Several);
+            assert_eq!(c.key(), None);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP shim: reads the key, resolves the client address, checks the key's
 //! allow list, and answers 401/403 or lets the request through (SPEC §5).
 
+pub mod body;
 pub mod client_ip;
 pub mod keys;
 pub mod runtime;

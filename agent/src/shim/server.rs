@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
@@ -29,8 +29,11 @@ use tokio::{
 };
 
 use super::{
-    client_ip::{PROXY_V2_MAX, ProxyParse, forwarded_client, is_trusted, parse_proxy_header},
-    keys::{KeyTable, Verdict, decide, presented_key},
+    body::Capped,
+    client_ip::{
+        PROXY_V2_MAX, ProxyParse, appended_xff, forwarded_client, is_trusted, parse_proxy_header,
+    },
+    keys::{Credential, CredentialHeader, KeyTable, Verdict, credential, decide},
     tls::TlsAcceptor,
 };
 use crate::{
@@ -277,13 +280,14 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Remove hop-by-hop headers, including those named by `Connection`.
+/// `Connection` is read as bytes, so a value with a byte that is not UTF-8
+/// does not hide the names listed next to it.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -304,11 +308,13 @@ async fn handle(
     let listener = config.name.as_str();
     let client = match config.client_ip.source {
         ClientIpSource::XForwardedFor => {
-            let values: Vec<&str> = req
+            // Raw bytes: a value that is not UTF-8 must not vanish (with the
+            // address a proxy appended to it) and leave the proxy as client.
+            let values: Vec<&[u8]> = req
                 .headers()
                 .get_all("x-forwarded-for")
                 .iter()
-                .filter_map(|v| v.to_str().ok())
+                .map(HeaderValue::as_bytes)
                 .collect();
             forwarded_client(
                 peer,
@@ -326,22 +332,31 @@ async fn handle(
             format!("{{\"ip\":\"{}\"}}", json_escape(&ip)),
         );
     }
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let presented = presented_key(
-        header("authorization"),
-        config.key_header.as_deref().and_then(header),
-    );
+    let metrics = &ctx.shared.metrics;
+    let presented = request_credential(req.headers(), config.key_header.as_deref());
+    let carrier = match presented {
+        Credential::Several => {
+            // The shim would check one and the upstream might read another.
+            metrics.refusal_log(listener, None, client, "bad_request");
+            metrics.observe_http(listener, "bad_request", started.elapsed());
+            return json(
+                StatusCode::BAD_REQUEST,
+                format!(r#"{{"error":"{SEVERAL_CREDENTIALS}"}}"#),
+            );
+        }
+        Credential::One { header, .. } => Some(header),
+        Credential::Absent => None,
+    };
     let verdict = decide(
         &config,
         &ctx.shared
             .keys
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
-        presented,
+        presented.key(),
         client,
         SystemTime::now(),
     );
-    let metrics = &ctx.shared.metrics;
     let now = SystemTime::now();
     let seen = |key_id: &str, ip: Option<IpAddr>, allowed: bool| {
         if let Some(ip) = ip {
@@ -373,47 +388,124 @@ async fn handle(
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, false);
             metrics.refusal_log(listener, Some(&key.id), ip, "report_only");
-            let (resp, ok) = pass(req, ctx, config.mode, &key.id, conn_client).await;
-            (resp, if ok { "report_only" } else { "upstream_error" })
+            let (resp, passed) = pass(req, ctx, &config, &key.id, conn_client, carrier).await;
+            (resp, passed.outcome("report_only"))
         }
         Verdict::Allowed { key } => {
             seen(&key.id, client, true);
-            let (resp, ok) = pass(req, ctx, config.mode, &key.id, conn_client).await;
-            (resp, if ok { "allowed" } else { "upstream_error" })
+            let (resp, passed) = pass(req, ctx, &config, &key.id, conn_client, carrier).await;
+            (resp, passed.outcome("allowed"))
         }
     };
     metrics.observe_http(listener, outcome, started.elapsed());
     response
 }
 
+/// The error of a request with more than one API key credential.
+pub const SEVERAL_CREDENTIALS: &str = "more than one API key credential";
+
+/// The credential of a request: every `Authorization` value and every value
+/// of the listener's `key_header`, as raw bytes (an unreadable one counts).
+fn request_credential<'a>(headers: &'a HeaderMap, key_header: Option<&str>) -> Credential<'a> {
+    let values = |name: &str| -> Vec<&'a [u8]> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect()
+    };
+    let authorization = values(header::AUTHORIZATION.as_str());
+    let extra = key_header.map(values).unwrap_or_default();
+    credential(&authorization, &extra)
+}
+
+/// Remove every credential header but `keep` (the one that carried the
+/// checked key; `None`: all of them), so the upstream receives exactly the
+/// credential keyfence checked, or none.
+fn strip_credentials(
+    headers: &mut HeaderMap,
+    key_header: Option<&str>,
+    keep: Option<CredentialHeader>,
+) {
+    if keep != Some(CredentialHeader::Authorization) {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(name) = key_header
+        && keep != Some(CredentialHeader::KeyHeader)
+    {
+        headers.remove(name);
+    }
+}
+
+/// How a passed request ended, for its `outcome` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Passed {
+    Answered,
+    UpstreamFailed,
+    /// Refused for the request itself (a body over the limit, a bad target).
+    ClientError,
+}
+
+impl Passed {
+    fn outcome(self, answered: &'static str) -> &'static str {
+        match self {
+            Passed::Answered => answered,
+            Passed::UpstreamFailed => "upstream_error",
+            Passed::ClientError => "bad_request",
+        }
+    }
+}
+
+fn body_too_large() -> (Response<Body>, Passed) {
+    (
+        json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            r#"{"error":"request body too large"}"#.into(),
+        ),
+        Passed::ClientError,
+    )
+}
+
 /// An accepted request: ping, auth answer, or the proxied exchange.
-/// The flag is false when the upstream failed. `origin` is the connection's
-/// origin appended to `X-Forwarded-For`: the TCP peer, or the source a trusted
-/// PROXY header named.
+/// `origin` is the connection's origin appended to `X-Forwarded-For`: the TCP
+/// peer, or the source a trusted PROXY header named. `carrier` is the header
+/// that carried the checked key.
 async fn pass(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
-    mode: ListenerMode,
+    config: &ListenerConfig,
     key_id: &str,
     origin: IpAddr,
-) -> (Response<Body>, bool) {
+    carrier: Option<CredentialHeader>,
+) -> (Response<Body>, Passed) {
     let key_header = HeaderValue::from_str(key_id).ok();
     if req.uri().path() == "/_keyfence/ping" {
         let mut resp = json(StatusCode::OK, r#"{"message":"pong"}"#.into());
         if let Some(v) = key_header {
             resp.headers_mut().insert(KEY_ID_HEADER, v);
         }
-        return (resp, true);
+        return (resp, Passed::Answered);
     }
-    match mode {
+    match config.mode {
         ListenerMode::Auth => {
             let mut resp = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
             if let Some(v) = key_header {
                 resp.headers_mut().insert(KEY_ID_HEADER, v);
             }
-            (resp, true)
+            (resp, Passed::Answered)
         }
-        ListenerMode::Proxy => proxy(req, ctx, key_header, origin).await,
+        ListenerMode::Proxy => {
+            let keep = carrier.filter(|_| config.forward_credential);
+            proxy(
+                req,
+                ctx,
+                key_header,
+                origin,
+                config.key_header.as_deref(),
+                keep,
+            )
+            .await
+        }
     }
 }
 
@@ -422,11 +514,13 @@ async fn proxy(
     ctx: &ListenerCtx,
     key_header: Option<HeaderValue>,
     origin: IpAddr,
-) -> (Response<Body>, bool) {
+    credential_header: Option<&str>,
+    keep: Option<CredentialHeader>,
+) -> (Response<Body>, Passed) {
     let Some(upstream) = &ctx.upstream else {
         return (
             json(StatusCode::BAD_GATEWAY, r#"{"error":"no upstream"}"#.into()),
-            false,
+            Passed::UpstreamFailed,
         );
     };
     if req
@@ -436,13 +530,7 @@ async fn proxy(
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > MAX_BODY_BYTES)
     {
-        return (
-            json(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                r#"{"error":"request body too large"}"#.into(),
-            ),
-            true,
-        );
+        return body_too_large();
     }
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -463,37 +551,56 @@ async fn proxy(
                 StatusCode::BAD_REQUEST,
                 r#"{"error":"bad request target"}"#.into(),
             ),
-            true,
+            Passed::ClientError,
         );
     };
     parts.uri = uri;
     parts.version = hyper::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    let forwarded = match parts
+    strip_credentials(&mut parts.headers, credential_header, keep);
+    // Byte for byte, every value: what the shim cannot read is still passed
+    // on rather than silently replaced.
+    let previous: Vec<&[u8]> = parts
         .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {origin}"),
-        None => origin.to_string(),
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let forwarded = appended_xff(&previous, origin);
+    let Ok(forwarded) = HeaderValue::from_bytes(&forwarded) else {
+        // Each part was a valid header value, so this does not happen; if it
+        // did, refuse rather than forward a chain without the origin.
+        return (
+            json(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"bad X-Forwarded-For"}"#.into(),
+            ),
+            Passed::ClientError,
+        );
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        parts.headers.insert("x-forwarded-for", v);
-    }
+    parts.headers.insert("x-forwarded-for", forwarded);
     parts.headers.remove(KEY_ID_HEADER);
     if let Some(v) = key_header.clone() {
         parts.headers.insert(KEY_ID_HEADER, v);
     }
-    let body: ProxyBody = Limited::new(body, MAX_BODY_BYTES).boxed();
+    let (body, overflow) = Capped::new(body, MAX_BODY_BYTES);
+    let body: ProxyBody = body.boxed();
     let request = Request::from_parts(parts, body);
-    match tokio::time::timeout(UPSTREAM_TIMEOUT, ctx.client.request(request)).await {
+    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, ctx.client.request(request)).await;
+    if overflow.happened() {
+        // The body passed the limit before the upstream answered: whatever
+        // the upstream exchange did then (usually failed), the client sent
+        // too much.
+        return body_too_large();
+    }
+    match result {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             if let Some(v) = key_header {
                 parts.headers.insert(KEY_ID_HEADER, v);
             }
-            (Response::from_parts(parts, body.boxed()), true)
+            (Response::from_parts(parts, body.boxed()), Passed::Answered)
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "upstream request failed");
@@ -502,7 +609,7 @@ async fn proxy(
                     StatusCode::BAD_GATEWAY,
                     r#"{"error":"upstream unavailable"}"#.into(),
                 ),
-                false,
+                Passed::UpstreamFailed,
             )
         }
         Err(_) => (
@@ -510,7 +617,7 @@ async fn proxy(
                 StatusCode::GATEWAY_TIMEOUT,
                 r#"{"error":"upstream timed out"}"#.into(),
             ),
-            false,
+            Passed::UpstreamFailed,
         ),
     }
 }
@@ -536,6 +643,71 @@ mod tests {
         );
     }
 
+    fn credential_headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn every_credential_header_value_counts() {
+        let h = credential_headers(&[("authorization", "Bearer mine"), ("x-api-key", "stolen")]);
+        // Without a key_header the other header is not a credential.
+        assert_eq!(request_credential(&h, None).key(), Some("mine"));
+        assert_eq!(
+            request_credential(&h, Some("x-api-key")),
+            Credential::Several
+        );
+        let mut two = credential_headers(&[("authorization", "Bearer mine")]);
+        two.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer \xff").unwrap(),
+        );
+        assert_eq!(request_credential(&two, None), Credential::Several);
+    }
+
+    #[test]
+    fn only_the_checked_credential_is_forwarded() {
+        let all = || {
+            credential_headers(&[
+                ("authorization", "Bearer mine"),
+                ("x-api-key", "other"),
+                ("x-end-to-end", "kept"),
+            ])
+        };
+        let mut h = all();
+        strip_credentials(
+            &mut h,
+            Some("x-api-key"),
+            Some(CredentialHeader::Authorization),
+        );
+        assert!(h.contains_key("authorization") && !h.contains_key("x-api-key"));
+        let mut h = all();
+        strip_credentials(&mut h, Some("x-api-key"), Some(CredentialHeader::KeyHeader));
+        assert!(!h.contains_key("authorization") && h.contains_key("x-api-key"));
+        let mut h = all();
+        strip_credentials(&mut h, Some("x-api-key"), None);
+        assert!(!h.contains_key("authorization") && !h.contains_key("x-api-key"));
+        assert!(h.contains_key("x-end-to-end"));
+        // Without a key_header, another header is not keyfence's to remove.
+        let mut h = all();
+        strip_credentials(&mut h, None, None);
+        assert!(!h.contains_key("authorization") && h.contains_key("x-api-key"));
+    }
+
+    #[test]
+    fn outcomes_of_a_passed_request() {
+        assert_eq!(Passed::Answered.outcome("allowed"), "allowed");
+        assert_eq!(Passed::Answered.outcome("report_only"), "report_only");
+        assert_eq!(Passed::UpstreamFailed.outcome("allowed"), "upstream_error");
+        assert_eq!(Passed::ClientError.outcome("report_only"), "bad_request");
+    }
+
     #[test]
     fn hop_by_hop_headers_are_stripped() {
         let mut h = HeaderMap::new();
@@ -549,6 +721,18 @@ mod tests {
         h.insert("x-end-to-end", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+
+        // A byte that is not UTF-8 in one name does not keep the others.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_bytes(b"x-b\xffad, x-secret-hop").unwrap(),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-secret-hop"));
         assert!(h.contains_key("x-end-to-end"));
     }
 }
