@@ -227,6 +227,8 @@ fn parse_allow(raw: &RawList) -> Result<AllowList, ApiError> {
     })
 }
 
+/// Names are printed by the CLI and written to logs: 1 to `MAX_NAME` bytes,
+/// no control or formatting characters (`crate::names`).
 fn check_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.len() > MAX_NAME {
@@ -235,6 +237,8 @@ fn check_name(name: &str) -> Result<String, ApiError> {
             format!("name must be 1 to {MAX_NAME} characters"),
         ));
     }
+    crate::names::check(name)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     Ok(name.to_owned())
 }
 
