@@ -46,6 +46,10 @@ const AUDIT_MAX: usize = 1000;
 /// A request body larger than this is refused before parsing.
 const MAX_BODY: usize = 1024 * 1024;
 
+/// Log lines about a full store: at most a few a second.
+static STORE_FULL_LOGS: std::sync::LazyLock<crate::ratelimit::RateLimiter> =
+    std::sync::LazyLock::new(|| crate::ratelimit::RateLimiter::new(1, Duration::from_secs(1)));
+
 /// The store, shared between the API (writes) and the daemon (reads on apply).
 pub type SharedStore = Arc<Mutex<Box<dyn KeyStore>>>;
 
@@ -137,6 +141,14 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
             StoreError::Revoked(id) => {
                 Self::new(StatusCode::CONFLICT, format!("key {id} is revoked"))
+            }
+            StoreError::Full(why) => {
+                // Every write meets it until an operator frees space: one
+                // line per second is enough to say so.
+                if STORE_FULL_LOGS.allow() {
+                    tracing::error!(error = why, "key store full: write refused, nothing changed");
+                }
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "store full")
             }
             other => {
                 tracing::error!(error = %other, "key store");
