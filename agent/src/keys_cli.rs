@@ -576,7 +576,8 @@ mod tests {
         }]}));
         for out in [&listed, &shown, &audit] {
             assert!(
-                !out.chars().any(|c| crate::names::is_forbidden(c) && c != '\n'),
+                !out.chars()
+                    .any(|c| crate::names::is_forbidden(c) && c != '\n'),
                 "{out:?}"
             );
         }

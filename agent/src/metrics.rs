@@ -51,6 +51,8 @@ pub struct Metrics {
     pub drop_samples: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<ListenerLabel, Histogram>,
+    /// Failed and throttled management API attempts, lockouts.
+    pub management: crate::management::throttle::ManagementMetrics,
     refusal_logs: crate::ratelimit::RateLimiter,
 }
 
@@ -110,6 +112,7 @@ impl Metrics {
             "Time from request head to response head, including the upstream",
             http_duration.clone(),
         );
+        let management = crate::management::throttle::ManagementMetrics::register(&mut registry);
         registry.register_collector(Box::new(DatapathCollector { datapath }));
         Self {
             registry,
@@ -121,6 +124,7 @@ impl Metrics {
             drop_samples,
             http_requests,
             http_duration,
+            management,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
         }
     }

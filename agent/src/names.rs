@@ -121,10 +121,7 @@ mod tests {
             let err = check(name).unwrap_err();
             assert_eq!(u32::from(err.character), code, "{name:?}");
             assert_eq!(err.position, position, "{name:?}");
-            assert!(
-                err.to_string().contains(&format!("U+{code:04X}")),
-                "{err}"
-            );
+            assert!(err.to_string().contains(&format!("U+{code:04X}")), "{err}");
         }
     }
 

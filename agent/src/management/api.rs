@@ -9,7 +9,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -24,15 +24,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals};
+use super::{
+    principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals},
+    throttle::{Attempt, Guard, Reason, Started},
+};
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, parse_list},
     config::StaticKey,
-    confirm::Confirmer,
+    confirm::{ConfirmError, Confirmer},
     policy::API_SCOPE,
     shim::{keys::digest, sources::Sources},
     store::{
-        Actor, KeyPatch, KeyStore, NewKey, StoreError, StoredKey, list_json, secret, time_json,
+        Actor, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey, list_json, secret,
+        time_json,
     },
 };
 
@@ -68,6 +72,8 @@ pub struct ApiState {
     pub principals: RwLock<Arc<Principals>>,
     pub static_keys: RwLock<Arc<Vec<StaticKey>>>,
     pub confirm: Option<Confirmer>,
+    /// Throttles failed tokens and step-up codes (`throttle.rs`).
+    pub guard: Guard,
     pub sources: Arc<Sources>,
     pub apply: mpsc::Sender<Apply>,
     /// Held from a write's commit until it is enforced, so the daemon applies
@@ -102,25 +108,46 @@ pub async fn serve(
     .await
 }
 
-/// An error answer: status and JSON body.
+/// An error answer: status and JSON body (and `Retry-After` for a 429).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     body: Value,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::with_body(status, json!({ "error": message.into() }))
+    }
+
+    fn with_body(status: StatusCode, body: Value) -> Self {
         Self {
             status,
-            body: json!({ "error": message.into() }),
+            body,
+            retry_after: None,
+        }
+    }
+
+    /// 429 during a lockout, with the seconds left (rounded up).
+    fn throttled(wait: Duration, reason: Reason) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, reason.refusal())
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.max(1).into());
+        }
+        response
     }
 }
 
@@ -146,7 +173,10 @@ impl From<StoreError> for ApiError {
                 // Every write meets it until an operator frees space: one
                 // line per second is enough to say so.
                 if STORE_FULL_LOGS.allow() {
-                    tracing::error!(error = why, "key store full: write refused, nothing changed");
+                    tracing::error!(
+                        error = why,
+                        "key store full: write refused, nothing changed"
+                    );
                 }
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "store full")
             }
@@ -196,6 +226,8 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     }
 }
 
+/// The bearer token's principal, throttled per source address: an address
+/// locked out after repeated unknown tokens gets 429, even with a valid one.
 fn authenticate(
     state: &ApiState,
     headers: &HeaderMap,
@@ -212,10 +244,53 @@ fn authenticate(
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let principal = principals
-        .authenticate(token, ip, SystemTime::now())?
-        .clone();
-    Ok(Caller { principal, ip })
+    let attempt = state.guard.authenticate(
+        ip,
+        Instant::now(),
+        || {
+            principals
+                .authenticate(token, ip, SystemTime::now())
+                .cloned()
+        },
+        // A missing token guesses nothing; a valid one from elsewhere
+        // neither (it is counted below, not throttled).
+        |e| token.is_some() && *e == AuthError::Unauthenticated,
+    );
+    match attempt {
+        Attempt::Passed(principal) => Ok(Caller { principal, ip }),
+        Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Token)),
+        Attempt::Failed(e, started) => {
+            if e == AuthError::AddressNotAllowed {
+                state.guard.address_refused(ip);
+            }
+            audit_lockouts(state, &started, "unauthenticated", ip);
+            Err(e.into())
+        }
+    }
+}
+
+/// One audit row per lockout started (action `lockout`, no key). A store
+/// that cannot take it does not change the answer; the failure is logged.
+fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: IpAddr) {
+    for s in started {
+        let until = SystemTime::now() + s.lockout.duration;
+        let event = AuditEvent {
+            principal: principal.to_owned(),
+            address: ip,
+            action: "lockout",
+            details: json!({
+                "reason": s.reason.label(),
+                "scope": s.subject.scope(),
+                "subject": s.subject.to_string(),
+                "seconds": s.lockout.duration.as_secs(),
+                "lockouts_in_a_row": s.lockout.number,
+                "until": time_json(until),
+            }),
+        };
+        if let Err(e) = with_store(state, |store| store.record_event(&event, SystemTime::now())) {
+            tracing::error!(error = ?e, "writing the audit row of a management lockout");
+        }
+    }
 }
 
 /// Parse a JSON body; anything malformed (syntax, unknown field, wrong type) is 400.
@@ -226,16 +301,18 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError>
 
 /// The grammar of SPEC §3; 422 lists every bad entry.
 fn parse_allow(raw: &RawList) -> Result<AllowList, ApiError> {
-    parse_list(raw, DEFAULT_MAX_ENTRIES).map_err(|errors| ApiError {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        body: json!({
-            "error": "invalid allow list",
-            "entries": errors.iter().map(|e| json!({
-                "position": e.position,
-                "entry": e.entry,
-                "reason": e.reason.to_string(),
-            })).collect::<Vec<_>>(),
-        }),
+    parse_list(raw, DEFAULT_MAX_ENTRIES).map_err(|errors| {
+        ApiError::with_body(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": "invalid allow list",
+                "entries": errors.iter().map(|e| json!({
+                    "position": e.position,
+                    "entry": e.entry,
+                    "reason": e.reason.to_string(),
+                })).collect::<Vec<_>>(),
+            }),
+        )
     })
 }
 
@@ -254,20 +331,38 @@ fn check_name(name: &str) -> Result<String, ApiError> {
     Ok(name.to_owned())
 }
 
-/// The step-up rule: with a TOTP secret configured, the write needs a fresh code.
-fn confirm(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The step-up rule: with a TOTP secret configured, the write needs a fresh
+/// code. Wrong and replayed codes are throttled per principal and per source
+/// address; during a lockout no code is even looked at (429).
+fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(confirmer) = &state.confirm else {
         return Ok(());
     };
     let code = headers.get(CONFIRM_HEADER).and_then(|v| v.to_str().ok());
-    let now = SystemTime::now()
+    let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    confirmer.verify(code, now).map_err(|e| {
-        tracing::warn!(reason = %e, "management write refused: step-up confirmation");
-        ApiError::new(StatusCode::UNAUTHORIZED, "confirmation required")
-    })
+    let principal = caller.actor().principal;
+    let attempt = state.guard.confirm(
+        &principal,
+        caller.ip,
+        Instant::now(),
+        || confirmer.verify(code, unix),
+        // No code guesses nothing.
+        |e| *e != ConfirmError::Missing,
+    );
+    match attempt {
+        Attempt::Passed(()) => Ok(()),
+        Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Confirm)),
+        Attempt::Failed(_, started) => {
+            audit_lockouts(state, &started, &principal, caller.ip);
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "confirmation required",
+            ))
+        }
+    }
 }
 
 /// Run a store operation on this worker without stalling the runtime (SQLite
@@ -433,7 +528,7 @@ async fn create(
         .transpose()?
         .unwrap_or_default();
     // A new key always sets a list (an empty one opens it to everyone).
-    confirm(&state, &headers)?;
+    confirm(&state, &caller, &headers)?;
     let secret = secret::generate();
     let new = NewKey {
         id: secret::new_key_id(),
@@ -517,7 +612,7 @@ async fn update(
     if (patch.allow.is_some() || patch.report_only.is_some()) && state.confirm.is_some() {
         // Unknown ids answer 404 before a code is spent on them.
         with_store(&state, |s| s.key(&id))?;
-        confirm(&state, &headers)?;
+        confirm(&state, &caller, &headers)?;
     }
     let after = commit(&state, &caller, "update", |s, actor, now| {
         s.update(&id, patch, actor, now).map(|(_, after)| after)
@@ -598,7 +693,8 @@ async fn audit(
                 "principal": e.principal,
                 "address": e.address.to_string(),
                 "action": e.action,
-                "key_id": e.key_id,
+                // Lockout rows belong to no key.
+                "key_id": if e.key_id.is_empty() { Value::Null } else { Value::String(e.key_id.clone()) },
                 "before": e.before,
                 "after": e.after,
             })

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod principals;
+pub mod throttle;
 
 use principals::{ADMIN_SCOPE, Principal, PrincipalKind, Principals};
 

@@ -19,9 +19,7 @@ use rusqlite::{
 };
 use serde_json::Value;
 
-use super::{
-    Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey,
-};
+use super::{Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey};
 use crate::allowlist::{AllowEntry, AllowList};
 
 /// Schema migrations; `user_version` is the number applied. Append only: a
@@ -1286,11 +1284,15 @@ mod tests {
     fn a_full_store_is_named_and_rolls_back() {
         let dir = TempDir::new();
         let mut s = SqliteStore::open(&dir.db()).unwrap();
-        let kept = s.create(new_key("kf_kept", "192.0.2.10"), &actor(), at(1)).unwrap();
+        let kept = s
+            .create(new_key("kf_kept", "192.0.2.10"), &actor(), at(1))
+            .unwrap();
         // No page beyond the ones in use: the next write that needs one meets
         // SQLITE_FULL, as on a full disk.
         let pages = s.pragma("page_count").unwrap();
-        s.conn.pragma_update(None, "max_page_count", &pages).unwrap();
+        s.conn
+            .pragma_update(None, "max_page_count", &pages)
+            .unwrap();
         let mut big = new_key("kf_big", "");
         big.allow = long_list(1000);
         let err = s.create(big.clone(), &actor(), at(2)).unwrap_err();
@@ -1300,7 +1302,9 @@ mod tests {
             allow: Some(long_list(1000)),
             ..KeyPatch::default()
         };
-        let err = s.update(&kept.id, patch.clone(), &actor(), at(3)).unwrap_err();
+        let err = s
+            .update(&kept.id, patch.clone(), &actor(), at(3))
+            .unwrap_err();
         assert!(matches!(err, StoreError::Full(_)), "{err:?}");
         // Nothing changed, and reads keep working.
         assert_eq!(s.keys().unwrap(), vec![kept.clone()]);
@@ -1322,7 +1326,8 @@ mod tests {
     fn other_errors_are_not_called_full() {
         let dir = TempDir::new();
         let mut s = SqliteStore::open(&dir.db()).unwrap();
-        s.create(new_key("kf_a", "192.0.2.10"), &actor(), at(1)).unwrap();
+        s.create(new_key("kf_a", "192.0.2.10"), &actor(), at(1))
+            .unwrap();
         let dup = s.create(new_key("kf_a", "192.0.2.11"), &actor(), at(2));
         assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
         // The temp directory has room: an I/O error there is not "full".
@@ -1333,7 +1338,9 @@ mod tests {
     fn events_are_audited_outside_key_histories() {
         let dir = TempDir::new();
         let mut s = SqliteStore::open(&dir.db()).unwrap();
-        let k = s.create(new_key("kf_a", "192.0.2.10"), &actor(), at(1)).unwrap();
+        let k = s
+            .create(new_key("kf_a", "192.0.2.10"), &actor(), at(1))
+            .unwrap();
         let event = AuditEvent {
             principal: "admin:ops".into(),
             address: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
@@ -1349,7 +1356,11 @@ mod tests {
         assert_eq!(log[1].before, None);
         assert_eq!(log[1].after, Some(event.details));
         assert_eq!(log[1].at, at(2));
-        assert_eq!(s.audit(0, 10, Some(&k.id)).unwrap().len(), 1, "not in the key's history");
+        assert_eq!(
+            s.audit(0, 10, Some(&k.id)).unwrap().len(),
+            1,
+            "not in the key's history"
+        );
     }
 
     #[test]
