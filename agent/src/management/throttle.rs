@@ -232,7 +232,7 @@ impl Subject {
     pub fn address(ip: IpAddr) -> Self {
         Self::Address(match crate::allowlist::fold_ip(ip) {
             IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-            v4 => v4,
+            v4 @ IpAddr::V4(_) => v4,
         })
     }
 

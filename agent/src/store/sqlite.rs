@@ -365,7 +365,7 @@ fn no_space_left(path: &Path) -> bool {
         .unwrap_or(Path::new("."));
     match nix::sys::statvfs::statvfs(dir) {
         Ok(st) => {
-            let free = u64::from(st.blocks_available()).saturating_mul(st.fragment_size());
+            let free = st.blocks_available().saturating_mul(st.fragment_size());
             free < NEARLY_FULL || (st.files() > 0 && st.files_available() == 0)
         }
         Err(_) => false,
