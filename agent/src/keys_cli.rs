@@ -444,6 +444,16 @@ impl Shape {
 /// What an audit row changed, in a few words.
 fn audit_change(e: &Value) -> String {
     let (before, after) = (&e["before"], &e["after"]);
+    if e["action"] == "lockout" {
+        // Not a key change: who was locked out, why, for how long.
+        return format!(
+            "{} {} locked out for {}s ({})",
+            text(&after["scope"]),
+            text(&after["subject"]),
+            text(&after["seconds"]),
+            text(&after["reason"])
+        );
+    }
     if before.is_null() {
         return format!("allow: {}", allow_summary(after));
     }
@@ -593,6 +603,22 @@ mod tests {
             body: json!({"error": "x\u{1b}]0;title\u{7}"}),
         });
         assert_eq!(err, "keyfence keys: 400 x\\u{1b}]0;title\\u{7}\n");
+    }
+
+    #[test]
+    fn lockout_rows_read_as_lockouts() {
+        let audit = Shape::Audit.render(&json!({"entries":[{
+            "seq": 7, "at": "2026-11-25T10:00:00Z", "principal": "admin:ops",
+            "address": "192.0.2.100", "action": "lockout", "key_id": null, "before": null,
+            "after": {"reason": "confirm", "scope": "address", "subject": "192.0.2.100",
+                      "seconds": 30, "lockouts_in_a_row": 1}
+        }]}));
+        let row = audit.lines().nth(1).unwrap();
+        assert!(row.contains("lockout  -"), "{row}");
+        assert!(
+            row.ends_with("address 192.0.2.100 locked out for 30s (confirm)"),
+            "{row}"
+        );
     }
 
     #[test]

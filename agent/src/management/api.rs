@@ -1,8 +1,9 @@
 //! The management API's HTTP surface (SPEC §6, wire format in `docs/api.md`).
 //!
 //! Every write follows one order, so that a refused call changes nothing:
-//! authenticate → parse → validate (422) → self-lockout (409) → step-up
-//! confirmation (401) → one store transaction (the change and its audit row) →
+//! authenticate (throttled per address, 429) → parse → validate (422) →
+//! self-lockout (409) → step-up confirmation (throttled, 429; 401) → one store
+//! transaction (the change and its audit row; 507 when the disk is full) →
 //! enforcement (shim key table and BPF maps) → answer. The answer is sent only
 //! once the daemon reports the new state enforced.
 
