@@ -243,6 +243,7 @@ pub fn render_error(answer: &Answer) -> String {
     let message = answer.body["error"]
         .as_str()
         .map_or_else(|| answer.body.to_string(), str::to_owned);
+    let message = crate::names::escape(&message);
     let mut out = format!("keyfence keys: {} {message}\n", answer.status);
     if let Some(entries) = answer.body["entries"].as_array() {
         for e in entries {
@@ -251,7 +252,7 @@ pub fn render_error(answer: &Answer) -> String {
                 "  entry {}: {:?}: {}",
                 e["position"],
                 e["entry"].as_str().unwrap_or(""),
-                e["reason"].as_str().unwrap_or("")
+                crate::names::escape(e["reason"].as_str().unwrap_or(""))
             );
         }
     }
@@ -269,10 +270,13 @@ enum Shape {
     Audit,
 }
 
+/// A field for a table or a `show`: control and formatting characters the
+/// API sent (names stored before they were refused, notes) are escaped, so
+/// the text cannot drive the terminal or split a row.
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => crate::names::escape(s).into_owned(),
         other => other.to_string(),
     }
 }
@@ -282,7 +286,7 @@ fn entry_text(e: &Value) -> String {
         Value::Object(o) => {
             let mut s = text(&o.get("cidr").cloned().unwrap_or(Value::Null));
             if let Some(n) = o.get("note").and_then(Value::as_str) {
-                let _ = write!(s, "  # {n}");
+                let _ = write!(s, "  # {}", crate::names::escape(n));
             }
             if let Some(t) = o.get("expires_at").and_then(Value::as_str) {
                 let _ = write!(s, "  (expires {t})");
@@ -440,6 +444,16 @@ impl Shape {
 /// What an audit row changed, in a few words.
 fn audit_change(e: &Value) -> String {
     let (before, after) = (&e["before"], &e["after"]);
+    if e["action"] == "lockout" {
+        // Not a key change: who was locked out, why, for how long.
+        return format!(
+            "{} {} locked out for {}s ({})",
+            text(&after["scope"]),
+            text(&after["subject"]),
+            text(&after["seconds"]),
+            text(&after["reason"])
+        );
+    }
     if before.is_null() {
         return format!("allow: {}", allow_summary(after));
     }
@@ -551,6 +565,60 @@ mod tests {
         );
         assert!(text.contains("entry 1: \"10.0.0.1/33\""), "{text}");
         assert!(text.contains("entry 3: \"nope\""), "{text}");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_tables_and_show() {
+        // A name stored before such names were refused, and a note.
+        let key = json!({
+            "id": "key_1", "name": "evil\u{1b}[2J\u{1b}[31mname\nfake row\u{202e}txt",
+            "tenant": "default", "scopes": ["api"],
+            "ip_allow_list": [{"cidr":"203.0.113.7/32","note":"bell\u{7}\u{0}"}],
+            "report_only": false, "source": "api", "created_at": "2026-11-25T10:00:00Z",
+            "updated_at": "2026-11-25T10:00:00Z", "last_used_at": null, "revoked_at": null
+        });
+        let listed = Shape::List.render(&json!({"keys":[key.clone()]}));
+        let shown = render_key(&key);
+        let audit = Shape::Audit.render(&json!({"entries":[{
+            "seq": 1, "at": "2026-11-25T10:00:00Z", "principal": "admin:ops",
+            "address": "127.0.0.1", "action": "update", "key_id": "key_1",
+            "before": {"name": "a"}, "after": {"name": "b\u{1b}[0m"}
+        }]}));
+        for out in [&listed, &shown, &audit] {
+            assert!(
+                !out.chars()
+                    .any(|c| crate::names::is_forbidden(c) && c != '\n'),
+                "{out:?}"
+            );
+        }
+        assert_eq!(listed.lines().count(), 2, "one header, one row: {listed:?}");
+        assert!(
+            listed.contains("evil\\u{1b}[2J\\u{1b}[31mname\\u{a}fake row\\u{202e}txt"),
+            "{listed}"
+        );
+        assert!(shown.contains("# bell\\u{7}\\u{0}"), "{shown}");
+        assert!(audit.contains("name: a -> b\\u{1b}[0m"), "{audit}");
+        let err = render_error(&Answer {
+            status: 400,
+            body: json!({"error": "x\u{1b}]0;title\u{7}"}),
+        });
+        assert_eq!(err, "keyfence keys: 400 x\\u{1b}]0;title\\u{7}\n");
+    }
+
+    #[test]
+    fn lockout_rows_read_as_lockouts() {
+        let audit = Shape::Audit.render(&json!({"entries":[{
+            "seq": 7, "at": "2026-11-25T10:00:00Z", "principal": "admin:ops",
+            "address": "192.0.2.100", "action": "lockout", "key_id": null, "before": null,
+            "after": {"reason": "confirm", "scope": "address", "subject": "192.0.2.100",
+                      "seconds": 30, "lockouts_in_a_row": 1}
+        }]}));
+        let row = audit.lines().nth(1).unwrap();
+        assert!(row.contains("lockout  -"), "{row}");
+        assert!(
+            row.ends_with("address 192.0.2.100 locked out for 30s (confirm)"),
+            "{row}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod keys_cli;
 pub mod management;
 pub mod maps;
 pub mod metrics;
+pub mod names;
 pub mod policy;
 pub mod prefixset;
 pub mod ratelimit;

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connections: crate::conn::ConnMetrics,
     /// `keyfence_config_warnings{warning}` (see `config_warnings`).
     pub config_warnings: crate::config_warnings::WarningGauges,
+    /// Failed and throttled management API attempts, lockouts.
+    pub management: crate::management::throttle::ManagementMetrics,
     refusal_logs: crate::ratelimit::RateLimiter,
 }
 
@@ -133,6 +135,7 @@ impl Metrics {
         );
         let connections = crate::conn::ConnMetrics::register(&mut registry);
         let config_warnings = crate::config_warnings::register(&mut registry);
+        let management = crate::management::throttle::ManagementMetrics::register(&mut registry);
         registry.register_collector(Box::new(DatapathCollector { datapath }));
         Self {
             registry,
@@ -148,6 +151,7 @@ impl Metrics {
             http_duration,
             connections,
             config_warnings,
+            management,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
         }
     }

@@ -209,6 +209,10 @@ fn start_management(
         principals: std::sync::RwLock::new(Arc::new(principals)),
         static_keys: std::sync::RwLock::new(Arc::new(daemon.config.keys.clone())),
         confirm,
+        guard: management::throttle::Guard::new(
+            management::throttle::Limits::DEFAULT,
+            daemon.metrics.management.clone(),
+        ),
         sources: shim.sources(),
         apply: apply_tx,
         writes: tokio::sync::Mutex::new(()),

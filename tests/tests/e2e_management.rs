@@ -20,7 +20,7 @@ use std::{
 use keyfence::{
     confirm::{Confirmer, STEP_SECONDS},
     keys_cli,
-    store::{KeyStore as _, sqlite::SqliteStore},
+    store::{Actor, KeyStore as _, NewKey, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
@@ -88,6 +88,11 @@ impl Scenario {
     }
 
     fn with_mode(confirm: bool, mode: &str) -> Self {
+        Self::build(confirm, mode, None)
+    }
+
+    /// With `store`, the key store lives there instead of the agent's directory.
+    fn build(confirm: bool, mode: &str, store: Option<&Path>) -> Self {
         let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
         let lab = Lab::new(&addrs).expect("building the namespaces");
         let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
@@ -96,9 +101,11 @@ impl Scenario {
         agent.env("KF_E2E_OPS", OPS_TOKEN);
         agent.env("KF_E2E_NEIGHBOUR", NEIGHBOUR_SECRET);
         agent.env("KF_E2E_TOTP", TOTP_SECRET);
-        agent
-            .write_config(&config(agent.pin_path(), confirm, mode))
-            .expect("writing the config");
+        let mut yaml = config(agent.pin_path(), confirm, mode);
+        if let Some(store) = store {
+            yaml = format!("store:\n  path: {}\n{yaml}", store.display());
+        }
+        agent.write_config(&yaml).expect("writing the config");
         agent.spawn().expect("starting keyfence");
         agent
             .wait_ready(Duration::from_secs(30))
@@ -162,12 +169,29 @@ struct Answer {
 
 impl Caller<'_> {
     fn call(&self, method: &str, path: &str, body: Option<&str>, confirm: Option<&str>) -> Answer {
+        self.call_with_headers(method, path, body, confirm).0
+    }
+
+    /// The answer and its header block (as curl's `--dump-header` writes it).
+    fn call_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        confirm: Option<&str>,
+    ) -> (Answer, String) {
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let head_file =
+            std::env::temp_dir().join(format!("kf-e2e-head-{}-{n}", std::process::id()));
         let mut curl = Curl::new(
             &self.lab.client,
             self.from,
             url("http", SocketAddr::new(GATEWAY_V4.into(), MANAGEMENT), path),
         )
         .connect_timeout(Duration::from_secs(2))
+        .arg("--dump-header")
+        .arg(&head_file.display().to_string())
         .arg("--request")
         .arg(method)
         .bearer(&self.token);
@@ -180,11 +204,17 @@ impl Caller<'_> {
         if let Some(code) = confirm {
             curl = curl.header(&format!("X-Keyfence-Confirm: {code}"));
         }
-        match curl.send() {
-            Reply::Answered { status, body, .. } => Answer {
-                status,
-                body: serde_json::from_str(&body).unwrap_or(Value::String(body)),
-            },
+        let reply = curl.send();
+        let head = std::fs::read_to_string(&head_file).unwrap_or_default();
+        let _ = std::fs::remove_file(&head_file);
+        match reply {
+            Reply::Answered { status, body, .. } => (
+                Answer {
+                    status,
+                    body: serde_json::from_str(&body).unwrap_or(Value::String(body)),
+                },
+                head,
+            ),
             other => panic!("{method} {path}: no answer: {other:?}"),
         }
     }
@@ -1308,4 +1338,390 @@ fn a_reload_beyond_capacity_is_refused_and_a_resized_pin_is_refused_at_start() {
             && log.contains("keyfence detach"),
         "{log}"
     );
+}
+
+/// `Retry-After: N` from a header block, in seconds.
+fn retry_after(head: &str) -> Option<u64> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("retry-after")
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// A six-digit code that is none of the codes valid right now.
+fn wrong_code(totp: &Confirmer, n: u32) -> String {
+    let now = unix_now();
+    let valid: Vec<String> = [now - STEP_SECONDS, now, now + STEP_SECONDS]
+        .iter()
+        .map(|t| totp.code_at(*t))
+        .collect();
+    // Four candidates: at most three codes are valid at once.
+    (0..4u64)
+        .map(|k| format!("{:06}", (u64::from(n) * 4 + k) * 7919 % 1_000_000))
+        .find(|c| !valid.contains(c))
+        .expect("a wrong code")
+}
+
+/// Audit rows of action `lockout` (they belong to no key), via the CLI on
+/// loopback (the callers' own addresses may be locked out).
+fn lockout_rows(s: &Scenario) -> Vec<Value> {
+    let (code, out, err) = cli(s, &["audit", "--json", "--limit", "1000"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let all: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    all["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["action"] == "lockout")
+        .cloned()
+        .collect()
+}
+
+fn metric_with(s: &Scenario, name: &str, label: &str, value: &str) -> f64 {
+    let text = s.agent.metrics().expect("reading /metrics");
+    parse_samples(&text, name)
+        .iter()
+        .filter(|x| x.label(label) == Some(value))
+        .map(|x| x.value)
+        .sum()
+}
+
+#[test]
+fn guessing_step_up_codes_meets_a_lockout_that_a_correct_code_does_not_lift() {
+    let s = Scenario::new(true);
+    let ops = s.ops();
+    let totp = Confirmer::from_base32(TOTP_SECRET).expect("the test secret");
+    let body = json!({"name": "CI", "ip_allow_list": [SEEN]}).to_string();
+    let keys_now = || {
+        ops.get("/v1/keys").body["keys"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+
+    // Five wrong codes are each 401; a missing code is not a guess.
+    assert_eq!(ops.call("POST", "/v1/keys", Some(&body), None).status, 401);
+    for i in 0..5 {
+        let a = ops.call("POST", "/v1/keys", Some(&body), Some(&wrong_code(&totp, i)));
+        assert_eq!(a.status, 401, "guess {i}: {a:?}");
+        assert_eq!(a.body, json!({"error": "confirmation required"}));
+    }
+    // The sixth is refused unchecked, with the wait.
+    let (a, head) =
+        ops.call_with_headers("POST", "/v1/keys", Some(&body), Some(&wrong_code(&totp, 5)));
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(a.body, json!({"error": "too many failed confirmations"}));
+    let wait = retry_after(&head).expect("Retry-After on a 429");
+    assert!((1..=30).contains(&wait), "Retry-After {wait}: {head}");
+
+    // The right code during the lockout: still 429, nothing created.
+    let right = totp.code_at(unix_now());
+    let (a, head) = ops.call_with_headers("POST", "/v1/keys", Some(&body), Some(&right));
+    assert_eq!(
+        a.status, 429,
+        "a correct code does not lift the lockout: {a:?}"
+    );
+    assert!(retry_after(&head).is_some(), "{head}");
+    assert_eq!(keys_now(), 1, "nothing was created");
+    // The same principal from another address (loopback, through the CLI) is
+    // locked out too: the throttle is per principal as well as per address.
+    let (code, out, err) = cli(
+        &s,
+        &[
+            "create",
+            "--name",
+            "CI",
+            "--allow",
+            SEEN,
+            "--confirm",
+            &right,
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("429 too many failed confirmations"), "{err}");
+    // Writes that need no code, and reads, go on.
+    assert_eq!(ops.get("/v1/keys").status, 200);
+
+    // Audited: one row per locked subject, belonging to no key.
+    let rows = lockout_rows(&s);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let mut scopes: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r["after"]["scope"].as_str())
+        .collect();
+    scopes.sort_unstable();
+    assert_eq!(scopes, ["address", "principal"], "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["principal"], "admin:ops", "{r}");
+        assert_eq!(r["address"], OPS, "{r}");
+        assert_eq!(r["key_id"], Value::Null, "{r}");
+        assert_eq!(r["before"], Value::Null, "{r}");
+        assert_eq!(r["after"]["reason"], "confirm", "{r}");
+        assert_eq!(r["after"]["seconds"], 30, "{r}");
+        assert_eq!(r["after"]["lockouts_in_a_row"], 1, "{r}");
+    }
+    let subjects: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r["after"]["subject"].as_str())
+        .collect();
+    assert!(
+        subjects.contains(&OPS) && subjects.contains(&"admin:ops"),
+        "{rows:?}"
+    );
+    // Counted.
+    let failures = "keyfence_management_auth_failures_total";
+    assert!((metric_with(&s, failures, "reason", "confirm") - 5.0).abs() < 0.5);
+    let lockouts = "keyfence_management_lockouts_total";
+    assert!((metric_with(&s, lockouts, "reason", "confirm") - 2.0).abs() < 0.5);
+    let throttled = "keyfence_management_throttled_total";
+    assert!(metric_with(&s, throttled, "reason", "confirm") >= 3.0);
+    // Refusals are logged through the rate limiter, not one WARN per guess
+    // without bound (6 attempts here: all fit in the burst).
+    assert!(s.agent.log().contains("management lockout started"));
+
+    // Once the lockout is over, a correct code works.
+    thread::sleep(Duration::from_secs(wait + 1));
+    let a = ops.call(
+        "POST",
+        "/v1/keys",
+        Some(&body),
+        Some(&totp.code_at(unix_now())),
+    );
+    assert_eq!(a.status, 201, "after the lockout: {a:?}");
+    assert_eq!(keys_now(), 2);
+}
+
+#[test]
+fn guessing_bearer_tokens_locks_out_that_address_only() {
+    let s = Scenario::new(false);
+    // Requests without a token guess nothing and are not counted.
+    let anonymous = s.caller(OUTSIDER, "");
+    for _ in 0..10 {
+        assert_eq!(anonymous.get("/v1/keys").status, 401);
+    }
+    for i in 0..5 {
+        let a = s
+            .caller(OPS, &format!("guess-{i}-0123456789abcdef"))
+            .get("/v1/keys");
+        assert_eq!(a.status, 401, "guess {i}: {a:?}");
+        assert_eq!(a.body, json!({"error": "invalid management token"}));
+    }
+    let (a, head) = s
+        .caller(OPS, "guess-5-0123456789abcdef")
+        .call_with_headers("GET", "/v1/keys", None, None);
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(a.body, json!({"error": "too many failed authentications"}));
+    let wait = retry_after(&head).expect("Retry-After on a 429");
+    assert!((1..=30).contains(&wait), "Retry-After {wait}: {head}");
+    // Even the valid token is refused from that address…
+    let a = s.ops().get("/v1/keys");
+    assert_eq!(a.status, 429, "a valid token during the lockout: {a:?}");
+    // …and only from that one: other addresses are not affected.
+    assert_eq!(
+        s.caller(OUTSIDER, "guess-6-0123456789abcdef")
+            .get("/v1/keys")
+            .status,
+        401
+    );
+    let (code, out, err) = cli(&s, &["list"]);
+    assert_eq!(code, 0, "ops from loopback: {out}{err}");
+
+    let rows = lockout_rows(&s);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["principal"], "unauthenticated");
+    assert_eq!(rows[0]["address"], OPS);
+    assert_eq!(rows[0]["after"]["reason"], "token");
+    assert_eq!(rows[0]["after"]["scope"], "address");
+    let failures = "keyfence_management_auth_failures_total";
+    assert!((metric_with(&s, failures, "reason", "token") - 6.0).abs() < 0.5);
+    let lockouts = "keyfence_management_lockouts_total";
+    assert!((metric_with(&s, lockouts, "reason", "token") - 1.0).abs() < 0.5);
+    let throttled = "keyfence_management_throttled_total";
+    assert!((metric_with(&s, throttled, "reason", "token") - 2.0).abs() < 0.5);
+
+    thread::sleep(Duration::from_secs(wait + 1));
+    assert_eq!(s.ops().get("/v1/keys").status, 200, "after the lockout");
+}
+
+#[test]
+fn names_with_control_characters_are_refused_and_escaped_on_output() {
+    let mut s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, _) = ops.create(&json!({"name": "kept", "ip_allow_list": [SEEN]}));
+    let before = ops.get("/v1/keys").body;
+    let path = format!("/v1/keys/{id}");
+    for (name, code) in [
+        ("red\u{1b}[31m", "U+001B"),
+        ("two\nlines", "U+000A"),
+        ("carriage\rreturn", "U+000D"),
+        ("nul\u{0}byte", "U+0000"),
+        ("tab\there", "U+0009"),
+        ("del\u{7f}", "U+007F"),
+        ("c1 csi\u{9b}2J", "U+009B"),
+        ("\u{202e}gpj.exe", "U+202E"),
+        ("embed\u{202a}ding", "U+202A"),
+        ("iso\u{2066}late\u{2069}", "U+2066"),
+        ("zero\u{200b}width", "U+200B"),
+        ("bom\u{feff}", "U+FEFF"),
+        ("line\u{2028}separator", "U+2028"),
+    ] {
+        // serde_json escapes C0 controls (so no NUL reaches curl's argv).
+        let created = json!({ "name": name }).to_string();
+        let a = ops.call("POST", "/v1/keys", Some(&created), None);
+        assert_eq!(a.status, 422, "create {name:?}: {a:?}");
+        let message = a.body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("control or formatting characters") && message.contains(code),
+            "create {name:?}: {a:?}"
+        );
+        let a = ops.call("PATCH", &path, Some(&created), None);
+        assert_eq!(a.status, 422, "rename {name:?}: {a:?}");
+    }
+    assert_eq!(ops.get("/v1/keys").body, before, "nothing stored");
+    assert_eq!(ops.audit_of(&id).len(), 1, "nothing audited but the create");
+
+    // A name stored before the rule (written into the store directly) is
+    // printed escaped by `keyfence keys list`.
+    s.agent.sigterm().expect("stopping keyfence");
+    {
+        let mut store = SqliteStore::open(&s.agent.store_path()).expect("the store");
+        store
+            .create(
+                NewKey {
+                    id: "key_oldcontrolname".into(),
+                    name: "old\u{1b}[2J\u{1b}[31m\nfake row\u{202e}".into(),
+                    tenant: "default".into(),
+                    scopes: vec!["api".into()],
+                    digest: keyfence::shim::keys::digest("kf_old_control_name_0123456789"),
+                    allow: keyfence::allowlist::AllowList::default(),
+                    report_only: false,
+                },
+                &Actor {
+                    principal: "admin:ops".into(),
+                    address: ip(OPS),
+                },
+                SystemTime::now(),
+            )
+            .expect("writing an old-style name");
+    }
+    s.agent.spawn().expect("restarting keyfence");
+    s.agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("keyfence is ready");
+    let (code, out, err) = cli(&s, &["list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.chars()
+            .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+        "raw control characters in {out:?}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        4,
+        "header, neighbour, kept, old: {out}"
+    );
+    assert!(
+        out.contains("old\\u{1b}[2J\\u{1b}[31m\\u{a}fake row\\u{202e}"),
+        "{out}"
+    );
+}
+
+/// A small tmpfs mounted on a fresh directory; unmounted and removed on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn new(size: &str) -> Self {
+        static MOUNTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MOUNTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("kf-e2e-tmpfs-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the mount point");
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mount -t tmpfs: {status}");
+        Self(dir)
+    }
+
+    /// Write zeros to `file` until the file system is full.
+    fn fill(&self, file: &str) {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.0.join(file)).expect("creating the filler");
+        let chunk = vec![0u8; 4096];
+        for _ in 0..100_000 {
+            if f.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        panic!("the tmpfs never filled up");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_disk_answers_507_changes_nothing_and_keeps_serving() {
+    // Declared first, dropped last: the agent stops before the unmount.
+    let disk = Tmpfs::new("4m");
+    let s = Scenario::build(false, "auto", Some(&disk.0.join("keyfence.db")));
+    let ops = s.ops();
+    let (id, secret) = ops.create(&json!({"name": "kept", "ip_allow_list": [SEEN]}));
+    let before = ops.get("/v1/keys").body;
+    let audit_before = ops.get("/v1/audit").body;
+
+    disk.fill("filler");
+    let long: Vec<String> = (0..1000u32)
+        .map(|i| format!("198.51.{}.{}", 100 + i / 250, i % 250 + 1))
+        .collect();
+    let big = json!({"name": "big", "ip_allow_list": long}).to_string();
+    let a = ops.call("POST", "/v1/keys", Some(&big), None);
+    assert_eq!(a.status, 507, "{a:?}");
+    assert_eq!(a.body, json!({"error": "store full"}));
+    let patch = json!({"ip_allow_list": long}).to_string();
+    let a = ops.call("PATCH", &format!("/v1/keys/{id}"), Some(&patch), None);
+    assert_eq!(a.status, 507, "{a:?}");
+
+    // Nothing changed, reads are served, the old lists are enforced.
+    assert_eq!(ops.get("/v1/keys").body, before, "nothing stored");
+    assert_eq!(ops.get("/v1/audit").body, audit_before, "nothing audited");
+    assert_status(&s.request(SEEN, &secret), 200, "the key still works");
+    assert_status(
+        &s.request(SEEN_TOO, &secret),
+        403,
+        "and is still restricted",
+    );
+    assert_dropped(&s.request(DROPPED, &secret), "the datapath is unchanged");
+    assert!(
+        s.agent.log().contains("key store full"),
+        "{}",
+        s.agent.log()
+    );
+
+    // Room again: the same write succeeds.
+    std::fs::remove_file(disk.0.join("filler")).expect("removing the filler");
+    let a = ops.call("POST", "/v1/keys", Some(&big), None);
+    assert_eq!(a.status, 201, "{a:?}");
 }

@@ -809,6 +809,9 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
                 format!("key id {id:?} is used twice"),
             );
         }
+        if let Err(e) = crate::names::check(&k.name.value) {
+            errors.at(&k.name.referenced, format!("{p}.name"), e.to_string());
+        }
         let secret = match (k.secret_sha256, k.secret_env) {
             (Some(h), None) => match hex::decode(h.value.trim()) {
                 Ok(bytes) if bytes.len() == 32 => {
@@ -1300,6 +1303,14 @@ metrics:
             "bad key id",
             "keys:\n  - { id: \"a b\", name: a, secret_env: A }\n",
             &["2:11: keys[0].id: \"a b\" is not a key id"],
+        ),
+        (
+            "control characters in a key name",
+            "keys:\n  - { id: k, name: \"red\\e[31m\", secret_env: A }\n  - { id: j, name: \"\\u202Eexe.txt\", secret_env: B }\n",
+            &[
+                "2:20: keys[0].name: name must not contain control or formatting characters (U+001B at character 4)",
+                "3:20: keys[1].name: name must not contain control or formatting characters (U+202E at character 1)",
+            ],
         ),
         (
             "no secret",

@@ -1,16 +1,17 @@
 //! The management API's HTTP surface (SPEC §6, wire format in `docs/api.md`).
 //!
 //! Every write follows one order, so that a refused call changes nothing:
-//! authenticate → parse → validate (422) → self-lockout (409) → step-up
-//! confirmation (401) → datapath capacity (507, a dry run of the store call:
-//! see `preview`) → one store transaction (the change and its audit row) →
+//! authenticate (throttled per address, 429) → parse → validate (422) →
+//! self-lockout (409) → step-up confirmation (throttled, 429; 401) → datapath
+//! capacity (507, a dry run of the store call: see `preview`) → one store
+//! transaction (the change and its audit row; 507 when the disk is full) →
 //! enforcement (shim key table and BPF maps) → answer. The answer is sent only
 //! once the daemon reports the new state enforced.
 
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -25,15 +26,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals};
+use super::{
+    principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals},
+    throttle::{Attempt, Guard, Reason, Started},
+};
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, parse_list},
     config::StaticKey,
-    confirm::Confirmer,
+    confirm::{ConfirmError, Confirmer},
     policy::API_SCOPE,
     shim::{keys::digest, sources::Sources},
     store::{
-        Actor, KeyPatch, KeyStore, NewKey, StoreError, StoredKey, list_json, secret, time_json,
+        Actor, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey, list_json, secret,
+        time_json,
     },
 };
 
@@ -46,6 +51,10 @@ const AUDIT_DEFAULT: usize = 100;
 const AUDIT_MAX: usize = 1000;
 /// A request body larger than this is refused before parsing.
 const MAX_BODY: usize = 1024 * 1024;
+
+/// Log lines about a full store: at most a few a second.
+static STORE_FULL_LOGS: std::sync::LazyLock<crate::ratelimit::RateLimiter> =
+    std::sync::LazyLock::new(|| crate::ratelimit::RateLimiter::new(1, Duration::from_secs(1)));
 
 /// The store, shared between the API (writes) and the daemon (reads on apply).
 pub type SharedStore = Arc<Mutex<Box<dyn KeyStore>>>;
@@ -78,6 +87,8 @@ pub struct ApiState {
     pub principals: RwLock<Arc<Principals>>,
     pub static_keys: RwLock<Arc<Vec<StaticKey>>>,
     pub confirm: Option<Confirmer>,
+    /// Throttles failed tokens and step-up codes (`throttle.rs`).
+    pub guard: Guard,
     pub sources: Arc<Sources>,
     pub apply: mpsc::Sender<Apply>,
     /// Held from a write's commit until it is enforced, so the daemon applies
@@ -118,25 +129,46 @@ pub async fn serve(
     crate::conn::serve_router(listener, router(state), gate, shutdown).await
 }
 
-/// An error answer: status and JSON body.
+/// An error answer: status and JSON body (and `Retry-After` for a 429).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     body: Value,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::with_body(status, json!({ "error": message.into() }))
+    }
+
+    fn with_body(status: StatusCode, body: Value) -> Self {
         Self {
             status,
-            body: json!({ "error": message.into() }),
+            body,
+            retry_after: None,
+        }
+    }
+
+    /// 429 during a lockout, with the seconds left (rounded up).
+    fn throttled(wait: Duration, reason: Reason) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, reason.refusal())
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.max(1).into());
+        }
+        response
     }
 }
 
@@ -157,6 +189,17 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
             StoreError::Revoked(id) => {
                 Self::new(StatusCode::CONFLICT, format!("key {id} is revoked"))
+            }
+            StoreError::Full(why) => {
+                // Every write meets it until an operator frees space: one
+                // line per second is enough to say so.
+                if STORE_FULL_LOGS.allow() {
+                    tracing::error!(
+                        error = why,
+                        "key store full: write refused, nothing changed"
+                    );
+                }
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "store full")
             }
             other => {
                 tracing::error!(error = %other, "key store");
@@ -204,6 +247,8 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     }
 }
 
+/// The bearer token's principal, throttled per source address: an address
+/// locked out after repeated unknown tokens gets 429, even with a valid one.
 fn authenticate(
     state: &ApiState,
     headers: &HeaderMap,
@@ -220,10 +265,53 @@ fn authenticate(
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let principal = principals
-        .authenticate(token, ip, SystemTime::now())?
-        .clone();
-    Ok(Caller { principal, ip })
+    let attempt = state.guard.authenticate(
+        ip,
+        Instant::now(),
+        || {
+            principals
+                .authenticate(token, ip, SystemTime::now())
+                .cloned()
+        },
+        // A missing token guesses nothing; a valid one from elsewhere
+        // neither (it is counted below, not throttled).
+        |e| token.is_some() && *e == AuthError::Unauthenticated,
+    );
+    match attempt {
+        Attempt::Passed(principal) => Ok(Caller { principal, ip }),
+        Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Token)),
+        Attempt::Failed(e, started) => {
+            if e == AuthError::AddressNotAllowed {
+                state.guard.address_refused(ip);
+            }
+            audit_lockouts(state, &started, "unauthenticated", ip);
+            Err(e.into())
+        }
+    }
+}
+
+/// One audit row per lockout started (action `lockout`, no key). A store
+/// that cannot take it does not change the answer; the failure is logged.
+fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: IpAddr) {
+    for s in started {
+        let until = SystemTime::now() + s.lockout.duration;
+        let event = AuditEvent {
+            principal: principal.to_owned(),
+            address: ip,
+            action: "lockout",
+            details: json!({
+                "reason": s.reason.label(),
+                "scope": s.subject.scope(),
+                "subject": s.subject.to_string(),
+                "seconds": s.lockout.duration.as_secs(),
+                "lockouts_in_a_row": s.lockout.number,
+                "until": time_json(until),
+            }),
+        };
+        if let Err(e) = with_store(state, |store| store.record_event(&event, SystemTime::now())) {
+            tracing::error!(error = ?e, "writing the audit row of a management lockout");
+        }
+    }
 }
 
 /// Parse a JSON body; anything malformed (syntax, unknown field, wrong type) is 400.
@@ -234,19 +322,23 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError>
 
 /// The grammar of SPEC §3; 422 lists every bad entry.
 fn parse_allow(raw: &RawList) -> Result<AllowList, ApiError> {
-    parse_list(raw, DEFAULT_MAX_ENTRIES).map_err(|errors| ApiError {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        body: json!({
-            "error": "invalid allow list",
-            "entries": errors.iter().map(|e| json!({
-                "position": e.position,
-                "entry": e.entry,
-                "reason": e.reason.to_string(),
-            })).collect::<Vec<_>>(),
-        }),
+    parse_list(raw, DEFAULT_MAX_ENTRIES).map_err(|errors| {
+        ApiError::with_body(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": "invalid allow list",
+                "entries": errors.iter().map(|e| json!({
+                    "position": e.position,
+                    "entry": e.entry,
+                    "reason": e.reason.to_string(),
+                })).collect::<Vec<_>>(),
+            }),
+        )
     })
 }
 
+/// Names are printed by the CLI and written to logs: 1 to `MAX_NAME` bytes,
+/// no control or formatting characters (`crate::names`).
 fn check_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.len() > MAX_NAME {
@@ -255,23 +347,43 @@ fn check_name(name: &str) -> Result<String, ApiError> {
             format!("name must be 1 to {MAX_NAME} characters"),
         ));
     }
+    crate::names::check(name)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     Ok(name.to_owned())
 }
 
-/// The step-up rule: with a TOTP secret configured, the write needs a fresh code.
-fn confirm(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The step-up rule: with a TOTP secret configured, the write needs a fresh
+/// code. Wrong and replayed codes are throttled per principal and per source
+/// address; during a lockout no code is even looked at (429).
+fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(confirmer) = &state.confirm else {
         return Ok(());
     };
     let code = headers.get(CONFIRM_HEADER).and_then(|v| v.to_str().ok());
-    let now = SystemTime::now()
+    let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    confirmer.verify(code, now).map_err(|e| {
-        tracing::warn!(reason = %e, "management write refused: step-up confirmation");
-        ApiError::new(StatusCode::UNAUTHORIZED, "confirmation required")
-    })
+    let principal = caller.actor().principal;
+    let attempt = state.guard.confirm(
+        &principal,
+        caller.ip,
+        Instant::now(),
+        || confirmer.verify(code, unix),
+        // No code guesses nothing.
+        |e| *e != ConfirmError::Missing,
+    );
+    match attempt {
+        Attempt::Passed(()) => Ok(()),
+        Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Confirm)),
+        Attempt::Failed(_, started) => {
+            audit_lockouts(state, &started, &principal, caller.ip);
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "confirmation required",
+            ))
+        }
+    }
 }
 
 /// Run a store operation on this worker without stalling the runtime (SQLite
@@ -305,10 +417,10 @@ async fn ask(state: &ApiState, key: StoredKey, check_only: bool) -> Result<(), E
 /// 507: the datapath's maps cannot hold the change (nothing was stored).
 fn full(e: &crate::maps::policy::CapacityError) -> ApiError {
     tracing::warn!(error = %e, "management write refused: the datapath is full");
-    ApiError {
-        status: StatusCode::INSUFFICIENT_STORAGE,
-        body: json!({ "error": e.to_string(), "map": e.map(), "limit": e.limit() }),
-    }
+    ApiError::with_body(
+        StatusCode::INSUFFICIENT_STORAGE,
+        json!({ "error": e.to_string(), "map": e.map(), "limit": e.limit() }),
+    )
 }
 
 /// Refuse, before anything is stored, a key state the datapath cannot hold.
@@ -482,7 +594,7 @@ async fn create(
         .transpose()?
         .unwrap_or_default();
     // A new key always sets a list (an empty one opens it to everyone).
-    confirm(&state, &headers)?;
+    confirm(&state, &caller, &headers)?;
     let secret = secret::generate();
     let new = NewKey {
         id: secret::new_key_id(),
@@ -566,7 +678,7 @@ async fn update(
     if (patch.allow.is_some() || patch.report_only.is_some()) && state.confirm.is_some() {
         // Unknown ids answer 404 before a code is spent on them.
         with_store(&state, |s| s.key(&id))?;
-        confirm(&state, &headers)?;
+        confirm(&state, &caller, &headers)?;
     }
     let after = commit(&state, &caller, "update", |s, actor, now| {
         s.update(&id, patch, actor, now).map(|(_, after)| after)
@@ -647,7 +759,8 @@ async fn audit(
                 "principal": e.principal,
                 "address": e.address.to_string(),
                 "action": e.action,
-                "key_id": e.key_id,
+                // Lockout rows belong to no key.
+                "key_id": if e.key_id.is_empty() { Value::Null } else { Value::String(e.key_id.clone()) },
                 "before": e.before,
                 "after": e.after,
             })

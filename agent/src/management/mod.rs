@@ -4,6 +4,7 @@
 pub mod api;
 pub mod preview;
 pub mod principals;
+pub mod throttle;
 
 use principals::{ADMIN_SCOPE, Principal, PrincipalKind, Principals};
 

@@ -7,7 +7,9 @@
 
 use std::time::SystemTime;
 
-use crate::store::{Actor, AuditEntry, KeyPatch, KeyStore, NewKey, StoreError, StoredKey};
+use crate::store::{
+    Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey,
+};
 
 /// The write a handler asked for, to make for real once it is known to fit.
 #[derive(Clone, Debug)]
@@ -155,6 +157,12 @@ impl KeyStore for Preview<'_> {
         key_id: Option<&str>,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         self.inner.audit(after, limit, key_id)
+    }
+
+    /// Events (lockouts) are audit rows of their own, never part of a key
+    /// write, so nothing replays them: they go straight to the store.
+    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
+        self.inner.record_event(event, now)
     }
 
     fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {

@@ -160,7 +160,8 @@ pub struct AuditEntry {
     pub at: SystemTime,
     pub principal: String,
     pub address: IpAddr,
-    /// `create`, `update`, `revoke` or `rotate`.
+    /// `create`, `update`, `revoke` or `rotate`; `lockout` for an
+    /// [`AuditEvent`] (empty `key_id`, details in `after`).
     pub action: String,
     pub key_id: String,
     pub before: Option<Value>,
@@ -182,6 +183,11 @@ pub enum StoreError {
     Newer { found: i64, known: i64 },
     #[error("the store is damaged: {0}")]
     Corrupt(String),
+    /// The disk (or the file's size limit) has no room for the write: SQLite's
+    /// `SQLITE_FULL`, or an I/O error while the store's file system has no
+    /// free space. The transaction was rolled back; reads keep working.
+    #[error("the key store is full: {0}")]
+    Full(String),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -189,6 +195,17 @@ pub enum StoreError {
     /// The store's directory or files are not the agent's alone.
     #[error(transparent)]
     Unsafe(#[from] crate::fsguard::FsGuardError),
+}
+
+/// An audit row that is not a key change (a management lockout). It is
+/// stored with an empty `key_id`, no `before`, and `details` as `after`, so
+/// one key's history (`key_id = …`) never includes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    pub principal: String,
+    pub address: IpAddr,
+    pub action: &'static str,
+    pub details: Value,
 }
 
 /// Durable key storage. Every write is one transaction holding the change and
@@ -230,6 +247,8 @@ pub trait KeyStore: Send {
         limit: usize,
         key_id: Option<&str>,
     ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Write an audit row for `event` (its own transaction).
+    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError>;
     /// Record when keys were last used (not audited: it is not a change).
     fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError>;
 }

@@ -19,7 +19,7 @@ use rusqlite::{
 };
 use serde_json::Value;
 
-use super::{Actor, AuditEntry, KeyPatch, KeyStore, NewKey, StoreError, StoredKey};
+use super::{Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey};
 use crate::allowlist::{AllowEntry, AllowList};
 
 /// Schema migrations; `user_version` is the number applied. Append only: a
@@ -256,12 +256,33 @@ impl SqliteStore {
         &mut self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            // A failed COMMIT drops `tx`, which rolls the transaction back.
+            tx.commit()?;
+            Ok(out)
+        })();
+        result.map_err(|e| self.name_full(e))
+    }
+
+    /// Name a write that failed for want of space as [`StoreError::Full`]:
+    /// `SQLITE_FULL` (SQLite's own answer to `ENOSPC` on a write, and to
+    /// `max_page_count`), or an I/O error (growing the WAL index, syncing)
+    /// while the store's file system has no room left.
+    fn name_full(&self, e: StoreError) -> StoreError {
+        let StoreError::Sqlite(inner) = e else {
+            return e;
+        };
+        match inner.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreError::Full(inner.to_string()),
+            Some(ErrorCode::SystemIoFailure) if no_space_left(&self.path) => {
+                StoreError::Full(format!("{inner} (no space left on the device)"))
+            }
+            _ => StoreError::Sqlite(inner),
+        }
     }
 
     /// Create many keys in one transaction (an import): all or none, each
@@ -334,6 +355,25 @@ pub fn checkpoint(path: &Path) -> Result<(i64, i64), StoreError> {
         Ok((r.get(1)?, r.get(2)?))
     })?;
     Ok((wal, done))
+}
+
+/// Below this many free bytes for unprivileged writers the file system
+/// counts as full: SQLite writes whole pages (4 KiB) and WAL frames.
+const NEARLY_FULL: u64 = 64 * 1024;
+
+/// Whether the file system holding `path` is (nearly) out of space or inodes.
+fn no_space_left(path: &Path) -> bool {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(st) => {
+            let free = st.blocks_available().saturating_mul(st.fragment_size());
+            free < NEARLY_FULL || (st.files() > 0 && st.files_available() == 0)
+        }
+        Err(_) => false,
+    }
 }
 
 /// Create `path` readable by its owner only when it does not exist yet (SQLite
@@ -675,6 +715,25 @@ impl KeyStore for SqliteStore {
                 },
             )
             .collect()
+    }
+
+    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
+        let details = serde_json::to_string(&event.details)
+            .map_err(|e| StoreError::Io(format!("audit event: {e}")))?;
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO audit (at, principal, address, action, key_id, before, after)
+                 VALUES (?1, ?2, ?3, ?4, '', NULL, ?5)",
+            )?
+            .execute(params![
+                millis(now),
+                event.principal,
+                event.address.to_string(),
+                event.action,
+                details,
+            ])?;
+            Ok(())
+        })
     }
 
     fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
@@ -1206,6 +1265,98 @@ mod tests {
         let err = SqliteStore::open(&dir.db()).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
         assert!(err.to_string().contains("not a SQLite database"), "{err}");
+    }
+
+    /// A list of `n` distinct /32s in 198.18.0.0/15 (benchmark space, never
+    /// routed; only stored here).
+    fn long_list(n: u32) -> AllowList {
+        let text: Vec<String> = (0..n)
+            .map(|i| Ipv4Addr::from(0xC612_0000 + i).to_string())
+            .collect();
+        list(&text.join(","))
+    }
+
+    #[test]
+    fn a_full_store_is_named_and_rolls_back() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let kept = s
+            .create(new_key("kf_kept", "192.0.2.10"), &actor(), at(1))
+            .unwrap();
+        // No page beyond the ones in use: the next write that needs one meets
+        // SQLITE_FULL, as on a full disk.
+        let pages = s.pragma("page_count").unwrap();
+        s.conn
+            .pragma_update(None, "max_page_count", &pages)
+            .unwrap();
+        let mut big = new_key("kf_big", "");
+        big.allow = long_list(1000);
+        let err = s.create(big.clone(), &actor(), at(2)).unwrap_err();
+        assert!(matches!(err, StoreError::Full(_)), "{err:?}");
+        assert!(err.to_string().contains("full"), "{err}");
+        let mut patch = KeyPatch {
+            allow: Some(long_list(1000)),
+            ..KeyPatch::default()
+        };
+        let err = s
+            .update(&kept.id, patch.clone(), &actor(), at(3))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Full(_)), "{err:?}");
+        // Nothing changed, and reads keep working.
+        assert_eq!(s.keys().unwrap(), vec![kept.clone()]);
+        assert_eq!(s.key(&kept.id).unwrap(), kept);
+        assert_eq!(audit_len(&mut s), 1);
+        // With room again the same writes succeed.
+        s.conn
+            .pragma_update(None, "max_page_count", 1_000_000_000)
+            .unwrap();
+        s.create(big, &actor(), at(4)).unwrap();
+        patch.name = Some("grown".into());
+        let (_, after) = s.update(&kept.id, patch, &actor(), at(5)).unwrap();
+        assert_eq!(after.allow.entries().len(), 1000);
+        assert_eq!(audit_len(&mut s), 3);
+        assert_eq!(s.integrity_check().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn other_errors_are_not_called_full() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        s.create(new_key("kf_a", "192.0.2.10"), &actor(), at(1))
+            .unwrap();
+        let dup = s.create(new_key("kf_a", "192.0.2.11"), &actor(), at(2));
+        assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+        // The temp directory has room: an I/O error there is not "full".
+        assert!(!no_space_left(&dir.db()));
+    }
+
+    #[test]
+    fn events_are_audited_outside_key_histories() {
+        let dir = TempDir::new();
+        let mut s = SqliteStore::open(&dir.db()).unwrap();
+        let k = s
+            .create(new_key("kf_a", "192.0.2.10"), &actor(), at(1))
+            .unwrap();
+        let event = AuditEvent {
+            principal: "admin:ops".into(),
+            address: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
+            action: "lockout",
+            details: serde_json::json!({"reason": "confirm", "scope": "address"}),
+        };
+        s.record_event(&event, at(2)).unwrap();
+        let log = s.audit(0, 10, None).unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(log[1].action, "lockout");
+        assert_eq!(log[1].key_id, "");
+        assert_eq!(log[1].address, event.address);
+        assert_eq!(log[1].before, None);
+        assert_eq!(log[1].after, Some(event.details));
+        assert_eq!(log[1].at, at(2));
+        assert_eq!(
+            s.audit(0, 10, Some(&k.id)).unwrap().len(),
+            1,
+            "not in the key's history"
+        );
     }
 
     #[test]
