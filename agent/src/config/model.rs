@@ -31,6 +31,19 @@ pub struct DatapathConfig {
     pub mode: AttachMode,
     /// Default `/sys/fs/bpf/keyfence`; the agent pins under `<pin_path>/v<LAYOUT_VERSION>/`.
     pub pin_path: PathBuf,
+    /// `datapath.unparsed`: what happens to packets whose transport header the
+    /// parser cannot reach, on protected listeners' addresses (default pass).
+    pub unparsed: Unparsed,
+}
+
+/// `datapath.unparsed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unparsed {
+    /// They pass, counted `truncated` or `malformed`; the shim decides.
+    #[default]
+    Pass,
+    /// They are dropped, counted `drop`/`unparsed`.
+    Drop,
 }
 
 /// `datapath.mode`.

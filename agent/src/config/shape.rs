@@ -168,6 +168,7 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
             ("interfaces", false, Shape::List(&Shape::Text)),
             ("mode", false, Shape::Text),
             ("pin_path", false, Shape::Text),
+            ("unparsed", false, Shape::Text),
         ]),
     ),
     ("listeners", false, Shape::List(&LISTENER)),
