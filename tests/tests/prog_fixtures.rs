@@ -16,7 +16,7 @@ use keyfence_common::{WILDCARD_V4, WILDCARD_V6, ipv4_mapped, map_names, stats::S
 use keyfence_tests::{
     frames::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, L4, NEXT_DEST, NEXT_ESP, NEXT_HOP,
-        NEXT_NONE, NEXT_ROUTING, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, arp, ethernet,
+        NEXT_NONE, NEXT_ROUTING, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, arp, ethernet,
         ipv4, ipv6, simple,
     },
     loaded::{Loaded, open, restricted},

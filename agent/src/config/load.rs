@@ -1057,7 +1057,12 @@ metrics:
         (
             "datapath.unparsed as a boolean",
             "datapath:\n  unparsed: true\n",
-            &["2:13: datapath.unparsed: expected text, found"],
+            &["2:13: datapath.unparsed: unknown value \"true\"; expected pass or drop"],
+        ),
+        (
+            "datapath.unparsed as a list",
+            "datapath:\n  unparsed: [drop]\n",
+            &["2:13: datapath.unparsed: expected text, found a list"],
         ),
         (
             "relative pin path",
