@@ -173,7 +173,11 @@ pub fn verdict(pkt: &[u8], tables: &PolicyTables) -> (Stat, u32) {
 /// The verdict for `pkt` under `tables` and `KF_UNPARSED` holding `unparsed`
 /// (addresses, IPv4 mapped; a family's wildcard stands for all of it).
 #[must_use]
-pub fn verdict_with(pkt: &[u8], tables: &PolicyTables, unparsed: &BTreeSet<[u8; 16]>) -> (Stat, u32) {
+pub fn verdict_with(
+    pkt: &[u8],
+    tables: &PolicyTables,
+    unparsed: &BTreeSet<[u8; 16]>,
+) -> (Stat, u32) {
     let flow = match parse(pkt) {
         Ok(f) => f,
         Err(Failure {

@@ -16,8 +16,8 @@ use keyfence_common::{WILDCARD_V4, WILDCARD_V6, ipv4_mapped, map_names, stats::S
 use keyfence_tests::{
     frames::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, L4, NEXT_DEST, NEXT_ESP, NEXT_HOP,
-        NEXT_NONE, NEXT_ROUTING, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, arp, ethernet,
-        ipv4, ipv6, simple,
+        NEXT_NONE, NEXT_ROUTING, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, arp, ethernet, ipv4, ipv6,
+        simple,
     },
     loaded::{Loaded, open, restricted},
     refmodel,
@@ -819,13 +819,7 @@ fn specific_policy() -> CompiledPolicy {
 }
 
 /// `(name, packet, reason with pass, reason with drop, listener)`.
-type UnparsedRow = (
-    &'static str,
-    Vec<u8>,
-    Stat,
-    Stat,
-    Option<&'static str>,
-);
+type UnparsedRow = (&'static str, Vec<u8>, Stat, Stat, Option<&'static str>);
 
 #[expect(clippy::too_many_lines, reason = "the table is the test")]
 fn unparsed_rows() -> Vec<UnparsedRow> {
@@ -1080,7 +1074,12 @@ fn run_unparsed(program: &str, mode: Unparsed) {
         .map(|(name, packet, pass, drop, listener)| {
             let stat = if mode == Unparsed::Drop { drop } else { pass };
             // Drops of unparsed packets are counted under no listener.
-            (name, packet, stat, listener.filter(|_| stat != Stat::DropUnparsed))
+            (
+                name,
+                packet,
+                stat,
+                listener.filter(|_| stat != Stat::DropUnparsed),
+            )
         })
         .collect();
     run_rows(program, "unparsed", &specific_policy(), mode, rows);
@@ -1125,11 +1124,26 @@ fn unparsed_map_follows_the_setting_and_the_policy() {
     dp.apply(&policy()).unwrap();
     assert_eq!(
         dp.unparsed_addresses().unwrap(),
-        BTreeSet::from([WILDCARD_V4, WILDCARD_V6, ipv4_mapped([192, 0, 2, 1]), v6.octets()])
+        BTreeSet::from([
+            WILDCARD_V4,
+            WILDCARD_V6,
+            ipv4_mapped([192, 0, 2, 1]),
+            v6.octets()
+        ])
     );
     dp.set_unparsed(Unparsed::Pass);
     dp.apply(&policy()).unwrap();
     assert!(dp.unparsed_addresses().unwrap().is_empty());
+}
+
+/// Removes a pin root however the test ends.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = keyfence::datapath::detach(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Pins of an agent that predates `KF_UNPARSED`: the next agent adopts them
@@ -1138,13 +1152,6 @@ fn unparsed_map_follows_the_setting_and_the_policy() {
 #[test]
 fn pins_without_the_unparsed_map_are_adopted() {
     let root = std::path::PathBuf::from(format!("/sys/fs/bpf/kf-upgrade-{}", std::process::id()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = keyfence::datapath::detach(&self.0);
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
     let _cleanup = Cleanup(root.clone());
     let dir = keyfence::datapath::pin_dir(&root);
     {
