@@ -30,10 +30,12 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// Extension headers followed before giving up (counted as malformed). Real
-/// traffic carries one or two; the bound keeps the verifier's walk finite.
-/// Measured on 6.18 (see the report of issue 13 and `prog_fixtures`'
-/// `verifier_cost`): the walk's cost grows linearly with the depth, and 32
-/// keeps both programs far inside the verifier's budget on older kernels too.
+/// traffic carries one or two, Linux follows any number. The walk stays a loop
+/// (LLVM does not unroll it), so the verifier's work grows with the depth but
+/// the program does not: measured on 6.18 (`prog_fixtures::verifier_cost`),
+/// XDP verifies 7.3k instructions at depth 6, 16.8k at 16, 26k at 32, 30.6k at
+/// 64 (where [`MAX_L4_OFFSET`] binds first), against a 1M limit. 32 leaves a
+/// wide margin for older verifiers (Debian 12's 6.1; bounded loops since 5.3).
 pub const MAX_IPV6_EXT_HEADERS: usize = 32;
 /// The transport header must start within this many bytes of the frame; past
 /// it the chain counts as malformed like one that is too deep. It bounds the

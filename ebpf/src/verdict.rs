@@ -7,9 +7,10 @@
 //! choice: with `datapath.unparsed: drop` the agent fills `KF_UNPARSED`, and a
 //! packet to one of its addresses whose transport header the parser could not
 //! reach is dropped ([`Stat::DropUnparsed`]): otherwise a long enough extension
-//! chain would carry any source past the datapath to the shim. The shim behind the datapath is the
-//! authority on every request; the datapath only sheds packets that no key on
-//! the listener could ever accept, so when in doubt it must let the packet through.
+//! chain would carry any source past the datapath to the shim. The shim behind
+//! the datapath is the authority on every request; the datapath only sheds
+//! packets that no key on the listener could ever accept, so when in doubt it
+//! must let the packet through.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use keyfence_common::{
