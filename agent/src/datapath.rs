@@ -32,14 +32,16 @@ use keyfence_common::{
     program_names,
     sample::{DROP_SAMPLES_BYTES, DropSample},
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
+    unparsed::{UNPARSED_CAPACITY, UnparsedKey},
 };
 
 use crate::{
-    config::{AttachMode, MapCapacity},
+    config::{AttachMode, MapCapacity, Unparsed},
     maps::{
         ifaces::IfaceSlots,
         policy::{ApplyReport, PolicyBackend, PolicyTables, PolicyWriter, PrefixKey},
         stats::{CounterSnapshot, Counters},
+        unparsed::{self, UnparsedWriter},
     },
     policy::CompiledPolicy,
 };
@@ -180,6 +182,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     writer: PolicyWriter<KernelPolicyMaps>,
+    unparsed: UnparsedWriter<HashMap<MapData, UnparsedKey, u32>>,
+    /// `datapath.unparsed`, written by the next [`Datapath::apply`].
+    unparsed_mode: Unparsed,
     counters: Counters,
     ifaces: IfaceSlots,
     samples: Option<RingBuf<MapData>>,
@@ -261,6 +266,12 @@ fn expected_layout(name: &str, capacity: MapCapacity) -> Option<(MapType, u32, u
         ),
         map_names::IFINDEX_SLOTS => (MapType::Array, 4, 4, IFINDEX_SLOTS_CAPACITY),
         map_names::PORTS => (MapType::Array, 4, 4, PORTS_CAPACITY),
+        map_names::UNPARSED => (
+            MapType::Hash,
+            sz(size_of::<UnparsedKey>()),
+            4,
+            UNPARSED_CAPACITY,
+        ),
         map_names::DROP_SAMPLES => (MapType::RingBuf, 0, 0, DROP_SAMPLES_BYTES),
         map_names::SAMPLE_CLOCK => (MapType::PerCpuArray, 4, 8, 1),
         _ => return None,
@@ -395,6 +406,7 @@ impl Datapath {
             prefixes: take(&mut ebpf, map_names::PREFIXES)?,
         };
         let writer = PolicyWriter::adopt(backend)?.with_capacity(capacity);
+        let unparsed = UnparsedWriter::adopt(take(&mut ebpf, map_names::UNPARSED)?)?;
         let counters = Counters::new(take::<PerCpuArray<MapData, StatBlock>>(
             &mut ebpf,
             map_names::STATS,
@@ -411,6 +423,8 @@ impl Datapath {
             ebpf,
             pin_dir: dir,
             writer,
+            unparsed,
+            unparsed_mode: Unparsed::Pass,
             counters,
             ifaces,
             samples,
@@ -474,10 +488,34 @@ impl Datapath {
             .expect("checked at load")
     }
 
-    /// Make the maps enforce `policy` (see `maps::policy` for the ordering).
+    /// Set `datapath.unparsed`; the next [`Self::apply`] writes it (a reload
+    /// always applies the policy it compiles).
+    pub fn set_unparsed(&mut self, mode: Unparsed) {
+        self.unparsed_mode = mode;
+    }
+
+    /// The addresses in `KF_UNPARSED` (16 bytes, IPv4 mapped), read from the kernel.
+    pub fn unparsed_addresses(&self) -> anyhow::Result<std::collections::BTreeSet<[u8; 16]>> {
+        use crate::maps::unparsed::UnparsedBackend as _;
+        Ok(self
+            .unparsed
+            .backend()
+            .read_all()?
+            .into_iter()
+            .map(|k| k.addr)
+            .collect())
+    }
+
+    /// Make the maps enforce `policy` (see `maps::policy` for the ordering):
+    /// `KF_UNPARSED` loses addresses before the policy maps change and gains
+    /// them after (`maps::unparsed`).
     pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
+        let want = unparsed::wanted(&unparsed::protected(policy), self.unparsed_mode);
+        let unguarded = self.unparsed.widen_to(&want)?;
         let before: Vec<u32> = self.writer.slots().by_name.values().copied().collect();
-        let report = self.writer.apply(policy)?;
+        let mut report = self.writer.apply(policy)?;
+        report.removed += unguarded;
+        report.added += self.unparsed.narrow_to(&want)?;
         // Slots no listener uses any more start from zero when they are reused.
         let now: Vec<u32> = self.writer.slots().by_name.values().copied().collect();
         for slot in before.into_iter().filter(|s| !now.contains(s)) {

@@ -675,6 +675,9 @@ impl Daemon {
     fn write(&self, compiled: &policy::CompiledPolicy) -> anyhow::Result<()> {
         let mut guard = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(dp) = guard.as_mut() {
+            // Every full apply carries the current `datapath.unparsed`, so a
+            // reload that changes only the setting takes effect too.
+            dp.set_unparsed(self.config.datapath.unparsed);
             // Map writes are syscalls (about 2 µs each; a million prefixes take
             // seconds): let the runtime move other tasks off this worker.
             let report = tokio::task::block_in_place(|| dp.apply(compiled))?;

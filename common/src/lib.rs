@@ -10,10 +10,16 @@
 pub mod policy;
 pub mod sample;
 pub mod stats;
+pub mod unparsed;
 
 /// Bumped whenever a map's key, value or capacity changes. The agent pins under
 /// `<pin_path>/v<LAYOUT_VERSION>/`, so an upgraded agent never reuses a map whose
 /// layout it does not understand (aya does not check pinned maps' layouts).
+/// A map *added* to the set is not a change of layout: an agent that adopts
+/// pins without it creates and pins it (aya does for every map of the object),
+/// and an older agent ignores it, so upgrades keep their pinned links
+/// (`KF_UNPARSED` came this way, with `Stat::DropUnparsed` in a free slot of
+/// the unchanged `StatBlock`).
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// Map names as they appear in the object file and under the pin directory.
@@ -26,14 +32,16 @@ pub mod map_names {
     pub const DROP_SAMPLES: &str = "KF_DROP_SAMPLES";
     pub const SAMPLE_CLOCK: &str = "KF_SAMPLE_CLOCK";
     pub const PORTS: &str = "KF_PORTS";
+    pub const UNPARSED: &str = "KF_UNPARSED";
     /// `cargo xtask bench` only, never pinned or filled by the agent: one LPM
     /// trie holding every prefix of a policy, /32s included (the reference a
     /// trie-only design would cost).
     pub const BENCH_LPM: &str = "KF_BENCH_LPM";
     /// Every map the agent pins, in the order it checks their layouts.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         LISTENERS,
         PORTS,
+        UNPARSED,
         EXACT,
         PREFIXES,
         STATS,

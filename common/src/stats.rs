@@ -36,16 +36,22 @@ pub enum Stat {
     PassAllowedPrefix = 6,
     /// A header ended before the packet did: fail open, the shim stays the authority.
     PassTruncated = 7,
-    /// A header is malformed (bad IP version, IHL < 5, too many IPv6 extension headers).
+    /// A header is malformed (bad IP version, IHL < 5), or the IPv6 extension
+    /// chain is longer than the parser walks (more headers than it follows, or
+    /// the transport header past the bytes it reads).
     PassMalformed = 8,
     /// A map held something the program cannot use (listener slot out of range).
     PassMapError = 9,
     /// The source is in no allow list of any key the listener accepts.
     DropNotAllowed = 10,
+    /// `datapath.unparsed: drop`: the destination is a protected listener's
+    /// address and the parser could not reach the transport header (extension
+    /// chain too long, truncated or malformed extension or transport header).
+    DropUnparsed = 11,
 }
 
 impl Stat {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [Stat; Self::COUNT] = [
         Stat::PassNotIp,
         Stat::PassNotTcpUdp,
@@ -58,11 +64,12 @@ impl Stat {
         Stat::PassMalformed,
         Stat::PassMapError,
         Stat::DropNotAllowed,
+        Stat::DropUnparsed,
     ];
 
     #[must_use]
     pub const fn is_drop(self) -> bool {
-        matches!(self, Stat::DropNotAllowed)
+        matches!(self, Stat::DropNotAllowed | Stat::DropUnparsed)
     }
 
     /// The `verdict` label.
@@ -86,6 +93,7 @@ impl Stat {
             Stat::PassMalformed => "malformed",
             Stat::PassMapError => "map_error",
             Stat::DropNotAllowed => "not_allowed",
+            Stat::DropUnparsed => "unparsed",
         }
     }
 }

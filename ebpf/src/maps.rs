@@ -13,6 +13,7 @@ use keyfence_common::{
     },
     sample::DROP_SAMPLES_BYTES,
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
+    unparsed::{UNPARSED_CAPACITY, UnparsedKey},
 };
 
 /// Protected destinations `(address, port, proto)` → policy id and flags.
@@ -25,6 +26,12 @@ pub static KF_LISTENERS: HashMap<ListenerKey, ListenerValue> =
 /// whether, and by which listener, they are protected.
 #[map]
 pub static KF_PORTS: Array<u32> = Array::pinned(PORTS_CAPACITY, 0);
+
+/// Destination addresses (a family's wildcard: all of them) where a packet whose
+/// transport header the parser cannot reach is dropped; empty unless
+/// `datapath.unparsed: drop`. Read only on that failure path.
+#[map]
+pub static KF_UNPARSED: HashMap<UnparsedKey, u32> = HashMap::pinned(UNPARSED_CAPACITY, 0);
 
 /// `/32` and `/128` allow entries per policy: one hash lookup before the trie.
 #[map]

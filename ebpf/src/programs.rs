@@ -11,14 +11,17 @@ use keyfence_common::policy::{POLICY_BITS, PolicyAddr};
 
 use crate::{
     maps::KF_BENCH_LPM,
-    parse::parse,
+    parse::{MAX_L4_OFFSET, parse},
     verdict::{evaluate, record},
 };
 
-/// Bytes of an skb made linear before parsing: enough for two VLAN tags, IPv6 and
-/// a chain of extension headers. A shorter linear area just means more packets
-/// counted as truncated, and truncated packets pass.
-const TC_PULL_BYTES: u32 = 256;
+/// Bytes of an skb made linear before parsing: everything the parser may read,
+/// up to the ports of a transport header at `MAX_L4_OFFSET` (two VLAN tags,
+/// IPv6 and the deepest extension chain it walks), so TC judges every packet
+/// as XDP does. Pulling fails only without memory; the parser then sees fewer
+/// bytes and counts the packet truncated (dropped only under
+/// `datapath.unparsed: drop` on a protected address).
+const TC_PULL_BYTES: u32 = MAX_L4_OFFSET as u32 + 4;
 
 #[xdp]
 pub fn keyfence_xdp(ctx: XdpContext) -> u32 {
@@ -63,7 +66,7 @@ pub fn kf_bench_parse(ctx: XdpContext) -> u32 {
     // UDP, and a failure's `Stat` is offset past 255.
     let seen = match parse(ctx.data(), ctx.data_end()) {
         Ok(flow) => u32::from(flow.proto),
-        Err(stat) => stat as u32 + 256,
+        Err(failure) => failure.stat as u32 + 256,
     };
     if seen == 0 {
         xdp_action::XDP_DROP

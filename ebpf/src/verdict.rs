@@ -3,9 +3,14 @@
 //! family's wildcard) → exact-match hash → LPM trie → drop.
 //!
 //! Fail-open: every outcome other than [`Stat::DropNotAllowed`] passes, including
-//! parse failures and unusable map contents. The shim behind the datapath is the
-//! authority on every request; the datapath only sheds packets that no key on
-//! the listener could ever accept, so when in doubt it must let the packet through.
+//! parse failures and unusable map contents. The one exception is an operator's
+//! choice: with `datapath.unparsed: drop` the agent fills `KF_UNPARSED`, and a
+//! packet to one of its addresses whose transport header the parser could not
+//! reach is dropped ([`Stat::DropUnparsed`]): otherwise a long enough extension
+//! chain would carry any source past the datapath to the shim. The shim behind
+//! the datapath is the authority on every request; the datapath only sheds
+//! packets that no key on the listener could ever accept, so when in doubt it
+//! must let the packet through.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use keyfence_common::{
@@ -16,14 +21,15 @@ use keyfence_common::{
     },
     sample::{DropSample, SAMPLE_INTERVAL_NS},
     stats::{STAT_SLOTS, Stat, stats_index},
+    unparsed::UnparsedKey,
 };
 
 use crate::{
     maps::{
         KF_DROP_SAMPLES, KF_EXACT, KF_IFINDEX_SLOTS, KF_LISTENERS, KF_PORTS, KF_PREFIXES,
-        KF_SAMPLE_CLOCK, KF_STATS,
+        KF_SAMPLE_CLOCK, KF_STATS, KF_UNPARSED,
     },
-    parse::{Flow, parse},
+    parse::{Flow, addresses, parse},
 };
 
 /// The outcome for one packet: which listener slot it is counted under, and why.
@@ -32,13 +38,47 @@ pub struct Decision {
     pub stat: Stat,
 }
 
-/// Parse and decide. Never fails: failures are decisions to pass (see module doc).
+/// Parse and decide. Never fails: failures are decisions to pass (see module
+/// doc), unless `KF_UNPARSED` protects the destination of a packet whose
+/// transport header was out of reach. Such a drop is counted under listener
+/// slot 0 (without a port the listener is unknown), its flow has port 0.
 #[inline(always)]
 pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
     match parse(data, end) {
         Ok(flow) => (decide(&flow), Some(flow)),
-        Err(stat) => (Decision { slot: 0, stat }, None),
+        Err(failure) => {
+            if let Some(flow) = failure.unreached.and_then(|ip| addresses(data, end, ip))
+                && unparsed_drop(&flow)
+            {
+                return (
+                    Decision {
+                        slot: 0,
+                        stat: Stat::DropUnparsed,
+                    },
+                    Some(flow),
+                );
+            }
+            (
+                Decision {
+                    slot: 0,
+                    stat: failure.stat,
+                },
+                None,
+            )
+        }
     }
+}
+
+/// Is the destination in `KF_UNPARSED`: its address, else its family's wildcard
+/// (the same two lookups that find a listener)?
+#[inline(always)]
+fn unparsed_drop(flow: &Flow) -> bool {
+    let mut key = UnparsedKey { addr: flow.dst };
+    if KF_UNPARSED.get_ptr(&key).is_some() {
+        return true;
+    }
+    key.addr = if flow.v4 { WILDCARD_V4 } else { WILDCARD_V6 };
+    KF_UNPARSED.get_ptr(&key).is_some()
 }
 
 #[inline(always)]

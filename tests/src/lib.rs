@@ -7,5 +7,6 @@ pub mod frames;
 pub mod http;
 pub mod loaded;
 pub mod netns;
+pub mod rawsyn;
 pub mod refmodel;
 pub mod wrk;

@@ -11,7 +11,8 @@
 //! a single dropped SYN of an allowed source fails the test.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    cell::Cell,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6},
     path::Path,
     sync::{
         Arc,
@@ -21,7 +22,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use keyfence_tests::netns::{Agent, Connect, Lab, poll_until, tcp_connect};
+use keyfence_tests::{
+    frames::{Ext, NEXT_DEST},
+    netns::{Agent, Connect, GATEWAY_V6, Lab, poll_until, tcp_connect},
+    rawsyn,
+};
 
 const API_PORT: u16 = 8443;
 const OPEN_PORT: u16 = 8444;
@@ -218,6 +223,87 @@ fn tc_mode_enforces_the_same_allow_lists() {
         s.count("api", "not_allowed") >= dropped + REFUSED.len() as u64,
         "not_allowed did not count the drops in tc mode"
     );
+}
+
+/// Issue 13: SYNs padded with IPv6 extension headers (destination options,
+/// which Linux follows in any number). Seven, one more than the parser used to
+/// walk, are judged like any SYN; a chain longer than the walk passes under
+/// `datapath.unparsed: pass` (and the gateway answers it) and is dropped under
+/// `drop`. Each SYN is hand-made and sent through a raw socket; a SYN-ACK coming
+/// back means it reached the shim's listen queue.
+#[test]
+fn extension_header_chains_do_not_carry_refused_syns_past_the_datapath() {
+    const WALK: usize = 32;
+    const SYN_ACK_WAIT: Duration = Duration::from_millis(500);
+    let s = Scenario::new("auto");
+    let pin = s.agent.pin_path().to_owned();
+    let gateway = SocketAddrV6::new(GATEWAY_V6, API_PORT, 0, 0);
+    let sport = Cell::new(41_000u16);
+    let answered = |source: IpAddr, headers: usize| -> bool {
+        let IpAddr::V6(source) = source else {
+            unreachable!("IPv6 sources only")
+        };
+        sport.set(sport.get() + 1);
+        let port = sport.get();
+        let chain = vec![Ext::Options(NEXT_DEST, 0); headers];
+        s.lab
+            .client
+            .run(move || rawsyn::syn_answered(source, port, gateway, &chain, SYN_ACK_WAIT))
+            .expect("entering the client namespace")
+            .expect("sending a raw SYN")
+    };
+
+    // The hand-made SYN is one the gateway's stack takes: allowed, it is answered.
+    assert!(
+        answered(V6_EXACT, 7),
+        "an allowed SYN behind 7 extension headers got no SYN-ACK"
+    );
+    let dropped = s.count("api", "not_allowed");
+    assert!(
+        !answered(REFUSED_V6, 7),
+        "a refused SYN behind 7 extension headers was answered"
+    );
+    assert!(
+        s.count("api", "not_allowed") > dropped,
+        "the refused SYN behind 7 headers was not counted not_allowed"
+    );
+    assert!(
+        !answered(REFUSED_V6, WALK),
+        "a refused SYN behind the deepest chain walked was answered"
+    );
+
+    // Past the walk, `unparsed: pass` (the default) lets it reach the shim.
+    let malformed = s.count("none", "malformed");
+    assert!(
+        answered(REFUSED_V6, WALK + 1),
+        "with unparsed: pass a SYN past the walk should reach the gateway"
+    );
+    assert!(s.count("none", "malformed") > malformed);
+
+    // `unparsed: drop` stops it, from any source, after a reload.
+    s.agent
+        .replace_config(
+            &config(&pin, "auto", &[]).replace("mode: auto,", "mode: auto, unparsed: drop,"),
+        )
+        .expect("replacing the config");
+    let closed = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        !answered(REFUSED_V6, WALK + 1)
+    });
+    assert!(closed, "unparsed: drop not in force 5 s after the reload");
+    let unparsed = s.count("none", "unparsed");
+    assert!(!answered(REFUSED_V6, WALK + 1));
+    assert!(
+        !answered(V6_EXACT, WALK + 1),
+        "the port is unknown: any source drops"
+    );
+    assert!(
+        s.count("none", "unparsed") >= unparsed + 2,
+        "drops past the walk were not counted unparsed"
+    );
+    // Within the walk nothing changed.
+    assert!(answered(V6_EXACT, 7));
+    assert!(!answered(REFUSED_V6, 7));
+    s.assert_completes(V6_EXACT, API_PORT);
 }
 
 #[test]

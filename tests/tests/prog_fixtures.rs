@@ -1,14 +1,18 @@
 //! Datapath behaviour as a table of packet fixtures, run through
 //! `BPF_PROG_TEST_RUN` on the real object (XDP and TC programs), maps seeded by
 //! the agent's own writer. Each row checks the verdict, that exactly the
-//! expected counter moved by one, and that the reference model agrees.
+//! expected counter moved by one, and that the reference model agrees. The
+//! tables run with `datapath.unparsed: pass` and `drop`.
 //! Needs root (BPF); run with `cargo xtask test`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use keyfence::policy::CompiledPolicy;
-use keyfence_common::stats::Stat;
+use keyfence::{config::Unparsed, policy::CompiledPolicy};
+use keyfence_common::{WILDCARD_V4, WILDCARD_V6, ipv4_mapped, map_names, stats::Stat};
 use keyfence_tests::{
     frames::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, L4, NEXT_DEST, NEXT_ESP, NEXT_HOP,
@@ -73,6 +77,52 @@ const GW6: &str = "2001:db8::1";
 
 /// `(name, packet, expected reason, listener the packet is counted under)`.
 type Row = (&'static str, Vec<u8>, Stat, Option<&'static str>);
+
+/// The deepest IPv6 extension chain the parser walks (`MAX_IPV6_EXT_HEADERS`).
+const MAX_EXT: usize = 32;
+
+/// `n` minimal extension headers of every kind the parser walks, in turn.
+fn chain(n: usize) -> Vec<Ext> {
+    (0..n)
+        .map(|i| match i % 5 {
+            0 => Ext::Options(NEXT_HOP, 0),
+            1 => Ext::Options(NEXT_DEST, 0),
+            2 => Ext::Options(NEXT_ROUTING, 0),
+            3 => Ext::Fragment {
+                offset: 0,
+                more: false,
+            },
+            _ => Ext::Auth(0),
+        })
+        .collect()
+}
+
+/// Rows of [`fixtures`] whose IP header the parser read but whose transport
+/// header it could not reach: under `datapath.unparsed: drop` (every address
+/// is protected there, by the wildcard listener `api`) they are dropped.
+const UNREACHED: &[&str] = &[
+    "one header more than the walk",
+    "a non-first fragment past the walk is out of reach too",
+    "transport header past the bytes the parser reads",
+    "truncated in an extension header",
+    "truncated before the IPv4 ports",
+    "truncated before the IPv6 ports",
+    "truncated in the last header of the deepest chain",
+    "truncated after the deepest chain",
+];
+
+/// The rows as `datapath.unparsed: drop` should see them.
+fn in_drop_mode(rows: Vec<Row>) -> Vec<Row> {
+    rows.into_iter()
+        .map(|(name, packet, stat, listener)| {
+            if UNREACHED.contains(&name) {
+                (name, packet, Stat::DropUnparsed, None)
+            } else {
+                (name, packet, stat, listener)
+            }
+        })
+        .collect()
+}
 
 #[expect(clippy::too_many_lines, reason = "the table is the test")]
 fn fixtures() -> Vec<Row> {
@@ -454,22 +504,58 @@ fn fixtures() -> Vec<Row> {
             Some("api"),
         ),
         (
-            "seven extension headers are malformed",
+            "seven extension headers are followed (issue 13)",
+            v6pkt(refused6, &chain(7), &tcp(8443)),
+            Stat::DropNotAllowed,
+            Some("api"),
+        ),
+        (
+            "the deepest chain walked, refused",
+            v6pkt(refused6, &chain(MAX_EXT), &tcp(8443)),
+            Stat::DropNotAllowed,
+            Some("api"),
+        ),
+        (
+            "the deepest chain walked, allowed",
+            v6pkt("2001:db8:2::7", &chain(MAX_EXT), &tcp(8443)),
+            Stat::PassAllowedPrefix,
+            Some("api"),
+        ),
+        (
+            "one header more than the walk",
+            v6pkt(refused6, &chain(MAX_EXT + 1), &tcp(8443)),
+            Stat::PassMalformed,
+            None,
+        ),
+        (
+            "a non-first fragment past the walk is out of reach too",
             v6pkt(
                 refused6,
                 &[
-                    Ext::Options(NEXT_HOP, 0),
-                    Ext::Options(NEXT_DEST, 0),
-                    Ext::Options(NEXT_ROUTING, 0),
-                    Ext::Options(NEXT_DEST, 0),
-                    Ext::Options(NEXT_DEST, 0),
-                    Ext::Options(NEXT_DEST, 0),
-                    Ext::Options(NEXT_DEST, 0),
-                ],
+                    chain(MAX_EXT),
+                    vec![Ext::Fragment {
+                        offset: 185,
+                        more: false,
+                    }],
+                ]
+                .concat(),
                 &tcp(8443),
             ),
             Stat::PassMalformed,
             None,
+        ),
+        (
+            "transport header past the bytes the parser reads",
+            v6pkt(refused6, &[Ext::Options(NEXT_DEST, 60)], &tcp(8443)),
+            Stat::PassMalformed,
+            None,
+        ),
+        (
+            "transport header at the last byte the parser reads",
+            // TCP at 14 + 40 + 8 * 56 = 502 <= 508 (57 units would be 510).
+            v6pkt(refused6, &[Ext::Options(NEXT_DEST, 55)], &tcp(8443)),
+            Stat::DropNotAllowed,
+            Some("api"),
         ),
         (
             "ESP",
@@ -532,6 +618,7 @@ fn fixtures() -> Vec<Row> {
         ),
     );
     let ext6 = v6pkt(refused6, &[Ext::Options(NEXT_HOP, 1)], &tcp(8443));
+    let deep6 = v6pkt(refused6, &chain(MAX_EXT), &tcp(8443));
     let plain6 = simple(&[], ip(refused6), ip(GW6), &tcp(8443));
     rows.extend([
         (
@@ -577,6 +664,18 @@ fn fixtures() -> Vec<Row> {
             None,
         ),
         (
+            "truncated in the last header of the deepest chain",
+            deep6[..14 + 40 + 8 * MAX_EXT - 1].to_vec(),
+            Stat::PassTruncated,
+            None,
+        ),
+        (
+            "truncated after the deepest chain",
+            deep6[..14 + 40 + 8 * MAX_EXT + 2].to_vec(),
+            Stat::PassTruncated,
+            None,
+        ),
+        (
             "Ethernet header only",
             plain4[..14].to_vec(),
             Stat::PassTruncated,
@@ -587,19 +686,30 @@ fn fixtures() -> Vec<Row> {
 }
 
 fn run_table(program: &str) {
-    let mut loaded = Loaded::new(&format!("fixtures-{program}"), LO_SLOT)
+    run_rows(program, "fixtures", &policy(), Unparsed::Pass, fixtures());
+}
+
+/// Every row through `program` with the maps seeded from `policy` and `mode`.
+fn run_rows(program: &str, table: &str, policy: &CompiledPolicy, mode: Unparsed, rows: Vec<Row>) {
+    let mut loaded = Loaded::new(&format!("{table}-{program}"), LO_SLOT)
         .expect("loading the datapath (root needed)");
     let dp = &mut loaded.datapath;
-    dp.apply(&policy()).expect("seeding the maps");
+    dp.set_unparsed(mode);
+    dp.apply(policy).expect("seeding the maps");
     let tables = dp.tables().expect("reading the policy maps");
-    let rows = fixtures();
-    assert!(rows.len() >= 30, "{} fixtures", rows.len());
+    let unparsed = dp.unparsed_addresses().expect("reading KF_UNPARSED");
+    assert_eq!(
+        unparsed.is_empty(),
+        mode == Unparsed::Pass,
+        "KF_UNPARSED under {mode:?}"
+    );
+    assert!(rows.len() >= 10, "{} fixtures", rows.len());
     let mut failures = Vec::new();
     let mut refused_by_kernel = Vec::new();
     for (name, packet, stat, listener) in rows {
         let slot = listener.map_or(0, |l| dp.listener_slot(l).expect("listener slot"));
         assert_eq!(
-            refmodel::verdict(&packet, &tables),
+            refmodel::verdict_with(&packet, &tables, &unparsed),
             (stat, slot),
             "{name}: the reference model disagrees with the fixture"
         );
@@ -617,7 +727,11 @@ fn run_table(program: &str) {
             // The skb test harness validates headers it builds an skb from, so
             // some truncated frames cannot be fed to the TC program at all
             // (XDP runs them all); nothing else may be refused.
-            Err(_) if program == "tc" && stat == Stat::PassTruncated => {
+            Err(_)
+                if program == "tc"
+                    && (stat == Stat::PassTruncated
+                        || (stat == Stat::DropUnparsed && name.starts_with("truncated"))) =>
+            {
                 refused_by_kernel.push(name);
                 continue;
             }
@@ -649,7 +763,11 @@ fn run_table(program: &str) {
     if !refused_by_kernel.is_empty() {
         eprintln!("{program}: the kernel would not build an skb for: {refused_by_kernel:?}");
     }
-    assert!(failures.is_empty(), "{program}:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{program} ({table}, {mode:?}):\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -660,4 +778,412 @@ fn xdp_fixture_table() {
 #[test]
 fn tc_fixture_table() {
     run_table("tc");
+}
+
+/// The same table with `datapath.unparsed: drop`: the wildcard listener `api`
+/// protects every address, so every packet whose transport header is out of
+/// reach drops; everything else is judged as with `pass`.
+#[test]
+fn xdp_fixture_table_unparsed_drop() {
+    run_rows(
+        "xdp",
+        "fixtures-drop",
+        &policy(),
+        Unparsed::Drop,
+        in_drop_mode(fixtures()),
+    );
+}
+
+#[test]
+fn tc_fixture_table_unparsed_drop() {
+    run_rows(
+        "tc",
+        "fixtures-drop",
+        &policy(),
+        Unparsed::Drop,
+        in_drop_mode(fixtures()),
+    );
+}
+
+/// Listeners on specific addresses only, and an open wildcard: which
+/// destinations `datapath.unparsed: drop` protects.
+fn specific_policy() -> CompiledPolicy {
+    CompiledPolicy {
+        listeners: vec![
+            restricted("admin", "192.0.2.1:22", &["203.0.113.0/30"]),
+            restricted("v6", "[2001:db8::1]:9443", &["2001:db8:2::/48"]),
+            open("open", "[::]:8444"),
+        ],
+        next_change: None,
+    }
+}
+
+/// `(name, packet, reason with pass, reason with drop, listener)`.
+type UnparsedRow = (&'static str, Vec<u8>, Stat, Stat, Option<&'static str>);
+
+#[expect(clippy::too_many_lines, reason = "the table is the test")]
+fn unparsed_rows() -> Vec<UnparsedRow> {
+    let to6 = |src: &str, dst: &str, exts: &[Ext], l4: &L4| {
+        ethernet(
+            &[],
+            ETH_P_IPV6,
+            &ipv6(v6(src), v6(dst), exts, l4.proto(), None, &l4.bytes()),
+        )
+    };
+    let (refused6, allowed6) = ("2001:db8:3::1", "2001:db8:2::9");
+    let (protected6, unprotected6) = ("2001:db8::1", "2001:db8::2");
+    let (refused4, protected4, unprotected4) = ("203.0.113.9", "192.0.2.1", "192.0.2.2");
+    let udp = L4::Udp {
+        sport: 53,
+        dport: 9443,
+    };
+    let tcp4 = simple(&[], ip(refused4), ip(protected4), &tcp(22));
+    let tcp4_other = simple(&[], ip(refused4), ip(unprotected4), &tcp(22));
+    let deep = to6(refused6, protected6, &chain(MAX_EXT + 1), &tcp(9443));
+    vec![
+        (
+            "7 headers to a protected address, refused",
+            to6(refused6, protected6, &chain(7), &tcp(9443)),
+            Stat::DropNotAllowed,
+            Stat::DropNotAllowed,
+            Some("v6"),
+        ),
+        (
+            "7 headers to a protected address, allowed",
+            to6(allowed6, protected6, &chain(7), &tcp(9443)),
+            Stat::PassAllowedPrefix,
+            Stat::PassAllowedPrefix,
+            Some("v6"),
+        ),
+        (
+            "deepest chain to a protected address, refused",
+            to6(refused6, protected6, &chain(MAX_EXT), &tcp(9443)),
+            Stat::DropNotAllowed,
+            Stat::DropNotAllowed,
+            Some("v6"),
+        ),
+        (
+            "deepest chain to a protected address, allowed",
+            to6(allowed6, protected6, &chain(MAX_EXT), &tcp(9443)),
+            Stat::PassAllowedPrefix,
+            Stat::PassAllowedPrefix,
+            Some("v6"),
+        ),
+        (
+            "one header past the walk to a protected address",
+            deep.clone(),
+            Stat::PassMalformed,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "one header past the walk from an allowed source (the port is unknown)",
+            to6(allowed6, protected6, &chain(MAX_EXT + 1), &tcp(9443)),
+            Stat::PassMalformed,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "one header past the walk, UDP, to a protected address",
+            to6(refused6, protected6, &chain(MAX_EXT + 1), &udp),
+            Stat::PassMalformed,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "one header past the walk to an unprotected address",
+            to6(refused6, unprotected6, &chain(MAX_EXT + 1), &tcp(8444)),
+            Stat::PassMalformed,
+            Stat::PassMalformed,
+            None,
+        ),
+        (
+            "40 headers to a protected address",
+            to6(refused6, protected6, &chain(40), &tcp(9443)),
+            Stat::PassMalformed,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "transport header past the read window, protected",
+            to6(
+                refused6,
+                protected6,
+                &[Ext::Options(NEXT_HOP, 0), Ext::Options(NEXT_DEST, 255)],
+                &tcp(9443),
+            ),
+            Stat::PassMalformed,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "truncated extension header, protected",
+            deep[..14 + 40 + 8 * 3 + 5].to_vec(),
+            Stat::PassTruncated,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "truncated extension header, unprotected",
+            to6(refused6, unprotected6, &chain(4), &tcp(8444))[..14 + 40 + 8 * 3 + 5].to_vec(),
+            Stat::PassTruncated,
+            Stat::PassTruncated,
+            None,
+        ),
+        (
+            "truncated TCP header, IPv4, protected",
+            tcp4[..14 + 20 + 3].to_vec(),
+            Stat::PassTruncated,
+            Stat::DropUnparsed,
+            None,
+        ),
+        (
+            "truncated TCP header, IPv4, unprotected",
+            tcp4_other[..14 + 20 + 3].to_vec(),
+            Stat::PassTruncated,
+            Stat::PassTruncated,
+            None,
+        ),
+        (
+            "truncated IPv4 header: no destination to protect",
+            tcp4[..14 + 19].to_vec(),
+            Stat::PassTruncated,
+            Stat::PassTruncated,
+            None,
+        ),
+        (
+            "truncated IPv6 header: no destination to protect",
+            deep[..14 + 39].to_vec(),
+            Stat::PassTruncated,
+            Stat::PassTruncated,
+            None,
+        ),
+        (
+            "IPv4 non-first fragment to a protected address",
+            ethernet(
+                &[],
+                ETH_P_IP,
+                &ipv4(
+                    v4(refused4),
+                    v4(protected4),
+                    PROTO_TCP,
+                    0,
+                    100,
+                    None,
+                    &tcp_bytes(22),
+                ),
+            ),
+            Stat::PassFragment,
+            Stat::PassFragment,
+            None,
+        ),
+        (
+            "IPv6 non-first fragment to a protected address",
+            to6(
+                refused6,
+                protected6,
+                &[
+                    Ext::Options(NEXT_HOP, 0),
+                    Ext::Fragment {
+                        offset: 185,
+                        more: false,
+                    },
+                ],
+                &tcp(9443),
+            ),
+            Stat::PassFragment,
+            Stat::PassFragment,
+            None,
+        ),
+        (
+            "ICMPv6 behind a chain, to a protected address",
+            to6(
+                "fe80::2",
+                protected6,
+                &chain(3),
+                &L4::Raw {
+                    proto: PROTO_ICMPV6,
+                    payload: vec![135, 0, 0, 0, 0, 0, 0, 0],
+                },
+            ),
+            Stat::PassNotTcpUdp,
+            Stat::PassNotTcpUdp,
+            None,
+        ),
+        (
+            "ESP to a protected address",
+            to6(
+                refused6,
+                protected6,
+                &[],
+                &L4::Raw {
+                    proto: NEXT_ESP,
+                    payload: vec![0; 16],
+                },
+            ),
+            Stat::PassNotTcpUdp,
+            Stat::PassNotTcpUdp,
+            None,
+        ),
+        (
+            "bad IPv6 version to a protected address (the kernel discards it)",
+            ethernet(
+                &[],
+                ETH_P_IPV6,
+                &ipv6(
+                    v6(refused6),
+                    v6(protected6),
+                    &[],
+                    PROTO_TCP,
+                    Some(4),
+                    &tcp_bytes(9443),
+                ),
+            ),
+            Stat::PassMalformed,
+            Stat::PassMalformed,
+            None,
+        ),
+        ("ARP", arp(), Stat::PassNotIp, Stat::PassNotIp, None),
+        (
+            "UDP to a protected address, parsed",
+            to6(refused6, protected6, &[], &udp),
+            Stat::PassNoListener,
+            Stat::PassNoListener,
+            None,
+        ),
+        (
+            "IPv4 SYN to a protected address, refused",
+            tcp4.clone(),
+            Stat::DropNotAllowed,
+            Stat::DropNotAllowed,
+            Some("admin"),
+        ),
+        (
+            "open wildcard listener, one header past the walk",
+            to6(refused6, "2001:db8::7", &chain(MAX_EXT + 1), &tcp(8444)),
+            Stat::PassMalformed,
+            Stat::PassMalformed,
+            None,
+        ),
+    ]
+}
+
+fn run_unparsed(program: &str, mode: Unparsed) {
+    let rows = unparsed_rows()
+        .into_iter()
+        .map(|(name, packet, pass, drop, listener)| {
+            let stat = if mode == Unparsed::Drop { drop } else { pass };
+            // Drops of unparsed packets are counted under no listener.
+            (
+                name,
+                packet,
+                stat,
+                listener.filter(|_| stat != Stat::DropUnparsed),
+            )
+        })
+        .collect();
+    run_rows(program, "unparsed", &specific_policy(), mode, rows);
+}
+
+#[test]
+fn xdp_unparsed_pass() {
+    run_unparsed("xdp", Unparsed::Pass);
+}
+
+#[test]
+fn xdp_unparsed_drop() {
+    run_unparsed("xdp", Unparsed::Drop);
+}
+
+#[test]
+fn tc_unparsed_pass() {
+    run_unparsed("tc", Unparsed::Pass);
+}
+
+#[test]
+fn tc_unparsed_drop() {
+    run_unparsed("tc", Unparsed::Drop);
+}
+
+/// What the agent writes to `KF_UNPARSED`: nothing with `pass`; with `drop`
+/// the restricted listeners' addresses (a wildcard as its family's wildcard),
+/// not the open ones'; and back to nothing when the setting returns to `pass`.
+#[test]
+fn unparsed_map_follows_the_setting_and_the_policy() {
+    let mut loaded = Loaded::new("unparsed-map", LO_SLOT).expect("loading the datapath");
+    let dp = &mut loaded.datapath;
+    dp.apply(&specific_policy()).unwrap();
+    assert!(dp.unparsed_addresses().unwrap().is_empty());
+    dp.set_unparsed(Unparsed::Drop);
+    dp.apply(&specific_policy()).unwrap();
+    let v6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    assert_eq!(
+        dp.unparsed_addresses().unwrap(),
+        BTreeSet::from([ipv4_mapped([192, 0, 2, 1]), v6.octets()])
+    );
+    dp.apply(&policy()).unwrap();
+    assert_eq!(
+        dp.unparsed_addresses().unwrap(),
+        BTreeSet::from([
+            WILDCARD_V4,
+            WILDCARD_V6,
+            ipv4_mapped([192, 0, 2, 1]),
+            v6.octets()
+        ])
+    );
+    dp.set_unparsed(Unparsed::Pass);
+    dp.apply(&policy()).unwrap();
+    assert!(dp.unparsed_addresses().unwrap().is_empty());
+}
+
+/// Removes a pin root however the test ends.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = keyfence::datapath::detach(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Pins of an agent that predates `KF_UNPARSED`: the next agent adopts them
+/// and creates the new map beside them (a map added is not a layout change,
+/// so the pinned links and policy stay where they are).
+#[test]
+fn pins_without_the_unparsed_map_are_adopted() {
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/kf-upgrade-{}", std::process::id()));
+    let _cleanup = Cleanup(root.clone());
+    let dir = keyfence::datapath::pin_dir(&root);
+    {
+        let mut dp = keyfence::datapath::Datapath::load_unattached(&root).unwrap();
+        dp.apply(&policy()).unwrap();
+    }
+    std::fs::remove_file(dir.join(map_names::UNPARSED)).unwrap();
+    let mut dp = keyfence::datapath::Datapath::load_unattached(&root).unwrap();
+    assert!(dir.join(map_names::UNPARSED).exists());
+    // The adopted policy is intact and the new map works.
+    assert!(!dp.tables().unwrap().listeners.is_empty());
+    dp.set_unparsed(Unparsed::Drop);
+    dp.apply(&policy()).unwrap();
+    assert!(dp.unparsed_addresses().unwrap().contains(&WILDCARD_V6));
+}
+
+/// The verifier's work for both programs: what the deeper extension walk
+/// costs. The budget leaves room below the 1M-instruction limit for older
+/// verifiers (Debian 12's 6.1 prunes less than 6.18).
+#[test]
+fn verifier_cost() {
+    const BUDGET: u32 = 150_000;
+    let loaded = Loaded::new("verifier-cost", LO_SLOT).expect("loading the datapath");
+    let xdp = loaded.datapath.xdp().info().unwrap();
+    let tc = loaded.datapath.tc().info().unwrap();
+    for (name, info) in [("xdp", xdp), ("tc", tc)] {
+        let verified = info.verified_instruction_count().unwrap_or(0);
+        let size = info.size_translated().unwrap_or(0) / 8;
+        eprintln!("{name}: {verified} instructions verified, {size} instructions loaded");
+        assert!(
+            verified > 0 && verified < BUDGET,
+            "{name}: {verified} verified instructions (budget {BUDGET})"
+        );
+    }
 }

@@ -17,7 +17,7 @@ use super::shape;
 use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
     ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
-    TlsConfig,
+    TlsConfig, Unparsed,
 };
 use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
 
@@ -82,6 +82,7 @@ struct RawDatapath {
     interfaces: Vec<Spanned<String>>,
     mode: Option<Spanned<String>>,
     pin_path: Option<Spanned<String>>,
+    unparsed: Option<Spanned<String>>,
     capacity: Option<RawCapacity>,
 }
 
@@ -374,6 +375,7 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
             mode: AttachMode::Auto,
             pin_path: PathBuf::from("/sys/fs/bpf/keyfence"),
             capacity: MapCapacity::default(),
+            unparsed: Unparsed::Pass,
         };
     };
     let mode = match raw.mode.as_ref().map(|m| m.value.as_str()) {
@@ -433,11 +435,29 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
         }
         None => PathBuf::from("/sys/fs/bpf/keyfence"),
     };
+    let unparsed = unparsed(raw.unparsed.as_ref(), errors);
     DatapathConfig {
         interfaces,
         mode,
         pin_path,
         capacity: capacity(raw.capacity, errors),
+        unparsed,
+    }
+}
+
+/// `datapath.unparsed`: `pass` (default) or `drop`.
+fn unparsed(raw: Option<&Spanned<String>>, errors: &mut Errors) -> Unparsed {
+    match raw.map(|r| r.value.as_str()) {
+        None | Some("pass") => Unparsed::Pass,
+        Some("drop") => Unparsed::Drop,
+        Some(other) => {
+            errors.at(
+                &raw.expect("matched Some").referenced,
+                "datapath.unparsed",
+                format!("unknown value {other:?}; expected pass or drop"),
+            );
+            Unparsed::Pass
+        }
     }
 }
 
@@ -1090,6 +1110,18 @@ metrics:
     }
 
     #[test]
+    fn datapath_unparsed_takes_pass_or_drop() {
+        for (yaml, want) in [
+            ("datapath: { unparsed: pass }\n", Unparsed::Pass),
+            ("datapath: { unparsed: drop }\n", Unparsed::Drop),
+            ("datapath: { mode: tc }\n", Unparsed::Pass),
+        ] {
+            let c = parse(yaml, "k.yaml").unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            assert_eq!(c.datapath.unparsed, want, "{yaml}");
+        }
+    }
+
+    #[test]
     fn allow_list_entries_may_be_mappings() {
         let c = parse(
             "keys:\n  - id: k\n    name: a\n    secret_env: A\n    ip_allow_list:\n      - 192.0.2.1\n      - { cidr: 198.51.100.0/24, note: office, expires_at: \"2030-01-01T00:00:00Z\" }\n",
@@ -1121,6 +1153,7 @@ metrics:
                 prefixes: keyfence_common::policy::PREFIXES_CAPACITY
             }
         );
+        assert_eq!(c.datapath.unparsed, Unparsed::Pass);
         assert_eq!(c.rejection.status, 403);
         assert_eq!(c.rejection.body, r#"{"error":"IP address not allowed"}"#);
     }
@@ -1217,6 +1250,26 @@ metrics:
             "bad datapath mode",
             "datapath:\n  mode: turbo\n",
             &["2:9: datapath.mode: unknown mode \"turbo\""],
+        ),
+        (
+            "bad datapath.unparsed",
+            "datapath:\n  unparsed: block\n",
+            &["2:13: datapath.unparsed: unknown value \"block\"; expected pass or drop"],
+        ),
+        (
+            "datapath.unparsed is case-sensitive",
+            "datapath:\n  unparsed: Drop\n",
+            &["2:13: datapath.unparsed: unknown value \"Drop\""],
+        ),
+        (
+            "datapath.unparsed as a boolean",
+            "datapath:\n  unparsed: true\n",
+            &["2:13: datapath.unparsed: unknown value \"true\"; expected pass or drop"],
+        ),
+        (
+            "datapath.unparsed as a list",
+            "datapath:\n  unparsed: [drop]\n",
+            &["2:13: datapath.unparsed: expected text, found a list"],
         ),
         (
             "relative pin path",

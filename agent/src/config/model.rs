@@ -33,6 +33,9 @@ pub struct DatapathConfig {
     pub pin_path: PathBuf,
     /// `datapath.capacity`: sizes of the allow-entry maps.
     pub capacity: MapCapacity,
+    /// `datapath.unparsed`: what happens to packets whose transport header the
+    /// parser cannot reach, on protected listeners' addresses (default pass).
+    pub unparsed: Unparsed,
 }
 
 /// `datapath.capacity`: how many entries the allow-entry maps hold, summed
@@ -59,6 +62,16 @@ impl Default for MapCapacity {
             prefixes: keyfence_common::policy::PREFIXES_CAPACITY,
         }
     }
+}
+
+/// `datapath.unparsed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unparsed {
+    /// They pass, counted `truncated` or `malformed`; the shim decides.
+    #[default]
+    Pass,
+    /// They are dropped, counted `drop`/`unparsed`.
+    Drop,
 }
 
 /// `datapath.mode`.

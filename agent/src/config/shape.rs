@@ -183,6 +183,7 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
                     ("prefixes", false, Shape::Int(u32::MAX)),
                 ]),
             ),
+            ("unparsed", false, Shape::Text),
         ]),
     ),
     ("listeners", false, Shape::List(&LISTENER)),

@@ -5,3 +5,4 @@
 pub mod ifaces;
 pub mod policy;
 pub mod stats;
+pub mod unparsed;
