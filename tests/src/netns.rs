@@ -606,10 +606,16 @@ impl Agent {
         for (k, v) in envs {
             agent.env(k, v);
         }
-        agent.write_config(&config(&agent.pin_path))?;
-        agent.spawn()?;
-        agent.wait_ready(Duration::from_secs(30))?;
+        agent.launch(&config(&agent.pin_path))?;
         Ok(agent)
+    }
+
+    /// Write `yaml` as the config, start the agent and wait (up to 30 s) until
+    /// `/readyz` answers 200.
+    pub fn launch(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.write_config(yaml)?;
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(30))
     }
 
     /// Add an argument to `keyfence run` for the agent's next start.
