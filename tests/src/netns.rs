@@ -890,18 +890,31 @@ impl Agent {
     /// have stopped): its report line. Drop runs it too; a second run finds
     /// nothing pinned.
     pub fn detach(&self) -> anyhow::Result<String> {
+        self.subcommand("detach")
+    }
+
+    /// `keyfence check --config FILE` with the agent's environment: its
+    /// report line, or its errors.
+    pub fn check(&self) -> anyhow::Result<String> {
+        self.subcommand("check")
+    }
+
+    /// `keyfence SUBCOMMAND --config FILE` inside the namespace, with the
+    /// agent's environment: stdout, or an error with stderr.
+    fn subcommand(&self, subcommand: &str) -> anyhow::Result<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.netns.display()))
             .arg("--")
             .arg(&self.bin)
-            .args(["detach", "--config"])
+            .args([subcommand, "--config"])
             .arg(&self.config)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
-            .context("cannot run keyfence detach")?;
+            .with_context(|| format!("cannot run keyfence {subcommand}"))?;
         if !out.status.success() {
             bail!(
-                "keyfence detach failed ({}): {}",
+                "keyfence {subcommand} failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );

@@ -276,7 +276,9 @@ fn demo(namespaces: &mut Vec<String>) -> anyhow::Result<()> {
     for line in config.lines() {
         println!("    {line}");
     }
-    check_config(agent.config_path())?;
+    agent
+        .check()
+        .context("keyfence check refused the built-in example")?;
     say("keyfence check: the config is valid");
 
     let bin = keyfence_tests::netns::keyfence_bin()?;
@@ -294,24 +296,8 @@ fn demo(namespaces: &mut Vec<String>) -> anyhow::Result<()> {
         agent.log_path().display()
     ));
 
-    println!();
     let mut surprises = Vec::new();
-    for &(source, port, key, expected, why) in ATTEMPTS {
-        check_interrupt()?;
-        let outcome = attempt(client, source, port, key.map(secret_of).transpose()?)?;
-        check_interrupt()?;
-        let verdict = if meets(&outcome, expected) {
-            "as expected"
-        } else {
-            surprises.push(format!("{source} → :{port}: {}", shown(&outcome)));
-            "NOT AS EXPECTED"
-        };
-        let key = key.map_or_else(|| "no key".to_owned(), |k| format!("key {k}"));
-        println!("  {source:>15} → :{port} {key:<10} {why} [{verdict}]");
-        println!("  {:>15}   {}", "", shown(&outcome));
-    }
-    println!();
-
+    static_keys(client, &mut surprises)?;
     check_interrupt()?;
     api_routine(&bin, client, gateway, &mut surprises)?;
 
@@ -351,22 +337,24 @@ fn demo(namespaces: &mut Vec<String>) -> anyhow::Result<()> {
     }
 }
 
-/// `keyfence check --config FILE` with the example's secrets.
-fn check_config(config: &Path) -> anyhow::Result<()> {
-    let out = std::process::Command::new(keyfence_tests::netns::keyfence_bin()?)
-        .args(["check", "--config"])
-        .arg(config)
-        .envs(secrets())
-        .stdin(Stdio::null())
-        .output()
-        .context("running keyfence check")?;
-    if !out.status.success() {
-        bail!(
-            "keyfence check refused the built-in example ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// Every attempt of [`ATTEMPTS`], each with what it met.
+fn static_keys(client: &Netns, surprises: &mut Vec<String>) -> anyhow::Result<()> {
+    println!();
+    for &(source, port, key, expected, why) in ATTEMPTS {
+        check_interrupt()?;
+        let outcome = attempt(client, source, port, key.map(secret_of).transpose()?)?;
+        check_interrupt()?;
+        let verdict = if meets(&outcome, expected) {
+            "as expected"
+        } else {
+            surprises.push(format!("{source} → :{port}: {}", shown(&outcome)));
+            "NOT AS EXPECTED"
+        };
+        let key = key.map_or_else(|| "no key".to_owned(), |k| format!("key {k}"));
+        println!("  {source:>15} → :{port} {key:<10} {why} [{verdict}]");
+        println!("  {:>15}   {}", "", shown(&outcome));
     }
+    println!();
     Ok(())
 }
 
