@@ -33,12 +33,16 @@ use super::{
     client_ip::{
         PROXY_V2_MAX, ProxyParse, appended_xff, forwarded_client, is_trusted, parse_proxy_header,
     },
-    keys::{Credential, CredentialHeader, KeyTable, Verdict, credential, decide},
+    decide::{Verdict, decide},
     tls::TlsAcceptor,
 };
 use crate::{
     config::{ClientIpSource, ListenerConfig, ListenerMode, Rejection},
     conn::{self, Activity, Gate, Permit, Reserve},
+    keys::{
+        KeyTable,
+        credentials::{Credential, CredentialHeader, credential},
+    },
     metrics::Metrics,
 };
 
