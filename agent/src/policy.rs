@@ -284,12 +284,9 @@ fn rule(listener: &ListenerConfig, keys: &[&Key], now: SystemTime) -> Rule {
     if !listener.early_drop {
         return Rule::Open;
     }
-    // Folded like allow-list entries, so the datapath writer takes changes as is.
-    let trusted = listener
-        .client_ip
-        .trusted_proxies
-        .iter()
-        .map(|n| crate::allowlist::fold_net(n.trunc()));
+    // Canonical already (the config parses them with the allow-list grammar),
+    // like allow-list entries: the datapath writer takes changes as is.
+    let trusted = listener.client_ip.trusted_proxies.iter().copied();
     match listener.client_ip.source {
         ClientIpSource::ProxyProtocol => {
             Rule::Proxies(PrefixSet::from_nets(trusted).iter().copied().collect())

@@ -31,7 +31,7 @@ use super::{
     throttle::{Attempt, Guard, Reason, Started},
 };
 use crate::{
-    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, parse_list},
+    allowlist::{AllowList, ClientAddr, DEFAULT_MAX_ENTRIES, RawList, parse_list},
     confirm::{ConfirmError, Confirmer},
     keys::{
         Key, Origin,
@@ -212,7 +212,9 @@ type ApiResult = Result<Response, ApiError>;
 /// The caller, authenticated.
 struct Caller {
     principal: Principal,
+    /// `client`'s address.
     ip: IpAddr,
+    client: ClientAddr,
 }
 
 impl Caller {
@@ -252,7 +254,9 @@ fn authenticate(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| credentials::bearer(v.as_bytes()));
-    let ip = crate::allowlist::fold_ip(peer.ip());
+    // The API's one point of entry for an address: folded here, once.
+    let client = ClientAddr::new(peer.ip());
+    let ip = client.ip();
     let principals = state
         .principals
         .read()
@@ -263,7 +267,7 @@ fn authenticate(
         Instant::now(),
         || {
             principals
-                .authenticate(token, ip, SystemTime::now())
+                .authenticate(token, client, SystemTime::now())
                 .cloned()
         },
         // A missing token guesses nothing; a valid one from elsewhere
@@ -271,7 +275,11 @@ fn authenticate(
         |e| token.is_some() && *e == AuthError::Unauthenticated,
     );
     match attempt {
-        Attempt::Passed(principal) => Ok(Caller { principal, ip }),
+        Attempt::Passed(principal) => Ok(Caller {
+            principal,
+            ip,
+            client,
+        }),
         Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Token)),
         Attempt::Failed(e, started) => {
             if e == AuthError::AddressNotAllowed {
@@ -614,7 +622,7 @@ async fn update(
     if let Some(allow) = &patch.allow {
         super::principals::check_self_lockout(
             &caller.principal,
-            caller.ip,
+            caller.client,
             &id,
             allow,
             SystemTime::now(),

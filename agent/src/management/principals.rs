@@ -6,7 +6,7 @@
 use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use crate::{
-    allowlist::{AllowList, fold_ip},
+    allowlist::{AllowList, ClientAddr},
     keys::{Digest, Key, Table, table::Credentialed},
 };
 
@@ -84,7 +84,7 @@ impl Table<Principal> {
     pub fn authenticate(
         &self,
         token: Option<&str>,
-        client: IpAddr,
+        client: ClientAddr,
         now: SystemTime,
     ) -> Result<&Principal, AuthError> {
         let principal = token
@@ -109,15 +109,13 @@ pub struct LockOut {
 /// is that very key and `new_list` would exclude the address it calls from.
 pub fn check_self_lockout(
     caller: &Principal,
-    caller_ip: IpAddr,
+    caller_ip: ClientAddr,
     target: &str,
     new_list: &AllowList,
     now: SystemTime,
 ) -> Result<(), LockOut> {
     if caller.is_key(target) && !new_list.allows(caller_ip, now) {
-        Err(LockOut {
-            ip: fold_ip(caller_ip),
-        })
+        Err(LockOut { ip: caller_ip.ip() })
     } else {
         Ok(())
     }
@@ -132,7 +130,7 @@ mod tests {
         testing::{key, list},
     };
 
-    fn ip(s: &str) -> IpAddr {
+    fn ip(s: &str) -> ClientAddr {
         s.parse().unwrap()
     }
 
@@ -209,7 +207,7 @@ mod tests {
         let from = ip("203.0.113.1");
         let err =
             check_self_lockout(&key_admin, from, "k1", &list("198.51.100.0/24"), NOW).unwrap_err();
-        assert_eq!(err.ip, from);
+        assert_eq!(err.ip, from.ip());
         assert!(err.to_string().contains("203.0.113.1"));
         assert!(check_self_lockout(&key_admin, from, "k1", &list("203.0.113.0/24"), NOW).is_ok());
         assert!(check_self_lockout(&key_admin, from, "k1", &list(""), NOW).is_ok());
@@ -232,6 +230,6 @@ mod tests {
             NOW,
         )
         .unwrap_err();
-        assert_eq!(mapped.ip, from, "named in its folded form");
+        assert_eq!(mapped.ip, from.ip(), "named in its folded form");
     }
 }

@@ -5,7 +5,7 @@
 use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use crate::{
-    allowlist::fold_ip,
+    allowlist::ClientAddr,
     config::ListenerConfig,
     keys::{Key, KeyTable},
     policy::accepts,
@@ -38,7 +38,7 @@ pub fn decide(
     listener: &ListenerConfig,
     table: &KeyTable,
     presented: Option<&str>,
-    client: Option<IpAddr>,
+    client: Option<ClientAddr>,
     now: SystemTime,
 ) -> Verdict {
     let Some(key) = presented.and_then(|s| table.lookup(s)) else {
@@ -47,17 +47,16 @@ pub fn decide(
     if !accepts(listener, key) {
         return Verdict::InvalidKey;
     }
-    let client = client.map(fold_ip);
     let allowed = key.allow.is_unrestricted() || client.is_some_and(|ip| key.allow.allows(ip, now));
     match (allowed, key.report_only) {
         (true, _) => Verdict::Allowed { key: key.clone() },
         (false, true) => Verdict::ReportOnly {
             key: key.clone(),
-            ip: client,
+            ip: client.map(ClientAddr::ip),
         },
         (false, false) => Verdict::IpNotAllowed {
             key: key.clone(),
-            ip: client,
+            ip: client.map(ClientAddr::ip),
         },
     }
 }
@@ -99,9 +98,9 @@ mod tests {
 
     #[expect(
         clippy::unnecessary_wraps,
-        reason = "every call site passes an Option<IpAddr>"
+        reason = "every call site passes an Option<ClientAddr>"
     )]
-    fn ip(s: &str) -> Option<IpAddr> {
+    fn ip(s: &str) -> Option<ClientAddr> {
         Some(s.parse().unwrap())
     }
 
@@ -223,7 +222,6 @@ mod tests {
             key("prod", &["192.0.2.1/32"]),
         )]);
         let l = listener(None);
-        let ip = |s: &str| Some(s.parse().unwrap());
         let (a, b) = ("kf_prod_secret_0000000000", "kf_rotated_secret_000000");
         // The list changes.
         let before = keyed(a, key("prod", &["192.0.2.1/32"]));
