@@ -148,6 +148,7 @@ pub const DEFAULT_TENANT: &str = "default";
 #[derive(Clone, Debug, PartialEq)]
 pub struct StaticKey {
     pub id: String,
+    /// The id when the config gives none.
     pub name: String,
     /// `default` when absent.
     pub tenant: String,
