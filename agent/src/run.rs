@@ -250,9 +250,8 @@ fn confirmer(config: &Config) -> anyhow::Result<Option<Confirmer>> {
     let Some(var) = &config.management.confirm_totp_env else {
         return Ok(None);
     };
-    let secret = std::env::var(var).map_err(|_| {
-        anyhow!("management.confirm.totp_secret_env: environment variable {var} is not set")
-    })?;
+    let secret = crate::secret_env::read(var, crate::secret_env::EnvSecret::Totp)
+        .map_err(|e| anyhow!("management.confirm.totp_secret_env: {e}"))?;
     let confirmer = Confirmer::from_base32(&secret)
         .map_err(|e| anyhow!("management.confirm.totp_secret_env: {var}: {e}"))?;
     Ok(Some(confirmer))

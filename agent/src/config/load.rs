@@ -19,7 +19,10 @@ use super::model::{
     ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
     TlsConfig, Unparsed,
 };
-use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
+use crate::{
+    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
+    secret_env::{self, EnvSecret},
+};
 
 /// One located problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,14 +279,14 @@ struct RawManagement {
 struct RawAdmin {
     name: String,
     token_sha256: Option<Spanned<String>>,
-    token_env: Option<String>,
+    token_env: Option<Spanned<String>>,
     ip_allow_list: Option<Spanned<RawList>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfirm {
-    totp_secret_env: String,
+    totp_secret_env: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -292,13 +295,34 @@ struct RawMetrics {
     bind: Option<Spanned<String>>,
 }
 
+/// Whether loading also checks the variables the config names for secrets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Secrets {
+    /// Only the file (`run` reads them at start; reloads do not change them).
+    Unchecked,
+    /// Each `secret_env`, `token_env` and `totp_secret_env` variable must be
+    /// set and hold what `run` accepts (`keyfence check` without `--skip-env`).
+    Checked,
+}
+
 /// Collects errors with their file.
 struct Errors {
     file: String,
     list: Vec<ConfigError>,
+    secrets: Secrets,
 }
 
 impl Errors {
+    /// The variable `var` named at `loc` (field `path`) against the rules of
+    /// [`secret_env`], when secrets are checked.
+    fn secret_env(&mut self, loc: &Location, path: String, var: &str, kind: EnvSecret) {
+        if self.secrets == Secrets::Checked
+            && let Err(e) = secret_env::read(var, kind)
+        {
+            self.at(loc, path, e.to_string());
+        }
+    }
+
     fn at(&mut self, loc: &Location, path: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.clone(),
@@ -312,9 +336,15 @@ impl Errors {
 
 /// Read and validate `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, Secrets::Unchecked)
+}
+
+/// Read and validate `path`, and with [`Secrets::Checked`] the variables it
+/// names for secrets.
+pub fn load_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &file),
+        Ok(text) => parse_with(&text, &file, secrets),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             file,
             line: 0,
@@ -330,9 +360,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// right, so one run reports the mistakes of both (`check` prints them in
 /// file order).
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    parse_with(text, file, Secrets::Unchecked)
+}
+
+/// [`parse`], and with [`Secrets::Checked`] the variables the text names for
+/// secrets.
+pub fn parse_with(text: &str, file: &str, secrets: Secrets) -> Result<Config, ConfigErrors> {
     let mut errors = Errors {
         file: file.into(),
         list: Vec::new(),
+        secrets,
     };
     let mistakes = serde_saphyr::from_str::<Spanned<shape::Node>>(text).map_or_else(
         |_| Vec::new(),
@@ -974,7 +1011,14 @@ fn keys(raw: Vec<Option<Spanned<RawKey>>>, errors: &mut Errors) -> Vec<StaticKey
                 }
             },
             (None, Some(env)) if !env.value.trim().is_empty() => {
-                Some(KeySecret::Env(env.value.trim().to_string()))
+                let var = env.value.trim();
+                errors.secret_env(
+                    &env.referenced,
+                    format!("{p}.secret_env"),
+                    var,
+                    EnvSecret::Secret,
+                );
+                Some(KeySecret::Env(var.to_string()))
             }
             (Some(_), Some(env)) => {
                 errors.at(
@@ -1062,7 +1106,16 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
                     None
                 }
             },
-            (None, Some(env)) => Some(KeySecret::Env(env.trim().to_string())),
+            (None, Some(env)) => {
+                let var = env.value.trim();
+                errors.secret_env(
+                    &env.referenced,
+                    format!("{p}.token_env"),
+                    var,
+                    EnvSecret::Secret,
+                );
+                Some(KeySecret::Env(var.to_string()))
+            }
             _ => {
                 errors.at(
                     &admin.referenced,
@@ -1102,7 +1155,16 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
     ManagementConfig {
         bind,
         admins,
-        confirm_totp_env: raw.confirm.map(|c| c.totp_secret_env),
+        confirm_totp_env: raw.confirm.map(|c| {
+            let var = c.totp_secret_env.value;
+            errors.secret_env(
+                &c.totp_secret_env.referenced,
+                "management.confirm.totp_secret_env".into(),
+                &var,
+                EnvSecret::Totp,
+            );
+            var
+        }),
     }
 }
 

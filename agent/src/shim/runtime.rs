@@ -25,12 +25,9 @@ pub const SOURCES_PER_KEY: usize = 32;
 /// Keys remembered there (least recently used forgotten first).
 pub const SOURCES_KEYS: usize = 4096;
 
-/// Minimum length of a static key's secret (SPEC §2).
-pub const MIN_STATIC_SECRET: usize = 20;
-
 /// The key table of the config's static keys and the store's active keys.
-/// `secret_env` variables are read here; a missing or short one is an error
-/// naming the key.
+/// `secret_env` variables are read here ([`crate::secret_env`]); a missing or
+/// short one is an error naming the key.
 pub fn key_table<'a>(
     statics: &[StaticKey],
     stored: impl IntoIterator<Item = &'a StoredKey>,
@@ -55,13 +52,8 @@ pub fn secret_digest(secret: &KeySecret, what: &str) -> anyhow::Result<[u8; 32]>
     match secret {
         KeySecret::Sha256(d) => Ok(*d),
         KeySecret::Env(var) => {
-            let secret = std::env::var(var)
-                .map_err(|_| anyhow!("{what}: environment variable {var} is not set"))?;
-            if secret.len() < MIN_STATIC_SECRET {
-                anyhow::bail!(
-                    "{what}: the secret in {var} is shorter than {MIN_STATIC_SECRET} characters"
-                );
-            }
+            let secret = crate::secret_env::read(var, crate::secret_env::EnvSecret::Secret)
+                .map_err(|e| anyhow!("{what}: {e}"))?;
             Ok(digest(&secret))
         }
     }
