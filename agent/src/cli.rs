@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Where the packaging installs the configuration (`packaging/`): the
-/// `--config` of the commands that read the pinned datapath.
+/// default `--config` of every command that reads one.
 pub const DEFAULT_CONFIG: &str = "/etc/keyfence/keyfence.yaml";
 
 #[derive(Debug, Parser)]
@@ -42,7 +42,7 @@ pub enum Command {
     /// /metrics and /readyz, reload on SIGHUP or when the config file changes.
     Run {
         /// Configuration file (YAML).
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// On SIGTERM/SIGINT, after draining, detach the datapath and remove
         /// its pins (as `keyfence detach`) instead of leaving the last policy
@@ -56,7 +56,8 @@ pub enum Command {
     /// what run accepts (a secret or token of at least 20 characters, a base32
     /// TOTP secret of at least 16 bytes).
     Check {
-        #[arg(long, short)]
+        /// Configuration file (YAML).
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Do not check the variables the config names for secrets: validate
         /// the file on a machine that does not hold them.
