@@ -323,6 +323,14 @@ impl Errors {
         }
     }
 
+    /// A key secret or token named by the variable in `env` (field `path`),
+    /// checked as [`Self::secret_env`] says.
+    fn env_secret(&mut self, env: &Spanned<String>, path: String) -> KeySecret {
+        let var = env.value.trim();
+        self.secret_env(&env.referenced, path, var, EnvSecret::Secret);
+        KeySecret::Env(var.to_owned())
+    }
+
     fn at(&mut self, loc: &Location, path: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.clone(),
@@ -1011,14 +1019,7 @@ fn keys(raw: Vec<Option<Spanned<RawKey>>>, errors: &mut Errors) -> Vec<StaticKey
                 }
             },
             (None, Some(env)) if !env.value.trim().is_empty() => {
-                let var = env.value.trim();
-                errors.secret_env(
-                    &env.referenced,
-                    format!("{p}.secret_env"),
-                    var,
-                    EnvSecret::Secret,
-                );
-                Some(KeySecret::Env(var.to_string()))
+                Some(errors.env_secret(&env, format!("{p}.secret_env")))
             }
             (Some(_), Some(env)) => {
                 errors.at(
@@ -1106,16 +1107,7 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
                     None
                 }
             },
-            (None, Some(env)) => {
-                let var = env.value.trim();
-                errors.secret_env(
-                    &env.referenced,
-                    format!("{p}.token_env"),
-                    var,
-                    EnvSecret::Secret,
-                );
-                Some(KeySecret::Env(var.to_string()))
-            }
+            (None, Some(env)) => Some(errors.env_secret(env, format!("{p}.token_env"))),
             _ => {
                 errors.at(
                     &admin.referenced,
