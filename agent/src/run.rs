@@ -330,7 +330,7 @@ impl Daemon {
                                 next_change = next;
                                 Ok(took)
                             }
-                            Err(e) => Err(EnforceError::Failed(format!("{e:#}"))),
+                            Err(e) => Err(e),
                         }
                     };
                     let _ = apply.done.send(answer);
@@ -424,7 +424,7 @@ impl Daemon {
             .map(|()| started.elapsed())
             .map_err(|e| match e.downcast::<CapacityError>() {
                 Ok(full) => EnforceError::Full(full),
-                Err(e) => EnforceError::Failed(format!("{e:#}")),
+                Err(e) => EnforceError::Datapath(e),
             })
     }
 
@@ -436,7 +436,7 @@ impl Daemon {
         key: StoredKey,
         shim: &Shim,
         api: &ApiState,
-    ) -> anyhow::Result<(Duration, Option<SystemTime>)> {
+    ) -> Result<(Duration, Option<SystemTime>), EnforceError> {
         let started = Instant::now();
         let id = key.id.clone();
         let old = self
@@ -452,7 +452,8 @@ impl Daemon {
         if old.as_ref().is_some_and(|k| k.is_admin()) || new.is_some_and(|k| k.is_admin()) {
             *api.principals
                 .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+                .unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(self.principals().map_err(EnforceError::Principals)?);
         }
         let now = SystemTime::now();
         // The policy follows the shim whatever the maps do: it is what the
@@ -475,13 +476,13 @@ impl Daemon {
                 || match self.write_changes(&change.restricted) {
                     Ok(written) => !written,
                     Err(e) => {
-                        self.datapath_failed(&e)?;
+                        self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
                         false
                     }
                 }
         };
         if full && let Err(e) = self.enforce() {
-            self.datapath_failed(&e)?;
+            self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
         }
         self.record_policy(started);
         Ok((started.elapsed(), self.policy.next_change()))

@@ -74,8 +74,16 @@ pub enum EnforceError {
     /// The datapath's maps cannot hold it: 507 naming the limit.
     #[error(transparent)]
     Full(#[from] crate::maps::policy::CapacityError),
-    #[error("{0}")]
-    Failed(String),
+    /// The daemon stopped before it answered.
+    #[error("the agent is stopping")]
+    Stopping,
+    /// The kernel's maps could not be read or written (and, after a failed
+    /// write, the listeners could not be opened either).
+    #[error("{0:#}")]
+    Datapath(anyhow::Error),
+    /// The management principals could not be rebuilt for an admin key.
+    #[error("{0:#}")]
+    Principals(anyhow::Error),
 }
 
 /// What the handlers share. `principals` and `static_keys` are swapped by the
@@ -392,7 +400,6 @@ fn with_store<T>(
 /// Ask the daemon to take `key` (`check_only`: only whether it fits).
 async fn ask(state: &ApiState, key: StoredKey, check_only: bool) -> Result<(), EnforceError> {
     let (done, rx) = oneshot::channel();
-    let stopping = || EnforceError::Failed("the agent is stopping".into());
     state
         .apply
         .send(Apply {
@@ -401,8 +408,10 @@ async fn ask(state: &ApiState, key: StoredKey, check_only: bool) -> Result<(), E
             done,
         })
         .await
-        .map_err(|_| stopping())?;
-    rx.await.map_err(|_| stopping())?.map(|_took| ())
+        .map_err(|_| EnforceError::Stopping)?;
+    rx.await
+        .map_err(|_| EnforceError::Stopping)?
+        .map(|_took| ())
 }
 
 /// 507: the datapath's maps cannot hold the change (nothing was stored).
@@ -419,7 +428,10 @@ async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError
     match ask(state, key, true).await {
         Ok(()) => Ok(()),
         Err(EnforceError::Full(e)) => Err(full(&e)),
-        Err(EnforceError::Failed(why)) => Err(ApiError::new(
+        Err(
+            why
+            @ (EnforceError::Stopping | EnforceError::Datapath(_) | EnforceError::Principals(_)),
+        ) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("nothing stored: {why}"),
         )),
