@@ -25,7 +25,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::Datapath;
+use crate::{datapath::Datapath, shim::outcome::Outcome};
 
 /// The datapath, shared by the control loop (writes) and scrapes (reads).
 pub type SharedDatapath = Arc<Mutex<Option<Datapath>>>;
@@ -157,11 +157,11 @@ impl Metrics {
     }
 
     /// Count one answered request.
-    pub fn observe_http(&self, listener: &str, outcome: &'static str, took: std::time::Duration) {
+    pub fn observe_http(&self, listener: &str, outcome: Outcome, took: std::time::Duration) {
         self.http_requests
             .get_or_create(&HttpLabels {
                 listener: listener.to_string(),
-                outcome,
+                outcome: outcome.label(),
             })
             .inc();
         self.http_duration
@@ -173,19 +173,20 @@ impl Metrics {
 
     /// One structured line per refused (or report-only) request: key id
     /// (`-` when no valid key was presented), client address, listener and
-    /// reason; rate-limited so a flood cannot fill disks (the counters stay
-    /// exact).
+    /// reason (the outcome's label); rate-limited so a flood cannot fill
+    /// disks (the counters stay exact).
     pub fn refusal_log(
         &self,
         listener: &str,
         key_id: Option<&str>,
         ip: Option<std::net::IpAddr>,
-        reason: &'static str,
+        outcome: Outcome,
     ) {
         if self.refusal_logs.allow() {
             let client = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
             let key_id = key_id.unwrap_or("-");
-            if reason == "report_only" {
+            let reason = outcome.label();
+            if outcome == Outcome::ReportOnly {
                 tracing::info!(
                     listener,
                     key_id,

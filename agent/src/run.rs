@@ -31,18 +31,15 @@ use crate::{
     config::{self, AttachMode, Config},
     confirm::Confirmer,
     datapath::{Datapath, decode_sample},
+    keys::{self, Key, KeyTable, credentials},
     management::{
         self,
         api::{self, ApiState, Apply, EnforceError, SharedStore},
-        principals::ADMIN_SCOPE,
     },
     maps::policy::CapacityError,
     metrics::{self, Metrics, ResultLabel, SharedDatapath},
-    policy::{self, KeyAccess, PolicyState},
-    shim::{
-        keys::{KeyTable, ShimKey},
-        runtime::{self as shim_runtime, Shim},
-    },
+    policy::{self, PolicyState},
+    shim::runtime::{self as shim_runtime, Shim},
     store::{KeyStore, StoredKey, sqlite::SqliteStore},
 };
 
@@ -76,6 +73,8 @@ pub enum StartError {
 struct Daemon {
     config_path: PathBuf,
     config: Config,
+    /// The config's static keys, their secrets resolved.
+    statics: Arc<[Arc<Key>]>,
     datapath: SharedDatapath,
     metrics: Arc<Metrics>,
     store: SharedStore,
@@ -103,7 +102,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     metrics.config_last_reload_successful.set(1);
     crate::config_warnings::report(config_path, &config, &metrics.config_warnings);
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
-    let confirm = confirmer(&config)?;
+    let confirm = credentials::confirmer(&config.management)?;
     let (store, stored) = open_store(&config)?;
     let management_listener = tokio::net::TcpListener::bind(config.management.bind)
         .await
@@ -112,6 +111,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let mut daemon = Daemon {
         config_path: config_path.to_path_buf(),
         config,
+        statics: Arc::new([]),
         datapath,
         metrics: metrics.clone(),
         store,
@@ -120,7 +120,8 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         reconcile: None,
     };
     // Secrets from the environment are read before the kernel is touched.
-    let keys = daemon.key_table()?;
+    daemon.statics = keys::statics(&daemon.config.keys)?;
+    let keys = daemon.key_table();
     let principals = daemon.principals()?;
     let samples = daemon.open_datapath()?;
     // Policy first, then attach: a fresh attachment enforces a complete policy
@@ -207,7 +208,7 @@ fn start_management(
     let api = Arc::new(ApiState {
         store: daemon.store.clone(),
         principals: std::sync::RwLock::new(Arc::new(principals)),
-        static_keys: std::sync::RwLock::new(Arc::new(daemon.config.keys.clone())),
+        static_keys: std::sync::RwLock::new(daemon.statics.clone()),
         confirm,
         guard: management::throttle::Guard::new(
             management::throttle::Limits::DEFAULT,
@@ -245,19 +246,6 @@ fn open_store(config: &Config) -> anyhow::Result<(SharedStore, BTreeMap<String, 
     Ok((Arc::new(Mutex::new(Box::new(store))), stored))
 }
 
-/// The step-up confirmer, when `management.confirm.totp_secret_env` is set.
-fn confirmer(config: &Config) -> anyhow::Result<Option<Confirmer>> {
-    let Some(var) = &config.management.confirm_totp_env else {
-        return Ok(None);
-    };
-    let secret = std::env::var(var).map_err(|_| {
-        anyhow!("management.confirm.totp_secret_env: environment variable {var} is not set")
-    })?;
-    let confirmer = Confirmer::from_base32(&secret)
-        .map_err(|e| anyhow!("management.confirm.totp_secret_env: {var}: {e}"))?;
-    Ok(Some(confirmer))
-}
-
 impl Daemon {
     /// `--detach-on-exit`: drop our handles (and the pin lock), then detach
     /// the programs and remove the pins.
@@ -284,8 +272,8 @@ impl Daemon {
     }
 
     /// The shim's key table: static and active stored keys.
-    fn key_table(&self) -> anyhow::Result<KeyTable> {
-        shim_runtime::key_table(&self.config.keys, self.stored.values())
+    fn key_table(&self) -> KeyTable {
+        shim_runtime::key_table(&self.statics, self.stored.values())
     }
 
     /// Open (or adopt) the pinned datapath unless it is off; hands back the
@@ -342,7 +330,7 @@ impl Daemon {
                                 next_change = next;
                                 Ok(took)
                             }
-                            Err(e) => Err(EnforceError::Failed(format!("{e:#}"))),
+                            Err(e) => Err(e),
                         }
                     };
                     let _ = apply.done.send(answer);
@@ -404,24 +392,23 @@ impl Daemon {
         let result =
             if self.reconcile.is_some() || self.policy.next_change().is_some_and(|t| now >= t) {
                 // The next write is a full apply: check the whole policy.
-                let mut accesses: Vec<KeyAccess<'_>> = self
-                    .config
-                    .keys
+                let mut accesses: Vec<&Key> = self
+                    .statics
                     .iter()
-                    .map(KeyAccess::from)
+                    .map(AsRef::as_ref)
                     .chain(
                         self.stored
                             .values()
                             .filter(|k| k.is_active() && k.id != key.id)
-                            .map(KeyAccess::from),
+                            .map(|k| &*k.key),
                     )
                     .collect();
-                accesses.extend(new.map(KeyAccess::from));
+                accesses.extend(new.map(|k| &*k.key));
                 full_check(&PolicyState::build(&self.config.listeners, &accesses, now))
             } else {
                 self.policy.preview_key(
-                    old.map(KeyAccess::from).as_ref(),
-                    new.map(KeyAccess::from).as_ref(),
+                    old.map(|k| &*k.key),
+                    new.map(|k| &*k.key),
                     now,
                     |state, change| {
                         if !change.reshaped
@@ -437,7 +424,7 @@ impl Daemon {
             .map(|()| started.elapsed())
             .map_err(|e| match e.downcast::<CapacityError>() {
                 Ok(full) => EnforceError::Full(full),
-                Err(e) => EnforceError::Failed(format!("{e:#}")),
+                Err(e) => EnforceError::Datapath(e),
             })
     }
 
@@ -449,7 +436,7 @@ impl Daemon {
         key: StoredKey,
         shim: &Shim,
         api: &ApiState,
-    ) -> anyhow::Result<(Duration, Option<SystemTime>)> {
+    ) -> Result<(Duration, Option<SystemTime>), EnforceError> {
         let started = Instant::now();
         let id = key.id.clone();
         let old = self
@@ -459,17 +446,14 @@ impl Daemon {
         // The shim first: it is the authority, and changing its table cannot
         // fail for want of map space.
         let new = self.stored.get(&id).filter(|k| k.is_active());
-        shim.replace_key(
-            old.as_ref().map(|k| k.digest),
-            new.map(|k| (k.digest, ShimKey::new(&k.id, k.into()))),
-        );
+        shim.replace_key(old.as_deref(), new.map(|k| k.key.clone()));
         // Principals are the config's admins and admin-scoped keys: rebuilt
         // only when such a key changes.
-        let admin = |k: &StoredKey| k.scopes.iter().any(|s| s == ADMIN_SCOPE);
-        if old.as_ref().is_some_and(admin) || new.is_some_and(admin) {
+        if old.as_ref().is_some_and(|k| k.is_admin()) || new.is_some_and(|k| k.is_admin()) {
             *api.principals
                 .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+                .unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(self.principals().map_err(EnforceError::Principals)?);
         }
         let now = SystemTime::now();
         // The policy follows the shim whatever the maps do: it is what the
@@ -478,29 +462,27 @@ impl Daemon {
             // An entry expired since the last compile: start over.
             self.policy = PolicyState::build(
                 &self.config.listeners,
-                &key_accesses(&self.config, &self.stored),
+                &key_facts(&self.statics, &self.stored),
                 now,
             );
             true
         } else {
-            let change = self.policy.change_key(
-                old.as_ref().map(KeyAccess::from).as_ref(),
-                new.map(KeyAccess::from).as_ref(),
-                now,
-            );
+            let change = self
+                .policy
+                .change_key(old.as_deref(), new.map(|k| &*k.key), now);
             // Out of sync, only a full apply catches the maps up.
             change.reshaped
                 || self.reconcile.is_some()
                 || match self.write_changes(&change.restricted) {
                     Ok(written) => !written,
                     Err(e) => {
-                        self.datapath_failed(&e)?;
+                        self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
                         false
                     }
                 }
         };
         if full && let Err(e) = self.enforce() {
-            self.datapath_failed(&e)?;
+            self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
         }
         self.record_policy(started);
         Ok((started.elapsed(), self.policy.next_change()))
@@ -594,7 +576,7 @@ impl Daemon {
         let started = Instant::now();
         let state = PolicyState::build(
             &self.config.listeners,
-            &key_accesses(&self.config, &self.stored),
+            &key_facts(&self.statics, &self.stored),
             SystemTime::now(),
         );
         // Kept only once enforced: a failed reload goes back to the old state.
@@ -756,7 +738,8 @@ impl Daemon {
     ) -> anyhow::Result<Option<SystemTime>> {
         // Secrets are read before anything changes, so a missing variable
         // rejects the whole reload.
-        let keys = shim_runtime::key_table(&new.keys, self.stored.values())?;
+        let statics = keys::statics(&new.keys)?;
+        let keys = shim_runtime::key_table(&statics, self.stored.values());
         let principals = management::principals(&new.management.admins, self.stored.values())?;
         if new.store.path != self.config.store.path
             || new.management.bind != self.config.management.bind
@@ -786,10 +769,12 @@ impl Daemon {
                 .clone_from(&old.management.confirm_totp_env);
         };
         keep(&mut self.config);
+        let old_statics = std::mem::replace(&mut self.statics, statics);
         let next = match self.apply_policy() {
             Ok(next) => next,
             Err(e) => {
                 self.config = old;
+                self.statics = old_statics;
                 return Err(e);
             }
         };
@@ -801,7 +786,7 @@ impl Daemon {
         shim.update(&self.config, keys).await?;
         *api.static_keys
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.config.keys.clone());
+            .unwrap_or_else(PoisonError::into_inner) = self.statics.clone();
         *api.principals
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(principals);
@@ -810,20 +795,11 @@ impl Daemon {
 }
 
 /// Every key a listener may accept: static ones and active stored ones.
-fn key_accesses<'a>(
-    config: &'a Config,
-    stored: &'a BTreeMap<String, StoredKey>,
-) -> Vec<KeyAccess<'a>> {
-    config
-        .keys
+fn key_facts<'a>(statics: &'a [Arc<Key>], stored: &'a BTreeMap<String, StoredKey>) -> Vec<&'a Key> {
+    statics
         .iter()
-        .map(KeyAccess::from)
-        .chain(
-            stored
-                .values()
-                .filter(|k| k.is_active())
-                .map(KeyAccess::from),
-        )
+        .map(AsRef::as_ref)
+        .chain(stored.values().filter(|k| k.is_active()).map(|k| &*k.key))
         .collect()
 }
 

@@ -7,17 +7,18 @@
 
 use std::time::SystemTime;
 
-use crate::store::{
-    Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey,
+use crate::{
+    keys::{Digest, Key, Origin},
+    store::{Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, StoreError, StoredKey},
 };
 
 /// The write a handler asked for, to make for real once it is known to fit.
 #[derive(Clone, Debug)]
 pub enum Call {
-    Create(NewKey),
+    Create(Key),
     Update(String, KeyPatch),
     Revoke(String),
-    Rotate(String, [u8; 32]),
+    Rotate(String, Digest),
 }
 
 impl Call {
@@ -79,18 +80,15 @@ impl KeyStore for Preview<'_> {
 
     fn create(
         &mut self,
-        new: NewKey,
+        new: Key,
         _actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
         let key = StoredKey {
-            id: new.id.clone(),
-            name: new.name.clone(),
-            tenant: new.tenant.clone(),
-            scopes: new.scopes.clone(),
-            digest: new.digest,
-            allow: new.allow.clone(),
-            report_only: new.report_only,
+            key: std::sync::Arc::new(Key {
+                origin: Origin::Store,
+                ..new.clone()
+            }),
             created_at: now,
             updated_at: now,
             last_used_at: None,
@@ -109,14 +107,15 @@ impl KeyStore for Preview<'_> {
     ) -> Result<(StoredKey, StoredKey), StoreError> {
         let before = self.active(id)?;
         let mut after = before.clone();
+        let facts = after.key_mut();
         if let Some(name) = &patch.name {
-            after.name.clone_from(name);
+            facts.name.clone_from(name);
         }
         if let Some(allow) = &patch.allow {
-            after.allow = allow.clone();
+            facts.allow = allow.clone();
         }
         if let Some(report_only) = patch.report_only {
-            after.report_only = report_only;
+            facts.report_only = report_only;
         }
         after.updated_at = now;
         self.call = Some(Call::Update(id.to_owned(), patch));
@@ -139,12 +138,12 @@ impl KeyStore for Preview<'_> {
     fn rotate(
         &mut self,
         id: &str,
-        digest: [u8; 32],
+        digest: Digest,
         _actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
         let mut key = self.active(id)?;
-        key.digest = digest;
+        key.key_mut().digest = digest;
         key.updated_at = now;
         self.call = Some(Call::Rotate(id.to_owned(), digest));
         Ok(key)
@@ -179,8 +178,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
-        store::{secret, sqlite::SqliteStore},
+        keys::{credentials as secret, testing::list},
+        store::sqlite::SqliteStore,
     };
 
     fn store() -> (SqliteStore, std::path::PathBuf) {
@@ -199,22 +198,14 @@ mod tests {
         }
     }
 
-    fn list(s: &str) -> crate::allowlist::AllowList {
-        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
-    }
-
     #[test]
     fn a_preview_writes_nothing_and_its_replay_stores_what_it_answered() {
         let (mut s, dir) = store();
         let now = UNIX_EPOCH + Duration::from_hours(500_000);
-        let new = NewKey {
-            id: secret::new_key_id(),
+        let new = Key {
             name: "ci".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into()],
             digest: [1; 32],
-            allow: list("198.51.100.7"),
-            report_only: false,
+            ..crate::keys::testing::key(&secret::new_key_id(), "", "198.51.100.7")
         };
         let mut preview = Preview::new(&mut s);
         let would_be = preview.create(new.clone(), &actor(), now).unwrap();
@@ -239,7 +230,7 @@ mod tests {
         let written = call.replay(&mut s, &actor(), later).unwrap();
         assert_eq!(
             (written.allow.clone(), written.report_only),
-            (after.allow, true)
+            (after.allow.clone(), true)
         );
 
         // Revoked: the preview refuses changes as the store does.
