@@ -188,8 +188,11 @@ pub enum StoreError {
     /// free space. The transaction was rolled back; reads keep working.
     #[error("the key store is full: {0}")]
     Full(String),
-    #[error(transparent)]
-    Sqlite(#[from] rusqlite::Error),
+    /// The backend failed (a driver or database error): its message, for
+    /// the log; the API answers 500.
+    #[error("{0}")]
+    Backend(String),
+    /// An I/O failure of the backend (reading or writing its files).
     #[error("{0}")]
     Io(String),
     /// The store's directory or files are not the agent's alone.

@@ -111,7 +111,21 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 fn conflict_on_constraint(e: rusqlite::Error, what: &str) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(what.to_owned()),
-        _ => StoreError::Sqlite(e),
+        _ => e.into(),
+    }
+}
+
+/// The driver's errors end here: callers see [`StoreError`] only. A full
+/// disk (`SQLITE_FULL`, also SQLite's answer to `max_page_count`) is
+/// [`StoreError::Full`]; an I/O error is [`StoreError::Io`] (a write names it
+/// full when the file system has no room: `SqliteStore::name_full`).
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            Some(ErrorCode::SystemIoFailure) => StoreError::Io(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        }
     }
 }
 
@@ -170,7 +184,7 @@ impl SqliteStore {
                 Some(ErrorCode::NotADatabase) => {
                     corrupt(format!("{} is not a SQLite database", self.path.display()))
                 }
-                _ => StoreError::Sqlite(e),
+                _ => e.into(),
             })?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Newer {
@@ -270,18 +284,14 @@ impl SqliteStore {
 
     /// Name a write that failed for want of space as [`StoreError::Full`]:
     /// `SQLITE_FULL` (SQLite's own answer to `ENOSPC` on a write, and to
-    /// `max_page_count`), or an I/O error (growing the WAL index, syncing)
-    /// while the store's file system has no room left.
+    /// `max_page_count`) already is; an I/O error (growing the WAL index,
+    /// syncing) is too while the store's file system has no room left.
     fn name_full(&self, e: StoreError) -> StoreError {
-        let StoreError::Sqlite(inner) = e else {
-            return e;
-        };
-        match inner.sqlite_error_code() {
-            Some(ErrorCode::DiskFull) => StoreError::Full(inner.to_string()),
-            Some(ErrorCode::SystemIoFailure) if no_space_left(&self.path) => {
+        match e {
+            StoreError::Io(inner) if no_space_left(&self.path) => {
                 StoreError::Full(format!("{inner} (no space left on the device)"))
             }
-            _ => StoreError::Sqlite(inner),
+            other => other,
         }
     }
 
@@ -391,7 +401,7 @@ fn insert_key(
     actor: &Actor,
     now: SystemTime,
 ) -> Result<StoredKey, StoreError> {
-    let scopes = serde_json::to_string(&new.scopes).map_err(|e| StoreError::Io(e.to_string()))?;
+    let scopes = serde_json::to_string(&new.scopes).map_err(|e| StoreError::Backend(e.to_string()))?;
     tx.execute(
         "INSERT INTO keys (id, name, tenant, scopes, secret_sha256, report_only,
                            created_at, updated_at)
@@ -719,7 +729,7 @@ impl KeyStore for SqliteStore {
 
     fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
         let details = serde_json::to_string(&event.details)
-            .map_err(|e| StoreError::Io(format!("audit event: {e}")))?;
+            .map_err(|e| StoreError::Backend(format!("audit event: {e}")))?;
         self.write(|tx| {
             tx.prepare_cached(
                 "INSERT INTO audit (at, principal, address, action, key_id, before, after)
