@@ -33,7 +33,7 @@ use crate::{
     datapath::{Datapath, decode_sample},
     management::{
         self,
-        api::{self, ApiState, Apply, EnforceError, SharedStore},
+        api::{self, ApiState, Apply, EnforceError},
         principals::ADMIN_SCOPE,
     },
     maps::policy::CapacityError,
@@ -43,7 +43,7 @@ use crate::{
         keys::{KeyTable, ShimKey},
         runtime::{self as shim_runtime, Shim},
     },
-    store::{KeyStore, StoredKey, sqlite::SqliteStore},
+    store::{self, SharedStore, StoredKey},
 };
 
 /// How often keys' last-use times are written to the store.
@@ -51,9 +51,13 @@ const LAST_USED_FLUSH: Duration = Duration::from_mins(1);
 
 /// How often TLS certificate files are checked for changes.
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// How often the store's WAL is copied into the database, off the API's path
-/// (the writer's connection never checkpoints inside a commit).
-const STORE_CHECKPOINT: Duration = Duration::from_secs(5);
+/// How often the store's change feed is read for writes this agent's API did
+/// not make (another writer of the store); the API's own writes are applied
+/// at once, before it answers.
+const FEED_POLL: Duration = Duration::from_secs(1);
+/// A feed batch with more keys than this is applied as one full policy apply
+/// instead of key by key.
+const FEED_BATCH_FULL: usize = 32;
 
 /// After a failed datapath write, the first full reconcile comes this soon;
 /// each failure doubles the wait, up to `RECONCILE_MAX`.
@@ -80,8 +84,13 @@ struct Daemon {
     metrics: Arc<Metrics>,
     store: SharedStore,
     /// The store's keys, revoked ones included: read at start, then kept
-    /// current by the API's changes (it is the store's only writer).
+    /// current by the store's change feed.
     stored: BTreeMap<String, StoredKey>,
+    /// The feed's sequence number up to which `stored` is enforced.
+    applied: i64,
+    /// The feed range whose last apply failed, and why: a write waiting for
+    /// a number in it is answered with the failure.
+    feed_failure: Option<(std::ops::RangeInclusive<i64>, String)>,
     /// The packet-level policy of `config` and `stored`, kept so that an API
     /// change recompiles only what the changed key touches.
     policy: PolicyState,
@@ -104,7 +113,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     crate::config_warnings::report(config_path, &config, &metrics.config_warnings);
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
     let confirm = confirmer(&config)?;
-    let (store, stored) = open_store(&config)?;
+    let (store, stored, applied) = open_store(&config).await?;
     let management_listener = tokio::net::TcpListener::bind(config.management.bind)
         .await
         .with_context(|| format!("binding management.bind {}", config.management.bind))?;
@@ -116,6 +125,8 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         metrics: metrics.clone(),
         store,
         stored,
+        applied,
+        feed_failure: None,
         policy: PolicyState::default(),
         reconcile: None,
     };
@@ -181,7 +192,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let _ = stop_tx.send(true);
     let sources = shim.sources();
     shim.shutdown().await;
-    daemon.flush_last_used(&sources);
+    daemon.flush_last_used(&sources).await;
     let _ = server.await;
     let _ = management_server.await;
     if detach_on_exit {
@@ -229,20 +240,23 @@ fn start_management(
     (api, apply_rx, server)
 }
 
-/// Open the key store and read its keys.
-fn open_store(config: &Config) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>)> {
-    let mut store = SqliteStore::open(&config.store.path)
+/// Open the key store the config names and read its keys, with the change
+/// feed's position they are current at.
+async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>, i64)> {
+    let store = store::open(&config.store)
         .with_context(|| format!("opening the key store {}", config.store.path.display()))?;
-    store
-        .defer_checkpoints()
-        .context("configuring the key store")?;
-    let stored = store
-        .keys()
-        .context("reading keys from the store")?
+    let snapshot = store
+        .snapshot()
+        .await
+        .context("reading keys from the store")?;
+    let stored = snapshot
+        .keys
         .into_iter()
         .map(|k| (k.id.clone(), k))
         .collect();
-    Ok((Arc::new(Mutex::new(Box::new(store))), stored))
+    Ok((store, stored, snapshot.upto))
 }
 
 /// The step-up confirmer, when `management.confirm.totp_secret_env` is set.
@@ -327,25 +341,25 @@ impl Daemon {
         } = triggers;
         let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
         let mut last_used = tokio::time::interval(LAST_USED_FLUSH);
-        let mut checkpoint = tokio::time::interval(STORE_CHECKPOINT);
+        let mut feed = tokio::time::interval(FEED_POLL);
+        feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let expiry = sleep_until_system(next_change);
             let reconcile = sleep_until_opt(self.reconcile.map(|(at, _)| at));
             tokio::select! {
-                Some(apply) = apply_rx.recv() => {
-                    let answer = if apply.check_only {
-                        self.check_key(&apply.key)
-                    } else {
-                        match self.apply_key(apply.key, shim, api) {
-                            Ok((took, next)) => {
-                                next_change = next;
-                                Ok(took)
-                            }
-                            Err(e) => Err(EnforceError::Failed(format!("{e:#}"))),
-                        }
-                    };
-                    let _ = apply.done.send(answer);
+                Some(apply) = apply_rx.recv() => match apply {
+                    Apply::Check { key, done } => {
+                        let _ = done.send(self.check_key(&key));
+                    }
+                    Apply::Upto { seq, done } => {
+                        let _ = done.send(self.enforce_upto(seq, shim, api, &mut next_change).await);
+                    }
+                },
+                _ = feed.tick() => {
+                    if let Err(e) = self.follow_feed(shim, api, &mut next_change).await {
+                        tracing::warn!(error = %e, "applying the store's changes");
+                    }
                 }
                 () = reconcile => {
                     if let Ok(next) = self.reconcile() {
@@ -364,15 +378,7 @@ impl Daemon {
                     self.reload(shim, api, &mut next_change).await;
                 }
                 _ = cert_check.tick() => shim.reload_certificates(),
-                _ = last_used.tick() => self.flush_last_used(&shim.sources()),
-                _ = checkpoint.tick() => {
-                    let path = self.config.store.path.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = crate::store::sqlite::checkpoint(&path) {
-                            tracing::warn!(error = %e, "checkpointing the key store");
-                        }
-                    });
-                }
+                _ = last_used.tick() => self.flush_last_used(&shim.sources()).await,
                 () = expiry => {
                     tracing::info!("an allow-list entry expired: recompiling the policy");
                     match self.apply_policy() {
@@ -441,15 +447,106 @@ impl Daemon {
             })
     }
 
-    /// Enforce a change the API committed: the shim's key table, the BPF maps
-    /// and the management principals. Returns how long that took and the
-    /// policy's next expiry.
-    fn apply_key(
+    /// Answer a write committed at `seq` once the feed is enforced up to it.
+    async fn enforce_upto(
         &mut self,
-        key: StoredKey,
+        seq: i64,
         shim: &Shim,
         api: &ApiState,
-    ) -> anyhow::Result<(Duration, Option<SystemTime>)> {
+        next_change: &mut Option<SystemTime>,
+    ) -> Result<Duration, EnforceError> {
+        let started = Instant::now();
+        if seq > self.applied {
+            self.follow_feed(shim, api, next_change)
+                .await
+                .map_err(|e| EnforceError::Failed(format!("{e:#}")))?;
+        }
+        if let Some((range, why)) = &self.feed_failure
+            && range.contains(&seq)
+        {
+            return Err(EnforceError::Failed(why.clone()));
+        }
+        if seq > self.applied {
+            return Err(EnforceError::Failed(format!(
+                "change {seq} is not in the store's change feed (it reads up to {})",
+                self.applied
+            )));
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Enforce what the store's change feed holds after `self.applied`,
+    /// whoever wrote it. A failed read changes nothing (the next poll reads
+    /// again); a failed apply is remembered for the writes waiting on it.
+    async fn follow_feed(
+        &mut self,
+        shim: &Shim,
+        api: &ApiState,
+        next_change: &mut Option<SystemTime>,
+    ) -> anyhow::Result<()> {
+        let changes = self
+            .store
+            .changes(self.applied)
+            .await
+            .context("reading the store's change feed")?;
+        if changes.upto <= self.applied {
+            return Ok(());
+        }
+        let range = self.applied + 1..=changes.upto;
+        let result = if changes.keys.len() > FEED_BATCH_FULL {
+            self.apply_keys(changes.keys, shim, api)
+        } else {
+            changes
+                .keys
+                .into_iter()
+                .map(|key| self.apply_key(key, shim, api))
+                .fold(Ok(()), Result::and)
+        };
+        self.applied = changes.upto;
+        *next_change = self.policy.next_change();
+        if let Err(e) = result {
+            let why = format!("{e:#}");
+            self.feed_failure = Some((range, why.clone()));
+            return Err(anyhow!(why));
+        }
+        self.feed_failure = None;
+        Ok(())
+    }
+
+    /// Many changed keys at once (an import by another writer): one key
+    /// table, one principals rebuild, one full policy apply. Like a single
+    /// key's change, the policy follows the shim whatever the maps do.
+    fn apply_keys(
+        &mut self,
+        keys: Vec<StoredKey>,
+        shim: &Shim,
+        api: &ApiState,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let count = keys.len();
+        for key in keys {
+            self.stored.insert(key.id.clone(), key);
+        }
+        shim.set_keys(self.key_table()?);
+        *api.principals
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+        self.policy = PolicyState::build(
+            &self.config.listeners,
+            &key_accesses(&self.config, &self.stored),
+            SystemTime::now(),
+        );
+        if let Err(e) = self.enforce() {
+            self.datapath_failed(&e)?;
+        }
+        self.record_policy(started);
+        tracing::info!(keys = count, "store changes applied as one policy");
+        Ok(())
+    }
+
+    /// Enforce one key's new state from the feed: the shim's key table, the
+    /// BPF maps and the management principals.
+    fn apply_key(&mut self, key: StoredKey, shim: &Shim, api: &ApiState) -> anyhow::Result<()> {
         let started = Instant::now();
         let id = key.id.clone();
         let old = self
@@ -503,7 +600,7 @@ impl Daemon {
             self.datapath_failed(&e)?;
         }
         self.record_policy(started);
-        Ok((started.elapsed(), self.policy.next_change()))
+        Ok(())
     }
 
     /// A datapath write failed (or was refused) while `self.policy` is what
@@ -568,7 +665,7 @@ impl Daemon {
     }
 
     /// Write keys' last-use times (seen by the shim) to the store.
-    fn flush_last_used(&self, sources: &crate::shim::sources::Sources) {
+    async fn flush_last_used(&self, sources: &crate::shim::sources::Sources) {
         let used: Vec<(String, SystemTime)> = sources
             .last_used()
             .into_iter()
@@ -577,13 +674,7 @@ impl Daemon {
         if used.is_empty() {
             return;
         }
-        let result = tokio::task::block_in_place(|| {
-            self.store
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .touch_last_used(&used)
-        });
-        if let Err(e) = result {
+        if let Err(e) = self.store.touch_last_used(&used).await {
             tracing::warn!(error = %e, "recording keys' last use");
         }
     }

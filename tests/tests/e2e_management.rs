@@ -20,7 +20,7 @@ use std::{
 use keyfence::{
     confirm::{Confirmer, STEP_SECONDS},
     keys_cli,
-    store::{Actor, KeyStore as _, NewKey, sqlite::SqliteStore},
+    store::{Actor, NewKey, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
