@@ -144,3 +144,68 @@ impl Daemon {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RESTART_ONLY;
+    use crate::config::{self, Config};
+
+    fn config(store: &str, management: &str, pin: &str, mode: &str, metrics: &str) -> Config {
+        let text = format!(
+            r#"
+store: {{ path: {store} }}
+datapath: {{ interfaces: [eth0], mode: {mode}, pin_path: {pin} }}
+listeners:
+  - {{ name: api, bind: "[::]:8443", mode: proxy, upstream: "http://127.0.0.1:8080" }}
+management: {{ bind: "{management}" }}
+metrics: {{ bind: "{metrics}" }}
+"#
+        );
+        config::parse(&text, "test.yaml").expect("a valid config")
+    }
+
+    #[test]
+    fn restart_only_settings_are_named_and_kept() {
+        let old = config(
+            "/var/lib/keyfence/a.db",
+            "127.0.0.1:9900",
+            "/sys/fs/bpf/a",
+            "auto",
+            "127.0.0.1:9901",
+        );
+        let new = config(
+            "/var/lib/keyfence/b.db",
+            "127.0.0.1:9910",
+            "/sys/fs/bpf/b",
+            "off",
+            "127.0.0.1:9911",
+        );
+        let named: Vec<&str> = RESTART_ONLY
+            .iter()
+            .filter(|s| (s.changed)(&old, &new))
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "store.path",
+                "management.bind",
+                "datapath.pin_path",
+                "turning the datapath on/off",
+                "metrics.bind"
+            ]
+        );
+        assert!(RESTART_ONLY.iter().all(|s| !(s.changed)(&old, &old)));
+        let mut running = new.clone();
+        for s in RESTART_ONLY {
+            (s.keep)(&mut running, &old);
+        }
+        assert_eq!(running.store, old.store);
+        assert_eq!(running.management.bind, old.management.bind);
+        assert_eq!(running.datapath.pin_path, old.datapath.pin_path);
+        assert_eq!(running.metrics.bind, old.metrics.bind);
+        // The mode follows the reload; only opening the datapath waits.
+        assert_eq!(running.datapath.mode, new.datapath.mode);
+        assert_eq!(running.listeners, new.listeners);
+    }
+}
