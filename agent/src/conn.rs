@@ -52,6 +52,8 @@ use tokio::{
     time::Instant,
 };
 
+use crate::allowlist::ClientAddr;
+
 /// Default time from accept (or, on a keep-alive connection, from the next
 /// request's first byte) to a complete request head.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -271,8 +273,13 @@ impl Gate {
 
     /// Admit a connection from `peer` whose descriptor is `fd`, under the soft
     /// descriptor limit `soft`, or say why not (and count it).
-    pub fn admit(self: &Arc<Self>, peer: IpAddr, fd: i32, soft: u64) -> Result<Permit, Refusal> {
-        let peer = crate::allowlist::fold_ip(peer);
+    pub fn admit(
+        self: &Arc<Self>,
+        client: ClientAddr,
+        fd: i32,
+        soft: u64,
+    ) -> Result<Permit, Refusal> {
+        let peer = client.ip();
         let refusal = if self.reserve == Reserve::Honour && in_reserve(fd, soft) {
             Some(Refusal::DescriptorReserve)
         } else {
@@ -302,7 +309,7 @@ impl Gate {
         self.open_gauge.inc();
         Ok(Permit {
             gate: self.clone(),
-            source: peer,
+            source: client,
         })
     }
 
@@ -345,13 +352,19 @@ impl Gate {
 #[derive(Debug)]
 pub struct Permit {
     gate: Arc<Gate>,
-    source: IpAddr,
+    source: ClientAddr,
 }
 
 impl Permit {
     #[must_use]
     pub fn gate(&self) -> &Gate {
         &self.gate
+    }
+
+    /// The connection's peer, folded once at accept.
+    #[must_use]
+    pub fn source(&self) -> ClientAddr {
+        self.source
     }
 }
 
@@ -363,10 +376,10 @@ impl Drop for Permit {
                 .sources
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(held) = sources.get_mut(&self.source) {
+            if let Some(held) = sources.get_mut(&self.source.ip()) {
                 *held = held.saturating_sub(1);
                 if *held == 0 {
-                    sources.remove(&self.source);
+                    sources.remove(&self.source.ip());
                 }
             }
         }
@@ -428,7 +441,7 @@ pub async fn accept(
     match socket.accept().await {
         Ok((stream, peer)) => {
             let soft = crate::sys::nofile_limit().map_or(u64::MAX, |(soft, _)| soft);
-            match gate.admit(peer.ip(), stream.as_raw_fd(), soft) {
+            match gate.admit(ClientAddr::new(peer.ip()), stream.as_raw_fd(), soft) {
                 Ok(permit) => Some((stream, peer, permit)),
                 // Dropping the stream closes it now.
                 Err(_) => None,
@@ -953,13 +966,13 @@ mod tests {
     #[test]
     fn connections_per_source_are_capped_and_given_back() {
         let g = gate(Reserve::Honour, 2, &[]);
-        let a: IpAddr = "192.0.2.10".parse().unwrap();
-        let b: IpAddr = "192.0.2.11".parse().unwrap();
+        let a: ClientAddr = "192.0.2.10".parse().unwrap();
+        let b: ClientAddr = "192.0.2.11".parse().unwrap();
         let p1 = g.admit(a, 10, 1024).unwrap();
         let _p2 = g.admit(a, 11, 1024).unwrap();
         assert_eq!(g.admit(a, 12, 1024).unwrap_err(), Refusal::PerSourceLimit);
         // The IPv4-mapped form is the same source.
-        let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
+        let mapped: ClientAddr = "::ffff:192.0.2.10".parse().unwrap();
         assert_eq!(
             g.admit(mapped, 12, 1024).unwrap_err(),
             Refusal::PerSourceLimit
@@ -984,7 +997,7 @@ mod tests {
     #[test]
     fn trusted_proxies_are_not_capped() {
         let g = gate(Reserve::Honour, 1, &["198.51.100.0/24"]);
-        let proxy: IpAddr = "198.51.100.250".parse().unwrap();
+        let proxy: ClientAddr = "198.51.100.250".parse().unwrap();
         let held: Vec<Permit> = (0..5)
             .map(|i| g.admit(proxy, 10 + i, 1024).unwrap())
             .collect();
@@ -995,7 +1008,7 @@ mod tests {
     fn listeners_refuse_reserved_descriptors_management_does_not() {
         let shim = gate(Reserve::Honour, 10, &[]);
         let mgmt = gate(Reserve::Use, 10, &[]);
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let a: ClientAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(
             shim.admit(a, 200, 256).unwrap_err(),
             Refusal::DescriptorReserve

@@ -19,8 +19,9 @@ use std::{
 
 use keyfence::{
     confirm::{Confirmer, STEP_SECONDS},
+    keys::{Key, Origin},
     keys_cli,
-    store::{Actor, NewKey, sqlite::SqliteStore},
+    store::{Actor, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
@@ -531,18 +532,19 @@ fn another_writers_changes_are_enforced_from_the_change_feed() {
     let mut other = SqliteStore::open(&s.agent.store_path()).expect("a second connection");
     let key = other
         .create(
-            NewKey {
+            Key {
                 id: "key_writtenelsewhere".into(),
                 name: "elsewhere".into(),
                 tenant: "default".into(),
                 scopes: vec!["api".into()],
-                digest: keyfence::shim::keys::digest(SECRET),
+                digest: keyfence::keys::credentials::digest(SECRET),
                 allow: keyfence::allowlist::parse_list(
                     &keyfence::allowlist::RawList::One(DROPPED.into()),
                     keyfence::allowlist::DEFAULT_MAX_ENTRIES,
                 )
                 .expect("a list"),
                 report_only: false,
+                origin: Origin::Store,
             },
             &actor,
             SystemTime::now(),
@@ -980,7 +982,7 @@ fn check_store(db: &Path, writes: &[Write], round: usize) {
                 .iter()
                 .map(|e| e.net.to_string())
                 .collect();
-            (k.id, list)
+            (k.id.clone(), list)
         })
         .collect();
     // Each key holds the list of its last acknowledged write, or of a later
@@ -1656,14 +1658,15 @@ fn names_with_control_characters_are_refused_and_escaped_on_output() {
         let mut store = SqliteStore::open(&s.agent.store_path()).expect("the store");
         store
             .create(
-                NewKey {
+                Key {
                     id: "key_oldcontrolname".into(),
                     name: "old\u{1b}[2J\u{1b}[31m\nfake row\u{202e}".into(),
                     tenant: "default".into(),
                     scopes: vec!["api".into()],
-                    digest: keyfence::shim::keys::digest("kf_old_control_name_0123456789"),
+                    digest: keyfence::keys::credentials::digest("kf_old_control_name_0123456789"),
                     allow: keyfence::allowlist::AllowList::default(),
                     report_only: false,
+                    origin: Origin::Store,
                 },
                 &Actor {
                     principal: "admin:ops".into(),

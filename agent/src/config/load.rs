@@ -19,7 +19,10 @@ use super::model::{
     ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
     TlsConfig, Unparsed,
 };
-use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
+use crate::{
+    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
+    keys::validate,
+};
 
 /// One located problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,8 +141,8 @@ struct RawClientIp {
 struct RawKey {
     id: Spanned<String>,
     name: Spanned<String>,
-    tenant: Option<String>,
-    scopes: Option<Vec<String>>,
+    tenant: Option<Spanned<String>>,
+    scopes: Option<Spanned<Vec<String>>>,
     secret_sha256: Option<Spanned<String>>,
     secret_env: Option<Spanned<String>>,
     ip_allow_list: Option<Spanned<RawList>>,
@@ -802,13 +805,6 @@ fn valid_upstream(u: &str) -> bool {
     !authority.is_empty() && u.parse::<hyper::Uri>().is_ok()
 }
 
-fn valid_key_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
     let mut out: Vec<StaticKey> = Vec::new();
     let mut ids: BTreeSet<String> = BTreeSet::new();
@@ -816,12 +812,8 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
         let p = format!("keys[{i}]");
         let k = item.value;
         let id = k.id.value.clone();
-        if !valid_key_id(&id) {
-            errors.at(
-                &k.id.referenced,
-                format!("{p}.id"),
-                format!("{id:?} is not a key id (1-64 of A-Z a-z 0-9 _ . -)"),
-            );
+        if let Err(e) = validate::key_id(&id) {
+            errors.at(&k.id.referenced, format!("{p}.id"), e.to_string());
         } else if !ids.insert(id.clone()) {
             errors.at(
                 &k.id.referenced,
@@ -829,9 +821,24 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
                 format!("key id {id:?} is used twice"),
             );
         }
-        if let Err(e) = crate::names::check(&k.name.value) {
-            errors.at(&k.name.referenced, format!("{p}.name"), e.to_string());
-        }
+        // The rules the API applies too.
+        let name = validate::name(&k.name.value)
+            .map_err(|e| errors.at(&k.name.referenced, format!("{p}.name"), e.to_string()));
+        let tenant = validate::tenant(k.tenant.as_ref().map(|t| t.value.as_str())).map_err(|e| {
+            let at = k
+                .tenant
+                .as_ref()
+                .map_or(&item.referenced, |t| &t.referenced);
+            errors.at(at, format!("{p}.tenant"), e.to_string());
+        });
+        let scopes_at = k.scopes.as_ref().map(|s| s.referenced);
+        let scopes = validate::scopes(k.scopes.map(|s| s.value)).map_err(|e| {
+            errors.at(
+                scopes_at.as_ref().unwrap_or(&item.referenced),
+                format!("{p}.scopes"),
+                e.to_string(),
+            );
+        });
         let secret = match (k.secret_sha256, k.secret_env) {
             (Some(h), None) => match hex::decode(h.value.trim()) {
                 Ok(bytes) if bytes.len() == 32 => {
@@ -882,12 +889,12 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
                 }
             },
         };
-        if let Some(secret) = secret {
+        if let (Some(secret), Ok(name), Ok(tenant), Ok(scopes)) = (secret, name, tenant, scopes) {
             out.push(StaticKey {
                 id,
-                name: k.name.value,
-                tenant: k.tenant.unwrap_or_else(|| super::DEFAULT_TENANT.into()),
-                scopes: k.scopes.unwrap_or_else(|| vec!["api".into()]),
+                name,
+                tenant,
+                scopes,
                 secret,
                 allow,
                 report_only: k.report_only.unwrap_or(false),

@@ -13,12 +13,9 @@ use anyhow::{Context as _, anyhow};
 
 use super::Daemon;
 use crate::{
-    management::{
-        api::{ApiState, EnforceError},
-        principals::ADMIN_SCOPE,
-    },
-    policy::{KeyAccess, PolicyState},
-    shim::{keys::ShimKey, runtime::Shim},
+    management::api::{ApiState, EnforceError},
+    policy::PolicyState,
+    shim::runtime::Shim,
     store::StoredKey,
 };
 
@@ -100,15 +97,12 @@ impl Daemon {
         for key in keys {
             self.stored.insert(key.id.clone(), key);
         }
-        shim.set_keys(self.key_table()?);
+        shim.set_keys(self.key_table());
         *api.principals
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
-        self.policy = PolicyState::build(
-            &self.config.listeners,
-            &self.key_accesses(),
-            SystemTime::now(),
-        );
+        self.policy =
+            PolicyState::build(&self.config.listeners, &self.key_facts(), SystemTime::now());
         if let Err(e) = self.enforce() {
             self.datapath_failed(&e)?;
         }
@@ -129,14 +123,10 @@ impl Daemon {
         // The shim first: it is the authority, and changing its table cannot
         // fail for want of map space.
         let new = self.stored.get(&id).filter(|k| k.is_active());
-        shim.replace_key(
-            old.as_ref().map(|k| k.digest),
-            new.map(|k| (k.digest, ShimKey::new(&k.id, k.into()))),
-        );
+        shim.replace_key(old.as_deref(), new.map(|k| k.key.clone()));
         // Principals are the config's admins and admin-scoped keys: rebuilt
         // only when such a key changes.
-        let admin = |k: &StoredKey| k.scopes.iter().any(|s| s == ADMIN_SCOPE);
-        if old.as_ref().is_some_and(admin) || new.is_some_and(admin) {
+        if old.as_ref().is_some_and(|k| k.is_admin()) || new.is_some_and(|k| k.is_admin()) {
             *api.principals
                 .write()
                 .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
@@ -146,15 +136,13 @@ impl Daemon {
         // datapath must pass, and what a reconcile writes.
         let full = if self.policy.next_change().is_some_and(|t| now >= t) {
             // An entry expired since the last compile: start over.
-            self.policy = PolicyState::build(&self.config.listeners, &self.key_accesses(), now);
+            self.policy = PolicyState::build(&self.config.listeners, &self.key_facts(), now);
             true
         } else {
             let new = self.stored.get(&id).filter(|k| k.is_active());
-            let change = self.policy.change_key(
-                old.as_ref().map(KeyAccess::from).as_ref(),
-                new.map(KeyAccess::from).as_ref(),
-                now,
-            );
+            let change = self
+                .policy
+                .change_key(old.as_deref(), new.map(|k| &*k.key), now);
             // Out of sync, only a full apply catches the maps up.
             change.reshaped
                 || self.reconcile.is_some()

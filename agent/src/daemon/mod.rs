@@ -25,10 +25,11 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Instant};
 use crate::{
     config::{self, Config},
     datapath::Datapath,
+    keys::{Key, KeyTable},
     management,
     metrics::Metrics,
-    policy::{KeyAccess, PolicyState},
-    shim::{keys::KeyTable, runtime as shim_runtime},
+    policy::PolicyState,
+    shim::runtime as shim_runtime,
     store::{SharedStore, StoredKey},
 };
 pub use start::run;
@@ -46,6 +47,8 @@ pub enum StartError {
 struct Daemon {
     config_path: PathBuf,
     config: Config,
+    /// The config's static keys, their secrets resolved.
+    statics: Arc<[Arc<Key>]>,
     /// `None` with `datapath.mode: off`. Scrapes and the drop-sample log read
     /// through its `reader()`, never through this.
     datapath: Option<Datapath>,
@@ -74,8 +77,8 @@ impl Daemon {
     }
 
     /// The shim's key table: static and active stored keys.
-    fn key_table(&self) -> anyhow::Result<KeyTable> {
-        shim_runtime::key_table(&self.config.keys, self.stored.values())
+    fn key_table(&self) -> KeyTable {
+        shim_runtime::key_table(&self.statics, self.stored.values())
     }
 
     fn principals(&self) -> anyhow::Result<management::principals::Principals> {
@@ -83,12 +86,11 @@ impl Daemon {
     }
 
     /// Every key a listener may accept: static ones and active stored ones.
-    fn key_accesses(&self) -> Vec<KeyAccess<'_>> {
-        self.config
-            .keys
+    fn key_facts(&self) -> Vec<&Key> {
+        self.statics
             .iter()
-            .map(KeyAccess::from)
-            .chain(self.active_stored().map(KeyAccess::from))
+            .map(AsRef::as_ref)
+            .chain(self.active_stored().map(|k| &*k.key))
             .collect()
     }
 }

@@ -8,10 +8,11 @@ use anyhow::Context as _;
 
 use super::Daemon;
 use crate::{
+    keys::Key,
     management::api::EnforceError,
     maps::policy::CapacityError,
     metrics,
-    policy::{self, KeyAccess, PolicyState},
+    policy::{self, PolicyState},
     store::StoredKey,
 };
 
@@ -40,23 +41,22 @@ impl Daemon {
         let result =
             if self.reconcile.is_some() || self.policy.next_change().is_some_and(|t| now >= t) {
                 // The next write is a full apply: check the whole policy.
-                let mut accesses: Vec<KeyAccess<'_>> = self
-                    .config
-                    .keys
+                let mut accesses: Vec<&Key> = self
+                    .statics
                     .iter()
-                    .map(KeyAccess::from)
+                    .map(AsRef::as_ref)
                     .chain(
                         self.active_stored()
                             .filter(|k| k.id != key.id)
-                            .map(KeyAccess::from),
+                            .map(|k| &*k.key),
                     )
                     .collect();
-                accesses.extend(new.map(KeyAccess::from));
+                accesses.extend(new.map(|k| &*k.key));
                 full_check(&PolicyState::build(&self.config.listeners, &accesses, now))
             } else {
                 self.policy.preview_key(
-                    old.map(KeyAccess::from).as_ref(),
-                    new.map(KeyAccess::from).as_ref(),
+                    old.map(|k| &*k.key),
+                    new.map(|k| &*k.key),
                     now,
                     |state, change| {
                         if !change.reshaped
@@ -80,11 +80,8 @@ impl Daemon {
     /// it. On failure the previous policy stays.
     pub(super) fn apply_policy(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let state = PolicyState::build(
-            &self.config.listeners,
-            &self.key_accesses(),
-            SystemTime::now(),
-        );
+        let state =
+            PolicyState::build(&self.config.listeners, &self.key_facts(), SystemTime::now());
         // Kept only once enforced: a failed reload goes back to the old state.
         let previous = std::mem::replace(&mut self.policy, state);
         if let Err(e) = self.enforce() {

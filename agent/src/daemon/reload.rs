@@ -11,6 +11,7 @@ use anyhow::anyhow;
 use super::Daemon;
 use crate::{
     config::{self, AttachMode, Config},
+    keys,
     management::{self, api::ApiState},
     metrics::ResultLabel,
     shim::runtime::{self as shim_runtime, Shim},
@@ -111,7 +112,8 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         // Secrets are read before anything changes, so a missing variable
         // rejects the whole reload.
-        let keys = shim_runtime::key_table(&new.keys, self.stored.values())?;
+        let statics = keys::statics(&new.keys)?;
+        let keys = shim_runtime::key_table(&statics, self.stored.values());
         let principals = management::principals(&new.management.admins, self.stored.values())?;
         let old = std::mem::replace(&mut self.config, new);
         let waiting: Vec<&str> = RESTART_ONLY
@@ -125,8 +127,10 @@ impl Daemon {
         for setting in RESTART_ONLY {
             (setting.keep)(&mut self.config, &old);
         }
+        let old_statics = std::mem::replace(&mut self.statics, statics);
         if let Err(e) = self.apply_policy() {
             self.config = old;
+            self.statics = old_statics;
             return Err(e);
         }
         if self.config.datapath.interfaces != old.datapath.interfaces
@@ -137,7 +141,7 @@ impl Daemon {
         shim.update(&self.config, keys).await?;
         *api.static_keys
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.config.keys.clone());
+            .unwrap_or_else(PoisonError::into_inner) = self.statics.clone();
         *api.principals
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(principals);

@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::{mpsc, watch};
 
@@ -20,6 +20,7 @@ use crate::{
     config::{self, AttachMode, Config},
     confirm::Confirmer,
     datapath::Datapath,
+    keys::{self, credentials},
     management::{
         self,
         api::{self, ApiState, Apply},
@@ -42,7 +43,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     metrics.config_last_reload_successful.set(1);
     crate::config_warnings::report(config_path, &config, &metrics.config_warnings);
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
-    let confirm = confirmer(&config)?;
+    let confirm = credentials::confirmer(&config.management)?;
     let (store, stored, applied) = open_store(&config).await?;
     let management_listener = tokio::net::TcpListener::bind(config.management.bind)
         .await
@@ -51,6 +52,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let mut daemon = Daemon {
         config_path: config_path.to_path_buf(),
         config,
+        statics: Arc::new([]),
         datapath: None,
         metrics: metrics.clone(),
         store,
@@ -61,7 +63,8 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         reconcile: None,
     };
     // Secrets from the environment are read before the kernel is touched.
-    let keys = daemon.key_table()?;
+    daemon.statics = keys::statics(&daemon.config.keys)?;
+    let keys = daemon.key_table();
     let principals = daemon.principals()?;
     let samples = daemon.open_datapath()?;
     // Policy first, then attach: a fresh attachment enforces a complete policy
@@ -156,7 +159,7 @@ fn start_management(
     let api = Arc::new(ApiState {
         store: daemon.store.clone(),
         principals: std::sync::RwLock::new(Arc::new(principals)),
-        static_keys: std::sync::RwLock::new(Arc::new(daemon.config.keys.clone())),
+        static_keys: std::sync::RwLock::new(daemon.statics.clone()),
         confirm,
         guard: management::throttle::Guard::new(
             management::throttle::Limits::DEFAULT,
@@ -192,19 +195,6 @@ async fn open_store(
         .map(|k| (k.id.clone(), k))
         .collect();
     Ok((store, stored, snapshot.upto))
-}
-
-/// The step-up confirmer, when `management.confirm.totp_secret_env` is set.
-fn confirmer(config: &Config) -> anyhow::Result<Option<Confirmer>> {
-    let Some(var) = &config.management.confirm_totp_env else {
-        return Ok(None);
-    };
-    let secret = std::env::var(var).map_err(|_| {
-        anyhow!("management.confirm.totp_secret_env: environment variable {var} is not set")
-    })?;
-    let confirmer = Confirmer::from_base32(&secret)
-        .map_err(|e| anyhow!("management.confirm.totp_secret_env: {var}: {e}"))?;
-    Ok(Some(confirmer))
 }
 
 impl Daemon {

@@ -28,25 +28,26 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals},
+    principals::{AuthError, Principal, Principals},
     throttle::{Attempt, Guard, Reason, Started},
 };
 use crate::{
-    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, parse_list},
-    config::StaticKey,
+    allowlist::{AllowList, ClientAddr, DEFAULT_MAX_ENTRIES, RawList, parse_list},
     confirm::{ConfirmError, Confirmer},
-    policy::API_SCOPE,
-    shim::{keys::digest, sources::Sources},
+    keys::{
+        Key, Origin,
+        credentials::{self, digest},
+        validate,
+    },
+    shim::sources::Sources,
     store::{
-        Actor, AuditEvent, KeyPatch, KeyWrite, NewKey, SharedStore, StoreError, StoredKey,
-        list_json, secret, time_json,
+        Actor, AuditEvent, KeyPatch, KeyView, KeyWrite, SharedStore, StoreError, StoredKey,
+        time_json,
     },
 };
 
 /// Header carrying the step-up code.
 pub const CONFIRM_HEADER: &str = "x-keyfence-confirm";
-/// Longest key name accepted.
-const MAX_NAME: usize = 200;
 /// `GET /v1/audit` page size: default and cap.
 const AUDIT_DEFAULT: usize = 100;
 const AUDIT_MAX: usize = 1000;
@@ -86,7 +87,7 @@ pub enum EnforceError {
 pub struct ApiState {
     pub store: SharedStore,
     pub principals: RwLock<Arc<Principals>>,
-    pub static_keys: RwLock<Arc<Vec<StaticKey>>>,
+    pub static_keys: RwLock<Arc<[Arc<Key>]>>,
     pub confirm: Option<Confirmer>,
     /// Throttles failed tokens and step-up codes (`throttle.rs`).
     pub guard: Guard,
@@ -215,16 +216,15 @@ type ApiResult = Result<Response, ApiError>;
 /// The caller, authenticated.
 struct Caller {
     principal: Principal,
+    /// `client`'s address.
     ip: IpAddr,
+    client: ClientAddr,
 }
 
 impl Caller {
     fn actor(&self) -> Actor {
         Actor {
-            principal: match &self.principal.kind {
-                PrincipalKind::ConfigAdmin => format!("admin:{}", self.principal.name),
-                PrincipalKind::Key(id) => format!("key:{id}"),
-            },
+            principal: self.principal.label(),
             address: self.ip,
         }
     }
@@ -257,10 +257,10 @@ async fn authenticate(
 ) -> Result<Caller, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ip = crate::allowlist::fold_ip(peer.ip());
+        .and_then(|v| credentials::bearer(v.as_bytes()));
+    // The API's one point of entry for an address: folded here, once.
+    let client = ClientAddr::new(peer.ip());
+    let ip = client.ip();
     let principals = state
         .principals
         .read()
@@ -271,7 +271,7 @@ async fn authenticate(
         Instant::now(),
         || {
             principals
-                .authenticate(token, ip, SystemTime::now())
+                .authenticate(token, client, SystemTime::now())
                 .cloned()
         },
         // A missing token guesses nothing; a valid one from elsewhere
@@ -279,7 +279,11 @@ async fn authenticate(
         |e| token.is_some() && *e == AuthError::Unauthenticated,
     );
     match attempt {
-        Attempt::Passed(principal) => Ok(Caller { principal, ip }),
+        Attempt::Passed(principal) => Ok(Caller {
+            principal,
+            ip,
+            client,
+        }),
         Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Token)),
         Attempt::Failed(e, started) => {
             if e == AuthError::AddressNotAllowed {
@@ -338,19 +342,9 @@ fn parse_allow(raw: &RawList) -> Result<AllowList, ApiError> {
     })
 }
 
-/// Names are printed by the CLI and written to logs: 1 to `MAX_NAME` bytes,
-/// no control or formatting characters (`crate::names`).
-fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("name must be 1 to {MAX_NAME} characters"),
-        ));
-    }
-    crate::names::check(name)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    Ok(name.to_owned())
+/// A field that breaks its rule (`crate::keys::validate`): 422.
+fn invalid(e: &validate::Invalid) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
 }
 
 /// The step-up rule: with a TOTP secret configured, the write needs a fresh
@@ -463,7 +457,7 @@ async fn commit(state: &ApiState, caller: &Caller, write: KeyWrite) -> Result<St
     Ok(key)
 }
 
-fn static_key(state: &ApiState, id: &str) -> Option<StaticKey> {
+fn static_key(state: &ApiState, id: &str) -> Option<Arc<Key>> {
     state
         .static_keys
         .read()
@@ -489,20 +483,9 @@ pub fn stored_json(k: &StoredKey) -> Value {
     serde_json::to_value(k.view(Some("api"))).expect("a key serializes")
 }
 
-fn static_json(k: &StaticKey) -> Value {
-    json!({
-        "id": k.id,
-        "name": k.name,
-        "tenant": k.tenant,
-        "scopes": k.scopes,
-        "ip_allow_list": list_json(&k.allow),
-        "report_only": k.report_only,
-        "source": "config",
-        "created_at": Value::Null,
-        "updated_at": Value::Null,
-        "last_used_at": Value::Null,
-        "revoked_at": Value::Null,
-    })
+/// A key of the config as the API shows it.
+fn static_json(k: &Key) -> Value {
+    serde_json::to_value(KeyView::of_static(k)).expect("a key serializes")
 }
 
 fn with_secret(mut key: Value, secret: &str) -> Value {
@@ -522,38 +505,6 @@ struct CreateBody {
     report_only: Option<bool>,
 }
 
-fn check_tenant(tenant: Option<String>) -> Result<String, ApiError> {
-    let tenant = tenant.unwrap_or_else(|| crate::config::DEFAULT_TENANT.to_owned());
-    let ok = !tenant.is_empty()
-        && tenant.len() <= 64
-        && tenant
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !ok {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "tenant must be 1 to 64 letters, digits, '-' or '_'",
-        ));
-    }
-    Ok(tenant)
-}
-
-fn check_scopes(scopes: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
-    let mut scopes = scopes.unwrap_or_else(|| vec![API_SCOPE.to_owned()]);
-    scopes.sort();
-    scopes.dedup();
-    if let Some(bad) = scopes
-        .iter()
-        .find(|s| s.as_str() != API_SCOPE && s.as_str() != ADMIN_SCOPE)
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("unknown scope {bad:?}; scopes are {API_SCOPE:?} and {ADMIN_SCOPE:?}"),
-        ));
-    }
-    Ok(scopes)
-}
-
 async fn create(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
@@ -561,9 +512,9 @@ async fn create(
     body: Bytes,
 ) -> ApiResult {
     let body: CreateBody = parse_body(&body)?;
-    let name = check_name(&body.name)?;
-    let tenant = check_tenant(body.tenant)?;
-    let scopes = check_scopes(body.scopes)?;
+    let name = validate::name(&body.name).map_err(|e| invalid(&e))?;
+    let tenant = validate::tenant(body.tenant.as_deref()).map_err(|e| invalid(&e))?;
+    let scopes = validate::scopes(body.scopes).map_err(|e| invalid(&e))?;
     let allow = body
         .ip_allow_list
         .as_ref()
@@ -572,15 +523,16 @@ async fn create(
         .unwrap_or_default();
     // A new key always sets a list (an empty one opens it to everyone).
     confirm(&state, &caller, &headers).await?;
-    let secret = secret::generate();
-    let new = NewKey {
-        id: secret::new_key_id(),
+    let secret = credentials::generate();
+    let new = Key {
+        id: credentials::new_key_id(),
         name,
         tenant,
         scopes,
         digest: digest(&secret),
         allow,
         report_only: body.report_only.unwrap_or(false),
+        origin: Origin::Store,
     };
     let key = commit(&state, &caller, KeyWrite::Create(new)).await?;
     Ok((
@@ -599,7 +551,7 @@ async fn list(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult 
         .clone();
     let keys: Vec<Value> = statics
         .iter()
-        .map(static_json)
+        .map(|k| static_json(k))
         .chain(stored.iter().map(stored_json))
         .collect();
     Ok(axum::Json(json!({ "keys": keys })).into_response())
@@ -635,14 +587,19 @@ async fn update(
     let body: UpdateBody = parse_body(&body)?;
     refuse_static(&state, &id)?;
     let patch = KeyPatch {
-        name: body.name.as_deref().map(check_name).transpose()?,
+        name: body
+            .name
+            .as_deref()
+            .map(validate::name)
+            .transpose()
+            .map_err(|e| invalid(&e))?,
         allow: body.ip_allow_list.as_ref().map(parse_allow).transpose()?,
         report_only: body.report_only,
     };
     if let Some(allow) = &patch.allow {
         super::principals::check_self_lockout(
             &caller.principal,
-            caller.ip,
+            caller.client,
             &id,
             allow,
             SystemTime::now(),
@@ -664,7 +621,7 @@ async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult {
     refuse_static(&state, &id)?;
-    if caller.principal.kind == PrincipalKind::Key(id.clone()) {
+    if caller.principal.is_key(&id) {
         // `caller.ip` is already folded.
         let lockout = super::principals::LockOut { ip: caller.ip };
         return Err(ApiError::new(StatusCode::CONFLICT, lockout.to_string()));
@@ -680,7 +637,7 @@ async fn rotate(
     Path(id): Path<String>,
 ) -> ApiResult {
     refuse_static(&state, &id)?;
-    let secret = secret::generate();
+    let secret = credentials::generate();
     let write = KeyWrite::Rotate {
         id,
         digest: digest(&secret),

@@ -6,7 +6,10 @@
 
 use std::time::SystemTime;
 
-use crate::store::{KeyStore, KeyWrite, StoreError, StoredKey};
+use crate::{
+    keys::{Key, Origin},
+    store::{KeyStore, KeyWrite, StoreError, StoredKey},
+};
 
 /// The key `write` would store at `now`: the fields the policy depends on are
 /// exact; timestamps are `now`. Refused as the store would refuse it (an
@@ -20,13 +23,10 @@ pub async fn would_be(
     let key = match write {
         KeyWrite::Create(new) => {
             return Ok(StoredKey {
-                id: new.id.clone(),
-                name: new.name.clone(),
-                tenant: new.tenant.clone(),
-                scopes: new.scopes.clone(),
-                digest: new.digest,
-                allow: new.allow.clone(),
-                report_only: new.report_only,
+                key: std::sync::Arc::new(Key {
+                    origin: Origin::Store,
+                    ..new.clone()
+                }),
                 created_at: now,
                 updated_at: now,
                 last_used_at: None,
@@ -35,14 +35,15 @@ pub async fn would_be(
         }
         KeyWrite::Update { id, patch } => {
             let mut key = active(store, id).await?;
+            let facts = key.key_mut();
             if let Some(name) = &patch.name {
-                key.name.clone_from(name);
+                facts.name.clone_from(name);
             }
             if let Some(allow) = &patch.allow {
-                key.allow = allow.clone();
+                facts.allow = allow.clone();
             }
             if let Some(report_only) = patch.report_only {
-                key.report_only = report_only;
+                facts.report_only = report_only;
             }
             key
         }
@@ -53,7 +54,7 @@ pub async fn would_be(
         }
         KeyWrite::Rotate { id, digest } => {
             let mut key = active(store, id).await?;
-            key.digest = *digest;
+            key.key_mut().digest = *digest;
             key
         }
     };
@@ -83,8 +84,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
-        store::{Actor, KeyPatch, NewKey, embedded::Embedded, secret},
+        keys::{credentials as secret, testing::list},
+        store::{Actor, KeyPatch, embedded::Embedded},
     };
 
     fn store() -> (Embedded, std::path::PathBuf) {
@@ -103,22 +104,14 @@ mod tests {
         }
     }
 
-    fn list(s: &str) -> crate::allowlist::AllowList {
-        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
-    }
-
     #[tokio::test]
     async fn a_preview_writes_nothing_and_the_write_stores_what_it_answered() {
         let (s, dir) = store();
         let now = UNIX_EPOCH + Duration::from_hours(500_000);
-        let new = NewKey {
-            id: secret::new_key_id(),
+        let new = Key {
             name: "ci".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into()],
             digest: [1; 32],
-            allow: list("198.51.100.7"),
-            report_only: false,
+            ..crate::keys::testing::key(&secret::new_key_id(), "", "198.51.100.7")
         };
         let create = KeyWrite::Create(new.clone());
         let would_be = would_be(&s, &create, now).await.unwrap();

@@ -3,7 +3,7 @@
 
 pub mod body;
 pub mod client_ip;
-pub mod keys;
+pub mod decide;
 pub mod runtime;
 pub mod server;
 pub mod sources;

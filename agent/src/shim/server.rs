@@ -31,14 +31,19 @@ use tokio::{
 use super::{
     body::Capped,
     client_ip::{
-        PROXY_V2_MAX, ProxyParse, appended_xff, forwarded_client, is_trusted, parse_proxy_header,
+        ConnClient, PROXY_V2_MAX, ProxyParse, appended_xff, is_trusted, parse_proxy_header,
     },
-    keys::{Credential, CredentialHeader, KeyTable, Verdict, credential, decide},
+    decide::{Verdict, decide},
     tls::TlsAcceptor,
 };
 use crate::{
+    allowlist::ClientAddr,
     config::{ClientIpSource, ListenerConfig, ListenerMode, Rejection},
     conn::{self, Activity, Gate, Permit, Reserve},
+    keys::{
+        KeyTable,
+        credentials::{Credential, CredentialHeader, credential},
+    },
     metrics::Metrics,
 };
 
@@ -139,11 +144,13 @@ pub async fn serve(
         tokio::select! {
             accepted = conn::accept(&socket, &gate) => {
                 let Some((stream, peer, permit)) = accepted else { continue };
+                // The connection keeps the config it was accepted under.
+                let config = ctx.config();
                 let ctx = ctx.clone();
                 let tls = tls.clone();
                 let stop = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, peer, permit, ctx, tls, stop).await {
+                    if let Err(e) = connection(stream, peer, permit, ctx, config, tls, stop).await {
                         tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
                     }
                 });
@@ -195,6 +202,7 @@ async fn connection(
     peer: SocketAddr,
     permit: Permit,
     ctx: Arc<ListenerCtx>,
+    config: Arc<ListenerConfig>,
     tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -204,8 +212,7 @@ async fn connection(
     let activity = Activity::new();
     let limits = permit.gate().limits();
     let head_due = activity.first_head_deadline(&limits);
-    let peer_ip = crate::allowlist::fold_ip(peer.ip());
-    let config = ctx.config();
+    let peer_ip = permit.source();
     // The connection-level client address (before any X-Forwarded-For).
     let conn_client = match config.client_ip.source {
         ClientIpSource::ProxyProtocol => {
@@ -216,13 +223,14 @@ async fn connection(
             let source = tokio::time::timeout_at(due, read_proxy_header(&mut stream))
                 .await
                 .context("PROXY header timeout")??;
-            source.map_or(peer_ip, |s| crate::allowlist::fold_ip(s.ip()))
+            ConnClient::proxied(peer_ip, source)
         }
-        ClientIpSource::Peer | ClientIpSource::XForwardedFor => peer_ip,
+        ClientIpSource::Peer | ClientIpSource::XForwardedFor => ConnClient::direct(peer_ip),
     };
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx, peer_ip, conn_client).await) }
+        let config = config.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client).await) }
     });
     let mut builder = conn::builder(&limits);
     builder.http1().max_buf_size(MAX_HEADER_BYTES);
@@ -300,31 +308,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 async fn handle(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
-    peer: IpAddr,
-    conn_client: IpAddr,
+    config: &ListenerConfig,
+    conn: ConnClient,
 ) -> Response<Body> {
     let started = Instant::now();
-    let config = ctx.config();
     let listener = config.name.as_str();
-    let client = match config.client_ip.source {
-        ClientIpSource::XForwardedFor => {
-            // Raw bytes: a value that is not UTF-8 must not vanish (with the
-            // address a proxy appended to it) and leave the proxy as client.
-            let values: Vec<&[u8]> = req
-                .headers()
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect();
-            forwarded_client(
-                peer,
-                &values,
-                &config.client_ip.trusted_proxies,
-                config.client_ip.hops,
-            )
-        }
-        ClientIpSource::Peer | ClientIpSource::ProxyProtocol => Some(conn_client),
-    };
+    let resolved = conn.resolve(&config.client_ip, req.headers());
+    let client = resolved.map(ClientAddr::ip);
     if req.uri().path() == "/_keyfence/ip" {
         let ip = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         return json(
@@ -348,13 +338,13 @@ async fn handle(
         Credential::Absent => None,
     };
     let verdict = decide(
-        &config,
+        config,
         &ctx.shared
             .keys
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
         presented.key(),
-        client,
+        resolved,
         SystemTime::now(),
     );
     let now = SystemTime::now();
@@ -388,12 +378,12 @@ async fn handle(
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, false);
             metrics.refusal_log(listener, Some(&key.id), ip, "report_only");
-            let (resp, passed) = pass(req, ctx, &config, &key.id, conn_client, carrier).await;
+            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
             (resp, passed.outcome("report_only"))
         }
         Verdict::Allowed { key } => {
             seen(&key.id, client, true);
-            let (resp, passed) = pass(req, ctx, &config, &key.id, conn_client, carrier).await;
+            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
             (resp, passed.outcome("allowed"))
         }
     };
@@ -475,7 +465,7 @@ async fn pass(
     ctx: &ListenerCtx,
     config: &ListenerConfig,
     key_id: &str,
-    origin: IpAddr,
+    origin: ClientAddr,
     carrier: Option<CredentialHeader>,
 ) -> (Response<Body>, Passed) {
     let key_header = HeaderValue::from_str(key_id).ok();
@@ -513,7 +503,7 @@ async fn proxy(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
     key_header: Option<HeaderValue>,
-    origin: IpAddr,
+    origin: ClientAddr,
     credential_header: Option<&str>,
     keep: Option<CredentialHeader>,
 ) -> (Response<Body>, Passed) {

@@ -134,8 +134,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
-        store::{KeyPatch, NewKey, secret},
+        keys::{Key, credentials as secret, testing},
+        store::KeyPatch,
     };
 
     fn actor() -> Actor {
@@ -145,16 +145,8 @@ mod tests {
         }
     }
 
-    fn new_key(allow: &str) -> NewKey {
-        NewKey {
-            id: secret::new_key_id(),
-            name: "ci".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into()],
-            digest: crate::shim::keys::digest(&secret::generate()),
-            allow: parse_list(&RawList::One(allow.into()), DEFAULT_MAX_ENTRIES).unwrap(),
-            report_only: false,
-        }
+    fn new_key(allow: &str) -> Key {
+        testing::key(&secret::new_key_id(), &secret::generate(), allow)
     }
 
     /// The feed reports what any writer committed: this store's writes and

@@ -12,14 +12,16 @@
 //! [`sqlite::SqliteStore`] and its WAL checkpoints) is the default.
 
 pub mod embedded;
-pub mod secret;
 pub mod sqlite;
 
-use std::{net::IpAddr, time::SystemTime};
+use std::{net::IpAddr, ops::Deref, sync::Arc, time::SystemTime};
 
 use serde_json::Value;
 
-use crate::allowlist::{AllowEntry, AllowList};
+use crate::{
+    allowlist::{AllowEntry, AllowList},
+    keys::{Digest, Key},
+};
 
 /// Who made a change, as recorded in the audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,19 +29,6 @@ pub struct Actor {
     /// `admin:NAME` for a config principal, `key:ID` for an admin-scoped key.
     pub principal: String,
     pub address: IpAddr,
-}
-
-/// A key to create.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewKey {
-    pub id: String,
-    pub name: String,
-    pub tenant: String,
-    pub scopes: Vec<String>,
-    /// SHA-256 of the secret.
-    pub digest: [u8; 32],
-    pub allow: AllowList,
-    pub report_only: bool,
 }
 
 /// Fields of a key to change; `None` leaves a field as it is.
@@ -50,23 +39,32 @@ pub struct KeyPatch {
     pub report_only: Option<bool>,
 }
 
-/// A key as stored.
+/// A key as stored: the key's facts (shared with the shim's table, the
+/// principals and the policy) and the store's own timestamps. Reads of the
+/// facts go through `Deref` (`stored.allow`); a change builds a new [`Key`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredKey {
-    pub id: String,
-    pub name: String,
-    pub tenant: String,
-    pub scopes: Vec<String>,
-    pub digest: [u8; 32],
-    pub allow: AllowList,
-    pub report_only: bool,
+    pub key: Arc<Key>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub last_used_at: Option<SystemTime>,
     pub revoked_at: Option<SystemTime>,
 }
 
+impl Deref for StoredKey {
+    type Target = Key;
+
+    fn deref(&self) -> &Key {
+        &self.key
+    }
+}
+
 impl StoredKey {
+    /// The key's facts, to change (copied first when they are shared).
+    pub fn key_mut(&mut self) -> &mut Key {
+        Arc::make_mut(&mut self.key)
+    }
+
     #[must_use]
     pub fn is_active(&self) -> bool {
         self.revoked_at.is_none()
@@ -83,15 +81,34 @@ impl StoredKey {
     /// `source` adds that field (`api` in API answers).
     #[must_use]
     pub fn view(&self, source: Option<&'static str>) -> KeyView<'_> {
-        KeyView { key: self, source }
+        KeyView {
+            key: &self.key,
+            stored: Some(self),
+            source,
+        }
     }
 }
 
-/// See [`StoredKey::view`]. Fields in the order `to_json` has always had
-/// (sorted), so stored audit rows and answers read the same as before.
+/// See [`StoredKey::view`] and [`KeyView::of_static`]. Fields in the order
+/// `to_json` has always had (sorted), so stored audit rows and answers read
+/// the same as before.
 pub struct KeyView<'a> {
-    key: &'a StoredKey,
+    key: &'a Key,
+    /// The timestamps; `None` (all null) for a key of the config.
+    stored: Option<&'a StoredKey>,
     source: Option<&'static str>,
+}
+
+impl<'a> KeyView<'a> {
+    /// A key of the config as the API shows it: `source` `config`, no timestamps.
+    #[must_use]
+    pub fn of_static(key: &'a Key) -> Self {
+        Self {
+            key,
+            stored: None,
+            source: Some(key.origin.label()),
+        }
+    }
 }
 
 struct Time(SystemTime);
@@ -138,20 +155,21 @@ impl serde::Serialize for KeyView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap as _;
         let k = self.key;
+        let time = |t: fn(&StoredKey) -> Option<SystemTime>| self.stored.and_then(t).map(Time);
         let mut m = s.serialize_map(None)?;
-        m.serialize_entry("created_at", &Time(k.created_at))?;
+        m.serialize_entry("created_at", &time(|s| Some(s.created_at)))?;
         m.serialize_entry("id", &k.id)?;
         m.serialize_entry("ip_allow_list", &ListView(&k.allow))?;
-        m.serialize_entry("last_used_at", &k.last_used_at.map(Time))?;
+        m.serialize_entry("last_used_at", &time(|s| s.last_used_at))?;
         m.serialize_entry("name", &k.name)?;
         m.serialize_entry("report_only", &k.report_only)?;
-        m.serialize_entry("revoked_at", &k.revoked_at.map(Time))?;
+        m.serialize_entry("revoked_at", &time(|s| s.revoked_at))?;
         m.serialize_entry("scopes", &k.scopes)?;
         if let Some(source) = self.source {
             m.serialize_entry("source", source)?;
         }
         m.serialize_entry("tenant", &k.tenant)?;
-        m.serialize_entry("updated_at", &Time(k.updated_at))?;
+        m.serialize_entry("updated_at", &time(|s| Some(s.updated_at)))?;
         m.end()
     }
 }
@@ -220,7 +238,8 @@ pub struct AuditEvent {
 /// changes nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyWrite {
-    Create(NewKey),
+    /// Store a new key (its origin is [`Origin::Store`](crate::keys::Origin)).
+    Create(Key),
     /// Returns the key after the patch.
     Update {
         id: String,
@@ -232,7 +251,7 @@ pub enum KeyWrite {
     /// Replace the secret's digest; id, list and everything else stay.
     Rotate {
         id: String,
-        digest: [u8; 32],
+        digest: Digest,
     },
 }
 
@@ -352,6 +371,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::keys::Origin;
 
     /// The `Value` tree `to_json` built before it serialized directly.
     fn reference(k: &StoredKey) -> Value {
@@ -373,29 +393,32 @@ mod tests {
     fn direct_serialization_matches_the_value_tree() {
         let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         let mut k = StoredKey {
-            id: "key_1".into(),
-            name: "ci \"runner\"".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into(), "admin".into()],
-            digest: [7; 32],
-            allow: AllowList::from_canonical(vec![
-                AllowEntry {
-                    net: "192.0.2.0/24".parse().unwrap(),
-                    note: None,
-                    expires_at: None,
-                },
-                AllowEntry {
-                    net: "2001:db8::/48".parse().unwrap(),
-                    note: Some("office\nwifi".into()),
-                    expires_at: Some(t(1_800_000_000)),
-                },
-                AllowEntry {
-                    net: "198.51.100.7/32".parse().unwrap(),
-                    note: None,
-                    expires_at: Some(t(1_800_000_100)),
-                },
-            ]),
-            report_only: false,
+            key: Arc::new(Key {
+                id: "key_1".into(),
+                name: "ci \"runner\"".into(),
+                tenant: "default".into(),
+                scopes: vec!["api".into(), "admin".into()],
+                digest: [7; 32],
+                origin: Origin::Store,
+                allow: AllowList::from_canonical(vec![
+                    AllowEntry {
+                        net: "192.0.2.0/24".parse().unwrap(),
+                        note: None,
+                        expires_at: None,
+                    },
+                    AllowEntry {
+                        net: "2001:db8::/48".parse().unwrap(),
+                        note: Some("office\nwifi".into()),
+                        expires_at: Some(t(1_800_000_000)),
+                    },
+                    AllowEntry {
+                        net: "198.51.100.7/32".parse().unwrap(),
+                        note: None,
+                        expires_at: Some(t(1_800_000_100)),
+                    },
+                ]),
+                report_only: false,
+            }),
             created_at: t(1_700_000_000),
             updated_at: t(1_700_000_500),
             last_used_at: None,
@@ -406,8 +429,8 @@ mod tests {
         assert_eq!(text, reference(&k).to_string(), "same text, same order");
         k.last_used_at = Some(t(1_700_000_900));
         k.revoked_at = Some(t(1_700_001_000));
-        k.report_only = true;
-        k.allow = AllowList::default();
+        k.key_mut().report_only = true;
+        k.key_mut().allow = AllowList::default();
         assert_eq!(
             serde_json::to_string(&k.view(None)).unwrap(),
             reference(&k).to_string()

@@ -9,6 +9,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -20,10 +21,10 @@ use rusqlite::{
 use serde_json::Value;
 
 use super::{
-    Actor, AuditEntry, AuditEvent, Changes, Committed, KeyPatch, KeyWrite, NewKey, StoreError,
-    StoredKey,
+    Actor, AuditEntry, AuditEvent, Changes, Committed, KeyPatch, KeyWrite, StoreError, StoredKey,
 };
 use crate::allowlist::{AllowEntry, AllowList};
+use crate::keys::{Digest, Key, Origin};
 
 /// Schema migrations; `user_version` is the number applied. Append only: a
 /// released step is never edited.
@@ -302,7 +303,7 @@ impl SqliteStore {
     /// with its audit row, one fsync instead of one per key.
     pub fn create_many(
         &mut self,
-        keys: &[NewKey],
+        keys: &[Key],
         actor: &Actor,
         now: SystemTime,
     ) -> Result<usize, StoreError> {
@@ -400,7 +401,7 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 /// One new key, its entries and its audit row, inside `tx`.
 fn insert_key(
     tx: &Transaction<'_>,
-    new: &NewKey,
+    new: &Key,
     actor: &Actor,
     now: SystemTime,
 ) -> Result<Committed, StoreError> {
@@ -435,21 +436,24 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<StoredKey> {
     let scopes: String = r.get(3)?;
     let digest: Vec<u8> = r.get(4)?;
     Ok(StoredKey {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        tenant: r.get(2)?,
-        scopes: serde_json::from_str(&scopes).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
-        })?,
-        digest: digest.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                4,
-                rusqlite::types::Type::Blob,
-                "digest is not 32 bytes".into(),
-            )
-        })?,
-        allow: AllowList::default(),
-        report_only: r.get(5)?,
+        key: Arc::new(Key {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            tenant: r.get(2)?,
+            scopes: serde_json::from_str(&scopes).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
+            })?,
+            digest: digest.try_into().map_err(|_| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    4,
+                    rusqlite::types::Type::Blob,
+                    "digest is not 32 bytes".into(),
+                )
+            })?,
+            allow: AllowList::default(),
+            report_only: r.get(5)?,
+            origin: Origin::Store,
+        }),
         created_at: from_millis(r.get(6)?),
         updated_at: from_millis(r.get(7)?),
         last_used_at: r.get::<_, Option<i64>>(8)?.map(from_millis),
@@ -494,7 +498,7 @@ fn load(conn: &Connection, id: &str) -> Result<StoredKey, StoreError> {
         let (_, cidr, note, expires) = row?;
         entries.push(to_entry(&cidr, note, expires)?);
     }
-    key.allow = AllowList::from_canonical(entries);
+    key.key_mut().allow = AllowList::from_canonical(entries);
     Ok(key)
 }
 
@@ -609,7 +613,8 @@ impl SqliteStore {
         }
         tx.finish()?;
         for k in &mut keys {
-            k.allow = AllowList::from_canonical(entries.remove(&k.id).unwrap_or_default());
+            k.key_mut().allow =
+                AllowList::from_canonical(entries.remove(&k.id).unwrap_or_default());
         }
         Ok(Changes { upto, keys })
     }
@@ -683,7 +688,7 @@ impl SqliteStore {
 
     pub fn create(
         &mut self,
-        new: NewKey,
+        new: Key,
         actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
@@ -715,7 +720,7 @@ impl SqliteStore {
     pub fn rotate(
         &mut self,
         id: &str,
-        digest: [u8; 32],
+        digest: Digest,
         actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
@@ -748,9 +753,12 @@ impl SqliteStore {
             }
             // What `load` would read back, without reading a long list again.
             Ok(StoredKey {
-                name: patch.name.unwrap_or_else(|| before.name.clone()),
-                report_only: patch.report_only.unwrap_or(before.report_only),
-                allow: patch.allow.unwrap_or_else(|| before.allow.clone()),
+                key: Arc::new(Key {
+                    name: patch.name.unwrap_or_else(|| before.name.clone()),
+                    report_only: patch.report_only.unwrap_or(before.report_only),
+                    allow: patch.allow.unwrap_or_else(|| before.allow.clone()),
+                    ..Key::clone(before)
+                }),
                 updated_at: from_millis(millis(now)),
                 ..before.clone()
             })
@@ -856,10 +864,9 @@ mod tests {
     use std::{net::Ipv4Addr, os::unix::fs::PermissionsExt as _};
 
     use super::*;
-    use crate::{
-        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
-        shim::keys::digest,
-        store::secret,
+    use crate::keys::{
+        credentials::{self as secret, digest},
+        testing::list,
     };
 
     /// A directory removed when dropped.
@@ -888,10 +895,6 @@ mod tests {
         }
     }
 
-    fn list(s: &str) -> AllowList {
-        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
-    }
-
     fn actor() -> Actor {
         Actor {
             principal: "admin:ops".into(),
@@ -903,15 +906,10 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
     }
 
-    fn new_key(secret: &str, allow: &str) -> NewKey {
-        NewKey {
-            id: secret::new_key_id(),
+    fn new_key(secret: &str, allow: &str) -> Key {
+        Key {
             name: "CI runners".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into()],
-            digest: digest(secret),
-            allow: list(allow),
-            report_only: false,
+            ..crate::keys::testing::key(&secret::new_key_id(), secret, allow)
         }
     }
 
@@ -976,14 +974,14 @@ mod tests {
     fn create_many_is_all_or_nothing() {
         let dir = TempDir::new();
         let mut s = SqliteStore::open(&dir.db()).unwrap();
-        let keys: Vec<NewKey> = (0..3)
+        let keys: Vec<Key> = (0..3)
             .map(|i| new_key(&format!("import-secret-{i}-0123456789"), "192.0.2.1"))
             .collect();
         assert_eq!(s.create_many(&keys, &actor(), at(0)).unwrap(), 3);
         assert_eq!(s.keys().unwrap().len(), 3);
         assert_eq!(audit_len(&mut s), 3, "one audit row per key");
         // A batch whose last key reuses a secret: nothing of it lands.
-        let mut again: Vec<NewKey> = (3..5)
+        let mut again: Vec<Key> = (3..5)
             .map(|i| new_key(&format!("import-secret-{i}-0123456789"), "192.0.2.2"))
             .collect();
         again.push(new_key("import-secret-0-0123456789", "192.0.2.3"));
