@@ -133,20 +133,20 @@ impl ConnMetrics {
         m
     }
 
-    fn refused(&self, listener: &str, reason: &'static str) {
+    fn refused(&self, listener: &str, reason: Refusal) {
         self.refused
             .get_or_create(&ReasonLabels {
                 listener: listener.to_owned(),
-                reason,
+                reason: reason.label(),
             })
             .inc();
     }
 
-    fn closed(&self, listener: &str, reason: &'static str) {
+    fn closed(&self, listener: &str, reason: Closed) {
         self.closed
             .get_or_create(&ReasonLabels {
                 listener: listener.to_owned(),
-                reason,
+                reason: reason.label(),
             })
             .inc();
     }
@@ -170,21 +170,47 @@ pub enum Reserve {
     Use,
 }
 
-/// Why a connection was closed at accept.
+/// Why a connection was closed at accept: the `reason` label of
+/// `keyfence_connections_refused` and of the refusal log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("the source already holds the listener's maximum of connections")]
     PerSourceLimit,
     #[error("the process is near its descriptor limit")]
     DescriptorReserve,
+    /// `accept` failed for lack of descriptors; one pending connection was
+    /// taken from the backlog and closed (never returned by [`Gate::admit`]).
+    #[error("the process ran out of descriptors")]
+    DescriptorExhausted,
 }
 
 impl Refusal {
     #[must_use]
-    pub fn reason(self) -> &'static str {
+    pub const fn label(self) -> &'static str {
         match self {
             Self::PerSourceLimit => "per_source_limit",
             Self::DescriptorReserve => "descriptor_reserve",
+            Self::DescriptorExhausted => "descriptor_exhausted",
+        }
+    }
+}
+
+/// Why the agent closed an admitted connection: the `reason` label of
+/// `keyfence_connections_timed_out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// No complete request head within `header_timeout`.
+    HeaderTimeout,
+    /// No request within `idle_timeout` on a kept-alive connection.
+    IdleTimeout,
+}
+
+impl Closed {
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::HeaderTimeout => "header_timeout",
+            Self::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -302,7 +328,7 @@ impl Gate {
             }
         };
         if let Some(refusal) = refusal {
-            self.refuse(Some(peer), refusal.reason());
+            self.refuse(Some(peer), refusal);
             return Err(refusal);
         }
         self.open.fetch_add(1, Ordering::AcqRel);
@@ -315,10 +341,11 @@ impl Gate {
 
     /// Count a refusal and log it (rate-limited); `peer` is `None` when no
     /// connection could be read (a shed backlog entry).
-    fn refuse(&self, peer: Option<IpAddr>, reason: &'static str) {
-        self.metrics.refused(&self.name, reason);
+    fn refuse(&self, peer: Option<IpAddr>, refusal: Refusal) {
+        self.metrics.refused(&self.name, refusal);
         if self.log.0.allow() {
             let client = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+            let reason = refusal.label();
             tracing::warn!(listener = self.name, client, reason, "connection refused");
         }
     }
@@ -450,7 +477,7 @@ pub async fn accept(
         Err(e) => {
             let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
             if exhausted && shed_one(socket).await {
-                gate.refuse(None, "descriptor_exhausted");
+                gate.refuse(None, Refusal::DescriptorExhausted);
             } else {
                 if gate.log.0.allow() {
                     tracing::warn!(listener = gate.name, error = %e, "accept failed");
@@ -800,14 +827,14 @@ where
                 permit
                     .gate
                     .metrics
-                    .closed(&permit.gate.name, "header_timeout");
+                    .closed(&permit.gate.name, Closed::HeaderTimeout);
                 return Err(DriveError::HeaderTimeout(limits.header_timeout));
             }
             Next::Idle if closing.is_none() => {
                 permit
                     .gate
                     .metrics
-                    .closed(&permit.gate.name, "idle_timeout");
+                    .closed(&permit.gate.name, Closed::IdleTimeout);
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + limits.header_timeout.min(CLOSE_GRACE));
                 None
@@ -991,6 +1018,28 @@ mod tests {
                 })
                 .get(),
             2
+        );
+    }
+
+    /// The `reason` labels dashboards match on.
+    #[test]
+    fn reason_labels_are_the_published_ones() {
+        assert_eq!(
+            [
+                Refusal::PerSourceLimit,
+                Refusal::DescriptorReserve,
+                Refusal::DescriptorExhausted
+            ]
+            .map(Refusal::label),
+            [
+                "per_source_limit",
+                "descriptor_reserve",
+                "descriptor_exhausted"
+            ]
+        );
+        assert_eq!(
+            [Closed::HeaderTimeout, Closed::IdleTimeout].map(Closed::label),
+            ["header_timeout", "idle_timeout"]
         );
     }
 

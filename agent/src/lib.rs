@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod prefixset;
 pub mod ratelimit;
+pub mod secret_env;
 pub mod shim;
 pub mod status;
 pub mod store;

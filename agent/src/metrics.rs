@@ -29,6 +29,7 @@ use prometheus_client::{
 use crate::{
     datapath::{DatapathReader, Labels},
     maps::stats::CounterSnapshot,
+    shim::outcome::Outcome,
 };
 
 /// Where a scrape reads the datapath's counters and the names that label
@@ -194,11 +195,11 @@ impl Metrics {
     }
 
     /// Count one answered request.
-    pub fn observe_http(&self, listener: &str, outcome: &'static str, took: std::time::Duration) {
+    pub fn observe_http(&self, listener: &str, outcome: Outcome, took: std::time::Duration) {
         self.http_requests
             .get_or_create(&HttpLabels {
                 listener: listener.to_string(),
-                outcome,
+                outcome: outcome.label(),
             })
             .inc();
         self.http_duration
@@ -210,19 +211,20 @@ impl Metrics {
 
     /// One structured line per refused (or report-only) request: key id
     /// (`-` when no valid key was presented), client address, listener and
-    /// reason; rate-limited so a flood cannot fill disks (the counters stay
-    /// exact).
+    /// reason (the outcome's label); rate-limited so a flood cannot fill
+    /// disks (the counters stay exact).
     pub fn refusal_log(
         &self,
         listener: &str,
         key_id: Option<&str>,
         ip: Option<std::net::IpAddr>,
-        reason: &'static str,
+        outcome: Outcome,
     ) {
         if self.refusal_logs.allow() {
             let client = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
             let key_id = key_id.unwrap_or("-");
-            if reason == "report_only" {
+            let reason = outcome.label();
+            if outcome == Outcome::ReportOnly {
                 tracing::info!(
                     listener,
                     key_id,

@@ -145,6 +145,7 @@ pub enum ClientIpSource {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StaticKey {
     pub id: String,
+    /// The id when the config gives none.
     pub name: String,
     /// `default` when absent (rules: `crate::keys::validate`).
     pub tenant: String,

@@ -61,7 +61,7 @@ impl Daemon {
                 },
                 _ = feed.tick() => {
                     if let Err(e) = self.follow_feed(shim, api).await {
-                        tracing::warn!(error = %format!("{e:#}"), "applying the store's changes");
+                        tracing::warn!(error = %e, "applying the store's changes");
                     }
                 }
                 () = reconcile => {

@@ -9,8 +9,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, anyhow};
-
 use super::Daemon;
 use crate::{
     management::api::{ApiState, EnforceError},
@@ -33,33 +31,39 @@ impl Daemon {
     ) -> Result<Duration, EnforceError> {
         let started = Instant::now();
         if seq > self.applied {
-            self.follow_feed(shim, api)
-                .await
-                .map_err(|e| EnforceError::Failed(format!("{e:#}")))?;
+            // A failed apply is remembered in `feed_failure`, answered below.
+            self.follow_feed(shim, api).await?;
         }
-        if let Some((range, why)) = &self.feed_failure
-            && range.contains(&seq)
+        if self
+            .feed_failure
+            .as_ref()
+            .is_some_and(|(range, _)| range.contains(&seq))
+            && let Some((_, e)) = self.feed_failure.take()
         {
-            return Err(EnforceError::Failed(why.clone()));
+            return Err(e);
         }
         if seq > self.applied {
-            return Err(EnforceError::Failed(format!(
-                "change {seq} is not in the store's change feed (it reads up to {})",
-                self.applied
-            )));
+            return Err(EnforceError::Behind {
+                seq,
+                applied: self.applied,
+            });
         }
         Ok(started.elapsed())
     }
 
     /// Enforce what the feed holds after `self.applied`. A failed read
-    /// changes nothing (the next poll reads again); a failed apply is
-    /// remembered for the writes waiting on it.
-    pub(super) async fn follow_feed(&mut self, shim: &Shim, api: &ApiState) -> anyhow::Result<()> {
+    /// changes nothing (the next poll reads again); a failed apply is logged
+    /// and remembered for the write waiting on it.
+    pub(super) async fn follow_feed(
+        &mut self,
+        shim: &Shim,
+        api: &ApiState,
+    ) -> Result<(), EnforceError> {
         let changes = self
             .store
             .changes(self.applied)
             .await
-            .context("reading the store's change feed")?;
+            .map_err(EnforceError::Feed)?;
         if changes.upto <= self.applied {
             return Ok(());
         }
@@ -74,12 +78,13 @@ impl Daemon {
                 .fold(Ok(()), Result::and)
         };
         self.applied = changes.upto;
-        if let Err(e) = result {
-            let why = format!("{e:#}");
-            self.feed_failure = Some((range, why.clone()));
-            return Err(anyhow!(why));
+        match result {
+            Ok(()) => self.feed_failure = None,
+            Err(e) => {
+                tracing::error!(error = %e, "a change from the store is not fully enforced");
+                self.feed_failure = Some((range, e));
+            }
         }
-        self.feed_failure = None;
         Ok(())
     }
 
@@ -91,7 +96,7 @@ impl Daemon {
         keys: Vec<StoredKey>,
         shim: &Shim,
         api: &ApiState,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), EnforceError> {
         let started = Instant::now();
         let count = keys.len();
         for key in keys {
@@ -100,11 +105,12 @@ impl Daemon {
         shim.set_keys(self.key_table());
         *api.principals
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+            .unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(self.principals().map_err(EnforceError::Principals)?);
         self.policy =
             PolicyState::build(&self.config.listeners, &self.key_facts(), SystemTime::now());
         if let Err(e) = self.enforce() {
-            self.datapath_failed(&e)?;
+            self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
         }
         self.record_policy(started);
         tracing::info!(keys = count, "store changes applied as one policy");
@@ -113,7 +119,12 @@ impl Daemon {
 
     /// Enforce one key's new state: the shim's key table, the management
     /// principals, the policy and the BPF maps.
-    fn apply_key(&mut self, key: StoredKey, shim: &Shim, api: &ApiState) -> anyhow::Result<()> {
+    fn apply_key(
+        &mut self,
+        key: StoredKey,
+        shim: &Shim,
+        api: &ApiState,
+    ) -> Result<(), EnforceError> {
         let started = Instant::now();
         let id = key.id.clone();
         let old = self
@@ -129,7 +140,8 @@ impl Daemon {
         if old.as_ref().is_some_and(|k| k.is_admin()) || new.is_some_and(|k| k.is_admin()) {
             *api.principals
                 .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.principals()?);
+                .unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(self.principals().map_err(EnforceError::Principals)?);
         }
         let now = SystemTime::now();
         // The policy follows the shim whatever the maps do: it is what the
@@ -149,13 +161,13 @@ impl Daemon {
                 || match self.write_changes(&change.restricted) {
                     Ok(written) => !written,
                     Err(e) => {
-                        self.datapath_failed(&e)?;
+                        self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
                         false
                     }
                 }
         };
         if full && let Err(e) = self.enforce() {
-            self.datapath_failed(&e)?;
+            self.datapath_failed(&e).map_err(EnforceError::Datapath)?;
         }
         self.record_policy(started);
         Ok(())

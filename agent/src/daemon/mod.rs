@@ -26,7 +26,7 @@ use crate::{
     config::{self, Config},
     datapath::Datapath,
     keys::{Key, KeyTable},
-    management,
+    management::{self, api::EnforceError},
     metrics::Metrics,
     policy::PolicyState,
     shim::runtime as shim_runtime,
@@ -59,9 +59,10 @@ struct Daemon {
     stored: BTreeMap<String, StoredKey>,
     /// The feed's sequence number up to which `stored` is enforced.
     applied: i64,
-    /// The feed range whose last apply failed, and why: a write waiting for
-    /// a number in it is answered with the failure.
-    feed_failure: Option<(std::ops::RangeInclusive<i64>, String)>,
+    /// The feed range whose last apply failed, and why: the write waiting
+    /// for a number in it is answered with the failure (one waits at a time:
+    /// the API enforces its writes one by one).
+    feed_failure: Option<(std::ops::RangeInclusive<i64>, EnforceError)>,
     /// The packet-level policy of `config` and `stored`, kept so that a key
     /// change recompiles only what the changed key touches. Its next expiry
     /// is when the event loop compiles it again.

@@ -72,7 +72,7 @@ impl Daemon {
             .map(|()| started.elapsed())
             .map_err(|e| match e.downcast::<CapacityError>() {
                 Ok(full) => EnforceError::Full(full),
-                Err(e) => EnforceError::Failed(format!("{e:#}")),
+                Err(e) => EnforceError::Datapath(e),
             })
     }
 

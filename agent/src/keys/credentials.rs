@@ -17,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 use crate::{
     config::{KeySecret, ManagementConfig},
     confirm::Confirmer,
+    secret_env::{self, EnvSecret},
 };
 
 /// SHA-256 of a secret: what tables and the store hold instead of it.
@@ -28,22 +29,15 @@ pub fn digest(secret: &str) -> Digest {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// Minimum length of a static key's secret or an admin's token (SPEC §2).
-pub const MIN_STATIC_SECRET: usize = 20;
-
-/// The digest of a configured secret; `secret_env` is read now. `what` names
-/// the owner in errors ("key ci", "management admin ops").
+/// The digest of a configured secret; `secret_env` is read now, with the
+/// rules `keyfence check` reports ([`crate::secret_env`]). `what` names the
+/// owner in errors ("key ci", "management admin ops").
 pub fn resolve(secret: &KeySecret, what: &str) -> anyhow::Result<Digest> {
     match secret {
         KeySecret::Sha256(d) => Ok(*d),
         KeySecret::Env(var) => {
-            let secret = std::env::var(var)
-                .map_err(|_| anyhow!("{what}: environment variable {var} is not set"))?;
-            if secret.len() < MIN_STATIC_SECRET {
-                anyhow::bail!(
-                    "{what}: the secret in {var} is shorter than {MIN_STATIC_SECRET} characters"
-                );
-            }
+            let secret =
+                secret_env::read(var, EnvSecret::Secret).map_err(|e| anyhow!("{what}: {e}"))?;
             Ok(digest(&secret))
         }
     }
@@ -55,9 +49,8 @@ pub fn confirmer(management: &ManagementConfig) -> anyhow::Result<Option<Confirm
     let Some(var) = &management.confirm_totp_env else {
         return Ok(None);
     };
-    let secret = std::env::var(var).map_err(|_| {
-        anyhow!("management.confirm.totp_secret_env: environment variable {var} is not set")
-    })?;
+    let secret = secret_env::read(var, EnvSecret::Totp)
+        .map_err(|e| anyhow!("management.confirm.totp_secret_env: {e}"))?;
     let confirmer = Confirmer::from_base32(&secret)
         .map_err(|e| anyhow!("management.confirm.totp_secret_env: {var}: {e}"))?;
     Ok(Some(confirmer))

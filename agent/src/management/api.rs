@@ -78,8 +78,22 @@ pub enum EnforceError {
     /// The datapath's maps cannot hold it: 507 naming the limit.
     #[error(transparent)]
     Full(#[from] crate::maps::policy::CapacityError),
-    #[error("{0}")]
-    Failed(String),
+    /// The daemon stopped before it answered.
+    #[error("the agent is stopping")]
+    Stopping,
+    /// The kernel's maps could not be read or written (and, after a failed
+    /// write, the listeners could not be opened either).
+    #[error("{0:#}")]
+    Datapath(anyhow::Error),
+    /// The management principals could not be rebuilt for an admin key.
+    #[error("{0:#}")]
+    Principals(anyhow::Error),
+    /// The store's change feed could not be read.
+    #[error("reading the store's change feed: {0}")]
+    Feed(crate::store::StoreError),
+    /// The feed does not reach the write's sequence number yet.
+    #[error("change {seq} is not in the store's change feed yet (it reads up to {applied})")]
+    Behind { seq: i64, applied: i64 },
 }
 
 /// What the handlers share. `principals` and `static_keys` are swapped by the
@@ -384,13 +398,14 @@ async fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Resu
 /// Ask the daemon (`Apply::Check` or `Apply::Upto`) and wait for its answer.
 async fn ask(state: &ApiState, request: impl FnOnce(Done) -> Apply) -> Result<(), EnforceError> {
     let (done, rx) = oneshot::channel();
-    let stopping = || EnforceError::Failed("the agent is stopping".into());
     state
         .apply
         .send(request(done))
         .await
-        .map_err(|_| stopping())?;
-    rx.await.map_err(|_| stopping())?.map(|_took| ())
+        .map_err(|_| EnforceError::Stopping)?;
+    rx.await
+        .map_err(|_| EnforceError::Stopping)?
+        .map(|_took| ())
 }
 
 /// 507: the datapath's maps cannot hold the change (nothing was stored).
@@ -412,7 +427,13 @@ async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError
     {
         Ok(()) => Ok(()),
         Err(EnforceError::Full(e)) => Err(full(&e)),
-        Err(EnforceError::Failed(why)) => Err(ApiError::new(
+        Err(
+            why @ (EnforceError::Stopping
+            | EnforceError::Datapath(_)
+            | EnforceError::Principals(_)
+            | EnforceError::Feed(_)
+            | EnforceError::Behind { .. }),
+        ) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("nothing stored: {why}"),
         )),

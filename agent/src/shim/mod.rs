@@ -4,6 +4,7 @@
 pub mod body;
 pub mod client_ip;
 pub mod decide;
+pub mod outcome;
 pub mod runtime;
 pub mod server;
 pub mod sources;

@@ -34,6 +34,7 @@ use super::{
         ConnClient, PROXY_V2_MAX, ProxyParse, appended_xff, is_trusted, parse_proxy_header,
     },
     decide::{Verdict, decide},
+    outcome::Outcome,
     tls::TlsAcceptor,
 };
 use crate::{
@@ -327,8 +328,8 @@ async fn handle(
     let carrier = match presented {
         Credential::Several => {
             // The shim would check one and the upstream might read another.
-            metrics.refusal_log(listener, None, client, "bad_request");
-            metrics.observe_http(listener, "bad_request", started.elapsed());
+            metrics.refusal_log(listener, None, client, Outcome::BadRequest);
+            metrics.observe_http(listener, Outcome::BadRequest, started.elapsed());
             return json(
                 StatusCode::BAD_REQUEST,
                 format!(r#"{{"error":"{SEVERAL_CREDENTIALS}"}}"#),
@@ -348,43 +349,43 @@ async fn handle(
         SystemTime::now(),
     );
     let now = SystemTime::now();
-    let seen = |key_id: &str, ip: Option<IpAddr>, allowed: bool| {
+    let seen = |key_id: &str, ip: Option<IpAddr>, decided: Outcome| {
         if let Some(ip) = ip {
-            ctx.shared.sources.record(key_id, ip, allowed, now);
+            ctx.shared.sources.record(key_id, ip, decided, now);
         }
     };
     let (response, outcome) = match verdict {
         Verdict::InvalidKey => {
-            metrics.refusal_log(listener, None, client, "invalid_key");
+            metrics.refusal_log(listener, None, client, Outcome::InvalidKey);
             (
                 json(
                     StatusCode::UNAUTHORIZED,
                     r#"{"error":"invalid API key"}"#.into(),
                 ),
-                "invalid_key",
+                Outcome::InvalidKey,
             )
         }
         Verdict::IpNotAllowed { key, ip } => {
-            seen(&key.id, ip, false);
+            seen(&key.id, ip, Outcome::IpNotAllowed);
             let rejection = ctx.shared.rejection();
-            metrics.refusal_log(listener, Some(&key.id), ip, "ip_not_allowed");
+            metrics.refusal_log(listener, Some(&key.id), ip, Outcome::IpNotAllowed);
             let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::FORBIDDEN);
             (
                 json(status, render_rejection(&rejection.body, ip, &key.id)),
-                "ip_not_allowed",
+                Outcome::IpNotAllowed,
             )
         }
         Verdict::ReportOnly { key, ip } => {
             // Counted as refused: it is the refusal the key would have had.
-            seen(&key.id, ip, false);
-            metrics.refusal_log(listener, Some(&key.id), ip, "report_only");
+            seen(&key.id, ip, Outcome::ReportOnly);
+            metrics.refusal_log(listener, Some(&key.id), ip, Outcome::ReportOnly);
             let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
-            (resp, passed.outcome("report_only"))
+            (resp, passed.outcome(Outcome::ReportOnly))
         }
         Verdict::Allowed { key } => {
-            seen(&key.id, client, true);
+            seen(&key.id, client, Outcome::Allowed);
             let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
-            (resp, passed.outcome("allowed"))
+            (resp, passed.outcome(Outcome::Allowed))
         }
     };
     metrics.observe_http(listener, outcome, started.elapsed());
@@ -427,7 +428,7 @@ fn strip_credentials(
     }
 }
 
-/// How a passed request ended, for its `outcome` label.
+/// How a passed request ended, for its [`Outcome`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Passed {
     Answered,
@@ -437,11 +438,12 @@ enum Passed {
 }
 
 impl Passed {
-    fn outcome(self, answered: &'static str) -> &'static str {
+    /// The outcome of a request passed as `answered` (allowed or report-only).
+    fn outcome(self, answered: Outcome) -> Outcome {
         match self {
             Passed::Answered => answered,
-            Passed::UpstreamFailed => "upstream_error",
-            Passed::ClientError => "bad_request",
+            Passed::UpstreamFailed => Outcome::UpstreamError,
+            Passed::ClientError => Outcome::BadRequest,
         }
     }
 }
@@ -692,10 +694,19 @@ mod tests {
 
     #[test]
     fn outcomes_of_a_passed_request() {
-        assert_eq!(Passed::Answered.outcome("allowed"), "allowed");
-        assert_eq!(Passed::Answered.outcome("report_only"), "report_only");
-        assert_eq!(Passed::UpstreamFailed.outcome("allowed"), "upstream_error");
-        assert_eq!(Passed::ClientError.outcome("report_only"), "bad_request");
+        assert_eq!(Passed::Answered.outcome(Outcome::Allowed), Outcome::Allowed);
+        assert_eq!(
+            Passed::Answered.outcome(Outcome::ReportOnly),
+            Outcome::ReportOnly
+        );
+        assert_eq!(
+            Passed::UpstreamFailed.outcome(Outcome::Allowed),
+            Outcome::UpstreamError
+        );
+        assert_eq!(
+            Passed::ClientError.outcome(Outcome::ReportOnly),
+            Outcome::BadRequest
+        );
     }
 
     #[test]
