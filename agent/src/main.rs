@@ -4,8 +4,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use keyfence::{
     cli::{Cli, Command, LogFormat},
-    config, datapath,
-    run::{StartError, run},
+    config,
+    daemon::{StartError, run},
+    datapath,
 };
 
 const EXIT_CONFIG: u8 = 64;

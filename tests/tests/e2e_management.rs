@@ -21,7 +21,7 @@ use keyfence::{
     confirm::{Confirmer, STEP_SECONDS},
     keys::{Key, Origin},
     keys_cli,
-    store::{Actor, KeyStore as _, sqlite::SqliteStore},
+    store::{Actor, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     config,
@@ -511,6 +511,68 @@ fn revoke_refuses_the_next_request_and_rotate_swaps_the_secret() {
     // A revoked key survives a restart as revoked.
     s.agent.restart().expect("restarting keyfence");
     assert_status(&s.request(SEEN, &new), 401, "still revoked after a restart");
+}
+
+/// A key written into the store by another writer (here a second
+/// connection to the running agent's file, as another host would write a
+/// shared store) reaches both layers through the store's change feed, and so
+/// does its revocation; the API lists and audits it like its own.
+#[test]
+fn another_writers_changes_are_enforced_from_the_change_feed() {
+    const SECRET: &str = "kf_written_elsewhere_0123456789abcdef";
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    assert_dropped(&s.request(DROPPED, SECRET), "no key allows the address yet");
+    let actor = Actor {
+        principal: "admin:elsewhere".into(),
+        address: ip(OPS),
+    };
+    let mut other = SqliteStore::open(&s.agent.store_path()).expect("a second connection");
+    let key = other
+        .create(
+            Key {
+                id: "key_writtenelsewhere".into(),
+                name: "elsewhere".into(),
+                tenant: "default".into(),
+                scopes: vec!["api".into()],
+                digest: keyfence::keys::credentials::digest(SECRET),
+                allow: keyfence::allowlist::parse_list(
+                    &keyfence::allowlist::RawList::One(DROPPED.into()),
+                    keyfence::allowlist::DEFAULT_MAX_ENTRIES,
+                )
+                .expect("a list"),
+                report_only: false,
+                origin: Origin::Store,
+            },
+            &actor,
+            SystemTime::now(),
+        )
+        .expect("writing a key from outside the agent");
+    let feed = Duration::from_secs(5);
+    let every = Duration::from_millis(100);
+    assert!(
+        poll_until(feed, every, || s.request(DROPPED, SECRET).status()
+            == Some(200)),
+        "the key is enforced in both layers: {:?}",
+        s.request(DROPPED, SECRET)
+    );
+    assert_eq!(ops.get(&format!("/v1/keys/{}", key.id)).status, 200);
+    let writers: Vec<Value> = ops
+        .audit_of(&key.id)
+        .iter()
+        .map(|e| e["principal"].clone())
+        .collect();
+    assert_eq!(writers, [json!("admin:elsewhere")]);
+
+    other
+        .revoke(&key.id, &actor, SystemTime::now())
+        .expect("revoking from outside");
+    assert!(
+        poll_until(feed, every, || s.request(DROPPED, SECRET)
+            == Reply::TimedOut),
+        "the revocation is enforced too: {:?}",
+        s.request(DROPPED, SECRET)
+    );
 }
 
 /// Each malformed or refused call answers its status and message.

@@ -5,12 +5,13 @@
 //! self-lockout (409) → step-up confirmation (throttled, 429; 401) → datapath
 //! capacity (507, a dry run of the store call: see `preview`) → one store
 //! transaction (the change and its audit row; 507 when the disk is full) →
-//! enforcement (shim key table and BPF maps) → answer. The answer is sent only
-//! once the daemon reports the new state enforced.
+//! enforcement (the daemon applies the store's change feed up to the write's
+//! sequence number: shim key table and BPF maps) → answer. The answer is sent
+//! only once the daemon reports the new state enforced.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, PoisonError, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -39,7 +40,10 @@ use crate::{
         validate,
     },
     shim::sources::Sources,
-    store::{Actor, AuditEvent, KeyPatch, KeyStore, KeyView, StoreError, StoredKey, time_json},
+    store::{
+        Actor, AuditEvent, KeyPatch, KeyView, KeyWrite, SharedStore, StoreError, StoredKey,
+        time_json,
+    },
 };
 
 /// Header carrying the step-up code.
@@ -54,18 +58,18 @@ const MAX_BODY: usize = 1024 * 1024;
 static STORE_FULL_LOGS: std::sync::LazyLock<crate::ratelimit::RateLimiter> =
     std::sync::LazyLock::new(|| crate::ratelimit::RateLimiter::new(1, Duration::from_secs(1)));
 
-/// The store, shared between the API (writes) and the daemon (reads on apply).
-pub type SharedStore = Arc<Mutex<Box<dyn KeyStore>>>;
+/// The daemon's answer: how long it took, or why it could not.
+pub type Done = oneshot::Sender<Result<Duration, EnforceError>>;
 
-/// A change for the daemon: the key's new state. With `check_only` the
-/// daemon only tells whether the datapath can hold it (nothing is committed
-/// yet); otherwise it is committed and the daemon enforces it. The daemon
-/// answers on `done` with how long that took, or why it could not.
+/// What a write asks the daemon.
 #[derive(Debug)]
-pub struct Apply {
-    pub key: StoredKey,
-    pub check_only: bool,
-    pub done: oneshot::Sender<Result<Duration, EnforceError>>,
+pub enum Apply {
+    /// Whether the datapath can hold `key` in this state (nothing is
+    /// committed yet). Changes nothing.
+    Check { key: Box<StoredKey>, done: Done },
+    /// Answer once the store's change feed is enforced up to `seq` (the
+    /// audit sequence number of a committed write).
+    Upto { seq: i64, done: Done },
 }
 
 /// Why the daemon could not take a change.
@@ -84,6 +88,12 @@ pub enum EnforceError {
     /// The management principals could not be rebuilt for an admin key.
     #[error("{0:#}")]
     Principals(anyhow::Error),
+    /// The store's change feed could not be read.
+    #[error("reading the store's change feed: {0}")]
+    Feed(crate::store::StoreError),
+    /// The feed does not reach the write's sequence number yet.
+    #[error("change {seq} is not in the store's change feed yet (it reads up to {applied})")]
+    Behind { seq: i64, applied: i64 },
 }
 
 /// What the handlers share. `principals` and `static_keys` are swapped by the
@@ -248,13 +258,13 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0)
             .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no peer address"))?;
-        authenticate(state, &parts.headers, peer)
+        authenticate(state, &parts.headers, peer).await
     }
 }
 
 /// The bearer token's principal, throttled per source address: an address
 /// locked out after repeated unknown tokens gets 429, even with a valid one.
-fn authenticate(
+async fn authenticate(
     state: &ApiState,
     headers: &HeaderMap,
     peer: SocketAddr,
@@ -293,7 +303,7 @@ fn authenticate(
             if e == AuthError::AddressNotAllowed {
                 state.guard.address_refused(ip);
             }
-            audit_lockouts(state, &started, "unauthenticated", ip);
+            audit_lockouts(state, &started, "unauthenticated", ip).await;
             Err(e.into())
         }
     }
@@ -301,7 +311,7 @@ fn authenticate(
 
 /// One audit row per lockout started (action `lockout`, no key). A store
 /// that cannot take it does not change the answer; the failure is logged.
-fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: IpAddr) {
+async fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: IpAddr) {
     for s in started {
         let until = SystemTime::now() + s.lockout.duration;
         let event = AuditEvent {
@@ -317,7 +327,7 @@ fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: Ip
                 "until": time_json(until),
             }),
         };
-        if let Err(e) = with_store(state, |store| store.record_event(&event, SystemTime::now())) {
+        if let Err(e) = state.store.record_event(&event, SystemTime::now()).await {
             tracing::error!(error = ?e, "writing the audit row of a management lockout");
         }
     }
@@ -354,7 +364,7 @@ fn invalid(e: &validate::Invalid) -> ApiError {
 /// The step-up rule: with a TOTP secret configured, the write needs a fresh
 /// code. Wrong and replayed codes are throttled per principal and per source
 /// address; during a lockout no code is even looked at (429).
-fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
+async fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(confirmer) = &state.confirm else {
         return Ok(());
     };
@@ -376,7 +386,7 @@ fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(),
         Attempt::Passed(()) => Ok(()),
         Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Confirm)),
         Attempt::Failed(_, started) => {
-            audit_lockouts(state, &started, &principal, caller.ip);
+            audit_lockouts(state, &started, &principal, caller.ip).await;
             Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "confirmation required",
@@ -385,28 +395,12 @@ fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(),
     }
 }
 
-/// Run a store operation on this worker without stalling the runtime (SQLite
-/// with `synchronous=FULL` waits for the disk).
-fn with_store<T>(
-    state: &ApiState,
-    f: impl FnOnce(&mut dyn KeyStore) -> Result<T, StoreError>,
-) -> Result<T, ApiError> {
-    tokio::task::block_in_place(|| {
-        let mut store = state.store.lock().unwrap_or_else(PoisonError::into_inner);
-        f(store.as_mut()).map_err(ApiError::from)
-    })
-}
-
-/// Ask the daemon to take `key` (`check_only`: only whether it fits).
-async fn ask(state: &ApiState, key: StoredKey, check_only: bool) -> Result<(), EnforceError> {
+/// Ask the daemon (`Apply::Check` or `Apply::Upto`) and wait for its answer.
+async fn ask(state: &ApiState, request: impl FnOnce(Done) -> Apply) -> Result<(), EnforceError> {
     let (done, rx) = oneshot::channel();
     state
         .apply
-        .send(Apply {
-            key,
-            check_only,
-            done,
-        })
+        .send(request(done))
         .await
         .map_err(|_| EnforceError::Stopping)?;
     rx.await
@@ -425,12 +419,20 @@ fn full(e: &crate::maps::policy::CapacityError) -> ApiError {
 
 /// Refuse, before anything is stored, a key state the datapath cannot hold.
 async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
-    match ask(state, key, true).await {
+    match ask(state, |done| Apply::Check {
+        key: Box::new(key),
+        done,
+    })
+    .await
+    {
         Ok(()) => Ok(()),
         Err(EnforceError::Full(e)) => Err(full(&e)),
         Err(
-            why
-            @ (EnforceError::Stopping | EnforceError::Datapath(_) | EnforceError::Principals(_)),
+            why @ (EnforceError::Stopping
+            | EnforceError::Datapath(_)
+            | EnforceError::Principals(_)
+            | EnforceError::Feed(_)
+            | EnforceError::Behind { .. }),
         ) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("nothing stored: {why}"),
@@ -438,48 +440,35 @@ async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError
     }
 }
 
-/// Wait until the daemon enforces `key`'s committed state.
-async fn enforce(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
-    ask(state, key, false).await.map_err(|e| {
-        let why = e.to_string();
-        tracing::error!(error = why, "a stored change is not enforced yet");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("stored, but not yet enforced: {why}"),
-        )
-    })
+/// Wait until the daemon enforces the store's changes up to `seq`.
+async fn enforce(state: &ApiState, seq: i64) -> Result<(), ApiError> {
+    ask(state, |done| Apply::Upto { seq, done })
+        .await
+        .map_err(|e| {
+            let why = e.to_string();
+            tracing::error!(error = why, "a stored change is not enforced yet");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("stored, but not yet enforced: {why}"),
+            )
+        })
 }
 
 /// One write: serialised with the others, checked against the datapath's
-/// capacity, committed with its audit row, enforced, logged. `action` names
-/// it in the log. The store call runs twice: first against a
-/// [`Preview`](super::preview::Preview) that records it and tells what the
-/// key would become, then, once the datapath is known to hold that, for
-/// real (the `writes` lock keeps other writes out in between).
-async fn commit(
-    state: &ApiState,
-    caller: &Caller,
-    action: &'static str,
-    write: impl FnOnce(&mut dyn KeyStore, &Actor, SystemTime) -> Result<StoredKey, StoreError>,
-) -> Result<StoredKey, ApiError> {
+/// capacity, committed with its audit row, enforced, logged. The capacity
+/// check is a dry run ([`would_be`](super::preview::would_be): the key as the
+/// write would leave it); the `writes` lock keeps other writes of this API out
+/// until the write is enforced, so the daemon sees them in commit order.
+async fn commit(state: &ApiState, caller: &Caller, write: KeyWrite) -> Result<StoredKey, ApiError> {
     let actor = caller.actor();
+    let action = write.action();
     let _order = state.writes.lock().await;
     let now = SystemTime::now();
-    let (would_be, call) = with_store(state, |s| {
-        let mut preview = super::preview::Preview::new(s);
-        let key = write(&mut preview, &actor, now)?;
-        Ok((key, preview.into_call()))
-    })?;
-    let key = match call {
-        Some(call) => {
-            check_capacity(state, would_be).await?;
-            with_store(state, |s| call.replay(s, &actor, now))?
-        }
-        // The closure wrote nothing through the store (it answered from a
-        // read): nothing to check or replay.
-        None => would_be,
-    };
-    enforce(state, key.clone()).await?;
+    let would_be = super::preview::would_be(state.store.as_ref(), &write, now).await?;
+    check_capacity(state, would_be).await?;
+    let committed = state.store.write(write, &actor, now).await?;
+    enforce(state, committed.seq).await?;
+    let key = committed.key;
     tracing::info!(
         key_id = key.id,
         principal = actor.principal,
@@ -554,7 +543,7 @@ async fn create(
         .transpose()?
         .unwrap_or_default();
     // A new key always sets a list (an empty one opens it to everyone).
-    confirm(&state, &caller, &headers)?;
+    confirm(&state, &caller, &headers).await?;
     let secret = credentials::generate();
     let new = Key {
         id: credentials::new_key_id(),
@@ -566,10 +555,7 @@ async fn create(
         report_only: body.report_only.unwrap_or(false),
         origin: Origin::Store,
     };
-    let key = commit(&state, &caller, "create", |s, actor, now| {
-        s.create(new, actor, now)
-    })
-    .await?;
+    let key = commit(&state, &caller, KeyWrite::Create(new)).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(with_secret(stored_json(&key), &secret)),
@@ -578,7 +564,7 @@ async fn create(
 }
 
 async fn list(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult {
-    let stored = with_store(&state, |s| s.keys())?;
+    let stored = state.store.keys().await?;
     let statics = state
         .static_keys
         .read()
@@ -600,7 +586,7 @@ async fn show(
     if let Some(k) = static_key(&state, &id) {
         return Ok(axum::Json(static_json(&k)).into_response());
     }
-    let key = with_store(&state, |s| s.key(&id))?;
+    let key = state.store.key(&id).await?;
     Ok(axum::Json(stored_json(&key)).into_response())
 }
 
@@ -643,13 +629,10 @@ async fn update(
     }
     if (patch.allow.is_some() || patch.report_only.is_some()) && state.confirm.is_some() {
         // Unknown ids answer 404 before a code is spent on them.
-        with_store(&state, |s| s.key(&id))?;
-        confirm(&state, &caller, &headers)?;
+        state.store.key(&id).await?;
+        confirm(&state, &caller, &headers).await?;
     }
-    let after = commit(&state, &caller, "update", |s, actor, now| {
-        s.update(&id, patch, actor, now).map(|(_, after)| after)
-    })
-    .await?;
+    let after = commit(&state, &caller, KeyWrite::Update { id, patch }).await?;
     Ok(axum::Json(after.view(Some("api"))).into_response())
 }
 
@@ -664,10 +647,7 @@ async fn revoke(
         let lockout = super::principals::LockOut { ip: caller.ip };
         return Err(ApiError::new(StatusCode::CONFLICT, lockout.to_string()));
     }
-    let key = commit(&state, &caller, "revoke", |s, actor, now| {
-        s.revoke(&id, actor, now)
-    })
-    .await?;
+    let key = commit(&state, &caller, KeyWrite::Revoke { id: id.clone() }).await?;
     state.sources.forget(&id);
     Ok(axum::Json(stored_json(&key)).into_response())
 }
@@ -679,10 +659,11 @@ async fn rotate(
 ) -> ApiResult {
     refuse_static(&state, &id)?;
     let secret = credentials::generate();
-    let key = commit(&state, &caller, "rotate", |s, actor, now| {
-        s.rotate(&id, digest(&secret), actor, now)
-    })
-    .await?;
+    let write = KeyWrite::Rotate {
+        id,
+        digest: digest(&secret),
+    };
+    let key = commit(&state, &caller, write).await?;
     Ok(axum::Json(with_secret(stored_json(&key), &secret)).into_response())
 }
 
@@ -692,7 +673,7 @@ async fn sources(
     Path(id): Path<String>,
 ) -> ApiResult {
     if static_key(&state, &id).is_none() {
-        with_store(&state, |s| s.key(&id))?;
+        state.store.key(&id).await?;
     }
     let seen = state.sources.of(&id);
     Ok(axum::Json(json!({ "key_id": id, "sources": seen })).into_response())
@@ -713,9 +694,10 @@ async fn audit(
 ) -> ApiResult {
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(AUDIT_DEFAULT).clamp(1, AUDIT_MAX);
-    let entries = with_store(&state, |s| {
-        s.audit(q.after.unwrap_or(0), limit, q.key_id.as_deref())
-    })?;
+    let entries = state
+        .store
+        .audit(q.after.unwrap_or(0), limit, q.key_id.as_deref())
+        .await?;
     let entries: Vec<Value> = entries
         .iter()
         .map(|e| {

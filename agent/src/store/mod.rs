@@ -2,12 +2,16 @@
 //!
 //! Keys made through the management API live here: metadata, the SHA-256 of the
 //! secret (never the secret), the allow list, and an audit row for every change,
-//! written in the same transaction as the change. The daemon reads the store
-//! once at start and then learns each change from the API call that made it.
+//! written in the same transaction as the change. The audit sequence numbers
+//! make a change feed: the daemon reads every key once at start
+//! ([`KeyStore::snapshot`]) and then applies what [`KeyStore::changes`]
+//! reports, whoever wrote it (its own API, or another writer of the store).
 //!
-//! [`KeyStore`] is the seam for other backends (PostgreSQL for fleets);
-//! [`sqlite::SqliteStore`] is the embedded default.
+//! [`KeyStore`] is the async seam for backends, [`open`] the factory that
+//! picks one from the config; [`embedded::Embedded`] (the SQLite file of
+//! [`sqlite::SqliteStore`] and its WAL checkpoints) is the default.
 
+pub mod embedded;
 pub mod sqlite;
 
 use std::{net::IpAddr, ops::Deref, sync::Arc, time::SystemTime};
@@ -206,8 +210,11 @@ pub enum StoreError {
     /// free space. The transaction was rolled back; reads keep working.
     #[error("the key store is full: {0}")]
     Full(String),
-    #[error(transparent)]
-    Sqlite(#[from] rusqlite::Error),
+    /// The backend failed (a driver or database error): its message, for
+    /// the log; the API answers 500.
+    #[error("{0}")]
+    Backend(String),
+    /// An I/O failure of the backend (reading or writing its files).
     #[error("{0}")]
     Io(String),
     /// The store's directory or files are not the agent's alone.
@@ -226,46 +233,106 @@ pub struct AuditEvent {
     pub details: Value,
 }
 
-/// Durable key storage. Every write is one transaction holding the change and
-/// its audit row; it either commits whole (and is on disk when this returns)
-/// or changes nothing.
-pub trait KeyStore: Send {
-    /// All keys, revoked ones included, oldest first.
-    fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError>;
-    fn key(&mut self, id: &str) -> Result<StoredKey, StoreError>;
+/// One key write. A backend makes it in one transaction together with its
+/// audit row: it commits whole (and is durable when the call returns) or
+/// changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyWrite {
     /// Store a new key (its origin is [`Origin::Store`](crate::keys::Origin)).
-    fn create(&mut self, new: Key, actor: &Actor, now: SystemTime)
-    -> Result<StoredKey, StoreError>;
-    /// Returns the key before and after.
-    fn update(
-        &mut self,
-        id: &str,
+    Create(Key),
+    /// Returns the key after the patch.
+    Update {
+        id: String,
         patch: KeyPatch,
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<(StoredKey, StoredKey), StoreError>;
-    fn revoke(&mut self, id: &str, actor: &Actor, now: SystemTime)
-    -> Result<StoredKey, StoreError>;
+    },
+    Revoke {
+        id: String,
+    },
     /// Replace the secret's digest; id, list and everything else stay.
-    fn rotate(
-        &mut self,
-        id: &str,
+    Rotate {
+        id: String,
         digest: Digest,
-        actor: &Actor,
+    },
+}
+
+impl KeyWrite {
+    /// The audit row's `action`.
+    #[must_use]
+    pub fn action(&self) -> &'static str {
+        match self {
+            KeyWrite::Create(_) => "create",
+            KeyWrite::Update { .. } => "update",
+            KeyWrite::Revoke { .. } => "revoke",
+            KeyWrite::Rotate { .. } => "rotate",
+        }
+    }
+}
+
+/// A write the store committed: the key after it, and the sequence number of
+/// its audit row (its place in the change feed, [`KeyStore::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub key: StoredKey,
+    pub seq: i64,
+}
+
+/// The store's change feed from one point: every key some write changed
+/// (whoever wrote it), in its state as of `upto`, the highest sequence number
+/// read. Reading again from `upto` continues the feed; a key changed twice
+/// appears once, in its later state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upto: i64,
+    pub keys: Vec<StoredKey>,
+}
+
+/// What a [`KeyStore`] call returns: a future that may wait for the disk
+/// or the network, so callers never block the runtime on it.
+pub type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Durable key storage, shared by the management API (reads and writes) and
+/// the daemon (the change feed, last use). Another writer of the same store
+/// (another host, another process) is seen through [`KeyStore::changes`].
+pub trait KeyStore: Send + Sync {
+    /// All keys, revoked ones included, oldest first.
+    fn keys(&self) -> StoreFuture<'_, Vec<StoredKey>>;
+    fn key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, StoredKey>;
+    /// Make `write` with its audit row (one transaction).
+    fn write<'a>(
+        &'a self,
+        write: KeyWrite,
+        actor: &'a Actor,
         now: SystemTime,
-    ) -> Result<StoredKey, StoreError>;
+    ) -> StoreFuture<'a, Committed>;
     /// Audit rows with `seq > after` (of one key, when given), oldest first,
     /// at most `limit`.
-    fn audit(
-        &mut self,
+    fn audit<'a>(
+        &'a self,
         after: i64,
         limit: usize,
-        key_id: Option<&str>,
-    ) -> Result<Vec<AuditEntry>, StoreError>;
+        key_id: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<AuditEntry>>;
     /// Write an audit row for `event` (its own transaction).
-    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError>;
+    fn record_event<'a>(&'a self, event: &'a AuditEvent, now: SystemTime) -> StoreFuture<'a, ()>;
     /// Record when keys were last used (not audited: it is not a change).
-    fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError>;
+    fn touch_last_used<'a>(&'a self, used: &'a [(String, SystemTime)]) -> StoreFuture<'a, ()>;
+    /// Every key and the feed's current position, read at one instant: where
+    /// a reader of [`KeyStore::changes`] starts.
+    fn snapshot(&self) -> StoreFuture<'_, Changes>;
+    /// The keys changed by writes after `after_seq` (see [`Changes`]).
+    fn changes(&self, after_seq: i64) -> StoreFuture<'_, Changes>;
+}
+
+/// The store, shared by the API and the daemon.
+pub type SharedStore = std::sync::Arc<dyn KeyStore>;
+
+/// Open the store the config names: the embedded SQLite file at
+/// `store.path` (the only backend today; a networked one for fleets plugs in
+/// here, chosen by its own config section). Must run inside the runtime: a
+/// backend may start its own maintenance tasks.
+pub fn open(config: &crate::config::StoreConfig) -> Result<SharedStore, StoreError> {
+    Ok(std::sync::Arc::new(embedded::Embedded::open(&config.path)?))
 }
 
 /// RFC 3339, seconds.
