@@ -48,6 +48,13 @@ use crate::{
 /// The eBPF object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence-ebpf"));
 
+/// The bench object built by `build.rs` under the `bench` feature: the
+/// reference programs and map of `keyfence_common::bench`, loaded on their own
+/// by the bench, never pinned or attached.
+#[cfg(feature = "bench")]
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence-bench-ebpf"));
+
 /// How a program ended up attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttachedMode {
@@ -379,30 +386,6 @@ impl Datapath {
             .program(program_names::XDP)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("checked at load")
-    }
-
-    /// Load one more XDP program of the object by name (the bench's reference
-    /// programs, `program_names::BENCH_*`) unless it is loaded already; it
-    /// shares the object's maps and is never attached.
-    pub fn load_xdp(&mut self, name: &str) -> anyhow::Result<&Xdp> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()
-            .with_context(|| format!("program {name} is not XDP"))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        Ok(program)
-    }
-
-    /// Take a map the datapath itself does not use (the bench's
-    /// `map_names::BENCH_LPM`).
-    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
-        self.ebpf.take_map(name)
     }
 
     #[must_use]
