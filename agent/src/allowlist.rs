@@ -125,13 +125,14 @@ impl AllowList {
             .map_or(true, |at| extra[at].expires_at.is_none_or(|t| now < t))
     }
 
-    /// Does this list let `ip` use the key at `now`? (`ip` is folded first.)
+    /// Does this list let `client` use the key at `now`? Both are canonical,
+    /// so nothing is folded here.
     #[must_use]
-    pub fn allows(&self, ip: IpAddr, now: SystemTime) -> bool {
+    pub fn allows(&self, client: ClientAddr, now: SystemTime) -> bool {
         if self.is_unrestricted() {
             return true;
         }
-        let ip = fold_ip(ip);
+        let ip = client.ip();
         self.active_nets(now).any(|net| net.contains(&ip))
     }
 
@@ -144,6 +145,52 @@ impl AllowList {
             .filter_map(|x| x.expires_at)
             .filter(|t| *t > now)
             .min()
+    }
+}
+
+/// A client address in canonical form (IPv4-mapped IPv6 folded to IPv4), the
+/// form allow lists hold. Made once where an address enters keyfence (the
+/// accepted peer, a PROXY header's source, an `X-Forwarded-For` entry, the
+/// management API's peer); every later stage takes it as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientAddr(IpAddr);
+
+impl ClientAddr {
+    /// `ip`, folded.
+    #[must_use]
+    pub fn new(ip: IpAddr) -> Self {
+        Self(fold_ip(ip))
+    }
+
+    #[must_use]
+    pub fn ip(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl From<IpAddr> for ClientAddr {
+    fn from(ip: IpAddr) -> Self {
+        Self::new(ip)
+    }
+}
+
+impl From<ClientAddr> for IpAddr {
+    fn from(c: ClientAddr) -> Self {
+        c.0
+    }
+}
+
+impl std::str::FromStr for ClientAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self::new)
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 

@@ -8,6 +8,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Where the packaging installs the configuration (`packaging/`): the
+/// default `--config` of every command that reads one.
+pub const DEFAULT_CONFIG: &str = "/etc/keyfence/keyfence.yaml";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "keyfence",
@@ -38,7 +42,7 @@ pub enum Command {
     /// /metrics and /readyz, reload on SIGHUP or when the config file changes.
     Run {
         /// Configuration file (YAML).
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// On SIGTERM/SIGINT, after draining, detach the datapath and remove
         /// its pins (as `keyfence detach`) instead of leaving the last policy
@@ -47,17 +51,26 @@ pub enum Command {
         detach_on_exit: bool,
     },
     /// Validate a configuration without touching the kernel. Prints every error
-    /// as FILE:LINE:COL: field.path: message and exits 64, or exits 0.
+    /// as FILE:LINE:COL: field.path: message and exits 64, or exits 0. Every
+    /// secret_env, token_env and totp_secret_env variable must be set and hold
+    /// what run accepts (a secret or token of at least 20 characters, a base32
+    /// TOTP secret of at least 16 bytes).
     Check {
-        #[arg(long, short)]
+        /// Configuration file (YAML).
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Do not check the variables the config names for secrets: validate
+        /// the file on a machine that does not hold them.
+        #[arg(long)]
+        skip_env: bool,
     },
     /// Show what is attached where (interface, mode), map fill against
     /// capacity, packet counters per listener and the largest counters by
     /// interface and listener, read from the pinned maps (works while the
     /// agent is stopped).
     Status {
-        #[arg(long, short)]
+        /// Configuration file (YAML); its datapath.pin_path is read.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -70,7 +83,8 @@ pub enum Command {
     /// Detach the datapath from every interface and remove its pins under the
     /// config's datapath.pin_path (uninstall). Refused while an agent runs.
     Detach {
-        #[arg(long, short)]
+        /// Configuration file (YAML); its datapath.pin_path is read.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }

@@ -52,6 +52,8 @@ use tokio::{
     time::Instant,
 };
 
+use crate::allowlist::ClientAddr;
+
 /// Default time from accept (or, on a keep-alive connection, from the next
 /// request's first byte) to a complete request head.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,20 +133,20 @@ impl ConnMetrics {
         m
     }
 
-    fn refused(&self, listener: &str, reason: &'static str) {
+    fn refused(&self, listener: &str, reason: Refusal) {
         self.refused
             .get_or_create(&ReasonLabels {
                 listener: listener.to_owned(),
-                reason,
+                reason: reason.label(),
             })
             .inc();
     }
 
-    fn closed(&self, listener: &str, reason: &'static str) {
+    fn closed(&self, listener: &str, reason: Closed) {
         self.closed
             .get_or_create(&ReasonLabels {
                 listener: listener.to_owned(),
-                reason,
+                reason: reason.label(),
             })
             .inc();
     }
@@ -168,21 +170,47 @@ pub enum Reserve {
     Use,
 }
 
-/// Why a connection was closed at accept.
+/// Why a connection was closed at accept: the `reason` label of
+/// `keyfence_connections_refused` and of the refusal log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("the source already holds the listener's maximum of connections")]
     PerSourceLimit,
     #[error("the process is near its descriptor limit")]
     DescriptorReserve,
+    /// `accept` failed for lack of descriptors; one pending connection was
+    /// taken from the backlog and closed (never returned by [`Gate::admit`]).
+    #[error("the process ran out of descriptors")]
+    DescriptorExhausted,
 }
 
 impl Refusal {
     #[must_use]
-    pub fn reason(self) -> &'static str {
+    pub const fn label(self) -> &'static str {
         match self {
             Self::PerSourceLimit => "per_source_limit",
             Self::DescriptorReserve => "descriptor_reserve",
+            Self::DescriptorExhausted => "descriptor_exhausted",
+        }
+    }
+}
+
+/// Why the agent closed an admitted connection: the `reason` label of
+/// `keyfence_connections_timed_out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// No complete request head within `header_timeout`.
+    HeaderTimeout,
+    /// No request within `idle_timeout` on a kept-alive connection.
+    IdleTimeout,
+}
+
+impl Closed {
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::HeaderTimeout => "header_timeout",
+            Self::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -271,8 +299,13 @@ impl Gate {
 
     /// Admit a connection from `peer` whose descriptor is `fd`, under the soft
     /// descriptor limit `soft`, or say why not (and count it).
-    pub fn admit(self: &Arc<Self>, peer: IpAddr, fd: i32, soft: u64) -> Result<Permit, Refusal> {
-        let peer = crate::allowlist::fold_ip(peer);
+    pub fn admit(
+        self: &Arc<Self>,
+        client: ClientAddr,
+        fd: i32,
+        soft: u64,
+    ) -> Result<Permit, Refusal> {
+        let peer = client.ip();
         let refusal = if self.reserve == Reserve::Honour && in_reserve(fd, soft) {
             Some(Refusal::DescriptorReserve)
         } else {
@@ -295,23 +328,24 @@ impl Gate {
             }
         };
         if let Some(refusal) = refusal {
-            self.refuse(Some(peer), refusal.reason());
+            self.refuse(Some(peer), refusal);
             return Err(refusal);
         }
         self.open.fetch_add(1, Ordering::AcqRel);
         self.open_gauge.inc();
         Ok(Permit {
             gate: self.clone(),
-            source: peer,
+            source: client,
         })
     }
 
     /// Count a refusal and log it (rate-limited); `peer` is `None` when no
     /// connection could be read (a shed backlog entry).
-    fn refuse(&self, peer: Option<IpAddr>, reason: &'static str) {
-        self.metrics.refused(&self.name, reason);
+    fn refuse(&self, peer: Option<IpAddr>, refusal: Refusal) {
+        self.metrics.refused(&self.name, refusal);
         if self.log.0.allow() {
             let client = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+            let reason = refusal.label();
             tracing::warn!(listener = self.name, client, reason, "connection refused");
         }
     }
@@ -345,13 +379,19 @@ impl Gate {
 #[derive(Debug)]
 pub struct Permit {
     gate: Arc<Gate>,
-    source: IpAddr,
+    source: ClientAddr,
 }
 
 impl Permit {
     #[must_use]
     pub fn gate(&self) -> &Gate {
         &self.gate
+    }
+
+    /// The connection's peer, folded once at accept.
+    #[must_use]
+    pub fn source(&self) -> ClientAddr {
+        self.source
     }
 }
 
@@ -363,10 +403,10 @@ impl Drop for Permit {
                 .sources
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(held) = sources.get_mut(&self.source) {
+            if let Some(held) = sources.get_mut(&self.source.ip()) {
                 *held = held.saturating_sub(1);
                 if *held == 0 {
-                    sources.remove(&self.source);
+                    sources.remove(&self.source.ip());
                 }
             }
         }
@@ -428,7 +468,7 @@ pub async fn accept(
     match socket.accept().await {
         Ok((stream, peer)) => {
             let soft = crate::sys::nofile_limit().map_or(u64::MAX, |(soft, _)| soft);
-            match gate.admit(peer.ip(), stream.as_raw_fd(), soft) {
+            match gate.admit(ClientAddr::new(peer.ip()), stream.as_raw_fd(), soft) {
                 Ok(permit) => Some((stream, peer, permit)),
                 // Dropping the stream closes it now.
                 Err(_) => None,
@@ -437,7 +477,7 @@ pub async fn accept(
         Err(e) => {
             let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
             if exhausted && shed_one(socket).await {
-                gate.refuse(None, "descriptor_exhausted");
+                gate.refuse(None, Refusal::DescriptorExhausted);
             } else {
                 if gate.log.0.allow() {
                     tracing::warn!(listener = gate.name, error = %e, "accept failed");
@@ -787,14 +827,14 @@ where
                 permit
                     .gate
                     .metrics
-                    .closed(&permit.gate.name, "header_timeout");
+                    .closed(&permit.gate.name, Closed::HeaderTimeout);
                 return Err(DriveError::HeaderTimeout(limits.header_timeout));
             }
             Next::Idle if closing.is_none() => {
                 permit
                     .gate
                     .metrics
-                    .closed(&permit.gate.name, "idle_timeout");
+                    .closed(&permit.gate.name, Closed::IdleTimeout);
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + limits.header_timeout.min(CLOSE_GRACE));
                 None
@@ -953,13 +993,13 @@ mod tests {
     #[test]
     fn connections_per_source_are_capped_and_given_back() {
         let g = gate(Reserve::Honour, 2, &[]);
-        let a: IpAddr = "192.0.2.10".parse().unwrap();
-        let b: IpAddr = "192.0.2.11".parse().unwrap();
+        let a: ClientAddr = "192.0.2.10".parse().unwrap();
+        let b: ClientAddr = "192.0.2.11".parse().unwrap();
         let p1 = g.admit(a, 10, 1024).unwrap();
         let _p2 = g.admit(a, 11, 1024).unwrap();
         assert_eq!(g.admit(a, 12, 1024).unwrap_err(), Refusal::PerSourceLimit);
         // The IPv4-mapped form is the same source.
-        let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
+        let mapped: ClientAddr = "::ffff:192.0.2.10".parse().unwrap();
         assert_eq!(
             g.admit(mapped, 12, 1024).unwrap_err(),
             Refusal::PerSourceLimit
@@ -981,10 +1021,32 @@ mod tests {
         );
     }
 
+    /// The `reason` labels dashboards match on.
+    #[test]
+    fn reason_labels_are_the_published_ones() {
+        assert_eq!(
+            [
+                Refusal::PerSourceLimit,
+                Refusal::DescriptorReserve,
+                Refusal::DescriptorExhausted
+            ]
+            .map(Refusal::label),
+            [
+                "per_source_limit",
+                "descriptor_reserve",
+                "descriptor_exhausted"
+            ]
+        );
+        assert_eq!(
+            [Closed::HeaderTimeout, Closed::IdleTimeout].map(Closed::label),
+            ["header_timeout", "idle_timeout"]
+        );
+    }
+
     #[test]
     fn trusted_proxies_are_not_capped() {
         let g = gate(Reserve::Honour, 1, &["198.51.100.0/24"]);
-        let proxy: IpAddr = "198.51.100.250".parse().unwrap();
+        let proxy: ClientAddr = "198.51.100.250".parse().unwrap();
         let held: Vec<Permit> = (0..5)
             .map(|i| g.admit(proxy, 10 + i, 1024).unwrap())
             .collect();
@@ -995,7 +1057,7 @@ mod tests {
     fn listeners_refuse_reserved_descriptors_management_does_not() {
         let shim = gate(Reserve::Honour, 10, &[]);
         let mgmt = gate(Reserve::Use, 10, &[]);
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let a: ClientAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(
             shim.admit(a, 200, 256).unwrap_err(),
             Refusal::DescriptorReserve

@@ -11,6 +11,7 @@
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -155,6 +156,8 @@ pub struct Datapath {
     /// `datapath.unparsed`, written by the next [`Datapath::apply`].
     unparsed_mode: Unparsed,
     counters: Counters,
+    /// What scrapes and the drop-sample log read, apart from this struct.
+    reader: DatapathReader,
     ifaces: IfaceSlots,
     samples: Option<RingBuf<MapData>>,
     attachments: Vec<Attachment>,
@@ -363,6 +366,12 @@ impl Datapath {
             PolicyWriter::adopt(KernelPolicyMaps::open(&mut maps)?)?.with_capacity(capacity);
         let unparsed = UnparsedWriter::open(&mut maps)?;
         let counters = Counters::open(&mut maps)?;
+        // A handle of its own on the pinned counters: a scrape reads them
+        // while an apply holds this struct.
+        let reader = DatapathReader {
+            counters: Arc::new(Counters::open(&mut MapSource::Pinned(&dir))?),
+            labels: Arc::default(),
+        };
         let ifaces = IfaceSlots::open(&mut maps)?;
         let samples = Some(maps.map::<RingBuf<MapData>>(map_names::DROP_SAMPLES)?);
         Ok(Self {
@@ -372,6 +381,7 @@ impl Datapath {
             unparsed,
             unparsed_mode: Unparsed::Pass,
             counters,
+            reader,
             ifaces,
             samples,
             attachments: Vec::new(),
@@ -444,6 +454,7 @@ impl Datapath {
             self.counters
                 .clear_listener(slot, keyfence_common::stats::MAX_IFACE_SLOTS)?;
         }
+        self.publish_labels();
         Ok(report)
     }
 
@@ -453,7 +464,9 @@ impl Datapath {
         &mut self,
         changes: &[(String, crate::prefixset::Change)],
     ) -> anyhow::Result<Option<ApplyReport>> {
-        self.writer.apply_changes(changes)
+        let report = self.writer.apply_changes(changes)?;
+        self.publish_labels();
+        Ok(report)
     }
 
     /// Whether [`Self::apply`] of `policy` would fit, writing nothing.
@@ -504,13 +517,38 @@ impl Datapath {
 
     /// Counters of every interface slot (slot 0 = interfaces keyfence does not know).
     pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
-        let mut slots: Vec<u32> = std::iter::once(0)
+        self.counters.snapshot(&self.labels().iface_slots)
+    }
+
+    /// The names of interfaces and listener slots as they are now.
+    fn labels(&self) -> Labels {
+        let mut iface_slots: Vec<u32> = std::iter::once(0)
             .chain(self.attachments.iter().map(|a| a.slot))
             .chain(self.extra_iface_slots.iter().copied())
             .collect();
-        slots.sort_unstable();
-        slots.dedup();
-        self.counters.snapshot(&slots)
+        iface_slots.sort_unstable();
+        iface_slots.dedup();
+        Labels {
+            attachments: self.attachments.clone(),
+            listeners: self.slot_names(),
+            iface_slots,
+        }
+    }
+
+    /// Hand the current names to the reader (after an attach or an apply).
+    fn publish_labels(&self) {
+        *self
+            .reader
+            .labels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(self.labels());
+    }
+
+    /// A reader of the counters and their names that never waits for this
+    /// datapath (an apply may hold it for seconds).
+    #[must_use]
+    pub fn reader(&self) -> DatapathReader {
+        self.reader.clone()
     }
 
     #[must_use]
@@ -527,6 +565,7 @@ impl Datapath {
     pub fn set_interface_slots(&mut self, slots: &[(u32, u32)]) -> anyhow::Result<()> {
         self.ifaces.assign(slots)?;
         self.extra_iface_slots = slots.iter().map(|(_, slot)| *slot).collect();
+        self.publish_labels();
         Ok(())
     }
 
@@ -564,6 +603,7 @@ impl Datapath {
             }
         }
         self.attachments = attachments;
+        self.publish_labels();
         Ok(())
     }
 
@@ -780,6 +820,107 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
     // between opening and locking it).
     let _ = fs::remove_file(lock_path(pin_root));
     Ok(report)
+}
+
+/// The names that label the datapath's counters and drop samples: the
+/// interfaces it is attached to and the listener slots of the last apply.
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    pub attachments: Vec<Attachment>,
+    /// Listener name → slot.
+    pub listeners: Vec<(String, u32)>,
+    /// The interface counter slots to read (0 = interfaces keyfence does not
+    /// know; the attached ones; those assigned directly).
+    iface_slots: Vec<u32>,
+}
+
+impl Labels {
+    /// The interface and listener a sample names, empty when unknown.
+    fn name_sample(&self, sample: &DropSample) -> (String, String) {
+        let interface = self
+            .attachments
+            .iter()
+            .find(|a| a.ifindex == sample.ifindex)
+            .map(|a| a.interface.clone())
+            .unwrap_or_default();
+        let listener = self
+            .listeners
+            .iter()
+            .find(|(_, slot)| *slot == sample.policy)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        (interface, listener)
+    }
+}
+
+/// Reads the datapath's counters and names through handles of its own: it
+/// shares only the kernel map with [`Datapath`], so a metrics scrape or a
+/// drop sample never waits behind a policy apply.
+#[derive(Clone)]
+pub struct DatapathReader {
+    counters: Arc<Counters>,
+    labels: Arc<RwLock<Arc<Labels>>>,
+}
+
+impl std::fmt::Debug for DatapathReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathReader").finish_non_exhaustive()
+    }
+}
+
+impl DatapathReader {
+    /// The names as of the last attach or apply.
+    #[must_use]
+    pub fn labels(&self) -> Arc<Labels> {
+        self.labels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The counters of the interface slots `labels` names, summed over CPUs.
+    pub fn counters(&self, labels: &Labels) -> anyhow::Result<CounterSnapshot> {
+        self.counters.snapshot(&labels.iface_slots)
+    }
+}
+
+/// Log the kernel's drop samples (already rate-limited per CPU in the
+/// kernel), naming interface and listener through `reader`; `count` is
+/// called for each one. Runs until the ring cannot be polled.
+pub async fn log_samples(
+    ring: RingBuf<MapData>,
+    reader: DatapathReader,
+    count: impl Fn(),
+) -> anyhow::Result<()> {
+    let mut fd = crate::sys::async_ring(ring).context("polling the drop-sample ring buffer")?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let mut samples = Vec::new();
+        while let Some(item) = guard.get_inner_mut().next() {
+            if let Some(s) = decode_sample(&item) {
+                samples.push(s);
+            }
+        }
+        guard.clear_ready();
+        if samples.is_empty() {
+            continue;
+        }
+        let labels = reader.labels();
+        for s in samples {
+            count();
+            let (interface, listener) = labels.name_sample(&s);
+            let src = crate::allowlist::fold_ip(std::net::Ipv6Addr::from(s.src).into());
+            let dst = crate::allowlist::fold_ip(std::net::Ipv6Addr::from(s.dst).into());
+            tracing::info!(
+                %src,
+                %dst,
+                port = u16::from_be_bytes(s.port),
+                interface,
+                listener,
+                "datapath dropped a packet (sample)"
+            );
+        }
+    }
 }
 
 /// Decode one ring-buffer record.

@@ -111,25 +111,7 @@ pub enum Verdict {
 /// agent's euid, not writable by group or others; read or search bits for
 /// others are removed (`Tighten(0o700)`).
 pub fn private_dir(st: Stat, euid: u32) -> Result<Verdict, Problem> {
-    if st.kind != Kind::Dir {
-        return Err(Problem::Kind {
-            found: st.kind,
-            wanted: Kind::Dir,
-        });
-    }
-    if st.uid != euid {
-        return Err(Problem::Owner(st.uid));
-    }
-    // Writable by others means someone else may already have put something
-    // inside (a map with the right layout that they hold open): refuse rather
-    // than tighten, so the operator looks first.
-    if st.mode & GROUP_OTHER_WRITE != 0 {
-        return Err(Problem::Writable(st.mode));
-    }
-    if st.mode & GROUP_OTHER_ANY != 0 {
-        return Ok(Verdict::Tighten(PRIVATE_DIR_MODE));
-    }
-    Ok(Verdict::Ok)
+    private(st, euid, Kind::Dir, PRIVATE_DIR_MODE)
 }
 
 /// A file only the agent uses (the lock file, the key store and its `-wal`
@@ -137,10 +119,18 @@ pub fn private_dir(st: Stat, euid: u32) -> Result<Verdict, Problem> {
 /// group or others (whoever could write it may hold it open); read bits for
 /// others are removed (`Tighten(0o600)`).
 pub fn private_file(st: Stat, euid: u32) -> Result<Verdict, Problem> {
-    if st.kind != Kind::File {
+    private(st, euid, Kind::File, PRIVATE_FILE_MODE)
+}
+
+/// The rule of [`private_dir`] and [`private_file`]: of `kind`, the agent's,
+/// refused when others may write it (someone else may already have put
+/// something inside, or hold it open: the operator looks first), tightened
+/// to `mode` when others may only read it.
+fn private(st: Stat, euid: u32, kind: Kind, mode: u32) -> Result<Verdict, Problem> {
+    if st.kind != kind {
         return Err(Problem::Kind {
             found: st.kind,
-            wanted: Kind::File,
+            wanted: kind,
         });
     }
     if st.uid != euid {
@@ -150,7 +140,7 @@ pub fn private_file(st: Stat, euid: u32) -> Result<Verdict, Problem> {
         return Err(Problem::Writable(st.mode));
     }
     if st.mode & GROUP_OTHER_ANY != 0 {
-        return Ok(Verdict::Tighten(PRIVATE_FILE_MODE));
+        return Ok(Verdict::Tighten(mode));
     }
     Ok(Verdict::Ok)
 }

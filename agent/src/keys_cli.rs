@@ -243,7 +243,7 @@ pub fn render_error(answer: &Answer) -> String {
     let message = answer.body["error"]
         .as_str()
         .map_or_else(|| answer.body.to_string(), str::to_owned);
-    let message = crate::names::escape(&message);
+    let message = crate::keys::validate::escape(&message);
     let mut out = format!("keyfence keys: {} {message}\n", answer.status);
     if let Some(entries) = answer.body["entries"].as_array() {
         for e in entries {
@@ -252,7 +252,7 @@ pub fn render_error(answer: &Answer) -> String {
                 "  entry {}: {:?}: {}",
                 e["position"],
                 e["entry"].as_str().unwrap_or(""),
-                crate::names::escape(e["reason"].as_str().unwrap_or(""))
+                crate::keys::validate::escape(e["reason"].as_str().unwrap_or(""))
             );
         }
     }
@@ -276,7 +276,7 @@ enum Shape {
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => crate::names::escape(s).into_owned(),
+        Value::String(s) => crate::keys::validate::escape(s).into_owned(),
         other => other.to_string(),
     }
 }
@@ -286,7 +286,7 @@ fn entry_text(e: &Value) -> String {
         Value::Object(o) => {
             let mut s = text(&o.get("cidr").cloned().unwrap_or(Value::Null));
             if let Some(n) = o.get("note").and_then(Value::as_str) {
-                let _ = write!(s, "  # {}", crate::names::escape(n));
+                let _ = write!(s, "  # {}", crate::keys::validate::escape(n));
             }
             if let Some(t) = o.get("expires_at").and_then(Value::as_str) {
                 let _ = write!(s, "  (expires {t})");
@@ -587,7 +587,7 @@ mod tests {
         for out in [&listed, &shown, &audit] {
             assert!(
                 !out.chars()
-                    .any(|c| crate::names::is_forbidden(c) && c != '\n'),
+                    .any(|c| crate::keys::validate::is_forbidden(c) && c != '\n'),
                 "{out:?}"
             );
         }

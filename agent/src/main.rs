@@ -4,8 +4,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use keyfence::{
     cli::{Cli, Command, LogFormat},
-    config, datapath,
-    run::{StartError, run},
+    config,
+    daemon::{StartError, run},
+    datapath,
 };
 
 const EXIT_CONFIG: u8 = 64;
@@ -22,20 +23,33 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// `keyfence check`: every mistake of the file (and, with `Checked`, of the
+/// variables it names for secrets), exit 64; or `FILE: ok`.
+fn check(path: &std::path::Path, secrets: config::Secrets) -> ExitCode {
+    match config::load_with(path, secrets) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     match cli.command {
-        Command::Check { config } => match config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprint!("{errors}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Check { config, skip_env } => {
+            let secrets = if skip_env {
+                config::Secrets::Unchecked
+            } else {
+                config::Secrets::Checked
+            };
+            check(&config, secrets)
+        }
         Command::Status { config, json } => {
             let config = match config::load(&config) {
                 Ok(c) => c,

@@ -1,12 +1,13 @@
 //! Prometheus metrics (SPEC §8) and the HTTP endpoint that serves them with
 //! `/readyz`. Datapath counters are read from the kernel at scrape time and
-//! summed over CPUs; their `verdict`/`reason` labels come from `Stat`, so kernel
-//! and metric names cannot drift.
+//! summed over CPUs, through a [`CounterSource`] that never waits for a policy
+//! apply; their `verdict`/`reason` labels come from `Stat`, so kernel and
+//! metric names cannot drift.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -25,10 +26,34 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::Datapath;
+use crate::{
+    datapath::{DatapathReader, Labels},
+    maps::stats::CounterSnapshot,
+    shim::outcome::Outcome,
+};
 
-/// The datapath, shared by the control loop (writes) and scrapes (reads).
-pub type SharedDatapath = Arc<Mutex<Option<Datapath>>>;
+/// Where a scrape reads the datapath's counters and the names that label
+/// them. It must not wait for the datapath's writer: a scrape during a long
+/// policy apply answers at once.
+pub trait CounterSource: Send + Sync {
+    /// The names as of the last attach or apply.
+    fn labels(&self) -> Arc<Labels>;
+    /// The counters of the interfaces `labels` names.
+    fn counters(&self, labels: &Labels) -> anyhow::Result<CounterSnapshot>;
+}
+
+impl CounterSource for DatapathReader {
+    fn labels(&self) -> Arc<Labels> {
+        DatapathReader::labels(self)
+    }
+
+    fn counters(&self, labels: &Labels) -> anyhow::Result<CounterSnapshot> {
+        DatapathReader::counters(self, labels)
+    }
+}
+
+/// The datapath's counter source, once there is one (never with `mode: off`).
+type SharedSource = Arc<OnceLock<Box<dyn CounterSource>>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -62,6 +87,7 @@ pub struct Metrics {
     /// Failed and throttled management API attempts, lockouts.
     pub management: crate::management::throttle::ManagementMetrics,
     refusal_logs: crate::ratelimit::RateLimiter,
+    datapath: SharedSource,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,7 +98,8 @@ pub struct HttpLabels {
 
 impl Metrics {
     #[must_use]
-    pub fn new(datapath: SharedDatapath) -> Self {
+    pub fn new() -> Self {
+        let datapath = SharedSource::default();
         let mut registry = Registry::default();
         let keys = Gauge::default();
         registry.register("keyfence_keys", "API keys known to the agent", keys.clone());
@@ -136,7 +163,9 @@ impl Metrics {
         let connections = crate::conn::ConnMetrics::register(&mut registry);
         let config_warnings = crate::config_warnings::register(&mut registry);
         let management = crate::management::throttle::ManagementMetrics::register(&mut registry);
-        registry.register_collector(Box::new(DatapathCollector { datapath }));
+        registry.register_collector(Box::new(DatapathCollector {
+            source: datapath.clone(),
+        }));
         Self {
             registry,
             keys,
@@ -153,15 +182,24 @@ impl Metrics {
             config_warnings,
             management,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
+            datapath,
+        }
+    }
+
+    /// Read the datapath's counters from `source` from now on (set once,
+    /// when the datapath opens).
+    pub fn count_datapath(&self, source: impl CounterSource + 'static) {
+        if self.datapath.set(Box::new(source)).is_err() {
+            tracing::warn!("the datapath's counter source is set already");
         }
     }
 
     /// Count one answered request.
-    pub fn observe_http(&self, listener: &str, outcome: &'static str, took: std::time::Duration) {
+    pub fn observe_http(&self, listener: &str, outcome: Outcome, took: std::time::Duration) {
         self.http_requests
             .get_or_create(&HttpLabels {
                 listener: listener.to_string(),
-                outcome,
+                outcome: outcome.label(),
             })
             .inc();
         self.http_duration
@@ -173,19 +211,20 @@ impl Metrics {
 
     /// One structured line per refused (or report-only) request: key id
     /// (`-` when no valid key was presented), client address, listener and
-    /// reason; rate-limited so a flood cannot fill disks (the counters stay
-    /// exact).
+    /// reason (the outcome's label); rate-limited so a flood cannot fill
+    /// disks (the counters stay exact).
     pub fn refusal_log(
         &self,
         listener: &str,
         key_id: Option<&str>,
         ip: Option<std::net::IpAddr>,
-        reason: &'static str,
+        outcome: Outcome,
     ) {
         if self.refusal_logs.allow() {
             let client = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
             let key_id = key_id.unwrap_or("-");
-            if reason == "report_only" {
+            let reason = outcome.label();
+            if outcome == Outcome::ReportOnly {
                 tracing::info!(
                     listener,
                     key_id,
@@ -210,6 +249,12 @@ impl Metrics {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     interface: String,
@@ -226,7 +271,7 @@ struct AttachedLabels {
 
 /// Reads the kernel's counters on every scrape.
 struct DatapathCollector {
-    datapath: SharedDatapath,
+    source: SharedSource,
 }
 
 impl std::fmt::Debug for DatapathCollector {
@@ -237,14 +282,11 @@ impl std::fmt::Debug for DatapathCollector {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let guard = self
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(datapath) = guard.as_ref() else {
+        let Some(source) = self.source.get() else {
             return Ok(());
         };
-        let snapshot = match datapath.counters() {
+        let labels = source.labels();
+        let snapshot = match source.counters(&labels) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "reading datapath counters");
@@ -253,17 +295,17 @@ impl Collector for DatapathCollector {
         };
         let mut interfaces: Vec<(u32, String)> = vec![(0, "other".into())];
         interfaces.extend(
-            datapath
-                .attachments()
+            labels
+                .attachments
                 .iter()
                 .map(|a| (a.slot, a.interface.clone())),
         );
         let mut listeners: Vec<(u32, String)> = vec![(0, "none".into())];
         listeners.extend(
-            datapath
-                .slot_names()
-                .into_iter()
-                .map(|(name, slot)| (slot, name)),
+            labels
+                .listeners
+                .iter()
+                .map(|(name, slot)| (*slot, name.clone())),
         );
 
         {
@@ -295,7 +337,7 @@ impl Collector for DatapathCollector {
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for a in datapath.attachments() {
+        for a in &labels.attachments {
             let labels = AttachedLabels {
                 interface: a.interface.clone(),
                 mode: a.mode.label(),

@@ -17,12 +17,10 @@ use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 use ipnet::IpNet;
 
 use crate::{
-    config::{ClientIpSource, ListenerConfig, StaticKey},
+    config::{ClientIpSource, ListenerConfig},
+    keys::Key,
     prefixset::{Change, PrefixSet},
 };
-
-/// The scope a key needs to be usable on listeners (SPEC §6).
-pub const API_SCOPE: &str = "api";
 
 /// What the datapath enforces for every listener.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,54 +56,19 @@ impl Access {
     }
 }
 
-/// The facts about a key that decide packet-level access.
-#[derive(Clone, Copy, Debug)]
-pub struct KeyAccess<'a> {
-    pub tenant: &'a str,
-    pub scopes: &'a [String],
-    pub allow: &'a crate::allowlist::AllowList,
-    pub report_only: bool,
-}
-
-impl<'a> From<&'a StaticKey> for KeyAccess<'a> {
-    fn from(key: &'a StaticKey) -> Self {
-        Self {
-            tenant: &key.tenant,
-            scopes: &key.scopes,
-            allow: &key.allow,
-            report_only: key.report_only,
-        }
-    }
-}
-
-impl<'a> From<&'a crate::store::StoredKey> for KeyAccess<'a> {
-    fn from(key: &'a crate::store::StoredKey) -> Self {
-        Self {
-            tenant: &key.tenant,
-            scopes: &key.scopes,
-            allow: &key.allow,
-            report_only: key.report_only,
-        }
-    }
-}
-
 /// Does `listener` accept `key` at all (tenant and scope)?
 #[must_use]
-pub fn accepts(listener: &ListenerConfig, key: &KeyAccess<'_>) -> bool {
-    key.scopes.iter().any(|s| s == API_SCOPE)
+pub fn accepts(listener: &ListenerConfig, key: &Key) -> bool {
+    key.is_api()
         && listener
             .tenants
             .as_ref()
-            .is_none_or(|tenants| tenants.iter().any(|t| t == key.tenant))
+            .is_none_or(|tenants| tenants.contains(&key.tenant))
 }
 
 /// Compile the packet-level policy of every listener at `now`.
 #[must_use]
-pub fn compile(
-    listeners: &[ListenerConfig],
-    keys: &[KeyAccess<'_>],
-    now: SystemTime,
-) -> CompiledPolicy {
+pub fn compile(listeners: &[ListenerConfig], keys: &[&Key], now: SystemTime) -> CompiledPolicy {
     PolicyState::build(listeners, keys, now).compiled()
 }
 
@@ -156,14 +119,14 @@ impl Rule {
     }
 }
 
-fn opens(key: &KeyAccess<'_>) -> bool {
+fn opens(key: &Key) -> bool {
     key.report_only || key.allow.is_unrestricted()
 }
 
 /// What `key` adds to a `Rule::Keys` listener's union at `now`.
 fn contribution<'k>(
     listener: &ListenerConfig,
-    key: &'k KeyAccess<'_>,
+    key: &'k Key,
     now: SystemTime,
 ) -> impl Iterator<Item = IpNet> + 'k {
     let counts = accepts(listener, key) && !opens(key);
@@ -176,7 +139,7 @@ fn contribution<'k>(
 impl PolicyState {
     /// Compile from scratch.
     #[must_use]
-    pub fn build(listeners: &[ListenerConfig], keys: &[KeyAccess<'_>], now: SystemTime) -> Self {
+    pub fn build(listeners: &[ListenerConfig], keys: &[&Key], now: SystemTime) -> Self {
         let next_change = keys.iter().filter_map(|k| k.allow.next_expiry(now)).min();
         let listeners = listeners
             .iter()
@@ -200,8 +163,8 @@ impl PolicyState {
     /// entry's activity changes. Costs work in proportion to the two lists.
     pub fn change_key(
         &mut self,
-        old: Option<&KeyAccess<'_>>,
-        new: Option<&KeyAccess<'_>>,
+        old: Option<&Key>,
+        new: Option<&Key>,
         now: SystemTime,
     ) -> KeyChange {
         let mut out = KeyChange::default();
@@ -215,7 +178,7 @@ impl PolicyState {
                 continue;
             };
             let accepted_opener =
-                |k: Option<&KeyAccess<'_>>| k.is_some_and(|k| accepts(listener, k) && opens(k));
+                |k: Option<&Key>| k.is_some_and(|k| accepts(listener, k) && opens(k));
             let was_open = *openers > 0;
             *openers -= usize::from(accepted_opener(old));
             *openers += usize::from(accepted_opener(new));
@@ -266,8 +229,8 @@ impl PolicyState {
     /// the datapath cannot hold.
     pub fn preview_key<R>(
         &mut self,
-        old: Option<&KeyAccess<'_>>,
-        new: Option<&KeyAccess<'_>>,
+        old: Option<&Key>,
+        new: Option<&Key>,
         now: SystemTime,
         f: impl FnOnce(&Self, &KeyChange) -> R,
     ) -> R {
@@ -317,16 +280,13 @@ impl PolicyState {
     }
 }
 
-fn rule(listener: &ListenerConfig, keys: &[KeyAccess<'_>], now: SystemTime) -> Rule {
+fn rule(listener: &ListenerConfig, keys: &[&Key], now: SystemTime) -> Rule {
     if !listener.early_drop {
         return Rule::Open;
     }
-    // Folded like allow-list entries, so the datapath writer takes changes as is.
-    let trusted = listener
-        .client_ip
-        .trusted_proxies
-        .iter()
-        .map(|n| crate::allowlist::fold_net(n.trunc()));
+    // Canonical already (the config parses them with the allow-list grammar),
+    // like allow-list entries: the datapath writer takes changes as is.
+    let trusted = listener.client_ip.trusted_proxies.iter().copied();
     match listener.client_ip.source {
         ClientIpSource::ProxyProtocol => {
             Rule::Proxies(PrefixSet::from_nets(trusted).iter().copied().collect())
@@ -363,61 +323,21 @@ mod tests {
     use super::*;
     use crate::{
         allowlist::{AllowEntry, AllowList},
-        config::{ClientIp, KeySecret, ListenerMode},
+        keys::testing::listener,
     };
 
-    fn listener(name: &str, port: u16) -> ListenerConfig {
-        ListenerConfig {
-            name: name.into(),
-            bind: format!("[::]:{port}").parse().unwrap(),
-            mode: ListenerMode::Auth,
-            upstream: None,
-            tls: None,
-            client_ip: ClientIp {
-                source: ClientIpSource::Peer,
-                trusted_proxies: vec![],
-                hops: 1,
-            },
-            early_drop: true,
-            tenants: None,
-            key_header: None,
-            connections: crate::conn::ConnLimits::default(),
-            forward_credential: true,
-        }
-    }
-
-    fn list(nets: &[&str]) -> AllowList {
-        AllowList::from_canonical(
-            nets.iter()
-                .map(|n| AllowEntry {
-                    net: n.parse().unwrap(),
-                    note: None,
-                    expires_at: None,
-                })
-                .collect(),
-        )
-    }
-
-    fn key(id: &str, nets: &[&str]) -> StaticKey {
-        StaticKey {
-            id: id.into(),
-            name: id.into(),
-            tenant: "default".into(),
-            scopes: vec![API_SCOPE.into()],
-            secret: KeySecret::Env("X".into()),
-            allow: list(nets),
-            report_only: false,
-        }
+    fn key(id: &str, nets: &[&str]) -> Key {
+        crate::keys::testing::key(id, id, &nets.join(", "))
     }
 
     fn nets(v: &[&str]) -> Access {
         Access::Restricted(v.iter().map(|n| n.parse().unwrap()).collect())
     }
 
-    fn compile_now(listeners: &[ListenerConfig], keys: &[StaticKey]) -> CompiledPolicy {
+    fn compile_now(listeners: &[ListenerConfig], keys: &[Key]) -> CompiledPolicy {
         compile(
             listeners,
-            &keys.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+            &keys.iter().collect::<Vec<_>>(),
             SystemTime::UNIX_EPOCH,
         )
     }
@@ -538,11 +458,7 @@ mod tests {
             },
         ]);
         let keys = [k];
-        let before = compile(
-            &[listener("api", 1)],
-            &keys.iter().map(KeyAccess::from).collect::<Vec<_>>(),
-            t0,
-        );
+        let before = compile(&[listener("api", 1)], &keys.iter().collect::<Vec<_>>(), t0);
         assert_eq!(
             before.listeners[0].access,
             nets(&["192.0.2.1/32", "198.51.100.0/24"])
@@ -550,7 +466,7 @@ mod tests {
         assert_eq!(before.next_change, Some(expiry));
         let after = compile(
             &[listener("api", 1)],
-            &keys.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+            &keys.iter().collect::<Vec<_>>(),
             expiry,
         );
         assert_eq!(after.listeners[0].access, nets(&["192.0.2.1/32"]));
@@ -560,7 +476,7 @@ mod tests {
     #[test]
     fn fully_expired_list_is_not_unrestricted() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let k = StaticKey {
+        let k = Key {
             allow: AllowList::from_canonical(vec![AllowEntry {
                 net: "192.0.2.1/32".parse().unwrap(),
                 note: None,
@@ -568,7 +484,7 @@ mod tests {
             }]),
             ..key("a", &[])
         };
-        let p = compile(&[listener("api", 1)], &[KeyAccess::from(&k)], t0);
+        let p = compile(&[listener("api", 1)], &[&k], t0);
         assert_eq!(p.listeners[0].access, nets(&[]));
     }
 
@@ -585,7 +501,7 @@ mod tests {
         "2001:db8::1/128",
     ];
 
-    fn arb_key() -> impl Strategy<Value = StaticKey> {
+    fn arb_key() -> impl Strategy<Value = Key> {
         (
             prop::sample::subsequence(POOL.to_vec(), 0..5),
             prop::sample::select(vec!["default", "other"]),
@@ -635,32 +551,32 @@ mod tests {
         ) {
             let now = SystemTime::UNIX_EPOCH;
             let mut keys = start;
-            let accesses = |keys: &[Option<StaticKey>]| -> Vec<StaticKey> {
+            let accesses = |keys: &[Option<Key>]| -> Vec<Key> {
                 keys.iter().flatten().cloned().collect()
             };
             let current = accesses(&keys);
             let mut state = PolicyState::build(
                 &listeners,
-                &current.iter().map(KeyAccess::from).collect::<Vec<_>>(),
+                &current.iter().collect::<Vec<_>>(),
                 now,
             );
             for (i, new) in steps {
                 let old = keys[i].take();
                 keys[i] = new;
                 let after = accesses(&keys);
-                let after_access: Vec<KeyAccess<'_>> = after.iter().map(KeyAccess::from).collect();
+                let after_access: Vec<&Key> = after.iter().collect();
                 let before = state.compiled();
                 let previewed = state.preview_key(
-                    old.as_ref().map(KeyAccess::from).as_ref(),
-                    keys[i].as_ref().map(KeyAccess::from).as_ref(),
+                    old.as_ref(),
+                    keys[i].as_ref(),
                     now,
                     |s, _| s.compiled(),
                 );
                 prop_assert_eq!(&previewed, &compile(&listeners, &after_access, now));
                 prop_assert_eq!(&state.compiled(), &before, "a preview changes nothing");
                 let change = state.change_key(
-                    old.as_ref().map(KeyAccess::from).as_ref(),
-                    keys[i].as_ref().map(KeyAccess::from).as_ref(),
+                    old.as_ref(),
+                    keys[i].as_ref(),
                     now,
                 );
                 let compiled = state.compiled();

@@ -19,8 +19,9 @@ use std::{
 
 use keyfence::{
     confirm::{Confirmer, STEP_SECONDS},
+    keys::{Key, Origin},
     keys_cli,
-    store::{Actor, KeyStore as _, NewKey, sqlite::SqliteStore},
+    store::{Actor, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
@@ -514,6 +515,68 @@ fn revoke_refuses_the_next_request_and_rotate_swaps_the_secret() {
     assert_status(&s.request(SEEN, &new), 401, "still revoked after a restart");
 }
 
+/// A key written into the store by another writer (here a second
+/// connection to the running agent's file, as another host would write a
+/// shared store) reaches both layers through the store's change feed, and so
+/// does its revocation; the API lists and audits it like its own.
+#[test]
+fn another_writers_changes_are_enforced_from_the_change_feed() {
+    const SECRET: &str = "kf_written_elsewhere_0123456789abcdef";
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    assert_dropped(&s.request(DROPPED, SECRET), "no key allows the address yet");
+    let actor = Actor {
+        principal: "admin:elsewhere".into(),
+        address: ip(OPS),
+    };
+    let mut other = SqliteStore::open(&s.agent.store_path()).expect("a second connection");
+    let key = other
+        .create(
+            Key {
+                id: "key_writtenelsewhere".into(),
+                name: "elsewhere".into(),
+                tenant: "default".into(),
+                scopes: vec!["api".into()],
+                digest: keyfence::keys::credentials::digest(SECRET),
+                allow: keyfence::allowlist::parse_list(
+                    &keyfence::allowlist::RawList::One(DROPPED.into()),
+                    keyfence::allowlist::DEFAULT_MAX_ENTRIES,
+                )
+                .expect("a list"),
+                report_only: false,
+                origin: Origin::Store,
+            },
+            &actor,
+            SystemTime::now(),
+        )
+        .expect("writing a key from outside the agent");
+    let feed = Duration::from_secs(5);
+    let every = Duration::from_millis(100);
+    assert!(
+        poll_until(feed, every, || s.request(DROPPED, SECRET).status()
+            == Some(200)),
+        "the key is enforced in both layers: {:?}",
+        s.request(DROPPED, SECRET)
+    );
+    assert_eq!(ops.get(&format!("/v1/keys/{}", key.id)).status, 200);
+    let writers: Vec<Value> = ops
+        .audit_of(&key.id)
+        .iter()
+        .map(|e| e["principal"].clone())
+        .collect();
+    assert_eq!(writers, [json!("admin:elsewhere")]);
+
+    other
+        .revoke(&key.id, &actor, SystemTime::now())
+        .expect("revoking from outside");
+    assert!(
+        poll_until(feed, every, || s.request(DROPPED, SECRET)
+            == Reply::TimedOut),
+        "the revocation is enforced too: {:?}",
+        s.request(DROPPED, SECRET)
+    );
+}
+
 /// Each malformed or refused call answers its status and message.
 fn expect_errors(ops: &Caller<'_>, path: &str) {
     let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
@@ -919,7 +982,7 @@ fn check_store(db: &Path, writes: &[Write], round: usize) {
                 .iter()
                 .map(|e| e.net.to_string())
                 .collect();
-            (k.id, list)
+            (k.id.clone(), list)
         })
         .collect();
     // Each key holds the list of its last acknowledged write, or of a later
@@ -1595,14 +1658,15 @@ fn names_with_control_characters_are_refused_and_escaped_on_output() {
         let mut store = SqliteStore::open(&s.agent.store_path()).expect("the store");
         store
             .create(
-                NewKey {
+                Key {
                     id: "key_oldcontrolname".into(),
                     name: "old\u{1b}[2J\u{1b}[31m\nfake row\u{202e}".into(),
                     tenant: "default".into(),
                     scopes: vec!["api".into()],
-                    digest: keyfence::shim::keys::digest("kf_old_control_name_0123456789"),
+                    digest: keyfence::keys::credentials::digest("kf_old_control_name_0123456789"),
                     allow: keyfence::allowlist::AllowList::default(),
                     report_only: false,
+                    origin: Origin::Store,
                 },
                 &Actor {
                     principal: "admin:ops".into(),

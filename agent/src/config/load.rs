@@ -9,7 +9,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, de};
 use serde_saphyr::{Location, Spanned};
 
 use super::shape;
@@ -19,7 +19,11 @@ use super::model::{
     ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
     TlsConfig, Unparsed,
 };
-use crate::allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list};
+use crate::{
+    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
+    keys::validate,
+    secret_env::{self, EnvSecret},
+};
 
 /// One located problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,18 +58,126 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole file. A listener or key left out of the value pass (its shape
+/// is wrong, see [`shape::Skip`]) is a `None` that keeps the others' indices.
+#[derive(Default)]
 struct RawConfig {
     store: Option<RawStore>,
     datapath: Option<RawDatapath>,
-    #[serde(default)]
-    listeners: Vec<Spanned<RawListener>>,
-    #[serde(default)]
-    keys: Vec<Spanned<RawKey>>,
+    listeners: Vec<Option<Spanned<RawListener>>>,
+    keys: Vec<Option<Spanned<RawKey>>>,
     rejection: Option<RawRejection>,
     management: Option<RawManagement>,
     metrics: Option<RawMetrics>,
+}
+
+impl RawConfig {
+    const FIELDS: &[&str] = &[
+        "store",
+        "datapath",
+        "listeners",
+        "keys",
+        "rejection",
+        "management",
+        "metrics",
+    ];
+}
+
+/// Reads [`RawConfig`] without the parts in the [`shape::Skip`]: those are
+/// consumed unread, so the rest is checked although they would not
+/// deserialize. With nothing to skip it reads as a derived
+/// `deny_unknown_fields` struct would.
+struct ConfigSeed<'a>(&'a shape::Skip);
+
+impl<'de> Deserialize<'de> for RawConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de::DeserializeSeed::deserialize(ConfigSeed(&shape::Skip::default()), d)
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for ConfigSeed<'_> {
+    type Value = RawConfig;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<RawConfig, D::Error> {
+        d.deserialize_struct("RawConfig", RawConfig::FIELDS, self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for ConfigSeed<'_> {
+    type Value = RawConfig;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a keyfence configuration")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawConfig, A::Error> {
+        let mut raw = RawConfig::default();
+        while let Some(key) = map.next_key::<String>()? {
+            if self.0.section(&key) {
+                map.next_value::<de::IgnoredAny>()?;
+                continue;
+            }
+            match key.as_str() {
+                "store" => raw.store = map.next_value()?,
+                "datapath" => raw.datapath = map.next_value()?,
+                "listeners" => {
+                    raw.listeners = map.next_value_seed(Items::new(&self.0.listeners))?;
+                }
+                "keys" => raw.keys = map.next_value_seed(Items::new(&self.0.keys))?,
+                "rejection" => raw.rejection = map.next_value()?,
+                "management" => raw.management = map.next_value()?,
+                "metrics" => raw.metrics = map.next_value()?,
+                other => return Err(de::Error::unknown_field(other, RawConfig::FIELDS)),
+            }
+        }
+        Ok(raw)
+    }
+}
+
+/// A list whose items at the indices in `skip` are consumed unread (`None`).
+struct Items<'a, T> {
+    skip: &'a BTreeSet<usize>,
+    item: std::marker::PhantomData<T>,
+}
+
+impl<'a, T> Items<'a, T> {
+    fn new(skip: &'a BTreeSet<usize>) -> Self {
+        Self {
+            skip,
+            item: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> de::DeserializeSeed<'de> for Items<'_, T> {
+    type Value = Vec<Option<Spanned<T>>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Items<'_, T> {
+    type Value = Vec<Option<Spanned<T>>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        loop {
+            let item = if self.skip.contains(&out.len()) {
+                seq.next_element::<de::IgnoredAny>()?.map(|_| None)
+            } else {
+                seq.next_element::<Spanned<T>>()?.map(Some)
+            };
+            match item {
+                Some(item) => out.push(item),
+                None => return Ok(out),
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -137,9 +249,10 @@ struct RawClientIp {
 #[serde(deny_unknown_fields)]
 struct RawKey {
     id: Spanned<String>,
-    name: Spanned<String>,
-    tenant: Option<String>,
-    scopes: Option<Vec<String>>,
+    /// Optional: the id when absent.
+    name: Option<Spanned<String>>,
+    tenant: Option<Spanned<String>>,
+    scopes: Option<Spanned<Vec<String>>>,
     secret_sha256: Option<Spanned<String>>,
     secret_env: Option<Spanned<String>>,
     ip_allow_list: Option<Spanned<RawList>>,
@@ -167,14 +280,14 @@ struct RawManagement {
 struct RawAdmin {
     name: String,
     token_sha256: Option<Spanned<String>>,
-    token_env: Option<String>,
+    token_env: Option<Spanned<String>>,
     ip_allow_list: Option<Spanned<RawList>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfirm {
-    totp_secret_env: String,
+    totp_secret_env: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,13 +296,42 @@ struct RawMetrics {
     bind: Option<Spanned<String>>,
 }
 
+/// Whether loading also checks the variables the config names for secrets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Secrets {
+    /// Only the file (`run` reads them at start; reloads do not change them).
+    Unchecked,
+    /// Each `secret_env`, `token_env` and `totp_secret_env` variable must be
+    /// set and hold what `run` accepts (`keyfence check` without `--skip-env`).
+    Checked,
+}
+
 /// Collects errors with their file.
 struct Errors {
     file: String,
     list: Vec<ConfigError>,
+    secrets: Secrets,
 }
 
 impl Errors {
+    /// The variable `var` named at `loc` (field `path`) against the rules of
+    /// [`secret_env`], when secrets are checked.
+    fn secret_env(&mut self, loc: &Location, path: String, var: &str, kind: EnvSecret) {
+        if self.secrets == Secrets::Checked
+            && let Err(e) = secret_env::read(var, kind)
+        {
+            self.at(loc, path, e.to_string());
+        }
+    }
+
+    /// A key secret or token named by the variable in `env` (field `path`),
+    /// checked as [`Self::secret_env`] says.
+    fn env_secret(&mut self, env: &Spanned<String>, path: String) -> KeySecret {
+        let var = env.value.trim();
+        self.secret_env(&env.referenced, path, var, EnvSecret::Secret);
+        KeySecret::Env(var.to_owned())
+    }
+
     fn at(&mut self, loc: &Location, path: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.clone(),
@@ -203,9 +345,15 @@ impl Errors {
 
 /// Read and validate `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, Secrets::Unchecked)
+}
+
+/// Read and validate `path`, and with [`Secrets::Checked`] the variables it
+/// names for secrets.
+pub fn load_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &file),
+        Ok(text) => parse_with(&text, &file, secrets),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             file,
             line: 0,
@@ -216,29 +364,48 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Validate YAML `text` that came from `file` (used in messages).
+/// Validate YAML `text` that came from `file` (used in messages). The shape
+/// pass runs first; the value pass then checks every part whose shape is
+/// right, so one run reports the mistakes of both (`check` prints them in
+/// file order).
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    let shape = serde_saphyr::from_str::<Spanned<shape::Node>>(text).map(|tree| {
-        let mut mistakes = Vec::new();
-        shape::check(&tree, &shape::CONFIG, "", &mut mistakes);
-        mistakes
-    });
-    if let Ok(mistakes) = shape
-        && !mistakes.is_empty()
-    {
-        let mut errors = Errors {
-            file: file.into(),
-            list: Vec::new(),
-        };
-        for m in mistakes {
-            errors.at(&m.at, m.path, m.message);
-        }
-        errors.list.sort_by_key(|e| (e.line, e.col));
-        return Err(ConfigErrors(errors.list));
+    parse_with(text, file, Secrets::Unchecked)
+}
+
+/// [`parse`], and with [`Secrets::Checked`] the variables the text names for
+/// secrets.
+pub fn parse_with(text: &str, file: &str, secrets: Secrets) -> Result<Config, ConfigErrors> {
+    let mut errors = Errors {
+        file: file.into(),
+        list: Vec::new(),
+        secrets,
+    };
+    let mistakes = serde_saphyr::from_str::<Spanned<shape::Node>>(text).map_or_else(
+        |_| Vec::new(),
+        |tree| {
+            let mut mistakes = Vec::new();
+            shape::check(&tree, &shape::CONFIG, "", &mut mistakes);
+            mistakes
+        },
+    );
+    let skip = shape::Skip::of(&mistakes);
+    let shaped = !mistakes.is_empty();
+    for m in mistakes {
+        errors.at(&m.at, m.path, m.message);
     }
-    let raw: RawConfig = match serde_saphyr::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
+    let raw = skip.map(|skip| {
+        serde_saphyr::with_deserializer_from_str(text, |d| {
+            de::DeserializeSeed::deserialize(ConfigSeed(&skip), d)
+        })
+    });
+    match raw {
+        Some(Ok(raw)) => {
+            let config = validate(raw, &mut errors);
+            if errors.list.is_empty() {
+                return Ok(config);
+            }
+        }
+        Some(Err(e)) if !shaped => {
             let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             let rendered = e.without_snippet().to_string();
             let first = rendered.lines().next().unwrap_or("invalid YAML").trim();
@@ -255,18 +422,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 message,
             }]));
         }
-    };
-    let mut errors = Errors {
-        file: file.into(),
-        list: Vec::new(),
-    };
-    let config = validate(raw, &mut errors);
-    if errors.list.is_empty() {
-        Ok(config)
-    } else {
-        errors.list.sort_by_key(|e| (e.line, e.col));
-        Err(ConfigErrors(errors.list))
+        // The shape mistakes say what is wrong; the file's top is not a
+        // mapping, or what they left could not be read (say an alias into a
+        // part left out).
+        None | Some(Err(_)) => {}
     }
+    errors.list.sort_by_key(|e| (e.line, e.col));
+    Err(ConfigErrors(errors.list))
 }
 
 fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
@@ -526,17 +688,24 @@ fn conflicts(a: SocketAddr, b: SocketAddr) -> bool {
     clippy::too_many_lines,
     reason = "one pass over a listener's fields, in file order"
 )]
-fn listeners(raw: Vec<Spanned<RawListener>>, errors: &mut Errors) -> Vec<ListenerConfig> {
+fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec<ListenerConfig> {
     let mut out: Vec<ListenerConfig> = Vec::new();
     let max = keyfence_common::policy::MAX_LISTENERS as usize - 1;
     if raw.len() > max {
+        let at = raw[max..]
+            .iter()
+            .flatten()
+            .next()
+            .map_or(Location::UNKNOWN, |l| l.referenced);
         errors.at(
-            &raw[max].referenced,
+            &at,
             format!("listeners[{max}]"),
             format!("at most {max} listeners are supported"),
         );
     }
     for (i, item) in raw.into_iter().enumerate() {
+        // A hole: its shape is wrong, and was reported.
+        let Some(item) = item else { continue };
         let p = format!("listeners[{i}]");
         let l = item.value;
         let name = l.name.value.trim().to_string();
@@ -802,26 +971,17 @@ fn valid_upstream(u: &str) -> bool {
     !authority.is_empty() && u.parse::<hyper::Uri>().is_ok()
 }
 
-fn valid_key_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
-fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
+fn keys(raw: Vec<Option<Spanned<RawKey>>>, errors: &mut Errors) -> Vec<StaticKey> {
     let mut out: Vec<StaticKey> = Vec::new();
     let mut ids: BTreeSet<String> = BTreeSet::new();
     for (i, item) in raw.into_iter().enumerate() {
+        // A hole: its shape is wrong, and was reported.
+        let Some(item) = item else { continue };
         let p = format!("keys[{i}]");
         let k = item.value;
         let id = k.id.value.clone();
-        if !valid_key_id(&id) {
-            errors.at(
-                &k.id.referenced,
-                format!("{p}.id"),
-                format!("{id:?} is not a key id (1-64 of A-Z a-z 0-9 _ . -)"),
-            );
+        if let Err(e) = validate::key_id(&id) {
+            errors.at(&k.id.referenced, format!("{p}.id"), e.to_string());
         } else if !ids.insert(id.clone()) {
             errors.at(
                 &k.id.referenced,
@@ -829,9 +989,27 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
                 format!("key id {id:?} is used twice"),
             );
         }
-        if let Err(e) = crate::names::check(&k.name.value) {
-            errors.at(&k.name.referenced, format!("{p}.name"), e.to_string());
-        }
+        // The rules the API applies too.
+        let name = match &k.name {
+            Some(name) => validate::name(&name.value)
+                .map_err(|e| errors.at(&name.referenced, format!("{p}.name"), e.to_string())),
+            None => Ok(id.clone()),
+        };
+        let tenant = validate::tenant(k.tenant.as_ref().map(|t| t.value.as_str())).map_err(|e| {
+            let at = k
+                .tenant
+                .as_ref()
+                .map_or(&item.referenced, |t| &t.referenced);
+            errors.at(at, format!("{p}.tenant"), e.to_string());
+        });
+        let scopes_at = k.scopes.as_ref().map(|s| s.referenced);
+        let scopes = validate::scopes(k.scopes.map(|s| s.value)).map_err(|e| {
+            errors.at(
+                scopes_at.as_ref().unwrap_or(&item.referenced),
+                format!("{p}.scopes"),
+                e.to_string(),
+            );
+        });
         let secret = match (k.secret_sha256, k.secret_env) {
             (Some(h), None) => match hex::decode(h.value.trim()) {
                 Ok(bytes) if bytes.len() == 32 => {
@@ -847,7 +1025,7 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
                 }
             },
             (None, Some(env)) if !env.value.trim().is_empty() => {
-                Some(KeySecret::Env(env.value.trim().to_string()))
+                Some(errors.env_secret(&env, format!("{p}.secret_env")))
             }
             (Some(_), Some(env)) => {
                 errors.at(
@@ -882,12 +1060,12 @@ fn keys(raw: Vec<Spanned<RawKey>>, errors: &mut Errors) -> Vec<StaticKey> {
                 }
             },
         };
-        if let Some(secret) = secret {
+        if let (Some(secret), Ok(name), Ok(tenant), Ok(scopes)) = (secret, name, tenant, scopes) {
             out.push(StaticKey {
                 id,
-                name: k.name.value,
-                tenant: k.tenant.unwrap_or_else(|| super::DEFAULT_TENANT.into()),
-                scopes: k.scopes.unwrap_or_else(|| vec!["api".into()]),
+                name,
+                tenant,
+                scopes,
                 secret,
                 allow,
                 report_only: k.report_only.unwrap_or(false),
@@ -934,7 +1112,7 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
                     None
                 }
             },
-            (None, Some(env)) => Some(KeySecret::Env(env.trim().to_string())),
+            (None, Some(env)) => Some(errors.env_secret(env, format!("{p}.token_env"))),
             _ => {
                 errors.at(
                     &admin.referenced,
@@ -974,7 +1152,16 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
     ManagementConfig {
         bind,
         admins,
-        confirm_totp_env: raw.confirm.map(|c| c.totp_secret_env),
+        confirm_totp_env: raw.confirm.map(|c| {
+            let var = c.totp_secret_env.value;
+            errors.secret_env(
+                &c.totp_secret_env.referenced,
+                "management.confirm.totp_secret_env".into(),
+                &var,
+                EnvSecret::Totp,
+            );
+            var
+        }),
     }
 }
 
@@ -1132,6 +1319,17 @@ metrics:
     }
 
     #[test]
+    fn a_static_key_name_defaults_to_its_id() {
+        let c = parse(
+            "keys:\n  - { id: ci, secret_env: A }\n  - { id: prod, name: Production, secret_env: B }\n",
+            "k.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.keys[0].name, "ci");
+        assert_eq!(c.keys[1].name, "Production");
+    }
+
+    #[test]
     fn defaults_for_a_minimal_file() {
         let c = parse("listeners: []\n", "k.yaml").unwrap();
         assert_eq!(c.datapath.mode, AttachMode::Auto);
@@ -1227,6 +1425,27 @@ metrics:
                 "8:22: rejection.status: expected a whole number from 0 to 65535",
                 "9:1: metric: unknown field `metric`",
             ],
+        ),
+        (
+            "shape and value mistakes together, in file order",
+            "listeners:\n  - { name: a, bind: \"[::]:1\", mode: auth, early_drop: maybe }\n  - { name: b, bind: \"8443\", mode: auth }\nkeys:\n  - { id: k, secret_env: A, ip_allow_list: \"10.0.0.5/8\" }\n  - { id: j, colour: red, secret_env: B }\nrejection: { status: 200 }\n",
+            &[
+                "2:56: listeners[0].early_drop: expected true or false, found text",
+                "3:22: listeners[1].bind: \"8443\" is not ADDR:PORT",
+                "5:44: keys[0].ip_allow_list: entry 1 \"10.0.0.5/8\": host bits set",
+                "6:14: keys[1].colour: unknown field `colour`",
+                "7:22: rejection.status: status 200 is not an HTTP error status",
+            ],
+        ),
+        (
+            "a part with a shape mistake is not value-checked too",
+            "listeners:\n  - { name: a, bind: \"8443\", mode: auth, colour: red }\n",
+            &["2:42: listeners[0].colour: unknown field `colour`"],
+        ),
+        (
+            "an alias into a part left out: the shape mistakes alone",
+            "keys:\n  - { id: &i k, name: [x], secret_env: A }\n  - { id: *i, name: b, secret_env: B }\n",
+            &["2:23: keys[0].name: expected text, found a list"],
         ),
         (
             "a list entry that is not text",

@@ -4,5 +4,5 @@ mod load;
 pub mod model;
 mod shape;
 
-pub use load::{ConfigError, ConfigErrors, load, parse};
+pub use load::{ConfigError, ConfigErrors, Secrets, load, load_with, parse, parse_with};
 pub use model::*;

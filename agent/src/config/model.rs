@@ -142,16 +142,14 @@ pub enum ClientIpSource {
     XForwardedFor,
 }
 
-/// The tenant of a key that names none.
-pub const DEFAULT_TENANT: &str = "default";
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct StaticKey {
     pub id: String,
+    /// The id when the config gives none.
     pub name: String,
-    /// `default` when absent.
+    /// `default` when absent (rules: `crate::keys::validate`).
     pub tenant: String,
-    /// `["api"]` when absent.
+    /// `["api"]` when absent; sorted, distinct.
     pub scopes: Vec<String>,
     pub secret: KeySecret,
     /// Empty = unrestricted.

@@ -2,9 +2,10 @@
 //! mapping belongs, `maybe` where a boolean belongs, missing required fields:
 //! every such mistake in the file is reported at once, each with its line,
 //! column and field path. serde stops at the first one and names no path, so
-//! it only runs (and the value checks after it) once the shape is right.
+//! the value pass after it reads only the parts whose shape is right
+//! ([`Skip`]): a file's shape and value mistakes are reported together.
 
-use std::fmt;
+use std::{collections::BTreeSet, fmt};
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
@@ -142,7 +143,8 @@ const CONNECTIONS: Shape = Shape::Map(&[
 ]);
 const KEY: Shape = Shape::Map(&[
     ("id", true, Shape::Text),
-    ("name", true, Shape::Text),
+    // Optional: a static key's name defaults to its id.
+    ("name", false, Shape::Text),
     ("tenant", false, Shape::Text),
     ("scopes", false, Shape::List(&Shape::Text)),
     ("secret_sha256", false, Shape::Text),
@@ -221,6 +223,50 @@ pub(super) struct Mistake {
     pub at: Location,
     pub path: String,
     pub message: String,
+}
+
+/// The parts of a file the value pass leaves out because a shape mistake
+/// lies in them: whole top-level sections, single listeners and single keys
+/// (a part as large as it must be, as small as a list item of those two).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Skip {
+    sections: BTreeSet<String>,
+    pub listeners: BTreeSet<usize>,
+    pub keys: BTreeSet<usize>,
+}
+
+impl Skip {
+    /// The parts holding `mistakes`; `None` when the file is not even a
+    /// mapping (nothing is left to check).
+    pub fn of(mistakes: &[Mistake]) -> Option<Self> {
+        let mut skip = Self::default();
+        for m in mistakes {
+            if m.path == "(top)" {
+                return None;
+            }
+            let item = |list: &str| {
+                m.path
+                    .strip_prefix(list)
+                    .and_then(|rest| rest.strip_prefix('['))
+                    .and_then(|rest| rest.split_once(']'))
+                    .and_then(|(index, _)| index.parse::<usize>().ok())
+            };
+            if let Some(i) = item("listeners") {
+                skip.listeners.insert(i);
+            } else if let Some(i) = item("keys") {
+                skip.keys.insert(i);
+            } else {
+                let end = m.path.find(['.', '[']).unwrap_or(m.path.len());
+                skip.sections.insert(m.path[..end].to_owned());
+            }
+        }
+        Some(skip)
+    }
+
+    /// Whether the top-level field `name` is left out whole.
+    pub fn section(&self, name: &str) -> bool {
+        self.sections.contains(name)
+    }
 }
 
 fn join(path: &str, field: &str) -> String {
@@ -334,5 +380,46 @@ pub(super) fn fields_at(path: &[&str]) -> Vec<&'static str> {
     match shape {
         Shape::Map(fields) => fields.iter().map(|(name, _, _)| *name).collect(),
         _ => panic!("{path:?}: not a mapping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Mistake, Skip};
+
+    fn mistakes(paths: &[&str]) -> Vec<Mistake> {
+        paths
+            .iter()
+            .map(|p| Mistake {
+                at: serde_saphyr::Location::UNKNOWN,
+                path: (*p).to_owned(),
+                message: String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mistake_leaves_out_its_listener_key_or_section() {
+        let skip = Skip::of(&mistakes(&[
+            "listeners[2].client_ip.hops",
+            "keys[0].ip_allow_list[1].cidr",
+            "keys[3]",
+            "management.admins[0].name",
+            "datapath",
+            "listners",
+        ]))
+        .expect("a mapping");
+        assert_eq!(skip.listeners.iter().copied().collect::<Vec<_>>(), [2]);
+        assert_eq!(skip.keys.iter().copied().collect::<Vec<_>>(), [0, 3]);
+        for section in ["management", "datapath", "listners"] {
+            assert!(skip.section(section), "{section}");
+        }
+        assert!(!skip.section("listeners") && !skip.section("keys"));
+        assert!(
+            Skip::of(&mistakes(&["listeners"]))
+                .expect("a mapping")
+                .section("listeners")
+        );
+        assert_eq!(Skip::of(&mistakes(&["(top)"])), None);
     }
 }

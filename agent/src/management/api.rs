@@ -5,12 +5,13 @@
 //! self-lockout (409) → step-up confirmation (throttled, 429; 401) → datapath
 //! capacity (507, a dry run of the store call: see `preview`) → one store
 //! transaction (the change and its audit row; 507 when the disk is full) →
-//! enforcement (shim key table and BPF maps) → answer. The answer is sent only
-//! once the daemon reports the new state enforced.
+//! enforcement (the daemon applies the store's change feed up to the write's
+//! sequence number: shim key table and BPF maps) → answer. The answer is sent
+//! only once the daemon reports the new state enforced.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, PoisonError, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -27,25 +28,26 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    principals::{ADMIN_SCOPE, AuthError, Principal, PrincipalKind, Principals},
+    principals::{AuthError, Principal, Principals},
     throttle::{Attempt, Guard, Reason, Started},
 };
 use crate::{
-    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, parse_list},
-    config::StaticKey,
+    allowlist::{AllowList, ClientAddr, DEFAULT_MAX_ENTRIES, RawList, parse_list},
     confirm::{ConfirmError, Confirmer},
-    policy::API_SCOPE,
-    shim::{keys::digest, sources::Sources},
+    keys::{
+        Key, Origin,
+        credentials::{self, digest},
+        validate,
+    },
+    shim::sources::Sources,
     store::{
-        Actor, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey, list_json, secret,
+        Actor, AuditEvent, KeyPatch, KeyView, KeyWrite, SharedStore, StoreError, StoredKey,
         time_json,
     },
 };
 
 /// Header carrying the step-up code.
 pub const CONFIRM_HEADER: &str = "x-keyfence-confirm";
-/// Longest key name accepted.
-const MAX_NAME: usize = 200;
 /// `GET /v1/audit` page size: default and cap.
 const AUDIT_DEFAULT: usize = 100;
 const AUDIT_MAX: usize = 1000;
@@ -56,18 +58,18 @@ const MAX_BODY: usize = 1024 * 1024;
 static STORE_FULL_LOGS: std::sync::LazyLock<crate::ratelimit::RateLimiter> =
     std::sync::LazyLock::new(|| crate::ratelimit::RateLimiter::new(1, Duration::from_secs(1)));
 
-/// The store, shared between the API (writes) and the daemon (reads on apply).
-pub type SharedStore = Arc<Mutex<Box<dyn KeyStore>>>;
+/// The daemon's answer: how long it took, or why it could not.
+pub type Done = oneshot::Sender<Result<Duration, EnforceError>>;
 
-/// A change for the daemon: the key's new state. With `check_only` the
-/// daemon only tells whether the datapath can hold it (nothing is committed
-/// yet); otherwise it is committed and the daemon enforces it. The daemon
-/// answers on `done` with how long that took, or why it could not.
+/// What a write asks the daemon.
 #[derive(Debug)]
-pub struct Apply {
-    pub key: StoredKey,
-    pub check_only: bool,
-    pub done: oneshot::Sender<Result<Duration, EnforceError>>,
+pub enum Apply {
+    /// Whether the datapath can hold `key` in this state (nothing is
+    /// committed yet). Changes nothing.
+    Check { key: Box<StoredKey>, done: Done },
+    /// Answer once the store's change feed is enforced up to `seq` (the
+    /// audit sequence number of a committed write).
+    Upto { seq: i64, done: Done },
 }
 
 /// Why the daemon could not take a change.
@@ -76,8 +78,22 @@ pub enum EnforceError {
     /// The datapath's maps cannot hold it: 507 naming the limit.
     #[error(transparent)]
     Full(#[from] crate::maps::policy::CapacityError),
-    #[error("{0}")]
-    Failed(String),
+    /// The daemon stopped before it answered.
+    #[error("the agent is stopping")]
+    Stopping,
+    /// The kernel's maps could not be read or written (and, after a failed
+    /// write, the listeners could not be opened either).
+    #[error("{0:#}")]
+    Datapath(anyhow::Error),
+    /// The management principals could not be rebuilt for an admin key.
+    #[error("{0:#}")]
+    Principals(anyhow::Error),
+    /// The store's change feed could not be read.
+    #[error("reading the store's change feed: {0}")]
+    Feed(crate::store::StoreError),
+    /// The feed does not reach the write's sequence number yet.
+    #[error("change {seq} is not in the store's change feed yet (it reads up to {applied})")]
+    Behind { seq: i64, applied: i64 },
 }
 
 /// What the handlers share. `principals` and `static_keys` are swapped by the
@@ -85,7 +101,7 @@ pub enum EnforceError {
 pub struct ApiState {
     pub store: SharedStore,
     pub principals: RwLock<Arc<Principals>>,
-    pub static_keys: RwLock<Arc<Vec<StaticKey>>>,
+    pub static_keys: RwLock<Arc<[Arc<Key>]>>,
     pub confirm: Option<Confirmer>,
     /// Throttles failed tokens and step-up codes (`throttle.rs`).
     pub guard: Guard,
@@ -214,16 +230,15 @@ type ApiResult = Result<Response, ApiError>;
 /// The caller, authenticated.
 struct Caller {
     principal: Principal,
+    /// `client`'s address.
     ip: IpAddr,
+    client: ClientAddr,
 }
 
 impl Caller {
     fn actor(&self) -> Actor {
         Actor {
-            principal: match &self.principal.kind {
-                PrincipalKind::ConfigAdmin => format!("admin:{}", self.principal.name),
-                PrincipalKind::Key(id) => format!("key:{id}"),
-            },
+            principal: self.principal.label(),
             address: self.ip,
         }
     }
@@ -243,23 +258,23 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0)
             .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no peer address"))?;
-        authenticate(state, &parts.headers, peer)
+        authenticate(state, &parts.headers, peer).await
     }
 }
 
 /// The bearer token's principal, throttled per source address: an address
 /// locked out after repeated unknown tokens gets 429, even with a valid one.
-fn authenticate(
+async fn authenticate(
     state: &ApiState,
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Result<Caller, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ip = crate::allowlist::fold_ip(peer.ip());
+        .and_then(|v| credentials::bearer(v.as_bytes()));
+    // The API's one point of entry for an address: folded here, once.
+    let client = ClientAddr::new(peer.ip());
+    let ip = client.ip();
     let principals = state
         .principals
         .read()
@@ -270,7 +285,7 @@ fn authenticate(
         Instant::now(),
         || {
             principals
-                .authenticate(token, ip, SystemTime::now())
+                .authenticate(token, client, SystemTime::now())
                 .cloned()
         },
         // A missing token guesses nothing; a valid one from elsewhere
@@ -278,13 +293,17 @@ fn authenticate(
         |e| token.is_some() && *e == AuthError::Unauthenticated,
     );
     match attempt {
-        Attempt::Passed(principal) => Ok(Caller { principal, ip }),
+        Attempt::Passed(principal) => Ok(Caller {
+            principal,
+            ip,
+            client,
+        }),
         Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Token)),
         Attempt::Failed(e, started) => {
             if e == AuthError::AddressNotAllowed {
                 state.guard.address_refused(ip);
             }
-            audit_lockouts(state, &started, "unauthenticated", ip);
+            audit_lockouts(state, &started, "unauthenticated", ip).await;
             Err(e.into())
         }
     }
@@ -292,7 +311,7 @@ fn authenticate(
 
 /// One audit row per lockout started (action `lockout`, no key). A store
 /// that cannot take it does not change the answer; the failure is logged.
-fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: IpAddr) {
+async fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: IpAddr) {
     for s in started {
         let until = SystemTime::now() + s.lockout.duration;
         let event = AuditEvent {
@@ -308,7 +327,7 @@ fn audit_lockouts(state: &ApiState, started: &[Started], principal: &str, ip: Ip
                 "until": time_json(until),
             }),
         };
-        if let Err(e) = with_store(state, |store| store.record_event(&event, SystemTime::now())) {
+        if let Err(e) = state.store.record_event(&event, SystemTime::now()).await {
             tracing::error!(error = ?e, "writing the audit row of a management lockout");
         }
     }
@@ -337,25 +356,15 @@ fn parse_allow(raw: &RawList) -> Result<AllowList, ApiError> {
     })
 }
 
-/// Names are printed by the CLI and written to logs: 1 to `MAX_NAME` bytes,
-/// no control or formatting characters (`crate::names`).
-fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("name must be 1 to {MAX_NAME} characters"),
-        ));
-    }
-    crate::names::check(name)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    Ok(name.to_owned())
+/// A field that breaks its rule (`crate::keys::validate`): 422.
+fn invalid(e: &validate::Invalid) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
 }
 
 /// The step-up rule: with a TOTP secret configured, the write needs a fresh
 /// code. Wrong and replayed codes are throttled per principal and per source
 /// address; during a lockout no code is even looked at (429).
-fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
+async fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(confirmer) = &state.confirm else {
         return Ok(());
     };
@@ -377,7 +386,7 @@ fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(),
         Attempt::Passed(()) => Ok(()),
         Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Confirm)),
         Attempt::Failed(_, started) => {
-            audit_lockouts(state, &started, &principal, caller.ip);
+            audit_lockouts(state, &started, &principal, caller.ip).await;
             Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "confirmation required",
@@ -386,32 +395,17 @@ fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(),
     }
 }
 
-/// Run a store operation on this worker without stalling the runtime (SQLite
-/// with `synchronous=FULL` waits for the disk).
-fn with_store<T>(
-    state: &ApiState,
-    f: impl FnOnce(&mut dyn KeyStore) -> Result<T, StoreError>,
-) -> Result<T, ApiError> {
-    tokio::task::block_in_place(|| {
-        let mut store = state.store.lock().unwrap_or_else(PoisonError::into_inner);
-        f(store.as_mut()).map_err(ApiError::from)
-    })
-}
-
-/// Ask the daemon to take `key` (`check_only`: only whether it fits).
-async fn ask(state: &ApiState, key: StoredKey, check_only: bool) -> Result<(), EnforceError> {
+/// Ask the daemon (`Apply::Check` or `Apply::Upto`) and wait for its answer.
+async fn ask(state: &ApiState, request: impl FnOnce(Done) -> Apply) -> Result<(), EnforceError> {
     let (done, rx) = oneshot::channel();
-    let stopping = || EnforceError::Failed("the agent is stopping".into());
     state
         .apply
-        .send(Apply {
-            key,
-            check_only,
-            done,
-        })
+        .send(request(done))
         .await
-        .map_err(|_| stopping())?;
-    rx.await.map_err(|_| stopping())?.map(|_took| ())
+        .map_err(|_| EnforceError::Stopping)?;
+    rx.await
+        .map_err(|_| EnforceError::Stopping)?
+        .map(|_took| ())
 }
 
 /// 507: the datapath's maps cannot hold the change (nothing was stored).
@@ -425,58 +419,56 @@ fn full(e: &crate::maps::policy::CapacityError) -> ApiError {
 
 /// Refuse, before anything is stored, a key state the datapath cannot hold.
 async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
-    match ask(state, key, true).await {
+    match ask(state, |done| Apply::Check {
+        key: Box::new(key),
+        done,
+    })
+    .await
+    {
         Ok(()) => Ok(()),
         Err(EnforceError::Full(e)) => Err(full(&e)),
-        Err(EnforceError::Failed(why)) => Err(ApiError::new(
+        Err(
+            why @ (EnforceError::Stopping
+            | EnforceError::Datapath(_)
+            | EnforceError::Principals(_)
+            | EnforceError::Feed(_)
+            | EnforceError::Behind { .. }),
+        ) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("nothing stored: {why}"),
         )),
     }
 }
 
-/// Wait until the daemon enforces `key`'s committed state.
-async fn enforce(state: &ApiState, key: StoredKey) -> Result<(), ApiError> {
-    ask(state, key, false).await.map_err(|e| {
-        let why = e.to_string();
-        tracing::error!(error = why, "a stored change is not enforced yet");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("stored, but not yet enforced: {why}"),
-        )
-    })
+/// Wait until the daemon enforces the store's changes up to `seq`.
+async fn enforce(state: &ApiState, seq: i64) -> Result<(), ApiError> {
+    ask(state, |done| Apply::Upto { seq, done })
+        .await
+        .map_err(|e| {
+            let why = e.to_string();
+            tracing::error!(error = why, "a stored change is not enforced yet");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("stored, but not yet enforced: {why}"),
+            )
+        })
 }
 
 /// One write: serialised with the others, checked against the datapath's
-/// capacity, committed with its audit row, enforced, logged. `action` names
-/// it in the log. The store call runs twice: first against a
-/// [`Preview`](super::preview::Preview) that records it and tells what the
-/// key would become, then, once the datapath is known to hold that, for
-/// real (the `writes` lock keeps other writes out in between).
-async fn commit(
-    state: &ApiState,
-    caller: &Caller,
-    action: &'static str,
-    write: impl FnOnce(&mut dyn KeyStore, &Actor, SystemTime) -> Result<StoredKey, StoreError>,
-) -> Result<StoredKey, ApiError> {
+/// capacity, committed with its audit row, enforced, logged. The capacity
+/// check is a dry run ([`would_be`](super::preview::would_be): the key as the
+/// write would leave it); the `writes` lock keeps other writes of this API out
+/// until the write is enforced, so the daemon sees them in commit order.
+async fn commit(state: &ApiState, caller: &Caller, write: KeyWrite) -> Result<StoredKey, ApiError> {
     let actor = caller.actor();
+    let action = write.action();
     let _order = state.writes.lock().await;
     let now = SystemTime::now();
-    let (would_be, call) = with_store(state, |s| {
-        let mut preview = super::preview::Preview::new(s);
-        let key = write(&mut preview, &actor, now)?;
-        Ok((key, preview.into_call()))
-    })?;
-    let key = match call {
-        Some(call) => {
-            check_capacity(state, would_be).await?;
-            with_store(state, |s| call.replay(s, &actor, now))?
-        }
-        // The closure wrote nothing through the store (it answered from a
-        // read): nothing to check or replay.
-        None => would_be,
-    };
-    enforce(state, key.clone()).await?;
+    let would_be = super::preview::would_be(state.store.as_ref(), &write, now).await?;
+    check_capacity(state, would_be).await?;
+    let committed = state.store.write(write, &actor, now).await?;
+    enforce(state, committed.seq).await?;
+    let key = committed.key;
     tracing::info!(
         key_id = key.id,
         principal = actor.principal,
@@ -486,7 +478,7 @@ async fn commit(
     Ok(key)
 }
 
-fn static_key(state: &ApiState, id: &str) -> Option<StaticKey> {
+fn static_key(state: &ApiState, id: &str) -> Option<Arc<Key>> {
     state
         .static_keys
         .read()
@@ -512,20 +504,9 @@ pub fn stored_json(k: &StoredKey) -> Value {
     serde_json::to_value(k.view(Some("api"))).expect("a key serializes")
 }
 
-fn static_json(k: &StaticKey) -> Value {
-    json!({
-        "id": k.id,
-        "name": k.name,
-        "tenant": k.tenant,
-        "scopes": k.scopes,
-        "ip_allow_list": list_json(&k.allow),
-        "report_only": k.report_only,
-        "source": "config",
-        "created_at": Value::Null,
-        "updated_at": Value::Null,
-        "last_used_at": Value::Null,
-        "revoked_at": Value::Null,
-    })
+/// A key of the config as the API shows it.
+fn static_json(k: &Key) -> Value {
+    serde_json::to_value(KeyView::of_static(k)).expect("a key serializes")
 }
 
 fn with_secret(mut key: Value, secret: &str) -> Value {
@@ -545,38 +526,6 @@ struct CreateBody {
     report_only: Option<bool>,
 }
 
-fn check_tenant(tenant: Option<String>) -> Result<String, ApiError> {
-    let tenant = tenant.unwrap_or_else(|| crate::config::DEFAULT_TENANT.to_owned());
-    let ok = !tenant.is_empty()
-        && tenant.len() <= 64
-        && tenant
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !ok {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "tenant must be 1 to 64 letters, digits, '-' or '_'",
-        ));
-    }
-    Ok(tenant)
-}
-
-fn check_scopes(scopes: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
-    let mut scopes = scopes.unwrap_or_else(|| vec![API_SCOPE.to_owned()]);
-    scopes.sort();
-    scopes.dedup();
-    if let Some(bad) = scopes
-        .iter()
-        .find(|s| s.as_str() != API_SCOPE && s.as_str() != ADMIN_SCOPE)
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("unknown scope {bad:?}; scopes are {API_SCOPE:?} and {ADMIN_SCOPE:?}"),
-        ));
-    }
-    Ok(scopes)
-}
-
 async fn create(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
@@ -584,9 +533,9 @@ async fn create(
     body: Bytes,
 ) -> ApiResult {
     let body: CreateBody = parse_body(&body)?;
-    let name = check_name(&body.name)?;
-    let tenant = check_tenant(body.tenant)?;
-    let scopes = check_scopes(body.scopes)?;
+    let name = validate::name(&body.name).map_err(|e| invalid(&e))?;
+    let tenant = validate::tenant(body.tenant.as_deref()).map_err(|e| invalid(&e))?;
+    let scopes = validate::scopes(body.scopes).map_err(|e| invalid(&e))?;
     let allow = body
         .ip_allow_list
         .as_ref()
@@ -594,21 +543,19 @@ async fn create(
         .transpose()?
         .unwrap_or_default();
     // A new key always sets a list (an empty one opens it to everyone).
-    confirm(&state, &caller, &headers)?;
-    let secret = secret::generate();
-    let new = NewKey {
-        id: secret::new_key_id(),
+    confirm(&state, &caller, &headers).await?;
+    let secret = credentials::generate();
+    let new = Key {
+        id: credentials::new_key_id(),
         name,
         tenant,
         scopes,
         digest: digest(&secret),
         allow,
         report_only: body.report_only.unwrap_or(false),
+        origin: Origin::Store,
     };
-    let key = commit(&state, &caller, "create", |s, actor, now| {
-        s.create(new, actor, now)
-    })
-    .await?;
+    let key = commit(&state, &caller, KeyWrite::Create(new)).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(with_secret(stored_json(&key), &secret)),
@@ -617,7 +564,7 @@ async fn create(
 }
 
 async fn list(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult {
-    let stored = with_store(&state, |s| s.keys())?;
+    let stored = state.store.keys().await?;
     let statics = state
         .static_keys
         .read()
@@ -625,7 +572,7 @@ async fn list(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult 
         .clone();
     let keys: Vec<Value> = statics
         .iter()
-        .map(static_json)
+        .map(|k| static_json(k))
         .chain(stored.iter().map(stored_json))
         .collect();
     Ok(axum::Json(json!({ "keys": keys })).into_response())
@@ -639,7 +586,7 @@ async fn show(
     if let Some(k) = static_key(&state, &id) {
         return Ok(axum::Json(static_json(&k)).into_response());
     }
-    let key = with_store(&state, |s| s.key(&id))?;
+    let key = state.store.key(&id).await?;
     Ok(axum::Json(stored_json(&key)).into_response())
 }
 
@@ -661,14 +608,19 @@ async fn update(
     let body: UpdateBody = parse_body(&body)?;
     refuse_static(&state, &id)?;
     let patch = KeyPatch {
-        name: body.name.as_deref().map(check_name).transpose()?,
+        name: body
+            .name
+            .as_deref()
+            .map(validate::name)
+            .transpose()
+            .map_err(|e| invalid(&e))?,
         allow: body.ip_allow_list.as_ref().map(parse_allow).transpose()?,
         report_only: body.report_only,
     };
     if let Some(allow) = &patch.allow {
         super::principals::check_self_lockout(
             &caller.principal,
-            caller.ip,
+            caller.client,
             &id,
             allow,
             SystemTime::now(),
@@ -677,13 +629,10 @@ async fn update(
     }
     if (patch.allow.is_some() || patch.report_only.is_some()) && state.confirm.is_some() {
         // Unknown ids answer 404 before a code is spent on them.
-        with_store(&state, |s| s.key(&id))?;
-        confirm(&state, &caller, &headers)?;
+        state.store.key(&id).await?;
+        confirm(&state, &caller, &headers).await?;
     }
-    let after = commit(&state, &caller, "update", |s, actor, now| {
-        s.update(&id, patch, actor, now).map(|(_, after)| after)
-    })
-    .await?;
+    let after = commit(&state, &caller, KeyWrite::Update { id, patch }).await?;
     Ok(axum::Json(after.view(Some("api"))).into_response())
 }
 
@@ -693,15 +642,12 @@ async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult {
     refuse_static(&state, &id)?;
-    if caller.principal.kind == PrincipalKind::Key(id.clone()) {
+    if caller.principal.is_key(&id) {
         // `caller.ip` is already folded.
         let lockout = super::principals::LockOut { ip: caller.ip };
         return Err(ApiError::new(StatusCode::CONFLICT, lockout.to_string()));
     }
-    let key = commit(&state, &caller, "revoke", |s, actor, now| {
-        s.revoke(&id, actor, now)
-    })
-    .await?;
+    let key = commit(&state, &caller, KeyWrite::Revoke { id: id.clone() }).await?;
     state.sources.forget(&id);
     Ok(axum::Json(stored_json(&key)).into_response())
 }
@@ -712,11 +658,12 @@ async fn rotate(
     Path(id): Path<String>,
 ) -> ApiResult {
     refuse_static(&state, &id)?;
-    let secret = secret::generate();
-    let key = commit(&state, &caller, "rotate", |s, actor, now| {
-        s.rotate(&id, digest(&secret), actor, now)
-    })
-    .await?;
+    let secret = credentials::generate();
+    let write = KeyWrite::Rotate {
+        id,
+        digest: digest(&secret),
+    };
+    let key = commit(&state, &caller, write).await?;
     Ok(axum::Json(with_secret(stored_json(&key), &secret)).into_response())
 }
 
@@ -726,7 +673,7 @@ async fn sources(
     Path(id): Path<String>,
 ) -> ApiResult {
     if static_key(&state, &id).is_none() {
-        with_store(&state, |s| s.key(&id))?;
+        state.store.key(&id).await?;
     }
     let seen = state.sources.of(&id);
     Ok(axum::Json(json!({ "key_id": id, "sources": seen })).into_response())
@@ -747,9 +694,10 @@ async fn audit(
 ) -> ApiResult {
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(AUDIT_DEFAULT).clamp(1, AUDIT_MAX);
-    let entries = with_store(&state, |s| {
-        s.audit(q.after.unwrap_or(0), limit, q.key_id.as_deref())
-    })?;
+    let entries = state
+        .store
+        .audit(q.after.unwrap_or(0), limit, q.key_id.as_deref())
+        .await?;
     let entries: Vec<Value> = entries
         .iter()
         .map(|e| {

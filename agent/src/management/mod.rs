@@ -6,9 +6,11 @@ pub mod preview;
 pub mod principals;
 pub mod throttle;
 
-use principals::{ADMIN_SCOPE, Principal, PrincipalKind, Principals};
+use std::sync::Arc;
 
-use crate::{config::Admin, shim::runtime::secret_digest, store::StoredKey};
+use principals::{Principal, Principals};
+
+use crate::{config::Admin, keys::credentials, store::StoredKey};
 
 /// The principals of the config's `management.admins` and of the active
 /// stored keys with the `admin` scope. `token_env` variables are read here.
@@ -18,29 +20,17 @@ pub fn principals<'a>(
 ) -> anyhow::Result<Principals> {
     let mut rows = Vec::new();
     for a in admins {
-        rows.push((
-            secret_digest(&a.token, &format!("management admin {}", a.name))?,
-            Principal {
-                name: a.name.clone(),
-                kind: PrincipalKind::ConfigAdmin,
-                allow: a.allow.clone(),
-            },
-        ));
+        rows.push(Arc::new(Principal::ConfigAdmin {
+            name: a.name.clone(),
+            digest: credentials::resolve(&a.token, &format!("management admin {}", a.name))?,
+            allow: a.allow.clone(),
+        }));
     }
     rows.extend(
         stored
             .into_iter()
-            .filter(|k| k.is_active() && k.scopes.iter().any(|s| s == ADMIN_SCOPE))
-            .map(|k| {
-                (
-                    k.digest,
-                    Principal {
-                        name: k.name.clone(),
-                        kind: PrincipalKind::Key(k.id.clone()),
-                        allow: k.allow.clone(),
-                    },
-                )
-            }),
+            .filter(|k| k.is_active() && k.is_admin())
+            .map(|k| Arc::new(Principal::Key(k.key.clone()))),
     );
     Ok(Principals::new(rows))
 }

@@ -1,172 +1,77 @@
-//! A dry run of one management write: the handler's store call runs against
-//! [`Preview`], which answers with the key as it would be stored and records
-//! the call instead of making it. The API asks the daemon whether the
-//! datapath can hold that key, and only then replays the recorded call on the
-//! real store (one transaction, as always): a write the datapath cannot
-//! enforce is never committed.
+//! A dry run of one management write: what the key would become if
+//! [`KeyWrite`] were committed now, read from the store but written nowhere.
+//! The API asks the daemon whether the datapath can hold that key, and only
+//! then makes the write on the store (one transaction, as always): a write the
+//! datapath cannot enforce is never committed.
 
 use std::time::SystemTime;
 
-use crate::store::{
-    Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey,
+use crate::{
+    keys::{Key, Origin},
+    store::{KeyStore, KeyWrite, StoreError, StoredKey},
 };
 
-/// The write a handler asked for, to make for real once it is known to fit.
-#[derive(Clone, Debug)]
-pub enum Call {
-    Create(NewKey),
-    Update(String, KeyPatch),
-    Revoke(String),
-    Rotate(String, [u8; 32]),
-}
-
-impl Call {
-    /// Make the write on `store`: the store validates it as it always does.
-    pub fn replay(
-        self,
-        store: &mut dyn KeyStore,
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError> {
-        match self {
-            Call::Create(new) => store.create(new, actor, now),
-            Call::Update(id, patch) => store.update(&id, patch, actor, now).map(|(_, k)| k),
-            Call::Revoke(id) => store.revoke(&id, actor, now),
-            Call::Rotate(id, digest) => store.rotate(&id, digest, actor, now),
+/// The key `write` would store at `now`: the fields the policy depends on are
+/// exact; timestamps are `now`. Refused as the store would refuse it (an
+/// unknown or revoked key); a conflict (a duplicate id or secret) only shows
+/// when the write is made.
+pub async fn would_be(
+    store: &dyn KeyStore,
+    write: &KeyWrite,
+    now: SystemTime,
+) -> Result<StoredKey, StoreError> {
+    let key = match write {
+        KeyWrite::Create(new) => {
+            return Ok(StoredKey {
+                key: std::sync::Arc::new(Key {
+                    origin: Origin::Store,
+                    ..new.clone()
+                }),
+                created_at: now,
+                updated_at: now,
+                last_used_at: None,
+                revoked_at: None,
+            });
         }
-    }
-}
-
-/// Reads go to the store; writes are recorded and answered with the key they
-/// would store (the fields the policy depends on are exact; timestamps are
-/// the call's `now`).
-pub struct Preview<'a> {
-    inner: &'a mut dyn KeyStore,
-    call: Option<Call>,
-}
-
-impl<'a> Preview<'a> {
-    pub fn new(inner: &'a mut dyn KeyStore) -> Self {
-        Self { inner, call: None }
-    }
-
-    /// The write the handler made, if any.
-    #[must_use]
-    pub fn into_call(self) -> Option<Call> {
-        self.call
-    }
-
-    /// The current, not revoked, key `id` (the store refuses changes to a
-    /// revoked key with the same error).
-    fn active(&mut self, id: &str) -> Result<StoredKey, StoreError> {
-        let key = self.inner.key(id)?;
-        if key.is_active() {
-            Ok(key)
-        } else {
-            Err(StoreError::Revoked(id.to_owned()))
+        KeyWrite::Update { id, patch } => {
+            let mut key = active(store, id).await?;
+            let facts = key.key_mut();
+            if let Some(name) = &patch.name {
+                facts.name.clone_from(name);
+            }
+            if let Some(allow) = &patch.allow {
+                facts.allow = allow.clone();
+            }
+            if let Some(report_only) = patch.report_only {
+                facts.report_only = report_only;
+            }
+            key
         }
-    }
+        KeyWrite::Revoke { id } => {
+            let mut key = active(store, id).await?;
+            key.revoked_at = Some(now);
+            key
+        }
+        KeyWrite::Rotate { id, digest } => {
+            let mut key = active(store, id).await?;
+            key.key_mut().digest = *digest;
+            key
+        }
+    };
+    Ok(StoredKey {
+        updated_at: now,
+        ..key
+    })
 }
 
-impl KeyStore for Preview<'_> {
-    fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError> {
-        self.inner.keys()
-    }
-
-    fn key(&mut self, id: &str) -> Result<StoredKey, StoreError> {
-        self.inner.key(id)
-    }
-
-    fn create(
-        &mut self,
-        new: NewKey,
-        _actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError> {
-        let key = StoredKey {
-            id: new.id.clone(),
-            name: new.name.clone(),
-            tenant: new.tenant.clone(),
-            scopes: new.scopes.clone(),
-            digest: new.digest,
-            allow: new.allow.clone(),
-            report_only: new.report_only,
-            created_at: now,
-            updated_at: now,
-            last_used_at: None,
-            revoked_at: None,
-        };
-        self.call = Some(Call::Create(new));
+/// The current, not revoked, key `id` (the store refuses changes to a
+/// revoked key with the same error).
+async fn active(store: &dyn KeyStore, id: &str) -> Result<StoredKey, StoreError> {
+    let key = store.key(id).await?;
+    if key.is_active() {
         Ok(key)
-    }
-
-    fn update(
-        &mut self,
-        id: &str,
-        patch: KeyPatch,
-        _actor: &Actor,
-        now: SystemTime,
-    ) -> Result<(StoredKey, StoredKey), StoreError> {
-        let before = self.active(id)?;
-        let mut after = before.clone();
-        if let Some(name) = &patch.name {
-            after.name.clone_from(name);
-        }
-        if let Some(allow) = &patch.allow {
-            after.allow = allow.clone();
-        }
-        if let Some(report_only) = patch.report_only {
-            after.report_only = report_only;
-        }
-        after.updated_at = now;
-        self.call = Some(Call::Update(id.to_owned(), patch));
-        Ok((before, after))
-    }
-
-    fn revoke(
-        &mut self,
-        id: &str,
-        _actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError> {
-        let mut key = self.active(id)?;
-        key.revoked_at = Some(now);
-        key.updated_at = now;
-        self.call = Some(Call::Revoke(id.to_owned()));
-        Ok(key)
-    }
-
-    fn rotate(
-        &mut self,
-        id: &str,
-        digest: [u8; 32],
-        _actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError> {
-        let mut key = self.active(id)?;
-        key.digest = digest;
-        key.updated_at = now;
-        self.call = Some(Call::Rotate(id.to_owned(), digest));
-        Ok(key)
-    }
-
-    fn audit(
-        &mut self,
-        after: i64,
-        limit: usize,
-        key_id: Option<&str>,
-    ) -> Result<Vec<AuditEntry>, StoreError> {
-        self.inner.audit(after, limit, key_id)
-    }
-
-    /// Events (lockouts) are audit rows of their own, never part of a key
-    /// write, so nothing replays them: they go straight to the store.
-    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
-        self.inner.record_event(event, now)
-    }
-
-    fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
-        self.inner.touch_last_used(used)
+    } else {
+        Err(StoreError::Revoked(id.to_owned()))
     }
 }
 
@@ -179,17 +84,17 @@ mod tests {
 
     use super::*;
     use crate::{
-        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
-        store::{secret, sqlite::SqliteStore},
+        keys::{credentials as secret, testing::list},
+        store::{Actor, KeyPatch, embedded::Embedded},
     };
 
-    fn store() -> (SqliteStore, std::path::PathBuf) {
+    fn store() -> (Embedded, std::path::PathBuf) {
         let mut b = [0u8; 8];
         getrandom::fill(&mut b).unwrap();
         let dir =
             std::env::temp_dir().join(format!("keyfence-preview-{:016x}", u64::from_ne_bytes(b)));
         std::fs::create_dir_all(&dir).unwrap();
-        (SqliteStore::open(&dir.join("k.db")).unwrap(), dir)
+        (Embedded::open(&dir.join("k.db")).unwrap(), dir)
     }
 
     fn actor() -> Actor {
@@ -199,64 +104,60 @@ mod tests {
         }
     }
 
-    fn list(s: &str) -> crate::allowlist::AllowList {
-        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
-    }
-
-    #[test]
-    fn a_preview_writes_nothing_and_its_replay_stores_what_it_answered() {
-        let (mut s, dir) = store();
+    #[tokio::test]
+    async fn a_preview_writes_nothing_and_the_write_stores_what_it_answered() {
+        let (s, dir) = store();
         let now = UNIX_EPOCH + Duration::from_hours(500_000);
-        let new = NewKey {
-            id: secret::new_key_id(),
+        let new = Key {
             name: "ci".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into()],
             digest: [1; 32],
-            allow: list("198.51.100.7"),
-            report_only: false,
+            ..crate::keys::testing::key(&secret::new_key_id(), "", "198.51.100.7")
         };
-        let mut preview = Preview::new(&mut s);
-        let would_be = preview.create(new.clone(), &actor(), now).unwrap();
-        let call = preview.into_call().expect("recorded");
-        assert!(s.keys().unwrap().is_empty(), "nothing stored");
-        assert!(s.audit(0, 10, None).unwrap().is_empty(), "nothing audited");
-        let stored = call.replay(&mut s, &actor(), now).unwrap();
+        let create = KeyWrite::Create(new.clone());
+        let would_be = would_be(&s, &create, now).await.unwrap();
+        assert!(s.keys().await.unwrap().is_empty(), "nothing stored");
+        assert!(
+            s.audit(0, 10, None).await.unwrap().is_empty(),
+            "nothing audited"
+        );
+        let stored = s.write(create, &actor(), now).await.unwrap().key;
         assert_eq!(stored, would_be);
 
         // An update: the patched key answered, the stored one unchanged.
-        let patch = KeyPatch {
-            allow: Some(list("198.51.100.0/24, 203.0.113.9")),
-            report_only: Some(true),
-            ..KeyPatch::default()
+        let update = KeyWrite::Update {
+            id: new.id.clone(),
+            patch: KeyPatch {
+                allow: Some(list("198.51.100.0/24, 203.0.113.9")),
+                report_only: Some(true),
+                ..KeyPatch::default()
+            },
         };
         let later = now + Duration::from_secs(5);
-        let mut preview = Preview::new(&mut s);
-        let (before, after) = preview.update(&new.id, patch, &actor(), later).unwrap();
-        let call = preview.into_call().expect("recorded");
-        assert_eq!(before, stored);
-        assert_eq!(s.key(&new.id).unwrap(), stored, "not written");
-        let written = call.replay(&mut s, &actor(), later).unwrap();
-        assert_eq!(
-            (written.allow.clone(), written.report_only),
-            (after.allow, true)
-        );
+        let after = super::would_be(&s, &update, later).await.unwrap();
+        assert_eq!(s.key(&new.id).await.unwrap(), stored, "not written");
+        let written = s.write(update, &actor(), later).await.unwrap().key;
+        assert_eq!(written, after);
 
         // Revoked: the preview refuses changes as the store does.
-        let mut preview = Preview::new(&mut s);
-        let revoked = preview.revoke(&new.id, &actor(), later).unwrap();
+        let revoke = KeyWrite::Revoke { id: new.id.clone() };
+        let revoked = super::would_be(&s, &revoke, later).await.unwrap();
         assert!(!revoked.is_active());
-        preview
-            .into_call()
-            .unwrap()
-            .replay(&mut s, &actor(), later)
-            .unwrap();
-        let mut preview = Preview::new(&mut s);
+        assert_eq!(s.write(revoke, &actor(), later).await.unwrap().key, revoked);
+        let rotate = KeyWrite::Rotate {
+            id: new.id.clone(),
+            digest: [2; 32],
+        };
         assert!(matches!(
-            preview.rotate(&new.id, [2; 32], &actor(), later),
+            super::would_be(&s, &rotate, later).await,
             Err(StoreError::Revoked(_))
         ));
-        assert!(preview.into_call().is_none());
+        let unknown = KeyWrite::Revoke {
+            id: "key_unknown".into(),
+        };
+        assert!(matches!(
+            super::would_be(&s, &unknown, later).await,
+            Err(StoreError::NotFound(_))
+        ));
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -3,29 +3,67 @@
 //! authenticated by `Authorization: Bearer`. Also the self-lockout rule: a write
 //! must not leave the caller's own list without the address it calls from.
 
-use std::{collections::HashMap, net::IpAddr, time::SystemTime};
+use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use crate::{
-    allowlist::{AllowList, fold_ip},
-    shim::keys::digest,
+    allowlist::{AllowList, ClientAddr},
+    keys::{Digest, Key, Table, table::Credentialed},
 };
 
-/// The scope that makes a stored key a management principal.
-pub const ADMIN_SCOPE: &str = "admin";
-
+/// Who calls the management API.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PrincipalKind {
-    /// From the config file: read-only through the API.
-    ConfigAdmin,
-    /// A stored key with the `admin` scope (its id).
-    Key(String),
+pub enum Principal {
+    /// One of the config's `management.admins`: read-only through the API.
+    ConfigAdmin {
+        name: String,
+        /// SHA-256 of the token.
+        digest: Digest,
+        allow: AllowList,
+    },
+    /// A stored key with the `admin` scope.
+    Key(Arc<Key>),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
-    pub name: String,
-    pub kind: PrincipalKind,
-    pub allow: AllowList,
+impl Principal {
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::ConfigAdmin { name, .. } => name,
+            Principal::Key(k) => &k.name,
+        }
+    }
+
+    #[must_use]
+    pub fn allow(&self) -> &AllowList {
+        match self {
+            Principal::ConfigAdmin { allow, .. } => allow,
+            Principal::Key(k) => &k.allow,
+        }
+    }
+
+    /// As the audit log names it: `admin:NAME` or `key:ID`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        match self {
+            Principal::ConfigAdmin { name, .. } => format!("admin:{name}"),
+            Principal::Key(k) => format!("key:{}", k.id),
+        }
+    }
+
+    /// Is this the key `id` itself?
+    #[must_use]
+    pub fn is_key(&self, id: &str) -> bool {
+        matches!(self, Principal::Key(k) if k.id == id)
+    }
+}
+
+impl Credentialed for Principal {
+    fn digest(&self) -> Digest {
+        match self {
+            Principal::ConfigAdmin { digest, .. } => *digest,
+            Principal::Key(k) => k.digest,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -39,30 +77,20 @@ pub enum AuthError {
 }
 
 /// Principals indexed by token digest.
-#[derive(Clone, Debug, Default)]
-pub struct Principals {
-    by_digest: HashMap<[u8; 32], Principal>,
-}
+pub type Principals = Table<Principal>;
 
-impl Principals {
-    #[must_use]
-    pub fn new(rows: impl IntoIterator<Item = ([u8; 32], Principal)>) -> Self {
-        Self {
-            by_digest: rows.into_iter().collect(),
-        }
-    }
-
+impl Table<Principal> {
     /// The principal presenting `token` from `client`.
     pub fn authenticate(
         &self,
         token: Option<&str>,
-        client: IpAddr,
+        client: ClientAddr,
         now: SystemTime,
     ) -> Result<&Principal, AuthError> {
         let principal = token
-            .and_then(|t| self.by_digest.get(&digest(t)))
+            .and_then(|t| self.lookup(t))
             .ok_or(AuthError::Unauthenticated)?;
-        if principal.allow.allows(client, now) {
+        if principal.allow().allows(client, now) {
             Ok(principal)
         } else {
             Err(AuthError::AddressNotAllowed)
@@ -81,31 +109,28 @@ pub struct LockOut {
 /// is that very key and `new_list` would exclude the address it calls from.
 pub fn check_self_lockout(
     caller: &Principal,
-    caller_ip: IpAddr,
+    caller_ip: ClientAddr,
     target: &str,
     new_list: &AllowList,
     now: SystemTime,
 ) -> Result<(), LockOut> {
-    match &caller.kind {
-        PrincipalKind::Key(id) if id == target && !new_list.allows(caller_ip, now) => {
-            Err(LockOut {
-                ip: fold_ip(caller_ip),
-            })
-        }
-        _ => Ok(()),
+    if caller.is_key(target) && !new_list.allows(caller_ip, now) {
+        Err(LockOut { ip: caller_ip.ip() })
+    } else {
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list};
+    use crate::keys::{
+        ADMIN_SCOPE,
+        credentials::digest,
+        testing::{key, list},
+    };
 
-    fn list(s: &str) -> AllowList {
-        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
-    }
-
-    fn ip(s: &str) -> IpAddr {
+    fn ip(s: &str) -> ClientAddr {
         s.parse().unwrap()
     }
 
@@ -113,22 +138,16 @@ mod tests {
 
     fn principals() -> Principals {
         Principals::new([
-            (
-                digest("ops-token-0123456789abcdef"),
-                Principal {
-                    name: "ops".into(),
-                    kind: PrincipalKind::ConfigAdmin,
-                    allow: list("127.0.0.1, 198.51.100.0/24"),
-                },
-            ),
-            (
-                digest("kf_admin_key_0123456789abcdef"),
-                Principal {
-                    name: "ci-admin".into(),
-                    kind: PrincipalKind::Key("k1".into()),
-                    allow: list(""),
-                },
-            ),
+            Arc::new(Principal::ConfigAdmin {
+                name: "ops".into(),
+                digest: digest("ops-token-0123456789abcdef"),
+                allow: list("127.0.0.1, 198.51.100.0/24"),
+            }),
+            Arc::new(Principal::Key(Arc::new(Key {
+                name: "ci-admin".into(),
+                scopes: vec![ADMIN_SCOPE.into()],
+                ..key("k1", "kf_admin_key_0123456789abcdef", "")
+            }))),
         ])
     }
 
@@ -138,7 +157,7 @@ mod tests {
         assert_eq!(
             p.authenticate(Some("ops-token-0123456789abcdef"), ip("198.51.100.7"), NOW)
                 .unwrap()
-                .name,
+                .name(),
             "ops"
         );
         assert_eq!(
@@ -148,7 +167,7 @@ mod tests {
                 NOW
             )
             .unwrap()
-            .name,
+            .name(),
             "ops"
         );
         assert_eq!(
@@ -188,7 +207,7 @@ mod tests {
         let from = ip("203.0.113.1");
         let err =
             check_self_lockout(&key_admin, from, "k1", &list("198.51.100.0/24"), NOW).unwrap_err();
-        assert_eq!(err.ip, from);
+        assert_eq!(err.ip, from.ip());
         assert!(err.to_string().contains("203.0.113.1"));
         assert!(check_self_lockout(&key_admin, from, "k1", &list("203.0.113.0/24"), NOW).is_ok());
         assert!(check_self_lockout(&key_admin, from, "k1", &list(""), NOW).is_ok());
@@ -211,6 +230,6 @@ mod tests {
             NOW,
         )
         .unwrap_err();
-        assert_eq!(mapped.ip, from, "named in its folded form");
+        assert_eq!(mapped.ip, from.ip(), "named in its folded form");
     }
 }

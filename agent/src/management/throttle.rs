@@ -283,6 +283,38 @@ impl Reason {
     }
 }
 
+/// A failed management attempt: the `reason` label of
+/// `keyfence_management_auth_failures`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// An unknown bearer token.
+    Token,
+    /// A valid token from outside its principal's list.
+    Address,
+    /// A wrong or replayed step-up code.
+    Confirm,
+}
+
+impl Failure {
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Address => "address",
+            Self::Confirm => "confirm",
+        }
+    }
+}
+
+impl From<Reason> for Failure {
+    fn from(reason: Reason) -> Self {
+        match reason {
+            Reason::Token => Self::Token,
+            Reason::Confirm => Self::Confirm,
+        }
+    }
+}
+
 /// A lockout that just started, for the audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Started {
@@ -343,9 +375,11 @@ impl ManagementMetrics {
         m
     }
 
-    fn failure(&self, reason: &'static str) {
+    fn failure(&self, failure: Failure) {
         self.auth_failures
-            .get_or_create(&ReasonLabel { reason })
+            .get_or_create(&ReasonLabel {
+                reason: failure.label(),
+            })
             .inc();
     }
 }
@@ -426,7 +460,7 @@ impl Guard {
     /// A valid token from outside its principal's list: counted, not throttled
     /// (nothing was guessed).
     pub fn address_refused(&self, ip: IpAddr) {
-        self.metrics.failure("address");
+        self.metrics.failure(Failure::Address);
         if self.logs.allow() {
             tracing::info!(client = %ip, "management request refused: address not allowed for this token");
         }
@@ -487,7 +521,7 @@ impl Guard {
             })
             .collect();
         drop(t);
-        self.metrics.failure(reason.label());
+        self.metrics.failure(reason.into());
         if self.logs.allow() {
             tracing::warn!(client = %ip, reason = reason.label(), "management request refused: failed attempt");
         }
@@ -525,6 +559,18 @@ mod tests {
         max_lockout: Duration::from_mins(15),
         capacity: 8,
     };
+
+    /// The `reason` labels dashboards match on.
+    #[test]
+    fn failure_labels_are_the_published_ones() {
+        assert_eq!(
+            [Failure::Token, Failure::Address, Failure::Confirm].map(Failure::label),
+            ["token", "address", "confirm"]
+        );
+        assert_eq!(Failure::from(Reason::Token), Failure::Token);
+        assert_eq!(Failure::from(Reason::Confirm), Failure::Confirm);
+        assert_eq!(Reason::Confirm.label(), "confirm");
+    }
 
     fn secs(t0: Instant, s: u64) -> Instant {
         t0 + Duration::from_secs(s)

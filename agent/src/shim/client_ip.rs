@@ -2,12 +2,68 @@
 //! proxy announces in a PROXY protocol header, or the first untrusted address of
 //! `X-Forwarded-For` walked right to left. Pure functions, so every rule is tested
 //! without sockets.
+//!
+//! Addresses are folded once, where they enter ([`ClientAddr::new`]): the
+//! accepted peer, the PROXY header's source, each `X-Forwarded-For` entry.
+//! A connection's requests are resolved by [`ConnClient::resolve`] under the
+//! `client_ip` rule the connection was accepted with.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use hyper::header::HeaderMap;
 use ipnet::IpNet;
 
-use crate::allowlist::fold_ip;
+use crate::{
+    allowlist::ClientAddr,
+    config::{ClientIp, ClientIpSource},
+};
+
+/// Where one connection's requests come from, fixed when it is accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnClient {
+    /// The TCP peer.
+    pub peer: ClientAddr,
+    /// Who the connection speaks for: the peer, or the source its PROXY
+    /// header announced (the proxy itself for `LOCAL` and `UNKNOWN`).
+    pub client: ClientAddr,
+}
+
+impl ConnClient {
+    /// A connection whose peer is its client (no PROXY header).
+    #[must_use]
+    pub fn direct(peer: ClientAddr) -> Self {
+        Self { peer, client: peer }
+    }
+
+    /// A connection from a trusted proxy that announced `source`.
+    #[must_use]
+    pub fn proxied(peer: ClientAddr, source: Option<SocketAddr>) -> Self {
+        Self {
+            peer,
+            client: source.map_or(peer, |s| ClientAddr::new(s.ip())),
+        }
+    }
+
+    /// The client of one request on this connection under `rule` (the rule
+    /// the connection was accepted with). `None` when `X-Forwarded-For`
+    /// leaves it unknown.
+    #[must_use]
+    pub fn resolve(&self, rule: &ClientIp, headers: &HeaderMap) -> Option<ClientAddr> {
+        match rule.source {
+            ClientIpSource::XForwardedFor => {
+                // Raw bytes: a value that is not UTF-8 must not vanish (with
+                // the address a proxy appended to it) and leave the proxy as client.
+                let values: Vec<&[u8]> = headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .map(hyper::header::HeaderValue::as_bytes)
+                    .collect();
+                forwarded_client(self.peer, &values, &rule.trusted_proxies, rule.hops)
+            }
+            ClientIpSource::Peer | ClientIpSource::ProxyProtocol => Some(self.client),
+        }
+    }
+}
 
 /// Longest PROXY v1 header: `PROXY TCP6 <39> <39> <5> <5>\r\n` (spec: 107 bytes).
 pub const PROXY_V1_MAX: usize = 107;
@@ -151,10 +207,10 @@ fn parse_v2(buf: &[u8]) -> Result<ProxyParse, ProxyError> {
     }
 }
 
-/// Is `ip` (folded) inside any of `nets`?
+/// Is `ip` inside any of `nets` (canonical, as the config holds them)?
 #[must_use]
-pub fn is_trusted(ip: IpAddr, nets: &[IpNet]) -> bool {
-    let ip = fold_ip(ip);
+pub fn is_trusted(ip: ClientAddr, nets: &[IpNet]) -> bool {
+    let ip = ip.ip();
     nets.iter().any(|n| n.contains(&ip))
 }
 
@@ -189,12 +245,11 @@ fn parse_xff_entry(raw: &[u8]) -> Option<IpAddr> {
 /// it and the proxy itself would become the client.
 #[must_use]
 pub fn forwarded_client<V: AsRef<[u8]>>(
-    peer: IpAddr,
+    peer: ClientAddr,
     xff_values: &[V],
     trusted: &[IpNet],
     hops: u32,
-) -> Option<IpAddr> {
-    let peer = fold_ip(peer);
+) -> Option<ClientAddr> {
     if !is_trusted(peer, trusted) {
         return Some(peer);
     }
@@ -207,7 +262,7 @@ pub fn forwarded_client<V: AsRef<[u8]>>(
         .filter(|e| !e.is_empty())
         .collect::<Vec<_>>();
     for entry in entries.into_iter().rev() {
-        let ip = fold_ip(parse_xff_entry(entry)?);
+        let ip = ClientAddr::new(parse_xff_entry(entry)?);
         if skipped < hops && is_trusted(ip, trusted) {
             skipped += 1;
             last = ip;
@@ -223,7 +278,7 @@ pub fn forwarded_client<V: AsRef<[u8]>>(
 /// shim cannot read from being silently replaced (which would hide from the
 /// upstream what the client claimed).
 #[must_use]
-pub fn appended_xff<V: AsRef<[u8]>>(previous: &[V], origin: IpAddr) -> Vec<u8> {
+pub fn appended_xff<V: AsRef<[u8]>>(previous: &[V], origin: ClientAddr) -> Vec<u8> {
     let mut out = Vec::new();
     for value in previous {
         let value = value.as_ref().trim_ascii();
@@ -245,7 +300,8 @@ mod tests {
         v.iter().map(|n| n.parse().unwrap()).collect()
     }
 
-    fn ip(s: &str) -> IpAddr {
+    /// Parsed and folded, as at accept.
+    fn client(s: &str) -> ClientAddr {
         s.parse().unwrap()
     }
 
@@ -374,8 +430,8 @@ mod tests {
     fn untrusted_peer_is_its_own_client() {
         let t = nets(&["198.51.100.0/24"]);
         assert_eq!(
-            forwarded_client(ip("203.0.113.9"), &["192.0.2.10"], &t, 1),
-            Some(ip("203.0.113.9"))
+            forwarded_client(client("203.0.113.9"), &["192.0.2.10"], &t, 1),
+            Some(client("203.0.113.9"))
         );
     }
 
@@ -384,23 +440,28 @@ mod tests {
         let t = nets(&["198.51.100.0/24"]);
         // A client-forged left part is ignored.
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &["192.0.2.66, 203.0.113.7"], &t, 1),
-            Some(ip("203.0.113.7"))
+            forwarded_client(client("198.51.100.1"), &["192.0.2.66, 203.0.113.7"], &t, 1),
+            Some(client("203.0.113.7"))
         );
         // Trusted hops are skipped, at most `hops` of them.
         let chain = ["203.0.113.7, 198.51.100.2, 198.51.100.3"];
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &chain, &t, 2),
-            Some(ip("203.0.113.7"))
+            forwarded_client(client("198.51.100.1"), &chain, &t, 2),
+            Some(client("203.0.113.7"))
         );
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &chain, &t, 1),
-            Some(ip("198.51.100.2"))
+            forwarded_client(client("198.51.100.1"), &chain, &t, 1),
+            Some(client("198.51.100.2"))
         );
         // Several header lines count as one list, in order.
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &["203.0.113.7", "198.51.100.3"], &t, 1),
-            Some(ip("203.0.113.7"))
+            forwarded_client(
+                client("198.51.100.1"),
+                &["203.0.113.7", "198.51.100.3"],
+                &t,
+                1
+            ),
+            Some(client("203.0.113.7"))
         );
     }
 
@@ -408,35 +469,40 @@ mod tests {
     fn forms_folding_and_garbage() {
         let t = nets(&["198.51.100.0/24", "2001:db8:ff::/48"]);
         assert_eq!(
-            forwarded_client(ip("::ffff:198.51.100.1"), &["[2001:db8::7]:4711"], &t, 1),
-            Some(ip("2001:db8::7"))
+            forwarded_client(
+                client("::ffff:198.51.100.1"),
+                &["[2001:db8::7]:4711"],
+                &t,
+                1
+            ),
+            Some(client("2001:db8::7"))
         );
         assert_eq!(
-            forwarded_client(ip("2001:db8:ff::1"), &["::ffff:203.0.113.7"], &t, 1),
-            Some(ip("203.0.113.7"))
+            forwarded_client(client("2001:db8:ff::1"), &["::ffff:203.0.113.7"], &t, 1),
+            Some(client("203.0.113.7"))
         );
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &["203.0.113.7:80"], &t, 1),
-            Some(ip("203.0.113.7"))
+            forwarded_client(client("198.51.100.1"), &["203.0.113.7:80"], &t, 1),
+            Some(client("203.0.113.7"))
         );
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &["unknown"], &t, 1),
+            forwarded_client(client("198.51.100.1"), &["unknown"], &t, 1),
             None
         );
         assert_eq!(
-            forwarded_client::<&str>(ip("198.51.100.1"), &[], &t, 1),
-            Some(ip("198.51.100.1"))
+            forwarded_client::<&str>(client("198.51.100.1"), &[], &t, 1),
+            Some(client("198.51.100.1"))
         );
         assert_eq!(
-            forwarded_client(ip("198.51.100.1"), &[" , "], &t, 1),
-            Some(ip("198.51.100.1"))
+            forwarded_client(client("198.51.100.1"), &[" , "], &t, 1),
+            Some(client("198.51.100.1"))
         );
     }
 
     #[test]
     fn bytes_that_are_not_utf8_make_the_client_unknown_never_the_peer() {
         let t = nets(&["198.51.100.0/24"]);
-        let proxy = ip("198.51.100.250");
+        let proxy = client("198.51.100.250");
         // Where the client should be: unknown, not the trusted proxy.
         for bad in [
             &b"x\xff"[..],
@@ -451,12 +517,12 @@ mod tests {
         // bytes on the left, the address the proxy saw on the right.
         assert_eq!(
             forwarded_client(proxy, &[&b"192.0.2.99\xff, 203.0.113.7"[..]], &t, 1),
-            Some(ip("203.0.113.7"))
+            Some(client("203.0.113.7"))
         );
         // Also when the proxy added its own line after the client's.
         assert_eq!(
             forwarded_client(proxy, &[&b"\xff\xfe"[..], b"203.0.113.7"], &t, 1),
-            Some(ip("203.0.113.7"))
+            Some(client("203.0.113.7"))
         );
         // A skipped trusted hop does not make a bad entry behind it readable.
         assert_eq!(
@@ -465,19 +531,19 @@ mod tests {
         );
         // An untrusted peer is still its own client, whatever bytes it sends.
         assert_eq!(
-            forwarded_client(ip("203.0.113.9"), &[&b"\xff"[..]], &t, 1),
-            Some(ip("203.0.113.9"))
+            forwarded_client(client("203.0.113.9"), &[&b"\xff"[..]], &t, 1),
+            Some(client("203.0.113.9"))
         );
         // Tabs are whitespace in a header value.
         assert_eq!(
             forwarded_client(proxy, &[&b"\t203.0.113.7\t"[..]], &t, 1),
-            Some(ip("203.0.113.7"))
+            Some(client("203.0.113.7"))
         );
     }
 
     #[test]
     fn appended_xff_keeps_every_value_byte_for_byte() {
-        let origin = ip("198.51.100.250");
+        let origin = client("198.51.100.250");
         assert_eq!(appended_xff::<&[u8]>(&[], origin), b"198.51.100.250");
         assert_eq!(
             appended_xff(&[&b"192.0.2.99\xff"[..]], origin),
@@ -489,7 +555,7 @@ mod tests {
             b"192.0.2.1, 192.0.2.2, 198.51.100.250"
         );
         assert_eq!(
-            appended_xff(&["2001:db8::7"], ip("2001:db8::1")),
+            appended_xff(&["2001:db8::7"], client("2001:db8::1")),
             b"2001:db8::7, 2001:db8::1"
         );
     }

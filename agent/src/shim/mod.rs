@@ -3,7 +3,8 @@
 
 pub mod body;
 pub mod client_ip;
-pub mod keys;
+pub mod decide;
+pub mod outcome;
 pub mod runtime;
 pub mod server;
 pub mod sources;

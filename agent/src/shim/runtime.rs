@@ -6,16 +6,16 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
-    keys::{KeyTable, ShimKey, digest},
     server::{self, Shared},
     tls::TlsAcceptor,
 };
 use crate::{
-    config::{Config, KeySecret, ListenerConfig, StaticKey},
+    config::{Config, ListenerConfig},
+    keys::{Key, KeyTable},
     metrics::Metrics,
     store::StoredKey,
 };
@@ -25,46 +25,21 @@ pub const SOURCES_PER_KEY: usize = 32;
 /// Keys remembered there (least recently used forgotten first).
 pub const SOURCES_KEYS: usize = 4096;
 
-/// Minimum length of a static key's secret (SPEC §2).
-pub const MIN_STATIC_SECRET: usize = 20;
-
-/// The key table of the config's static keys and the store's active keys.
-/// `secret_env` variables are read here; a missing or short one is an error
-/// naming the key.
+/// The key table of the config's static keys (resolved: see
+/// [`crate::keys::statics`]) and the store's active keys.
+#[must_use]
 pub fn key_table<'a>(
-    statics: &[StaticKey],
+    statics: &[Arc<Key>],
     stored: impl IntoIterator<Item = &'a StoredKey>,
-) -> anyhow::Result<KeyTable> {
-    let mut rows = Vec::with_capacity(statics.len());
-    for k in statics {
-        let d = secret_digest(&k.secret, &format!("key {}", k.id))?;
-        rows.push((d, ShimKey::new(&k.id, k.into())));
-    }
-    rows.extend(
-        stored
-            .into_iter()
-            .filter(|k| k.is_active())
-            .map(|k| (k.digest, ShimKey::new(&k.id, k.into()))),
-    );
-    Ok(KeyTable::new(rows))
-}
-
-/// The digest of a configured secret; `secret_env` is read now. `what` names
-/// the owner in errors ("key ci", "admin ops").
-pub fn secret_digest(secret: &KeySecret, what: &str) -> anyhow::Result<[u8; 32]> {
-    match secret {
-        KeySecret::Sha256(d) => Ok(*d),
-        KeySecret::Env(var) => {
-            let secret = std::env::var(var)
-                .map_err(|_| anyhow!("{what}: environment variable {var} is not set"))?;
-            if secret.len() < MIN_STATIC_SECRET {
-                anyhow::bail!(
-                    "{what}: the secret in {var} is shorter than {MIN_STATIC_SECRET} characters"
-                );
-            }
-            Ok(digest(&secret))
-        }
-    }
+) -> KeyTable {
+    KeyTable::new(
+        statics.iter().cloned().chain(
+            stored
+                .into_iter()
+                .filter(|k| k.is_active())
+                .map(|k| k.key.clone()),
+        ),
+    )
 }
 
 struct Running {
@@ -149,7 +124,7 @@ impl Shim {
     }
 
     /// One key changed (see [`KeyTable::replace`]): the next request sees it.
-    pub fn replace_key(&self, old: Option<[u8; 32]>, new: Option<([u8; 32], ShimKey)>) {
+    pub fn replace_key(&self, old: Option<&Key>, new: Option<Arc<Key>>) {
         self.shared
             .keys
             .write()

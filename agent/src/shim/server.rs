@@ -31,14 +31,20 @@ use tokio::{
 use super::{
     body::Capped,
     client_ip::{
-        PROXY_V2_MAX, ProxyParse, appended_xff, forwarded_client, is_trusted, parse_proxy_header,
+        ConnClient, PROXY_V2_MAX, ProxyParse, appended_xff, is_trusted, parse_proxy_header,
     },
-    keys::{Credential, CredentialHeader, KeyTable, Verdict, credential, decide},
+    decide::{Verdict, decide},
+    outcome::Outcome,
     tls::TlsAcceptor,
 };
 use crate::{
+    allowlist::ClientAddr,
     config::{ClientIpSource, ListenerConfig, ListenerMode, Rejection},
     conn::{self, Activity, Gate, Permit, Reserve},
+    keys::{
+        KeyTable,
+        credentials::{Credential, CredentialHeader, credential},
+    },
     metrics::Metrics,
 };
 
@@ -139,11 +145,13 @@ pub async fn serve(
         tokio::select! {
             accepted = conn::accept(&socket, &gate) => {
                 let Some((stream, peer, permit)) = accepted else { continue };
+                // The connection keeps the config it was accepted under.
+                let config = ctx.config();
                 let ctx = ctx.clone();
                 let tls = tls.clone();
                 let stop = shutdown.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, peer, permit, ctx, tls, stop).await {
+                    if let Err(e) = connection(stream, peer, permit, ctx, config, tls, stop).await {
                         tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
                     }
                 });
@@ -195,6 +203,7 @@ async fn connection(
     peer: SocketAddr,
     permit: Permit,
     ctx: Arc<ListenerCtx>,
+    config: Arc<ListenerConfig>,
     tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -204,8 +213,7 @@ async fn connection(
     let activity = Activity::new();
     let limits = permit.gate().limits();
     let head_due = activity.first_head_deadline(&limits);
-    let peer_ip = crate::allowlist::fold_ip(peer.ip());
-    let config = ctx.config();
+    let peer_ip = permit.source();
     // The connection-level client address (before any X-Forwarded-For).
     let conn_client = match config.client_ip.source {
         ClientIpSource::ProxyProtocol => {
@@ -216,13 +224,14 @@ async fn connection(
             let source = tokio::time::timeout_at(due, read_proxy_header(&mut stream))
                 .await
                 .context("PROXY header timeout")??;
-            source.map_or(peer_ip, |s| crate::allowlist::fold_ip(s.ip()))
+            ConnClient::proxied(peer_ip, source)
         }
-        ClientIpSource::Peer | ClientIpSource::XForwardedFor => peer_ip,
+        ClientIpSource::Peer | ClientIpSource::XForwardedFor => ConnClient::direct(peer_ip),
     };
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx, peer_ip, conn_client).await) }
+        let config = config.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client).await) }
     });
     let mut builder = conn::builder(&limits);
     builder.http1().max_buf_size(MAX_HEADER_BYTES);
@@ -300,31 +309,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 async fn handle(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
-    peer: IpAddr,
-    conn_client: IpAddr,
+    config: &ListenerConfig,
+    conn: ConnClient,
 ) -> Response<Body> {
     let started = Instant::now();
-    let config = ctx.config();
     let listener = config.name.as_str();
-    let client = match config.client_ip.source {
-        ClientIpSource::XForwardedFor => {
-            // Raw bytes: a value that is not UTF-8 must not vanish (with the
-            // address a proxy appended to it) and leave the proxy as client.
-            let values: Vec<&[u8]> = req
-                .headers()
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect();
-            forwarded_client(
-                peer,
-                &values,
-                &config.client_ip.trusted_proxies,
-                config.client_ip.hops,
-            )
-        }
-        ClientIpSource::Peer | ClientIpSource::ProxyProtocol => Some(conn_client),
-    };
+    let resolved = conn.resolve(&config.client_ip, req.headers());
+    let client = resolved.map(ClientAddr::ip);
     if req.uri().path() == "/_keyfence/ip" {
         let ip = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         return json(
@@ -337,8 +328,8 @@ async fn handle(
     let carrier = match presented {
         Credential::Several => {
             // The shim would check one and the upstream might read another.
-            metrics.refusal_log(listener, None, client, "bad_request");
-            metrics.observe_http(listener, "bad_request", started.elapsed());
+            metrics.refusal_log(listener, None, client, Outcome::BadRequest);
+            metrics.observe_http(listener, Outcome::BadRequest, started.elapsed());
             return json(
                 StatusCode::BAD_REQUEST,
                 format!(r#"{{"error":"{SEVERAL_CREDENTIALS}"}}"#),
@@ -348,53 +339,53 @@ async fn handle(
         Credential::Absent => None,
     };
     let verdict = decide(
-        &config,
+        config,
         &ctx.shared
             .keys
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
         presented.key(),
-        client,
+        resolved,
         SystemTime::now(),
     );
     let now = SystemTime::now();
-    let seen = |key_id: &str, ip: Option<IpAddr>, allowed: bool| {
+    let seen = |key_id: &str, ip: Option<IpAddr>, decided: Outcome| {
         if let Some(ip) = ip {
-            ctx.shared.sources.record(key_id, ip, allowed, now);
+            ctx.shared.sources.record(key_id, ip, decided, now);
         }
     };
     let (response, outcome) = match verdict {
         Verdict::InvalidKey => {
-            metrics.refusal_log(listener, None, client, "invalid_key");
+            metrics.refusal_log(listener, None, client, Outcome::InvalidKey);
             (
                 json(
                     StatusCode::UNAUTHORIZED,
                     r#"{"error":"invalid API key"}"#.into(),
                 ),
-                "invalid_key",
+                Outcome::InvalidKey,
             )
         }
         Verdict::IpNotAllowed { key, ip } => {
-            seen(&key.id, ip, false);
+            seen(&key.id, ip, Outcome::IpNotAllowed);
             let rejection = ctx.shared.rejection();
-            metrics.refusal_log(listener, Some(&key.id), ip, "ip_not_allowed");
+            metrics.refusal_log(listener, Some(&key.id), ip, Outcome::IpNotAllowed);
             let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::FORBIDDEN);
             (
                 json(status, render_rejection(&rejection.body, ip, &key.id)),
-                "ip_not_allowed",
+                Outcome::IpNotAllowed,
             )
         }
         Verdict::ReportOnly { key, ip } => {
             // Counted as refused: it is the refusal the key would have had.
-            seen(&key.id, ip, false);
-            metrics.refusal_log(listener, Some(&key.id), ip, "report_only");
-            let (resp, passed) = pass(req, ctx, &config, &key.id, conn_client, carrier).await;
-            (resp, passed.outcome("report_only"))
+            seen(&key.id, ip, Outcome::ReportOnly);
+            metrics.refusal_log(listener, Some(&key.id), ip, Outcome::ReportOnly);
+            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
+            (resp, passed.outcome(Outcome::ReportOnly))
         }
         Verdict::Allowed { key } => {
-            seen(&key.id, client, true);
-            let (resp, passed) = pass(req, ctx, &config, &key.id, conn_client, carrier).await;
-            (resp, passed.outcome("allowed"))
+            seen(&key.id, client, Outcome::Allowed);
+            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
+            (resp, passed.outcome(Outcome::Allowed))
         }
     };
     metrics.observe_http(listener, outcome, started.elapsed());
@@ -437,7 +428,7 @@ fn strip_credentials(
     }
 }
 
-/// How a passed request ended, for its `outcome` label.
+/// How a passed request ended, for its [`Outcome`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Passed {
     Answered,
@@ -447,11 +438,12 @@ enum Passed {
 }
 
 impl Passed {
-    fn outcome(self, answered: &'static str) -> &'static str {
+    /// The outcome of a request passed as `answered` (allowed or report-only).
+    fn outcome(self, answered: Outcome) -> Outcome {
         match self {
             Passed::Answered => answered,
-            Passed::UpstreamFailed => "upstream_error",
-            Passed::ClientError => "bad_request",
+            Passed::UpstreamFailed => Outcome::UpstreamError,
+            Passed::ClientError => Outcome::BadRequest,
         }
     }
 }
@@ -475,7 +467,7 @@ async fn pass(
     ctx: &ListenerCtx,
     config: &ListenerConfig,
     key_id: &str,
-    origin: IpAddr,
+    origin: ClientAddr,
     carrier: Option<CredentialHeader>,
 ) -> (Response<Body>, Passed) {
     let key_header = HeaderValue::from_str(key_id).ok();
@@ -513,7 +505,7 @@ async fn proxy(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
     key_header: Option<HeaderValue>,
-    origin: IpAddr,
+    origin: ClientAddr,
     credential_header: Option<&str>,
     keep: Option<CredentialHeader>,
 ) -> (Response<Body>, Passed) {
@@ -702,10 +694,19 @@ mod tests {
 
     #[test]
     fn outcomes_of_a_passed_request() {
-        assert_eq!(Passed::Answered.outcome("allowed"), "allowed");
-        assert_eq!(Passed::Answered.outcome("report_only"), "report_only");
-        assert_eq!(Passed::UpstreamFailed.outcome("allowed"), "upstream_error");
-        assert_eq!(Passed::ClientError.outcome("report_only"), "bad_request");
+        assert_eq!(Passed::Answered.outcome(Outcome::Allowed), Outcome::Allowed);
+        assert_eq!(
+            Passed::Answered.outcome(Outcome::ReportOnly),
+            Outcome::ReportOnly
+        );
+        assert_eq!(
+            Passed::UpstreamFailed.outcome(Outcome::Allowed),
+            Outcome::UpstreamError
+        );
+        assert_eq!(
+            Passed::ClientError.outcome(Outcome::ReportOnly),
+            Outcome::BadRequest
+        );
     }
 
     #[test]

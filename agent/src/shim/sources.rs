@@ -8,6 +8,8 @@ use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::SystemTime};
 
 use serde::Serialize;
 
+use super::outcome::Outcome;
+
 /// What is known of one address for one key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SourceStats {
@@ -52,8 +54,10 @@ impl Sources {
         }
     }
 
-    /// Record one decision for `key_id` from `ip`.
-    pub fn record(&self, key_id: &str, ip: IpAddr, allowed: bool, now: SystemTime) {
+    /// Record one decision for `key_id` from `ip` (see
+    /// [`Outcome::counts_as_allowed`]).
+    pub fn record(&self, key_id: &str, ip: IpAddr, decided: Outcome, now: SystemTime) {
+        let allowed = decided.counts_as_allowed();
         let mut inner = self
             .inner
             .lock()
@@ -147,9 +151,9 @@ mod tests {
     #[test]
     fn counts_and_order() {
         let s = Sources::new(8, 8);
-        s.record("k", ip("192.0.2.1"), true, t(1));
-        s.record("k", ip("192.0.2.1"), true, t(2));
-        s.record("k", ip("203.0.113.9"), false, t(3));
+        s.record("k", ip("192.0.2.1"), Outcome::Allowed, t(1));
+        s.record("k", ip("192.0.2.1"), Outcome::Allowed, t(2));
+        s.record("k", ip("203.0.113.9"), Outcome::IpNotAllowed, t(3));
         let seen = s.of("k");
         assert_eq!(seen[0].ip, ip("203.0.113.9"));
         assert_eq!((seen[0].allowed, seen[0].refused), (0, 1));
@@ -166,13 +170,18 @@ mod tests {
     fn memory_is_bounded() {
         let s = Sources::new(3, 2);
         for i in 0..10u8 {
-            s.record("k", IpAddr::from([192, 0, 2, i]), true, t(u64::from(i)));
+            s.record(
+                "k",
+                IpAddr::from([192, 0, 2, i]),
+                Outcome::Allowed,
+                t(u64::from(i)),
+            );
         }
         let seen = s.of("k");
         assert_eq!(seen.len(), 3);
         assert_eq!(seen[0].ip, ip("192.0.2.9"), "the most recent stay");
-        s.record("a", ip("192.0.2.1"), true, t(20));
-        s.record("b", ip("192.0.2.1"), true, t(21));
+        s.record("a", ip("192.0.2.1"), Outcome::Allowed, t(20));
+        s.record("b", ip("192.0.2.1"), Outcome::Allowed, t(21));
         assert!(
             s.of("k").is_empty(),
             "the least recently seen key went first"
@@ -185,7 +194,7 @@ mod tests {
     #[test]
     fn serializes_for_the_api() {
         let s = Sources::new(3, 3);
-        s.record("k", ip("2001:db8::7"), false, t(86_400));
+        s.record("k", ip("2001:db8::7"), Outcome::IpNotAllowed, t(86_400));
         let json = serde_json::to_string(&s.of("k")).unwrap();
         assert_eq!(
             json,

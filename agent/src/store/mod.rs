@@ -2,20 +2,26 @@
 //!
 //! Keys made through the management API live here: metadata, the SHA-256 of the
 //! secret (never the secret), the allow list, and an audit row for every change,
-//! written in the same transaction as the change. The daemon reads the store
-//! once at start and then learns each change from the API call that made it.
+//! written in the same transaction as the change. The audit sequence numbers
+//! make a change feed: the daemon reads every key once at start
+//! ([`KeyStore::snapshot`]) and then applies what [`KeyStore::changes`]
+//! reports, whoever wrote it (its own API, or another writer of the store).
 //!
-//! [`KeyStore`] is the seam for other backends (PostgreSQL for fleets);
-//! [`sqlite::SqliteStore`] is the embedded default.
+//! [`KeyStore`] is the async seam for backends, [`open`] the factory that
+//! picks one from the config; [`embedded::Embedded`] (the SQLite file of
+//! [`sqlite::SqliteStore`] and its WAL checkpoints) is the default.
 
-pub mod secret;
+pub mod embedded;
 pub mod sqlite;
 
-use std::{net::IpAddr, time::SystemTime};
+use std::{net::IpAddr, ops::Deref, sync::Arc, time::SystemTime};
 
 use serde_json::Value;
 
-use crate::allowlist::{AllowEntry, AllowList};
+use crate::{
+    allowlist::{AllowEntry, AllowList},
+    keys::{Digest, Key},
+};
 
 /// Who made a change, as recorded in the audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,19 +29,6 @@ pub struct Actor {
     /// `admin:NAME` for a config principal, `key:ID` for an admin-scoped key.
     pub principal: String,
     pub address: IpAddr,
-}
-
-/// A key to create.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewKey {
-    pub id: String,
-    pub name: String,
-    pub tenant: String,
-    pub scopes: Vec<String>,
-    /// SHA-256 of the secret.
-    pub digest: [u8; 32],
-    pub allow: AllowList,
-    pub report_only: bool,
 }
 
 /// Fields of a key to change; `None` leaves a field as it is.
@@ -46,23 +39,32 @@ pub struct KeyPatch {
     pub report_only: Option<bool>,
 }
 
-/// A key as stored.
+/// A key as stored: the key's facts (shared with the shim's table, the
+/// principals and the policy) and the store's own timestamps. Reads of the
+/// facts go through `Deref` (`stored.allow`); a change builds a new [`Key`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredKey {
-    pub id: String,
-    pub name: String,
-    pub tenant: String,
-    pub scopes: Vec<String>,
-    pub digest: [u8; 32],
-    pub allow: AllowList,
-    pub report_only: bool,
+    pub key: Arc<Key>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub last_used_at: Option<SystemTime>,
     pub revoked_at: Option<SystemTime>,
 }
 
+impl Deref for StoredKey {
+    type Target = Key;
+
+    fn deref(&self) -> &Key {
+        &self.key
+    }
+}
+
 impl StoredKey {
+    /// The key's facts, to change (copied first when they are shared).
+    pub fn key_mut(&mut self) -> &mut Key {
+        Arc::make_mut(&mut self.key)
+    }
+
     #[must_use]
     pub fn is_active(&self) -> bool {
         self.revoked_at.is_none()
@@ -79,15 +81,34 @@ impl StoredKey {
     /// `source` adds that field (`api` in API answers).
     #[must_use]
     pub fn view(&self, source: Option<&'static str>) -> KeyView<'_> {
-        KeyView { key: self, source }
+        KeyView {
+            key: &self.key,
+            stored: Some(self),
+            source,
+        }
     }
 }
 
-/// See [`StoredKey::view`]. Fields in the order `to_json` has always had
-/// (sorted), so stored audit rows and answers read the same as before.
+/// See [`StoredKey::view`] and [`KeyView::of_static`]. Fields in the order
+/// `to_json` has always had (sorted), so stored audit rows and answers read
+/// the same as before.
 pub struct KeyView<'a> {
-    key: &'a StoredKey,
+    key: &'a Key,
+    /// The timestamps; `None` (all null) for a key of the config.
+    stored: Option<&'a StoredKey>,
     source: Option<&'static str>,
+}
+
+impl<'a> KeyView<'a> {
+    /// A key of the config as the API shows it: `source` `config`, no timestamps.
+    #[must_use]
+    pub fn of_static(key: &'a Key) -> Self {
+        Self {
+            key,
+            stored: None,
+            source: Some(key.origin.label()),
+        }
+    }
 }
 
 struct Time(SystemTime);
@@ -134,20 +155,21 @@ impl serde::Serialize for KeyView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap as _;
         let k = self.key;
+        let time = |t: fn(&StoredKey) -> Option<SystemTime>| self.stored.and_then(t).map(Time);
         let mut m = s.serialize_map(None)?;
-        m.serialize_entry("created_at", &Time(k.created_at))?;
+        m.serialize_entry("created_at", &time(|s| Some(s.created_at)))?;
         m.serialize_entry("id", &k.id)?;
         m.serialize_entry("ip_allow_list", &ListView(&k.allow))?;
-        m.serialize_entry("last_used_at", &k.last_used_at.map(Time))?;
+        m.serialize_entry("last_used_at", &time(|s| s.last_used_at))?;
         m.serialize_entry("name", &k.name)?;
         m.serialize_entry("report_only", &k.report_only)?;
-        m.serialize_entry("revoked_at", &k.revoked_at.map(Time))?;
+        m.serialize_entry("revoked_at", &time(|s| s.revoked_at))?;
         m.serialize_entry("scopes", &k.scopes)?;
         if let Some(source) = self.source {
             m.serialize_entry("source", source)?;
         }
         m.serialize_entry("tenant", &k.tenant)?;
-        m.serialize_entry("updated_at", &Time(k.updated_at))?;
+        m.serialize_entry("updated_at", &time(|s| Some(s.updated_at)))?;
         m.end()
     }
 }
@@ -188,8 +210,11 @@ pub enum StoreError {
     /// free space. The transaction was rolled back; reads keep working.
     #[error("the key store is full: {0}")]
     Full(String),
-    #[error(transparent)]
-    Sqlite(#[from] rusqlite::Error),
+    /// The backend failed (a driver or database error): its message, for
+    /// the log; the API answers 500.
+    #[error("{0}")]
+    Backend(String),
+    /// An I/O failure of the backend (reading or writing its files).
     #[error("{0}")]
     Io(String),
     /// The store's directory or files are not the agent's alone.
@@ -208,49 +233,106 @@ pub struct AuditEvent {
     pub details: Value,
 }
 
-/// Durable key storage. Every write is one transaction holding the change and
-/// its audit row; it either commits whole (and is on disk when this returns)
-/// or changes nothing.
-pub trait KeyStore: Send {
-    /// All keys, revoked ones included, oldest first.
-    fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError>;
-    fn key(&mut self, id: &str) -> Result<StoredKey, StoreError>;
-    fn create(
-        &mut self,
-        new: NewKey,
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError>;
-    /// Returns the key before and after.
-    fn update(
-        &mut self,
-        id: &str,
+/// One key write. A backend makes it in one transaction together with its
+/// audit row: it commits whole (and is durable when the call returns) or
+/// changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyWrite {
+    /// Store a new key (its origin is [`Origin::Store`](crate::keys::Origin)).
+    Create(Key),
+    /// Returns the key after the patch.
+    Update {
+        id: String,
         patch: KeyPatch,
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<(StoredKey, StoredKey), StoreError>;
-    fn revoke(&mut self, id: &str, actor: &Actor, now: SystemTime)
-    -> Result<StoredKey, StoreError>;
+    },
+    Revoke {
+        id: String,
+    },
     /// Replace the secret's digest; id, list and everything else stay.
-    fn rotate(
-        &mut self,
-        id: &str,
-        digest: [u8; 32],
-        actor: &Actor,
+    Rotate {
+        id: String,
+        digest: Digest,
+    },
+}
+
+impl KeyWrite {
+    /// The audit row's `action`.
+    #[must_use]
+    pub fn action(&self) -> &'static str {
+        match self {
+            KeyWrite::Create(_) => "create",
+            KeyWrite::Update { .. } => "update",
+            KeyWrite::Revoke { .. } => "revoke",
+            KeyWrite::Rotate { .. } => "rotate",
+        }
+    }
+}
+
+/// A write the store committed: the key after it, and the sequence number of
+/// its audit row (its place in the change feed, [`KeyStore::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub key: StoredKey,
+    pub seq: i64,
+}
+
+/// The store's change feed from one point: every key some write changed
+/// (whoever wrote it), in its state as of `upto`, the highest sequence number
+/// read. Reading again from `upto` continues the feed; a key changed twice
+/// appears once, in its later state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upto: i64,
+    pub keys: Vec<StoredKey>,
+}
+
+/// What a [`KeyStore`] call returns: a future that may wait for the disk
+/// or the network, so callers never block the runtime on it.
+pub type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Durable key storage, shared by the management API (reads and writes) and
+/// the daemon (the change feed, last use). Another writer of the same store
+/// (another host, another process) is seen through [`KeyStore::changes`].
+pub trait KeyStore: Send + Sync {
+    /// All keys, revoked ones included, oldest first.
+    fn keys(&self) -> StoreFuture<'_, Vec<StoredKey>>;
+    fn key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, StoredKey>;
+    /// Make `write` with its audit row (one transaction).
+    fn write<'a>(
+        &'a self,
+        write: KeyWrite,
+        actor: &'a Actor,
         now: SystemTime,
-    ) -> Result<StoredKey, StoreError>;
+    ) -> StoreFuture<'a, Committed>;
     /// Audit rows with `seq > after` (of one key, when given), oldest first,
     /// at most `limit`.
-    fn audit(
-        &mut self,
+    fn audit<'a>(
+        &'a self,
         after: i64,
         limit: usize,
-        key_id: Option<&str>,
-    ) -> Result<Vec<AuditEntry>, StoreError>;
+        key_id: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<AuditEntry>>;
     /// Write an audit row for `event` (its own transaction).
-    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError>;
+    fn record_event<'a>(&'a self, event: &'a AuditEvent, now: SystemTime) -> StoreFuture<'a, ()>;
     /// Record when keys were last used (not audited: it is not a change).
-    fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError>;
+    fn touch_last_used<'a>(&'a self, used: &'a [(String, SystemTime)]) -> StoreFuture<'a, ()>;
+    /// Every key and the feed's current position, read at one instant: where
+    /// a reader of [`KeyStore::changes`] starts.
+    fn snapshot(&self) -> StoreFuture<'_, Changes>;
+    /// The keys changed by writes after `after_seq` (see [`Changes`]).
+    fn changes(&self, after_seq: i64) -> StoreFuture<'_, Changes>;
+}
+
+/// The store, shared by the API and the daemon.
+pub type SharedStore = std::sync::Arc<dyn KeyStore>;
+
+/// Open the store the config names: the embedded SQLite file at
+/// `store.path` (the only backend today; a networked one for fleets plugs in
+/// here, chosen by its own config section). Must run inside the runtime: a
+/// backend may start its own maintenance tasks.
+pub fn open(config: &crate::config::StoreConfig) -> Result<SharedStore, StoreError> {
+    Ok(std::sync::Arc::new(embedded::Embedded::open(&config.path)?))
 }
 
 /// RFC 3339, seconds.
@@ -289,6 +371,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::keys::Origin;
 
     /// The `Value` tree `to_json` built before it serialized directly.
     fn reference(k: &StoredKey) -> Value {
@@ -310,29 +393,32 @@ mod tests {
     fn direct_serialization_matches_the_value_tree() {
         let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         let mut k = StoredKey {
-            id: "key_1".into(),
-            name: "ci \"runner\"".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into(), "admin".into()],
-            digest: [7; 32],
-            allow: AllowList::from_canonical(vec![
-                AllowEntry {
-                    net: "192.0.2.0/24".parse().unwrap(),
-                    note: None,
-                    expires_at: None,
-                },
-                AllowEntry {
-                    net: "2001:db8::/48".parse().unwrap(),
-                    note: Some("office\nwifi".into()),
-                    expires_at: Some(t(1_800_000_000)),
-                },
-                AllowEntry {
-                    net: "198.51.100.7/32".parse().unwrap(),
-                    note: None,
-                    expires_at: Some(t(1_800_000_100)),
-                },
-            ]),
-            report_only: false,
+            key: Arc::new(Key {
+                id: "key_1".into(),
+                name: "ci \"runner\"".into(),
+                tenant: "default".into(),
+                scopes: vec!["api".into(), "admin".into()],
+                digest: [7; 32],
+                origin: Origin::Store,
+                allow: AllowList::from_canonical(vec![
+                    AllowEntry {
+                        net: "192.0.2.0/24".parse().unwrap(),
+                        note: None,
+                        expires_at: None,
+                    },
+                    AllowEntry {
+                        net: "2001:db8::/48".parse().unwrap(),
+                        note: Some("office\nwifi".into()),
+                        expires_at: Some(t(1_800_000_000)),
+                    },
+                    AllowEntry {
+                        net: "198.51.100.7/32".parse().unwrap(),
+                        note: None,
+                        expires_at: Some(t(1_800_000_100)),
+                    },
+                ]),
+                report_only: false,
+            }),
             created_at: t(1_700_000_000),
             updated_at: t(1_700_000_500),
             last_used_at: None,
@@ -343,8 +429,8 @@ mod tests {
         assert_eq!(text, reference(&k).to_string(), "same text, same order");
         k.last_used_at = Some(t(1_700_000_900));
         k.revoked_at = Some(t(1_700_001_000));
-        k.report_only = true;
-        k.allow = AllowList::default();
+        k.key_mut().report_only = true;
+        k.key_mut().allow = AllowList::default();
         assert_eq!(
             serde_json::to_string(&k.view(None)).unwrap(),
             reference(&k).to_string()

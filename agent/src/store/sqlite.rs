@@ -9,6 +9,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -19,8 +20,11 @@ use rusqlite::{
 };
 use serde_json::Value;
 
-use super::{Actor, AuditEntry, AuditEvent, KeyPatch, KeyStore, NewKey, StoreError, StoredKey};
+use super::{
+    Actor, AuditEntry, AuditEvent, Changes, Committed, KeyPatch, KeyWrite, StoreError, StoredKey,
+};
 use crate::allowlist::{AllowEntry, AllowList};
+use crate::keys::{Digest, Key, Origin};
 
 /// Schema migrations; `user_version` is the number applied. Append only: a
 /// released step is never edited.
@@ -111,7 +115,21 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 fn conflict_on_constraint(e: rusqlite::Error, what: &str) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(what.to_owned()),
-        _ => StoreError::Sqlite(e),
+        _ => e.into(),
+    }
+}
+
+/// The driver's errors end here: callers see [`StoreError`] only. A full
+/// disk (`SQLITE_FULL`, also SQLite's answer to `max_page_count`) is
+/// [`StoreError::Full`]; an I/O error is [`StoreError::Io`] (a write names it
+/// full when the file system has no room: `SqliteStore::name_full`).
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            Some(ErrorCode::SystemIoFailure) => StoreError::Io(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        }
     }
 }
 
@@ -170,7 +188,7 @@ impl SqliteStore {
                 Some(ErrorCode::NotADatabase) => {
                     corrupt(format!("{} is not a SQLite database", self.path.display()))
                 }
-                _ => StoreError::Sqlite(e),
+                _ => e.into(),
             })?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Newer {
@@ -270,18 +288,14 @@ impl SqliteStore {
 
     /// Name a write that failed for want of space as [`StoreError::Full`]:
     /// `SQLITE_FULL` (SQLite's own answer to `ENOSPC` on a write, and to
-    /// `max_page_count`), or an I/O error (growing the WAL index, syncing)
-    /// while the store's file system has no room left.
+    /// `max_page_count`) already is; an I/O error (growing the WAL index,
+    /// syncing) is too while the store's file system has no room left.
     fn name_full(&self, e: StoreError) -> StoreError {
-        let StoreError::Sqlite(inner) = e else {
-            return e;
-        };
-        match inner.sqlite_error_code() {
-            Some(ErrorCode::DiskFull) => StoreError::Full(inner.to_string()),
-            Some(ErrorCode::SystemIoFailure) if no_space_left(&self.path) => {
+        match e {
+            StoreError::Io(inner) if no_space_left(&self.path) => {
                 StoreError::Full(format!("{inner} (no space left on the device)"))
             }
-            _ => StoreError::Sqlite(inner),
+            other => other,
         }
     }
 
@@ -289,7 +303,7 @@ impl SqliteStore {
     /// with its audit row, one fsync instead of one per key.
     pub fn create_many(
         &mut self,
-        keys: &[NewKey],
+        keys: &[Key],
         actor: &Actor,
         now: SystemTime,
     ) -> Result<usize, StoreError> {
@@ -311,7 +325,7 @@ impl SqliteStore {
         now: SystemTime,
         action: &str,
         apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<StoredKey, StoreError>,
-    ) -> Result<(StoredKey, StoredKey), StoreError> {
+    ) -> Result<(StoredKey, StoredKey, i64), StoreError> {
         let version: i64 = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?;
@@ -319,7 +333,7 @@ impl SqliteStore {
             Some((v, keys)) if *v == version => keys.get(id).cloned(),
             _ => None,
         };
-        let (before, after) = self.write(|tx| {
+        let (before, after, seq) = self.write(|tx| {
             let before = match known {
                 Some(key) if key.revoked_at.is_some() => {
                     return Err(StoreError::Revoked(id.to_owned()));
@@ -328,8 +342,8 @@ impl SqliteStore {
                 None => load_active(tx, id)?,
             };
             let after = apply(tx, &before)?;
-            audit_row(tx, actor, now, action, id, Some(&before), Some(&after))?;
-            Ok((before, after))
+            let seq = audit_row(tx, actor, now, action, id, Some(&before), Some(&after))?;
+            Ok((before, after, seq))
         })?;
         let (v, keys) = self
             .written
@@ -339,7 +353,7 @@ impl SqliteStore {
             keys.clear();
         }
         keys.insert(id.to_owned(), after.clone());
-        Ok((before, after))
+        Ok((before, after, seq))
     }
 }
 
@@ -387,11 +401,12 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 /// One new key, its entries and its audit row, inside `tx`.
 fn insert_key(
     tx: &Transaction<'_>,
-    new: &NewKey,
+    new: &Key,
     actor: &Actor,
     now: SystemTime,
-) -> Result<StoredKey, StoreError> {
-    let scopes = serde_json::to_string(&new.scopes).map_err(|e| StoreError::Io(e.to_string()))?;
+) -> Result<Committed, StoreError> {
+    let scopes =
+        serde_json::to_string(&new.scopes).map_err(|e| StoreError::Backend(e.to_string()))?;
     tx.execute(
         "INSERT INTO keys (id, name, tenant, scopes, secret_sha256, report_only,
                            created_at, updated_at)
@@ -409,8 +424,8 @@ fn insert_key(
     .map_err(|e| conflict_on_constraint(e, "a key with this id or secret exists"))?;
     insert_entries(tx, &new.id, &new.allow)?;
     let key = load(tx, &new.id)?;
-    audit_row(tx, actor, now, "create", &key.id, None, Some(&key))?;
-    Ok(key)
+    let seq = audit_row(tx, actor, now, "create", &key.id, None, Some(&key))?;
+    Ok(Committed { key, seq })
 }
 
 const KEY_COLUMNS: &str = "id, name, tenant, scopes, secret_sha256, report_only, \
@@ -421,21 +436,24 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<StoredKey> {
     let scopes: String = r.get(3)?;
     let digest: Vec<u8> = r.get(4)?;
     Ok(StoredKey {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        tenant: r.get(2)?,
-        scopes: serde_json::from_str(&scopes).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
-        })?,
-        digest: digest.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                4,
-                rusqlite::types::Type::Blob,
-                "digest is not 32 bytes".into(),
-            )
-        })?,
-        allow: AllowList::default(),
-        report_only: r.get(5)?,
+        key: Arc::new(Key {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            tenant: r.get(2)?,
+            scopes: serde_json::from_str(&scopes).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
+            })?,
+            digest: digest.try_into().map_err(|_| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    4,
+                    rusqlite::types::Type::Blob,
+                    "digest is not 32 bytes".into(),
+                )
+            })?,
+            allow: AllowList::default(),
+            report_only: r.get(5)?,
+            origin: Origin::Store,
+        }),
         created_at: from_millis(r.get(6)?),
         updated_at: from_millis(r.get(7)?),
         last_used_at: r.get::<_, Option<i64>>(8)?.map(from_millis),
@@ -480,7 +498,7 @@ fn load(conn: &Connection, id: &str) -> Result<StoredKey, StoreError> {
         let (_, cidr, note, expires) = row?;
         entries.push(to_entry(&cidr, note, expires)?);
     }
-    key.allow = AllowList::from_canonical(entries);
+    key.key_mut().allow = AllowList::from_canonical(entries);
     Ok(key)
 }
 
@@ -529,7 +547,7 @@ fn audit_row(
     key_id: &str,
     before: Option<&StoredKey>,
     after: Option<&StoredKey>,
-) -> Result<(), StoreError> {
+) -> Result<i64, StoreError> {
     let json = |k: Option<&StoredKey>| {
         k.map(|k| serde_json::to_string(&k.view(None)).expect("a key serializes"))
     };
@@ -546,7 +564,13 @@ fn audit_row(
         json(before),
         json(after),
     ])?;
-    Ok(())
+    // `seq` is the table's rowid.
+    Ok(tx.last_insert_rowid())
+}
+
+/// The highest audit sequence number (0 for an empty log).
+fn head(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM audit", [], |r| r.get(0))?)
 }
 
 /// The key, which must exist and not be revoked.
@@ -558,9 +582,19 @@ fn load_active(tx: &Transaction<'_>, id: &str) -> Result<StoredKey, StoreError> 
     Ok(key)
 }
 
-impl KeyStore for SqliteStore {
-    fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError> {
+/// The store's calls, synchronous: [`super::embedded::Embedded`] runs them off
+/// the runtime; tools and tests call them directly.
+impl SqliteStore {
+    /// All keys, revoked ones included, oldest first.
+    pub fn keys(&mut self) -> Result<Vec<StoredKey>, StoreError> {
+        Ok(self.snapshot()?.keys)
+    }
+
+    /// Every key and the highest audit sequence number, in one read
+    /// transaction (so the two agree).
+    pub fn snapshot(&mut self) -> Result<Changes, StoreError> {
         let tx = self.conn.transaction()?;
+        let upto = head(&tx)?;
         let mut keys: Vec<StoredKey> = tx
             .prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY rowid"))?
             .query_map([], key_row)?
@@ -579,34 +613,131 @@ impl KeyStore for SqliteStore {
         }
         tx.finish()?;
         for k in &mut keys {
-            k.allow = AllowList::from_canonical(entries.remove(&k.id).unwrap_or_default());
+            k.key_mut().allow =
+                AllowList::from_canonical(entries.remove(&k.id).unwrap_or_default());
         }
-        Ok(keys)
+        Ok(Changes { upto, keys })
     }
 
-    fn key(&mut self, id: &str) -> Result<StoredKey, StoreError> {
+    /// The keys that audit rows after `after_seq` name, as they are now,
+    /// read in one transaction with the highest sequence number: every key
+    /// change writes its audit row in its own transaction, so their state is
+    /// the state as of that number.
+    pub fn changes(&mut self, after_seq: i64) -> Result<Changes, StoreError> {
+        let tx = self.conn.transaction()?;
+        let upto = head(&tx)?;
+        let mut keys = Vec::new();
+        if upto > after_seq {
+            let ids: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT key_id FROM audit WHERE seq > ?1 AND key_id != ''
+                     GROUP BY key_id ORDER BY min(seq)",
+                )?
+                .query_map([after_seq], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                match load(&tx, &id) {
+                    Ok(key) => keys.push(key),
+                    // Keys are never deleted; a row naming none is not ours to apply.
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        tx.finish()?;
+        Ok(Changes { upto, keys })
+    }
+
+    /// Make one write with its audit row.
+    pub fn commit(
+        &mut self,
+        write: KeyWrite,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<Committed, StoreError> {
+        let (_, key, seq) = match write {
+            KeyWrite::Create(new) => return self.write(|tx| insert_key(tx, &new, actor, now)),
+            KeyWrite::Update { id, patch } => self.patch(&id, patch, actor, now)?,
+            KeyWrite::Revoke { id } => self.change(&id, actor, now, "revoke", |tx, _| {
+                tx.execute(
+                    "UPDATE keys SET revoked_at = ?2, updated_at = ?2 WHERE id = ?1",
+                    params![id, millis(now)],
+                )?;
+                load(tx, &id)
+            })?,
+            KeyWrite::Rotate { id, digest } => {
+                self.change(&id, actor, now, "rotate", |tx, _| {
+                    tx.execute(
+                        "UPDATE keys SET secret_sha256 = ?2, updated_at = ?3 WHERE id = ?1",
+                        params![id, digest.as_slice(), millis(now)],
+                    )
+                    .map_err(|e| conflict_on_constraint(e, "a key with this secret exists"))?;
+                    load(tx, &id)
+                })?
+            }
+        };
+        Ok(Committed { key, seq })
+    }
+
+    pub fn key(&mut self, id: &str) -> Result<StoredKey, StoreError> {
         let tx = self.conn.transaction()?;
         let key = load(&tx, id)?;
         tx.finish()?;
         Ok(key)
     }
 
-    fn create(
+    pub fn create(
         &mut self,
-        new: NewKey,
+        new: Key,
         actor: &Actor,
         now: SystemTime,
     ) -> Result<StoredKey, StoreError> {
-        self.write(|tx| insert_key(tx, &new, actor, now))
+        Ok(self.commit(KeyWrite::Create(new), actor, now)?.key)
     }
 
-    fn update(
+    /// Returns the key before and after.
+    pub fn update(
         &mut self,
         id: &str,
         patch: KeyPatch,
         actor: &Actor,
         now: SystemTime,
     ) -> Result<(StoredKey, StoredKey), StoreError> {
+        let (before, after, _) = self.patch(id, patch, actor, now)?;
+        Ok((before, after))
+    }
+
+    pub fn revoke(
+        &mut self,
+        id: &str,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError> {
+        let write = KeyWrite::Revoke { id: id.to_owned() };
+        Ok(self.commit(write, actor, now)?.key)
+    }
+
+    pub fn rotate(
+        &mut self,
+        id: &str,
+        digest: Digest,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<StoredKey, StoreError> {
+        let write = KeyWrite::Rotate {
+            id: id.to_owned(),
+            digest,
+        };
+        Ok(self.commit(write, actor, now)?.key)
+    }
+
+    fn patch(
+        &mut self,
+        id: &str,
+        patch: KeyPatch,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<(StoredKey, StoredKey, i64), StoreError> {
         self.change(id, actor, now, "update", |tx, before| {
             tx.execute(
                 "UPDATE keys SET name = ?2, report_only = ?3, updated_at = ?4 WHERE id = ?1",
@@ -622,50 +753,21 @@ impl KeyStore for SqliteStore {
             }
             // What `load` would read back, without reading a long list again.
             Ok(StoredKey {
-                name: patch.name.unwrap_or_else(|| before.name.clone()),
-                report_only: patch.report_only.unwrap_or(before.report_only),
-                allow: patch.allow.unwrap_or_else(|| before.allow.clone()),
+                key: Arc::new(Key {
+                    name: patch.name.unwrap_or_else(|| before.name.clone()),
+                    report_only: patch.report_only.unwrap_or(before.report_only),
+                    allow: patch.allow.unwrap_or_else(|| before.allow.clone()),
+                    ..Key::clone(before)
+                }),
                 updated_at: from_millis(millis(now)),
                 ..before.clone()
             })
         })
     }
 
-    fn revoke(
-        &mut self,
-        id: &str,
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError> {
-        self.change(id, actor, now, "revoke", |tx, _| {
-            tx.execute(
-                "UPDATE keys SET revoked_at = ?2, updated_at = ?2 WHERE id = ?1",
-                params![id, millis(now)],
-            )?;
-            load(tx, id)
-        })
-        .map(|(_, after)| after)
-    }
-
-    fn rotate(
-        &mut self,
-        id: &str,
-        digest: [u8; 32],
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<StoredKey, StoreError> {
-        self.change(id, actor, now, "rotate", |tx, _| {
-            tx.execute(
-                "UPDATE keys SET secret_sha256 = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, digest.as_slice(), millis(now)],
-            )
-            .map_err(|e| conflict_on_constraint(e, "a key with this secret exists"))?;
-            load(tx, id)
-        })
-        .map(|(_, after)| after)
-    }
-
-    fn audit(
+    /// Audit rows with `seq > after` (of one key, when given), oldest first,
+    /// at most `limit`.
+    pub fn audit(
         &mut self,
         after: i64,
         limit: usize,
@@ -717,9 +819,10 @@ impl KeyStore for SqliteStore {
             .collect()
     }
 
-    fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
+    /// Write an audit row for `event` (its own transaction).
+    pub fn record_event(&mut self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
         let details = serde_json::to_string(&event.details)
-            .map_err(|e| StoreError::Io(format!("audit event: {e}")))?;
+            .map_err(|e| StoreError::Backend(format!("audit event: {e}")))?;
         self.write(|tx| {
             tx.prepare_cached(
                 "INSERT INTO audit (at, principal, address, action, key_id, before, after)
@@ -736,7 +839,8 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
+    /// Record when keys were last used (not audited: it is not a change).
+    pub fn touch_last_used(&mut self, used: &[(String, SystemTime)]) -> Result<(), StoreError> {
         // The keys' last use moves under the copies `change` keeps.
         self.written = None;
         if used.is_empty() {
@@ -760,10 +864,9 @@ mod tests {
     use std::{net::Ipv4Addr, os::unix::fs::PermissionsExt as _};
 
     use super::*;
-    use crate::{
-        allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
-        shim::keys::digest,
-        store::secret,
+    use crate::keys::{
+        credentials::{self as secret, digest},
+        testing::list,
     };
 
     /// A directory removed when dropped.
@@ -792,10 +895,6 @@ mod tests {
         }
     }
 
-    fn list(s: &str) -> AllowList {
-        parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES).unwrap()
-    }
-
     fn actor() -> Actor {
         Actor {
             principal: "admin:ops".into(),
@@ -807,15 +906,10 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
     }
 
-    fn new_key(secret: &str, allow: &str) -> NewKey {
-        NewKey {
-            id: secret::new_key_id(),
+    fn new_key(secret: &str, allow: &str) -> Key {
+        Key {
             name: "CI runners".into(),
-            tenant: "default".into(),
-            scopes: vec!["api".into()],
-            digest: digest(secret),
-            allow: list(allow),
-            report_only: false,
+            ..crate::keys::testing::key(&secret::new_key_id(), secret, allow)
         }
     }
 
@@ -880,14 +974,14 @@ mod tests {
     fn create_many_is_all_or_nothing() {
         let dir = TempDir::new();
         let mut s = SqliteStore::open(&dir.db()).unwrap();
-        let keys: Vec<NewKey> = (0..3)
+        let keys: Vec<Key> = (0..3)
             .map(|i| new_key(&format!("import-secret-{i}-0123456789"), "192.0.2.1"))
             .collect();
         assert_eq!(s.create_many(&keys, &actor(), at(0)).unwrap(), 3);
         assert_eq!(s.keys().unwrap().len(), 3);
         assert_eq!(audit_len(&mut s), 3, "one audit row per key");
         // A batch whose last key reuses a secret: nothing of it lands.
-        let mut again: Vec<NewKey> = (3..5)
+        let mut again: Vec<Key> = (3..5)
             .map(|i| new_key(&format!("import-secret-{i}-0123456789"), "192.0.2.2"))
             .collect();
         again.push(new_key("import-secret-0-0123456789", "192.0.2.3"));

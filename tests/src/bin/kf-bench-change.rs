@@ -27,9 +27,9 @@ use anyhow::{Context as _, bail};
 use ipnet::{IpNet, Ipv6Net};
 use keyfence::{
     allowlist::{AllowEntry, AllowList},
+    keys::{Key, Origin, credentials::digest},
     keys_cli,
-    shim::keys::digest,
-    store::{Actor, NewKey, sqlite::SqliteStore},
+    store::{Actor, sqlite::SqliteStore},
 };
 use keyfence_tests::{
     bench,
@@ -93,7 +93,7 @@ fn fill(store: &Path, keys: usize, entries_per_key: usize) -> anyhow::Result<()>
                 let entries = (0..entries_per_key)
                     .map(|i| entry(k, i))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(NewKey {
+                Ok(Key {
                     id: format!("key_bench{k:06}"),
                     name: format!("bench {k}"),
                     tenant: "default".into(),
@@ -101,6 +101,7 @@ fn fill(store: &Path, keys: usize, entries_per_key: usize) -> anyhow::Result<()>
                     digest: digest(&format!("bench-key-secret-{k}-0123456789")),
                     allow: AllowList::from_canonical(entries),
                     report_only: false,
+                    origin: Origin::Store,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

@@ -1,10 +1,92 @@
+//! The rules a key's fields must meet, applied by every entry point (the
+//! config loader and the API) before a [`Key`](super::Key) is built.
+//!
 //! Key names end up in terminals (`keyfence keys list`), logs and audit rows,
 //! so a name must not be able to move the cursor, recolour the screen, split a
-//! line or reorder the text around it. This module holds the one rule
-//! (refused on input by the API and the config loader) and the escaping the
-//! CLI applies on output, for names stored before the rule existed.
+//! line or reorder the text around it: [`name`] refuses such characters on
+//! input, and [`escape`] is what the CLI applies on output, for names stored
+//! before the rule existed.
 
 use std::{borrow::Cow, fmt::Write as _};
+
+use super::{ADMIN_SCOPE, API_SCOPE, DEFAULT_TENANT};
+
+/// Longest key name accepted, in bytes.
+pub const MAX_NAME: usize = 200;
+/// Longest tenant accepted.
+pub const MAX_TENANT: usize = 64;
+
+/// A field that breaks its rule; the message is what the API answers (422)
+/// and the config loader reports at the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("name must be 1 to {MAX_NAME} characters")]
+    NameLength,
+    #[error(transparent)]
+    NameCharacter(#[from] ForbiddenCharacter),
+    #[error("tenant must be 1 to {MAX_TENANT} letters, digits, '-' or '_'")]
+    Tenant,
+    #[error("unknown scope {0:?}; scopes are {API_SCOPE:?} and {ADMIN_SCOPE:?}")]
+    Scope(String),
+    #[error("{0:?} is not a key id (1-64 of A-Z a-z 0-9 _ . -)")]
+    KeyId(String),
+}
+
+/// A key's name, trimmed: 1 to [`MAX_NAME`] bytes, no control or formatting
+/// characters (see [`is_forbidden`]).
+pub fn name(raw: &str) -> Result<String, Invalid> {
+    let name = raw.trim();
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Invalid::NameLength);
+    }
+    check(name)?;
+    Ok(name.to_owned())
+}
+
+/// A key's tenant ([`DEFAULT_TENANT`] when absent): 1 to [`MAX_TENANT`] ASCII
+/// letters, digits, `-` or `_`.
+pub fn tenant(raw: Option<&str>) -> Result<String, Invalid> {
+    let tenant = raw.unwrap_or(DEFAULT_TENANT);
+    let ok = !tenant.is_empty()
+        && tenant.len() <= MAX_TENANT
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(tenant.to_owned())
+    } else {
+        Err(Invalid::Tenant)
+    }
+}
+
+/// A key's scopes (`[api]` when absent), sorted and distinct; each one
+/// [`API_SCOPE`] or [`ADMIN_SCOPE`].
+pub fn scopes(raw: Option<Vec<String>>) -> Result<Vec<String>, Invalid> {
+    let mut scopes = raw.unwrap_or_else(|| vec![API_SCOPE.to_owned()]);
+    scopes.sort();
+    scopes.dedup();
+    match scopes
+        .iter()
+        .find(|s| s.as_str() != API_SCOPE && s.as_str() != ADMIN_SCOPE)
+    {
+        Some(bad) => Err(Invalid::Scope(bad.clone())),
+        None => Ok(scopes),
+    }
+}
+
+/// A static key's id: 1 to 64 of `A-Z a-z 0-9 _ . -` (generated ids are
+/// `key_` and base62, so they always pass).
+pub fn key_id(id: &str) -> Result<(), Invalid> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::KeyId(id.to_owned()))
+    }
+}
 
 /// Format controls (Unicode general category Cf, Unicode 15.1), as ranges.
 /// Among them the bidirectional embeddings and overrides U+202A–U+202E and
@@ -95,6 +177,32 @@ pub fn escape(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_rules() {
+        assert_eq!(name("  CI runners "), Ok("CI runners".into()));
+        assert_eq!(name("   "), Err(Invalid::NameLength));
+        assert_eq!(name(&"x".repeat(MAX_NAME + 1)), Err(Invalid::NameLength));
+        assert!(matches!(name("a\u{1b}b"), Err(Invalid::NameCharacter(_))));
+        assert_eq!(tenant(None), Ok("default".into()));
+        assert_eq!(tenant(Some("acme-1_x")), Ok("acme-1_x".into()));
+        for bad in ["", "a b", "ü", &"t".repeat(65)] {
+            assert_eq!(tenant(Some(bad)), Err(Invalid::Tenant), "{bad:?}");
+        }
+        assert_eq!(scopes(None), Ok(vec!["api".into()]));
+        assert_eq!(
+            scopes(Some(vec!["api".into(), "admin".into(), "api".into()])),
+            Ok(vec!["admin".into(), "api".into()])
+        );
+        let err = scopes(Some(vec!["read".into()])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"unknown scope "read"; scopes are "api" and "admin""#
+        );
+        assert!(key_id("prod-1.a_b").is_ok());
+        assert!(key_id("a b").is_err());
+        assert!(key_id("").is_err());
+    }
 
     #[test]
     fn every_kind_of_control_is_refused() {

@@ -1,0 +1,233 @@
+//! Start and stop: everything is opened and checked before the kernel is
+//! touched, the policy is applied before the programs attach, and `/readyz`
+//! turns ready only once signals and the config watcher are in place.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::sync::{mpsc, watch};
+
+use super::{Daemon, StartError, watch::Triggers};
+use crate::{
+    config::{self, AttachMode, Config},
+    confirm::Confirmer,
+    datapath::Datapath,
+    keys::{self, credentials},
+    management::{
+        self,
+        api::{self, ApiState, Apply},
+    },
+    metrics::{self, Metrics},
+    policy::PolicyState,
+    shim::runtime::Shim,
+    store::{self, SharedStore, StoredKey},
+};
+
+/// Run until SIGTERM or SIGINT. With `detach_on_exit` the datapath is
+/// detached and its pins removed on the way out; otherwise it keeps enforcing.
+pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartError> {
+    let config = config::load(config_path).map_err(StartError::Config)?;
+    // Before any socket: the listeners' descriptor reserve is computed from it.
+    if let Err(e) = crate::conn::init_descriptors() {
+        tracing::warn!(error = %e, "cannot read the descriptor limit");
+    }
+    let metrics = Arc::new(Metrics::new());
+    metrics.config_last_reload_successful.set(1);
+    crate::config_warnings::report(config_path, &config, &metrics.config_warnings);
+    let metrics_listener = metrics::bind(config.metrics.bind).await?;
+    let confirm = credentials::confirmer(&config.management)?;
+    let (store, stored, applied) = open_store(&config).await?;
+    let management_listener = tokio::net::TcpListener::bind(config.management.bind)
+        .await
+        .with_context(|| format!("binding management.bind {}", config.management.bind))?;
+
+    let mut daemon = Daemon {
+        config_path: config_path.to_path_buf(),
+        config,
+        statics: Arc::new([]),
+        datapath: None,
+        metrics: metrics.clone(),
+        store,
+        stored,
+        applied,
+        feed_failure: None,
+        policy: PolicyState::default(),
+        reconcile: None,
+    };
+    // Secrets from the environment are read before the kernel is touched.
+    daemon.statics = keys::statics(&daemon.config.keys)?;
+    let keys = daemon.key_table();
+    let principals = daemon.principals()?;
+    let samples = daemon.open_datapath()?;
+    // Policy first, then attach: a fresh attachment enforces a complete policy
+    // from its first packet; an adopted one keeps the previous policy until now.
+    daemon.apply_policy()?;
+    daemon.attach()?;
+    // The shim compiles from the same config snapshot; its listeners open last.
+    let mut shim = Shim::start(&daemon.config, keys, metrics.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (api, mut apply_rx, management_server) = start_management(
+        &daemon,
+        &shim,
+        confirm,
+        principals,
+        management_listener,
+        &stop_rx,
+    );
+    // Signal handlers and the config watcher exist before `/readyz` turns
+    // ready: a SIGHUP sent by whoever saw ready must reload, not kill us.
+    let triggers = Triggers::install(&daemon.config_path)?;
+    let ready = Arc::new(AtomicBool::new(true));
+    let server = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        ready.clone(),
+        stopped(&stop_rx),
+    ));
+    if let (Some(ring), Some(dp)) = (samples, &daemon.datapath) {
+        let reader = dp.reader();
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let count = || {
+                m.drop_samples.inc();
+            };
+            if let Err(e) = crate::datapath::log_samples(ring, reader, count).await {
+                tracing::warn!(error = %format!("{e:#}"), "drop-sample reader stopped");
+            }
+        });
+    }
+    tracing::info!(
+        config = %daemon.config_path.display(),
+        metrics = %daemon.config.metrics.bind,
+        management = %daemon.config.management.bind,
+        store = %daemon.config.store.path.display(),
+        keys = daemon.config.keys.len() + daemon.active_stored().count(),
+        "keyfence running"
+    );
+
+    daemon
+        .event_loop(&mut shim, &api, &mut apply_rx, triggers)
+        .await?;
+    if detach_on_exit {
+        tracing::info!("stopping: draining listeners, then detaching the datapath");
+    } else {
+        tracing::info!("stopping: draining listeners; the pinned datapath keeps enforcing");
+    }
+    ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let sources = shim.sources();
+    shim.shutdown().await;
+    daemon.flush_last_used(&sources).await;
+    let _ = server.await;
+    let _ = management_server.await;
+    if detach_on_exit {
+        daemon.detach_datapath()?;
+    }
+    Ok(())
+}
+
+/// Resolves once `stop` turns true.
+fn stopped(stop: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut stop = stop.clone();
+    async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Serve the management API; its writes arrive on the returned channel.
+fn start_management(
+    daemon: &Daemon,
+    shim: &Shim,
+    confirm: Option<Confirmer>,
+    principals: management::principals::Principals,
+    listener: tokio::net::TcpListener,
+    stop: &watch::Receiver<bool>,
+) -> (
+    Arc<ApiState>,
+    mpsc::Receiver<Apply>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (apply_tx, apply_rx) = mpsc::channel::<Apply>(64);
+    let api = Arc::new(ApiState {
+        store: daemon.store.clone(),
+        principals: std::sync::RwLock::new(Arc::new(principals)),
+        static_keys: std::sync::RwLock::new(daemon.statics.clone()),
+        confirm,
+        guard: management::throttle::Guard::new(
+            management::throttle::Limits::DEFAULT,
+            daemon.metrics.management.clone(),
+        ),
+        sources: shim.sources(),
+        apply: apply_tx,
+        writes: tokio::sync::Mutex::new(()),
+    });
+    let server = tokio::spawn(api::serve(
+        listener,
+        api.clone(),
+        daemon.metrics.connections.clone(),
+        stopped(stop),
+    ));
+    (api, apply_rx, server)
+}
+
+/// Open the key store the config names and read its keys, with the change
+/// feed's position they are current at.
+async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>, i64)> {
+    let store = store::open(&config.store)
+        .with_context(|| format!("opening the key store {}", config.store.path.display()))?;
+    let snapshot = store
+        .snapshot()
+        .await
+        .context("reading keys from the store")?;
+    let stored = snapshot
+        .keys
+        .into_iter()
+        .map(|k| (k.id.clone(), k))
+        .collect();
+    Ok((store, stored, snapshot.upto))
+}
+
+impl Daemon {
+    /// Open (or adopt) the pinned datapath unless it is off, and count its
+    /// packets from now on; hands back the drop-sample ring for the reader
+    /// task.
+    fn open_datapath(&mut self) -> anyhow::Result<Option<RingBuf<MapData>>> {
+        if self.config.datapath.mode == AttachMode::Off {
+            tracing::warn!("datapath mode off: the shim alone enforces allow lists");
+            return Ok(None);
+        }
+        let mut dp = Datapath::open(
+            &self.config.datapath.pin_path,
+            self.config.datapath.capacity,
+        )?;
+        let samples = dp.take_samples();
+        self.metrics.count_datapath(dp.reader());
+        self.datapath = Some(dp);
+        Ok(samples)
+    }
+
+    /// `--detach-on-exit`: drop our handles (and the pin lock), then detach
+    /// the programs and remove the pins.
+    fn detach_datapath(&mut self) -> anyhow::Result<()> {
+        drop(self.datapath.take());
+        let pin_path = &self.config.datapath.pin_path;
+        let report = crate::datapath::detach(pin_path)
+            .with_context(|| format!("detaching the datapath under {}", pin_path.display()))?;
+        tracing::info!(
+            links = report.links.len(),
+            maps = report.maps.len(),
+            "--detach-on-exit: datapath detached and pins removed"
+        );
+        Ok(())
+    }
+}
