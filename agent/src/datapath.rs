@@ -17,9 +17,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, RingBuf, lpm_trie::Key,
-    },
+    maps::{MapData, MapInfo, MapType, RingBuf},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -29,7 +27,7 @@ use aya::{
 };
 use keyfence_common::{
     LAYOUT_VERSION, map_names,
-    policy::{ALLOWED, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY, PolicyAddr},
+    policy::{LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY, PolicyAddr},
     program_names,
     sample::{DROP_SAMPLES_BYTES, DropSample},
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
@@ -39,16 +37,24 @@ use keyfence_common::{
 use crate::{
     config::{AttachMode, MapCapacity, Unparsed},
     maps::{
+        MapSource,
         ifaces::IfaceSlots,
-        policy::{ApplyReport, PolicyBackend, PolicyTables, PolicyWriter, PrefixKey},
+        policy::{ApplyReport, KernelPolicyMaps, PolicyBackend, PolicyTables, PolicyWriter},
         stats::{CounterSnapshot, Counters},
-        unparsed::{self, UnparsedWriter},
+        unparsed::{self, KernelUnparsed, UnparsedWriter},
     },
     policy::CompiledPolicy,
 };
 
 /// The eBPF object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence-ebpf"));
+
+/// The bench object built by `build.rs` under the `bench` feature: the
+/// reference programs and map of `keyfence_common::bench`, loaded on their own
+/// by the bench, never pinned or attached.
+#[cfg(feature = "bench")]
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyfence-bench-ebpf"));
 
 /// How a program ended up attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,13 +75,17 @@ impl AttachedMode {
         }
     }
 
-    fn pin_name(self, interface: &str) -> String {
-        let kind = match self {
+    /// The middle of the link's pin name (see [`link_pin_name`]).
+    const fn pin_kind(self) -> &'static str {
+        match self {
             AttachedMode::Native => "xdp-native",
             AttachedMode::Generic => "xdp-generic",
             AttachedMode::Tc => "tc",
-        };
-        format!("link-{kind}-{interface}")
+        }
+    }
+
+    fn pin_name(self, interface: &str) -> String {
+        format!("{LINK_PIN_PREFIX}{}-{interface}", self.pin_kind())
     }
 
     const ALL: [AttachedMode; 3] = [
@@ -98,6 +108,33 @@ impl AttachedMode {
     }
 }
 
+/// Every pinned link's file name starts so (`link-<kind>-<interface>`); map
+/// pins are named by `map_names`.
+const LINK_PIN_PREFIX: &str = "link-";
+
+/// Whether a file under the pin directory is a link's pin.
+#[must_use]
+pub fn is_link_pin(name: &str) -> bool {
+    name.starts_with(LINK_PIN_PREFIX)
+}
+
+/// The mode and interface of a link pin name; `Some((None, rest))`: a link
+/// whose mode this keyfence does not know. `None`: not a link pin.
+#[must_use]
+pub fn parse_link_pin(name: &str) -> Option<(Option<AttachedMode>, &str)> {
+    let rest = name.strip_prefix(LINK_PIN_PREFIX)?;
+    Some(
+        AttachedMode::ALL
+            .iter()
+            .find_map(|m| {
+                rest.strip_prefix(m.pin_kind())
+                    .and_then(|r| r.strip_prefix('-'))
+                    .map(|interface| (Some(*m), interface))
+            })
+            .unwrap_or((None, rest)),
+    )
+}
+
 /// One interface the datapath is attached to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
@@ -110,80 +147,12 @@ pub struct Attachment {
     pub adopted: bool,
 }
 
-/// The policy maps in the kernel.
-pub struct KernelPolicyMaps {
-    listeners: HashMap<MapData, ListenerKey, ListenerValue>,
-    ports: Array<MapData, u32>,
-    exact: HashMap<MapData, PolicyAddr, u32>,
-    prefixes: LpmTrie<MapData, PolicyAddr, u32>,
-}
-
-impl PolicyBackend for KernelPolicyMaps {
-    fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()> {
-        self.listeners
-            .insert(key, value, 0)
-            .context("writing KF_LISTENERS")
-    }
-    fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
-        self.listeners
-            .remove(key)
-            .context("removing from KF_LISTENERS")
-    }
-    fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()> {
-        self.ports
-            .set(u32::from(port), value, 0)
-            .context("writing KF_PORTS")
-    }
-    fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
-        self.exact
-            .insert(key, ALLOWED, 0)
-            .context("writing KF_EXACT")
-    }
-    fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
-        self.exact.remove(key).context("removing from KF_EXACT")
-    }
-    fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()> {
-        self.prefixes
-            .insert(&Key::new(key.0, key.1), value, 0)
-            .context("writing KF_PREFIXES")
-    }
-    fn del_prefix(&mut self, key: &PrefixKey) -> anyhow::Result<()> {
-        self.prefixes
-            .remove(&Key::new(key.0, key.1))
-            .context("removing from KF_PREFIXES")
-    }
-    fn read_all(&self) -> anyhow::Result<PolicyTables> {
-        let mut tables = PolicyTables::default();
-        for item in &self.listeners {
-            let (k, v) = item.context("iterating KF_LISTENERS")?;
-            tables.listeners.insert(k, v);
-        }
-        for port in 0..=u16::MAX {
-            let value = self
-                .ports
-                .get(&u32::from(port), 0)
-                .context("reading KF_PORTS")?;
-            if value != 0 {
-                tables.ports.insert(port, value);
-            }
-        }
-        for key in self.exact.keys() {
-            tables.exact.insert(key.context("iterating KF_EXACT")?);
-        }
-        for item in &self.prefixes {
-            let (k, v) = item.context("iterating KF_PREFIXES")?;
-            tables.prefixes.insert((k.prefix_len(), k.data()), v);
-        }
-        Ok(tables)
-    }
-}
-
 /// The loaded datapath.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     writer: PolicyWriter<KernelPolicyMaps>,
-    unparsed: UnparsedWriter<HashMap<MapData, UnparsedKey, u32>>,
+    unparsed: UnparsedWriter<KernelUnparsed>,
     /// `datapath.unparsed`, written by the next [`Datapath::apply`].
     unparsed_mode: Unparsed,
     counters: Counters,
@@ -347,16 +316,6 @@ fn check_on_bpffs(pin_root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-}
-
 fn ifindex(interface: &str) -> anyhow::Result<u32> {
     nix::net::if_::if_nametoindex(interface)
         .with_context(|| format!("interface {interface} not found"))
@@ -402,39 +361,19 @@ impl Datapath {
             }
             .with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        let backend = KernelPolicyMaps {
-            listeners: take(&mut ebpf, map_names::LISTENERS)?,
-            ports: take(&mut ebpf, map_names::PORTS)?,
-            exact: take(&mut ebpf, map_names::EXACT)?,
-            prefixes: take(&mut ebpf, map_names::PREFIXES)?,
-        };
-        let writer = PolicyWriter::adopt(backend)?.with_capacity(capacity);
-        let unparsed = UnparsedWriter::adopt(take(&mut ebpf, map_names::UNPARSED)?)?;
-        let counters = Counters::new(take::<PerCpuArray<MapData, StatBlock>>(
-            &mut ebpf,
-            map_names::STATS,
-        )?);
+        let mut maps = MapSource::Loaded(&mut ebpf);
+        let writer =
+            PolicyWriter::adopt(KernelPolicyMaps::open(&mut maps)?)?.with_capacity(capacity);
+        let unparsed = UnparsedWriter::open(&mut maps)?;
+        let counters = Counters::open(&mut maps)?;
         // A handle of its own on the pinned counters: a scrape reads them
         // while an apply holds this struct.
-        let stats = dir.join(map_names::STATS);
         let reader = DatapathReader {
-            counters: Arc::new(Counters::new(
-                PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
-                    MapData::from_pin(&stats)
-                        .with_context(|| format!("opening {}", stats.display()))?,
-                ))
-                .context("KF_STATS has an unexpected type")?,
-            )),
+            counters: Arc::new(Counters::open(&mut MapSource::Pinned(&dir))?),
             labels: Arc::default(),
         };
-        let ifaces = IfaceSlots::new(take::<Array<MapData, u32>>(
-            &mut ebpf,
-            map_names::IFINDEX_SLOTS,
-        )?);
-        let samples = Some(take::<RingBuf<MapData>>(
-            &mut ebpf,
-            map_names::DROP_SAMPLES,
-        )?);
+        let ifaces = IfaceSlots::open(&mut maps)?;
+        let samples = Some(maps.map::<RingBuf<MapData>>(map_names::DROP_SAMPLES)?);
         Ok(Self {
             ebpf,
             pin_dir: dir,
@@ -457,30 +396,6 @@ impl Datapath {
             .program(program_names::XDP)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("checked at load")
-    }
-
-    /// Load one more XDP program of the object by name (the bench's reference
-    /// programs, `program_names::BENCH_*`) unless it is loaded already; it
-    /// shares the object's maps and is never attached.
-    pub fn load_xdp(&mut self, name: &str) -> anyhow::Result<&Xdp> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()
-            .with_context(|| format!("program {name} is not XDP"))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        Ok(program)
-    }
-
-    /// Take a map the datapath itself does not use (the bench's
-    /// `map_names::BENCH_LPM`).
-    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
-        self.ebpf.take_map(name)
     }
 
     #[must_use]
@@ -676,7 +591,7 @@ impl Datapath {
         // Links of interfaces that left the config (or mode off): detach them.
         for entry in fs::read_dir(&self.pin_dir)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix("link-") else {
+            let Some(rest) = name.strip_prefix(LINK_PIN_PREFIX) else {
                 continue;
             };
             let keep = attachments
@@ -831,6 +746,37 @@ fn unpin_link(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// A link pinned under a pin directory (`keyfence status` lists them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedLinkInfo {
+    pub interface: String,
+    /// `None`: a link pin whose mode this keyfence does not know.
+    pub mode: Option<AttachedMode>,
+    /// The program the link runs, when the link can be opened.
+    pub program_id: Option<u32>,
+}
+
+/// The links pinned in `dir` (a layout directory, see [`pin_dir`]).
+pub fn pinned_links(dir: &Path) -> anyhow::Result<Vec<PinnedLinkInfo>> {
+    let mut links = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some((mode, interface)) = parse_link_pin(&name) else {
+            continue;
+        };
+        let program_id = PinnedLink::from_pin(dir.join(&name))
+            .ok()
+            .and_then(|l| FdLink::from(l).info().ok())
+            .map(|i| i.program_id());
+        links.push(PinnedLinkInfo {
+            interface: interface.to_owned(),
+            mode,
+            program_id,
+        });
+    }
+    Ok(links)
+}
+
 /// What `keyfence detach` removed.
 #[derive(Debug, Default)]
 pub struct DetachReport {
@@ -852,7 +798,7 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
     for entry in fs::read_dir(&dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("link-") {
+        if is_link_pin(&name) {
             unpin_link(&entry.path())?;
             report.links.push(name);
         }

@@ -1,22 +1,26 @@
 //! `keyfence status`: what is attached where, map fill against capacity, and
-//! the counters, read straight from the pinned maps and links. It works while
-//! the agent is down too: that is when the pins are what enforces.
+//! the counters, read from the pinned maps (through the `maps` wrappers) and
+//! links. It works while the agent is down too: that is when the pins are
+//! what enforces.
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
-use anyhow::Context as _;
-use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
-    programs::links::{FdLink, PinnedLink},
-};
 use keyfence_common::{
-    map_names,
-    policy::{LISTENER_OPEN, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PolicyAddr},
-    stats::{MAX_IFACE_SLOTS, STAT_SLOTS, Stat, StatBlock, stats_index},
+    policy::{LISTENER_OPEN, LISTENERS_CAPACITY},
+    stats::{MAX_IFACE_SLOTS, STAT_SLOTS, Stat},
 };
 use serde::Serialize;
 
-use crate::{config::Config, datapath::pin_dir, maps::policy::listener_keys};
+use crate::{
+    config::Config,
+    datapath::{AttachedMode, pin_dir, pinned_links},
+    maps::{
+        MapSource,
+        ifaces::IfaceSlots,
+        policy::{KernelPolicyMaps, listener_keys},
+        stats::Counters,
+    },
+};
 
 #[derive(Debug, Serialize)]
 pub struct LinkStatus {
@@ -67,16 +71,9 @@ pub struct Status {
 
 /// Interface slot → name, from the pinned ifindex → slot map; slot 0 is
 /// "other" (an interface the agent did not assign).
-fn interface_names(dir: &Path) -> anyhow::Result<BTreeMap<u32, String>> {
-    let slots: Array<MapData, u32> =
-        Array::try_from(Map::Array(open_map(dir, map_names::IFINDEX_SLOTS)?))?;
+fn interface_names(ifaces: &IfaceSlots) -> anyhow::Result<BTreeMap<u32, String>> {
     let mut names = BTreeMap::from([(0, "other".to_owned())]);
-    for (ifindex, slot) in slots.iter().enumerate() {
-        let slot = slot?;
-        if slot == 0 {
-            continue;
-        }
-        let index = u32::try_from(ifindex).unwrap_or(u32::MAX);
+    for (index, slot) in ifaces.assigned()? {
         let name = nix::net::if_::if_indextoname(index).map_or_else(
             |_| format!("ifindex {index}"),
             |n| n.to_string_lossy().into_owned(),
@@ -86,74 +83,16 @@ fn interface_names(dir: &Path) -> anyhow::Result<BTreeMap<u32, String>> {
     Ok(names)
 }
 
-fn open_map(dir: &Path, name: &str) -> anyhow::Result<MapData> {
-    let path = dir.join(name);
-    MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening {} (is the datapath loaded? start `keyfence run` once)",
-            path.display()
-        )
-    })
-}
-
 /// The pinned links: interface and mode from the pin name, program from the link.
 fn read_links(dir: &Path) -> anyhow::Result<Vec<LinkStatus>> {
-    let mut links = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("link-") else {
-            continue;
-        };
-        let (mode, interface) = ["xdp-native", "xdp-generic", "tc"]
-            .iter()
-            .find_map(|m| rest.strip_prefix(&format!("{m}-")).map(|i| (*m, i)))
-            .unwrap_or(("unknown", rest));
-        let program_id = PinnedLink::from_pin(dir.join(&name))
-            .ok()
-            .and_then(|l| FdLink::from(l).info().ok())
-            .map(|i| i.program_id());
-        links.push(LinkStatus {
-            interface: interface.to_string(),
-            mode: mode.trim_start_matches("xdp-").to_string(),
-            program_id,
-        });
-    }
-
-    Ok(links)
-}
-
-/// Counters by listener slot (summed over interfaces and CPUs), and every
-/// non-zero (interface slot, listener slot, stat, packets) cell, largest first.
-#[expect(clippy::type_complexity, reason = "two plain tables")]
-fn read_counters(
-    stats: &PerCpuArray<MapData, StatBlock>,
-) -> anyhow::Result<(BTreeMap<u32, [u64; STAT_SLOTS]>, Vec<(u32, u32, Stat, u64)>)> {
-    let mut per_slot: BTreeMap<u32, [u64; STAT_SLOTS]> = BTreeMap::new();
-    // (interface slot, listener slot, stat) → packets, for the top list.
-    let mut cells: Vec<(u32, u32, Stat, u64)> = Vec::new();
-    for iface in 0..MAX_IFACE_SLOTS {
-        for slot in 0..keyfence_common::policy::MAX_LISTENERS {
-            let values = stats.get(&stats_index(iface, slot), 0)?;
-            let mut here = [0u64; STAT_SLOTS];
-            for block in values.iter() {
-                for (total, n) in here.iter_mut().zip(block.packets) {
-                    *total = total.wrapping_add(n);
-                }
-            }
-            let sum = per_slot.entry(slot).or_insert([0; STAT_SLOTS]);
-            for (total, n) in sum.iter_mut().zip(here) {
-                *total = total.wrapping_add(n);
-            }
-            cells.extend(
-                Stat::ALL
-                    .iter()
-                    .filter(|s| here[**s as usize] > 0)
-                    .map(|s| (iface, slot, *s, here[*s as usize])),
-            );
-        }
-    }
-    cells.sort_by_key(|c| std::cmp::Reverse(c.3));
-    Ok((per_slot, cells))
+    Ok(pinned_links(dir)?
+        .into_iter()
+        .map(|l| LinkStatus {
+            interface: l.interface,
+            mode: l.mode.map_or("unknown", AttachedMode::label).to_owned(),
+            program_id: l.program_id,
+        })
+        .collect())
 }
 
 /// The first [`TOP_COUNTERS`] cells, named.
@@ -181,27 +120,17 @@ fn top_counters(
 pub fn read(config: &Config) -> anyhow::Result<Status> {
     let dir = pin_dir(&config.datapath.pin_path);
     let links = read_links(&dir)?;
-    let listeners_map: HashMap<MapData, ListenerKey, ListenerValue> =
-        HashMap::try_from(Map::HashMap(open_map(&dir, map_names::LISTENERS)?))?;
-    let exact: HashMap<MapData, PolicyAddr, u32> =
-        HashMap::try_from(Map::HashMap(open_map(&dir, map_names::EXACT)?))?;
-    let prefixes: LpmTrie<MapData, PolicyAddr, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open_map(&dir, map_names::PREFIXES)?))?;
-    let stats: PerCpuArray<MapData, StatBlock> =
-        PerCpuArray::try_from(Map::PerCpuArray(open_map(&dir, map_names::STATS)?))?;
-
-    let listener_rows: Vec<(ListenerKey, ListenerValue)> =
-        listeners_map.iter().collect::<Result<_, _>>()?;
-    let mut exact_by_slot: BTreeMap<u32, usize> = BTreeMap::new();
-    for key in exact.keys() {
-        *exact_by_slot.entry(key?.policy()).or_default() += 1;
-    }
-    let mut prefixes_by_slot: BTreeMap<u32, usize> = BTreeMap::new();
-    for key in prefixes.keys() {
-        *prefixes_by_slot.entry(key?.data().policy()).or_default() += 1;
-    }
-    let interfaces = interface_names(&dir)?;
-    let (per_slot, cells) = read_counters(&stats)?;
+    let mut pins = MapSource::Pinned(&dir);
+    let fill = KernelPolicyMaps::open(&mut pins)?.fill()?;
+    let counters = Counters::open(&mut pins)?;
+    let interfaces = interface_names(&IfaceSlots::open(&mut pins)?)?;
+    let every_iface: Vec<u32> = (0..MAX_IFACE_SLOTS).collect();
+    let snapshot = counters.snapshot(&every_iface)?;
+    let per_slot = snapshot.by_listener();
+    // Every non-zero cell, largest first (a stable sort: ties keep the
+    // interface, listener, `Stat` order).
+    let mut cells: Vec<(u32, u32, Stat, u64)> = snapshot.iter().collect();
+    cells.sort_by_key(|c| std::cmp::Reverse(c.3));
     let named = |counts: &[u64; STAT_SLOTS]| -> BTreeMap<String, u64> {
         Stat::ALL
             .iter()
@@ -219,23 +148,18 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
         .listeners
         .iter()
         .map(|l| {
-            let value = listener_keys(l.bind).iter().find_map(|k| {
-                listener_rows
-                    .iter()
-                    .find(|(rk, _)| rk == k)
-                    .map(|(_, v)| *v)
-            });
+            let value = listener_keys(l.bind)
+                .iter()
+                .find_map(|k| fill.listeners.get(k).copied());
             let slot = value.map(|v| v.policy);
             ListenerStatus {
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
                 slot,
                 open: value.is_some_and(|v| v.flags & LISTENER_OPEN != 0),
-                exact_entries: slot
-                    .and_then(|s| exact_by_slot.get(&s).copied())
-                    .unwrap_or(0),
+                exact_entries: slot.and_then(|s| fill.exact.get(&s).copied()).unwrap_or(0),
                 prefix_entries: slot
-                    .and_then(|s| prefixes_by_slot.get(&s).copied())
+                    .and_then(|s| fill.prefixes.get(&s).copied())
                     .unwrap_or(0),
                 packets: slot
                     .and_then(|s| per_slot.get(&s))
@@ -258,10 +182,10 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
         pin_dir: dir.display().to_string(),
         links,
         listeners,
-        listener_entries: (listener_rows.len(), LISTENERS_CAPACITY),
-        exact_entries: (exact_by_slot.values().sum(), config.datapath.capacity.exact),
+        listener_entries: (fill.listeners.len(), LISTENERS_CAPACITY),
+        exact_entries: (fill.exact.values().sum(), config.datapath.capacity.exact),
         prefix_entries: (
-            prefixes_by_slot.values().sum(),
+            fill.prefixes.values().sum(),
             config.datapath.capacity.prefixes,
         ),
         unclaimed: per_slot.get(&0).map(named).unwrap_or_default(),

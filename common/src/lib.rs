@@ -7,6 +7,8 @@
 //! both families and a v4-mapped IPv6 source matches its IPv4 entry (SPEC §3).
 #![no_std]
 
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod policy;
 pub mod sample;
 pub mod stats;
@@ -22,7 +24,8 @@ pub mod unparsed;
 /// the unchanged `StatBlock`).
 pub const LAYOUT_VERSION: u32 = 1;
 
-/// Map names as they appear in the object file and under the pin directory.
+/// Map names as they appear in the object file and under the pin directory
+/// (the bench object's are in `bench`).
 pub mod map_names {
     pub const LISTENERS: &str = "KF_LISTENERS";
     pub const EXACT: &str = "KF_EXACT";
@@ -33,10 +36,6 @@ pub mod map_names {
     pub const SAMPLE_CLOCK: &str = "KF_SAMPLE_CLOCK";
     pub const PORTS: &str = "KF_PORTS";
     pub const UNPARSED: &str = "KF_UNPARSED";
-    /// `cargo xtask bench` only, never pinned or filled by the agent: one LPM
-    /// trie holding every prefix of a policy, /32s included (the reference a
-    /// trie-only design would cost).
-    pub const BENCH_LPM: &str = "KF_BENCH_LPM";
     /// Every map the agent pins, in the order it checks their layouts.
     pub const ALL: [&str; 9] = [
         LISTENERS,
@@ -51,15 +50,10 @@ pub mod map_names {
     ];
 }
 
-/// Program names in the object file.
+/// Program names in the object file (the bench object's are in `bench`).
 pub mod program_names {
     pub const XDP: &str = "keyfence_xdp";
     pub const TC: &str = "keyfence_tc";
-    /// `cargo xtask bench` only, never attached: the parser alone (the floor).
-    pub const BENCH_PARSE: &str = "kf_bench_parse";
-    /// `cargo xtask bench` only, never attached: the parser and one bare LPM
-    /// lookup of the source in [`super::map_names::BENCH_LPM`].
-    pub const BENCH_LPM: &str = "kf_bench_lpm";
 }
 
 /// `IPPROTO_TCP`, as found in the IPv4 protocol / IPv6 next-header field.

@@ -13,6 +13,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
+mod runtime;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(not(target_arch = "bpf"))]
@@ -20,16 +22,3 @@ fn main() {
     // Built for the host only by workspace-wide commands; the object comes from
     // `cargo build --target bpfel-unknown-none` (agent/build.rs).
 }
-
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any path that could reach here.
-    loop {}
-}
-
-#[cfg(target_arch = "bpf")]
-#[expect(unsafe_code, reason = "the kernel reads the license from this section")]
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

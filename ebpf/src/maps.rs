@@ -56,9 +56,3 @@ pub static KF_DROP_SAMPLES: RingBuf = RingBuf::pinned(DROP_SAMPLES_BYTES, 0);
 /// Per-CPU time of the last drop sample (ns since boot), for the rate limit.
 #[map]
 pub static KF_SAMPLE_CLOCK: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
-
-/// `cargo xtask bench` only: every prefix of a policy in one trie, /32s
-/// included. Never pinned; the agent leaves it empty (tries allocate per entry).
-#[map]
-pub static KF_BENCH_LPM: LpmTrie<PolicyAddr, u32> =
-    LpmTrie::with_max_entries(PREFIXES_CAPACITY, BPF_F_NO_PREALLOC);

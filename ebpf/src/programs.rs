@@ -6,12 +6,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use aya_ebpf::maps::lpm_trie::Key;
-use keyfence_common::policy::{POLICY_BITS, PolicyAddr};
-
 use crate::{
-    maps::KF_BENCH_LPM,
-    parse::{MAX_L4_OFFSET, parse},
+    parse::MAX_L4_OFFSET,
     verdict::{evaluate, record},
 };
 
@@ -54,38 +50,5 @@ pub fn keyfence_tc(ctx: TcContext) -> i32 {
         TC_ACT_SHOT as i32
     } else {
         TC_ACT_UNSPEC
-    }
-}
-
-/// `cargo xtask bench` only, never attached: the same parser and nothing else,
-/// the floor any program that reads the packet's addresses pays.
-#[xdp]
-pub fn kf_bench_parse(ctx: XdpContext) -> u32 {
-    // Both arms define the value (the verifier refuses reads of registers that
-    // LLVM leaves undefined on the other arm); never 0: the protocol is TCP or
-    // UDP, and a failure's `Stat` is offset past 255.
-    let seen = match parse(ctx.data(), ctx.data_end()) {
-        Ok(flow) => u32::from(flow.proto),
-        Err(failure) => failure.stat as u32 + 256,
-    };
-    if seen == 0 {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
-}
-
-/// `cargo xtask bench` only, never attached: the parser and one bare LPM trie
-/// lookup of the source under policy 1 (no listener lookup, no counters).
-#[xdp]
-pub fn kf_bench_lpm(ctx: XdpContext) -> u32 {
-    match parse(ctx.data(), ctx.data_end()) {
-        Ok(flow) => {
-            match KF_BENCH_LPM.get(Key::new(POLICY_BITS + 128, PolicyAddr::new(1, flow.src))) {
-                Some(_) => xdp_action::XDP_PASS,
-                None => xdp_action::XDP_DROP,
-            }
-        }
-        Err(_) => xdp_action::XDP_PASS,
     }
 }

@@ -1,15 +1,14 @@
 //! A userspace reference model of the datapath verdict (SPEC §7), written from
 //! the contract over byte slices, independent of the eBPF code: the same packet
 //! and the same map contents must give the same `Stat` and listener slot.
+//! This file parses the packet; the map lookups are the agent's one model of
+//! them, `PolicyTables::decide` (`keyfence::maps::memory`, which the policy
+//! writer's unit tests check the writer against).
 
 use std::collections::BTreeSet;
 
-use keyfence::maps::policy::PolicyTables;
-use keyfence_common::{
-    PROTO_TCP, PROTO_UDP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
-    policy::{ALLOWED, LISTENER_OPEN, ListenerKey, MAX_LISTENERS, POLICY_BITS, PolicyAddr},
-    stats::Stat,
-};
+use keyfence::maps::{memory::Flow, policy::PolicyTables};
+use keyfence_common::{PROTO_TCP, PROTO_UDP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped, stats::Stat};
 
 /// IPv6 extension headers the datapath follows before calling a chain malformed.
 pub const MAX_EXT_HEADERS: usize = 32;
@@ -28,14 +27,6 @@ impl From<Stat> for Failure {
     fn from(stat: Stat) -> Self {
         Self { stat, dst: None }
     }
-}
-
-struct Flow {
-    src: [u8; 16],
-    dst: [u8; 16],
-    port: u16,
-    proto: u8,
-    v4: bool,
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -150,19 +141,6 @@ fn parse_v6(pkt: &[u8], off: usize) -> Result<Flow, Failure> {
     }
 }
 
-/// Does the trie entry `(len, key)` cover `(policy, addr)`?
-fn covers(len: u32, key: &PolicyAddr, policy: u32, addr: &[u8; 16]) -> bool {
-    if key.policy() != policy {
-        return false;
-    }
-    let bits = len.saturating_sub(POLICY_BITS).min(128);
-    if bits == 0 {
-        return true;
-    }
-    let mask = u128::MAX << (128 - bits);
-    u128::from_be_bytes(key.addr) & mask == u128::from_be_bytes(*addr) & mask
-}
-
 /// The verdict for `pkt` under `tables` with `datapath.unparsed: pass`:
 /// `(why, listener slot counted under)`.
 #[must_use]
@@ -190,38 +168,7 @@ pub fn verdict_with(
         }
         Err(failure) => return (failure.stat, 0),
     };
-    let key = ListenerKey::new(flow.dst, flow.port, flow.proto);
-    let wildcard = ListenerKey::new(
-        if flow.v4 { WILDCARD_V4 } else { WILDCARD_V6 },
-        flow.port,
-        flow.proto,
-    );
-    let Some(listener) = tables
-        .listeners
-        .get(&key)
-        .or_else(|| tables.listeners.get(&wildcard))
-    else {
-        return (Stat::PassNoListener, 0);
-    };
-    let slot = listener.policy;
-    if slot == 0 || slot >= MAX_LISTENERS {
-        return (Stat::PassMapError, 0);
-    }
-    if listener.flags & LISTENER_OPEN != 0 {
-        return (Stat::PassListenerOpen, slot);
-    }
-    if tables.exact.contains(&PolicyAddr::new(slot, flow.src)) {
-        return (Stat::PassAllowedExact, slot);
-    }
-    let longest = tables
-        .prefixes
-        .iter()
-        .filter(|((len, key), _)| covers(*len, key, slot, &flow.src))
-        .max_by_key(|((len, _), _)| *len);
-    match longest {
-        Some((_, &ALLOWED)) => (Stat::PassAllowedPrefix, slot),
-        _ => (Stat::DropNotAllowed, slot),
-    }
+    tables.decide(&flow)
 }
 
 #[cfg(test)]
@@ -229,7 +176,7 @@ mod tests {
     use super::*;
     use crate::frames::{L4, arp, simple};
     use keyfence::{
-        maps::policy::{MemoryBackend, PolicyWriter},
+        maps::{memory::MemoryBackend, policy::PolicyWriter},
         policy::{Access, CompiledPolicy, ListenerPolicy},
     };
 

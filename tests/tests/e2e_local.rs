@@ -249,7 +249,7 @@ fn after_a_start_nobody_cannot_touch_the_pins_or_the_lock() {
         .map(|e| e.expect("an entry").path())
         .filter(|p| {
             p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+                .is_some_and(|n| keyfence::datapath::is_link_pin(&n.to_string_lossy()))
         })
         .collect();
     assert!(!links.is_empty(), "a link is pinned for gw0");

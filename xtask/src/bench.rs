@@ -4,7 +4,8 @@
 //!
 //! - datapath (`kf-bench`): the real XDP program's ns per packet through
 //!   `BPF_PROG_TEST_RUN` at 10 to 1M prefixes, IPv4/IPv6, host entries and
-//!   mixed lengths, beside a parse-only floor and a bare LPM lookup;
+//!   mixed lengths, beside a parse-only floor and a bare LPM lookup (the bench
+//!   object, which only the tests crate's `bench` feature builds);
 //! - refused requests and floods (`kf-bench-flood`): CPU per refused attempt,
 //!   datapath against shim, and allowed latency under a SYN flood;
 //! - shim (`kf-bench-shim`): wrk against the upstream, keyfence proxy mode,

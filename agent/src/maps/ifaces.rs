@@ -2,16 +2,34 @@
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, MapData};
-use keyfence_common::stats::{IFINDEX_SLOTS_CAPACITY, MAX_IFACE_SLOTS};
+use keyfence_common::{
+    map_names,
+    stats::{IFINDEX_SLOTS_CAPACITY, MAX_IFACE_SLOTS},
+};
+
+use crate::maps::MapSource;
 
 pub struct IfaceSlots {
     map: Array<MapData, u32>,
 }
 
 impl IfaceSlots {
-    #[must_use]
-    pub fn new(map: Array<MapData, u32>) -> Self {
-        Self { map }
+    pub fn open(maps: &mut MapSource<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            map: maps.map(map_names::IFINDEX_SLOTS)?,
+        })
+    }
+
+    /// Every assignment `(ifindex, slot)` the map holds, by ifindex.
+    pub fn assigned(&self) -> anyhow::Result<Vec<(u32, u32)>> {
+        let mut out = Vec::new();
+        for (ifindex, slot) in self.map.iter().enumerate() {
+            let slot = slot.context("reading KF_IFINDEX_SLOTS")?;
+            if slot != 0 {
+                out.push((u32::try_from(ifindex).unwrap_or(u32::MAX), slot));
+            }
+        }
+        Ok(out)
     }
 
     /// Make `slots` (ifindex, slot) the only assignments: stale ones from a

@@ -17,17 +17,19 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence_common::{
-    PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped,
+    PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped, map_names,
     policy::{
         ALLOWED, DENIED, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS, POLICY_BITS,
-        PORT_SPECIFIC, PolicyAddr, V4_MAPPED_BITS, port_listener, port_value,
+        PolicyAddr, V4_MAPPED_BITS, port_value,
     },
 };
 
 use crate::{
     config::MapCapacity,
+    maps::MapSource,
     policy::{Access, CompiledPolicy},
     prefixset::Change,
 };
@@ -81,7 +83,8 @@ pub struct PolicyTables {
     pub prefixes: BTreeMap<PrefixKey, u32>,
 }
 
-/// Where the writer's operations go: the kernel maps, or memory in tests.
+/// Where the writer's operations go: the kernel maps ([`KernelPolicyMaps`]),
+/// or memory in tests (`maps::memory`).
 pub trait PolicyBackend {
     fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()>;
     fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()>;
@@ -920,133 +923,114 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     }
 }
 
-/// The policy maps held in memory, with the kernel's lookup semantics: used by
-/// unit tests of the writer and by anything that needs a verdict without a kernel.
-#[derive(Clone, Debug, Default)]
-pub struct MemoryBackend {
-    pub tables: PolicyTables,
-    /// Called after every operation (tests check invariants mid-apply).
-    pub ops: usize,
+/// The policy maps in the kernel.
+pub struct KernelPolicyMaps {
+    listeners: HashMap<MapData, ListenerKey, ListenerValue>,
+    ports: Array<MapData, u32>,
+    exact: HashMap<MapData, PolicyAddr, u32>,
+    prefixes: LpmTrie<MapData, PolicyAddr, u32>,
 }
 
-impl PolicyTables {
-    /// The verdict the datapath gives a TCP packet from `src` to `dst`:
-    /// `None` = no listener, `Some(true)` = pass, `Some(false)` = drop.
-    #[must_use]
-    pub fn verdict(&self, src: IpAddr, dst: SocketAddr) -> Option<bool> {
-        let to16 = |ip: IpAddr| match ip {
-            IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
-            IpAddr::V6(v6) => v6.octets(),
-        };
-        let v4 = matches!(dst.ip(), IpAddr::V4(_));
-        let exact = ListenerKey::new(to16(dst.ip()), dst.port(), PROTO_TCP);
-        let wild = ListenerKey::new(
-            if v4 { WILDCARD_V4 } else { WILDCARD_V6 },
-            dst.port(),
-            PROTO_TCP,
-        );
-        // As the kernel does: the port table first, the listener map only for
-        // ports where a listener binds a specific address.
-        let port = self.ports.get(&dst.port()).copied().unwrap_or(0);
-        let found = match port {
-            0 => None,
-            p if p & PORT_SPECIFIC == 0 => port_listener(p, v4),
-            _ => self
-                .listeners
-                .get(&exact)
-                .or_else(|| self.listeners.get(&wild))
-                .copied(),
-        };
-        let value = &found?;
-        if value.flags & LISTENER_OPEN != 0 {
-            return Some(true);
+/// How full the policy maps are, by listener slot (`keyfence status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFill {
+    pub listeners: BTreeMap<ListenerKey, ListenerValue>,
+    /// Listener slot → `KF_EXACT` entries.
+    pub exact: BTreeMap<u32, usize>,
+    /// Listener slot → `KF_PREFIXES` entries.
+    pub prefixes: BTreeMap<u32, usize>,
+}
+
+impl KernelPolicyMaps {
+    pub fn open(maps: &mut MapSource<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            listeners: maps.map(map_names::LISTENERS)?,
+            ports: maps.map(map_names::PORTS)?,
+            exact: maps.map(map_names::EXACT)?,
+            prefixes: maps.map(map_names::PREFIXES)?,
+        })
+    }
+
+    /// The listeners and each slot's entry counts, without reading `KF_PORTS`.
+    pub fn fill(&self) -> anyhow::Result<PolicyFill> {
+        let mut fill = PolicyFill::default();
+        for item in &self.listeners {
+            let (k, v) = item.context("iterating KF_LISTENERS")?;
+            fill.listeners.insert(k, v);
         }
-        let addr = to16(src);
-        if self.exact.contains(&PolicyAddr::new(value.policy, addr)) {
-            return Some(true);
+        for key in self.exact.keys() {
+            *fill
+                .exact
+                .entry(key.context("iterating KF_EXACT")?.policy())
+                .or_default() += 1;
         }
-        // Longest prefix match over (policy, addr).
-        let full = {
-            let mut b = [0u8; 20];
-            b[..4].copy_from_slice(&value.policy.to_be_bytes());
-            b[4..].copy_from_slice(&addr);
-            u160(&b)
-        };
-        let best = self
-            .prefixes
-            .iter()
-            .filter(|((len, key), _)| {
-                let mut b = [0u8; 20];
-                b[..4].copy_from_slice(&key.policy_be);
-                b[4..].copy_from_slice(&key.addr);
-                prefix_match(u160(&b), full, *len)
-            })
-            .max_by_key(|((len, _), _)| *len);
-        Some(best.is_some_and(|(_, v)| *v == ALLOWED))
+        for key in self.prefixes.keys() {
+            *fill
+                .prefixes
+                .entry(key.context("iterating KF_PREFIXES")?.data().policy())
+                .or_default() += 1;
+        }
+        Ok(fill)
     }
 }
 
-fn u160(b: &[u8; 20]) -> (u32, u128) {
-    (
-        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-        u128::from_be_bytes(b[4..].try_into().expect("16 bytes")),
-    )
-}
-
-fn prefix_match(net: (u32, u128), addr: (u32, u128), len: u32) -> bool {
-    if net.0 != addr.0 {
-        return false;
-    }
-    let bits = len.saturating_sub(POLICY_BITS);
-    if bits == 0 {
-        return true;
-    }
-    let mask = u128::MAX << (128 - bits.min(128));
-    net.1 & mask == addr.1 & mask
-}
-
-impl PolicyBackend for MemoryBackend {
+impl PolicyBackend for KernelPolicyMaps {
     fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()> {
-        self.tables.listeners.insert(*key, *value);
-        self.ops += 1;
-        Ok(())
+        self.listeners
+            .insert(key, value, 0)
+            .context("writing KF_LISTENERS")
     }
     fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
-        self.tables.listeners.remove(key);
-        self.ops += 1;
-        Ok(())
+        self.listeners
+            .remove(key)
+            .context("removing from KF_LISTENERS")
     }
     fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()> {
-        if value == 0 {
-            self.tables.ports.remove(&port);
-        } else {
-            self.tables.ports.insert(port, value);
-        }
-        self.ops += 1;
-        Ok(())
+        self.ports
+            .set(u32::from(port), value, 0)
+            .context("writing KF_PORTS")
     }
     fn put_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
-        self.tables.exact.insert(*key);
-        self.ops += 1;
-        Ok(())
+        self.exact
+            .insert(key, ALLOWED, 0)
+            .context("writing KF_EXACT")
     }
     fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()> {
-        self.tables.exact.remove(key);
-        self.ops += 1;
-        Ok(())
+        self.exact.remove(key).context("removing from KF_EXACT")
     }
     fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()> {
-        self.tables.prefixes.insert(*key, value);
-        self.ops += 1;
-        Ok(())
+        self.prefixes
+            .insert(&Key::new(key.0, key.1), value, 0)
+            .context("writing KF_PREFIXES")
     }
     fn del_prefix(&mut self, key: &PrefixKey) -> anyhow::Result<()> {
-        self.tables.prefixes.remove(key);
-        self.ops += 1;
-        Ok(())
+        self.prefixes
+            .remove(&Key::new(key.0, key.1))
+            .context("removing from KF_PREFIXES")
     }
     fn read_all(&self) -> anyhow::Result<PolicyTables> {
-        Ok(self.tables.clone())
+        let mut tables = PolicyTables::default();
+        for item in &self.listeners {
+            let (k, v) = item.context("iterating KF_LISTENERS")?;
+            tables.listeners.insert(k, v);
+        }
+        for port in 0..=u16::MAX {
+            let value = self
+                .ports
+                .get(&u32::from(port), 0)
+                .context("reading KF_PORTS")?;
+            if value != 0 {
+                tables.ports.insert(port, value);
+            }
+        }
+        for key in self.exact.keys() {
+            tables.exact.insert(key.context("iterating KF_EXACT")?);
+        }
+        for item in &self.prefixes {
+            let (k, v) = item.context("iterating KF_PREFIXES")?;
+            tables.prefixes.insert((k.prefix_len(), k.data()), v);
+        }
+        Ok(tables)
     }
 }
 
@@ -1060,8 +1044,10 @@ mod tests {
     use anyhow::bail;
     use proptest::prelude::*;
 
+    use keyfence_common::policy::PORT_SPECIFIC;
+
     use super::*;
-    use crate::policy::ListenerPolicy;
+    use crate::{maps::memory::MemoryBackend, policy::ListenerPolicy};
 
     fn restricted(name: &str, bind: &str, nets: &[&str]) -> ListenerPolicy {
         ListenerPolicy {

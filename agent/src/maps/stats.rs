@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use keyfence_common::{
+    map_names,
     policy::MAX_LISTENERS,
     stats::{STAT_SLOTS, Stat, StatBlock, stats_index},
 };
+
+use crate::maps::MapSource;
 
 /// Counters summed over CPUs, per (interface slot, listener slot).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +36,19 @@ impl CounterSnapshot {
         })
     }
 
+    /// Sums over interfaces, by listener slot (only slots with a count).
+    #[must_use]
+    pub fn by_listener(&self) -> BTreeMap<u32, [u64; STAT_SLOTS]> {
+        let mut sums: BTreeMap<u32, [u64; STAT_SLOTS]> = BTreeMap::new();
+        for (&(_, listener), block) in &self.blocks {
+            let sum = sums.entry(listener).or_insert([0; STAT_SLOTS]);
+            for (total, n) in sum.iter_mut().zip(block) {
+                *total = total.wrapping_add(*n);
+            }
+        }
+        sums
+    }
+
     /// Sum over every interface and listener.
     #[must_use]
     pub fn total(&self, stat: Stat) -> u64 {
@@ -45,9 +61,10 @@ pub struct Counters {
 }
 
 impl Counters {
-    #[must_use]
-    pub fn new(map: PerCpuArray<MapData, StatBlock>) -> Self {
-        Self { map }
+    pub fn open(maps: &mut MapSource<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            map: maps.map(map_names::STATS)?,
+        })
     }
 
     /// Read the blocks of the given interface slots × every listener slot.

@@ -14,11 +14,14 @@ use std::collections::BTreeSet;
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
-use keyfence_common::unparsed::{UNPARSED_CAPACITY, UNPARSED_DROP, UnparsedKey};
+use keyfence_common::{
+    map_names,
+    unparsed::{UNPARSED_DROP, UnparsedKey},
+};
 
 use crate::{
     config::Unparsed,
-    maps::policy::listener_keys,
+    maps::{MapSource, policy::listener_keys},
     policy::{Access, CompiledPolicy},
 };
 
@@ -43,7 +46,8 @@ pub fn wanted(protected: &BTreeSet<UnparsedKey>, mode: Unparsed) -> BTreeSet<Unp
     }
 }
 
-/// Where the writer's operations go: the kernel map, or memory in tests.
+/// Where the writer's operations go: the kernel map, or memory in tests
+/// (`maps::memory`).
 pub trait UnparsedBackend {
     fn put(&mut self, key: &UnparsedKey) -> anyhow::Result<()>;
     fn del(&mut self, key: &UnparsedKey) -> anyhow::Result<()>;
@@ -51,7 +55,10 @@ pub trait UnparsedBackend {
     fn read_all(&self) -> anyhow::Result<BTreeSet<UnparsedKey>>;
 }
 
-impl UnparsedBackend for HashMap<MapData, UnparsedKey, u32> {
+/// The kernel's `KF_UNPARSED`.
+pub type KernelUnparsed = HashMap<MapData, UnparsedKey, u32>;
+
+impl UnparsedBackend for KernelUnparsed {
     fn put(&mut self, key: &UnparsedKey) -> anyhow::Result<()> {
         self.insert(key, UNPARSED_DROP, 0)
             .context("writing KF_UNPARSED")
@@ -66,28 +73,18 @@ impl UnparsedBackend for HashMap<MapData, UnparsedKey, u32> {
     }
 }
 
-impl UnparsedBackend for BTreeSet<UnparsedKey> {
-    fn put(&mut self, key: &UnparsedKey) -> anyhow::Result<()> {
-        if self.len() >= UNPARSED_CAPACITY as usize && !self.contains(key) {
-            anyhow::bail!("KF_UNPARSED is full");
-        }
-        self.insert(*key);
-        Ok(())
-    }
-    fn del(&mut self, key: &UnparsedKey) -> anyhow::Result<()> {
-        self.remove(key);
-        Ok(())
-    }
-    fn read_all(&self) -> anyhow::Result<BTreeSet<UnparsedKey>> {
-        Ok(self.clone())
-    }
-}
-
 /// Moves `KF_UNPARSED` from one set of addresses to the next.
 pub struct UnparsedWriter<B> {
     backend: B,
     /// What the map holds (as written, or as adopted).
     held: BTreeSet<UnparsedKey>,
+}
+
+impl UnparsedWriter<KernelUnparsed> {
+    /// Adopt the kernel's `KF_UNPARSED` from `maps`.
+    pub fn open(maps: &mut MapSource<'_>) -> anyhow::Result<Self> {
+        Self::adopt(maps.map(map_names::UNPARSED)?)
+    }
 }
 
 impl<B: UnparsedBackend> UnparsedWriter<B> {
@@ -134,7 +131,7 @@ impl<B: UnparsedBackend> UnparsedWriter<B> {
 
 #[cfg(test)]
 mod tests {
-    use keyfence_common::{WILDCARD_V4, WILDCARD_V6, ipv4_mapped};
+    use keyfence_common::{WILDCARD_V4, WILDCARD_V6, ipv4_mapped, unparsed::UNPARSED_CAPACITY};
 
     use super::*;
     use crate::policy::ListenerPolicy;

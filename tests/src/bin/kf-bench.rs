@@ -2,7 +2,8 @@
 //! XDP program through `BPF_PROG_TEST_RUN` (repeat 1,000,000, median of 5), on
 //! the pass and drop paths, at 10, 10k, 100k and 1M prefixes, IPv4 and IPv6,
 //! all host entries (/32, /128) or mixed lengths. Beside it, in the same run
-//! and on the same packet, two reference programs from the same object:
+//! and on the same packet, two reference programs of the bench object
+//! (`keyfence::datapath::BENCH_OBJECT`, built from the same parser):
 //!
 //! - the floor: the same parser and nothing else (`kf_bench_parse`);
 //! - the parser and one bare kernel LPM lookup in a trie holding every prefix
@@ -21,20 +22,21 @@ use std::{
     time::Instant,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow};
 use aya::{
+    Ebpf,
     maps::{LpmTrie, MapData, lpm_trie::Key},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence::{
-    datapath::Datapath,
+    datapath::{BENCH_OBJECT, Datapath},
     policy::{Access, CompiledPolicy, ListenerPolicy},
 };
 use keyfence_common::{
-    ipv4_mapped, map_names,
+    bench::{map_names, program_names},
+    ipv4_mapped,
     policy::{POLICY_BITS, PolicyAddr},
-    program_names,
 };
 use keyfence_tests::{
     bench::{self, median},
@@ -157,6 +159,45 @@ fn ns_per_packet(program: &Xdp, packet: &[u8], verdict: u32) -> anyhow::Result<f
     Ok(median(samples))
 }
 
+/// The bench object, its two programs loaded.
+struct Reference {
+    ebpf: Ebpf,
+}
+
+impl Reference {
+    fn load() -> anyhow::Result<Self> {
+        let mut ebpf = Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;
+        for name in [program_names::PARSE, program_names::LPM] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the bench object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not XDP"))?;
+            program
+                .load()
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn program(&self, name: &str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("loaded in Reference::load")
+    }
+
+    /// The parser alone.
+    fn floor(&self) -> &Xdp {
+        self.program(program_names::PARSE)
+    }
+
+    /// The parser and one bare trie lookup.
+    fn lpm(&self) -> &Xdp {
+        self.program(program_names::LPM)
+    }
+}
+
 struct Row {
     family: Family,
     mixed: bool,
@@ -182,6 +223,7 @@ impl Row {
 /// One (family, kind) series: the policy and the bare trie grow row by row.
 fn series(
     dp: &mut Datapath,
+    reference: &Reference,
     bare: &mut LpmTrie<MapData, PolicyAddr, u32>,
     family: Family,
     mixed: bool,
@@ -223,8 +265,8 @@ fn series(
             mixed,
             prefixes: n,
             apply_s,
-            floor: ns_per_packet(dp.load_xdp(program_names::BENCH_PARSE)?, &allowed, XDP_PASS)?,
-            lpm: ns_per_packet(dp.load_xdp(program_names::BENCH_LPM)?, &allowed, XDP_PASS)?,
+            floor: ns_per_packet(reference.floor(), &allowed, XDP_PASS)?,
+            lpm: ns_per_packet(reference.lpm(), &allowed, XDP_PASS)?,
             pass: ns_per_packet(dp.xdp(), &allowed, XDP_PASS)?,
             drop: ns_per_packet(dp.xdp(), &refused, XDP_DROP)?,
         });
@@ -327,9 +369,12 @@ fn svg(rows: &[Row]) -> String {
 fn main() -> anyhow::Result<()> {
     let mut loaded = Loaded::new("bench", 1)?;
     let dp = &mut loaded.datapath;
+    let mut reference = Reference::load()?;
     let mut bare: LpmTrie<MapData, PolicyAddr, u32> = LpmTrie::try_from(
-        dp.take_map(map_names::BENCH_LPM)
-            .context("KF_BENCH_LPM missing from the object")?,
+        reference
+            .ebpf
+            .take_map(map_names::LPM)
+            .with_context(|| format!("{} missing from the bench object", map_names::LPM))?,
     )?;
     let mut rows = Vec::new();
     for (family, mixed) in [
@@ -338,12 +383,12 @@ fn main() -> anyhow::Result<()> {
         (Family::V6, false),
         (Family::V6, true),
     ] {
-        rows.extend(series(dp, &mut bare, family, mixed)?);
+        rows.extend(series(dp, &reference, &mut bare, family, mixed)?);
     }
     // Traffic nobody protects (another port), with the last row's policy
     // loaded: what every other packet through the gateway pays.
     let other = packet_to(REFUSED_V4.into(), 9443);
-    let other_floor = ns_per_packet(dp.load_xdp(program_names::BENCH_PARSE)?, &other, XDP_PASS)?;
+    let other_floor = ns_per_packet(reference.floor(), &other, XDP_PASS)?;
     let other_ns = ns_per_packet(dp.xdp(), &other, XDP_PASS)?;
 
     println!(

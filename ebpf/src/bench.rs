@@ -1,0 +1,75 @@
+//! The bench object (`cargo xtask bench` only; built with this crate's `bench`
+//! feature, which agent/build.rs asks for under the agent's `bench` feature):
+//! reference programs `keyfence_xdp` is measured beside, on the same parser.
+//! They live in an object of their own so that the production object
+//! (`main.rs`) and its maps hold only what production runs. Never attached or
+//! pinned; names in `keyfence_common::bench`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+#[expect(
+    dead_code,
+    reason = "the reference programs use the parser, not the unparsed-destination path"
+)]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod runtime;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{BPF_F_NO_PREALLOC, xdp_action},
+        macros::{map, xdp},
+        maps::{LpmTrie, lpm_trie::Key},
+        programs::XdpContext,
+    };
+    use keyfence_common::policy::{POLICY_BITS, PREFIXES_CAPACITY, PolicyAddr};
+
+    use crate::parse::parse;
+
+    /// Every prefix of a policy in one trie, /32s included (the bench fills
+    /// it; tries allocate per entry).
+    #[map]
+    static KF_BENCH_LPM: LpmTrie<PolicyAddr, u32> =
+        LpmTrie::with_max_entries(PREFIXES_CAPACITY, BPF_F_NO_PREALLOC);
+
+    /// The same parser and nothing else: the floor any program that reads the
+    /// packet's addresses pays.
+    #[xdp]
+    pub fn kf_bench_parse(ctx: XdpContext) -> u32 {
+        // Both arms define the value (the verifier refuses reads of registers that
+        // LLVM leaves undefined on the other arm); never 0: the protocol is TCP or
+        // UDP, and a failure's `Stat` is offset past 255.
+        let seen = match parse(ctx.data(), ctx.data_end()) {
+            Ok(flow) => u32::from(flow.proto),
+            Err(failure) => failure.stat as u32 + 256,
+        };
+        if seen == 0 {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
+    /// The parser and one bare LPM trie lookup of the source under policy 1
+    /// (no listener lookup, no counters).
+    #[xdp]
+    pub fn kf_bench_lpm(ctx: XdpContext) -> u32 {
+        match parse(ctx.data(), ctx.data_end()) {
+            Ok(flow) => {
+                match KF_BENCH_LPM.get(Key::new(POLICY_BITS + 128, PolicyAddr::new(1, flow.src))) {
+                    Some(_) => xdp_action::XDP_PASS,
+                    None => xdp_action::XDP_DROP,
+                }
+            }
+            Err(_) => xdp_action::XDP_PASS,
+        }
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Built for the host only by workspace-wide commands with `--features
+    // bench`; the object comes from agent/build.rs.
+}
