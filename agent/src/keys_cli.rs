@@ -2,14 +2,16 @@
 //! tables by default, the API's JSON with `--json`. The answer's status decides
 //! the exit code: 0 for 2xx, 1 otherwise (the API's error is printed).
 
-use std::{
-    fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{TcpStream, ToSocketAddrs as _},
-    time::Duration,
-};
+use std::{fmt::Write as _, net::ToSocketAddrs as _, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Request,
+    header::{self, HeaderValue},
+};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use crate::cli::{KeysArgs, KeysCommand};
@@ -38,7 +40,9 @@ fn endpoint(api: &str) -> anyhow::Result<String> {
     Ok(host.to_owned())
 }
 
-/// One HTTP/1.1 exchange (`Connection: close`).
+/// One HTTP/1.1 exchange (`Connection: close`) through hyper. Blocking: it
+/// runs its own single-threaded runtime, so call it from plain threads (the
+/// CLI, tests), never from async code.
 pub fn call(
     api: &str,
     token: &str,
@@ -53,82 +57,91 @@ pub fn call(
         .with_context(|| format!("resolving {host}"))?
         .next()
         .ok_or_else(|| anyhow!("{host} has no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .with_context(|| format!("connecting to the management API at {api}"))?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
-         Accept: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
-        payload.len()
-    );
-    if body.is_some() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    if let Some(code) = confirm {
-        let _ = write!(head, "X-Keyfence-Confirm: {code}\r\n");
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(payload.as_bytes())?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading the answer from {api}"))?;
-    parse_answer(&raw)
+    let request = request(&host, token, method, path, body, confirm)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP client")?;
+    runtime.block_on(async {
+        let stream = tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow!("no connection within {TIMEOUT:?}"))
+            .and_then(|connected| connected.map_err(anyhow::Error::from))
+            .with_context(|| format!("connecting to the management API at {api}"))?;
+        tokio::time::timeout(TIMEOUT, exchange(stream, request))
+            .await
+            .map_err(|_| anyhow!("no answer within {TIMEOUT:?}"))
+            .and_then(|answered| answered)
+            .with_context(|| format!("reading the answer from {api}"))
+    })
 }
 
-fn parse_answer(raw: &[u8]) -> anyhow::Result<Answer> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("the management API sent no complete answer"))?;
-    let head = std::str::from_utf8(&raw[..split]).context("answer head is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("not an HTTP answer: {head:?}"))?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    let mut body = raw[split + 4..].to_vec();
-    if chunked {
-        body = dechunk(&body)?;
+/// The request for one call; the token and a confirmation code must be valid
+/// header values.
+fn request(
+    host: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    confirm: Option<&str>,
+) -> anyhow::Result<Request<Full<Bytes>>> {
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, host)
+        .header(header::AUTHORIZATION, bearer(token)?)
+        .header(header::ACCEPT, "application/json")
+        .header(header::CONNECTION, "close")
+        .header(header::CONTENT_LENGTH, payload.len());
+    if body.is_some() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
     }
+    if let Some(code) = confirm {
+        let code = HeaderValue::from_str(code)
+            .map_err(|_| anyhow!("the confirmation code is not a valid header value"))?;
+        request = request.header("x-keyfence-confirm", code);
+    }
+    request
+        .body(Full::new(Bytes::from(payload)))
+        .with_context(|| format!("{method} {path}: not a valid request"))
+}
+
+fn bearer(token: &str) -> anyhow::Result<HeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| anyhow!("KEYFENCE_TOKEN is not a valid header value"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Send `request` on `stream` and read the whole answer (hyper decodes
+/// `Content-Length` and chunked bodies).
+async fn exchange(
+    stream: tokio::net::TcpStream,
+    request: Request<Full<Bytes>>,
+) -> anyhow::Result<Answer> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    drop(sender);
+    // The server closes (`Connection: close`); an error after a whole answer
+    // changes nothing.
+    let _ = conn.await;
+    Ok(answer(status, &body))
+}
+
+/// An answer's body as JSON, as text when it is not JSON, `null` when empty.
+fn answer(status: u16, body: &[u8]) -> Answer {
     let body = if body.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+        serde_json::from_slice(body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
     };
-    Ok(Answer { status, body })
-}
-
-fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("truncated chunked answer"))?;
-        let size_text = std::str::from_utf8(&data[..line_end])?;
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .context("bad chunk size")?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            bail!("truncated chunked answer");
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
+    Answer { status, body }
 }
 
 /// `--allow "a, b"` as the API's list (one string: the server splits and
@@ -516,20 +529,71 @@ fn render_key(k: &Value) -> String {
 mod tests {
     use super::*;
 
+    /// Serve `raw` as the answer to one request on loopback; the request's
+    /// head comes back through the handle.
+    fn canned(raw: &'static [u8]) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream.write_all(raw);
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (api, server)
+    }
+
     #[test]
     fn answers_plain_and_chunked() {
-        let plain = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"id\":\"k\"}";
-        let a = parse_answer(plain).unwrap();
+        let (api, server) = canned(
+            b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{\"id\":\"k\"}",
+        );
+        let body = json!({"name": "n"});
+        let a = call(&api, "t0k", "POST", "/v1/keys", Some(&body), Some("123456")).unwrap();
         assert_eq!(a.status, 201);
         assert_eq!(a.body["id"], "k");
-        let chunked = b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"err\r\n8\r\nor\":\"x\"}\r\n0\r\n\r\n";
-        let a = parse_answer(chunked).unwrap();
+        let head = server.join().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("post /v1/keys http/1.1\r\n"), "{head}");
+        for line in [
+            "authorization: bearer t0k",
+            "content-type: application/json",
+            "content-length: 12",
+            "x-keyfence-confirm: 123456",
+            "connection: close",
+        ] {
+            assert!(head.contains(line), "{line}: {head}");
+        }
+
+        let (api, server) = canned(
+            b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"err\r\n8\r\nor\":\"x\"}\r\n0\r\n\r\n",
+        );
+        let a = call(&api, "t", "GET", "/v1/keys", None, None).unwrap();
         assert_eq!(a.status, 409);
         assert_eq!(a.body["error"], "x");
-        assert!(parse_answer(b"garbage").is_err());
-        assert!(
-            parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab").is_err()
-        );
+        let head = server.join().unwrap().to_ascii_lowercase();
+        assert!(!head.contains("content-type"), "{head}");
+
+        let (api, server) = canned(b"garbage");
+        assert!(call(&api, "t", "GET", "/v1/keys", None, None).is_err());
+        server.join().unwrap();
+        let (api, server) =
+            canned(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab");
+        assert!(call(&api, "t", "GET", "/v1/keys", None, None).is_err());
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_are_text() {
+        assert_eq!(answer(204, b"").body, Value::Null);
+        assert_eq!(answer(502, b"bad gateway").body, json!("bad gateway"));
     }
 
     #[test]

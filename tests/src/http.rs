@@ -420,6 +420,46 @@ pub fn raw_exchange(
     })?
 }
 
+/// A single-threaded runtime for one client exchange on the calling thread
+/// (which may have entered a namespace).
+fn block_on<T>(exchange: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(exchange)
+}
+
+/// `GET path` to `addr` over HTTP/1.1 (`Connection: close`) from the calling
+/// thread's namespace: `(status, body)`. The tests' one HTTP client besides
+/// curl (the client under test) and [`h2_post`]; hyper decodes the body.
+pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt as _;
+
+    block_on(async move {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow!("connecting to {addr}: timed out"))?
+                .with_context(|| format!("connecting to {addr}"))?;
+        let exchange = async {
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let request = hyper::Request::get(path)
+                .header(hyper::header::HOST, addr.to_string())
+                .header(hyper::header::CONNECTION, "close")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let response = sender.send_request(request).await?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .map_err(|_| anyhow!("GET {path} from {addr}: no answer within 5 s"))?
+    })
+}
+
 /// POST `total` bytes over HTTP/2 with prior knowledge (h2c) from `source`
 /// inside `ns`, in 64 KiB frames: `(status, body)` of the answer. With
 /// `announce` the length goes in `Content-Length`; without, the server only
@@ -442,10 +482,7 @@ pub fn h2_post(
     ns.run(move || -> anyhow::Result<(u16, String)> {
         let stream = connect_from(source, dest, Duration::from_secs(2))?;
         stream.set_nonblocking(true)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async move {
+        block_on(async move {
             let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
             let exchange = async {
                 let (mut sender, conn) =

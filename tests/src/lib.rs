@@ -1,8 +1,9 @@
 //! Helpers for keyfence's privileged tests: packet frames, the datapath's
-//! reference model, network-namespace hosts and HTTP peers, and wrk for the
-//! benches.
+//! reference model, network-namespace hosts, config fragments and HTTP peers,
+//! and wrk for the benches. The demo (`src/bin/kf-demo.rs`) uses them too.
 
 pub mod bench;
+pub mod config;
 pub mod frames;
 pub mod http;
 pub mod loaded;

@@ -164,7 +164,7 @@ impl Netns {
     /// `GET path` to `addr` from inside this namespace: `(status, body)`.
     pub fn http_get(&self, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
         let path = path.to_owned();
-        self.run(move || http_get(addr, &path))?
+        self.run(move || crate::http::get(addr, &path))?
     }
 }
 
@@ -242,8 +242,26 @@ pub struct Lab {
 
 impl Lab {
     pub fn new(client_addrs: &[IpAddr]) -> anyhow::Result<Self> {
-        let client = Netns::new("client")?;
-        let gateway = Netns::new("gw")?;
+        Self::build("client", "gw", client_addrs)
+    }
+
+    /// [`Lab::new`] with the namespaces named `kf-<prefix>-client-…` and
+    /// `kf-<prefix>-gw-…` (the demo's are `kf-demo-…`).
+    pub fn named(prefix: &str, client_addrs: &[IpAddr]) -> anyhow::Result<Self> {
+        Self::build(
+            &format!("{prefix}-client"),
+            &format!("{prefix}-gw"),
+            client_addrs,
+        )
+    }
+
+    fn build(
+        client_role: &str,
+        gateway_role: &str,
+        client_addrs: &[IpAddr],
+    ) -> anyhow::Result<Self> {
+        let client = Netns::new(client_role)?;
+        let gateway = Netns::new(gateway_role)?;
         let client_nets: Vec<IpNet> = client_addrs.iter().copied().map(host).collect();
         let gateway_nets = [host(GATEWAY_V4.into()), host(GATEWAY_V6.into())];
         veth(
@@ -441,26 +459,6 @@ impl Drop for TcpServer {
     }
 }
 
-/// `GET path` over HTTP/1.0 (so no chunked bodies) from the calling thread's
-/// namespace: `(status, body)`.
-pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header in {answer:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status line in {head:?}"))?;
-    Ok((status, body.to_owned()))
-}
-
 /// One sample of a Prometheus text exposition: `name{labels} value`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
@@ -571,8 +569,14 @@ pub struct Agent {
 impl Agent {
     /// Prepare (nothing runs yet): temporary directory, pin path, binary.
     pub fn new(ns: &Netns) -> anyhow::Result<Self> {
+        Self::named(ns, "kf-e2e")
+    }
+
+    /// [`Agent::new`] with its directory and pin path named
+    /// `<prefix>-<pid>-<n>` (the demo's are `kf-demo-…`).
+    pub fn named(ns: &Netns, prefix: &str) -> anyhow::Result<Self> {
         let bin = keyfence_bin()?;
-        let id = unique("kf-e2e");
+        let id = unique(prefix);
         let dir = std::env::temp_dir().join(&id);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self {
@@ -602,10 +606,16 @@ impl Agent {
         for (k, v) in envs {
             agent.env(k, v);
         }
-        agent.write_config(&config(&agent.pin_path))?;
-        agent.spawn()?;
-        agent.wait_ready(Duration::from_secs(30))?;
+        agent.launch(&config(&agent.pin_path))?;
         Ok(agent)
+    }
+
+    /// Write `yaml` as the config, start the agent and wait (up to 30 s) until
+    /// `/readyz` answers 200.
+    pub fn launch(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.write_config(yaml)?;
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(30))
     }
 
     /// Add an argument to `keyfence run` for the agent's next start.
@@ -806,7 +816,7 @@ impl Agent {
         let (addr, path, netns) = (self.metrics, path.to_owned(), self.netns.clone());
         thread::spawn(move || -> anyhow::Result<(u16, String)> {
             enter(&netns)?;
-            http_get(addr, &path)
+            crate::http::get(addr, &path)
         })
         .join()
         .map_err(|_| anyhow!("the metrics thread panicked"))?
@@ -876,6 +886,48 @@ impl Agent {
         )
     }
 
+    /// `keyfence detach --config FILE` inside the namespace (the agent should
+    /// have stopped): its report line. Drop runs it too; a second run finds
+    /// nothing pinned.
+    pub fn detach(&self) -> anyhow::Result<String> {
+        self.subcommand("detach")
+    }
+
+    /// `keyfence check --config FILE` with the agent's environment: its
+    /// report line, or its errors.
+    pub fn check(&self) -> anyhow::Result<String> {
+        self.subcommand("check")
+    }
+
+    /// `keyfence SUBCOMMAND --config FILE` inside the namespace, with the
+    /// agent's environment: stdout, or an error with stderr.
+    fn subcommand(&self, subcommand: &str) -> anyhow::Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .arg("--")
+            .arg(&self.bin)
+            .args([subcommand, "--config"])
+            .arg(&self.config)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run keyfence {subcommand}"))?;
+        if !out.status.success() {
+            bail!(
+                "keyfence {subcommand} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The agent's log file (stderr of every start).
+    #[must_use]
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Everything the agent logged so far (all starts).
     #[must_use]
     pub fn log(&self) -> String {
@@ -896,22 +948,8 @@ impl Drop for Agent {
                 self.log()
             );
         }
-        let detach = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.display()))
-            .arg("--")
-            .arg(&self.bin)
-            .args(["detach", "--config"])
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .output();
-        match detach {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "agent: keyfence detach failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("agent: cannot run keyfence detach: {e}"),
+        if let Err(e) = self.detach() {
+            eprintln!("agent: {e:#}");
         }
         if self.pin_path.exists()
             && let Err(e) = fs::remove_dir_all(&self.pin_path)

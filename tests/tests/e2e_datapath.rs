@@ -23,6 +23,7 @@ use std::{
 };
 
 use keyfence_tests::{
+    config,
     frames::{Ext, NEXT_DEST},
     netns::{Agent, Connect, GATEWAY_V6, Lab, poll_until, tcp_connect},
     rawsyn,
@@ -76,7 +77,7 @@ fn config(pin_path: &Path, mode: &str, prod_extra: &[IpAddr]) -> String {
     let mut prod = vec![format!("\"{V4_EXACT}\""), format!("\"{V6_EXACT}\"")];
     prod.extend(prod_extra.iter().map(|a| format!("\"{a}\"")));
     format!(
-        r#"datapath: {{ interfaces: [gw0], mode: {mode}, pin_path: "{pin}" }}
+        r#"{datapath}
 listeners:
   - {{ name: api, bind: "[::]:{API_PORT}", mode: proxy, upstream: "http://127.0.0.1:8080", tenants: [default] }}
   - {{ name: open, bind: "0.0.0.0:{OPEN_PORT}", mode: proxy, upstream: "http://127.0.0.1:8080", tenants: [public] }}
@@ -84,9 +85,10 @@ keys:
   - {{ id: prod, name: Prod, secret_env: KF_E2E_PROD, ip_allow_list: [{prod}] }}
   - {{ id: office, name: Office, secret_env: KF_E2E_OFFICE, ip_allow_list: "198.51.100.0/24, 2001:db8:2::/48" }}
   - {{ id: anyone, name: Open, tenant: public, secret_env: KF_E2E_OPEN }}
-metrics: {{ bind: "127.0.0.1:9901" }}
+{metrics}
 "#,
-        pin = pin_path.display(),
+        datapath = config::datapath(pin_path, mode),
+        metrics = config::metrics(),
         prod = prod.join(", "),
     )
 }

@@ -71,9 +71,7 @@ fn start(lab: &Lab, connections: &str, wrapper: &[&str]) -> anyhow::Result<Agent
         .env("KF_E2E_KEY", KEY_SECRET)
         .env("KF_E2E_OPS", OPS_TOKEN)
         .wrap(wrapper);
-    agent.write_config(&config(connections))?;
-    agent.spawn()?;
-    agent.wait_ready(Duration::from_secs(30))?;
+    agent.launch(&config(connections))?;
     Ok(agent)
 }
 

@@ -30,8 +30,8 @@ fn config_off(pin: &Path, extra: &str) -> String {
 /// Attached to the lab's gateway veth, so there are link pins to attack.
 fn config_attached(pin: &Path) -> String {
     format!(
-        "datapath: {{ interfaces: [gw0], mode: auto, pin_path: \"{}\" }}\nlisteners: []\n",
-        pin.display()
+        "{}\nlisteners: []\n",
+        keyfence_tests::config::datapath(pin, "auto")
     )
 }
 

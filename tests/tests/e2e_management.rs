@@ -24,6 +24,7 @@ use keyfence::{
     store::{Actor, sqlite::SqliteStore},
 };
 use keyfence_tests::{
+    config,
     http::{Curl, Reply, Upstream, url},
     netns::{Agent, GATEWAY_V4, Lab, enter, parse_samples, poll_until},
 };
@@ -61,7 +62,7 @@ fn config(pin: &Path, confirm: bool, mode: &str) -> String {
         ""
     };
     format!(
-        r#"datapath: {{ interfaces: [gw0], mode: {mode}, pin_path: "{pin}" }}
+        r#"{datapath}
 listeners:
   - {{ name: api, bind: "[::]:{API}", mode: proxy, upstream: "http://{UPSTREAM}" }}
 keys:
@@ -70,9 +71,10 @@ management:
   bind: "0.0.0.0:{MANAGEMENT}"
   admins:
     - {{ name: ops, token_env: KF_E2E_OPS, ip_allow_list: ["{OPS}", "127.0.0.1"] }}{confirm}
-metrics: {{ bind: "127.0.0.1:9901" }}
+{metrics}
 "#,
-        pin = pin.display()
+        datapath = config::datapath(pin, mode),
+        metrics = config::metrics(),
     )
 }
 
@@ -106,11 +108,7 @@ impl Scenario {
         if let Some(store) = store {
             yaml = format!("store:\n  path: {}\n{yaml}", store.display());
         }
-        agent.write_config(&yaml).expect("writing the config");
-        agent.spawn().expect("starting keyfence");
-        agent
-            .wait_ready(Duration::from_secs(30))
-            .expect("keyfence becomes ready");
+        agent.launch(&yaml).expect("starting keyfence");
         Self {
             agent,
             _upstream: upstream,
@@ -1136,11 +1134,7 @@ fn small_maps(exact: u32) -> Scenario {
         1,
     );
     assert!(config.contains("capacity:"), "{config}");
-    agent.write_config(&config).expect("writing the config");
-    agent.spawn().expect("starting keyfence");
-    agent
-        .wait_ready(Duration::from_secs(30))
-        .expect("keyfence becomes ready");
+    agent.launch(&config).expect("starting keyfence");
     Scenario {
         agent,
         _upstream: upstream,

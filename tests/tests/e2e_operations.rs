@@ -15,6 +15,7 @@ use std::{
 };
 
 use keyfence_tests::{
+    config,
     http::{Curl, Reply, Upstream, url},
     netns::{
         Agent, Connect, GATEWAY_V4, Lab, connect_from, enter, keyfence_bin, parse_samples,
@@ -35,14 +36,15 @@ fn ip(s: &str) -> IpAddr {
 
 fn config(pin: &Path) -> String {
     format!(
-        r#"datapath: {{ interfaces: [gw0], mode: auto, pin_path: "{pin}" }}
+        r#"{datapath}
 listeners:
   - {{ name: api, bind: "[::]:{API}", mode: proxy, upstream: "http://{UPSTREAM}" }}
 keys:
   - {{ id: prod, name: prod, secret_env: KF_E2E_PROD, ip_allow_list: ["{ALLOWED}"] }}
-metrics: {{ bind: "127.0.0.1:9901" }}
+{metrics}
 "#,
-        pin = pin.display()
+        datapath = config::datapath(pin, "auto"),
+        metrics = config::metrics(),
     )
 }
 
@@ -182,12 +184,8 @@ fn detach_on_exit_removes_the_datapath() {
     let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
     agent.env("KF_E2E_PROD", SECRET).run_arg("--detach-on-exit");
     agent
-        .write_config(&config(agent.pin_path()))
-        .expect("writing the config");
-    agent.spawn().expect("starting keyfence");
-    agent
-        .wait_ready(Duration::from_secs(30))
-        .expect("keyfence becomes ready");
+        .launch(&config(agent.pin_path()))
+        .expect("starting keyfence");
     let dest = SocketAddr::new(GATEWAY_V4.into(), API);
     let before = tcp_connect(&lab.client, ip(REFUSED), dest, Duration::from_millis(500));
     assert!(before.timed_out(), "dropped while attached: {before:?}");
@@ -239,11 +237,7 @@ fn refusals_are_logged_as_json_and_rate_limited() {
         "keys:\n",
         "keys:\n  - { id: other, name: other, secret_env: KF_E2E_OTHER, ip_allow_list: [\"198.51.100.7\"] }\n",
     );
-    agent.write_config(&yaml).expect("writing the config");
-    agent.spawn().expect("starting keyfence");
-    agent
-        .wait_ready(Duration::from_secs(30))
-        .expect("keyfence becomes ready");
+    agent.launch(&yaml).expect("starting keyfence");
     let target = url(
         "http",
         SocketAddr::new(GATEWAY_V4.into(), API),

@@ -13,6 +13,7 @@ use std::{
 };
 
 use keyfence_tests::{
+    config,
     http::{Curl, Daemon, Reply, Upstream, require, url},
     netns::{Agent, GATEWAY_V4, GATEWAY_V6, Lab, poll_until},
 };
@@ -175,7 +176,7 @@ fn config(pin: &Path, o: &Options<'_>) -> String {
         format!("rejection: {{ status: 403, body: '{body}' }}\n")
     });
     format!(
-        r#"datapath: {{ interfaces: [gw0], mode: auto, pin_path: "{pin}" }}
+        r#"{datapath}
 listeners:
   - {{ name: api, bind: "[::]:{API}", mode: proxy, upstream: "http://{UPSTREAM}", tenants: [default] }}
   - {{ name: strict, bind: "[::]:{STRICT}", mode: proxy, upstream: "http://{UPSTREAM}", tenants: [strict] }}
@@ -198,9 +199,10 @@ listeners:
     client_ip: {{ source: x_forwarded_for, trusted_proxies: ["198.51.100.250/32"], hops: 1 }}
   - {{ name: broken, bind: "0.0.0.0:{BROKEN}", mode: proxy, upstream: "http://127.0.0.1:8099", tenants: [default] }}{tls}{credential}
 keys:
-{keys}{rejection}metrics: {{ bind: "127.0.0.1:9901" }}
+{keys}{rejection}{metrics}
 "#,
-        pin = pin.display(),
+        datapath = config::datapath(pin, "auto"),
+        metrics = config::metrics(),
         credential = credential_listeners(),
     )
 }
@@ -236,11 +238,7 @@ impl Scenario {
             );
         }
         let yaml = config(agent.pin_path(), options);
-        agent.write_config(&yaml).expect("writing the config");
-        agent.spawn().expect("starting keyfence");
-        agent
-            .wait_ready(Duration::from_secs(30))
-            .expect("keyfence becomes ready");
+        agent.launch(&yaml).expect("starting keyfence");
         Self {
             agent,
             upstream,
