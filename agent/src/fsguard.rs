@@ -151,15 +151,7 @@ fn private(st: Stat, euid: u32, kind: Kind, mode: u32) -> Result<Verdict, Proble
 /// others, sticky or not. It may be shared (`/var/lib`), so it is never
 /// tightened.
 pub fn store_dir(st: Stat, euid: u32) -> Result<Verdict, Problem> {
-    if st.kind != Kind::Dir {
-        return Err(Problem::Kind {
-            found: st.kind,
-            wanted: Kind::Dir,
-        });
-    }
-    if st.uid != euid && st.uid != 0 {
-        return Err(Problem::Owner(st.uid));
-    }
+    dir_of_root_or(st, euid)?;
     if st.mode & GROUP_OTHER_WRITE != 0 {
         return Err(Problem::Writable(st.mode));
     }
@@ -170,6 +162,16 @@ pub fn store_dir(st: Stat, euid: u32) -> Result<Verdict, Problem> {
 /// and either not writable by group or others or sticky (`/tmp`, bpffs'
 /// root), so nobody else can rename or replace what lies below.
 pub fn ancestor(st: Stat, euid: u32) -> Result<Verdict, Problem> {
+    dir_of_root_or(st, euid)?;
+    if st.mode & GROUP_OTHER_WRITE != 0 && st.mode & STICKY == 0 {
+        return Err(Problem::Writable(st.mode));
+    }
+    Ok(Verdict::Ok)
+}
+
+/// A directory owned by root or the agent's euid: the part [`store_dir`] and
+/// [`ancestor`] share.
+fn dir_of_root_or(st: Stat, euid: u32) -> Result<(), Problem> {
     if st.kind != Kind::Dir {
         return Err(Problem::Kind {
             found: st.kind,
@@ -179,10 +181,7 @@ pub fn ancestor(st: Stat, euid: u32) -> Result<Verdict, Problem> {
     if st.uid != euid && st.uid != 0 {
         return Err(Problem::Owner(st.uid));
     }
-    if st.mode & GROUP_OTHER_WRITE != 0 && st.mode & STICKY == 0 {
-        return Err(Problem::Writable(st.mode));
-    }
-    Ok(Verdict::Ok)
+    Ok(())
 }
 
 /// Which path a rule was applied to; names it and the fix in errors.

@@ -96,6 +96,15 @@ impl Scenario {
 
     /// With `store`, the key store lives there instead of the agent's directory.
     fn build(confirm: bool, mode: &str, store: Option<&Path>) -> Self {
+        Self::start(confirm, mode, |yaml| match store {
+            Some(store) => format!("store:\n  path: {}\n{yaml}", store.display()),
+            None => yaml,
+        })
+    }
+
+    /// The hosts, the upstream and the agent, started with `config(...)`
+    /// after `edit`.
+    fn start(confirm: bool, mode: &str, edit: impl FnOnce(String) -> String) -> Self {
         let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
         let lab = Lab::new(&addrs).expect("building the namespaces");
         let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
@@ -104,10 +113,7 @@ impl Scenario {
         agent.env("KF_E2E_OPS", OPS_TOKEN);
         agent.env("KF_E2E_NEIGHBOUR", NEIGHBOUR_SECRET);
         agent.env("KF_E2E_TOTP", TOTP_SECRET);
-        let mut yaml = config(agent.pin_path(), confirm, mode);
-        if let Some(store) = store {
-            yaml = format!("store:\n  path: {}\n{yaml}", store.display());
-        }
+        let yaml = edit(config(agent.pin_path(), confirm, mode));
         agent.launch(&yaml).expect("starting keyfence");
         Self {
             agent,
@@ -1121,25 +1127,15 @@ fn metrics_pass_promtool_check_metrics() {
 /// filling them takes a handful of keys. `neighbour`'s two addresses are
 /// adjacent: one `/31` prefix entry, no exact one.
 fn small_maps(exact: u32) -> Scenario {
-    let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
-    let lab = Lab::new(&addrs).expect("building the namespaces");
-    let upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream address"))
-        .expect("starting the upstream");
-    let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
-    agent.env("KF_E2E_OPS", OPS_TOKEN);
-    agent.env("KF_E2E_NEIGHBOUR", NEIGHBOUR_SECRET);
-    let config = config(agent.pin_path(), false, "auto").replacen(
-        "mode: auto,",
-        &format!("mode: auto, capacity: {{ exact: {exact}, prefixes: 64 }},"),
-        1,
-    );
-    assert!(config.contains("capacity:"), "{config}");
-    agent.launch(&config).expect("starting keyfence");
-    Scenario {
-        agent,
-        _upstream: upstream,
-        lab,
-    }
+    Scenario::start(false, "auto", |config| {
+        let config = config.replacen(
+            "mode: auto,",
+            &format!("mode: auto, capacity: {{ exact: {exact}, prefixes: 64 }},"),
+            1,
+        );
+        assert!(config.contains("capacity:"), "{config}");
+        config
+    })
 }
 
 impl Scenario {
