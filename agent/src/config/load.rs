@@ -15,9 +15,9 @@ use serde_saphyr::{Location, Spanned};
 use super::shape;
 
 use super::model::{
-    Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
-    ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
-    TlsConfig, Unparsed,
+    Admin, AttachMode, ClientIp, ClientIpSource, Config, DEFAULT_UPSTREAM_TIMEOUT, DatapathConfig,
+    KeySecret, ListenerConfig, ListenerMode, ManagementConfig, MapCapacity, MetricsConfig,
+    Rejection, ShimConfig, StaticKey, StoreConfig, TlsConfig, Unparsed,
 };
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
@@ -69,6 +69,7 @@ struct RawConfig {
     rejection: Option<RawRejection>,
     management: Option<RawManagement>,
     metrics: Option<RawMetrics>,
+    shim: Option<RawShim>,
 }
 
 impl RawConfig {
@@ -80,6 +81,7 @@ impl RawConfig {
         "rejection",
         "management",
         "metrics",
+        "shim",
     ];
 }
 
@@ -127,6 +129,7 @@ impl<'de> de::Visitor<'de> for ConfigSeed<'_> {
                 "rejection" => raw.rejection = map.next_value()?,
                 "management" => raw.management = map.next_value()?,
                 "metrics" => raw.metrics = map.next_value()?,
+                "shim" => raw.shim = map.next_value()?,
                 other => return Err(de::Error::unknown_field(other, RawConfig::FIELDS)),
             }
         }
@@ -212,6 +215,8 @@ struct RawListener {
     bind: Spanned<String>,
     mode: Spanned<String>,
     upstream: Option<Spanned<String>>,
+    upstream_timeout: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<String>>,
     tls: Option<RawTls>,
     client_ip: Option<RawClientIp>,
     early_drop: Option<bool>,
@@ -288,6 +293,12 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawConfirm {
     totp_secret_env: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShim {
+    workers: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -491,6 +502,7 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
             .and_then(|b| socket_addr(&b, "metrics.bind", errors))
             .unwrap_or_else(|| "127.0.0.1:9901".parse().expect("constant")),
     };
+    let shim = shim(raw.shim, errors);
     Config {
         store,
         datapath,
@@ -499,7 +511,24 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
         rejection,
         management,
         metrics,
+        shim,
     }
+}
+
+/// `shim` (defaults: [`ShimConfig::default`]).
+fn shim(raw: Option<RawShim>, errors: &mut Errors) -> ShimConfig {
+    let mut shim = ShimConfig::default();
+    if let Some(w) = raw.and_then(|r| r.workers) {
+        match usize::try_from(w.value) {
+            Ok(n) if (1..=ShimConfig::MAX_WORKERS).contains(&n) => shim.workers = n,
+            _ => errors.at(
+                &w.referenced,
+                "shim.workers",
+                format!("{} is outside 1..{}", w.value, ShimConfig::MAX_WORKERS),
+            ),
+        }
+    }
+    shim
 }
 
 fn default_store() -> StoreConfig {
@@ -745,7 +774,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
                 errors.at(
                     &item.referenced,
                     format!("{p}.upstream"),
-                    "proxy mode needs an upstream (http://host:port)",
+                    "proxy mode needs an upstream (http://, h2c:// or https://host:port)",
                 );
                 None
             }
@@ -765,7 +794,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
                         &u.referenced,
                         format!("{p}.upstream"),
                         format!(
-                            "{:?} is not an http:// or https:// URL with a host",
+                            "{:?} is not an http://, h2c:// or https:// URL with a host",
                             u.value
                         ),
                     );
@@ -849,6 +878,44 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
             Some(name)
         });
         let connections = connections(l.connections, &format!("{p}.connections"), errors);
+        let upstream_timeout = match l.upstream_timeout {
+            Some(t) if mode == ListenerMode::Auth => {
+                errors.at(
+                    &t.referenced,
+                    format!("{p}.upstream_timeout"),
+                    "auth mode has no upstream",
+                );
+                None
+            }
+            Some(t) => duration(&t, &format!("{p}.upstream_timeout"), errors),
+            None => None,
+        }
+        .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT);
+        let upstream_ca = l.upstream_ca.and_then(|ca| {
+            let path = format!("{p}.upstream_ca");
+            if !upstream
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+            {
+                errors.at(
+                    &ca.referenced,
+                    path,
+                    "only an https:// upstream uses a CA file",
+                );
+                return None;
+            }
+            match std::fs::File::open(&ca.value) {
+                Ok(_) => Some(PathBuf::from(&ca.value)),
+                Err(e) => {
+                    errors.at(
+                        &ca.referenced,
+                        path,
+                        format!("cannot read {}: {e}", ca.value),
+                    );
+                    None
+                }
+            }
+        });
         let forward_credential = forward_credential(l.forward_credential, mode, &p, errors);
         if let Some(bind) = bind {
             out.push(ListenerConfig {
@@ -856,6 +923,8 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
                 bind,
                 mode,
                 upstream,
+                upstream_timeout,
+                upstream_ca,
                 tls,
                 client_ip,
                 early_drop: l.early_drop.unwrap_or(true),
@@ -964,6 +1033,7 @@ fn valid_upstream(u: &str) -> bool {
     let Some(rest) = u
         .strip_prefix("http://")
         .or_else(|| u.strip_prefix("https://"))
+        .or_else(|| u.strip_prefix("h2c://"))
     else {
         return false;
     };

@@ -13,7 +13,8 @@
 //! nginx and keyfence share the machine's cores, as they would on a gateway.
 //! The comparison is fair: the upstream is an nginx process of its own (one
 //! worker), the reference proxy (and `auth_request`) another nginx process
-//! with [`PROXY_THREADS`] workers.
+//! with [`PROXY_THREADS`] workers, and keyfence serves its listeners on
+//! `shim.workers: PROXY_THREADS` threads: both proxies get the same threads.
 //! Needs root (namespace) and `KEYFENCE_BIN` (a release build).
 
 use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
@@ -85,6 +86,7 @@ fn nginx_servers() -> String {
 fn keyfence_config(pin: &Path) -> String {
     format!(
         r#"datapath: {{ mode: off, pin_path: "{pin}" }}
+shim: {{ workers: {PROXY_THREADS} }}
 listeners:
   - {{ name: api, bind: "127.0.0.1:{KEYFENCE}", mode: proxy, upstream: "http://127.0.0.1:{UPSTREAM}" }}
   - {{ name: auth, bind: "127.0.0.1:{KEYFENCE_AUTH}", mode: auth, client_ip: {{ source: x_forwarded_for, trusted_proxies: ["127.0.0.1"] }} }}
@@ -218,7 +220,7 @@ fn main() -> anyhow::Result<()> {
     }
     print!("{table}");
     println!(
-        "\nwrk -t1 -d {DURATION} on loopback, median of {ROUNDS} interleaved rounds; keyfence allowed {proxied} requests, refused none. Threads: nginx upstream 1 worker (its own process); nginx proxy {PROXY_THREADS} worker(s);"
+        "\nwrk -t1 -d {DURATION} on loopback, median of {ROUNDS} interleaved rounds; keyfence allowed {proxied} requests, refused none. Threads: nginx upstream 1 worker (its own process); nginx proxy {PROXY_THREADS} worker(s); keyfence shim.workers {PROXY_THREADS}."
     );
     let mut goals: Vec<serde_json::Value> = against
         .iter()
