@@ -1465,6 +1465,66 @@ metrics:
         assert_eq!(errors[0].path, "listeners[0].forward_credential");
     }
 
+    #[test]
+    fn shim_workers_and_upstream_fields_are_checked() {
+        let c = parse("listeners: []\n", "k.yaml").unwrap();
+        assert!(c.shim.workers >= 1, "one per CPU by default");
+        let c = parse("shim: { workers: 3 }\nlisteners: []\n", "k.yaml").unwrap();
+        assert_eq!(c.shim.workers, 3);
+        for bad in ["0", "257"] {
+            let errors = parse(
+                &format!("shim: {{ workers: {bad} }}\nlisteners: []\n"),
+                "k.yaml",
+            )
+            .expect_err("out of range")
+            .0;
+            assert_eq!(errors[0].path, "shim.workers", "{errors:?}");
+        }
+        let listener = |upstream: &str, extra: &str, mode: &str| {
+            format!(
+                "listeners:\n  - {{ name: a, bind: \"[::]:1\", mode: {mode}{upstream}{extra} }}\n"
+            )
+        };
+        let ok = |yaml: &str| {
+            parse(yaml, "k.yaml")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .listeners
+                .remove(0)
+        };
+        let up = ", upstream: \"h2c://127.0.0.1:1\"";
+        let l = ok(&listener(up, "", "proxy"));
+        assert_eq!(l.upstream.as_deref(), Some("h2c://127.0.0.1:1"));
+        assert_eq!(l.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(l.upstream_ca, None);
+        let l = ok(&listener(up, ", upstream_timeout: 750ms", "proxy"));
+        assert_eq!(l.upstream_timeout, std::time::Duration::from_millis(750));
+        let dir = std::env::temp_dir().join(format!("kf-load-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let tls = ", upstream: \"https://127.0.0.1:1\"";
+        let with_ca = format!(", upstream_ca: \"{}\"", ca.display());
+        assert_eq!(ok(&listener(tls, &with_ca, "proxy")).upstream_ca, Some(ca));
+        let missing = format!(", upstream_ca: \"{}\"", dir.join("absent.pem").display());
+        // (extra fields, mode, upstream, path of the one error)
+        let cases = [
+            (", upstream_timeout: 5ms", "proxy", up, "upstream_timeout"),
+            (", upstream_timeout: soon", "proxy", up, "upstream_timeout"),
+            (", upstream_timeout: 1s", "auth", "", "upstream_timeout"),
+            (with_ca.as_str(), "proxy", up, "upstream_ca"),
+            (missing.as_str(), "proxy", tls, "upstream_ca"),
+            ("", "proxy", ", upstream: \"h2://127.0.0.1:1\"", "upstream"),
+        ];
+        for (extra, mode, upstream, path) in cases {
+            let errors = parse(&listener(upstream, extra, mode), "k.yaml")
+                .expect_err(extra)
+                .0;
+            assert_eq!(errors.len(), 1, "{extra}: {errors:?}");
+            assert_eq!(errors[0].path, format!("listeners[0].{path}"), "{extra}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// (name, yaml, expected "LINE:COL: path: message-substring" lines, in order)
     const BROKEN: &[(&str, &str, &[&str])] = &[
         (

@@ -86,16 +86,26 @@ fn nginx_servers() -> String {
 fn keyfence_config(pin: &Path) -> String {
     format!(
         r#"datapath: {{ mode: off, pin_path: "{pin}" }}
-shim: {{ workers: {PROXY_THREADS} }}
-listeners:
+{shim}listeners:
   - {{ name: api, bind: "127.0.0.1:{KEYFENCE}", mode: proxy, upstream: "http://127.0.0.1:{UPSTREAM}" }}
   - {{ name: auth, bind: "127.0.0.1:{KEYFENCE_AUTH}", mode: auth, client_ip: {{ source: x_forwarded_for, trusted_proxies: ["127.0.0.1"] }} }}
 keys:
   - {{ id: bench, name: bench, secret_env: KF_BENCH_SECRET, ip_allow_list: ["127.0.0.1", "203.0.113.0/24"] }}
 metrics: {{ bind: "127.0.0.1:9901" }}
 "#,
-        pin = pin.display()
+        pin = pin.display(),
+        shim = shim_section(),
     )
+}
+
+/// `shim.workers: PROXY_THREADS`, unless `KF_BENCH_SHIM_WORKERS=none` (to
+/// measure a build from before `shim.workers` existed, side by side).
+fn shim_section() -> String {
+    if std::env::var_os("KF_BENCH_SHIM_WORKERS").is_some_and(|v| v == "none") {
+        String::new()
+    } else {
+        format!("shim: {{ workers: {PROXY_THREADS} }}\n")
+    }
 }
 
 fn wrk(ns: &Netns, port: u16, connections: u32, key: bool) -> anyhow::Result<Run> {
@@ -220,7 +230,12 @@ fn main() -> anyhow::Result<()> {
     }
     print!("{table}");
     println!(
-        "\nwrk -t1 -d {DURATION} on loopback, median of {ROUNDS} interleaved rounds; keyfence allowed {proxied} requests, refused none. Threads: nginx upstream 1 worker (its own process); nginx proxy {PROXY_THREADS} worker(s); keyfence shim.workers {PROXY_THREADS}."
+        "\nwrk -t1 -d {DURATION} on loopback, median of {ROUNDS} interleaved rounds; keyfence allowed {proxied} requests, refused none. Threads: nginx upstream 1 worker (its own process); nginx proxy {PROXY_THREADS} worker(s); keyfence {}.",
+        if shim_section().is_empty() {
+            "without shim.workers (its default runtime)".to_owned()
+        } else {
+            format!("shim.workers {PROXY_THREADS}")
+        }
     );
     let mut goals: Vec<serde_json::Value> = against
         .iter()
