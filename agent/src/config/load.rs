@@ -15,9 +15,9 @@ use serde_saphyr::{Location, Spanned};
 use super::shape;
 
 use super::model::{
-    Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
-    ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
-    TlsConfig, Unparsed,
+    Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DatapathConfig, KeySecret,
+    ListenerConfig, ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection,
+    StaticKey, StoreConfig, TlsConfig, Unparsed,
 };
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
@@ -273,6 +273,14 @@ struct RawManagement {
     #[serde(default)]
     admins: Vec<Spanned<RawAdmin>>,
     confirm: Option<RawConfirm>,
+    console: Option<RawConsole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    idle_timeout: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1082,8 +1090,10 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             bind: default_bind,
             admins: Vec::new(),
             confirm_totp_env: None,
+            console: ConsoleConfig::default(),
         };
     };
+    let console = console(raw.console.as_ref(), errors);
     let bind = raw
         .bind
         .as_ref()
@@ -1162,6 +1172,22 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             );
             var
         }),
+        console,
+    }
+}
+
+/// `management.console`: durations, each with its default.
+fn console(raw: Option<&RawConsole>, errors: &mut Errors) -> ConsoleConfig {
+    let default = ConsoleConfig::default();
+    let Some(raw) = raw else { return default };
+    let pick = |field: &Option<Spanned<String>>, path: &str, errors: &mut Errors| {
+        field.as_ref().and_then(|d| duration(d, path, errors))
+    };
+    ConsoleConfig {
+        idle_timeout: pick(&raw.idle_timeout, "management.console.idle_timeout", errors)
+            .unwrap_or(default.idle_timeout),
+        max_age: pick(&raw.max_age, "management.console.max_age", errors)
+            .unwrap_or(default.max_age),
     }
 }
 

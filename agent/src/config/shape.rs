@@ -209,6 +209,14 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
                 false,
                 Shape::Map(&[("totp_secret_env", true, Shape::Text)]),
             ),
+            (
+                "console",
+                false,
+                Shape::Map(&[
+                    ("idle_timeout", false, Shape::Text),
+                    ("max_age", false, Shape::Text),
+                ]),
+            ),
         ]),
     ),
     (

@@ -168,6 +168,9 @@ fn start_management(
         sources: shim.sources(),
         apply: apply_tx,
         writes: tokio::sync::Mutex::new(()),
+        // Plain HTTP today: cookies without `Secure` (browsers send them
+        // over loopback and the warning below names the risk elsewhere).
+        console: crate::console::Console::new(&daemon.config.management, false),
     });
     let server = tokio::spawn(api::serve(
         listener,

@@ -1,0 +1,488 @@
+//! The key console in a real browser: headless Chromium (`WebDriver`, run in
+//! the client namespace, so it speaks from a documentation address) against
+//! the real `keyfence` in the gateway namespace, and curl using the keys the
+//! console makes. Each step saves a screenshot under `target/console/`.
+//! Needs root and `cargo xtask setup` (chromium, chromium-driver).
+
+use std::{
+    net::IpAddr,
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use keyfence::confirm::{Confirmer, STEP_SECONDS};
+use keyfence_tests::{
+    config,
+    http::{Curl, Reply},
+    netns::{Agent, CLIENT_IF, GATEWAY_V4, Lab, Netns},
+    webdriver::Browser,
+};
+use serde_json::{Value, json};
+
+const API: u16 = 8443;
+const MANAGEMENT: u16 = 9900;
+const OPS_TOKEN: &str = "e2e-ops-token-0123456789abcdef";
+/// Base32 of "12345678901234567890" (RFC 6238's test secret).
+const TOTP_SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+
+/// The operator's browser (in `ops`'s list).
+const OPS: &str = "192.0.2.100";
+/// Where an admin-scoped key signs in from.
+const ADMIN_KEY_FROM: &str = "192.0.2.101";
+/// Outside `ops`'s list.
+const OUTSIDER: &str = "192.0.2.102";
+/// Clients of the keys the console makes.
+const ALLOWED: &str = "192.0.2.10";
+const REFUSED: &str = "192.0.2.20";
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a test address")
+}
+
+fn config(pin: &std::path::Path, confirm: bool) -> String {
+    let confirm = if confirm {
+        "\n  confirm: { totp_secret_env: KF_E2E_TOTP }"
+    } else {
+        ""
+    };
+    format!(
+        r#"{datapath}
+listeners:
+  - {{ name: api, bind: "0.0.0.0:{API}", mode: auth, early_drop: false }}
+management:
+  bind: "0.0.0.0:{MANAGEMENT}"
+  admins:
+    - {{ name: ops, token_env: KF_E2E_OPS, ip_allow_list: ["{OPS}", "127.0.0.1"] }}{confirm}
+  console: {{ idle_timeout: 4s, max_age: 1h }}
+{metrics}
+"#,
+        datapath = config::datapath(pin, "auto"),
+        metrics = config::metrics(),
+    )
+}
+
+/// Hosts and agent; field order is drop order.
+struct Scenario {
+    agent: Agent,
+    lab: Lab,
+}
+
+impl Scenario {
+    fn start(confirm: bool) -> Self {
+        let addrs: Vec<IpAddr> = [OPS, ADMIN_KEY_FROM, OUTSIDER, ALLOWED, REFUSED]
+            .iter()
+            .map(|a| ip(a))
+            .collect();
+        let lab = Lab::new(&addrs).expect("building the namespaces");
+        let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+        agent.env("KF_E2E_OPS", OPS_TOKEN);
+        agent.env("KF_E2E_TOTP", TOTP_SECRET);
+        agent
+            .launch(&config(agent.pin_path(), confirm))
+            .expect("starting keyfence");
+        Self { agent, lab }
+    }
+
+    /// A browser speaking from `source`: the route to the gateway names it.
+    fn browser(&self, source: &str) -> Browser {
+        set_source(&self.lab.client, source);
+        Browser::start(&self.lab.client, self.agent.dir(), 375).expect("starting chromium")
+    }
+
+    fn use_key(&self, from: &str, secret: &str) -> (u16, String) {
+        match Curl::new(
+            &self.lab.client,
+            ip(from),
+            format!("http://{GATEWAY_V4}:{API}/_keyfence/ping"),
+        )
+        .bearer(secret)
+        .send()
+        {
+            Reply::Answered { status, body, .. } => (status, body),
+            other => panic!("no answer from the listener: {other:?}"),
+        }
+    }
+
+    /// The management API as `ops` from OPS (for what the test checks).
+    fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        code: Option<&str>,
+    ) -> (u16, Value) {
+        let mut c = Curl::new(&self.lab.client, ip(OPS), console(path))
+            .bearer(OPS_TOKEN)
+            .arg("-X")
+            .arg(method);
+        if let Some(b) = body {
+            c = c
+                .header("Content-Type: application/json")
+                .arg("--data")
+                .arg(&b.to_string());
+        }
+        if let Some(code) = code {
+            c = c.header(&format!("X-Keyfence-Confirm: {code}"));
+        }
+        match c.send() {
+            Reply::Answered { status, body, .. } => (
+                status,
+                serde_json::from_str(&body).unwrap_or(Value::String(body)),
+            ),
+            other => panic!("no answer from the API: {other:?}"),
+        }
+    }
+}
+
+fn console(path: &str) -> String {
+    format!("http://{GATEWAY_V4}:{MANAGEMENT}{path}")
+}
+
+fn set_source(client: &Netns, source: &str) {
+    client
+        .ip(&[
+            "route",
+            "replace",
+            &format!("{GATEWAY_V4}/32"),
+            "dev",
+            CLIENT_IF,
+            "src",
+            source,
+        ])
+        .expect("choosing the browser's source address");
+}
+
+fn sign_in(b: &Browser, token: &str) {
+    b.goto(&console("/login"))
+        .expect("opening the sign-in page");
+    b.type_into("#token", token).expect("typing the token");
+    b.click("#sign-in").expect("signing in");
+}
+
+fn shot(b: &Browser, name: &str) {
+    let path = b.screenshot(name).expect("a screenshot");
+    eprintln!("screenshot: {}", path.display());
+}
+
+/// The index of the editor row holding `cidr`.
+fn row_of(b: &Browser, cidr: &str) -> u64 {
+    b.script(
+        "return [...document.querySelectorAll('input.cidr')].findIndex(i => i.value === arguments[0]);",
+        &[json!(cidr)],
+    )
+    .expect("reading the rows")
+    .as_i64()
+    .and_then(|i| u64::try_from(i).ok())
+    .unwrap_or_else(|| panic!("no row holds {cidr}"))
+}
+
+/// A CSS selector for an id with dots (`remove.0`).
+fn id_sel(id: &str) -> String {
+    format!("[id=\"{id}\"]")
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one operator's session, step by step, each step depending on the last"
+)]
+fn console_create_use_edit_revoke_audit_csrf() {
+    let s = Scenario::start(false);
+    let b = s.browser(OPS);
+    sign_in(&b, OPS_TOKEN);
+    b.wait("#keys", WAIT).expect("the keys page after sign-in");
+    let nav = b.text("#nav-address").expect("the address in the bar");
+    assert_eq!(nav, OPS, "the console sees the browser's own address");
+    // Readable at 375 px: nothing wider than the window but the tables'
+    // own scrolling boxes.
+    let width = b
+        .script("return document.documentElement.scrollWidth;", &[])
+        .unwrap();
+    assert!(
+        width.as_u64().unwrap() <= 375,
+        "page is {width} px wide at 375"
+    );
+    shot(&b, "console-01-keys-empty");
+
+    // Create, with one bad entry: the live check and the submit both name it.
+    b.click("a[href=\"/keys/new\"]").unwrap();
+    b.type_into("#name", "browser made").unwrap();
+    b.type_into(
+        "#ip_allow_list",
+        &format!("{ALLOWED}, 10.0.0.5/8\n2001:db8::/32"),
+    )
+    .unwrap();
+    b.wait_text("#allow-check", "did you mean 10.0.0.0/8?", WAIT)
+        .expect("live validation names the canonical form");
+    shot(&b, "console-02-create-live-error");
+    b.click("#create").unwrap();
+    let refused = b
+        .wait_text("#entry-errors", "did you mean 10.0.0.0/8?", WAIT)
+        .unwrap();
+    assert!(refused.contains("entry 2"), "{refused}");
+    let (_, keys) = s.api("GET", "/v1/keys", None, None);
+    assert_eq!(
+        keys["keys"].as_array().unwrap().len(),
+        0,
+        "nothing created: {keys}"
+    );
+    // Fixed: an empty field would say "anywhere"; this one is valid.
+    b.clear("#ip_allow_list").unwrap();
+    b.type_into("#ip_allow_list", "").unwrap();
+    b.type_into("#ip_allow_list", " ").unwrap();
+    b.wait_text("#allow-check", "work from anywhere", WAIT)
+        .expect("empty is said in words");
+    b.clear("#ip_allow_list").unwrap();
+    b.type_into(
+        "#ip_allow_list",
+        &format!("{ALLOWED}, 10.0.0.0/8\n2001:db8::/32"),
+    )
+    .unwrap();
+    b.wait_text("#allow-check", "Valid", WAIT).unwrap();
+    b.click("#create").unwrap();
+    b.wait("#secret", WAIT).expect("the secret page");
+    let secret = b
+        .property("#secret", "value")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(secret.starts_with("kf_"), "{secret}");
+    assert!(
+        b.text("#secret-warning")
+            .unwrap()
+            .contains("will not be shown again")
+    );
+    shot(&b, "console-03-secret-once");
+    b.click("#to-key").unwrap();
+    b.wait("#editor", WAIT).unwrap();
+    assert!(
+        !b.source().unwrap().contains(&secret),
+        "the secret is shown once only"
+    );
+    let id = b.text("#key-id").unwrap();
+
+    // The key from an allowed and a refused address while the page is open.
+    assert_eq!(s.use_key(ALLOWED, &secret).0, 200);
+    let (status, body) = s.use_key(REFUSED, &secret);
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"error":"IP address not allowed"}"#)
+    );
+
+    // "Your address": one click, enforced at once.
+    assert_eq!(s.use_key(OPS, &secret).0, 403);
+    assert_eq!(b.text("#your-address").unwrap(), OPS);
+    b.click("#add-mine").unwrap();
+    b.wait("#done", WAIT).expect("saved");
+    assert_eq!(s.use_key(OPS, &secret).0, 200, "your address works at once");
+
+    // Remove an address: preview, save, the very next request refused.
+    let row = row_of(&b, ALLOWED);
+    b.click(&id_sel(&format!("remove.{row}"))).unwrap();
+    b.click("#preview-button").unwrap();
+    let preview = b.wait_text("#preview", ALLOWED, WAIT).unwrap();
+    assert!(
+        preview.contains(&format!("\u{2212} {ALLOWED}")),
+        "{preview}"
+    );
+    assert!(
+        b.text("#covers-after").unwrap().contains("16,777,217 IPv4"),
+        "{}",
+        b.text("#covers-after").unwrap()
+    );
+    shot(&b, "console-04-preview");
+    assert_eq!(
+        s.use_key(ALLOWED, &secret).0,
+        200,
+        "a preview changes nothing"
+    );
+    b.click("#save").unwrap();
+    b.wait("#done", WAIT).expect("saved");
+    assert_eq!(
+        s.use_key(ALLOWED, &secret).0,
+        403,
+        "the very next request is refused"
+    );
+
+    // Seen sources: the refused address, added with one click.
+    b.goto(&console(&format!("/keys/{id}"))).unwrap();
+    b.wait("#sources-table", WAIT).unwrap();
+    let sources = b.text("#sources-table").unwrap();
+    assert!(sources.contains(REFUSED), "{sources}");
+    assert!(
+        !b.all("#activity rect.refused").unwrap().is_empty(),
+        "the chart shows refusals"
+    );
+    shot(&b, "console-05-sources-activity");
+    b.click(&format!("button[data-add=\"{REFUSED}\"]")).unwrap();
+    b.wait("#done", WAIT).unwrap();
+    assert_eq!(s.use_key(REFUSED, &secret).0, 200, "added from evidence");
+
+    // CSRF: the session's cookie without the form's token changes nothing.
+    let cookie = b.cookie("kf_session").unwrap().expect("the session cookie");
+    assert_eq!(cookie["httpOnly"], true);
+    assert_eq!(cookie["sameSite"], "Strict");
+    let forged = Curl::new(&s.lab.client, ip(OPS), console("/keys/new"))
+        .header(&format!(
+            "Cookie: kf_session={}",
+            cookie["value"].as_str().unwrap()
+        ))
+        .arg("--data")
+        .arg("name=forged&ip_allow_list=")
+        .send();
+    match forged {
+        Reply::Answered { status, body, .. } => {
+            assert_eq!(status, 403, "{body}");
+            assert!(body.contains("csrf-refused"), "{body}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, keys) = s.api("GET", "/v1/keys", None, None);
+    assert_eq!(
+        keys["keys"].as_array().unwrap().len(),
+        1,
+        "the forged post made nothing"
+    );
+
+    // Revoke with confirmation: without the box nothing happens.
+    b.goto(&console(&format!("/keys/{id}"))).unwrap();
+    b.script(
+        "document.getElementById('revoke-confirm').removeAttribute('required');",
+        &[],
+    )
+    .unwrap();
+    b.click("#revoke").unwrap();
+    b.wait_text("#form-error", "tick the box", WAIT).unwrap();
+    assert_eq!(s.use_key(REFUSED, &secret).0, 200);
+    b.click("#revoke-confirm").unwrap();
+    b.click("#revoke").unwrap();
+    b.wait_text("#done", "Revoked", WAIT).unwrap();
+    assert_eq!(s.use_key(REFUSED, &secret).0, 401, "revoked at once");
+
+    // Audit: every change, as ops, from the browser's address, with diffs.
+    b.click("#key-audit").unwrap();
+    b.wait("#audit", WAIT).unwrap();
+    let rows = b.all(".audit-row").unwrap().len();
+    assert_eq!(rows, 5, "create, your address, removal, source, revoke");
+    let audit = b.text("#audit").unwrap();
+    assert!(
+        audit.contains("admin:ops") && audit.contains(OPS),
+        "{audit}"
+    );
+    assert!(audit.contains(&format!("\u{2212} {ALLOWED}")), "{audit}");
+    assert!(audit.contains(&format!("+ {REFUSED}")), "{audit}");
+    shot(&b, "console-06-audit");
+
+    // Sign out ends the session.
+    b.click("#sign-out").unwrap();
+    b.wait("#token", WAIT).unwrap();
+    b.goto(&console("/keys")).unwrap();
+    b.wait("#token", WAIT)
+        .expect("signed out: back to the sign-in form");
+}
+
+fn code_at(unix: u64) -> String {
+    Confirmer::from_base32(TOTP_SECRET).unwrap().code_at(unix)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn console_step_up_lockout_expiry_and_outsider() {
+    let s = Scenario::start(true);
+
+    // A principal outside its allow list cannot sign in.
+    {
+        let b = s.browser(OUTSIDER);
+        sign_in(&b, OPS_TOKEN);
+        let error = b
+            .wait_text("#login-error", "IP address not allowed", WAIT)
+            .unwrap();
+        assert!(!error.is_empty());
+        shot(&b, "console-07-outsider-refused");
+        assert!(b.cookie("kf_session").unwrap().is_none(), "no session");
+    }
+
+    // An admin-scoped key (made through the API, with a code).
+    let t = now();
+    let (status, made) = s.api(
+        "POST",
+        "/v1/keys",
+        Some(&json!({ "name": "self admin", "scopes": ["admin", "api"], "ip_allow_list": [ADMIN_KEY_FROM, ALLOWED] })),
+        Some(&code_at(t)),
+    );
+    assert_eq!(status, 201, "{made}");
+    let secret = made["secret"].as_str().unwrap().to_owned();
+    let id = made["id"].as_str().unwrap().to_owned();
+
+    let b = s.browser(ADMIN_KEY_FROM);
+    sign_in(&b, &secret);
+    b.wait("#keys", WAIT).unwrap();
+    b.goto(&console(&format!("/keys/{id}"))).unwrap();
+    b.wait("#editor", WAIT).unwrap();
+
+    // Self-lockout: the dialog asks for the code, the API's 409 is shown by
+    // the field, nothing changes.
+    let row = row_of(&b, ADMIN_KEY_FROM);
+    b.click(&id_sel(&format!("remove.{row}"))).unwrap();
+    b.click("#save").unwrap();
+    b.wait("#totp-dialog[open]", WAIT)
+        .expect("the step-up dialog");
+    shot(&b, "console-08-totp-dialog");
+    b.type_into("#totp-code", "000000").unwrap();
+    b.click("#totp-confirm").unwrap();
+    let lockout = b.wait_text("#list-error", "lock you out", WAIT).unwrap();
+    assert!(lockout.contains(ADMIN_KEY_FROM), "{lockout}");
+    shot(&b, "console-09-self-lockout");
+    let (_, key) = s.api("GET", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(
+        key["ip_allow_list"].as_array().unwrap().len(),
+        2,
+        "nothing changed"
+    );
+
+    // Step-up: a wrong code is refused next to the field, a fresh one works.
+    b.goto(&console(&format!("/keys/{id}"))).unwrap();
+    b.wait("#editor", WAIT).unwrap();
+    let row = row_of(&b, ALLOWED);
+    b.click(&id_sel(&format!("remove.{row}"))).unwrap();
+    b.click("#save").unwrap();
+    b.wait("#totp-dialog[open]", WAIT).unwrap();
+    b.type_into("#totp-code", "000000").unwrap();
+    b.click("#totp-confirm").unwrap();
+    b.wait_text("#code-error", "confirmation required", WAIT)
+        .unwrap();
+    let (_, key) = s.api("GET", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(
+        key["ip_allow_list"].as_array().unwrap().len(),
+        2,
+        "nothing changed"
+    );
+    // The code of the next step (the current one was used by the API call).
+    let fresh = code_at(t + STEP_SECONDS);
+    let row = row_of(&b, ALLOWED);
+    let removed = b
+        .property(&id_sel(&format!("remove.{row}")), "checked")
+        .unwrap();
+    assert_eq!(removed, true, "the refused form keeps its edit");
+    b.type_into("#code", &fresh).unwrap();
+    b.click("#save").unwrap();
+    b.wait("#done", WAIT).expect("saved with a fresh code");
+    let (_, key) = s.api("GET", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(key["ip_allow_list"], json!([ADMIN_KEY_FROM]));
+
+    // Idle expiry: 4 s without a request ends the session.
+    thread::sleep(Duration::from_secs(5));
+    b.goto(&console("/keys")).unwrap();
+    b.wait_text("#login-error", "without use", WAIT)
+        .expect("sent to sign in again");
+    shot(&b, "console-10-session-expired");
+}
