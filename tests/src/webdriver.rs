@@ -90,7 +90,7 @@ impl Browser {
             _driver: driver,
             profile: profile.clone(),
         };
-        let caps = json!({ "capabilities": { "alwaysMatch": {
+        let mut caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
@@ -104,6 +104,12 @@ impl Browser {
                 ],
             },
         }}});
+        if width < 500 {
+            // Headless windows are at least 500 px wide: emulate a phone's
+            // viewport instead.
+            caps["capabilities"]["alwaysMatch"]["goog:chromeOptions"]["mobileEmulation"] =
+                json!({ "deviceMetrics": { "width": width, "height": 900, "pixelRatio": 1 } });
+        }
         let v = b.call("POST", "/session", Some(&caps))?;
         v["sessionId"]
             .as_str()
@@ -130,8 +136,34 @@ impl Browser {
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
+        // The driver keeps the connection open: read the head, then as many
+        // bytes as it announces (or to the close when it announces none).
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if let Some(length) = length {
+                    while raw.len() < end + 4 + length {
+                        let n = stream.read(&mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        raw.extend_from_slice(&buf[..n]);
+                    }
+                    break;
+                }
+            }
+        }
         let text = String::from_utf8_lossy(&raw);
         let (head, rest) = text
             .split_once("\r\n\r\n")

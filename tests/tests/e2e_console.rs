@@ -86,9 +86,9 @@ impl Scenario {
     }
 
     /// A browser speaking from `source`: the route to the gateway names it.
-    fn browser(&self, source: &str) -> Browser {
+    fn browser(&self, source: &str, width: u32) -> Browser {
         set_source(&self.lab.client, source);
-        Browser::start(&self.lab.client, self.agent.dir(), 375).expect("starting chromium")
+        Browser::start(&self.lab.client, self.agent.dir(), width).expect("starting chromium")
     }
 
     fn use_key(&self, from: &str, secret: &str) -> (u16, String) {
@@ -190,7 +190,7 @@ fn id_sel(id: &str) -> String {
 )]
 fn console_create_use_edit_revoke_audit_csrf() {
     let s = Scenario::start(false);
-    let b = s.browser(OPS);
+    let b = s.browser(OPS, 375);
     sign_in(&b, OPS_TOKEN);
     b.wait("#keys", WAIT).expect("the keys page after sign-in");
     let nav = b.text("#nav-address").expect("the address in the bar");
@@ -401,7 +401,7 @@ fn console_step_up_lockout_expiry_and_outsider() {
 
     // A principal outside its allow list cannot sign in.
     {
-        let b = s.browser(OUTSIDER);
+        let b = s.browser(OUTSIDER, 1024);
         sign_in(&b, OPS_TOKEN);
         let error = b
             .wait_text("#login-error", "IP address not allowed", WAIT)
@@ -423,7 +423,7 @@ fn console_step_up_lockout_expiry_and_outsider() {
     let secret = made["secret"].as_str().unwrap().to_owned();
     let id = made["id"].as_str().unwrap().to_owned();
 
-    let b = s.browser(ADMIN_KEY_FROM);
+    let b = s.browser(ADMIN_KEY_FROM, 1024);
     sign_in(&b, &secret);
     b.wait("#keys", WAIT).unwrap();
     b.goto(&console(&format!("/keys/{id}"))).unwrap();
@@ -477,7 +477,10 @@ fn console_step_up_lockout_expiry_and_outsider() {
     b.click("#save").unwrap();
     b.wait("#done", WAIT).expect("saved with a fresh code");
     let (_, key) = s.api("GET", &format!("/v1/keys/{id}"), None, None);
-    assert_eq!(key["ip_allow_list"], json!([ADMIN_KEY_FROM]));
+    assert_eq!(
+        key["ip_allow_list"],
+        json!([format!("{ADMIN_KEY_FROM}/32")])
+    );
 
     // Idle expiry: 4 s without a request ends the session.
     thread::sleep(Duration::from_secs(5));

@@ -26,6 +26,15 @@ pub const PAGE_ROWS: usize = 500;
 /// Empty rows the list editor offers for new entries.
 const NEW_ROWS: usize = 2;
 
+/// A network as people write it: a single address without `/32` or `/128`.
+fn net_text(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
 fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -117,7 +126,7 @@ fn summary(list: &AllowList) -> String {
     let mut out = entries
         .iter()
         .take(3)
-        .map(|e| e.net.to_string())
+        .map(|e| net_text(e.net))
         .collect::<Vec<_>>()
         .join(", ");
     if entries.len() > 3 {
@@ -491,13 +500,13 @@ impl Preview {
             "<section id=\"preview\" class=\"preview\" aria-live=\"polite\"><h2>Preview: nothing is saved yet</h2><ul class=\"diff\">",
         );
         for n in &self.added {
-            let _ = write!(out, "<li class=\"add\">+ {}</li>", esc(&n.to_string()));
+            let _ = write!(out, "<li class=\"add\">+ {}</li>", esc(&net_text(*n)));
         }
         for n in &self.removed {
             let _ = write!(
                 out,
                 "<li class=\"del\">\u{2212} {}</li>",
-                esc(&n.to_string())
+                esc(&net_text(*n))
             );
         }
         if self.added.is_empty() && self.removed.is_empty() {
@@ -724,7 +733,7 @@ impl Detail<'_> {
                 .into_iter()
                 .map(|e| {
                     (
-                        e.net.to_string(),
+                        net_text(e.net),
                         e.note.unwrap_or_default(),
                         e.expires_at.map(time).unwrap_or_default(),
                         false,
@@ -864,7 +873,7 @@ fn entries_table(list: &AllowList, now: SystemTime) -> String {
         let _ = write!(
             out,
             "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td></tr>",
-            esc(&e.net.to_string()),
+            esc(&net_text(e.net)),
             Coverage::net(e.net),
             esc(e.note.as_deref().unwrap_or("")),
             e.expires_at.map_or_else(|| "never".to_owned(), time),
@@ -1071,7 +1080,7 @@ mod tests {
         assert!(took < Duration::from_secs(2), "{took:?}");
         assert!(page.contains("10000 of 10000 keys, the first 500 shown"));
         assert!(page.contains("key &lt;1&gt;") && !page.contains("key <1>"));
-        assert!(page.contains("192.0.2.0/24, 198.51.100.7, 2001:db8::/48 and 1 more"));
+        assert!(page.contains("192.0.2.0/24, 198.51.100.7, 203.0.113.9 and 1 more"));
         let q = Form::parse(b"q=k99&tenant=t1&status=active");
         let page = keys(&all, &q, now);
         // k99, k990..k999, k9900..k9999 in tenant t1 and active.
