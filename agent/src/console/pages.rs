@@ -13,8 +13,8 @@ use super::{
 };
 use crate::{
     allowlist::{
-        AllowEntry, AllowList, ClientAddr, DEFAULT_MAX_ENTRIES, RawEntry, RawList, parse_entry,
-        parse_list,
+        AllowEntry, AllowList, ClientAddr, DEFAULT_MAX_ENTRIES, Net, RawEntry, RawList,
+        parse_entry, parse_list,
     },
     keys::{ADMIN_SCOPE, API_SCOPE, Key},
     management::api::{self, ApiError, ApiState, Written},
@@ -126,7 +126,7 @@ fn summary(list: &AllowList) -> String {
     let mut out = entries
         .iter()
         .take(3)
-        .map(|e| net_text(e.net))
+        .map(|e| net_text(e.net.get()))
         .collect::<Vec<_>>()
         .join(", ");
     if entries.len() > 3 {
@@ -471,18 +471,18 @@ pub struct Preview {
 impl Preview {
     #[must_use]
     pub fn of(before: &AllowList, after: &AllowList, now: SystemTime) -> Self {
-        let b: Vec<IpNet> = before.entries().iter().map(|e| e.net).collect();
-        let a: Vec<IpNet> = after.entries().iter().map(|e| e.net).collect();
+        let b: Vec<IpNet> = before.entries().iter().map(|e| e.net.get()).collect();
+        let a: Vec<IpNet> = after.entries().iter().map(|e| e.net.get()).collect();
         Self {
             added: a.iter().filter(|n| !b.contains(n)).copied().collect(),
             removed: b.iter().filter(|n| !a.contains(n)).copied().collect(),
             before: (
                 before.is_unrestricted(),
-                Coverage::of(before.active_nets(now)),
+                Coverage::of(before.active_nets(now).map(Net::get)),
             ),
             after: (
                 after.is_unrestricted(),
-                Coverage::of(after.active_nets(now)),
+                Coverage::of(after.active_nets(now).map(Net::get)),
             ),
             notes_changed: before != after,
         }
@@ -658,7 +658,7 @@ impl Detail<'_> {
                 format!(
                     "{} ({})",
                     summary(&k.allow),
-                    Coverage::of(k.allow.active_nets(now))
+                    Coverage::of(k.allow.active_nets(now).map(Net::get))
                 )
             }),
         );
@@ -733,7 +733,7 @@ impl Detail<'_> {
                 .into_iter()
                 .map(|e| {
                     (
-                        net_text(e.net),
+                        net_text(e.net.get()),
                         e.note.unwrap_or_default(),
                         e.expires_at.map(time).unwrap_or_default(),
                         false,
@@ -768,7 +768,7 @@ impl Detail<'_> {
             let covers = cidr
                 .trim()
                 .parse::<IpNet>()
-                .or_else(|_| parse_entry(cidr))
+                .or_else(|_| parse_entry(cidr).map(Net::get))
                 .map_or_else(|_| String::new(), |n| Coverage::net(n).to_string());
             let expired = humantime::parse_rfc3339_weak(expires.trim()).is_ok_and(|t| t <= now);
             let _ = write!(
@@ -873,8 +873,8 @@ fn entries_table(list: &AllowList, now: SystemTime) -> String {
         let _ = write!(
             out,
             "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td></tr>",
-            esc(&net_text(e.net)),
-            Coverage::net(e.net),
+            esc(&net_text(e.net.get())),
+            Coverage::net(e.net.get()),
             esc(e.note.as_deref().unwrap_or("")),
             e.expires_at.map_or_else(|| "never".to_owned(), time),
             if e.is_active(now) { "" } else { " (expired)" },

@@ -837,7 +837,9 @@ async fn check(_caller: Caller, body: Bytes) -> ApiResult {
 pub fn check_list(list: &RawList, now: SystemTime) -> Value {
     match parse_list(list, DEFAULT_MAX_ENTRIES) {
         Ok(list) => {
-            let cover = crate::console::coverage::Coverage::of(list.active_nets(now));
+            let cover = crate::console::coverage::Coverage::of(
+                list.active_nets(now).map(crate::allowlist::Net::get),
+            );
             json!({
                 "valid": true,
                 "unrestricted": list.is_unrestricted(),
