@@ -489,3 +489,155 @@ fn console_step_up_lockout_expiry_and_outsider() {
         .expect("sent to sign in again");
     shot(&b, "console-10-session-expired");
 }
+
+/// A self-signed certificate for the gateway's address.
+fn make_certificate(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+        .args(["-addext", "subjectAltName=IP:192.0.2.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// `curl -k -i` to the console over TLS from OPS: the whole answer, headers first.
+fn tls_curl(s: &Scenario, path: &str, extra: &[&str]) -> String {
+    let mut c = Curl::new(
+        &s.lab.client,
+        ip(OPS),
+        format!("https://{GATEWAY_V4}:{MANAGEMENT}{path}"),
+    )
+    .arg("--insecure")
+    .arg("--include");
+    for a in extra {
+        c = c.arg(a);
+    }
+    match c.send() {
+        Reply::Answered { body, .. } => body,
+        other => panic!("no TLS answer: {other:?}"),
+    }
+}
+
+#[test]
+fn console_over_management_tls_has_secure_cookies_and_reloads_its_certificate() {
+    let dir = std::env::temp_dir().join(format!("kf-e2e-console-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let (cert, key) = make_certificate(&dir, "first");
+    let addrs: Vec<IpAddr> = [OPS].iter().map(|a| ip(a)).collect();
+    let lab = Lab::new(&addrs).expect("building the namespaces");
+    let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
+    agent.env("KF_E2E_OPS", OPS_TOKEN);
+    let yaml = config(agent.pin_path(), false).replace(
+        "  console: {",
+        &format!(
+            "  tls: {{ cert: {}, key: {} }}\n  console: {{",
+            cert.display(),
+            key.display()
+        ),
+    );
+    agent.launch(&yaml).expect("starting keyfence");
+    assert!(
+        !agent.log().contains("management_without_tls"),
+        "no warning with TLS"
+    );
+    let s = Scenario { agent, lab };
+
+    let page = tls_curl(&s, "/login", &[]);
+    let cookie_line = page
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: kf_login="))
+        .unwrap_or_else(|| panic!("{page}"));
+    assert!(
+        cookie_line.contains("Secure") && cookie_line.contains("HttpOnly"),
+        "{cookie_line}"
+    );
+    let login_token = cookie_line.split(['=', ';']).nth(1).unwrap().to_owned();
+    let signed = tls_curl(
+        &s,
+        "/login",
+        &[
+            "--cookie",
+            &format!("kf_login={login_token}"),
+            "--data",
+            &format!("csrf={login_token}&token={OPS_TOKEN}"),
+        ],
+    );
+    let session = signed
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: kf_session=")
+        })
+        .unwrap_or_else(|| panic!("{signed}"));
+    for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Max-Age=3600"] {
+        assert!(session.contains(flag), "{flag}: {session}");
+    }
+    let csp = page
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("content-security-policy:")
+        })
+        .unwrap_or_else(|| panic!("{page}"));
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    // The API speaks TLS on the same port; plain HTTP gets no answer.
+    let api = tls_curl(
+        &s,
+        "/v1/keys",
+        &["--header", &format!("Authorization: Bearer {OPS_TOKEN}")],
+    );
+    assert!(
+        api.starts_with("HTTP/1.1 200") || api.starts_with("HTTP/2 200"),
+        "{api}"
+    );
+    assert!(matches!(
+        Curl::new(&s.lab.client, ip(OPS), console("/login")).send(),
+        Reply::Failed(_)
+    ));
+
+    // A renewed certificate serves the next connection, without a restart.
+    let (second, second_key) = make_certificate(&dir, "second");
+    thread::sleep(Duration::from_millis(1100));
+    std::fs::copy(&second_key, &key).unwrap();
+    std::fs::copy(&second, &cert).unwrap();
+    let out = s
+        .lab
+        .client
+        .command("sh")
+        .args([
+            "-c",
+            &format!("openssl s_client -connect {GATEWAY_V4}:{MANAGEMENT} </dev/null 2>/dev/null | openssl x509 -noout -subject"),
+        ])
+        .output()
+        .expect("openssl s_client");
+    let subject = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        subject.contains("second"),
+        "the renewed certificate is served: {subject}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

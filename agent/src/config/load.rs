@@ -273,6 +273,7 @@ struct RawManagement {
     admins: Vec<Spanned<RawAdmin>>,
     confirm: Option<RawConfirm>,
     console: Option<RawConsole>,
+    tls: Option<RawTls>,
 }
 
 #[derive(Deserialize)]
@@ -781,23 +782,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
             }
             (ListenerMode::Auth, None) => None,
         };
-        let tls = l.tls.and_then(|t| {
-            let mut ok = true;
-            for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
-                if let Err(e) = std::fs::File::open(&f.value) {
-                    errors.at(
-                        &f.referenced,
-                        format!("{p}.tls.{field}"),
-                        format!("cannot read {}: {e}", f.value),
-                    );
-                    ok = false;
-                }
-            }
-            ok.then(|| TlsConfig {
-                cert: PathBuf::from(&t.cert.value),
-                key: PathBuf::from(&t.key.value),
-            })
-        });
+        let tls = l.tls.and_then(|t| tls_files(&t, &p, errors));
         let client_ip = match l.client_ip {
             None => ClientIp {
                 source: ClientIpSource::Peer,
@@ -1090,8 +1075,13 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             admins: Vec::new(),
             confirm_totp_env: None,
             console: ConsoleConfig::default(),
+            tls: None,
         };
     };
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| tls_files(t, "management", errors));
     let console = console(raw.console.as_ref(), errors);
     let bind = raw
         .bind
@@ -1172,7 +1162,27 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             var
         }),
         console,
+        tls,
     }
+}
+
+/// A `tls: {cert, key}` section under `path`: both files must be readable.
+fn tls_files(t: &RawTls, path: &str, errors: &mut Errors) -> Option<TlsConfig> {
+    let mut ok = true;
+    for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
+        if let Err(e) = std::fs::File::open(&f.value) {
+            errors.at(
+                &f.referenced,
+                format!("{path}.tls.{field}"),
+                format!("cannot read {}: {e}", f.value),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| TlsConfig {
+        cert: PathBuf::from(&t.cert.value),
+        key: PathBuf::from(&t.key.value),
+    })
 }
 
 /// `management.console`: durations, each with its default.

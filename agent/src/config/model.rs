@@ -186,6 +186,9 @@ pub struct ManagementConfig {
     pub confirm_totp_env: Option<String>,
     /// `console`: how long a console session lives.
     pub console: ConsoleConfig,
+    /// `tls: {cert, key}`: the management listener (API and console) speaks
+    /// TLS; the files are reloaded when they change.
+    pub tls: Option<TlsConfig>,
 }
 
 /// `management.console`: a session ends after `idle_timeout` without a

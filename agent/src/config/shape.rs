@@ -209,6 +209,7 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
                 false,
                 Shape::Map(&[("totp_secret_env", true, Shape::Text)]),
             ),
+            ("tls", false, TLS),
             (
                 "console",
                 false,

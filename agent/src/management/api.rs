@@ -136,6 +136,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
+    tls: Option<crate::shim::tls::TlsAcceptor>,
     connections: crate::conn::ConnMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -146,7 +147,7 @@ pub async fn serve(
         Vec::new(),
         connections,
     );
-    crate::conn::serve_router(listener, router(state), gate, shutdown).await
+    crate::conn::serve_router_tls(listener, router(state), gate, tls, shutdown).await
 }
 
 /// An error answer: status and JSON body (and `Retry-After` for a 429).
