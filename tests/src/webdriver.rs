@@ -72,6 +72,12 @@ impl Browser {
     /// Start `chromedriver` in `ns` and open a headless session
     /// `width`×900 pixels; `dir` holds its log and profile.
     pub fn start(ns: &Netns, dir: &Path, width: u32) -> anyhow::Result<Self> {
+        Self::start_with(ns, dir, width, true)
+    }
+
+    /// [`Browser::start`], with JavaScript off when `script` is false (the
+    /// console's forms must work without it).
+    pub fn start_with(ns: &Netns, dir: &Path, width: u32, script: bool) -> anyhow::Result<Self> {
         require("chromedriver")?;
         require("chromium")?;
         let driver_addr: SocketAddr = ([127, 0, 0, 1], DRIVER_PORT).into();
@@ -104,6 +110,10 @@ impl Browser {
                 ],
             },
         }}});
+        if !script {
+            caps["capabilities"]["alwaysMatch"]["goog:chromeOptions"]["prefs"] =
+                json!({ "profile.managed_default_content_settings.javascript": 2 });
+        }
         if width < 500 {
             // Headless windows are at least 500 px wide: emulate a phone's
             // viewport instead.

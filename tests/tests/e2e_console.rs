@@ -641,3 +641,63 @@ fn console_over_management_tls_has_secure_cookies_and_reloads_its_certificate() 
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn console_forms_work_without_javascript() {
+    let s = Scenario::start(true);
+    set_source(&s.lab.client, OPS);
+    let b =
+        Browser::start_with(&s.lab.client, s.agent.dir(), 1024, false).expect("starting chromium");
+    sign_in(&b, OPS_TOKEN);
+    b.wait("#keys", WAIT).unwrap();
+    let scripted = b.script("return 1;", &[]);
+    assert!(
+        scripted.is_ok(),
+        "WebDriver scripts still run: {scripted:?}"
+    );
+    let live = b.source().unwrap();
+    assert!(live.contains("console.js"), "the page names its script");
+
+    // Create: the server checks the list; the code field is plainly there.
+    b.goto(&console("/keys/new")).unwrap();
+    b.type_into("#name", "no script").unwrap();
+    b.type_into("#ip_allow_list", "192.0.2.10\n10.0.0.5/8")
+        .unwrap();
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        b.text("#allow-check").unwrap(),
+        "",
+        "no live check without script"
+    );
+    b.click("#create").unwrap();
+    b.wait_text("#entry-errors", "did you mean 10.0.0.0/8?", WAIT)
+        .unwrap();
+    shot(&b, "console-11-no-script-error");
+    b.clear("#ip_allow_list").unwrap();
+    b.type_into("#ip_allow_list", "192.0.2.10\n10.0.0.0/8")
+        .unwrap();
+    let t = now();
+    b.type_into("#code", &code_at(t)).unwrap();
+    b.click("#create").unwrap();
+    b.wait("#secret", WAIT).unwrap();
+    let copy_hidden = b.property("#copy", "hidden").unwrap();
+    assert_eq!(copy_hidden, true, "the copy button needs script");
+    b.click("#to-key").unwrap();
+    b.wait("#editor", WAIT).unwrap();
+    let id = b.text("#key-id").unwrap();
+
+    // Edit: preview and save by plain form posts, the code in its field.
+    b.type_into("#add", "203.0.113.0/24").unwrap();
+    b.click("#preview-button").unwrap();
+    b.wait_text("#preview", "+ 203.0.113.0/24", WAIT).unwrap();
+    shot(&b, "console-12-no-script-preview");
+    b.type_into("#code", &code_at(t + STEP_SECONDS)).unwrap();
+    b.click("#save").unwrap();
+    b.wait("#done", WAIT).expect("saved without script");
+    let (_, key) = s.api("GET", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(
+        key["ip_allow_list"],
+        json!(["10.0.0.0/8", "192.0.2.10/32", "203.0.113.0/24"]),
+        "{key}"
+    );
+}

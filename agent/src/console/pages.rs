@@ -526,13 +526,16 @@ impl Preview {
     }
 }
 
-fn code_field(step_up: bool, problem: Option<&String>) -> String {
+/// The step-up code's field; `id` is unique on its page (several forms
+/// may each carry one).
+fn code_field(step_up: bool, problem: Option<&String>, id: &str) -> String {
     if !step_up {
         return String::new();
     }
-    let mut out = String::from(
-        "<div class=\"code-field\"><label for=\"code\">Confirmation code (TOTP, 6 digits)</label>\
-         <input id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9]{6}\" maxlength=\"6\">",
+    let id = esc(id);
+    let mut out = format!(
+        "<div class=\"code-field\"><label for=\"{id}\">Confirmation code (TOTP, 6 digits)</label>\
+         <input id=\"{id}\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9]{{6}}\" maxlength=\"6\">",
     );
     if let Some(p) = problem {
         let _ = write!(
@@ -598,7 +601,7 @@ pub fn create_form(f: &Form, problems: &Problems, step_up: bool, csrf: &str) -> 
         },
         list = esc(f.text("ip_allow_list")),
         entries = problems.list_html(),
-        code = code_field(step_up, problems.code.as_ref()),
+        code = code_field(step_up, problems.code.as_ref(), "code"),
     );
     out
 }
@@ -718,7 +721,7 @@ impl Detail<'_> {
             "</p><form method=\"post\" action=\"/keys/{id}/add\" class=\"inline\"{}>{}<input type=\"hidden\" name=\"cidr\" value=\"{ip}\"><input type=\"hidden\" name=\"note\" value=\"added from the console\">{}<button type=\"submit\" id=\"add-mine\">Add {ip} to the list</button></form></section>",
             step_up_attr(step_up),
             self.hidden(),
-            code_field(step_up, None),
+            code_field(step_up, None, "code-mine"),
         );
         out
     }
@@ -795,7 +798,7 @@ impl Detail<'_> {
 </form>{preview}</section>"#,
             add = esc(self.form.map_or("", |f| f.text("add"))),
             problems = self.problems.list_html(),
-            code = code_field(step_up, self.problems.code.as_ref()),
+            code = code_field(step_up, self.problems.code.as_ref(), "code"),
             preview = self
                 .preview
                 .as_ref()
@@ -823,12 +826,13 @@ impl Detail<'_> {
                 .map(|n| n.trunc().to_string())
                 .unwrap_or_default();
                 for (cidr, label) in [(s.ip.to_string(), s.ip.to_string()), (wide.clone(), wide)] {
+                    let field = format!("code-add-{cidr}");
                     let _ = write!(
                         add,
                         "<form method=\"post\" action=\"/keys/{id}/add\" class=\"inline\"{}>{}<input type=\"hidden\" name=\"cidr\" value=\"{c}\"><input type=\"hidden\" name=\"note\" value=\"seen source\">{}<button type=\"submit\" data-add=\"{c}\">Add {l}</button></form>",
                         step_up_attr(step_up),
                         self.hidden(),
-                        code_field(step_up, None),
+                        code_field(step_up, None, &field),
                         c = esc(&cidr),
                         l = esc(&label),
                     );
