@@ -539,6 +539,49 @@ fn tls_curl(s: &Scenario, path: &str, extra: &[&str]) -> String {
     }
 }
 
+/// `POST /v1/allowlist/check`: the grammar's answer, bad bodies 400, no token
+/// 401, nothing stored.
+fn allowlist_check_over_tls(s: &Scenario) {
+    let check = |body: &str, token: bool| {
+        let mut args = vec!["--header", "Content-Type: application/json", "--data", body];
+        let bearer = format!("Authorization: Bearer {OPS_TOKEN}");
+        if token {
+            args.extend(["--header", &bearer]);
+        }
+        let answer = tls_curl(s, "/v1/allowlist/check", &args);
+        let status: u16 = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let json = answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        (
+            status,
+            serde_json::from_str::<Value>(&json).unwrap_or(Value::String(json)),
+        )
+    };
+    let (status, ok) = check(r#"{"ip_allow_list": "192.0.2.0/24, 2001:db8::/64"}"#, true);
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["valid"], true);
+    assert_eq!(ok["addresses"], "256 IPv4 and 2^64 IPv6 addresses");
+    let (status, bad) = check(r#"{"ip_allow_list": ["10.0.0.5/8", "example.com"]}"#, true);
+    assert_eq!(status, 200, "{bad}");
+    assert_eq!(bad["errors"][0]["suggestion"], "10.0.0.0/8", "{bad}");
+    assert_eq!(bad["errors"][1]["position"], 2, "{bad}");
+    assert_eq!(check(r#"{"ip_allow_list": 5}"#, true).0, 400);
+    assert_eq!(check(r#"{"list": ""}"#, true).0, 400);
+    assert_eq!(check(r#"{"ip_allow_list": ""}"#, false).0, 401);
+    let keys = tls_curl(
+        s,
+        "/v1/keys",
+        &["--header", &format!("Authorization: Bearer {OPS_TOKEN}")],
+    );
+    assert!(
+        keys.contains(r#""keys":[]"#),
+        "a check stores nothing: {keys}"
+    );
+}
+
 #[test]
 fn console_over_management_tls_has_secure_cookies_and_reloads_its_certificate() {
     let dir = std::env::temp_dir().join(format!("kf-e2e-console-tls-{}", std::process::id()));
@@ -618,6 +661,8 @@ fn console_over_management_tls_has_secure_cookies_and_reloads_its_certificate() 
         Curl::new(&s.lab.client, ip(OPS), console("/login")).send(),
         Reply::Failed(_)
     ));
+
+    allowlist_check_over_tls(&s);
 
     // A renewed certificate serves the next connection, without a restart.
     let (second, second_key) = make_certificate(&dir, "second");

@@ -1577,6 +1577,16 @@ metrics:
             ],
         ),
         (
+            "missing management tls files, console durations out of range",
+            "management:\n  tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }\n  console: { idle_timeout: 10ms, max_age: 2d }\n",
+            &[
+                "2:16: management.tls.cert: cannot read",
+                "2:41: management.tls.key: cannot read",
+                "3:28: management.console.idle_timeout",
+                "3:43: management.console.max_age: \"2d\" is outside 100ms..24h",
+            ],
+        ),
+        (
             "duplicate listener names and overlapping binds",
             "listeners:\n  - { name: a, bind: \"[::]:1\", mode: auth }\n  - { name: a, bind: \"0.0.0.0:1\", mode: auth }\n",
             &[

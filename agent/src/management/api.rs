@@ -865,3 +865,42 @@ pub fn check_list(list: &RawList, now: SystemTime) -> Value {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_list_answers_canonical_entries_or_every_error_with_suggestions() {
+        let now = SystemTime::now();
+        let ok = check_list(
+            &RawList::One("10.0.0.0/8\n192.0.2.10, 192.0.2.10".into()),
+            now,
+        );
+        assert_eq!(ok["valid"], true);
+        assert_eq!(ok["entries"], json!(["10.0.0.0/8", "192.0.2.10/32"]));
+        assert_eq!(ok["addresses"], "16,777,217 addresses");
+        let empty = check_list(&RawList::One(String::new()), now);
+        assert_eq!(
+            (empty["valid"].clone(), empty["unrestricted"].clone()),
+            (json!(true), json!(true))
+        );
+        let bad = check_list(
+            &RawList::One("10.0.0.5/8, host.example, ,2001:db8::1%eth0".into()),
+            now,
+        );
+        assert_eq!(bad["valid"], false);
+        let errors = bad["errors"].as_array().unwrap();
+        assert_eq!(errors.len(), 4, "{bad}");
+        assert_eq!(errors[0]["position"], 1);
+        assert_eq!(errors[0]["suggestion"], "10.0.0.0/8");
+        assert_eq!(
+            errors[0]["reason"],
+            "host bits set; did you mean 10.0.0.0/8?"
+        );
+        assert!(errors[1]["reason"].as_str().unwrap().contains("hostnames"));
+        assert_eq!(errors[1]["suggestion"], Value::Null);
+        assert_eq!(errors[2]["reason"], "empty entry");
+        assert!(errors[3]["reason"].as_str().unwrap().contains("zone"));
+    }
+}
