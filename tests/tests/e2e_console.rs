@@ -543,7 +543,15 @@ fn tls_curl(s: &Scenario, path: &str, extra: &[&str]) -> String {
 /// 401, nothing stored.
 fn allowlist_check_over_tls(s: &Scenario) {
     let check = |body: &str, token: bool| {
-        let mut args = vec!["--header", "Content-Type: application/json", "--data", body];
+        // HTTP/1.1: curl 7.88 takes an early answer to an h2 upload
+        // (RST_STREAM(NO_ERROR) after a 401) for an error.
+        let mut args = vec![
+            "--http1.1",
+            "--header",
+            "Content-Type: application/json",
+            "--data",
+            body,
+        ];
         let bearer = format!("Authorization: Bearer {OPS_TOKEN}");
         if token {
             args.extend(["--header", &bearer]);
