@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use keyfence::{
-    allowlist::ClientAddr,
+    allowlist::{ClientAddr, Net},
     shim::client_ip::{appended_xff, forwarded_client, is_trusted},
 };
 use libfuzzer_sys::{arbitrary, fuzz_target};
@@ -50,12 +50,12 @@ struct Input {
     origin: Addr,
 }
 
-fn net(addr: &Addr, len: u8) -> IpNet {
+/// A trusted network as the config holds it (canonical), if this one is.
+fn net(addr: &Addr, len: u8) -> Option<Net> {
     let ip = ClientAddr::new(addr.ip()).ip();
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    IpNet::new(ip, len % (max + 1))
-        .expect("prefix length in range")
-        .trunc()
+    let net = IpNet::new(ip, len % (max + 1)).ok()?.trunc();
+    Net::new(net).ok()
 }
 
 /// An entry as docs/behaviour.md describes them: an address, `v4:port` or
@@ -69,7 +69,12 @@ fn entry(raw: &[u8]) -> Option<IpAddr> {
 }
 
 fuzz_target!(|input: Input| {
-    let trusted: Vec<IpNet> = input.trusted.iter().take(8).map(|(a, l)| net(a, *l)).collect();
+    let trusted: Vec<Net> = input
+        .trusted
+        .iter()
+        .take(8)
+        .filter_map(|(a, l)| net(a, *l))
+        .collect();
     let hops = u32::from(input.hops % 8);
     let peer = ClientAddr::new(input.peer.ip());
     let values: Vec<&[u8]> = input.values.iter().take(8).map(Vec::as_slice).collect();
