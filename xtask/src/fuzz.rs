@@ -2,9 +2,12 @@
 //! nightly, not a workspace member) and run every target for a bounded time.
 //!
 //! Budget: CI has 2 cores and 90 minutes for everything, so each target runs
-//! [`SECONDS_PER_TARGET`] (four targets: under three minutes of fuzzing, plus
-//! the build, about two minutes from cold). `KEYFENCE_FUZZ_SECONDS` overrides
-//! it for a longer local run. The sanitizer is off (`--sanitizer none`): the
+//! [`SECONDS_PER_TARGET`]: four targets, 160 s of fuzzing (measured: 1.1 M
+//! executions of `proxy_header`, 2.1 M of `forwarded_for`, 0.2 M of `config`,
+//! 0.66 M of `allowlist`), plus the build (the agent and its dependencies with
+//! coverage instrumentation, in `fuzz/target`: 9.5 min from cold on 2 cores
+//! shared with five other builds, a no-op when nothing changed).
+//! `KEYFENCE_FUZZ_SECONDS` overrides the time for a longer local run. The sanitizer is off (`--sanitizer none`): the
 //! code under fuzz is safe Rust (`unsafe` lives only in `sys.rs`, which no
 //! target reaches), so the address sanitizer would find nothing there and would
 //! double the build and slow each run; panics and failed assertions are what
