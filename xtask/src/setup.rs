@@ -58,6 +58,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "promtool check metrics validates /metrics in the tests",
     ),
+    (
+        "chromium",
+        "the headless browser of the console tests and the demo's screenshots",
+    ),
+    (
+        "chromium-driver",
+        "WebDriver for that browser: the console tests drive it over HTTP",
+    ),
 ];
 
 /// Where bpffs must be mounted.
