@@ -191,3 +191,51 @@ fn every_command_defaults_to_the_packaging_path() {
         }
     }
 }
+
+/// Usage errors exit 2 (clap's code, SPEC §1) and say what was wrong; they
+/// never read a config or reach the API.
+#[test]
+fn usage_errors_exit_2() {
+    for (args, says) in [
+        (&["frobnicate"][..], "unrecognized subcommand"),
+        (&["check", "--no-such-flag"][..], "unexpected argument"),
+        (&["--log-format", "xml", "check"][..], "invalid value"),
+        (&["keys", "update"][..], "required"),
+        (
+            &["keys", "update", "key_x", "--report-only", "maybe"][..],
+            "invalid value",
+        ),
+        (&["run", "--config"][..], "a value is required"),
+        (&[][..], "Usage"),
+    ] {
+        let out = keyfence()
+            .args(args)
+            .env("KEYFENCE_API", "http://192.0.2.1:9")
+            .output()
+            .expect("keyfence");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// An invalid config exits 64 from every command that reads one (`run`
+/// before it touches the kernel), with the located error.
+#[test]
+fn an_invalid_config_exits_64_from_every_command() {
+    let broken = TempConfig::new("datapath: { mode: off }\nrejection: { status: 200 }\n");
+    for command in ["check", "run", "status", "detach"] {
+        let out = keyfence()
+            .arg(command)
+            .arg("--config")
+            .arg(broken.path())
+            .output()
+            .expect("keyfence");
+        assert_eq!(out.status.code(), Some(64), "{command}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("{}:2:", broken.path().display()))
+                && stderr(&out).contains("rejection.status"),
+            "{command}: {}",
+            stderr(&out)
+        );
+    }
+}

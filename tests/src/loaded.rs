@@ -1,7 +1,7 @@
 //! The real datapath loaded for `BPF_PROG_TEST_RUN` (no interface attached),
 //! with a private pin root removed however the test ends.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use keyfence::{
     datapath::Datapath,
@@ -14,7 +14,7 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 /// A loaded datapath and the guard of its pins (dropped after it).
 pub struct Loaded {
     pub datapath: Datapath,
-    _pins: Pins,
+    pins: Pins,
 }
 
 struct Pins(PathBuf);
@@ -27,6 +27,12 @@ impl Drop for Pins {
 }
 
 impl Loaded {
+    /// The pin root (`datapath::pin_dir` of it holds the pinned maps).
+    #[must_use]
+    pub fn pin_root(&self) -> &Path {
+        &self.pins.0
+    }
+
     /// Load under `/sys/fs/bpf/kf-<name>-<pid>`, counting loopback packets
     /// under interface slot `lo_slot`.
     pub fn new(name: &str, lo_slot: u32) -> anyhow::Result<Self> {
@@ -34,10 +40,7 @@ impl Loaded {
         let pins = Pins(root.clone());
         let mut datapath = Datapath::load_unattached(&root)?;
         datapath.set_interface_slots(&[(LOOPBACK_IFINDEX, lo_slot)])?;
-        Ok(Self {
-            datapath,
-            _pins: pins,
-        })
+        Ok(Self { datapath, pins })
     }
 }
 

@@ -152,6 +152,37 @@ impl Scenario {
         .send()
     }
 
+    /// A request from `source` on listener `api` times out, and the datapath
+    /// counted the drop: a timeout alone could be anything on the way (a slow
+    /// agent, a lost answer), the counter says the SYN met the XDP program.
+    #[track_caller]
+    fn assert_dropped(&self, source: &str, secret: &str, what: &str) {
+        let before = self.dropped();
+        let reply = self.request(source, secret);
+        assert_eq!(
+            reply,
+            Reply::TimedOut,
+            "{what}: the datapath should drop the SYN from {source}"
+        );
+        let after = self.dropped();
+        assert!(
+            after > before,
+            "{what}: {source} timed out but keyfence_packets_total{{listener=\"api\",reason=\"not_allowed\"}} stayed at {before}"
+        );
+    }
+
+    /// `keyfence_http_requests_total` on listener `api` with `outcome`.
+    fn metric_with_outcome(&self, outcome: &str) -> f64 {
+        metric_with(self, "keyfence_http_requests_total", "outcome", outcome)
+    }
+
+    /// Packets the datapath dropped on listener `api` because no key allows their source.
+    fn dropped(&self) -> u64 {
+        self.agent
+            .packet_count("api", "not_allowed")
+            .expect("reading /metrics")
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let text = self.agent.metrics().expect("reading /metrics");
         parse_samples(&text, name).iter().map(|s| s.value).sum()
@@ -255,15 +286,6 @@ fn assert_status(reply: &Reply, status: u16, what: &str) {
     assert_eq!(reply.status(), Some(status), "{what}: {reply:?}");
 }
 
-#[track_caller]
-fn assert_dropped(reply: &Reply, what: &str) {
-    assert_eq!(
-        *reply,
-        Reply::TimedOut,
-        "{what}: the datapath should drop the SYN"
-    );
-}
-
 #[test]
 fn the_seed_routine_through_the_api_takes_effect_before_the_answer() {
     let s = Scenario::new(false);
@@ -276,7 +298,7 @@ fn the_seed_routine_through_the_api_takes_effect_before_the_answer() {
     assert!(id.starts_with("key_"), "{id}");
     assert!(secret.starts_with("kf_") && secret.len() == 52, "{secret}");
     assert_status(&s.request(SEEN, &secret), 403, "not yet listed");
-    assert_dropped(&s.request(DROPPED, &secret), "no key lists it");
+    s.assert_dropped(DROPPED, &secret, "no key lists it");
 
     // Add the client's addresses: in force when the answer arrives.
     let a = ops.set_allow(&id, &json!(["198.51.100.7", SEEN, DROPPED]));
@@ -301,7 +323,7 @@ fn the_seed_routine_through_the_api_takes_effect_before_the_answer() {
     let a = ops.set_allow(&id, &json!(["198.51.100.7"]));
     assert_eq!(a.status, 200, "{a:?}");
     assert_status(&s.request(SEEN, &secret), 403, "removed");
-    assert_dropped(&s.request(DROPPED, &secret), "removed from the maps");
+    s.assert_dropped(DROPPED, &secret, "removed from the maps");
 
     // Re-add.
     let a = ops.set_allow(&id, &json!("198.51.100.7, 192.0.2.10, 192.0.2.12"));
@@ -528,7 +550,7 @@ fn another_writers_changes_are_enforced_from_the_change_feed() {
     const SECRET: &str = "kf_written_elsewhere_0123456789abcdef";
     let s = Scenario::new(false);
     let ops = s.ops();
-    assert_dropped(&s.request(DROPPED, SECRET), "no key allows the address yet");
+    s.assert_dropped(DROPPED, SECRET, "no key allows the address yet");
     let actor = Actor {
         principal: "admin:elsewhere".into(),
         address: ip(OPS),
@@ -737,12 +759,24 @@ fn bad_input_meets_a_clear_error_and_changes_nothing() {
     assert_status(&s.request(SEEN, &secret), 200, "the key works as before");
 }
 
+/// Sleep until `at`.
+fn sleep_until(at: SystemTime) {
+    if let Ok(left) = at.duration_since(SystemTime::now()) {
+        thread::sleep(left);
+    }
+}
+
+/// An entry's `expires_at` in both layers, to the second: it still matches
+/// one second before (a request through the shim, a SYN through the datapath)
+/// and is refused within one second after (403 from the shim; a dropped SYN,
+/// counted).
 #[test]
 fn an_expiring_entry_stops_matching_on_time_in_both_layers() {
     let s = Scenario::new(false);
     let ops = s.ops();
-    let until =
-        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(4)).to_string();
+    // Whole seconds, as RFC 3339 with seconds carries it.
+    let expires = UNIX_EPOCH + Duration::from_secs(unix_now() + 8);
+    let until = humantime::format_rfc3339_seconds(expires).to_string();
     let (id, secret) = ops.create(&json!({
         "name": "contractor",
         "ip_allow_list": [
@@ -754,16 +788,60 @@ fn an_expiring_entry_stops_matching_on_time_in_both_layers() {
     let shown = ops.get(&format!("/v1/keys/{id}")).body;
     assert_eq!(shown["ip_allow_list"][0]["note"], "contractor laptop");
     assert_eq!(shown["ip_allow_list"][0]["expires_at"], until.as_str());
-    assert_status(&s.request(SEEN, &secret), 200, "before expiry");
-    assert_status(&s.request(DROPPED, &secret), 200, "before expiry, datapath");
-    let expired = poll_until(Duration::from_secs(10), Duration::from_millis(250), || {
-        s.request(SEEN, &secret).status() == Some(403)
-    });
-    assert!(expired, "the shim stops honouring the entry");
-    let dropped = poll_until(Duration::from_secs(5), Duration::from_millis(250), || {
-        s.request(DROPPED, &secret) == Reply::TimedOut
-    });
-    assert!(dropped, "the datapath stops honouring the entry");
+
+    // Still in force one second before (both checks end by then).
+    sleep_until(expires - Duration::from_millis(1600));
+    assert_status(&s.request(SEEN, &secret), 200, "1 s before expiry, shim");
+    assert_status(
+        &s.request(DROPPED, &secret),
+        200,
+        "1 s before expiry, datapath",
+    );
+    let left = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left >= Duration::from_secs(1),
+        "the checks before expiry ended only {left:?} before it: the machine is too slow to test the second"
+    );
+
+    // Refused within one second after: the first attempts made from the
+    // expiry on.
+    sleep_until(expires);
+    let deadline = expires + Duration::from_secs(1);
+    let before = s.dropped();
+    let (mut shim_at, mut datapath_at) = (None, None);
+    while shim_at.is_none() || datapath_at.is_none() {
+        let at = SystemTime::now();
+        assert!(
+            at <= deadline,
+            "1 s after expiry: shim refused {shim_at:?}, datapath dropped {datapath_at:?}"
+        );
+        if shim_at.is_none() && s.request(SEEN, &secret).status() == Some(403) {
+            shim_at = Some(at);
+        }
+        let at = SystemTime::now();
+        if datapath_at.is_none() && at <= deadline && s.request(DROPPED, &secret) == Reply::TimedOut
+        {
+            datapath_at = Some(at);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.dropped() > before, "the datapath counted the drop");
+    let after = |at: Option<SystemTime>| at.and_then(|a| a.duration_since(expires).ok());
+    eprintln!(
+        "expiry: the shim refused a request sent {:?} after it, the datapath dropped a SYN sent {:?} after it",
+        after(shim_at),
+        after(datapath_at)
+    );
+    // An entry without expiry is unaffected.
+    let shown = ops.get(&format!("/v1/keys/{id}")).body;
+    assert!(
+        shown["ip_allow_list"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|e| e == "198.51.100.7/32" || e["cidr"] == "198.51.100.7/32")),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -1083,7 +1161,7 @@ fn metrics_pass_promtool_check_metrics() {
     assert_status(&s.request(SEEN, &secret), 200, "allowed");
     assert_status(&s.request(SEEN_TOO, &secret), 403, "refused");
     assert_status(&s.request(SEEN, "no-such-key-0123456789"), 401, "unknown");
-    assert_dropped(&s.request(DROPPED, &secret), "dropped");
+    s.assert_dropped(DROPPED, &secret, "dropped");
     assert_eq!(ops.set_allow(&id, &json!([SEEN, SEEN_TOO])).status, 200);
     let text = s.agent.metrics().expect("reading /metrics");
     for family in [
@@ -1214,7 +1292,7 @@ fn a_full_map_refuses_with_507_stores_nothing_and_works_once_room_is_made() {
     let shown = ops.get(&format!("/v1/keys/{a}"));
     assert_eq!(shown.body["ip_allow_list"], json!(["192.0.2.12/32"]));
     assert_status(&s.request(SEEN, &a_secret), 403, "the shim agrees");
-    assert_dropped(&s.request(OUTSIDER, &a_secret), "no entry for it");
+    s.assert_dropped(OUTSIDER, &a_secret, "no entry for it");
 
     // Room made: the same create works and its address passes.
     let revoked = ops.call("DELETE", &format!("/v1/keys/{b}"), None, None);
@@ -1225,7 +1303,7 @@ fn a_full_map_refuses_with_507_stores_nothing_and_works_once_room_is_made() {
     assert_full(&ops.set_allow(&a, &wider), 2, "full again");
     let revoked = ops.call("DELETE", &format!("/v1/keys/{c}"), None, None);
     assert_eq!(revoked.status, 200, "{revoked:?}");
-    assert_dropped(&s.request(ADMIN_KEY_FROM, &c_secret), "c's entry is gone");
+    s.assert_dropped(ADMIN_KEY_FROM, &c_secret, "c's entry is gone");
     let a2 = ops.set_allow(&a, &wider);
     assert_eq!(a2.status, 200, "{a2:?}");
     assert_status(
@@ -1315,8 +1393,9 @@ fn a_kernel_refusal_fails_open_reports_degraded_and_reconciles() {
     let a = ops.set_allow(&id, &wider);
     assert_eq!(a.status, 200, "{a:?}");
     assert_status(&s.request(OUTSIDER, &secret), 200, "entry written");
-    assert_dropped(
-        &s.request(ADMIN_KEY_FROM, &secret),
+    s.assert_dropped(
+        ADMIN_KEY_FROM,
+        &secret,
         "restricted again: a source in no list is dropped",
     );
 }
@@ -1767,7 +1846,7 @@ fn a_full_disk_answers_507_changes_nothing_and_keeps_serving() {
         403,
         "and is still restricted",
     );
-    assert_dropped(&s.request(DROPPED, &secret), "the datapath is unchanged");
+    s.assert_dropped(DROPPED, &secret, "the datapath is unchanged");
     assert!(
         s.agent.log().contains("key store full"),
         "{}",
@@ -1778,4 +1857,134 @@ fn a_full_disk_answers_507_changes_nothing_and_keeps_serving() {
     std::fs::remove_file(disk.0.join("filler")).expect("removing the filler");
     let a = ops.call("POST", "/v1/keys", Some(&big), None);
     assert_eq!(a.status, 201, "{a:?}");
+}
+
+/// `report_only` through the API: a key switched to report-only passes its
+/// unlisted addresses in both layers (its listener opens at packet level) and
+/// counts `outcome="report_only"`; switched back, the same address is refused
+/// by the shim and dropped by the datapath again.
+#[test]
+fn report_only_through_the_api_reports_instead_of_refusing_in_both_layers() {
+    let s = Scenario::new(false);
+    let ops = s.ops();
+    let (id, secret) = ops.create(&json!({"name": "trial", "ip_allow_list": [SEEN]}));
+    assert_status(&s.request(SEEN_TOO, &secret), 403, "unlisted, enforcing");
+    s.assert_dropped(DROPPED, &secret, "unlisted and in no list, enforcing");
+
+    let path = format!("/v1/keys/{id}");
+    let on = ops.call("PATCH", &path, Some(r#"{"report_only": true}"#), None);
+    assert_eq!(on.status, 200, "{on:?}");
+    assert_eq!(on.body["report_only"], true, "{on:?}");
+    let reported = s.metric_with_outcome("report_only");
+    assert_status(&s.request(SEEN_TOO, &secret), 200, "unlisted, report-only");
+    assert_status(
+        &s.request(DROPPED, &secret),
+        200,
+        "report-only opens the datapath too",
+    );
+    let counted = s.metric_with_outcome("report_only") - reported;
+    assert!(
+        (counted - 2.0).abs() < 0.5,
+        "report_only counted {counted}, not 2"
+    );
+    assert_eq!(ops.get(&path).body["report_only"], true);
+
+    let off = ops.call("PATCH", &path, Some(r#"{"report_only": false}"#), None);
+    assert_eq!(off.status, 200, "{off:?}");
+    assert_status(&s.request(SEEN_TOO, &secret), 403, "enforcing again");
+    s.assert_dropped(DROPPED, &secret, "enforcing again, datapath");
+    assert_status(&s.request(SEEN, &secret), 200, "its own address all along");
+    let actions: Vec<String> = ops
+        .audit_of(&id)
+        .iter()
+        .filter_map(|e| e["action"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(actions.len(), 3, "create and two updates: {actions:?}");
+}
+
+/// The CLI's `--confirm` against an agent that requires step-up: without it
+/// a write that sets an allow list fails (exit 1, the API's reason) and
+/// changes nothing; with the current code it works; `KEYFENCE_CONFIRM` is the
+/// same option.
+#[test]
+fn the_cli_sends_the_step_up_code_with_confirm() {
+    let s = Scenario::new(true);
+    let totp = Confirmer::from_base32(TOTP_SECRET).expect("the test secret");
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    };
+    let keys = |s: &Scenario| {
+        s.ops().get("/v1/keys").body["keys"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let before = keys(&s);
+    let (code, out, err) = cli(&s, &["create", "--name", "CI", "--allow", SEEN]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("confirmation required"), "{err}");
+    assert_eq!(keys(&s), before, "nothing was created");
+    let (code, out, err) = cli(
+        &s,
+        &[
+            "create",
+            "--name",
+            "CI",
+            "--allow",
+            SEEN,
+            "--confirm",
+            "000000",
+        ],
+    );
+    assert_eq!(code, 1, "a wrong code: {out}{err}");
+    assert_eq!(keys(&s), before, "nothing was created");
+
+    // Two writes need two codes (a code works once): wait for a fresh step.
+    let into_step = now() % STEP_SECONDS;
+    if into_step > STEP_SECONDS - 5 {
+        thread::sleep(Duration::from_secs(STEP_SECONDS - into_step + 1));
+    }
+    let (code, out, err) = cli(
+        &s,
+        &[
+            "create",
+            "--name",
+            "CI",
+            "--allow",
+            SEEN,
+            "--json",
+            "--confirm",
+            &totp.code_at(now()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let created: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let secret = created["secret"].as_str().expect("secret").to_owned();
+    assert_status(&s.request(SEEN, &secret), 200, "created with --confirm");
+
+    thread::sleep(Duration::from_secs(STEP_SECONDS - now() % STEP_SECONDS + 1));
+    let out = s
+        .lab
+        .gateway
+        .command(keyfence_tests::netns::keyfence_bin().expect("the keyfence binary"))
+        .args(["keys", "update", &id, "--allow", SEEN_TOO])
+        .env("KEYFENCE_API", format!("http://127.0.0.1:{MANAGEMENT}"))
+        .env("KEYFENCE_TOKEN", OPS_TOKEN)
+        .env("KEYFENCE_CONFIRM", totp.code_at(now()))
+        .output()
+        .expect("running keyfence keys");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_status(
+        &s.request(SEEN_TOO, &secret),
+        200,
+        "updated with KEYFENCE_CONFIRM",
+    );
+    assert_status(
+        &s.request(SEEN, &secret),
+        403,
+        "updated with KEYFENCE_CONFIRM",
+    );
 }

@@ -54,6 +54,9 @@ struct Outcome {
     reply: Reply,
     /// Connects refused (nobody listening during a restart) and retried.
     retried: u32,
+    /// When the first try started and the answer came.
+    began: Instant,
+    ended: Instant,
 }
 
 /// `GET /v1/orders` with the key, retrying a refused connect every 50 ms for
@@ -61,7 +64,8 @@ struct Outcome {
 fn allowed_request(lab: &Lab) -> Outcome {
     let dest = SocketAddr::new(GATEWAY_V4.into(), API);
     let mut retried = 0;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let began = Instant::now();
+    let deadline = began + Duration::from_secs(5);
     loop {
         let reply = Curl::new(&lab.client, ip(ALLOWED), url("http", dest, "/v1/orders"))
             .connect_timeout(Duration::from_secs(1))
@@ -74,7 +78,36 @@ fn allowed_request(lab: &Lab) -> Outcome {
             thread::sleep(Duration::from_millis(50));
             continue;
         }
-        return Outcome { reply, retried };
+        return Outcome {
+            reply,
+            retried,
+            began,
+            ended: Instant::now(),
+        };
+    }
+}
+
+/// Each restart gap `(from, to)` held at least one allowed request in flight
+/// and two refused attempts started inside it.
+fn assert_gaps_under_load(
+    gaps: &[(Instant, Instant)],
+    allowed: &[Outcome],
+    refused: &[(Instant, Connect)],
+) {
+    for (n, (from, to)) in gaps.iter().enumerate() {
+        let in_flight = allowed
+            .iter()
+            .filter(|o| o.began <= *to && o.ended >= *from)
+            .count();
+        let tried = refused
+            .iter()
+            .filter(|(at, _)| at >= from && at <= to)
+            .count();
+        assert!(
+            in_flight >= 1 && tried >= 2,
+            "restart {n} (a gap of {:?}) was not under load: {in_flight} allowed requests in flight, {tried} refused attempts started",
+            to.duration_since(*from)
+        );
     }
 }
 
@@ -82,6 +115,9 @@ fn allowed_request(lab: &Lab) -> Outcome {
 /// tries connections from an address no key allows: no allowed request fails
 /// (beyond connects refused while no agent listens, which are retried), and the
 /// refused source never completes a handshake, also while the agent is away.
+/// Each restart's gap (from the SIGTERM to the new agent's readiness) is
+/// shown to have been under load: allowed requests in flight and refused
+/// attempts started inside it.
 #[test]
 fn three_restarts_under_load_lose_no_allowed_request_and_open_nothing() {
     let lab = Lab::new(&[ip(ALLOWED), ip(REFUSED)]).expect("building the namespaces");
@@ -93,7 +129,7 @@ fn three_restarts_under_load_lose_no_allowed_request_and_open_nothing() {
     let started = Instant::now();
     let max_run = Duration::from_secs(40);
 
-    let (allowed, refused) = thread::scope(|scope| {
+    let (allowed, refused, gaps) = thread::scope(|scope| {
         let allowed_client = scope.spawn(|| {
             let mut outcomes = Vec::new();
             // Bounded: at most 600 requests, 40 s.
@@ -115,29 +151,41 @@ fn three_restarts_under_load_lose_no_allowed_request_and_open_nothing() {
                 if stop.load(Ordering::SeqCst) || started.elapsed() > max_run {
                     break;
                 }
-                attempts.push(scope.spawn(move || {
-                    tcp_connect(client, ip(REFUSED), dest, Duration::from_millis(300))
-                }));
+                let at = Instant::now();
+                attempts.push((
+                    at,
+                    scope.spawn(move || {
+                        tcp_connect(client, ip(REFUSED), dest, Duration::from_millis(300))
+                    }),
+                ));
                 thread::sleep(Duration::from_millis(50));
             }
             attempts
                 .into_iter()
-                .map(|h| h.join().expect("attempt thread"))
+                .map(|(at, h)| (at, h.join().expect("attempt thread")))
                 .collect::<Vec<_>>()
         });
+        let mut gaps = Vec::new();
         for _ in 0..RESTARTS {
             thread::sleep(Duration::from_millis(800));
+            let from = Instant::now();
+            agent.sigterm().expect("SIGTERM");
+            agent.spawn().expect("starting keyfence again");
             agent
-                .restart()
-                .expect("restarting keyfence (SIGTERM, start)");
+                .wait_ready(Duration::from_secs(30))
+                .expect("keyfence ready again");
+            gaps.push((from, Instant::now()));
         }
         thread::sleep(Duration::from_millis(800));
         stop.store(true, Ordering::SeqCst);
         (
             allowed_client.join().expect("allowed client"),
             refused_client.join().expect("refused client"),
+            gaps,
         )
     });
+    assert_gaps_under_load(&gaps, &allowed, &refused);
+    let refused: Vec<Connect> = refused.into_iter().map(|(_, c)| c).collect();
 
     let failed: Vec<&Outcome> = allowed
         .iter()

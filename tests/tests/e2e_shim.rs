@@ -14,7 +14,7 @@ use std::{
 
 use keyfence_tests::{
     config,
-    http::{Curl, Daemon, Reply, Upstream, require, url},
+    http::{Curl, Daemon, Reply, Upstream, raw_exchange, require, url},
     netns::{Agent, GATEWAY_V4, GATEWAY_V6, Lab, poll_until},
 };
 
@@ -731,20 +731,146 @@ fn haproxy_sends_proxy_v2_to_a_proxy_protocol_listener() {
     let seen = s.get("192.0.2.61", HAPROXY, None, "/_keyfence/ip");
     assert_eq!(seen.body(), r#"{"ip":"192.0.2.61"}"#, "{seen:?}");
 
-    // Without the PROXY header (straight from the gateway's loopback) the
-    // connection is refused: the header is required.
-    let direct = Curl::new(
-        &s.lab.gateway,
-        ip("127.0.0.1"),
-        format!("http://127.0.0.1:{PROXY_PROTOCOL}/"),
-    )
-    .bearer(&secret_of("edge"))
-    .send();
-    assert!(
-        !matches!(direct, Reply::Answered { status: 200, .. }),
-        "a connection without a PROXY header was served: {direct:?}"
-    );
     assert_eq!(s.upstream.requests(), 1);
+}
+
+/// One raw exchange with listener `pp` from `source` on the gateway's
+/// loopback: `(answer, closed after)`; the close must come within 3 s.
+fn pp_exchange(s: &Scenario, source: &str, bytes: Vec<u8>) -> (String, Duration) {
+    let (answer, closed) = raw_exchange(
+        &s.lab.gateway,
+        ip(source),
+        SocketAddr::from(([127, 0, 0, 1], PROXY_PROTOCOL)),
+        bytes,
+        Duration::from_secs(3),
+    )
+    .expect("talking to listener pp");
+    let closed =
+        closed.unwrap_or_else(|| panic!("pp kept the connection from {source} open: {answer:?}"));
+    (answer, closed)
+}
+
+/// A request for listener `pp` (key `edge`) behind `header`.
+fn behind(header: &str, path: &str) -> Vec<u8> {
+    format!(
+        "{header}GET {path} HTTP/1.1\r\nHost: pp\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        secret_of("edge")
+    )
+    .into_bytes()
+}
+
+/// `proxy_protocol` (SPEC §4): a trusted peer must send the header, an
+/// untrusted one is closed whatever it sends, and PROXY v1 works end to end
+/// (HAProxy above speaks v2). Each refusal is a close without a byte of
+/// answer, before the 5 s PROXY header timeout, and nothing reaches the
+/// upstream or the request counters: the reason is the header, not the key
+/// or the address.
+#[test]
+fn proxy_protocol_is_required_from_trusted_peers_and_refused_from_others() {
+    let s = Scenario::new(&Options::default());
+    let counted = |s: &Scenario| -> u64 {
+        ["allowed", "ip_not_allowed", "invalid_key", "bad_request"]
+            .iter()
+            .map(|o| s.http_count("pp", o))
+            .sum()
+    };
+
+    // PROXY v1 from the trusted proxy (127.0.0.1): the announced client decides.
+    let (answer, _) = pp_exchange(
+        &s,
+        "127.0.0.1",
+        behind("PROXY TCP4 192.0.2.60 127.0.0.1 51000 8446\r\n", "/v1"),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "v1, allowed client: {answer:?}"
+    );
+    assert!(
+        answer.contains(r#""x-forwarded-for":"192.0.2.60""#),
+        "the upstream should see the announced client: {answer:?}"
+    );
+    let (answer, _) = pp_exchange(
+        &s,
+        "127.0.0.1",
+        behind("PROXY TCP4 192.0.2.61 127.0.0.1 51000 8446\r\n", "/v1"),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 403"),
+        "v1, unlisted client: {answer:?}"
+    );
+    assert!(answer.ends_with(DENIED_BODY), "{answer:?}");
+    let (answer, _) = pp_exchange(
+        &s,
+        "127.0.0.1",
+        behind(
+            "PROXY TCP6 2001:db8:9::7 ::1 51000 8446\r\n",
+            "/_keyfence/ip",
+        ),
+    );
+    assert!(
+        answer.ends_with(r#"{"ip":"2001:db8:9::7"}"#),
+        "v1 TCP6: {answer:?}"
+    );
+    // UNKNOWN (a health check): the proxy speaks for itself.
+    let (answer, _) = pp_exchange(
+        &s,
+        "127.0.0.1",
+        behind("PROXY UNKNOWN\r\n", "/_keyfence/ip"),
+    );
+    assert!(
+        answer.ends_with(r#"{"ip":"127.0.0.1"}"#),
+        "v1 UNKNOWN: {answer:?}"
+    );
+    assert_eq!(
+        s.upstream.requests(),
+        1,
+        "only the allowed request is proxied"
+    );
+    let before = counted(&s);
+
+    // The trusted proxy without a header: closed, nothing answered.
+    let (answer, closed) = pp_exchange(&s, "127.0.0.1", behind("", "/v1"));
+    assert_eq!(
+        answer, "",
+        "a trusted peer without a PROXY header was answered"
+    );
+    assert!(
+        closed < Duration::from_secs(2),
+        "closed after {closed:?}, not at once"
+    );
+    // A malformed v1 header: the same.
+    let (answer, _) = pp_exchange(
+        &s,
+        "127.0.0.1",
+        behind("PROXY TCP4 192.0.2.60 ::1 51000 8446\r\n", "/v1"),
+    );
+    assert_eq!(answer, "", "a malformed PROXY header was answered");
+
+    // An untrusted peer (127.0.0.2 is loopback, but not in trusted_proxies)
+    // announcing an allowed client with a well-formed header: closed.
+    let (answer, closed) = pp_exchange(
+        &s,
+        "127.0.0.2",
+        behind("PROXY TCP4 192.0.2.60 127.0.0.1 51000 8446\r\n", "/v1"),
+    );
+    assert_eq!(answer, "", "an untrusted peer's PROXY header was believed");
+    assert!(
+        closed < Duration::from_secs(2),
+        "closed after {closed:?}, not at once"
+    );
+    let (answer, _) = pp_exchange(&s, "127.0.0.2", behind("", "/_keyfence/ip"));
+    assert_eq!(answer, "", "an untrusted peer was served without a header");
+
+    assert_eq!(
+        s.upstream.requests(),
+        1,
+        "a refused connection reached the upstream"
+    );
+    assert_eq!(
+        counted(&s),
+        before,
+        "a refused connection counted as a request"
+    );
 }
 
 /// A self-signed certificate for the gateway's addresses.
@@ -1274,4 +1400,52 @@ fn a_body_over_the_limit_gets_413_and_counts_as_a_bad_request() {
     );
     assert_eq!(s.http_count("api", "allowed"), 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `key_header` end to end: a key in `X-API-Key` is judged exactly as one in
+/// `Authorization` on the listener that names the header (its list, its
+/// secret), and is not read at all on a listener that does not.
+#[test]
+fn key_header_carries_a_key_judged_like_a_bearer() {
+    let s = Scenario::new(&Options::default());
+    let before = s.upstream.requests();
+    let allowed = s.send("192.0.2.10", KEYED, "/k", &[&api_key_line("single")], &[]);
+    assert_eq!(
+        allowed.status(),
+        Some(200),
+        "X-API-Key from its address: {allowed:?}"
+    );
+    assert_eq!(
+        allowed.upstream_header("x-keyfence-key-id").as_deref(),
+        Some("single")
+    );
+
+    let elsewhere = s.send("192.0.2.11", KEYED, "/k", &[&api_key_line("single")], &[]);
+    assert_refused(&elsewhere, DENIED_BODY, "X-API-Key from another address");
+    let unknown = s.send(
+        "192.0.2.10",
+        KEYED,
+        "/k",
+        &[b"X-API-Key: e2e-nobody-secret-0123456789abcdef"],
+        &[],
+    );
+    assert_eq!(unknown.status(), Some(401), "{unknown:?}");
+    assert_eq!(unknown.body(), INVALID_BODY);
+    // `api` has no key_header: the header is not a credential there.
+    let unread = s.send("192.0.2.10", API, "/k", &[&api_key_line("single")], &[]);
+    assert_eq!(
+        unread.status(),
+        Some(401),
+        "X-API-Key on a listener without key_header: {unread:?}"
+    );
+
+    assert_eq!(
+        s.upstream.requests(),
+        before + 1,
+        "only the allowed request is proxied"
+    );
+    assert_eq!(s.http_count("keyed", "allowed"), 1);
+    assert_eq!(s.http_count("keyed", "ip_not_allowed"), 1);
+    assert_eq!(s.http_count("keyed", "invalid_key"), 1);
+    assert_eq!(s.http_count("api", "invalid_key"), 1);
 }

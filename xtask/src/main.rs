@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -27,14 +28,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Prepare this machine: nightly rust-src, bpf-linker built against the
-    /// nightly's LLVM, bpffs mounted, the Debian packages the tests need.
+    /// nightly's LLVM, bpffs mounted, the Debian packages the tests need,
+    /// cargo-fuzz.
     /// Idempotent.
     Setup,
     /// Setup, then build the agent (and through its build script the eBPF
     /// object) in release mode.
     Build,
-    /// Setup, then rustfmt, clippy, the unprivileged tests and the privileged
-    /// tests (root). Ends with a line `N passed, N failed`.
+    /// Setup, then rustfmt, clippy, the unprivileged tests, each fuzz target
+    /// for 40 s, the privileged tests and the demo (root). Ends with a line
+    /// `N passed, N failed`.
     Test,
     /// Setup and build, then run the agent in network namespaces on a built-in
     /// example and show allowed and dropped connections and the counters.

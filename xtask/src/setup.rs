@@ -6,7 +6,7 @@
 //! target with it), `bpf-linker` built against that nightly's own LLVM (through
 //! a prefix directory kept under `$CARGO_HOME`, which becomes the binary's
 //! RUNPATH, so it must outlive the clone), bpffs at `/sys/fs/bpf`, and the
-//! Debian packages the tests and the demo call.
+//! Debian packages the tests and the demo call, and cargo-fuzz for the fuzz stage.
 
 use std::{
     fs,
@@ -81,10 +81,11 @@ fn say(step: &str, what: impl std::fmt::Display) {
 /// Run every step; fail (after trying the independent ones) if any failed.
 pub fn run() -> anyhow::Result<()> {
     let mut failed = Vec::new();
-    let steps: [(&str, Step); 3] = [
+    let steps: [(&str, Step); 4] = [
         ("toolchain", toolchain),
         ("bpffs", bpffs),
         ("packages", packages),
+        ("cargo-fuzz", cargo_fuzz),
     ];
     for (name, step) in steps {
         if let Err(e) = step() {
@@ -290,6 +291,42 @@ fn bpf_linker(major: u32, prefix: &Path) -> anyhow::Result<()> {
         other => bail!(
             "bpf-linker still does not work after installing it (`bpf-linker --version` gave \
              {other:?}); is {} on PATH?",
+            cmd::cargo_home()?.join("bin").display()
+        ),
+    }
+}
+
+/// cargo-fuzz, which the fuzz stage of `cargo xtask test` runs (`fuzz.rs`):
+/// installed from crates.io when absent or another version (about a minute).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let wanted = crate::fuzz::CARGO_FUZZ_VERSION;
+    let found = crate::fuzz::installed_version();
+    if found.as_deref() == Some(wanted) {
+        say("cargo-fuzz", format_args!("{wanted} works"));
+        return Ok(());
+    }
+    let why = found.map_or_else(|| "absent".to_owned(), |v| format!("version {v}"));
+    say(
+        "cargo-fuzz",
+        format_args!("{why}: installing {wanted} (about a minute)"),
+    );
+    let mut install = cmd::cargo();
+    install.args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        wanted,
+        "--locked",
+        "--force",
+    ]);
+    cmd::run(&mut install)?;
+    match crate::fuzz::installed_version() {
+        Some(v) if v == wanted => {
+            say("cargo-fuzz", format_args!("installed {v}"));
+            Ok(())
+        }
+        other => bail!(
+            "`cargo +nightly fuzz --version` gave {other:?} after installing {wanted}; is {} on PATH?",
             cmd::cargo_home()?.join("bin").display()
         ),
     }

@@ -1,17 +1,19 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`). Setup, then rustfmt, clippy on
-//! every crate and target, the unprivileged tests (default members), a debug
-//! build of `keyfence` for the privileged tests to run, and the privileged tests
-//! (`keyfence-tests`, one thread: they share the kernel). Every step runs even
-//! when an earlier one failed; the last line is `N passed, N failed`, the sum of
-//! cargo's `test result:` lines, for CI to read.
+//! every crate and target, the unprivileged tests (default members), the fuzz
+//! targets for a bounded time each (`fuzz.rs`), a debug build of `keyfence` for
+//! the privileged tests to run, the privileged tests (`keyfence-tests`, one
+//! thread: they share the kernel) and `cargo xtask demo` (the README's first
+//! command). Every step runs even when an earlier one failed; the last line is
+//! `N passed, N failed`, the sum of cargo's `test result:` lines plus one per
+//! fuzz target and one for the demo, for CI to read.
 
-use std::path::Path;
+use std::{path::Path, time::Instant};
 
 use anyhow::bail;
 
 use crate::{
     build::{self, Profile},
-    cmd,
+    cmd, demo, fuzz,
 };
 
 /// Passed and failed tests, summed over cargo's `test result:` lines.
@@ -75,6 +77,8 @@ pub fn run() -> anyhow::Result<()> {
     unit.arg("test");
     steps.push(tests("unprivileged tests", &mut unit, &mut tally));
 
+    steps.extend(fuzz_targets(&mut tally));
+
     let bin = build::agent(Profile::Debug);
     steps.push(Step {
         name: "build keyfence (debug)",
@@ -96,7 +100,10 @@ pub fn run() -> anyhow::Result<()> {
                 note: "they need root (BPF, namespaces): run `sudo -E cargo xtask test`".into(),
             });
         }
-        Ok(bin) => steps.push(privileged_tests(privileged, bin, &mut tally)),
+        Ok(bin) => {
+            steps.push(privileged_tests(privileged, bin, &mut tally));
+            steps.push(demo(&mut tally));
+        }
         Err(_) => {
             tally.failed += 1;
             steps.push(Step {
@@ -122,6 +129,61 @@ pub fn run() -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("failed: {}", failed.join(", "))
+    }
+}
+
+/// Build the fuzz crate, then run each target for its time: one step (and one
+/// test in the tally) per target.
+fn fuzz_targets(tally: &mut Tally) -> Vec<Step> {
+    let started = Instant::now();
+    let outcomes = fuzz::build().and_then(|()| fuzz::run_all());
+    println!("test: fuzz: {} s in all", started.elapsed().as_secs());
+    match outcomes {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| {
+                if o.ok {
+                    tally.passed += 1;
+                } else {
+                    tally.failed += 1;
+                }
+                Step {
+                    name: o.target,
+                    ok: o.ok,
+                    note: format!("fuzz: {}", o.note),
+                }
+            })
+            .collect(),
+        Err(e) => {
+            tally.failed += 1;
+            vec![Step {
+                name: "fuzz",
+                ok: false,
+                note: format!("{e:#}"),
+            }]
+        }
+    }
+}
+
+/// `cargo xtask demo`, exactly as a user runs it (release build included): it
+/// fails when any attempt ends otherwise than the demo says it will.
+fn demo(tally: &mut Tally) -> Step {
+    println!("test: demo: cargo xtask demo");
+    let started = Instant::now();
+    let result = demo::run();
+    let took = started.elapsed().as_secs();
+    if result.is_ok() {
+        tally.passed += 1;
+    } else {
+        tally.failed += 1;
+    }
+    Step {
+        name: "demo",
+        ok: result.is_ok(),
+        note: match result {
+            Ok(()) => format!("{took} s"),
+            Err(e) => format!("{e:#}"),
+        },
     }
 }
 

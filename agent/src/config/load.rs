@@ -1833,8 +1833,23 @@ mod packaged_example {
         let text = include_str!("../../../packaging/keyfence.yaml");
         let config = super::parse(text, "packaging/keyfence.yaml")
             .unwrap_or_else(|e| panic!("packaging/keyfence.yaml:\n{e}"));
-        assert_eq!(config.listeners.len(), 2);
+        assert_eq!(config.listeners.len(), 3);
         assert_eq!(config.keys.len(), 2);
+        // The diagnostics listener serves /_keyfence/ip to every address:
+        // outside the datapath, and no key works there.
+        let diagnostics = config
+            .listeners
+            .iter()
+            .find(|l| l.name == "diagnostics")
+            .expect("a diagnostics listener");
+        assert!(!diagnostics.early_drop);
+        assert!(
+            config.keys.iter().all(|k| diagnostics
+                .tenants
+                .as_ref()
+                .is_some_and(|t| !t.contains(&k.tenant))),
+            "no key of the example is accepted on the diagnostics listener"
+        );
         assert_eq!(
             config.store.path,
             std::path::Path::new("/var/lib/keyfence/keyfence.db")

@@ -304,6 +304,31 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// docs/behaviour.md's `hops` example, exactly: after `hops` skips the
+    /// next element is the client even though it is trusted.
+    #[test]
+    fn hops_example_of_the_behaviour_doc() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let peer = client("10.0.0.5");
+        let header = ["203.0.113.7, 10.0.0.9, 10.0.0.8"];
+        assert_eq!(
+            forwarded_client(peer, &header, &trusted, 1),
+            Some(client("10.0.0.9"))
+        );
+        assert_eq!(
+            forwarded_client(peer, &header, &trusted, 2),
+            Some(client("203.0.113.7"))
+        );
+        // The same elements over two lines.
+        let lines = ["203.0.113.7", "10.0.0.9, 10.0.0.8"];
+        assert_eq!(
+            forwarded_client(peer, &lines, &trusted, 1),
+            Some(client("10.0.0.9"))
+        );
+        // No header: the peer.
+        assert_eq!(forwarded_client::<&str>(peer, &[], &trusted, 1), Some(peer));
+    }
+
     #[test]
     fn v1_tcp4_and_tcp6() {
         let h = b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 443\r\nGET /";
