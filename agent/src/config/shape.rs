@@ -167,7 +167,16 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
         false,
         Shape::Map(&[
             ("path", false, Shape::Text),
-            ("postgres", false, Shape::Text),
+            (
+                "postgres",
+                false,
+                Shape::Map(&[
+                    ("url", false, Shape::Text),
+                    ("url_env", false, Shape::Text),
+                    ("ca_file", false, Shape::Text),
+                    ("host_id", false, Shape::Text),
+                ]),
+            ),
         ]),
     ),
     (
@@ -215,6 +224,15 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
         "metrics",
         false,
         Shape::Map(&[("bind", false, Shape::Text)]),
+    ),
+    (
+        "fleet",
+        false,
+        Shape::Map(&[
+            ("live_after", false, Shape::Text),
+            ("wait_timeout", false, Shape::Text),
+            ("poll", false, Shape::Text),
+        ]),
     ),
 ]);
 
