@@ -8,6 +8,7 @@ pub mod frames;
 pub mod http;
 pub mod loaded;
 pub mod netns;
+pub mod postgres;
 pub mod rawsyn;
 pub mod refmodel;
 pub mod wrk;
