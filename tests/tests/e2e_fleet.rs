@@ -22,11 +22,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use keyfence::confirm::Confirmer;
+use keyfence::{
+    confirm::Confirmer,
+    keys::{Key, Origin},
+    store::{Actor, sqlite::SqliteStore},
+};
 use keyfence_tests::{
     config,
     http::{Curl, Reply, Upstream, url},
-    netns::{Agent, GATEWAY_V4, Lab, Netns, parse_samples, poll_until},
+    netns::{Agent, GATEWAY_V4, Lab, Netns, keyfence_bin, parse_samples, poll_until},
     postgres::Postgres,
 };
 use serde_json::{Value, json};
@@ -558,4 +562,304 @@ fn a_totp_code_used_on_one_host_is_refused_on_another_and_migrations_run_once() 
     assert_eq!(before.lines().count(), 1, "{before}");
     f.hosts[1].agent.restart().expect("restart");
     assert_eq!(schema(&f.pg), before, "a second start migrates nothing");
+}
+
+/// A key for a store written outside the agent.
+fn key(id: &str, secret: &str, list: &str) -> Key {
+    Key {
+        id: id.into(),
+        name: id.into(),
+        tenant: "default".into(),
+        scopes: vec!["api".into()],
+        digest: keyfence::keys::credentials::digest(secret),
+        allow: keyfence::allowlist::parse_list(
+            &keyfence::allowlist::RawList::One(list.into()),
+            keyfence::allowlist::DEFAULT_MAX_ENTRIES,
+        )
+        .expect("a list"),
+        report_only: false,
+        origin: Origin::Store,
+    }
+}
+
+/// `keyfence ARGS` inside `ns`: (exit status, stdout + stderr).
+fn keyfence_cli(ns: &Netns, args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let bin = keyfence_bin().expect("the keyfence binary");
+    let out = ns
+        .command(&bin)
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("running keyfence");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn store_copy_moves_a_single_hosts_store_into_the_fleet_once() {
+    let f = Fleet::start(1, false);
+    let a = f.host("a");
+    // A store file as today's single-host keyfence leaves it.
+    let file = a.agent.dir().join("single-host.db");
+    let actor = Actor {
+        principal: "admin:ops".into(),
+        address: ip(OPS),
+    };
+    {
+        let mut single = SqliteStore::open(&file).expect("a SQLite store");
+        let now = SystemTime::now();
+        single
+            .create(
+                key("key_copied1", "kf-copy-secret-one-0123456789", DROPPED),
+                &actor,
+                now,
+            )
+            .expect("create");
+        single
+            .create(
+                key("key_copied2", "kf-copy-secret-two-0123456789", SEEN),
+                &actor,
+                now,
+            )
+            .expect("create");
+        single.revoke("key_copied2", &actor, now).expect("revoke");
+    }
+    let from = format!("sqlite:{}", file.display());
+    let to = format!("postgres:{}", f.pg.url());
+    let args = ["store", "copy", "--from", &from, "--to", &to];
+    let (code, out) = keyfence_cli(&a.lab.gateway, &args, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("copied 2 of 2 keys and 3 of 3 audit rows; verified"),
+        "{out}"
+    );
+    let (code, out) = keyfence_cli(&a.lab.gateway, &args, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("copied 0 of 2 keys and 0 of 3 audit rows; verified"),
+        "{out}"
+    );
+    assert_eq!(
+        f.pg.sql("SELECT count(*) FROM keys").expect("psql").trim(),
+        "2"
+    );
+    // The running host follows the copy through the feed.
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            a.request(DROPPED, "kf-copy-secret-one-0123456789").status() == Some(200)
+        }),
+        "{}",
+        a.agent.log()
+    );
+    assert_status(
+        &a.request(SEEN, "kf-copy-secret-two-0123456789"),
+        401,
+        "revoked",
+    );
+    let audit = a.call("GET", "/v1/audit", None, None).body;
+    assert_eq!(
+        audit["entries"].as_array().map(Vec::len),
+        Some(3),
+        "{audit}"
+    );
+    // Bad input: nothing happens, the error says why.
+    let (code, out) = keyfence_cli(
+        &a.lab.gateway,
+        &["store", "copy", "--from", "/nope.db", "--to", &to],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("expected sqlite:PATH"), "{out}");
+
+    // `keyfence fleet status` through any host's API.
+    let api = format!("--api=http://127.0.0.1:{MANAGEMENT}");
+    let (code, out) = keyfence_cli(
+        &a.lab.gateway,
+        &["fleet", "status", &api],
+        &[("KEYFENCE_TOKEN", OPS_TOKEN)],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("store up") && out.lines().any(|l| l.starts_with("a ")),
+        "{out}"
+    );
+}
+
+/// Random creates, list changes and revocations through all three hosts at
+/// once; afterwards every host enforces the database's state.
+#[test]
+fn concurrent_changes_through_every_host_converge_on_the_databases_state() {
+    const CHANGES: usize = 1000;
+    let f = Fleet::start(3, false);
+    // A few keys to change; each list is one of the test's client addresses.
+    let lists = [
+        vec![SEEN],
+        vec![SEEN_TOO],
+        vec![DROPPED],
+        vec![SEEN, DROPPED],
+    ];
+    let mut keys = Vec::new();
+    for i in 0..12 {
+        let (id, secret, _) = f.hosts[i % 3].create(&lists[i % lists.len()]);
+        keys.push((id, secret));
+    }
+    let started = Instant::now();
+    let acknowledged = thread::scope(|scope| {
+        let workers: Vec<_> = f
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(w, h)| {
+                let keys = &keys;
+                let lists = &lists;
+                scope.spawn(move || {
+                    let mut seed = 0x9e37_79b9_u64 + w as u64;
+                    let mut ok = 0usize;
+                    for _ in 0..CHANGES / 3 {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let (id, _) = &keys[(seed % keys.len() as u64) as usize];
+                        let list = &lists[((seed >> 8) % lists.len() as u64) as usize];
+                        let a = h.call(
+                            "PATCH",
+                            &format!("/v1/keys/{id}"),
+                            Some(&json!({ "ip_allow_list": list })),
+                            None,
+                        );
+                        assert!(a.status == 200 || a.status == 409, "{a:?}");
+                        ok += usize::from(a.status == 200);
+                    }
+                    ok
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a worker"))
+            .sum::<usize>()
+    });
+    eprintln!(
+        "{acknowledged} changes through three hosts in {:?}",
+        started.elapsed()
+    );
+    assert!(acknowledged >= CHANGES - 3, "{acknowledged}");
+    let head = f.pg.sql("SELECT max(seq) FROM audit").expect("psql");
+    // Every host at the head, with the same key table and packet policy.
+    for h in &f.hosts {
+        assert!(
+            poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+                h.metric("keyfence_fleet_applied_sequence").to_string() == head.trim()
+            }),
+            "{}",
+            h.name
+        );
+    }
+    let reference = f.hosts[0].metric("keyfence_policy_prefixes");
+    for h in &f.hosts {
+        assert_eq!(
+            h.metric("keyfence_keys"),
+            f.hosts[0].metric("keyfence_keys")
+        );
+        assert_eq!(
+            h.metric("keyfence_policy_prefixes"),
+            reference,
+            "{}",
+            h.name
+        );
+    }
+    // Each key's final list, as the database holds it, is what every host
+    // enforces: in the shim and at packet level.
+    for (id, secret) in &keys {
+        let cidrs = f
+            .pg
+            .sql(&format!("SELECT string_agg(cidr, ',' ORDER BY cidr) FROM allow_entries WHERE key_id = '{id}'"))
+            .expect("psql");
+        for h in &f.hosts {
+            for addr in [SEEN, SEEN_TOO, DROPPED] {
+                let listed = cidrs.split(',').any(|c| c.trim() == format!("{addr}/32"));
+                let reply = h.request(addr, secret);
+                match (listed, addr) {
+                    (true, _) => assert_status(&reply, 200, &format!("{} {id} {addr}", h.name)),
+                    (false, DROPPED) => {
+                        // Another key may still list DROPPED: then the shim refuses.
+                        assert!(
+                            reply == Reply::TimedOut || reply.status() == Some(403),
+                            "{} {id} {addr}: {reply:?}",
+                            h.name
+                        );
+                    }
+                    (false, _) => assert_status(&reply, 403, &format!("{} {id} {addr}", h.name)),
+                }
+            }
+        }
+    }
+}
+
+/// An agent SIGKILLed in the middle of a write burst through another host
+/// starts again from a full snapshot and converges; no acknowledged write is
+/// lost.
+#[test]
+fn a_host_killed_during_a_write_burst_converges_after_restart() {
+    let mut f = Fleet::start(3, false);
+    let (id, secret, _) = f.hosts[0].create(&[SEEN]);
+    let lists = [vec![SEEN], vec![SEEN, DROPPED], vec![SEEN_TOO]];
+    let mut last_acknowledged = None;
+    for i in 0..60 {
+        if i == 20 {
+            f.hosts[1].agent.sigkill().expect("kill -9");
+        }
+        if i == 40 {
+            f.hosts[1].agent.spawn().expect("start again");
+        }
+        let list = &lists[i % lists.len()];
+        let a = f.hosts[0].call(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(&json!({ "ip_allow_list": list })),
+            None,
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        last_acknowledged = Some(list.clone());
+    }
+    f.hosts[1]
+        .agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready again");
+    let last = last_acknowledged.expect("writes");
+    let stored =
+        f.pg.sql(&format!(
+            "SELECT string_agg(cidr, ',' ORDER BY cidr) FROM allow_entries WHERE key_id = '{id}'"
+        ))
+        .expect("psql");
+    let mut want: Vec<String> = last.iter().map(|a| format!("{a}/32")).collect();
+    want.sort();
+    assert_eq!(
+        stored.trim(),
+        want.join(","),
+        "the last acknowledged write is stored"
+    );
+    let head = f.pg.sql("SELECT max(seq) FROM audit").expect("psql");
+    let b = &f.hosts[1];
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || { b.metric("keyfence_fleet_applied_sequence").to_string() == head.trim() }
+    ));
+    for addr in [SEEN, SEEN_TOO, DROPPED] {
+        let reply = b.request(addr, &secret);
+        if last.contains(&addr) {
+            assert_status(&reply, 200, addr);
+        } else if addr == DROPPED {
+            assert_eq!(reply, Reply::TimedOut, "{addr}");
+        } else {
+            assert_status(&reply, 403, addr);
+        }
+    }
 }
