@@ -819,9 +819,11 @@ fn a_host_killed_during_a_write_burst_converges_after_restart() {
             f.hosts[1].agent.spawn().expect("start again");
         }
         let list = &lists[i % lists.len()];
+        // `?wait=local`: the killed host would hold every answer for
+        // `fleet.wait_timeout` until its heartbeat expires.
         let a = f.hosts[0].call(
             "PATCH",
-            &format!("/v1/keys/{id}"),
+            &format!("/v1/keys/{id}?wait=local"),
             Some(&json!({ "ip_allow_list": list })),
             None,
         );
