@@ -39,7 +39,6 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use ipnet::IpNet;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -52,7 +51,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::allowlist::ClientAddr;
+use crate::allowlist::{ClientAddr, Net};
 
 /// Default time from accept (or, on a keep-alive connection, from the next
 /// request's first byte) to a complete request head.
@@ -236,7 +235,7 @@ pub fn in_reserve(fd: i32, soft: u64) -> bool {
 pub struct Gate {
     name: String,
     reserve: Reserve,
-    limits: RwLock<(ConnLimits, Arc<Vec<IpNet>>)>,
+    limits: RwLock<(ConnLimits, Arc<Vec<Net>>)>,
     sources: Mutex<HashMap<IpAddr, u32>>,
     open: AtomicUsize,
     open_gauge: Gauge,
@@ -263,7 +262,7 @@ impl Gate {
         name: &str,
         reserve: Reserve,
         limits: ConnLimits,
-        uncapped: Vec<IpNet>,
+        uncapped: Vec<Net>,
         metrics: ConnMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -283,7 +282,7 @@ impl Gate {
     }
 
     /// New limits for the connections accepted from now on (a reload).
-    pub fn set_limits(&self, limits: ConnLimits, uncapped: Vec<IpNet>) {
+    pub fn set_limits(&self, limits: ConnLimits, uncapped: Vec<Net>) {
         *self.limits.write().unwrap_or_else(PoisonError::into_inner) = (limits, Arc::new(uncapped));
     }
 

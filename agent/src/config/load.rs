@@ -8,7 +8,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::IpNet;
 use serde::{Deserialize, de};
 use serde_saphyr::{Location, Spanned};
 
@@ -20,7 +19,7 @@ use super::model::{
     PostgresUrl, Rejection, StaticKey, StoreConfig, TlsConfig, Unparsed,
 };
 use crate::{
-    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
+    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, Net, RawList, fold_ip, parse_entry, parse_list},
     keys::validate,
     secret_env::{self, EnvSecret},
 };
@@ -775,7 +774,7 @@ fn capacity(raw: Option<RawCapacity>, errors: &mut Errors) -> MapCapacity {
 }
 
 /// Parse trusted proxies (canonical CIDR rules; the whole Internet is refused).
-fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> Vec<IpNet> {
+fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> Vec<Net> {
     let mut out = Vec::new();
     for (i, entry) in raw.iter().enumerate() {
         match parse_entry(&entry.value) {
@@ -792,7 +791,7 @@ fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> 
             ),
         }
     }
-    IpNet::aggregate(&out)
+    Net::aggregate(&out)
 }
 
 fn conflicts(a: SocketAddr, b: SocketAddr) -> bool {

@@ -4,9 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use ipnet::IpNet;
-
-use crate::allowlist::AllowList;
+use crate::allowlist::{AllowList, Net};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -203,7 +201,7 @@ pub struct TlsConfig {
 pub struct ClientIp {
     pub source: ClientIpSource,
     /// Canonical (host bits clear, IPv4-mapped folded).
-    pub trusted_proxies: Vec<IpNet>,
+    pub trusted_proxies: Vec<Net>,
     /// `x_forwarded_for`: trusted hops skipped at most (default 1).
     pub hops: u32,
 }
