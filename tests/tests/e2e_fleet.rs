@@ -244,9 +244,17 @@ impl Host {
         )
     }
 
-    fn metric(&self, name: &str) -> f64 {
+    /// A metric's value summed over its series, in thousandths (gauges here
+    /// are whole numbers or seconds).
+    fn metric_milli(&self, name: &str) -> i64 {
         let text = self.agent.metrics().expect("reading /metrics");
-        parse_samples(&text, name).iter().map(|s| s.value).sum()
+        let sum: f64 = parse_samples(&text, name).iter().map(|s| s.value).sum();
+        (sum * 1000.0).round() as i64
+    }
+
+    /// A whole-number metric.
+    fn metric(&self, name: &str) -> i64 {
+        self.metric_milli(name) / 1000
     }
 }
 
@@ -265,9 +273,10 @@ fn assert_enforced_everywhere(answer: &Value, hosts: usize) {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn a_change_through_any_host_is_in_force_on_every_host_when_it_answers() {
-    let f = Fleet::start(3, false);
-    let (a, b, c) = (f.host("a"), f.host("b"), f.host("c"));
+    let fleet = Fleet::start(3, false);
+    let (a, b, c) = (fleet.host("a"), fleet.host("b"), fleet.host("c"));
 
     // Created through A: works through B and C on the very next request.
     let (id, secret, answer) = a.create(&[SEEN, SEEN_TOO, DROPPED]);
@@ -280,9 +289,9 @@ fn a_change_through_any_host_is_in_force_on_every_host_when_it_answers() {
     // A PATCH through B removes two addresses: refused on A and C at once,
     // in the shim (403) and, where no key allows it, at packet level.
     let patch = json!({ "ip_allow_list": [SEEN] });
-    let p = b.call("PATCH", &format!("/v1/keys/{id}"), Some(&patch), None);
-    assert_eq!(p.status, 200, "{p:?}");
-    assert_enforced_everywhere(&p.body, 3);
+    let patched = b.call("PATCH", &format!("/v1/keys/{id}"), Some(&patch), None);
+    assert_eq!(patched.status, 200, "{patched:?}");
+    assert_enforced_everywhere(&patched.body, 3);
     for h in [a, c] {
         assert_status(&h.request(SEEN_TOO, &secret), 403, h.name);
         assert_eq!(
@@ -313,26 +322,27 @@ fn a_change_through_any_host_is_in_force_on_every_host_when_it_answers() {
     assert_eq!(bad.status, 400, "{bad:?}");
 
     // Revoked through C: 401 everywhere on the next request.
-    let r = c.call("DELETE", &format!("/v1/keys/{id}"), None, None);
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_enforced_everywhere(&r.body, 3);
+    let revoked = c.call("DELETE", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    assert_enforced_everywhere(&revoked.body, 3);
     for h in [a, b, c] {
         assert_status(&h.request(SEEN, &secret), 401, h.name);
     }
 
     // The fleet as every host sees it.
-    let head: i64 =
-        f.pg.sql("SELECT max(seq) FROM audit")
-            .expect("psql")
-            .trim()
-            .parse()
-            .expect("a number");
+    let head: i64 = fleet
+        .pg
+        .sql("SELECT max(seq) FROM audit")
+        .expect("psql")
+        .trim()
+        .parse()
+        .expect("a number");
     assert!(poll_until(
         Duration::from_secs(5),
         Duration::from_millis(100),
         || {
-            let fleet = b.call("GET", "/v1/fleet", None, None).body;
-            fleet["hosts"].as_array().is_some_and(|hs| {
+            let status = b.call("GET", "/v1/fleet", None, None).body;
+            status["hosts"].as_array().is_some_and(|hs| {
                 hs.len() == 3
                     && hs.iter().all(|h| {
                         h["live"] == json!(true)
@@ -342,19 +352,19 @@ fn a_change_through_any_host_is_in_force_on_every_host_when_it_answers() {
             })
         }
     ));
-    let fleet = b.call("GET", "/v1/fleet", None, None).body;
-    assert_eq!(fleet["host_id"], "b", "{fleet}");
-    assert_eq!(fleet["head_sequence"], json!(head), "{fleet}");
+    let status = b.call("GET", "/v1/fleet", None, None).body;
+    assert_eq!(status["host_id"], "b", "{status}");
+    assert_eq!(status["head_sequence"], json!(head), "{status}");
     for h in [a, b, c] {
         assert!(
             poll_until(Duration::from_secs(3), Duration::from_millis(100), || {
-                h.metric("keyfence_fleet_applied_sequence") == head as f64
+                h.metric("keyfence_fleet_applied_sequence") == head
             }),
             "{}",
             h.agent.log()
         );
-        assert_eq!(h.metric("keyfence_store_up"), 1.0);
-        assert_eq!(h.metric("keyfence_fleet_lag_seconds"), 0.0);
+        assert_eq!(h.metric("keyfence_store_up"), 1);
+        assert_eq!(h.metric_milli("keyfence_fleet_lag_seconds"), 0);
     }
     // One audit log for the fleet, whichever host is asked.
     let log = c
@@ -368,15 +378,17 @@ fn a_change_through_any_host_is_in_force_on_every_host_when_it_answers() {
         .collect();
     assert_eq!(actions, ["create", "update", "update", "revoke"]);
     // Secrets are stored only as SHA-256.
-    let stored =
-        f.pg.sql(&format!(
+    let stored = fleet
+        .pg
+        .sql(&format!(
             "SELECT encode(secret_sha256, 'hex') FROM keys WHERE id = '{id}'"
         ))
         .expect("psql");
     assert_eq!(stored.trim().len(), 64);
-    let dump =
-        f.pg.sql("SELECT string_agg(coalesce(after, ''), '') FROM audit")
-            .expect("psql");
+    let dump = fleet
+        .pg
+        .sql("SELECT string_agg(coalesce(after, ''), '') FROM audit")
+        .expect("psql");
     assert!(
         !dump.contains(&secret),
         "the secret is nowhere in the database"
@@ -385,56 +397,56 @@ fn a_change_through_any_host_is_in_force_on_every_host_when_it_answers() {
 
 #[test]
 fn with_the_database_down_every_host_keeps_enforcing_and_catches_up() {
-    let mut f = Fleet::start(3, false);
-    let (_, secret, _) = f.host("a").create(&[SEEN, DROPPED]);
-    let (kept, _, _) = f.host("a").create(&[SEEN_TOO]);
-    f.pg.stop().expect("stopping PostgreSQL");
+    let mut fleet = Fleet::start(3, false);
+    let (_, secret, _) = fleet.host("a").create(&[SEEN, DROPPED]);
+    let (kept, _, _) = fleet.host("a").create(&[SEEN_TOO]);
+    fleet.pg.stop().expect("stopping PostgreSQL");
 
-    for h in &f.hosts {
+    for h in &fleet.hosts {
         assert_status(&h.request(SEEN, &secret), 200, h.name);
         assert_status(&h.request(DROPPED, &secret), 200, h.name);
         assert_status(&h.request(SEEN_TOO, &secret), 403, h.name);
         assert_eq!(h.agent.get("/readyz").expect("readyz").0, 200, "{}", h.name);
     }
-    let w = f
+    let refused = fleet
         .host("b")
         .call("POST", "/v1/keys", Some(&json!({ "name": "x" })), None);
-    assert_eq!(w.status, 503, "{w:?}");
-    assert_eq!(w.body, json!({ "error": "store unavailable" }));
-    let p = f.host("b").call(
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body, json!({ "error": "store unavailable" }));
+    let patched = fleet.host("b").call(
         "PATCH",
         &format!("/v1/keys/{kept}"),
         Some(&json!({ "ip_allow_list": [] })),
         None,
     );
-    assert_eq!(p.status, 503, "{p:?}");
+    assert_eq!(patched.status, 503, "{patched:?}");
     // Reads answer from memory.
-    let list = f.host("c").call("GET", "/v1/keys", None, None);
+    let list = fleet.host("c").call("GET", "/v1/keys", None, None);
     assert_eq!(list.status, 200, "{list:?}");
     assert_eq!(
         list.body["keys"].as_array().map(Vec::len),
         Some(3),
         "{list:?}"
     );
-    let one = f
+    let one = fleet
         .host("c")
         .call("GET", &format!("/v1/keys/{kept}"), None, None);
     assert_eq!(one.status, 200, "{one:?}");
-    for h in &f.hosts {
+    for h in &fleet.hosts {
         assert!(
             poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
-                h.metric("keyfence_store_up") == 0.0
+                h.metric("keyfence_store_up") == 0
             }),
             "{}: store_up stays 1",
             h.name
         );
     }
 
-    f.pg.resume().expect("starting PostgreSQL again");
+    fleet.pg.resume().expect("starting PostgreSQL again");
     // Nothing the refused writes asked for happened.
-    let rows = f.pg.sql("SELECT count(*) FROM keys").expect("psql");
+    let rows = fleet.pg.sql("SELECT count(*) FROM keys").expect("psql");
     assert_eq!(rows.trim(), "2");
-    let b = f.host("b");
+    let b = fleet.host("b");
     let mut created = None;
     assert!(
         poll_until(Duration::from_secs(20), Duration::from_millis(250), || {
@@ -455,11 +467,11 @@ fn with_the_database_down_every_host_keeps_enforcing_and_catches_up() {
     );
     let created = created.expect("created");
     let secret2 = created["secret"].as_str().expect("secret");
-    for h in &f.hosts {
+    for h in &fleet.hosts {
         assert_status(&h.request(DROPPED, secret2), 200, h.name);
         assert!(
             poll_until(Duration::from_secs(5), Duration::from_millis(200), || {
-                h.metric("keyfence_store_up") == 1.0
+                h.metric("keyfence_store_up") == 1
             }),
             "{}",
             h.name
@@ -802,7 +814,7 @@ fn concurrent_changes_through_every_host_converge_on_the_databases_state() {
     }
 }
 
-/// An agent SIGKILLed in the middle of a write burst through another host
+/// An agent killed (SIGKILL) in the middle of a write burst through another host
 /// starts again from a full snapshot and converges; no acknowledged write is
 /// lost.
 #[test]

@@ -39,7 +39,7 @@ use std::{
 };
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use ipnet::IpNet;
+
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Row, Transaction, error::SqlState, types::ToSql};
 
@@ -50,7 +50,7 @@ use super::{
     sqlite::{from_millis, millis, to_entry},
 };
 use crate::{
-    allowlist::{AllowEntry, AllowList},
+    allowlist::{AllowEntry, AllowList, Net},
     config::{FleetConfig, PostgresConfig},
     keys::{Key, Origin},
 };
@@ -1183,9 +1183,8 @@ async fn write_entries(
     before: &AllowList,
     after: &AllowList,
 ) -> Result<(), StoreError> {
-    let old: HashMap<IpNet, AllowEntry> =
-        before.entries().into_iter().map(|e| (e.net, e)).collect();
-    let new: HashSet<IpNet> = after.entries().iter().map(|e| e.net).collect();
+    let old: HashMap<Net, AllowEntry> = before.entries().into_iter().map(|e| (e.net, e)).collect();
+    let new: HashSet<Net> = after.entries().iter().map(|e| e.net).collect();
     let gone: Vec<String> = old
         .keys()
         .filter(|n| !new.contains(n))
