@@ -267,3 +267,37 @@ impl WriteStr for fs::File {
         std::io::Write::write_all(self, s.as_bytes())
     }
 }
+
+/// Join each gateway to `db` through a bridge: `br0` 198.51.100.1/24 in
+/// `db`, and in gateway `i` an interface `dbl` with 198.51.100.(11 + i)/24
+/// (on-link, no default route: each gateway keeps its own).
+pub fn bridge(db: &Netns, gateways: &[&Netns]) -> anyhow::Result<()> {
+    db.ip(&["link", "add", "br0", "type", "bridge"])?;
+    db.ip(&["addr", "add", "198.51.100.1/24", "dev", "br0"])?;
+    db.ip(&["link", "set", "br0", "up"])?;
+    for (i, gw) in gateways.iter().enumerate() {
+        let peer = format!("h{i}");
+        gw.ip(&[
+            "link",
+            "add",
+            "dbl",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            db.name(),
+        ])?;
+        gw.ip(&[
+            "addr",
+            "add",
+            &format!("198.51.100.{}/24", 11 + i),
+            "dev",
+            "dbl",
+        ])?;
+        gw.ip(&["link", "set", "dbl", "up"])?;
+        db.ip(&["link", "set", &peer, "master", "br0", "up"])?;
+    }
+    Ok(())
+}

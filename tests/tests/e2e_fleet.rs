@@ -31,7 +31,7 @@ use keyfence_tests::{
     config,
     http::{Curl, Reply, Upstream, url},
     netns::{Agent, GATEWAY_V4, Lab, Netns, keyfence_bin, parse_samples, poll_until},
-    postgres::Postgres,
+    postgres::{self, Postgres},
 };
 use serde_json::{Value, json};
 
@@ -107,44 +107,12 @@ struct Answer {
 impl Fleet {
     fn start(count: usize, confirm: bool) -> Self {
         let db = Netns::new("db").expect("the database namespace");
-        db.ip(&["link", "add", "br0", "type", "bridge"])
-            .expect("bridge");
-        db.ip(&["addr", "add", "198.51.100.1/24", "dev", "br0"])
-            .expect("bridge address");
-        db.ip(&["link", "set", "br0", "up"]).expect("bridge up");
         let addrs: Vec<IpAddr> = CLIENT_ADDRS.iter().map(|a| ip(a)).collect();
-        let mut labs = Vec::new();
-        for (i, _) in HOSTS.iter().enumerate().take(count) {
-            let lab = Lab::new(&addrs).expect("building a host");
-            let peer = format!("h{i}");
-            lab.gateway
-                .ip(&[
-                    "link",
-                    "add",
-                    "dbl",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &peer,
-                    "netns",
-                    db.name(),
-                ])
-                .expect("veth to the database");
-            lab.gateway
-                .ip(&[
-                    "addr",
-                    "add",
-                    &format!("198.51.100.1{}/24", i + 1),
-                    "dev",
-                    "dbl",
-                ])
-                .expect("host address");
-            lab.gateway.ip(&["link", "set", "dbl", "up"]).expect("up");
-            db.ip(&["link", "set", &peer, "master", "br0", "up"])
-                .expect("into the bridge");
-            labs.push(lab);
-        }
+        let labs: Vec<Lab> = (0..count)
+            .map(|_| Lab::new(&addrs).expect("building a host"))
+            .collect();
+        let gateways: Vec<&Netns> = labs.iter().map(|l| &l.gateway).collect();
+        postgres::bridge(&db, &gateways).expect("joining the hosts to the database");
         let pg = Postgres::start(&db, DB_ADDR.parse().expect("db address"))
             .expect("starting PostgreSQL");
         let url = pg.url();
