@@ -13,23 +13,21 @@
 //! Needs root and `KEYFENCE_BIN`. Writes `fleet.json` into `$KF_BENCH_DIR`.
 
 use std::{
-    net::Ipv6Addr,
     sync::Arc,
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
-use ipnet::{IpNet, Ipv6Net};
 use keyfence::{
-    allowlist::{AllowEntry, AllowList, Net},
+    allowlist::AllowList,
     config::{FleetConfig, PostgresConfig, PostgresUrl},
     keys::{Key, Origin, credentials::digest},
     keys_cli,
     store::{KeyStore as _, StoredKey, postgres::PgStore},
 };
 use keyfence_tests::{
-    bench,
+    bench::{self, percentile, v6_entry as entry},
     netns::{Agent, Lab, Netns, enter},
     postgres::{self, Postgres},
 };
@@ -58,22 +56,6 @@ metrics: {{ bind: "127.0.0.1:9901" }}
 "#,
         pin = pin.display()
     )
-}
-
-/// Entry `i` of key `k`: `2001:db8:KH:KL:2I::/80`, every third a `/128`.
-fn entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
-    let (hi, lo) = (u16::try_from(k >> 16)?, u16::try_from(k & 0xffff)?);
-    let i = u16::try_from(i * 2)?;
-    let net = if i % 6 == 0 {
-        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 1), 128)?
-    } else {
-        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 0), 80)?
-    };
-    Ok(AllowEntry {
-        net: Net::new(IpNet::V6(net))?,
-        note: None,
-        expires_at: None,
-    })
 }
 
 fn keys(count: usize, entries: usize) -> anyhow::Result<Vec<StoredKey>> {
@@ -138,17 +120,6 @@ fn import(ns: &Netns, url: &str, keys: Vec<StoredKey>) -> anyhow::Result<f64> {
         rt.block_on(store.import(&keys, &[]))?;
         Ok(started.elapsed().as_secs_f64())
     })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into a short vector"
-    )]
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 struct Timed {
