@@ -878,6 +878,20 @@ pub async fn serve_router(
     gate: Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_router_tls(socket, router, gate, None, shutdown).await
+}
+
+/// [`serve_router`], speaking TLS when `tls` is given (the management
+/// listener's `management.tls`): the handshake must finish within the
+/// header timeout, and the certificate files are reloaded when they change
+/// (checked at each accept, so a renewed certificate serves the next client).
+pub async fn serve_router_tls(
+    socket: TcpListener,
+    router: axum::Router,
+    gate: Arc<Gate>,
+    tls: Option<crate::shim::tls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -887,10 +901,29 @@ pub async fn serve_router(
                 let _ = stream.set_nodelay(true);
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
                 let stop = stop_rx.clone();
+                let tls = tls.clone();
+                if let Some(tls) = &tls {
+                    tls.reload_if_changed();
+                }
                 tokio::spawn(async move {
                     let activity = Activity::new();
-                    let builder = builder(&permit.gate.limits());
-                    if let Err(e) = drive(&builder, stream, peer, service, &permit, activity, stop).await {
+                    let limits = permit.gate.limits();
+                    let builder = builder(&limits);
+                    let done = match tls {
+                        None => drive(&builder, stream, peer, service, &permit, activity, stop).await,
+                        Some(tls) => match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => drive(&builder, stream, peer, service, &permit, activity, stop).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(listener = permit.gate.name, %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(listener = permit.gate.name, %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = done {
                         tracing::debug!(listener = permit.gate.name, %peer, error = %e, "connection ended");
                     }
                 });

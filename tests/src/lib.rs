@@ -11,4 +11,5 @@ pub mod netns;
 pub mod postgres;
 pub mod rawsyn;
 pub mod refmodel;
+pub mod webdriver;
 pub mod wrk;

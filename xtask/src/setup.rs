@@ -66,6 +66,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "nftables",
         "cuts one fleet host off from the database in the fleet tests",
     ),
+    (
+        "chromium",
+        "the headless browser of the console tests and the demo's screenshots",
+    ),
+    (
+        "chromium-driver",
+        "WebDriver for that browser: the console tests drive it over HTTP",
+    ),
 ];
 
 /// Where bpffs must be mounted.

@@ -14,9 +14,10 @@ use serde_saphyr::{Location, Spanned};
 use super::shape;
 
 use super::model::{
-    Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, FleetConfig, KeySecret,
-    ListenerConfig, ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, PostgresConfig,
-    PostgresUrl, Rejection, StaticKey, StoreConfig, TlsConfig, Unparsed,
+    Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DatapathConfig,
+    FleetConfig, KeySecret, ListenerConfig, ListenerMode, ManagementConfig, MapCapacity,
+    MetricsConfig, PostgresConfig, PostgresUrl, Rejection, StaticKey, StoreConfig, TlsConfig,
+    Unparsed,
 };
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, Net, RawList, fold_ip, parse_entry, parse_list},
@@ -292,6 +293,15 @@ struct RawManagement {
     #[serde(default)]
     admins: Vec<Spanned<RawAdmin>>,
     confirm: Option<RawConfirm>,
+    console: Option<RawConsole>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    idle_timeout: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -895,23 +905,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
             }
             (ListenerMode::Auth, None) => None,
         };
-        let tls = l.tls.and_then(|t| {
-            let mut ok = true;
-            for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
-                if let Err(e) = std::fs::File::open(&f.value) {
-                    errors.at(
-                        &f.referenced,
-                        format!("{p}.tls.{field}"),
-                        format!("cannot read {}: {e}", f.value),
-                    );
-                    ok = false;
-                }
-            }
-            ok.then(|| TlsConfig {
-                cert: PathBuf::from(&t.cert.value),
-                key: PathBuf::from(&t.key.value),
-            })
-        });
+        let tls = l.tls.and_then(|t| tls_files(&t, &p, errors));
         let client_ip = match l.client_ip {
             None => ClientIp {
                 source: ClientIpSource::Peer,
@@ -1203,8 +1197,15 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             bind: default_bind,
             admins: Vec::new(),
             confirm_totp_env: None,
+            console: ConsoleConfig::default(),
+            tls: None,
         };
     };
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| tls_files(t, "management", errors));
+    let console = console(raw.console.as_ref(), errors);
     let bind = raw
         .bind
         .as_ref()
@@ -1283,6 +1284,42 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             );
             var
         }),
+        console,
+        tls,
+    }
+}
+
+/// A `tls: {cert, key}` section under `path`: both files must be readable.
+fn tls_files(t: &RawTls, path: &str, errors: &mut Errors) -> Option<TlsConfig> {
+    let mut ok = true;
+    for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
+        if let Err(e) = std::fs::File::open(&f.value) {
+            errors.at(
+                &f.referenced,
+                format!("{path}.tls.{field}"),
+                format!("cannot read {}: {e}", f.value),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| TlsConfig {
+        cert: PathBuf::from(&t.cert.value),
+        key: PathBuf::from(&t.key.value),
+    })
+}
+
+/// `management.console`: durations, each with its default.
+fn console(raw: Option<&RawConsole>, errors: &mut Errors) -> ConsoleConfig {
+    let default = ConsoleConfig::default();
+    let Some(raw) = raw else { return default };
+    let pick = |field: &Option<Spanned<String>>, path: &str, errors: &mut Errors| {
+        field.as_ref().and_then(|d| duration(d, path, errors))
+    };
+    ConsoleConfig {
+        idle_timeout: pick(&raw.idle_timeout, "management.console.idle_timeout", errors)
+            .unwrap_or(default.idle_timeout),
+        max_age: pick(&raw.max_age, "management.console.max_age", errors)
+            .unwrap_or(default.max_age),
     }
 }
 
@@ -1660,6 +1697,16 @@ metrics:
             &[
                 "5:18: listeners[0].tls.cert: cannot read",
                 "5:43: listeners[0].tls.key: cannot read",
+            ],
+        ),
+        (
+            "missing management tls files, console durations out of range",
+            "management:\n  tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }\n  console: { idle_timeout: 10ms, max_age: 2d }\n",
+            &[
+                "2:16: management.tls.cert: cannot read",
+                "2:41: management.tls.key: cannot read",
+                "3:28: management.console.idle_timeout",
+                "3:43: management.console.max_age: \"2d\" is outside 100ms..24h",
             ],
         ),
         (

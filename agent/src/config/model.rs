@@ -257,6 +257,30 @@ pub struct ManagementConfig {
     pub admins: Vec<Admin>,
     /// `confirm.totp_secret_env`: the variable holding the base32 TOTP secret.
     pub confirm_totp_env: Option<String>,
+    /// `console`: how long a console session lives.
+    pub console: ConsoleConfig,
+    /// `tls: {cert, key}`: the management listener (API and console) speaks
+    /// TLS; the files are reloaded when they change.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `management.console`: a session ends after `idle_timeout` without a
+/// request, and after `max_age` whatever happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// Default 15 minutes.
+    pub idle_timeout: std::time::Duration,
+    /// Default 8 hours.
+    pub max_age: std::time::Duration,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: std::time::Duration::from_mins(15),
+            max_age: std::time::Duration::from_hours(8),
+        }
+    }
 }
 
 /// A management principal from the config (read-only through the API).

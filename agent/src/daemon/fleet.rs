@@ -11,17 +11,26 @@ use tokio::sync::watch;
 
 use crate::{metrics::Metrics, ratelimit::RateLimiter, store::SharedStore};
 
-/// Start the reporter when the store is shared; it stops when `progress`'s
-/// sender (the daemon) is dropped.
-pub(super) fn spawn_reporter(
+/// Start the reporter when the store is shared; it stops when the daemon
+/// (the sender of its progress) is dropped.
+pub(super) fn spawn_reporter(daemon: &super::Daemon) {
+    if daemon.store.fleet().is_none() {
+        return;
+    }
+    report(
+        daemon.store.clone(),
+        daemon.metrics.clone(),
+        daemon.progress.subscribe(),
+        daemon.config.fleet.poll,
+    );
+}
+
+fn report(
     store: SharedStore,
     metrics: Arc<Metrics>,
     mut progress: watch::Receiver<i64>,
     poll: Duration,
 ) {
-    if store.fleet().is_none() {
-        return;
-    }
     tokio::spawn(async move {
         let logs = RateLimiter::new(1, Duration::from_secs(10));
         let mut tick = tokio::time::interval(poll);

@@ -45,6 +45,13 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
     let confirm = credentials::confirmer(&config.management)?;
     let (store, stored, applied) = open_store(&config).await?;
+    let management_tls = config
+        .management
+        .tls
+        .as_ref()
+        .map(crate::shim::tls::TlsAcceptor::load)
+        .transpose()
+        .context("loading management.tls")?;
     let management_listener = tokio::net::TcpListener::bind(config.management.bind)
         .await
         .with_context(|| format!("binding management.bind {}", config.management.bind))?;
@@ -81,13 +88,8 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         confirm,
         principals,
         management_listener,
+        management_tls,
         &stop_rx,
-    );
-    super::fleet::spawn_reporter(
-        daemon.store.clone(),
-        metrics.clone(),
-        daemon.progress.subscribe(),
-        daemon.config.fleet.poll,
     );
     // Signal handlers and the config watcher exist before `/readyz` turns
     // ready: a SIGHUP sent by whoever saw ready must reload, not kill us.
@@ -156,12 +158,15 @@ fn start_management(
     confirm: Option<Confirmer>,
     principals: management::principals::Principals,
     listener: tokio::net::TcpListener,
+    tls: Option<crate::shim::tls::TlsAcceptor>,
     stop: &watch::Receiver<bool>,
 ) -> (
     Arc<ApiState>,
     mpsc::Receiver<Apply>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    // Beside the API: in a fleet, writers elsewhere wait for this host's reports.
+    super::fleet::spawn_reporter(daemon);
     let (apply_tx, apply_rx) = mpsc::channel::<Apply>(64);
     let api = Arc::new(ApiState {
         store: daemon.store.clone(),
@@ -176,10 +181,14 @@ fn start_management(
         apply: apply_tx,
         writes: tokio::sync::Mutex::new(()),
         fleet_wait: daemon.config.fleet.wait_timeout,
+        // `Secure` cookies under TLS; over plain HTTP (loopback, or beyond
+        // it with the start-up warning) browsers would not send them back.
+        console: crate::console::Console::new(&daemon.config.management, tls.is_some()),
     });
     let server = tokio::spawn(api::serve(
         listener,
         api.clone(),
+        tls,
         daemon.metrics.connections.clone(),
         stopped(stop),
     ));
