@@ -87,6 +87,47 @@ pub enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Fleet mode (store.postgres): the hosts sharing the store.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Key store tools.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Every host of the fleet: version, applied sequence, lag, last
+    /// heartbeat, live or not (through the management API's GET /v1/fleet;
+    /// token from KEYFENCE_TOKEN). Exits 1 while a live host is behind.
+    Status {
+        /// The management API of any host.
+        #[arg(long, env = "KEYFENCE_API", default_value = "http://127.0.0.1:9900")]
+        api: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a single host's SQLite store (keys and audit log, ids and
+    /// sequence numbers kept) into the fleet's PostgreSQL database, then
+    /// verify that every key and row is there. Idempotent: run it again and
+    /// it copies nothing and verifies again. Stop the agent that uses the
+    /// SQLite file first.
+    Copy {
+        /// sqlite:PATH of the store file.
+        #[arg(long)]
+        from: String,
+        /// postgres:URL (postgres://user:password@host:port/database).
+        #[arg(long)]
+        to: String,
+        /// PEM CA certificates: connect with TLS and check the server against them.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -67,6 +67,12 @@ impl Confirmer {
 
     /// Check `code` at `unix_time`, consuming it on success.
     pub fn verify(&self, code: Option<&str>, unix_time: u64) -> Result<(), ConfirmError> {
+        self.verify_step(code, unix_time).map(|_| ())
+    }
+
+    /// [`Self::verify`], answering the time step the code belongs to (a
+    /// fleet claims it in the shared store too, so no other host takes it).
+    pub fn verify_step(&self, code: Option<&str>, unix_time: u64) -> Result<u64, ConfirmError> {
         let code = code.map(str::trim).filter(|c| !c.is_empty());
         let Some(code) = code else {
             return Err(ConfirmError::Missing);
@@ -96,7 +102,7 @@ impl Confirmer {
             return Err(ConfirmError::Replayed);
         }
         *last = Some(step);
-        Ok(())
+        Ok(step)
     }
 }
 

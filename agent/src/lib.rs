@@ -15,6 +15,7 @@ pub mod conn;
 pub mod console;
 pub mod daemon;
 pub mod datapath;
+pub mod fleet_cli;
 pub mod fsguard;
 pub mod keys;
 pub mod keys_cli;

@@ -100,6 +100,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Fleet(cmd) => keyfence::fleet_cli::run_fleet(cmd),
+        Command::Store(cmd) => keyfence::fleet_cli::run_store(cmd),
         Command::Keys(args) => match keyfence::keys_cli::run(&args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {

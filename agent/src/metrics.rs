@@ -86,6 +86,8 @@ pub struct Metrics {
     pub config_warnings: crate::config_warnings::WarningGauges,
     /// Failed and throttled management API attempts, lockouts.
     pub management: crate::management::throttle::ManagementMetrics,
+    /// `keyfence_store_up` and the fleet's progress (`store::fleet`).
+    pub fleet: crate::store::fleet::FleetMetrics,
     refusal_logs: crate::ratelimit::RateLimiter,
     datapath: SharedSource,
 }
@@ -163,6 +165,7 @@ impl Metrics {
         let connections = crate::conn::ConnMetrics::register(&mut registry);
         let config_warnings = crate::config_warnings::register(&mut registry);
         let management = crate::management::throttle::ManagementMetrics::register(&mut registry);
+        let fleet = crate::store::fleet::FleetMetrics::register(&mut registry);
         registry.register_collector(Box::new(DatapathCollector {
             source: datapath.clone(),
         }));
@@ -181,6 +184,7 @@ impl Metrics {
             connections,
             config_warnings,
             management,
+            fleet,
             refusal_logs: crate::ratelimit::RateLimiter::new(20, std::time::Duration::from_secs(1)),
             datapath,
         }

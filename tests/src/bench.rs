@@ -88,3 +88,35 @@ pub fn upstream_server(port: u16) -> String {
     }}"#
     )
 }
+
+/// The `p` quantile (0..=1) of `sorted`, nearest rank.
+#[must_use]
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short vector"
+    )]
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Allow-list entry `i` of bench key `k`: `2001:db8:KH:KL:2I::/80` or, every
+/// third one, a `/128` inside it (never two siblings, so none merge: `n`
+/// entries are `n` prefixes in the policy).
+pub fn v6_entry(k: usize, i: usize) -> anyhow::Result<keyfence::allowlist::AllowEntry> {
+    use std::net::Ipv6Addr;
+    let (hi, lo) = (u16::try_from(k >> 16)?, u16::try_from(k & 0xffff)?);
+    let i = u16::try_from(i * 2)?;
+    let net = if i % 6 == 0 {
+        ipnet::Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 1), 128)?
+    } else {
+        ipnet::Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 0), 80)?
+    };
+    Ok(keyfence::allowlist::AllowEntry {
+        net: keyfence::allowlist::Net::new(ipnet::IpNet::V6(net))?,
+        note: None,
+        expires_at: None,
+    })
+}

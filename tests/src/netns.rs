@@ -49,7 +49,7 @@ pub const METRICS_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALH
 /// Makes names unique within this process (the pid makes them unique across).
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     let n = SEQUENCE.fetch_add(1, Ordering::SeqCst);
     format!("{prefix}-{}-{n}", std::process::id())
 }

@@ -12,7 +12,12 @@
 //!   keyfence auth mode behind nginx `auth_request`, nginx `allow`/`deny`;
 //! - change and scale (`kf-bench-change`): an allow-list change through the
 //!   API until enforced with 100k prefixes loaded; 1M prefixes and 100k keys
-//!   from start, RSS and BPF map memory.
+//!   from start, RSS and BPF map memory;
+//! - fleet (`kf-bench-fleet`): three hosts on one PostgreSQL, a change through
+//!   one host until enforced on all three (and with `?wait=local`, the
+//!   others' lag) with 100k prefixes; initial sync of 100k keys.
+//!
+//! `--only NAME` (repeatable) runs just those sections.
 //!
 //! Writes `target/bench/report.md`, `report.json` (each section's numbers and
 //! the goals, met or missed) and `datapath.svg`, and prints the report.
@@ -25,7 +30,7 @@ use serde_json::{Map, Value};
 use crate::{build, cmd, setup};
 
 /// (binary, JSON file and key, report heading)
-const SECTIONS: [(&str, &str, &str); 4] = [
+const SECTIONS: [(&str, &str, &str); 5] = [
     (
         "kf-bench",
         "datapath",
@@ -38,6 +43,11 @@ const SECTIONS: [(&str, &str, &str); 4] = [
     ),
     ("kf-bench-shim", "shim", "Shim overhead (wrk on loopback)"),
     ("kf-bench-change", "change", "Change and scale"),
+    (
+        "kf-bench-fleet",
+        "fleet",
+        "Fleet mode (three hosts, one PostgreSQL)",
+    ),
 ];
 
 /// Run one bench binary of the tests package (release) and return its stdout.
@@ -87,7 +97,13 @@ fn goals(report: &Map<String, Value>) -> String {
     out
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(only: &[String]) -> anyhow::Result<()> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|o| !SECTIONS.iter().any(|(_, key, _)| key == o))
+    {
+        anyhow::bail!("--only {unknown}: no such section (datapath, flood, shim, change, fleet)");
+    }
     let started = Instant::now();
     setup::run()?;
     let keyfence = build::agent(build::Profile::Release)?;
@@ -96,6 +112,9 @@ pub fn run() -> anyhow::Result<()> {
     let mut markdown = String::new();
     let mut report = Map::new();
     for (bin, key, heading) in SECTIONS {
+        if !only.is_empty() && !only.iter().any(|o| o == key) {
+            continue;
+        }
         let table = section(bin, &keyfence, &dir)?;
         let _ = write!(markdown, "\n## {heading}\n\n{table}");
         let file = dir.join(format!("{key}.json"));

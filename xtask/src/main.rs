@@ -44,7 +44,12 @@ enum Command {
     Demo,
     /// Setup, then measure: the datapath's cost per packet at growing prefix
     /// counts (`BPF_PROG_TEST_RUN` on the real object); writes `target/bench/report.md`.
-    Bench,
+    Bench {
+        /// Run only these sections (repeatable): datapath, flood, shim,
+        /// change, fleet.
+        #[arg(long)]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,7 +59,7 @@ fn main() -> ExitCode {
         Command::Build => build::run().map(|_| ()),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
-        Command::Bench => bench::run(),
+        Command::Bench { only } => bench::run(&only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

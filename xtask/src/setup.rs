@@ -59,6 +59,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "promtool check metrics validates /metrics in the tests",
     ),
     (
+        "postgresql",
+        "fleet mode's shared store: the fleet tests and demo run initdb/pg_ctl themselves (the service stays off)",
+    ),
+    (
+        "nftables",
+        "cuts one fleet host off from the database in the fleet tests",
+    ),
+    (
         "chromium",
         "the headless browser of the console tests and the demo's screenshots",
     ),

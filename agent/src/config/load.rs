@@ -15,8 +15,9 @@ use super::shape;
 
 use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DEFAULT_UPSTREAM_TIMEOUT,
-    DatapathConfig, KeySecret, ListenerConfig, ListenerMode, ManagementConfig, MapCapacity,
-    MetricsConfig, Rejection, ShimConfig, StaticKey, StoreConfig, TlsConfig, Unparsed,
+    DatapathConfig, FleetConfig, KeySecret, ListenerConfig, ListenerMode, ManagementConfig,
+    MapCapacity, MetricsConfig, PostgresConfig, PostgresUrl, Rejection, ShimConfig, StaticKey,
+    StoreConfig, TlsConfig, Unparsed,
 };
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, Net, RawList, fold_ip, parse_entry, parse_list},
@@ -69,6 +70,7 @@ struct RawConfig {
     management: Option<RawManagement>,
     metrics: Option<RawMetrics>,
     shim: Option<RawShim>,
+    fleet: Option<RawFleet>,
 }
 
 impl RawConfig {
@@ -81,6 +83,7 @@ impl RawConfig {
         "management",
         "metrics",
         "shim",
+        "fleet",
     ];
 }
 
@@ -129,6 +132,7 @@ impl<'de> de::Visitor<'de> for ConfigSeed<'_> {
                 "management" => raw.management = map.next_value()?,
                 "metrics" => raw.metrics = map.next_value()?,
                 "shim" => raw.shim = map.next_value()?,
+                "fleet" => raw.fleet = map.next_value()?,
                 other => return Err(de::Error::unknown_field(other, RawConfig::FIELDS)),
             }
         }
@@ -186,7 +190,24 @@ impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Items<'_, T> {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: Option<Spanned<String>>,
-    postgres: Option<Spanned<String>>,
+    postgres: Option<Spanned<RawPostgres>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: Option<Spanned<String>>,
+    url_env: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    host_id: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    live_after: Option<Spanned<String>>,
+    wait_timeout: Option<Spanned<String>>,
+    poll: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -453,23 +474,31 @@ pub fn parse_with(text: &str, file: &str, secrets: Secrets) -> Result<Config, Co
 fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
     let store = match raw.store {
         Some(RawStore {
-            postgres: Some(pg), ..
+            path,
+            postgres: Some(pg),
         }) => {
-            errors.at(
-                &pg.referenced,
-                "store.postgres",
-                "the PostgreSQL store is not supported yet; use store.path",
-            );
-            default_store()
+            if let Some(p) = path {
+                errors.at(
+                    &p.referenced,
+                    "store.path",
+                    "store.path and store.postgres exclude each other: pick one",
+                );
+            }
+            StoreConfig {
+                postgres: postgres(pg, errors),
+                ..default_store()
+            }
         }
         Some(RawStore {
             path: Some(p),
             postgres: None,
         }) => StoreConfig {
             path: PathBuf::from(p.value),
+            postgres: None,
         },
         _ => default_store(),
     };
+    let fleet = fleet(raw.fleet, errors);
     let datapath = datapath(raw.datapath, errors);
     let listeners = listeners(raw.listeners, errors);
     let keys = keys(raw.keys, errors);
@@ -520,6 +549,7 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
         management,
         metrics,
         shim,
+        fleet,
     }
 }
 
@@ -542,7 +572,100 @@ fn shim(raw: Option<RawShim>, errors: &mut Errors) -> ShimConfig {
 fn default_store() -> StoreConfig {
     StoreConfig {
         path: PathBuf::from("/var/lib/keyfence/keyfence.db"),
+        postgres: None,
     }
+}
+
+/// `store.postgres`: exactly one of `url` and `url_env`; `host_id` defaults
+/// to the hostname.
+fn postgres(raw: Spanned<RawPostgres>, errors: &mut Errors) -> Option<PostgresConfig> {
+    let at = raw.referenced;
+    let raw = raw.value;
+    let url = match (raw.url, raw.url_env) {
+        (Some(u), None) => {
+            let text = u.value.trim();
+            if !(text.starts_with("postgres://") || text.starts_with("postgresql://"))
+                || text.parse::<tokio_postgres::Config>().is_err()
+            {
+                errors.at(
+                    &u.referenced,
+                    "store.postgres.url",
+                    "not a PostgreSQL URL (postgres://user@host:port/database)",
+                );
+                return None;
+            }
+            PostgresUrl::Inline(text.to_owned())
+        }
+        (None, Some(var)) if !var.value.trim().is_empty() => {
+            let name = var.value.trim().to_owned();
+            if errors.secrets == Secrets::Checked && std::env::var_os(&name).is_none() {
+                errors.at(
+                    &var.referenced,
+                    "store.postgres.url_env",
+                    format!("the variable {name} is not set"),
+                );
+            }
+            PostgresUrl::Env(name)
+        }
+        _ => {
+            errors.at(
+                &at,
+                "store.postgres",
+                "needs exactly one of url and url_env",
+            );
+            return None;
+        }
+    };
+    let host_id = match raw.host_id {
+        Some(h) => {
+            let id = h.value.trim();
+            if id.is_empty()
+                || id.len() > 128
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                errors.at(
+                    &h.referenced,
+                    "store.postgres.host_id",
+                    "1 to 128 characters of letters, digits, '-', '_', '.' and ':'",
+                );
+            }
+            id.to_owned()
+        }
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into()),
+    };
+    Some(PostgresConfig {
+        url,
+        ca_file: raw.ca_file.map(|c| PathBuf::from(c.value.trim())),
+        host_id,
+    })
+}
+
+/// `fleet`: durations as elsewhere (`10`, `10s`, `500ms`).
+fn fleet(raw: Option<RawFleet>, errors: &mut Errors) -> FleetConfig {
+    let mut fleet = FleetConfig::default();
+    let Some(raw) = raw else {
+        return fleet;
+    };
+    for (value, path, slot) in [
+        (raw.live_after, "fleet.live_after", &mut fleet.live_after),
+        (
+            raw.wait_timeout,
+            "fleet.wait_timeout",
+            &mut fleet.wait_timeout,
+        ),
+        (raw.poll, "fleet.poll", &mut fleet.poll),
+    ] {
+        if let Some(d) = value.and_then(|v| duration(&v, path, errors)) {
+            *slot = d;
+        }
+    }
+    fleet
 }
 
 fn default_rejection() -> Rejection {
@@ -1788,9 +1911,24 @@ metrics:
             &["2:11: rejection.status: status 200 is not an HTTP error status"],
         ),
         (
-            "postgres not yet",
-            "store:\n  postgres: \"postgres://x\"\n",
-            &["2:13: store.postgres: the PostgreSQL store is not supported yet"],
+            "postgres without a url",
+            "store:\n  postgres: { host_id: a }\n",
+            &["2:13: store.postgres: needs exactly one of url and url_env"],
+        ),
+        (
+            "postgres with a bad url",
+            "store:\n  postgres: { url: \"mysql://x\" }\n",
+            &["2:20: store.postgres.url: not a PostgreSQL URL"],
+        ),
+        (
+            "postgres and path",
+            "store:\n  path: /tmp/k.db\n  postgres: { url: \"postgres://u@h/d\" }\n",
+            &["2:9: store.path: store.path and store.postgres exclude each other"],
+        ),
+        (
+            "fleet duration",
+            "fleet:\n  wait_timeout: soon\n",
+            &["2:17: fleet.wait_timeout: \"soon\" is not a duration"],
         ),
         (
             "admin without token",

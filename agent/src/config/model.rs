@@ -16,6 +16,8 @@ pub struct Config {
     pub management: ManagementConfig,
     pub metrics: MetricsConfig,
     pub shim: ShimConfig,
+    /// `fleet`: how hosts sharing a PostgreSQL store wait for each other (§10).
+    pub fleet: FleetConfig,
 }
 
 /// `listeners[].upstream_timeout` when absent.
@@ -45,7 +47,78 @@ impl Default for ShimConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     /// Embedded `SQLite` file (default `/var/lib/keyfence/keyfence.db`).
+    /// Unused when `postgres` is set.
     pub path: PathBuf,
+    /// `store.postgres`: fleet mode, every host on one database (SPEC §10).
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// `store.postgres`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// The connection URL (`postgres://user:password@host:port/db?...`).
+    pub url: PostgresUrl,
+    /// `ca_file`: PEM CA certificates; set, the connection uses TLS
+    /// (rustls) and checks the server against them.
+    pub ca_file: Option<PathBuf>,
+    /// `host_id`: this host's name in the fleet (default the hostname).
+    pub host_id: String,
+}
+
+/// Where the connection URL comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PostgresUrl {
+    /// `url`, written in the config.
+    Inline(String),
+    /// `url_env`: the variable holding it, read when the store opens (a
+    /// password stays out of the file).
+    Env(String),
+}
+
+impl PostgresUrl {
+    /// The URL itself.
+    pub fn resolve(&self) -> Result<String, String> {
+        match self {
+            Self::Inline(url) => Ok(url.clone()),
+            Self::Env(var) => match std::env::var(var) {
+                Ok(url) if !url.trim().is_empty() => Ok(url.trim().to_owned()),
+                _ => Err(format!(
+                    "store.postgres.url_env: the variable {var} is not set"
+                )),
+            },
+        }
+    }
+}
+
+/// The URL may hold a password: never in logs or `Debug` output.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("ca_file", &self.ca_file)
+            .field("host_id", &self.host_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `fleet` (SPEC §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// A host whose heartbeat is older than this is not waited for (default 10 s).
+    pub live_after: std::time::Duration,
+    /// A write waits this long at most for the live hosts (default 2 s).
+    pub wait_timeout: std::time::Duration,
+    /// The change feed is read this often even without a notification (default 1 s).
+    pub poll: std::time::Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            live_after: std::time::Duration::from_secs(10),
+            wait_timeout: std::time::Duration::from_secs(2),
+            poll: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -169,7 +169,16 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
         false,
         Shape::Map(&[
             ("path", false, Shape::Text),
-            ("postgres", false, Shape::Text),
+            (
+                "postgres",
+                false,
+                Shape::Map(&[
+                    ("url", false, Shape::Text),
+                    ("url_env", false, Shape::Text),
+                    ("ca_file", false, Shape::Text),
+                    ("host_id", false, Shape::Text),
+                ]),
+            ),
         ]),
     ),
     (
@@ -231,6 +240,15 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
         "shim",
         false,
         Shape::Map(&[("workers", false, Shape::Int(u32::MAX))]),
+    ),
+    (
+        "fleet",
+        false,
+        Shape::Map(&[
+            ("live_after", false, Shape::Text),
+            ("wait_timeout", false, Shape::Text),
+            ("poll", false, Shape::Text),
+        ]),
     ),
 ]);
 

@@ -440,7 +440,15 @@ async fn create(State(state): State<Arc<ApiState>>, signed: Signed, body: Bytes)
         ip_allow_list: Some(raw),
         report_only: Some(f.get("report_only").is_some()),
     };
-    match api::create_key(&state, &signed.caller, body, f.get("code")).await {
+    match api::create_key(
+        &state,
+        &signed.caller,
+        body,
+        f.get("code"),
+        api::Wait::Fleet,
+    )
+    .await
+    {
         Ok(written) => {
             let main = pages::created(&written, "created");
             html(StatusCode::CREATED, signed.page("Key created", &main))
@@ -546,7 +554,7 @@ async fn save(
     if body.name.is_none() && body.ip_allow_list.is_none() && body.report_only.is_none() {
         return Ok(see_other(&to));
     }
-    match api::update_key(state, &signed.caller, id, body, code).await {
+    match api::update_key(state, &signed.caller, id, body, code, api::Wait::Fleet).await {
         Ok(_written) => Ok(see_other(&to)),
         Err(e) => {
             view.problems = pages::Problems::from_error(&e);
@@ -633,9 +641,9 @@ async fn confirmed_write(
         ));
     }
     let done = if rotate {
-        api::rotate_key(state, &signed.caller, id.clone()).await
+        api::rotate_key(state, &signed.caller, id.clone(), api::Wait::Fleet).await
     } else {
-        api::revoke_key(state, &signed.caller, id.clone()).await
+        api::revoke_key(state, &signed.caller, id.clone(), api::Wait::Fleet).await
     };
     match done {
         Ok(written) if rotate => Ok(html(

@@ -44,7 +44,14 @@ impl Daemon {
         } = triggers;
         let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
         let mut last_used = tokio::time::interval(LAST_USED_FLUSH);
-        let mut feed = tokio::time::interval(FEED_POLL);
+        // A shared store notifies its changes; the poll is the safety net.
+        let changed = self.store.fleet().map(crate::store::fleet::Fleet::changed);
+        let poll = if changed.is_some() {
+            self.config.fleet.poll
+        } else {
+            FEED_POLL
+        };
+        let mut feed = tokio::time::interval(poll);
         feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
@@ -60,6 +67,11 @@ impl Daemon {
                     }
                 },
                 _ = feed.tick() => {
+                    if let Err(e) = self.follow_feed(shim, api).await {
+                        tracing::warn!(error = %e, "applying the store's changes");
+                    }
+                }
+                () = notified(changed.as_deref()) => {
                     if let Err(e) = self.follow_feed(shim, api).await {
                         tracing::warn!(error = %e, "applying the store's changes");
                     }
@@ -90,6 +102,14 @@ impl Daemon {
                 _ = int.recv() => return Ok(()),
             }
         }
+    }
+}
+
+/// Resolves when `notify` is notified, or never.
+async fn notified(notify: Option<&tokio::sync::Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -78,6 +78,7 @@ impl Daemon {
                 .fold(Ok(()), Result::and)
         };
         self.applied = changes.upto;
+        self.progress.send_replace(self.applied);
         match result {
             Ok(()) => self.feed_failure = None,
             Err(e) => {

@@ -15,6 +15,7 @@
 
 mod event_loop;
 mod feed;
+mod fleet;
 mod reconcile;
 mod reload;
 mod start;
@@ -59,6 +60,8 @@ struct Daemon {
     stored: BTreeMap<String, StoredKey>,
     /// The feed's sequence number up to which `stored` is enforced.
     applied: i64,
+    /// `applied`, for the fleet reporter (`fleet.rs`).
+    progress: tokio::sync::watch::Sender<i64>,
     /// The feed range whose last apply failed, and why: the write waiting
     /// for a number in it is answered with the failure (one waits at a time:
     /// the API enforces its writes one by one).

@@ -65,6 +65,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         store,
         stored,
         applied,
+        progress: watch::channel(applied).0,
         feed_failure: None,
         policy: PolicyState::default(),
         reconcile: None,
@@ -116,7 +117,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         config = %daemon.config_path.display(),
         metrics = %daemon.config.metrics.bind,
         management = %daemon.config.management.bind,
-        store = %daemon.config.store.path.display(),
+        store = %store_name(&daemon.config),
         keys = daemon.config.keys.len() + daemon.active_stored().count(),
         "keyfence running"
     );
@@ -164,6 +165,8 @@ fn start_management(
     mpsc::Receiver<Apply>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    // Beside the API: in a fleet, writers elsewhere wait for this host's reports.
+    super::fleet::spawn_reporter(daemon);
     let (apply_tx, apply_rx) = mpsc::channel::<Apply>(64);
     let api = Arc::new(ApiState {
         store: daemon.store.clone(),
@@ -177,6 +180,7 @@ fn start_management(
         sources: shim.sources(),
         apply: apply_tx,
         writes: tokio::sync::Mutex::new(()),
+        fleet_wait: daemon.config.fleet.wait_timeout,
         // `Secure` cookies under TLS; over plain HTTP (loopback, or beyond
         // it with the start-up warning) browsers would not send them back.
         console: crate::console::Console::new(&daemon.config.management, tls.is_some()),
@@ -191,13 +195,23 @@ fn start_management(
     (api, apply_rx, server)
 }
 
+/// The store as logs name it: the file, or the fleet host (never the URL,
+/// which may hold a password).
+fn store_name(config: &Config) -> String {
+    match &config.store.postgres {
+        Some(pg) => format!("postgres (host {})", pg.host_id),
+        None => config.store.path.display().to_string(),
+    }
+}
+
 /// Open the key store the config names and read its keys, with the change
 /// feed's position they are current at.
 async fn open_store(
     config: &Config,
 ) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>, i64)> {
-    let store = store::open(&config.store)
-        .with_context(|| format!("opening the key store {}", config.store.path.display()))?;
+    let store = store::open(&config.store, &config.fleet)
+        .await
+        .with_context(|| format!("opening the key store {}", store_name(config)))?;
     let snapshot = store
         .snapshot()
         .await

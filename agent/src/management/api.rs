@@ -110,6 +110,9 @@ pub struct ApiState {
     /// Held from a write's commit until it is enforced, so the daemon applies
     /// changes in commit order.
     pub writes: tokio::sync::Mutex<()>,
+    /// `fleet.wait_timeout`: how long a write waits for the other hosts of
+    /// a shared store (SPEC §10).
+    pub fleet_wait: Duration,
     /// The console's sessions and settings (`crate::console`).
     pub console: crate::console::Console,
 }
@@ -122,6 +125,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/keys/{id}/rotate", post(rotate))
         .route("/v1/keys/{id}/sources", get(sources))
         .route("/v1/audit", get(audit))
+        .route("/v1/fleet", get(fleet))
         .route("/v1/allowlist/check", post(check))
         .merge(crate::console::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -228,6 +232,12 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
             StoreError::Revoked(id) => {
                 Self::new(StatusCode::CONFLICT, format!("key {id} is revoked"))
+            }
+            StoreError::Unavailable(why) => {
+                if STORE_FULL_LOGS.allow() {
+                    tracing::error!(error = why, "key store unavailable: write refused");
+                }
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
             }
             StoreError::Full(why) => {
                 // Every write meets it until an operator frees space: one
@@ -412,12 +422,23 @@ async fn confirm(state: &ApiState, caller: &Caller, code: Option<&str>) -> Resul
         &principal,
         caller.ip,
         Instant::now(),
-        || confirmer.verify(code, unix),
+        || confirmer.verify_step(code, unix),
         // No code guesses nothing.
         |e| *e != ConfirmError::Missing,
     );
     match attempt {
-        Attempt::Passed(()) => Ok(()),
+        Attempt::Passed(step) => match state.store.fleet() {
+            None => Ok(()),
+            // The step is spent on every host, or on none.
+            Some(fleet) => match fleet.claim_step(step).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "confirmation required",
+                )),
+                Err(e) => Err(e.into()),
+            },
+        },
         Attempt::Throttled(wait) => Err(ApiError::throttled(wait, Reason::Confirm)),
         Attempt::Failed(_, started) => {
             audit_lockouts(state, &started, &principal, caller.ip).await;
@@ -488,20 +509,98 @@ async fn enforce(state: &ApiState, seq: i64) -> Result<(), ApiError> {
         })
 }
 
+/// `?wait=`: whom a write waits for in a fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Wait {
+    /// Every live host (the default).
+    #[default]
+    Fleet,
+    /// This host alone.
+    Local,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WriteQuery {
+    #[serde(default)]
+    wait: Wait,
+}
+
+type WriteParams = Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>;
+
+fn wait_of(query: WriteParams) -> Result<Wait, ApiError> {
+    query
+        .map(|Query(q)| q.wait)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+impl Written {
+    /// The answer's body: `body` with `enforcement` added in a fleet.
+    fn answer(&self, mut body: Value) -> Value {
+        if let (Some(e), Value::Object(o)) = (&self.enforcement, &mut body) {
+            o.insert(
+                "enforcement".into(),
+                serde_json::to_value(e).expect("serializes"),
+            );
+        }
+        body
+    }
+}
+
+/// In a fleet, wait (after the local host) for every live host to apply
+/// `seq`, up to `fleet.wait_timeout`; with `?wait=local` only look once.
+async fn fleet_enforcement(
+    state: &ApiState,
+    seq: i64,
+    wait: Wait,
+) -> Option<crate::store::fleet::Enforcement> {
+    let fleet = state.store.fleet()?;
+    let timeout = match wait {
+        Wait::Fleet => state.fleet_wait,
+        Wait::Local => Duration::ZERO,
+    };
+    match fleet.wait_applied(seq, timeout).await {
+        Ok(e) => {
+            if wait == Wait::Fleet && !e.lagging.is_empty() {
+                tracing::warn!(seq, lagging = ?e.lagging, "a change is not applied on every live host yet");
+            }
+            Some(e)
+        }
+        Err(e) => {
+            // Stored and enforced here: the answer says who is known to have it.
+            tracing::warn!(error = %e, "reading the fleet's progress");
+            Some(crate::store::fleet::Enforcement {
+                applied: 1,
+                hosts: 1,
+                lagging: Vec::new(),
+            })
+        }
+    }
+}
+
 /// One write: serialised with the others, checked against the datapath's
 /// capacity, committed with its audit row, enforced, logged. The capacity
 /// check is a dry run ([`would_be`](super::preview::would_be): the key as the
 /// write would leave it); the `writes` lock keeps other writes of this API out
-/// until the write is enforced, so the daemon sees them in commit order.
-async fn commit(state: &ApiState, caller: &Caller, write: KeyWrite) -> Result<StoredKey, ApiError> {
+/// until the write is enforced, so the daemon sees them in commit order. In a
+/// fleet the answer then waits for the other live hosts (`wait`).
+async fn commit(
+    state: &ApiState,
+    caller: &Caller,
+    write: KeyWrite,
+    wait: Wait,
+) -> Result<(StoredKey, Option<crate::store::fleet::Enforcement>), ApiError> {
     let actor = caller.actor();
     let action = write.action();
-    let _order = state.writes.lock().await;
+    let order = state.writes.lock().await;
     let now = SystemTime::now();
     let would_be = super::preview::would_be(state.store.as_ref(), &write, now).await?;
     check_capacity(state, would_be).await?;
     let committed = state.store.write(write, &actor, now).await?;
     enforce(state, committed.seq).await?;
+    // Later writes need not wait for the other hosts of this one.
+    drop(order);
+    let enforcement = fleet_enforcement(state, committed.seq, wait).await;
     let key = committed.key;
     tracing::info!(
         key_id = key.id,
@@ -509,7 +608,7 @@ async fn commit(state: &ApiState, caller: &Caller, write: KeyWrite) -> Result<St
         action,
         "key changed"
     );
-    Ok(key)
+    Ok((key, enforcement))
 }
 
 pub(crate) fn static_key(state: &ApiState, id: &str) -> Option<Arc<Key>> {
@@ -562,6 +661,8 @@ fn confirm_code(headers: &HeaderMap) -> Option<&str> {
 pub(crate) struct Written {
     pub(crate) key: StoredKey,
     pub(crate) secret: Option<String>,
+    /// In a fleet: how far the other hosts were when the write answered.
+    pub(crate) enforcement: Option<crate::store::fleet::Enforcement>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -578,14 +679,16 @@ async fn create(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     headers: HeaderMap,
+    query: WriteParams,
     body: Bytes,
 ) -> ApiResult {
+    let wait = wait_of(query)?;
     let body: CreateBody = parse_body(&body)?;
-    let written = create_key(&state, &caller, body, confirm_code(&headers)).await?;
-    let secret = written.secret.unwrap_or_default();
+    let written = create_key(&state, &caller, body, confirm_code(&headers), wait).await?;
+    let secret = written.secret.clone().unwrap_or_default();
     Ok((
         StatusCode::CREATED,
-        axum::Json(with_secret(stored_json(&written.key), &secret)),
+        axum::Json(written.answer(with_secret(stored_json(&written.key), &secret))),
     )
         .into_response())
 }
@@ -596,6 +699,7 @@ pub(crate) async fn create_key(
     caller: &Caller,
     body: CreateBody,
     code: Option<&str>,
+    wait: Wait,
 ) -> Result<Written, ApiError> {
     let name = validate::name(&body.name).map_err(|e| invalid(&e))?;
     let tenant = validate::tenant(body.tenant.as_deref()).map_err(|e| invalid(&e))?;
@@ -619,10 +723,11 @@ pub(crate) async fn create_key(
         report_only: body.report_only.unwrap_or(false),
         origin: Origin::Store,
     };
-    let key = commit(state, caller, KeyWrite::Create(new)).await?;
+    let (key, enforcement) = commit(state, caller, KeyWrite::Create(new), wait).await?;
     Ok(Written {
         key,
         secret: Some(secret),
+        enforcement,
     })
 }
 
@@ -666,11 +771,13 @@ async fn update(
     caller: Caller,
     headers: HeaderMap,
     Path(id): Path<String>,
+    query: WriteParams,
     body: Bytes,
 ) -> ApiResult {
+    let wait = wait_of(query)?;
     let body: UpdateBody = parse_body(&body)?;
-    let written = update_key(&state, &caller, id, body, confirm_code(&headers)).await?;
-    Ok(axum::Json(written.key.view(Some("api"))).into_response())
+    let written = update_key(&state, &caller, id, body, confirm_code(&headers), wait).await?;
+    Ok(axum::Json(written.answer(stored_json(&written.key))).into_response())
 }
 
 /// The update operation (self-lockout, step-up), shared by the API and the
@@ -681,6 +788,7 @@ pub(crate) async fn update_key(
     id: String,
     body: UpdateBody,
     code: Option<&str>,
+    wait: Wait,
 ) -> Result<Written, ApiError> {
     refuse_static(state, &id)?;
     let patch = KeyPatch {
@@ -708,17 +816,23 @@ pub(crate) async fn update_key(
         state.store.key(&id).await?;
         confirm(state, caller, code).await?;
     }
-    let key = commit(state, caller, KeyWrite::Update { id, patch }).await?;
-    Ok(Written { key, secret: None })
+    let (key, enforcement) = commit(state, caller, KeyWrite::Update { id, patch }, wait).await?;
+    Ok(Written {
+        key,
+        secret: None,
+        enforcement,
+    })
 }
 
 async fn revoke(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(id): Path<String>,
+    query: WriteParams,
 ) -> ApiResult {
-    let written = revoke_key(&state, &caller, id).await?;
-    Ok(axum::Json(stored_json(&written.key)).into_response())
+    let wait = wait_of(query)?;
+    let written = revoke_key(&state, &caller, id, wait).await?;
+    Ok(axum::Json(written.answer(stored_json(&written.key))).into_response())
 }
 
 /// The revoke operation (a key cannot revoke itself), shared by the API and
@@ -727,6 +841,7 @@ pub(crate) async fn revoke_key(
     state: &ApiState,
     caller: &Caller,
     id: String,
+    wait: Wait,
 ) -> Result<Written, ApiError> {
     refuse_static(state, &id)?;
     if caller.principal.is_key(&id) {
@@ -734,19 +849,26 @@ pub(crate) async fn revoke_key(
         let lockout = super::principals::LockOut { ip: caller.ip };
         return Err(ApiError::new(StatusCode::CONFLICT, lockout.to_string()));
     }
-    let key = commit(state, caller, KeyWrite::Revoke { id: id.clone() }).await?;
+    let (key, enforcement) =
+        commit(state, caller, KeyWrite::Revoke { id: id.clone() }, wait).await?;
     state.sources.forget(&id);
-    Ok(Written { key, secret: None })
+    Ok(Written {
+        key,
+        secret: None,
+        enforcement,
+    })
 }
 
 async fn rotate(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(id): Path<String>,
+    query: WriteParams,
 ) -> ApiResult {
-    let written = rotate_key(&state, &caller, id).await?;
-    let secret = written.secret.unwrap_or_default();
-    Ok(axum::Json(with_secret(stored_json(&written.key), &secret)).into_response())
+    let wait = wait_of(query)?;
+    let written = rotate_key(&state, &caller, id, wait).await?;
+    let secret = written.secret.clone().unwrap_or_default();
+    Ok(axum::Json(written.answer(with_secret(stored_json(&written.key), &secret))).into_response())
 }
 
 /// The rotate operation, shared by the API and the console.
@@ -754,6 +876,7 @@ pub(crate) async fn rotate_key(
     state: &ApiState,
     caller: &Caller,
     id: String,
+    wait: Wait,
 ) -> Result<Written, ApiError> {
     refuse_static(state, &id)?;
     let secret = credentials::generate();
@@ -761,10 +884,11 @@ pub(crate) async fn rotate_key(
         id,
         digest: digest(&secret),
     };
-    let key = commit(state, caller, write).await?;
+    let (key, enforcement) = commit(state, caller, write, wait).await?;
     Ok(Written {
         key,
         secret: Some(secret),
+        enforcement,
     })
 }
 
@@ -816,6 +940,25 @@ async fn audit(
         })
         .collect();
     Ok(axum::Json(json!({ "entries": entries })).into_response())
+}
+
+/// `GET /v1/fleet`: every host of a shared store, with its version, applied
+/// sequence, lag and last heartbeat; 404 for a host's own store.
+async fn fleet(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult {
+    let Some(fleet) = state.store.fleet() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not in fleet mode (store.postgres is not configured)",
+        ));
+    };
+    let status = fleet.status().await?;
+    Ok(axum::Json(json!({
+        "host_id": fleet.host_id(),
+        "store_up": fleet.is_up(),
+        "head_sequence": status.head_sequence,
+        "hosts": status.hosts,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,9 +9,12 @@
 //!
 //! [`KeyStore`] is the async seam for backends, [`open`] the factory that
 //! picks one from the config; [`embedded::Embedded`] (the SQLite file of
-//! [`sqlite::SqliteStore`] and its WAL checkpoints) is the default.
+//! [`sqlite::SqliteStore`] and its WAL checkpoints) is the default,
+//! [`postgres::PgStore`] the fleet's shared database ([`fleet::Fleet`]).
 
 pub mod embedded;
+pub mod fleet;
+pub mod postgres;
 pub mod sqlite;
 
 use std::{net::IpAddr, ops::Deref, sync::Arc, time::SystemTime};
@@ -217,6 +220,11 @@ pub enum StoreError {
     /// An I/O failure of the backend (reading or writing its files).
     #[error("{0}")]
     Io(String),
+    /// A networked store did not answer (down, unreachable, timed out):
+    /// nothing was changed; the API answers 503 and enforcement goes on
+    /// from memory.
+    #[error("the key store is unavailable: {0}")]
+    Unavailable(String),
     /// The store's directory or files are not the agent's alone.
     #[error(transparent)]
     Unsafe(#[from] crate::fsguard::FsGuardError),
@@ -322,16 +330,29 @@ pub trait KeyStore: Send + Sync {
     fn snapshot(&self) -> StoreFuture<'_, Changes>;
     /// The keys changed by writes after `after_seq` (see [`Changes`]).
     fn changes(&self, after_seq: i64) -> StoreFuture<'_, Changes>;
+    /// The fleet calls of a store shared by several hosts; `None` for a
+    /// host's own store.
+    fn fleet(&self) -> Option<&dyn fleet::Fleet> {
+        None
+    }
 }
 
 /// The store, shared by the API and the daemon.
 pub type SharedStore = std::sync::Arc<dyn KeyStore>;
 
-/// Open the store the config names: the embedded SQLite file at
-/// `store.path` (the only backend today; a networked one for fleets plugs in
-/// here, chosen by its own config section). Must run inside the runtime: a
-/// backend may start its own maintenance tasks.
-pub fn open(config: &crate::config::StoreConfig) -> Result<SharedStore, StoreError> {
+/// Open the store the config names: PostgreSQL with `store.postgres`
+/// (connected and migrated), else the embedded SQLite file at `store.path`.
+/// Must run inside the runtime: a backend starts its own tasks
+/// (checkpoints, the notification connection).
+pub async fn open(
+    config: &crate::config::StoreConfig,
+    fleet: &crate::config::FleetConfig,
+) -> Result<SharedStore, StoreError> {
+    if let Some(pg) = &config.postgres {
+        return Ok(std::sync::Arc::new(
+            postgres::PgStore::open(pg, fleet).await?,
+        ));
+    }
     Ok(std::sync::Arc::new(embedded::Embedded::open(&config.path)?))
 }
 

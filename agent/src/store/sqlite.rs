@@ -90,14 +90,14 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn millis(t: SystemTime) -> i64 {
+pub(super) fn millis(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
     }
 }
 
-fn from_millis(ms: i64) -> SystemTime {
+pub(super) fn from_millis(ms: i64) -> SystemTime {
     let d = Duration::from_millis(ms.unsigned_abs());
     if ms >= 0 {
         UNIX_EPOCH + d
@@ -464,7 +464,7 @@ fn entry_row(r: &Row<'_>) -> rusqlite::Result<(String, String, Option<String>, O
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
 }
 
-fn to_entry(
+pub(super) fn to_entry(
     cidr: &str,
     note: Option<String>,
     expires: Option<i64>,

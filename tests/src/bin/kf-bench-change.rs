@@ -17,22 +17,21 @@
 //! and `KEYFENCE_BIN`. Writes `change.json` into `$KF_BENCH_DIR` when set.
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     path::Path,
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
-use ipnet::{IpNet, Ipv6Net};
 use keyfence::{
-    allowlist::{AllowEntry, AllowList, Net},
+    allowlist::AllowList,
     keys::{Key, Origin, credentials::digest},
     keys_cli,
     store::{Actor, sqlite::SqliteStore},
 };
 use keyfence_tests::{
-    bench,
+    bench::{self, percentile, v6_entry as entry},
     netns::{Agent, Lab, enter, parse_samples},
 };
 use serde_json::json;
@@ -60,23 +59,6 @@ metrics: {{ bind: "127.0.0.1:9901" }}
 "#,
         pin = pin.display()
     )
-}
-
-/// Entry `i` of key `k`: `2001:db8:KH:KL:2I::/80` or, every third one, a
-/// `/128` inside it (never two siblings, so none merge).
-fn entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
-    let (hi, lo) = (u16::try_from(k >> 16)?, u16::try_from(k & 0xffff)?);
-    let i = u16::try_from(i * 2)?;
-    let net = if i % 6 == 0 {
-        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 1), 128)?
-    } else {
-        Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 0), 80)?
-    };
-    Ok(AllowEntry {
-        net: Net::new(IpNet::V6(net))?,
-        note: None,
-        expires_at: None,
-    })
 }
 
 /// `keys` keys (`key_bench000000`…) of `entries_per_key` entries each,
@@ -167,17 +149,6 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64, Vec<f64>)> {
     );
 
     Ok((start_took, prefixes, rss, maps, changes))
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into a short vector"
-    )]
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
