@@ -477,6 +477,7 @@ async fn detail(
         client: signed.caller.client,
         csrf: &signed.session.csrf,
         done: q.get("done"),
+        enforcement: pages::enforcement_of(&q),
         form: None,
         problems: pages::Problems::default(),
         preview: None,
@@ -507,6 +508,7 @@ async fn edit(
         client: signed.caller.client,
         csrf: &signed.session.csrf,
         done: None,
+        enforcement: None,
         form: Some(&f),
         problems: pages::Problems::default(),
         preview: None,
@@ -555,7 +557,10 @@ async fn save(
         return Ok(see_other(&to));
     }
     match api::update_key(state, &signed.caller, id, body, code, api::Wait::Fleet).await {
-        Ok(_written) => Ok(see_other(&to)),
+        Ok(written) => Ok(see_other(&format!(
+            "{to}{}",
+            pages::enforcement_query(written.enforcement.as_ref())
+        ))),
         Err(e) => {
             view.problems = pages::Problems::from_error(&e);
             Ok(html(
@@ -585,6 +590,7 @@ async fn add(
         client: signed.caller.client,
         csrf: &signed.session.csrf,
         done: None,
+        enforcement: None,
         form: None,
         problems: pages::Problems::default(),
         preview: None,
@@ -626,6 +632,7 @@ async fn confirmed_write(
         client: signed.caller.client,
         csrf: &signed.session.csrf,
         done: None,
+        enforcement: None,
         form: None,
         problems: pages::Problems::default(),
         preview: None,
@@ -650,9 +657,10 @@ async fn confirmed_write(
             StatusCode::OK,
             signed.page("Key rotated", &pages::created(&written, "rotated")),
         )),
-        Ok(_) => Ok(see_other(&format!(
-            "/keys/{}?done=revoked",
-            form::encode(&id)
+        Ok(written) => Ok(see_other(&format!(
+            "/keys/{}?done=revoked{}",
+            form::encode(&id),
+            pages::enforcement_query(written.enforcement.as_ref())
         ))),
         Err(e) => {
             view.problems = pages::Problems::from_error(&e);

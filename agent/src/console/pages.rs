@@ -18,7 +18,7 @@ use crate::{
     },
     keys::{ADMIN_SCOPE, API_SCOPE, Key},
     management::api::{self, ApiError, ApiState, Written},
-    store::AuditEntry,
+    store::{AuditEntry, fleet::Enforcement},
 };
 
 /// Rows of the keys table shown at once; the search narrows the rest.
@@ -616,13 +616,61 @@ pub fn created(w: &Written, what: &str) -> String {
 <label for="secret">Secret of <code>{id}</code></label>
 <div class="secret-row"><input id="secret" readonly value="{secret}"><button type="button" data-copy="secret" id="copy" hidden>Copy</button></div>
 <p>Allowed IPs: {summary}</p>
+{enforced}
 <p><a href="/keys/{eid}" id="to-key">Go to the key</a></p>"#,
+        enforced = enforcement(w.enforcement.as_ref()),
         name = esc(&k.name),
         id = esc(&k.id),
         secret = esc(w.secret.as_deref().unwrap_or("")),
         summary = esc(&summary(&k.allow)),
         eid = encode(&k.id),
     )
+}
+
+/// In a fleet, where the change is in force: "on N of M hosts", and the
+/// hosts still applying it by name. Nothing with a single-host store.
+#[must_use]
+pub fn enforcement(e: Option<&Enforcement>) -> String {
+    let Some(e) = e else {
+        return String::new();
+    };
+    let mut out = format!(
+        "<p class=\"ok\" id=\"enforcement\" role=\"status\">In force on {} of {} live hosts.</p>",
+        e.applied, e.hosts
+    );
+    if !e.lagging.is_empty() {
+        let names: Vec<String> = e.lagging.iter().map(|h| esc(h)).collect();
+        let _ = write!(
+            out,
+            "<p class=\"warning\" id=\"lagging\" role=\"alert\">Not yet applied on {}: those hosts enforce the previous state until they catch up (see <code>keyfence fleet status</code>).</p>",
+            names.join(", ")
+        );
+    }
+    out
+}
+
+/// The query a redirect after a fleet write carries so the next page can
+/// say where the change is in force (`applied`, `hosts`, `lagging`…).
+#[must_use]
+pub fn enforcement_query(e: Option<&Enforcement>) -> String {
+    let Some(e) = e else {
+        return String::new();
+    };
+    let mut q = format!("&applied={}&hosts={}", e.applied, e.hosts);
+    for h in &e.lagging {
+        let _ = write!(q, "&lagging={}", encode(h));
+    }
+    q
+}
+
+/// The enforcement a redirect's query carries (see [`enforcement_query`]).
+#[must_use]
+pub fn enforcement_of(q: &Form) -> Option<Enforcement> {
+    Some(Enforcement {
+        applied: q.get("applied")?.parse().ok()?,
+        hosts: q.get("hosts")?.parse().ok()?,
+        lagging: q.all("lagging").map(str::to_owned).collect(),
+    })
 }
 
 /// The key detail page: facts, the list editor, "your address", seen
@@ -634,6 +682,8 @@ pub struct Detail<'a> {
     pub csrf: &'a str,
     /// `saved`, `revoked` after a redirect.
     pub done: Option<&'a str>,
+    /// Where that change is in force, in a fleet.
+    pub enforcement: Option<Enforcement>,
     /// The editor's post, to refill the form.
     pub form: Option<&'a Form>,
     pub problems: Problems,
@@ -673,6 +723,9 @@ impl Detail<'_> {
                 "<p class=\"ok\" id=\"done\" role=\"status\">Revoked: the key no longer works.</p>",
             ),
             _ => {}
+        }
+        if self.done.is_some() {
+            out.push_str(&enforcement(self.enforcement.as_ref()));
         }
         out.push_str(&self.problems.general_html());
         if k.source == "config" {
@@ -1046,6 +1099,39 @@ pub fn audit(entries: &[AuditEntry], key_id: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fleet_enforcement_survives_the_redirect_and_names_the_lagging_hosts() {
+        let e = Enforcement {
+            applied: 2,
+            hosts: 3,
+            lagging: vec!["gw-c&<b>".to_owned()],
+        };
+        let q = enforcement_query(Some(&e));
+        let back = enforcement_of(&Form::parse(format!("done=saved{q}").as_bytes()));
+        assert_eq!(back.as_ref(), Some(&e));
+        let html = enforcement(back.as_ref());
+        assert!(html.contains("In force on 2 of 3 live hosts."), "{html}");
+        assert!(
+            html.contains("gw-c&amp;&lt;b&gt;"),
+            "host names are escaped: {html}"
+        );
+        // A single-host store says nothing, and a forged query with no
+        // numbers says nothing either.
+        assert_eq!(enforcement(None), "");
+        assert_eq!(enforcement_query(None), "");
+        assert_eq!(
+            enforcement_of(&Form::parse(b"done=saved&applied=x&hosts=3")),
+            None
+        );
+        let all = Enforcement {
+            applied: 3,
+            hosts: 3,
+            lagging: vec![],
+        };
+        assert!(!enforcement(Some(&all)).contains("lagging"));
+    }
+
     use std::time::{Duration, Instant};
 
     use super::*;
