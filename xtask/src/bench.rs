@@ -87,7 +87,10 @@ fn goals(report: &Map<String, Value>) -> String {
     out
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// Every section, or only those named in `only` (their JSON keys); a partial
+/// run prints its tables but leaves `report.md` and `report.json` alone, so
+/// they always hold one whole run.
+pub fn run(only: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::run()?;
     let keyfence = build::agent(build::Profile::Release)?;
@@ -95,7 +98,11 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut markdown = String::new();
     let mut report = Map::new();
+    let partial = !only.is_empty();
     for (bin, key, heading) in SECTIONS {
+        if partial && !only.iter().any(|o| o == key) {
+            continue;
+        }
         let table = section(bin, &keyfence, &dir)?;
         let _ = write!(markdown, "\n## {heading}\n\n{table}");
         let file = dir.join(format!("{key}.json"));
@@ -115,6 +122,15 @@ pub fn run() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
     );
+    if partial {
+        print!("{markdown}");
+        println!(
+            "\nbench: only {} run; {} left as it was",
+            only.join(", "),
+            dir.join("report.md").display()
+        );
+        return Ok(());
+    }
     std::fs::write(dir.join("report.md"), &markdown)?;
     std::fs::write(
         dir.join("report.json"),

@@ -41,7 +41,12 @@ enum Command {
     Demo,
     /// Setup, then measure: the datapath's cost per packet at growing prefix
     /// counts (`BPF_PROG_TEST_RUN` on the real object); writes `target/bench/report.md`.
-    Bench,
+    Bench {
+        /// Run only these sections (datapath, flood, shim, change); the
+        /// report files are then left as they were and the tables printed.
+        #[arg(value_parser = ["datapath", "flood", "shim", "change"])]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,7 +56,7 @@ fn main() -> ExitCode {
         Command::Build => build::run().map(|_| ()),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
-        Command::Bench => bench::run(),
+        Command::Bench { only } => bench::run(&only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

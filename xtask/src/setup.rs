@@ -59,6 +59,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "promtool check metrics validates /metrics in the tests",
     ),
     (
+        "ethtool",
+        "TSO/GSO off and GRO on for threaded NAPI on the bench's veth ends (kf-bench-flood)",
+    ),
+    (
         "chromium",
         "the headless browser of the console tests and the demo's screenshots",
     ),
