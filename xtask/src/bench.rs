@@ -97,6 +97,9 @@ fn goals(report: &Map<String, Value>) -> String {
     out
 }
 
+/// Every section, or only those named in `only` (their JSON keys); a partial
+/// run prints its tables but leaves `report.md` and `report.json` alone, so
+/// they always hold one whole run.
 pub fn run(only: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = only
         .iter()
@@ -111,8 +114,9 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut markdown = String::new();
     let mut report = Map::new();
+    let partial = !only.is_empty();
     for (bin, key, heading) in SECTIONS {
-        if !only.is_empty() && !only.iter().any(|o| o == key) {
+        if partial && !only.iter().any(|o| o == key) {
             continue;
         }
         let table = section(bin, &keyfence, &dir)?;
@@ -134,6 +138,15 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
     );
+    if partial {
+        print!("{markdown}");
+        println!(
+            "\nbench: only {} run; {} left as it was",
+            only.join(", "),
+            dir.join("report.md").display()
+        );
+        return Ok(());
+    }
     std::fs::write(dir.join("report.md"), &markdown)?;
     std::fs::write(
         dir.join("report.json"),

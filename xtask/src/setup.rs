@@ -67,6 +67,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "cuts one fleet host off from the database in the fleet tests",
     ),
     (
+        "ethtool",
+        "TSO/GSO off and GRO on for threaded NAPI on the bench's veth ends (kf-bench-flood)",
+    ),
+    (
         "chromium",
         "the headless browser of the console tests and the demo's screenshots",
     ),
