@@ -472,20 +472,30 @@ async fn detail(
         .await
         .map_err(error_page(&signed))?;
     let view = pages::Detail {
-        state: &state,
-        key: &key,
-        client: signed.caller.client,
-        csrf: &signed.session.csrf,
         done: q.get("done"),
         enforcement: pages::enforcement_of(&q),
-        form: None,
-        problems: pages::Problems::default(),
-        preview: None,
+        ..view_of(&state, &key, &signed)
     };
     Ok(html(
         StatusCode::OK,
         signed.page(&key.name, &view.render(SystemTime::now())),
     ))
+}
+
+/// The detail page of `key` as `signed` sees it, with nothing done, posted
+/// or refused yet: what every handler starts from.
+fn view_of<'a>(state: &'a ApiState, key: &'a pages::Row, signed: &'a Signed) -> pages::Detail<'a> {
+    pages::Detail {
+        state,
+        key,
+        client: signed.caller.client,
+        csrf: &signed.session.csrf,
+        done: None,
+        enforcement: None,
+        form: None,
+        problems: pages::Problems::default(),
+        preview: None,
+    }
 }
 
 /// The list editor's Preview and Save.
@@ -503,15 +513,8 @@ async fn edit(
     let now = SystemTime::now();
     let edited = pages::edited_list(&f);
     let mut view = pages::Detail {
-        state: &state,
-        key: &key,
-        client: signed.caller.client,
-        csrf: &signed.session.csrf,
-        done: None,
-        enforcement: None,
         form: Some(&f),
-        problems: pages::Problems::default(),
-        preview: None,
+        ..view_of(&state, &key, &signed)
     };
     let list = match edited {
         Ok(list) => list,
@@ -584,17 +587,7 @@ async fn add(
         .await
         .map_err(error_page(&signed))?;
     let now = SystemTime::now();
-    let mut view = pages::Detail {
-        state: &state,
-        key: &key,
-        client: signed.caller.client,
-        csrf: &signed.session.csrf,
-        done: None,
-        enforcement: None,
-        form: None,
-        problems: pages::Problems::default(),
-        preview: None,
-    };
+    let mut view = view_of(&state, &key, &signed);
     let list = match pages::with_added(&key.allow, f.text("cidr"), f.text("note")) {
         Ok(list) => list,
         Err(problems) => {
@@ -626,17 +619,7 @@ async fn confirmed_write(
         .await
         .map_err(error_page(signed))?;
     let now = SystemTime::now();
-    let mut view = pages::Detail {
-        state,
-        key: &key,
-        client: signed.caller.client,
-        csrf: &signed.session.csrf,
-        done: None,
-        enforcement: None,
-        form: None,
-        problems: pages::Problems::default(),
-        preview: None,
-    };
+    let mut view = view_of(state, &key, signed);
     if f.get("confirm") != Some("yes") {
         let what = if rotate { "rotate" } else { "revoke" };
         view.problems.general = Some(format!(
