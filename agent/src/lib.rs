@@ -28,3 +28,4 @@ pub mod shim;
 pub mod status;
 pub mod store;
 pub mod sys;
+pub mod tc_netlink;

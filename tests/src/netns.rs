@@ -893,6 +893,16 @@ impl Agent {
         self.subcommand("detach")
     }
 
+    /// `keyfence status --config FILE` (`--json` when `json`) inside the
+    /// namespace: its output.
+    pub fn status(&self, json: bool) -> anyhow::Result<String> {
+        if json {
+            self.subcommand_args("status", &["--json"])
+        } else {
+            self.subcommand("status")
+        }
+    }
+
     /// `keyfence check --config FILE` with the agent's environment: its
     /// report line, or its errors.
     pub fn check(&self) -> anyhow::Result<String> {
@@ -902,12 +912,18 @@ impl Agent {
     /// `keyfence SUBCOMMAND --config FILE` inside the namespace, with the
     /// agent's environment: stdout, or an error with stderr.
     fn subcommand(&self, subcommand: &str) -> anyhow::Result<String> {
+        self.subcommand_args(subcommand, &[])
+    }
+
+    /// [`Self::subcommand`] with more arguments after `--config FILE`.
+    fn subcommand_args(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.netns.display()))
             .arg("--")
             .arg(&self.bin)
             .args([subcommand, "--config"])
             .arg(&self.config)
+            .args(args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
