@@ -206,6 +206,8 @@ pub struct Datapath {
     reader: DatapathReader,
     ifaces: IfaceSlots,
     samples: Option<RingBuf<MapData>>,
+    /// The programs' aya-log records (taken once, by the daemon's forwarder).
+    logs: Option<crate::datapath_log::DatapathLogger>,
     /// `datapath.tc_attach`, read by the next [`Datapath::attach`].
     tc_attach: TcAttach,
     attachments: Vec<Attachment>,
@@ -398,6 +400,10 @@ impl Datapath {
             .map_max_entries(map_names::PREFIXES, capacity.prefixes)
             .load(OBJECT)
             .context("loading the eBPF object")?;
+        // Without its log ring the datapath still enforces: say so, go on.
+        let logs = crate::datapath_log::take(&mut ebpf)
+            .inspect_err(|e| tracing::warn!(error = %e, "the datapath's log records are not read"))
+            .ok();
         for name in [program_names::XDP, program_names::TC] {
             let program = ebpf
                 .program_mut(name)
@@ -432,6 +438,7 @@ impl Datapath {
             reader,
             ifaces,
             samples,
+            logs,
             tc_attach: TcAttach::Auto,
             attachments: Vec::new(),
             extra_iface_slots: Vec::new(),
@@ -608,6 +615,11 @@ impl Datapath {
     #[must_use]
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// The programs' log records (taken once, by the agent's forwarder).
+    pub fn take_logs(&mut self) -> Option<crate::datapath_log::DatapathLogger> {
+        self.logs.take()
     }
 
     /// The drop-sample ring buffer (taken once, by the agent's sample reader).

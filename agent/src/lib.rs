@@ -14,6 +14,7 @@ pub mod confirm;
 pub mod conn;
 pub mod daemon;
 pub mod datapath;
+pub mod datapath_log;
 pub mod fsguard;
 pub mod keys;
 pub mod keys_cli;
