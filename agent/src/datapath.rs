@@ -376,16 +376,27 @@ impl Datapath {
     /// allow-entry maps are created with `capacity` entries.
     pub fn open(pin_root: &Path, capacity: MapCapacity) -> anyhow::Result<Self> {
         let lock = take_lock(pin_root)?;
-        Self::load(pin_root, Some(lock), capacity)
+        Self::load(pin_root, Some(lock), capacity, true)
     }
 
     /// Load without the lock and without attaching anywhere: for tests that drive
     /// the programs through `BPF_PROG_TEST_RUN` with a private pin root.
     pub fn load_unattached(pin_root: &Path) -> anyhow::Result<Self> {
-        Self::load(pin_root, None, MapCapacity::default())
+        Self::load(pin_root, None, MapCapacity::default(), true)
     }
 
-    fn load(pin_root: &Path, lock: Option<File>, capacity: MapCapacity) -> anyhow::Result<Self> {
+    /// [`Self::load_unattached`] with the programs' aya-log records switched
+    /// off (`AYA_LOG_LEVEL` 0): the bench's "logging off" side.
+    pub fn load_unattached_without_log(pin_root: &Path) -> anyhow::Result<Self> {
+        Self::load(pin_root, None, MapCapacity::default(), false)
+    }
+
+    fn load(
+        pin_root: &Path,
+        lock: Option<File>,
+        capacity: MapCapacity,
+        log_records: bool,
+    ) -> anyhow::Result<Self> {
         check_on_bpffs(pin_root)?;
         let dir = pin_dir(pin_root);
         // bpffs' root is 1777: a pin directory someone else made (or could
@@ -394,7 +405,10 @@ impl Datapath {
         crate::fsguard::ensure_pin_dirs(pin_root, &dir, crate::fsguard::euid())?;
         check_pinned_layouts(&dir, capacity)?;
         // Sizes apply to maps created now; pinned ones were checked above.
+        // aya-log-ebpf reads its level from this global: 0 logs nothing.
+        let log_level: u8 = if log_records { u8::MAX } else { 0 };
         let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
             .default_map_pin_directory(&dir)
             .map_max_entries(map_names::EXACT, capacity.exact)
             .map_max_entries(map_names::PREFIXES, capacity.prefixes)

@@ -14,24 +14,22 @@ use keyfence_common::stats::Stat;
 /// not reach the shared verdict code: `()` stands in.
 ///
 /// A BPF subprogram of its own (kernels >= 4.16 call them) taking scalars
-/// only: inlined, or handed a pointer to the flow, the record building made
-/// LLVM spill a packet pointer in a way the verifier refuses. The source
-/// address is in the drop-sample ring's record, which the agent logs.
+/// that always exist: inlined, or handed a pointer to the flow, the record
+/// building made LLVM spill a packet pointer in a way the verifier refuses;
+/// handed a field of a flow that may be absent, LLVM read it speculatively
+/// from uninitialised stack, which 6.1's verifier refuses. Addresses and
+/// ports are in the drop-sample ring's record, which the agent logs.
 #[inline(never)]
-pub fn event(ifindex: u32, stat: Stat, slot: u32, port: u16) {
+pub fn event(ifindex: u32, stat: Stat, slot: u32) {
     match stat {
         Stat::DropNotAllowed => debug!(
             (),
-            "drop sample: not allowed, port {} listener slot {} ifindex {}", port, slot, ifindex
+            "drop sample: not allowed, listener slot {} ifindex {}", slot, ifindex
         ),
-        Stat::DropUnparsed => debug!(
-            (),
-            "drop sample: unparsed header, port {} ifindex {}", port, ifindex
-        ),
+        Stat::DropUnparsed => debug!((), "drop sample: unparsed header, ifindex {}", ifindex),
         Stat::PassMapError => warn!(
             (),
-            "map_error: the listener entry for port {} names an unusable slot; the packet passes (ifindex {})",
-            port,
+            "map_error: a listener entry names an unusable slot; the packet passes (ifindex {})",
             ifindex
         ),
         Stat::PassMalformed => info!(

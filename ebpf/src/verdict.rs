@@ -192,8 +192,7 @@ pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
         if let (true, Some(flow)) = (decision.stat.is_drop(), flow) {
             sample_drop(ifindex, decision.slot, flow);
         }
-        let port = flow.map_or(0, |f| u16::from_be_bytes(f.port));
-        crate::log::event(ifindex, decision.stat, decision.slot, port);
+        crate::log::event(ifindex, decision.stat, decision.slot);
     }
 }
 

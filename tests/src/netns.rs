@@ -615,7 +615,7 @@ impl Agent {
     pub fn launch(&mut self, yaml: &str) -> anyhow::Result<()> {
         self.write_config(yaml)?;
         self.spawn()?;
-        self.wait_ready(Duration::from_secs(30))
+        self.wait_ready(ready_timeout())
     }
 
     /// Add an argument to `keyfence run` for the agent's next start.
@@ -808,7 +808,7 @@ impl Agent {
         }
         self.child = None;
         self.spawn()?;
-        self.wait_ready(Duration::from_secs(30))
+        self.wait_ready(ready_timeout())
     }
 
     /// `GET path` on the agent's metrics bind, from inside its namespace.
@@ -974,6 +974,16 @@ impl Drop for Agent {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// How long a start may take to turn ready: 30 s, or `KEYFENCE_TEST_READY_SECS`
+/// (the guest-kernel stage's emulated CPU starts the agent many times slower).
+#[must_use]
+pub fn ready_timeout() -> Duration {
+    std::env::var("KEYFENCE_TEST_READY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_secs)
 }
 
 /// Call `check` every `every` until it returns true or `timeout` passes.

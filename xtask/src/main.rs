@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod guest;
 mod setup;
 mod test;
 
@@ -36,6 +37,9 @@ enum Command {
     /// Setup, then rustfmt, clippy, the unprivileged tests and the privileged
     /// tests (root). Ends with a line `N passed, N failed`.
     Test,
+    /// Setup, then only the guest-kernel stage of `test`: the datapath's tests
+    /// on Debian 12's 6.1 kernel under qemu (TCG) with virtme-ng (root).
+    Guest,
     /// Setup and build, then run the agent in network namespaces on a built-in
     /// example and show allowed and dropped connections and the counters.
     Demo,
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Build => build::run().map(|_| ()),
         Command::Test => test::run(),
+        Command::Guest => test::guest_only(),
         Command::Demo => demo::run(),
         Command::Bench => bench::run(),
     };
