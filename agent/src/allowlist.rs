@@ -6,7 +6,7 @@
 //! An empty list means the key is unrestricted; a list whose entries have all
 //! expired allows nobody.
 
-use std::{fmt, net::IpAddr, sync::Arc, time::SystemTime};
+use std::{fmt, net::IpAddr, ops::Deref, sync::Arc, time::SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
@@ -14,10 +14,100 @@ use serde::Deserialize;
 /// Default cap on entries per key (SPEC §3).
 pub const DEFAULT_MAX_ENTRIES: usize = 1000;
 
+/// A network in canonical form: IPv4-mapped IPv6 folded to IPv4, host bits
+/// clear. Made once, by the allow-list grammar ([`parse_entry`], `FromStr`) or
+/// the checked [`Net::new`]; every later stage (policy compiler, prefix sets,
+/// map writer, trusted proxies) takes it as it is and never canonicalises again.
+/// Orders like the `IpNet` it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Net(IpNet);
+
+/// [`Net::new`] refused a network: it is not in canonical form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{given} is not canonical; its canonical form is {canonical}")]
+pub struct NotCanonical {
+    pub given: IpNet,
+    pub canonical: IpNet,
+}
+
+impl Net {
+    /// `net` if it is canonical (folded, host bits clear), else why not.
+    pub fn new(net: IpNet) -> Result<Self, NotCanonical> {
+        let canonical = fold_net(net.trunc());
+        if canonical == net {
+            Ok(Self(net))
+        } else {
+            Err(NotCanonical {
+                given: net,
+                canonical,
+            })
+        }
+    }
+
+    #[must_use]
+    pub fn get(self) -> IpNet {
+        self.0
+    }
+
+    /// The maximal aligned blocks of the union of `nets`, sorted. Canonical
+    /// in, canonical out: merging siblings never crosses a family, and a block
+    /// inside `::ffff:0:0/96` could only come from networks inside it, which
+    /// are folded to IPv4.
+    #[must_use]
+    pub fn aggregate(nets: &[Net]) -> Vec<Net> {
+        let raw: Vec<IpNet> = nets.iter().map(|n| n.0).collect();
+        IpNet::aggregate(&raw).into_iter().map(Self).collect()
+    }
+
+    /// A network derived from canonical ones by a step that keeps the form
+    /// (a supernet, a sibling, an aggregate); checked in debug builds.
+    pub(crate) fn derived(net: IpNet) -> Self {
+        debug_assert!(Self::new(net).is_ok(), "{net} derived but not canonical");
+        Self(net)
+    }
+}
+
+impl Deref for Net {
+    type Target = IpNet;
+
+    fn deref(&self) -> &IpNet {
+        &self.0
+    }
+}
+
+impl From<Net> for IpNet {
+    fn from(n: Net) -> Self {
+        n.0
+    }
+}
+
+impl TryFrom<IpNet> for Net {
+    type Error = NotCanonical;
+
+    fn try_from(net: IpNet) -> Result<Self, NotCanonical> {
+        Self::new(net)
+    }
+}
+
+impl std::str::FromStr for Net {
+    type Err = EntryErrorKind;
+
+    /// The allow-list grammar for one entry ([`parse_entry`]).
+    fn from_str(s: &str) -> Result<Self, EntryErrorKind> {
+        parse_entry(s)
+    }
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One canonical entry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AllowEntry {
-    pub net: IpNet,
+    pub net: Net,
     pub note: Option<String>,
     /// The entry stops matching at this instant.
     pub expires_at: Option<SystemTime>,
@@ -40,7 +130,7 @@ impl AllowEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllowList {
     /// Sorted, distinct.
-    nets: Arc<[IpNet]>,
+    nets: Arc<[Net]>,
     /// `(index into nets, note, expiry)` of the entries that have either, by index.
     extra: Option<Arc<[Extra]>>,
 }
@@ -53,8 +143,7 @@ struct Extra {
 }
 
 impl AllowList {
-    /// Build from entries that are already canonical (folded, host bits clear):
-    /// sorts and removes duplicate networks (the first note/expiry wins).
+    /// Build from canonical entries (their `Net`s are): sorts and removes duplicate networks (the first note/expiry wins).
     #[must_use]
     pub fn from_canonical(mut entries: Vec<AllowEntry>) -> Self {
         entries.sort_by_key(|e| e.net);
@@ -108,7 +197,7 @@ impl AllowList {
     }
 
     /// Networks in force at `now`. Allocates nothing (it runs per request).
-    pub fn active_nets(&self, now: SystemTime) -> impl Iterator<Item = IpNet> + '_ {
+    pub fn active_nets(&self, now: SystemTime) -> impl Iterator<Item = Net> + '_ {
         self.nets
             .iter()
             .enumerate()
@@ -204,9 +293,9 @@ pub fn fold_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// `::ffff:a.b.c.d/(96+n)` becomes `a.b.c.d/n`; other networks are unchanged.
-/// (Host bits are checked separately; this only changes the family.)
-#[must_use]
-pub fn fold_net(net: IpNet) -> IpNet {
+/// (Host bits are checked separately; this only changes the family.) Private:
+/// only the grammar and [`Net::new`] fold networks.
+fn fold_net(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
             Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
@@ -285,7 +374,7 @@ impl std::error::Error for EntryError {}
 
 /// One entry: an address or a CIDR prefix, canonical, or refused with the reason.
 /// Never resolves names.
-pub fn parse_entry(text: &str) -> Result<IpNet, EntryErrorKind> {
+pub fn parse_entry(text: &str) -> Result<Net, EntryErrorKind> {
     let s = text.trim();
     if s.is_empty() {
         return Err(EntryErrorKind::Empty);
@@ -316,10 +405,10 @@ pub fn parse_entry(text: &str) -> Result<IpNet, EntryErrorKind> {
                 canonical: fold_net(net.trunc()),
             });
         }
-        return Ok(fold_net(net));
+        return Ok(Net(fold_net(net)));
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(fold_ip(ip)));
+        return Ok(Net(IpNet::from(fold_ip(ip))));
     }
     if s.contains('-') && s.split('-').all(|p| p.trim().parse::<IpAddr>().is_ok()) {
         return Err(EntryErrorKind::Range);
@@ -440,6 +529,34 @@ mod tests {
 
     fn one(s: &str) -> Result<AllowList, Vec<EntryError>> {
         parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES)
+    }
+
+    #[test]
+    fn net_new_takes_only_canonical_networks() {
+        let raw = |s: &str| -> IpNet { s.parse().unwrap() };
+        for ok in [
+            "192.0.2.0/24",
+            "2001:db8::/32",
+            "0.0.0.0/0",
+            "::/0",
+            "::fffe:0:0/96",
+        ] {
+            assert_eq!(Net::new(raw(ok)).unwrap().to_string(), ok);
+        }
+        for (bad, canonical) in [
+            ("192.0.2.1/24", "192.0.2.0/24"),
+            ("::ffff:198.51.100.0/120", "198.51.100.0/24"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("2001:db8::1/32", "2001:db8::/32"),
+        ] {
+            let e = Net::new(raw(bad)).unwrap_err();
+            assert_eq!(e.canonical, raw(canonical), "{bad}");
+        }
+        // The grammar and `Net::new` agree on what canonical is.
+        assert_eq!(
+            "::ffff:198.51.100.0/120".parse::<Net>().unwrap(),
+            Net::new(raw("198.51.100.0/24")).unwrap()
+        );
     }
 
     #[test]

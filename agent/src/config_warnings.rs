@@ -103,17 +103,18 @@ pub fn config_file(path: &Path, file: Stat, dir: Option<(&Path, Stat)>, euid: u3
     found
 }
 
-/// The management API has no TLS today: warn when it listens beyond loopback.
+/// Warn when the management API (and console) listens beyond loopback
+/// without `management.tls`.
 #[must_use]
-pub fn management(bind: SocketAddr) -> Option<String> {
-    if bind.ip().to_canonical().is_loopback() {
+pub fn management(bind: SocketAddr, tls: bool) -> Option<String> {
+    if tls || bind.ip().to_canonical().is_loopback() {
         return None;
     }
     Some(format!(
         "management.bind {bind} is beyond loopback and the management API has no TLS: \
-         admin tokens, new keys' secrets and step-up codes cross the network in clear \
-         text; bind it to 127.0.0.1 (reach it over SSH) or put a TLS-terminating proxy \
-         in front (management.tls is planned with the console work)"
+         admin tokens, console sessions, new keys' secrets and step-up codes cross the \
+         network in clear text; set management.tls {{cert, key}}, bind it to 127.0.0.1 \
+         (reach it over SSH) or put a TLS-terminating proxy in front"
     ))
 }
 
@@ -138,7 +139,7 @@ pub fn check(path: &Path, config: &Config, euid: u32) -> Vec<(Warning, String)> 
             found.push((Warning::ConfigWritableByOthers, message));
         }
     }
-    if let Some(message) = management(config.management.bind) {
+    if let Some(message) = management(config.management.bind, config.management.tls.is_some()) {
         found.push((Warning::ManagementWithoutTls, message));
     }
     found
@@ -233,7 +234,7 @@ mod tests {
             "[::1]:9900",
             "[::ffff:127.0.0.1]:9900",
         ] {
-            assert_eq!(management(quiet.parse().unwrap()), None, "{quiet}");
+            assert_eq!(management(quiet.parse().unwrap(), false), None, "{quiet}");
         }
         for loud in [
             "0.0.0.0:9900",
@@ -241,10 +242,11 @@ mod tests {
             "192.0.2.1:9900",
             "[2001:db8::1]:9900",
         ] {
-            let message = management(loud.parse().unwrap()).expect(loud);
+            let message = management(loud.parse().unwrap(), false).expect(loud);
             assert!(message.contains(loud), "{message}");
             assert!(message.contains("no TLS"), "{message}");
             assert!(message.contains("management.tls"), "{message}");
+            assert_eq!(management(loud.parse().unwrap(), true), None, "TLS: {loud}");
         }
     }
 

@@ -39,7 +39,6 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use ipnet::IpNet;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -52,7 +51,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::allowlist::ClientAddr;
+use crate::allowlist::{ClientAddr, Net};
 
 /// Default time from accept (or, on a keep-alive connection, from the next
 /// request's first byte) to a complete request head.
@@ -236,7 +235,7 @@ pub fn in_reserve(fd: i32, soft: u64) -> bool {
 pub struct Gate {
     name: String,
     reserve: Reserve,
-    limits: RwLock<(ConnLimits, Arc<Vec<IpNet>>)>,
+    limits: RwLock<(ConnLimits, Arc<Vec<Net>>)>,
     sources: Mutex<HashMap<IpAddr, u32>>,
     open: AtomicUsize,
     open_gauge: Gauge,
@@ -263,7 +262,7 @@ impl Gate {
         name: &str,
         reserve: Reserve,
         limits: ConnLimits,
-        uncapped: Vec<IpNet>,
+        uncapped: Vec<Net>,
         metrics: ConnMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -283,7 +282,7 @@ impl Gate {
     }
 
     /// New limits for the connections accepted from now on (a reload).
-    pub fn set_limits(&self, limits: ConnLimits, uncapped: Vec<IpNet>) {
+    pub fn set_limits(&self, limits: ConnLimits, uncapped: Vec<Net>) {
         *self.limits.write().unwrap_or_else(PoisonError::into_inner) = (limits, Arc::new(uncapped));
     }
 
@@ -879,6 +878,20 @@ pub async fn serve_router(
     gate: Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_router_tls(socket, router, gate, None, shutdown).await
+}
+
+/// [`serve_router`], speaking TLS when `tls` is given (the management
+/// listener's `management.tls`): the handshake must finish within the
+/// header timeout, and the certificate files are reloaded when they change
+/// (checked at each accept, so a renewed certificate serves the next client).
+pub async fn serve_router_tls(
+    socket: TcpListener,
+    router: axum::Router,
+    gate: Arc<Gate>,
+    tls: Option<crate::shim::tls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -888,10 +901,29 @@ pub async fn serve_router(
                 let _ = stream.set_nodelay(true);
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
                 let stop = stop_rx.clone();
+                let tls = tls.clone();
+                if let Some(tls) = &tls {
+                    tls.reload_if_changed();
+                }
                 tokio::spawn(async move {
                     let activity = Activity::new();
-                    let builder = builder(&permit.gate.limits());
-                    if let Err(e) = drive(&builder, stream, peer, service, &permit, activity, stop).await {
+                    let limits = permit.gate.limits();
+                    let builder = builder(&limits);
+                    let done = match tls {
+                        None => drive(&builder, stream, peer, service, &permit, activity, stop).await,
+                        Some(tls) => match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => drive(&builder, stream, peer, service, &permit, activity, stop).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(listener = permit.gate.name, %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(listener = permit.gate.name, %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = done {
                         tracing::debug!(listener = permit.gate.name, %peer, error = %e, "connection ended");
                     }
                 });

@@ -12,6 +12,7 @@ pub mod config;
 pub mod config_warnings;
 pub mod confirm;
 pub mod conn;
+pub mod console;
 pub mod daemon;
 pub mod datapath;
 pub mod datapath_log;

@@ -14,9 +14,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
-use ipnet::IpNet;
-
 use crate::{
+    allowlist::Net,
     config::{ClientIpSource, ListenerConfig},
     keys::Key,
     prefixset::{Change, PrefixSet},
@@ -42,7 +41,7 @@ pub enum Access {
     /// Every source passes at packet level; the shim decides alone.
     Open,
     /// Only sources inside these prefixes (canonical, collapsed) pass.
-    Restricted(Vec<IpNet>),
+    Restricted(Vec<Net>),
 }
 
 impl Access {
@@ -94,7 +93,7 @@ enum Rule {
     /// `early_drop: false`.
     Open,
     /// `proxy_protocol`: only the trusted proxies, whatever the keys.
-    Proxies(Vec<IpNet>),
+    Proxies(Vec<Net>),
     /// The union of the accepted keys' lists.
     Keys {
         /// Accepted keys that open the listener (unrestricted or report-only).
@@ -104,7 +103,7 @@ enum Rule {
         nets: PrefixSet,
         /// How many contributions each network of `nets` has (a key's entry,
         /// a trusted proxy): what is left when a key lets a network go.
-        refs: BTreeMap<IpNet, u32>,
+        refs: BTreeMap<Net, u32>,
     },
 }
 
@@ -128,7 +127,7 @@ fn contribution<'k>(
     listener: &ListenerConfig,
     key: &'k Key,
     now: SystemTime,
-) -> impl Iterator<Item = IpNet> + 'k {
+) -> impl Iterator<Item = Net> + 'k {
     let counts = accepts(listener, key) && !opens(key);
     // Allow lists are canonical: host bits are already clear.
     key.allow
@@ -206,7 +205,7 @@ impl PolicyState {
             }
             nets.remove(
                 &gone,
-                |range| refs.range(range).map(|(n, _)| *n).collect(),
+                |block| crate::prefixset::inside(refs, block).collect(),
                 &mut change,
             );
             for net in came {
@@ -297,7 +296,7 @@ fn rule(listener: &ListenerConfig, keys: &[&Key], now: SystemTime) -> Rule {
                 .iter()
                 .filter(|k| accepts(listener, k) && opens(k))
                 .count();
-            let mut refs: BTreeMap<IpNet, u32> = BTreeMap::new();
+            let mut refs: BTreeMap<Net, u32> = BTreeMap::new();
             for net in keys
                 .iter()
                 .flat_map(|k| contribution(listener, k, now))
@@ -601,7 +600,7 @@ mod tests {
                     let moved = change.restricted.iter().find(|(n, _)| *n == is.name);
                     match (&was.access, &is.access, moved) {
                         (Access::Restricted(was), Access::Restricted(is), Some((_, c))) => {
-                            let mut nets: std::collections::BTreeSet<IpNet> =
+                            let mut nets: std::collections::BTreeSet<Net> =
                                 was.iter().copied().collect();
                             for n in &c.removed {
                                 prop_assert!(nets.remove(n));

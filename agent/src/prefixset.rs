@@ -2,22 +2,27 @@
 //! their union, as `IpNet::aggregate` gives), updated in place: adding a
 //! network touches only the blocks it covers and the siblings it merges with,
 //! and taking networks away rebuilds only the blocks that held them.
+//!
+//! It takes canonical networks ([`Net`]) and its blocks are canonical too:
+//! supernets and siblings of canonical networks are.
 
-use std::{collections::BTreeSet, ops::RangeInclusive};
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::allowlist::Net;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrefixSet {
-    blocks: BTreeSet<IpNet>,
+    blocks: BTreeSet<Net>,
 }
 
 /// Blocks that left and joined a set over some updates, net of each other
 /// (a block that left and came back is in neither).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Change {
-    pub removed: BTreeSet<IpNet>,
-    pub added: BTreeSet<IpNet>,
+    pub removed: BTreeSet<Net>,
+    pub added: BTreeSet<Net>,
 }
 
 impl Change {
@@ -26,13 +31,13 @@ impl Change {
         self.removed.is_empty() && self.added.is_empty()
     }
 
-    fn remove(&mut self, block: IpNet) {
+    fn remove(&mut self, block: Net) {
         if !self.added.remove(&block) {
             self.removed.insert(block);
         }
     }
 
-    fn add(&mut self, block: IpNet) {
+    fn add(&mut self, block: Net) {
         if !self.removed.remove(&block) {
             self.added.insert(block);
         }
@@ -41,10 +46,10 @@ impl Change {
 
 impl PrefixSet {
     #[must_use]
-    pub fn from_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
-        let nets: Vec<IpNet> = nets.into_iter().map(|n| n.trunc()).collect();
+    pub fn from_nets(nets: impl IntoIterator<Item = Net>) -> Self {
+        let nets: Vec<Net> = nets.into_iter().collect();
         Self {
-            blocks: IpNet::aggregate(&nets).into_iter().collect(),
+            blocks: Net::aggregate(&nets).into_iter().collect(),
         }
     }
 
@@ -59,31 +64,35 @@ impl PrefixSet {
     }
 
     /// The blocks in order (IPv4 first, then by address and length).
-    pub fn iter(&self) -> impl Iterator<Item = &IpNet> {
+    pub fn iter(&self) -> impl Iterator<Item = &Net> {
         self.blocks.iter()
     }
 
     /// The block that covers `net`, if any. Blocks are disjoint and sorted
     /// by address, so only the last block at or before `net` can cover it.
     #[must_use]
-    pub fn covering(&self, net: &IpNet) -> Option<IpNet> {
-        let net = net.trunc();
+    pub fn covering(&self, net: &Net) -> Option<Net> {
         self.blocks
-            .range(..=net)
+            .range(..=*net)
             .next_back()
-            .filter(|b| b.contains(&net))
+            .filter(|b| b.contains(&net.get()))
             .copied()
     }
 
     /// Add `net`: the blocks inside it go, and it merges upwards while its
     /// sibling is a block too (a sibling covered by smaller blocks cannot
     /// happen: they would have merged into it).
-    pub fn insert(&mut self, net: IpNet, change: &mut Change) {
-        let net = net.trunc();
+    pub fn insert(&mut self, net: Net, change: &mut Change) {
         if self.covering(&net).is_some() {
             return;
         }
-        let inside: Vec<IpNet> = self.blocks.range(net..=last_inside(net)).copied().collect();
+        // Contiguous from `net` on, as in [`inside`].
+        let inside: Vec<Net> = self
+            .blocks
+            .range(net..)
+            .take_while(|n| net.contains(&n.get()))
+            .copied()
+            .collect();
         for n in inside {
             self.blocks.remove(&n);
             change.remove(n);
@@ -94,30 +103,32 @@ impl PrefixSet {
                 break;
             }
             change.remove(sibling);
-            block = block
-                .supernet()
-                .expect("a network with a sibling has a parent");
+            block = Net::derived(
+                block
+                    .supernet()
+                    .expect("a network with a sibling has a parent"),
+            );
         }
         self.blocks.insert(block);
         change.add(block);
     }
 
     /// Take networks away: `gone` are networks no longer wanted;
-    /// `remaining(range)` lists the networks still wanted within a range of
-    /// `IpNet` order (host bits clear). Only the blocks that cover something
-    /// in `gone` are rebuilt, from the remaining networks inside them.
+    /// `remaining(block)` lists the networks still wanted inside `block`
+    /// ([`inside`] finds them in a sorted map). Only the blocks that cover
+    /// something in `gone` are rebuilt, from the remaining networks inside them.
     pub fn remove(
         &mut self,
-        gone: &[IpNet],
-        remaining: impl Fn(RangeInclusive<IpNet>) -> Vec<IpNet>,
+        gone: &[Net],
+        remaining: impl Fn(Net) -> Vec<Net>,
         change: &mut Change,
     ) {
-        let affected: BTreeSet<IpNet> = gone.iter().filter_map(|n| self.covering(n)).collect();
+        let affected: BTreeSet<Net> = gone.iter().filter_map(|n| self.covering(n)).collect();
         for block in affected {
             self.blocks.remove(&block);
             change.remove(block);
-            let inside = remaining(block..=last_inside(block));
-            for net in IpNet::aggregate(&inside) {
+            let inside = remaining(block);
+            for net in Net::aggregate(&inside) {
                 self.blocks.insert(net);
                 change.add(net);
             }
@@ -125,21 +136,24 @@ impl PrefixSet {
     }
 }
 
-/// The greatest network (in `IpNet` order) inside `net`.
-fn last_inside(net: IpNet) -> IpNet {
-    match net {
-        IpNet::V4(n) => IpNet::V4(Ipv4Net::new(n.broadcast(), 32).expect("/32")),
-        IpNet::V6(n) => IpNet::V6(Ipv6Net::new(n.broadcast(), 128).expect("/128")),
-    }
+/// The keys of a sorted map inside `block`. In `Net` order (address, then
+/// length) they follow `block` without a gap: a network after it whose
+/// address lies in the block is longer, so inside; a shorter one could
+/// start only at the block's own address, and it sorts before the block.
+pub fn inside<V>(map: &BTreeMap<Net, V>, block: Net) -> impl Iterator<Item = Net> + '_ {
+    map.range(block..)
+        .map(|(n, _)| *n)
+        .take_while(move |n| block.contains(&n.get()))
 }
 
-/// The other half of `net`'s parent (`None` for `/0`).
-fn sibling(net: IpNet) -> Option<IpNet> {
+/// The other half of `net`'s parent (`None` for `/0`, and for the sibling
+/// of `::fffe:0:0/96`, which is not canonical and so never a block).
+fn sibling(net: Net) -> Option<Net> {
     let len = net.prefix_len();
     if len == 0 {
         return None;
     }
-    Some(match net {
+    Net::new(match *net {
         IpNet::V4(n) => {
             let bit = 1_u32 << (32 - u32::from(len));
             IpNet::V4(
@@ -153,6 +167,7 @@ fn sibling(net: IpNet) -> Option<IpNet> {
             )
         }
     })
+    .ok()
 }
 
 #[cfg(test)]
@@ -161,13 +176,18 @@ mod tests {
 
     use super::*;
 
-    fn net(s: &str) -> IpNet {
+    fn net(s: &str) -> Net {
         s.parse().unwrap()
     }
 
     /// `remaining` for [`PrefixSet::remove`] from a plain list.
-    fn within(nets: &[IpNet]) -> impl Fn(RangeInclusive<IpNet>) -> Vec<IpNet> + '_ {
-        |range| nets.iter().filter(|n| range.contains(n)).copied().collect()
+    fn within(nets: &[Net]) -> impl Fn(Net) -> Vec<Net> + '_ {
+        |block| {
+            nets.iter()
+                .filter(|n| block.contains(&n.get()))
+                .copied()
+                .collect()
+        }
     }
 
     fn blocks(set: &PrefixSet) -> Vec<String> {
@@ -205,6 +225,37 @@ mod tests {
         assert!(set.is_empty());
     }
 
+    #[test]
+    fn inside_reads_only_the_networks_within_a_block() {
+        let map: BTreeMap<Net, u32> = [
+            "10.0.0.0/7",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.255.255.255/32",
+            "11.0.0.0/8",
+            "2001:db8::/32",
+        ]
+        .iter()
+        .map(|s| (net(s), 1))
+        .collect();
+        let got: Vec<String> = inside(&map, net("10.0.0.0/8"))
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(got, ["10.0.0.0/8", "10.1.0.0/16", "10.255.255.255/32"]);
+        assert_eq!(inside(&map, net("12.0.0.0/8")).count(), 0);
+    }
+
+    #[test]
+    fn a_sibling_that_is_not_canonical_never_merges() {
+        // `::fffe:0:0/96`'s sibling would be `::ffff:0:0/96`, which is
+        // `0.0.0.0/0` in canonical form: no merge across the families.
+        let mut set = PrefixSet::default();
+        let c = &mut Change::default();
+        set.insert(net("0.0.0.0/0"), c);
+        set.insert(net("::fffe:0:0/96"), c);
+        assert_eq!(blocks(&set), ["0.0.0.0/0", "::fffe:0:0/96"]);
+    }
+
     const POOL: [&str; 16] = [
         "192.0.2.0/24",
         "192.0.2.0/25",
@@ -235,12 +286,12 @@ mod tests {
                 1..12,
             ),
         ) {
-            let mut wanted: Vec<IpNet> = start.iter().map(|s| net(s)).collect();
+            let mut wanted: Vec<Net> = start.iter().map(|s| net(s)).collect();
             let mut set = PrefixSet::from_nets(wanted.clone());
             let mut change = Change::default();
             let mut seen = set.blocks.clone();
             for (add, nets) in steps {
-                let nets: Vec<IpNet> = nets.iter().map(|s| net(s)).collect();
+                let nets: Vec<Net> = nets.iter().map(|s| net(s)).collect();
                 if add {
                     wanted.extend(&nets);
                     for n in &nets {

@@ -10,4 +10,5 @@ pub mod loaded;
 pub mod netns;
 pub mod rawsyn;
 pub mod refmodel;
+pub mod webdriver;
 pub mod wrk;

@@ -25,7 +25,7 @@ use crate::{build, cmd};
 /// The guest kernel: Debian 12's standard flavour (the cloud flavour lacks 9p).
 pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-50-amd64";
 const KERNEL_IMAGE: &str = "/boot/vmlinuz-6.1.0-50-amd64";
-/// The virtme-ng release `cargo xtask setup` installs (PyPI, into a venv).
+/// The virtme-ng release `cargo xtask setup` installs (`PyPI`, into a venv).
 pub const VIRTME_NG_VERSION: &str = "1.42";
 /// The venv, relative to `$CARGO_HOME` (kept outside the clone, like the
 /// LLVM prefix).

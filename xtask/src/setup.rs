@@ -59,6 +59,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "promtool check metrics validates /metrics in the tests",
     ),
     (
+        "chromium",
+        "the headless browser of the console tests and the demo's screenshots",
+    ),
+    (
+        "chromium-driver",
+        "WebDriver for that browser: the console tests drive it over HTTP",
+    ),
+    (
         "qemu-system-x86",
         "boots the guest kernel of the kernel matrix (xtask guest stage, TCG)",
     ),
@@ -76,7 +84,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// virtme-ng from PyPI into a venv under `$CARGO_HOME` (outside the clone, so
+/// virtme-ng from `PyPI` into a venv under `$CARGO_HOME` (outside the clone, so
 /// a fresh clone reuses it): `python3 -m venv`, then pip.
 fn virtme_ng() -> anyhow::Result<()> {
     let bin = crate::guest::venv_bin()?;

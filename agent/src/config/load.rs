@@ -8,19 +8,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::IpNet;
 use serde::{Deserialize, de};
 use serde_saphyr::{Location, Spanned};
 
 use super::shape;
 
 use super::model::{
-    Admin, AttachMode, ClientIp, ClientIpSource, Config, DatapathConfig, KeySecret, ListenerConfig,
-    ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection, StaticKey, StoreConfig,
-    TcAttach, TlsConfig, Unparsed,
+    Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DatapathConfig, KeySecret,
+    ListenerConfig, ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection,
+    StaticKey, StoreConfig, TcAttach, TlsConfig, Unparsed,
 };
 use crate::{
-    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, RawList, fold_ip, parse_entry, parse_list},
+    allowlist::{AllowList, DEFAULT_MAX_ENTRIES, Net, RawList, fold_ip, parse_entry, parse_list},
     keys::validate,
     secret_env::{self, EnvSecret},
 };
@@ -274,6 +273,15 @@ struct RawManagement {
     #[serde(default)]
     admins: Vec<Spanned<RawAdmin>>,
     confirm: Option<RawConfirm>,
+    console: Option<RawConsole>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    idle_timeout: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -673,7 +681,7 @@ fn capacity(raw: Option<RawCapacity>, errors: &mut Errors) -> MapCapacity {
 }
 
 /// Parse trusted proxies (canonical CIDR rules; the whole Internet is refused).
-fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> Vec<IpNet> {
+fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> Vec<Net> {
     let mut out = Vec::new();
     for (i, entry) in raw.iter().enumerate() {
         match parse_entry(&entry.value) {
@@ -690,7 +698,7 @@ fn trusted_proxies(raw: &[Spanned<String>], path: &str, errors: &mut Errors) -> 
             ),
         }
     }
-    IpNet::aggregate(&out)
+    Net::aggregate(&out)
 }
 
 fn conflicts(a: SocketAddr, b: SocketAddr) -> bool {
@@ -794,23 +802,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
             }
             (ListenerMode::Auth, None) => None,
         };
-        let tls = l.tls.and_then(|t| {
-            let mut ok = true;
-            for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
-                if let Err(e) = std::fs::File::open(&f.value) {
-                    errors.at(
-                        &f.referenced,
-                        format!("{p}.tls.{field}"),
-                        format!("cannot read {}: {e}", f.value),
-                    );
-                    ok = false;
-                }
-            }
-            ok.then(|| TlsConfig {
-                cert: PathBuf::from(&t.cert.value),
-                key: PathBuf::from(&t.key.value),
-            })
-        });
+        let tls = l.tls.and_then(|t| tls_files(&t, &p, errors));
         let client_ip = match l.client_ip {
             None => ClientIp {
                 source: ClientIpSource::Peer,
@@ -1102,8 +1094,15 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             bind: default_bind,
             admins: Vec::new(),
             confirm_totp_env: None,
+            console: ConsoleConfig::default(),
+            tls: None,
         };
     };
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| tls_files(t, "management", errors));
+    let console = console(raw.console.as_ref(), errors);
     let bind = raw
         .bind
         .as_ref()
@@ -1182,6 +1181,42 @@ fn management(raw: Option<RawManagement>, errors: &mut Errors) -> ManagementConf
             );
             var
         }),
+        console,
+        tls,
+    }
+}
+
+/// A `tls: {cert, key}` section under `path`: both files must be readable.
+fn tls_files(t: &RawTls, path: &str, errors: &mut Errors) -> Option<TlsConfig> {
+    let mut ok = true;
+    for (field, f) in [("cert", &t.cert), ("key", &t.key)] {
+        if let Err(e) = std::fs::File::open(&f.value) {
+            errors.at(
+                &f.referenced,
+                format!("{path}.tls.{field}"),
+                format!("cannot read {}: {e}", f.value),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| TlsConfig {
+        cert: PathBuf::from(&t.cert.value),
+        key: PathBuf::from(&t.key.value),
+    })
+}
+
+/// `management.console`: durations, each with its default.
+fn console(raw: Option<&RawConsole>, errors: &mut Errors) -> ConsoleConfig {
+    let default = ConsoleConfig::default();
+    let Some(raw) = raw else { return default };
+    let pick = |field: &Option<Spanned<String>>, path: &str, errors: &mut Errors| {
+        field.as_ref().and_then(|d| duration(d, path, errors))
+    };
+    ConsoleConfig {
+        idle_timeout: pick(&raw.idle_timeout, "management.console.idle_timeout", errors)
+            .unwrap_or(default.idle_timeout),
+        max_age: pick(&raw.max_age, "management.console.max_age", errors)
+            .unwrap_or(default.max_age),
     }
 }
 
@@ -1584,6 +1619,16 @@ metrics:
             &[
                 "5:18: listeners[0].tls.cert: cannot read",
                 "5:43: listeners[0].tls.key: cannot read",
+            ],
+        ),
+        (
+            "missing management tls files, console durations out of range",
+            "management:\n  tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }\n  console: { idle_timeout: 10ms, max_age: 2d }\n",
+            &[
+                "2:16: management.tls.cert: cannot read",
+                "2:41: management.tls.key: cannot read",
+                "3:28: management.console.idle_timeout",
+                "3:43: management.console.max_age: \"2d\" is outside 100ms..24h",
             ],
         ),
         (

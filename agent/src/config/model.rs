@@ -4,9 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use ipnet::IpNet;
-
-use crate::allowlist::AllowList;
+use crate::allowlist::{AllowList, Net};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -145,7 +143,7 @@ pub struct TlsConfig {
 pub struct ClientIp {
     pub source: ClientIpSource,
     /// Canonical (host bits clear, IPv4-mapped folded).
-    pub trusted_proxies: Vec<IpNet>,
+    pub trusted_proxies: Vec<Net>,
     /// `x_forwarded_for`: trusted hops skipped at most (default 1).
     pub hops: u32,
 }
@@ -201,6 +199,30 @@ pub struct ManagementConfig {
     pub admins: Vec<Admin>,
     /// `confirm.totp_secret_env`: the variable holding the base32 TOTP secret.
     pub confirm_totp_env: Option<String>,
+    /// `console`: how long a console session lives.
+    pub console: ConsoleConfig,
+    /// `tls: {cert, key}`: the management listener (API and console) speaks
+    /// TLS; the files are reloaded when they change.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `management.console`: a session ends after `idle_timeout` without a
+/// request, and after `max_age` whatever happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// Default 15 minutes.
+    pub idle_timeout: std::time::Duration,
+    /// Default 8 hours.
+    pub max_age: std::time::Duration,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: std::time::Duration::from_mins(15),
+            max_age: std::time::Duration::from_hours(8),
+        }
+    }
 }
 
 /// A management principal from the config (read-only through the API).

@@ -210,6 +210,15 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
                 false,
                 Shape::Map(&[("totp_secret_env", true, Shape::Text)]),
             ),
+            ("tls", false, TLS),
+            (
+                "console",
+                false,
+                Shape::Map(&[
+                    ("idle_timeout", false, Shape::Text),
+                    ("max_age", false, Shape::Text),
+                ]),
+            ),
         ]),
     ),
     (

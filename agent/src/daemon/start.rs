@@ -45,6 +45,13 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
     let confirm = credentials::confirmer(&config.management)?;
     let (store, stored, applied) = open_store(&config).await?;
+    let management_tls = config
+        .management
+        .tls
+        .as_ref()
+        .map(crate::shim::tls::TlsAcceptor::load)
+        .transpose()
+        .context("loading management.tls")?;
     let management_listener = tokio::net::TcpListener::bind(config.management.bind)
         .await
         .with_context(|| format!("binding management.bind {}", config.management.bind))?;
@@ -80,6 +87,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         confirm,
         principals,
         management_listener,
+        management_tls,
         &stop_rx,
     );
     // Signal handlers and the config watcher exist before `/readyz` turns
@@ -149,6 +157,7 @@ fn start_management(
     confirm: Option<Confirmer>,
     principals: management::principals::Principals,
     listener: tokio::net::TcpListener,
+    tls: Option<crate::shim::tls::TlsAcceptor>,
     stop: &watch::Receiver<bool>,
 ) -> (
     Arc<ApiState>,
@@ -168,10 +177,14 @@ fn start_management(
         sources: shim.sources(),
         apply: apply_tx,
         writes: tokio::sync::Mutex::new(()),
+        // `Secure` cookies under TLS; over plain HTTP (loopback, or beyond
+        // it with the start-up warning) browsers would not send them back.
+        console: crate::console::Console::new(&daemon.config.management, tls.is_some()),
     });
     let server = tokio::spawn(api::serve(
         listener,
         api.clone(),
+        tls,
         daemon.metrics.connections.clone(),
         stopped(stop),
     ));

@@ -79,6 +79,13 @@ impl<T> Table<T> {
     pub fn lookup(&self, secret: &str) -> Option<&Arc<T>> {
         self.by_digest.get(&digest(secret))
     }
+
+    /// The row of a secret known by its digest (a console session keeps the
+    /// digest, never the token).
+    #[must_use]
+    pub fn lookup_digest(&self, digest: &Digest) -> Option<&Arc<T>> {
+        self.by_digest.get(digest)
+    }
 }
 
 #[cfg(test)]

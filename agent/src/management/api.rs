@@ -110,6 +110,8 @@ pub struct ApiState {
     /// Held from a write's commit until it is enforced, so the daemon applies
     /// changes in commit order.
     pub writes: tokio::sync::Mutex<()>,
+    /// The console's sessions and settings (`crate::console`).
+    pub console: crate::console::Console,
 }
 
 /// The router: every call of SPEC §6.
@@ -120,6 +122,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/keys/{id}/rotate", post(rotate))
         .route("/v1/keys/{id}/sources", get(sources))
         .route("/v1/audit", get(audit))
+        .route("/v1/allowlist/check", post(check))
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -132,6 +136,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
+    tls: Option<crate::shim::tls::TlsAcceptor>,
     connections: crate::conn::ConnMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -142,7 +147,7 @@ pub async fn serve(
         Vec::new(),
         connections,
     );
-    crate::conn::serve_router(listener, router(state), gate, shutdown).await
+    crate::conn::serve_router_tls(listener, router(state), gate, tls, shutdown).await
 }
 
 /// An error answer: status and JSON body (and `Retry-After` for a 429).
@@ -154,6 +159,24 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The answer's status (the console shows the same refusal).
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The answer's `error` message.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        self.body["error"].as_str().unwrap_or("error")
+    }
+
+    /// The bad entries of a 422 on an allow list (position, entry, reason).
+    #[must_use]
+    pub fn entries(&self) -> Option<&Vec<Value>> {
+        self.body["entries"].as_array()
+    }
+
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self::with_body(status, json!({ "error": message.into() }))
     }
@@ -227,15 +250,25 @@ impl From<StoreError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The caller, authenticated.
-struct Caller {
-    principal: Principal,
+/// The caller, authenticated (by a bearer token, or by a console session).
+pub(crate) struct Caller {
+    pub(crate) principal: Principal,
     /// `client`'s address.
-    ip: IpAddr,
-    client: ClientAddr,
+    pub(crate) ip: IpAddr,
+    pub(crate) client: ClientAddr,
 }
 
 impl Caller {
+    /// A principal already authenticated from `client` (a console session
+    /// whose principal's allow list was just checked).
+    pub(crate) fn new(principal: Principal, client: ClientAddr) -> Self {
+        Self {
+            principal,
+            ip: client.ip(),
+            client,
+        }
+    }
+
     fn actor(&self) -> Actor {
         Actor {
             principal: self.principal.label(),
@@ -258,22 +291,24 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0)
             .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no peer address"))?;
-        authenticate(state, &parts.headers, peer).await
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| credentials::bearer(v.as_bytes()));
+        authenticate(state, token, peer.ip()).await
     }
 }
 
 /// The bearer token's principal, throttled per source address: an address
 /// locked out after repeated unknown tokens gets 429, even with a valid one.
-async fn authenticate(
+/// The console's sign-in presents its token here too.
+pub(crate) async fn authenticate(
     state: &ApiState,
-    headers: &HeaderMap,
-    peer: SocketAddr,
+    token: Option<&str>,
+    peer: IpAddr,
 ) -> Result<Caller, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| credentials::bearer(v.as_bytes()));
     // The API's one point of entry for an address: folded here, once.
-    let client = ClientAddr::new(peer.ip());
+    let client = ClientAddr::new(peer);
     let ip = client.ip();
     let principals = state
         .principals
@@ -364,11 +399,10 @@ fn invalid(e: &validate::Invalid) -> ApiError {
 /// The step-up rule: with a TOTP secret configured, the write needs a fresh
 /// code. Wrong and replayed codes are throttled per principal and per source
 /// address; during a lockout no code is even looked at (429).
-async fn confirm(state: &ApiState, caller: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
+async fn confirm(state: &ApiState, caller: &Caller, code: Option<&str>) -> Result<(), ApiError> {
     let Some(confirmer) = &state.confirm else {
         return Ok(());
     };
-    let code = headers.get(CONFIRM_HEADER).and_then(|v| v.to_str().ok());
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -478,7 +512,7 @@ async fn commit(state: &ApiState, caller: &Caller, write: KeyWrite) -> Result<St
     Ok(key)
 }
 
-fn static_key(state: &ApiState, id: &str) -> Option<Arc<Key>> {
+pub(crate) fn static_key(state: &ApiState, id: &str) -> Option<Arc<Key>> {
     state
         .static_keys
         .read()
@@ -516,14 +550,28 @@ fn with_secret(mut key: Value, secret: &str) -> Value {
     key
 }
 
-#[derive(Debug, Deserialize)]
+/// The step-up code a request carries.
+fn confirm_code(headers: &HeaderMap) -> Option<&str> {
+    headers.get(CONFIRM_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// What a write leaves: the key as committed, and the new secret of a create
+/// or a rotation (shown this once). Callers read what was enforced from here,
+/// so a field added for the fleet's enforcement reaches the API and the
+/// console alike.
+pub(crate) struct Written {
+    pub(crate) key: StoredKey,
+    pub(crate) secret: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
-    name: String,
-    tenant: Option<String>,
-    scopes: Option<Vec<String>>,
-    ip_allow_list: Option<RawList>,
-    report_only: Option<bool>,
+pub(crate) struct CreateBody {
+    pub(crate) name: String,
+    pub(crate) tenant: Option<String>,
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) ip_allow_list: Option<RawList>,
+    pub(crate) report_only: Option<bool>,
 }
 
 async fn create(
@@ -533,6 +581,22 @@ async fn create(
     body: Bytes,
 ) -> ApiResult {
     let body: CreateBody = parse_body(&body)?;
+    let written = create_key(&state, &caller, body, confirm_code(&headers)).await?;
+    let secret = written.secret.unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(with_secret(stored_json(&written.key), &secret)),
+    )
+        .into_response())
+}
+
+/// The create operation, shared by the API and the console.
+pub(crate) async fn create_key(
+    state: &ApiState,
+    caller: &Caller,
+    body: CreateBody,
+    code: Option<&str>,
+) -> Result<Written, ApiError> {
     let name = validate::name(&body.name).map_err(|e| invalid(&e))?;
     let tenant = validate::tenant(body.tenant.as_deref()).map_err(|e| invalid(&e))?;
     let scopes = validate::scopes(body.scopes).map_err(|e| invalid(&e))?;
@@ -543,7 +607,7 @@ async fn create(
         .transpose()?
         .unwrap_or_default();
     // A new key always sets a list (an empty one opens it to everyone).
-    confirm(&state, &caller, &headers).await?;
+    confirm(state, caller, code).await?;
     let secret = credentials::generate();
     let new = Key {
         id: credentials::new_key_id(),
@@ -555,12 +619,11 @@ async fn create(
         report_only: body.report_only.unwrap_or(false),
         origin: Origin::Store,
     };
-    let key = commit(&state, &caller, KeyWrite::Create(new)).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(with_secret(stored_json(&key), &secret)),
-    )
-        .into_response())
+    let key = commit(state, caller, KeyWrite::Create(new)).await?;
+    Ok(Written {
+        key,
+        secret: Some(secret),
+    })
 }
 
 async fn list(State(state): State<Arc<ApiState>>, _caller: Caller) -> ApiResult {
@@ -590,12 +653,12 @@ async fn show(
     Ok(axum::Json(stored_json(&key)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpdateBody {
-    name: Option<String>,
-    ip_allow_list: Option<RawList>,
-    report_only: Option<bool>,
+pub(crate) struct UpdateBody {
+    pub(crate) name: Option<String>,
+    pub(crate) ip_allow_list: Option<RawList>,
+    pub(crate) report_only: Option<bool>,
 }
 
 async fn update(
@@ -606,7 +669,20 @@ async fn update(
     body: Bytes,
 ) -> ApiResult {
     let body: UpdateBody = parse_body(&body)?;
-    refuse_static(&state, &id)?;
+    let written = update_key(&state, &caller, id, body, confirm_code(&headers)).await?;
+    Ok(axum::Json(written.key.view(Some("api"))).into_response())
+}
+
+/// The update operation (self-lockout, step-up), shared by the API and the
+/// console.
+pub(crate) async fn update_key(
+    state: &ApiState,
+    caller: &Caller,
+    id: String,
+    body: UpdateBody,
+    code: Option<&str>,
+) -> Result<Written, ApiError> {
+    refuse_static(state, &id)?;
     let patch = KeyPatch {
         name: body
             .name
@@ -630,10 +706,10 @@ async fn update(
     if (patch.allow.is_some() || patch.report_only.is_some()) && state.confirm.is_some() {
         // Unknown ids answer 404 before a code is spent on them.
         state.store.key(&id).await?;
-        confirm(&state, &caller, &headers).await?;
+        confirm(state, caller, code).await?;
     }
-    let after = commit(&state, &caller, KeyWrite::Update { id, patch }).await?;
-    Ok(axum::Json(after.view(Some("api"))).into_response())
+    let key = commit(state, caller, KeyWrite::Update { id, patch }).await?;
+    Ok(Written { key, secret: None })
 }
 
 async fn revoke(
@@ -641,15 +717,26 @@ async fn revoke(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    refuse_static(&state, &id)?;
+    let written = revoke_key(&state, &caller, id).await?;
+    Ok(axum::Json(stored_json(&written.key)).into_response())
+}
+
+/// The revoke operation (a key cannot revoke itself), shared by the API and
+/// the console.
+pub(crate) async fn revoke_key(
+    state: &ApiState,
+    caller: &Caller,
+    id: String,
+) -> Result<Written, ApiError> {
+    refuse_static(state, &id)?;
     if caller.principal.is_key(&id) {
         // `caller.ip` is already folded.
         let lockout = super::principals::LockOut { ip: caller.ip };
         return Err(ApiError::new(StatusCode::CONFLICT, lockout.to_string()));
     }
-    let key = commit(&state, &caller, KeyWrite::Revoke { id: id.clone() }).await?;
+    let key = commit(state, caller, KeyWrite::Revoke { id: id.clone() }).await?;
     state.sources.forget(&id);
-    Ok(axum::Json(stored_json(&key)).into_response())
+    Ok(Written { key, secret: None })
 }
 
 async fn rotate(
@@ -657,14 +744,28 @@ async fn rotate(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    refuse_static(&state, &id)?;
+    let written = rotate_key(&state, &caller, id).await?;
+    let secret = written.secret.unwrap_or_default();
+    Ok(axum::Json(with_secret(stored_json(&written.key), &secret)).into_response())
+}
+
+/// The rotate operation, shared by the API and the console.
+pub(crate) async fn rotate_key(
+    state: &ApiState,
+    caller: &Caller,
+    id: String,
+) -> Result<Written, ApiError> {
+    refuse_static(state, &id)?;
     let secret = credentials::generate();
     let write = KeyWrite::Rotate {
         id,
         digest: digest(&secret),
     };
-    let key = commit(&state, &caller, write).await?;
-    Ok(axum::Json(with_secret(stored_json(&key), &secret)).into_response())
+    let key = commit(state, caller, write).await?;
+    Ok(Written {
+        key,
+        secret: Some(secret),
+    })
 }
 
 async fn sources(
@@ -715,4 +816,91 @@ async fn audit(
         })
         .collect();
     Ok(axum::Json(json!({ "entries": entries })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    ip_allow_list: RawList,
+}
+
+/// `POST /v1/allowlist/check`: the §3 grammar applied to a list, nothing
+/// stored. The console's live validation answers the same JSON.
+async fn check(_caller: Caller, body: Bytes) -> ApiResult {
+    let body: CheckBody = parse_body(&body)?;
+    Ok(axum::Json(check_list(&body.ip_allow_list, SystemTime::now())).into_response())
+}
+
+/// What `list` would be: `valid`, the canonical `entries` and the addresses
+/// they cover, or every bad entry with its reason and, where there is one,
+/// the canonical `suggestion`.
+#[must_use]
+pub fn check_list(list: &RawList, now: SystemTime) -> Value {
+    match parse_list(list, DEFAULT_MAX_ENTRIES) {
+        Ok(list) => {
+            let cover = crate::console::coverage::Coverage::of(
+                list.active_nets(now).map(crate::allowlist::Net::get),
+            );
+            json!({
+                "valid": true,
+                "unrestricted": list.is_unrestricted(),
+                "entries": crate::store::list_json(&list),
+                "addresses": cover.to_string(),
+                "errors": [],
+            })
+        }
+        Err(errors) => json!({
+            "valid": false,
+            "errors": errors.iter().map(|e| json!({
+                "position": e.position,
+                "entry": e.entry,
+                "reason": e.reason.to_string(),
+                "suggestion": match &e.reason {
+                    crate::allowlist::EntryErrorKind::HostBitsSet { canonical } => {
+                        Value::String(canonical.to_string())
+                    }
+                    _ => Value::Null,
+                },
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_list_answers_canonical_entries_or_every_error_with_suggestions() {
+        let now = SystemTime::now();
+        let ok = check_list(
+            &RawList::One("10.0.0.0/8\n192.0.2.10, 192.0.2.10".into()),
+            now,
+        );
+        assert_eq!(ok["valid"], true);
+        assert_eq!(ok["entries"], json!(["10.0.0.0/8", "192.0.2.10/32"]));
+        assert_eq!(ok["addresses"], "16,777,217 addresses");
+        let empty = check_list(&RawList::One(String::new()), now);
+        assert_eq!(
+            (empty["valid"].clone(), empty["unrestricted"].clone()),
+            (json!(true), json!(true))
+        );
+        let bad = check_list(
+            &RawList::One("10.0.0.5/8, host.example, ,2001:db8::1%eth0".into()),
+            now,
+        );
+        assert_eq!(bad["valid"], false);
+        let errors = bad["errors"].as_array().unwrap();
+        assert_eq!(errors.len(), 4, "{bad}");
+        assert_eq!(errors[0]["position"], 1);
+        assert_eq!(errors[0]["suggestion"], "10.0.0.0/8");
+        assert_eq!(
+            errors[0]["reason"],
+            "host bits set; did you mean 10.0.0.0/8?"
+        );
+        assert!(errors[1]["reason"].as_str().unwrap().contains("hostnames"));
+        assert_eq!(errors[1]["suggestion"], Value::Null);
+        assert_eq!(errors[2]["reason"], "empty entry");
+        assert!(errors[3]["reason"].as_str().unwrap().contains("zone"));
+    }
 }

@@ -28,6 +28,7 @@ use keyfence_common::{
 };
 
 use crate::{
+    allowlist::Net,
     config::MapCapacity,
     maps::MapSource,
     policy::{Access, CompiledPolicy},
@@ -142,10 +143,10 @@ enum Entry {
     Prefix(PrefixKey),
 }
 
-/// The entry of `net` (folded: see [`canonical`]) under `policy`. One-to-one
-/// on folded networks, so two networks never share an entry.
-fn entry(policy: u32, net: IpNet) -> Entry {
-    match net {
+/// The entry of `net` under `policy`. One-to-one on canonical (folded)
+/// networks, so two networks never share an entry.
+fn entry(policy: u32, net: Net) -> Entry {
+    match *net {
         IpNet::V4(v4) if v4.prefix_len() == 32 => {
             Entry::Exact(PolicyAddr::new(policy, ipv4_mapped(v4.addr().octets())))
         }
@@ -171,8 +172,8 @@ fn v4_space(policy: u32) -> Entry {
     ))
 }
 
-fn is_v4_any(net: &IpNet) -> bool {
-    matches!(net, IpNet::V4(v4) if v4.prefix_len() == 0)
+fn is_v4_any(net: &Net) -> bool {
+    matches!(**net, IpNet::V4(v4) if v4.prefix_len() == 0)
 }
 
 /// What the `v4_space` entry of a policy holds. An IPv6 prefix never admits an
@@ -180,45 +181,39 @@ fn is_v4_any(net: &IpNet) -> bool {
 /// an IPv6 prefix covering that space gets a `DENIED` marker there, unless
 /// `0.0.0.0/0` is itself allowed (same key, value `ALLOWED`).
 /// `holds` tells whether a network is in the policy.
-fn v4_space_value(holds: impl Fn(&IpNet) -> bool) -> Option<u32> {
-    if holds(&IpNet::V4(Ipv4Net::default())) {
+fn v4_space_value(holds: impl Fn(&Net) -> bool) -> Option<u32> {
+    if holds(&Net::derived(IpNet::V4(Ipv4Net::default()))) {
         return Some(ALLOWED);
     }
+    // The IPv6 networks that cover `::ffff:0:0/96`; that one itself is
+    // `0.0.0.0/0` in canonical form, asked above.
     let mapped = Ipv6Addr::from(ipv4_mapped([0; 4]));
-    let covered = (0..=96).any(|len| {
-        holds(&IpNet::V6(
+    let covered = (0..96).any(|len| {
+        holds(&Net::derived(IpNet::V6(
             Ipv6Net::new(mapped, len).expect("len ≤ 128").trunc(),
-        ))
+        )))
     });
     covered.then_some(DENIED)
 }
 
-fn in_slice(nets: &[IpNet]) -> impl Fn(&IpNet) -> bool + '_ {
+fn in_slice(nets: &[Net]) -> impl Fn(&Net) -> bool + '_ {
     |n| nets.binary_search(n).is_ok()
 }
 
-/// Networks as the writer holds them: IPv4-mapped IPv6 folded to IPv4 (it has
-/// the same entries), host bits clear, sorted, without duplicates.
-fn canonical(nets: &[IpNet]) -> Vec<IpNet> {
-    if nets.is_sorted_by(|a, b| a < b) && nets.iter().all(is_canonical) {
-        return nets.to_vec();
+/// A restricted listener's networks in order. The compiler gives them
+/// sorted and distinct (and canonical, by type); a hand-built policy may
+/// not be in order, and the writer's merges need it.
+fn in_order(nets: &[Net]) -> Vec<Net> {
+    let mut out = nets.to_vec();
+    if !out.is_sorted_by(|a, b| a < b) {
+        out.sort_unstable();
+        out.dedup();
     }
-    let mut out: Vec<IpNet> = nets
-        .iter()
-        .map(|n| crate::allowlist::fold_net(n.trunc()))
-        .collect();
-    out.sort_unstable();
-    out.dedup();
     out
 }
 
-/// Folded and with host bits clear: as the writer holds networks.
-fn is_canonical(net: &IpNet) -> bool {
-    crate::allowlist::fold_net(net.trunc()) == *net
-}
-
 /// Every entry of a restricted policy.
-fn entries_of(policy: u32, nets: &[IpNet]) -> BTreeMap<Entry, u32> {
+fn entries_of(policy: u32, nets: &[Net]) -> BTreeMap<Entry, u32> {
     let mut out: BTreeMap<Entry, u32> = nets
         .iter()
         .filter(|n| !is_v4_any(n))
@@ -236,7 +231,7 @@ enum Held {
     /// Exactly the entries of these networks (canonical, sorted), as written
     /// by us. A sorted vector: 18 bytes a network, and a one-network change
     /// moves memory but allocates nothing.
-    Nets(Vec<IpNet>),
+    Nets(Vec<Net>),
     /// Entries read back from the maps: adopted from a previous agent, or
     /// re-read after a failed write.
     Entries(BTreeMap<Entry, u32>),
@@ -258,7 +253,7 @@ impl Op {
 }
 
 /// The writes that take `slot` from what it holds to `nets` (canonical).
-fn slot_ops(slot: u32, held: Option<&Held>, nets: &[IpNet], ops: &mut Vec<Op>) {
+fn slot_ops(slot: u32, held: Option<&Held>, nets: &[Net], ops: &mut Vec<Op>) {
     match held {
         None => ops.extend(entries_of(slot, nets).into_iter().map(|(entry, v)| Op {
             entry,
@@ -373,7 +368,7 @@ pub struct PolicyWriter<B> {
 struct Plan {
     ops: Vec<Op>,
     listeners: BTreeMap<ListenerKey, ListenerValue>,
-    nets: BTreeMap<u32, Vec<IpNet>>,
+    nets: BTreeMap<u32, Vec<Net>>,
     slots: SlotMap,
 }
 
@@ -552,13 +547,13 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     fn plan(&self, policy: &CompiledPolicy) -> anyhow::Result<Plan> {
         let slots = self.assign_slots(policy)?;
         let mut want_listeners = BTreeMap::new();
-        let mut want_nets: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
+        let mut want_nets: BTreeMap<u32, Vec<Net>> = BTreeMap::new();
         let mut slot_map = SlotMap::default();
         for (listener, &slot) in policy.listeners.iter().zip(&slots) {
             let flags = match &listener.access {
                 Access::Open => LISTENER_OPEN,
                 Access::Restricted(nets) => {
-                    want_nets.insert(slot, canonical(nets));
+                    want_nets.insert(slot, in_order(nets));
                     0
                 }
             };
@@ -624,7 +619,8 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     /// open/restricted unchanged since the last apply): writes only the
     /// entries the changes touch, with no pass over the rest. `Ok(None)`
     /// when the writer cannot take them this way (a listener it did not
-    /// write, or a network that is not canonical); use [`Self::apply`] then.
+    /// write, or a change that does not match what it holds); use
+    /// [`Self::apply`] then.
     pub fn apply_changes(
         &mut self,
         changes: &[(String, Change)],
@@ -674,9 +670,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             let Some(Held::Nets(have)) = self.held.get(&slot) else {
                 return None;
             };
-            if !change.removed.iter().chain(&change.added).all(is_canonical)
-                || !change.removed.iter().all(in_slice(have))
-                || change.added.iter().any(in_slice(have))
+            if !change.removed.iter().all(in_slice(have)) || change.added.iter().any(in_slice(have))
             {
                 return None;
             }
@@ -758,7 +752,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         for l in &policy.listeners {
             let nets = match &l.access {
                 Access::Open => Vec::new(),
-                Access::Restricted(nets) => canonical(nets),
+                Access::Restricted(nets) => in_order(nets),
             };
             let mut open_here = false;
             for key in listener_keys(l.bind) {
@@ -814,7 +808,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     }
 
     /// Whether the maps hold every allow entry of `nets` under `slot`.
-    fn slot_covers(&self, slot: u32, nets: &[IpNet]) -> bool {
+    fn slot_covers(&self, slot: u32, nets: &[Net]) -> bool {
         let want = entries_of(slot, nets);
         let have = match self.held.get(&slot) {
             None => BTreeMap::new(),
@@ -1201,7 +1195,7 @@ mod tests {
 
     #[test]
     fn changes_the_writer_cannot_take_write_nothing() {
-        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let net = |s: &str| -> Net { s.parse().unwrap() };
         let change = |removed: &[&str], added: &[&str]| Change {
             removed: removed.iter().map(|s| net(s)).collect(),
             added: added.iter().map(|s| net(s)).collect(),
@@ -1227,17 +1221,15 @@ mod tests {
                 "removes what it does not hold",
             ),
             ("api", change(&[], &["192.0.2.0/24"]), "adds what it holds"),
-            (
-                "api",
-                change(&[], &["::ffff:198.51.100.0/120"]),
-                "not folded",
-            ),
         ] {
             let taken = w.apply_changes(&[(name.into(), c)]).unwrap();
             assert_eq!(taken, None, "{why}");
             assert_eq!(w.backend().ops, ops, "{why}: nothing written");
         }
         assert_eq!(w.backend().tables, before);
+        // A network that is not folded cannot reach the writer: `Net` refuses it.
+        let unfolded: IpNet = "::ffff:198.51.100.0/120".parse().unwrap();
+        assert!(Net::new(unfolded).is_err(), "not folded");
         // The same writer takes a valid change.
         let taken = w.apply_changes(&[(
             "api".into(),
@@ -1599,8 +1591,8 @@ mod tests {
         let access = prop_oneof![
             1 => Just(Access::Open),
             5 => prop::sample::subsequence(NETS.to_vec(), 0..6).prop_map(|v| {
-                Access::Restricted(IpNet::aggregate(
-                    &v.iter().map(|n| n.parse().unwrap()).collect(),
+                Access::Restricted(Net::aggregate(
+                    &v.iter().map(|n| n.parse().unwrap()).collect::<Vec<_>>(),
                 ))
             }),
         ];
@@ -1748,11 +1740,8 @@ mod tests {
                 let Access::Restricted(nets) = &mut listener.access else {
                     continue;
                 };
-                let have: BTreeSet<IpNet> = canonical(nets).into_iter().collect();
-                let want: BTreeSet<IpNet> =
-                    canonical(&target.iter().map(|n| n.parse().unwrap()).collect::<Vec<_>>())
-                        .into_iter()
-                        .collect();
+                let have: BTreeSet<Net> = in_order(nets).into_iter().collect();
+                let want: BTreeSet<Net> = target.iter().map(|n| n.parse().unwrap()).collect();
                 changes.push((listener.name.clone(), Change {
                     removed: have.difference(&want).copied().collect(),
                     added: want.difference(&have).copied().collect(),

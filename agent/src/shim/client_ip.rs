@@ -11,10 +11,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use hyper::header::HeaderMap;
-use ipnet::IpNet;
 
 use crate::{
-    allowlist::ClientAddr,
+    allowlist::{ClientAddr, Net},
     config::{ClientIp, ClientIpSource},
 };
 
@@ -209,7 +208,7 @@ fn parse_v2(buf: &[u8]) -> Result<ProxyParse, ProxyError> {
 
 /// Is `ip` inside any of `nets` (canonical, as the config holds them)?
 #[must_use]
-pub fn is_trusted(ip: ClientAddr, nets: &[IpNet]) -> bool {
+pub fn is_trusted(ip: ClientAddr, nets: &[Net]) -> bool {
     let ip = ip.ip();
     nets.iter().any(|n| n.contains(&ip))
 }
@@ -247,7 +246,7 @@ fn parse_xff_entry(raw: &[u8]) -> Option<IpAddr> {
 pub fn forwarded_client<V: AsRef<[u8]>>(
     peer: ClientAddr,
     xff_values: &[V],
-    trusted: &[IpNet],
+    trusted: &[Net],
     hops: u32,
 ) -> Option<ClientAddr> {
     if !is_trusted(peer, trusted) {
@@ -296,7 +295,7 @@ pub fn appended_xff<V: AsRef<[u8]>>(previous: &[V], origin: ClientAddr) -> Vec<u
 mod tests {
     use super::*;
 
-    fn nets(v: &[&str]) -> Vec<IpNet> {
+    fn nets(v: &[&str]) -> Vec<Net> {
         v.iter().map(|n| n.parse().unwrap()).collect()
     }
 

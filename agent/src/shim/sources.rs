@@ -36,6 +36,22 @@ struct PerKey {
     last_seen: Option<SystemTime>,
     /// The last allowed use (the key's `last_used_at`).
     last_allowed: Option<SystemTime>,
+    /// Allowed and refused decisions per minute, the last [`MINUTES`] minutes
+    /// (the console's activity chart).
+    minutes: std::collections::VecDeque<Minute>,
+}
+
+/// How many minutes of activity are kept per key.
+pub const MINUTES: usize = 60;
+
+/// One minute of decisions for a key: `(unix minute, allowed, refused)`.
+pub type Minute = (u64, u64, u64);
+
+fn unix_minute(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / 60
 }
 
 pub struct Sources {
@@ -97,6 +113,51 @@ impl Sources {
             stats.refused += 1;
         }
         stats.last_seen = now;
+        let minute = unix_minute(now);
+        match entry.minutes.back_mut() {
+            Some(last) if last.0 == minute => {}
+            _ => {
+                entry.minutes.push_back((minute, 0, 0));
+                if entry.minutes.len() > MINUTES {
+                    entry.minutes.pop_front();
+                }
+            }
+        }
+        if let Some(last) = entry.minutes.back_mut() {
+            if allowed {
+                last.1 += 1;
+            } else {
+                last.2 += 1;
+            }
+        }
+    }
+
+    /// Allowed and refused decisions for `key_id` in each of the last
+    /// [`MINUTES`] minutes before `now`, oldest first (minutes without any
+    /// are zero).
+    #[must_use]
+    pub fn activity(&self, key_id: &str, now: SystemTime) -> Vec<(u64, u64)> {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = unix_minute(now);
+        let mut out = vec![(0, 0); MINUTES];
+        for &(minute, allowed, refused) in
+            inner.get(key_id).map(|k| &k.minutes).into_iter().flatten()
+        {
+            let Some(ago) = current.checked_sub(minute) else {
+                continue;
+            };
+            if let Some(slot) = usize::try_from(ago)
+                .ok()
+                .filter(|&a| a < MINUTES)
+                .map(|a| MINUTES - 1 - a)
+            {
+                out[slot] = (allowed, refused);
+            }
+        }
+        out
     }
 
     /// The addresses seen for `key_id`, most recent first.
@@ -189,6 +250,22 @@ mod tests {
         assert_eq!(s.of("a").len(), 1);
         s.forget("a");
         assert!(s.of("a").is_empty());
+    }
+
+    #[test]
+    fn activity_per_minute_for_the_last_hour() {
+        let s = Sources::new(8, 8);
+        s.record("k", ip("192.0.2.1"), Outcome::Allowed, t(600));
+        s.record("k", ip("192.0.2.1"), Outcome::Allowed, t(601));
+        s.record("k", ip("192.0.2.2"), Outcome::IpNotAllowed, t(665));
+        let a = s.activity("k", t(700));
+        assert_eq!(a.len(), MINUTES);
+        assert_eq!(a[MINUTES - 1], (0, 1), "this minute");
+        assert_eq!(a[MINUTES - 2], (2, 0), "the minute before");
+        assert_eq!(a.iter().map(|m| m.0 + m.1).sum::<u64>(), 3);
+        let later = s.activity("k", t(700 + 3600));
+        assert!(later.iter().all(|m| *m == (0, 0)), "older than an hour");
+        assert!(s.activity("other", t(700)).iter().all(|m| *m == (0, 0)));
     }
 
     #[test]

@@ -13,7 +13,6 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ipnet::IpNet;
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension as _, Row, Transaction,
     TransactionBehavior, params,
@@ -23,7 +22,7 @@ use serde_json::Value;
 use super::{
     Actor, AuditEntry, AuditEvent, Changes, Committed, KeyPatch, KeyWrite, StoreError, StoredKey,
 };
-use crate::allowlist::{AllowEntry, AllowList};
+use crate::allowlist::{AllowEntry, AllowList, Net};
 use crate::keys::{Digest, Key, Origin};
 
 /// Schema migrations; `user_version` is the number applied. Append only: a
@@ -470,7 +469,7 @@ fn to_entry(
     note: Option<String>,
     expires: Option<i64>,
 ) -> Result<AllowEntry, StoreError> {
-    let net: IpNet = cidr
+    let net: Net = cidr
         .parse()
         .map_err(|_| corrupt(format!("stored allow-list entry {cidr:?} is not a network")))?;
     Ok(AllowEntry {
@@ -514,9 +513,8 @@ fn replace_entries(
     before: &AllowList,
     after: &AllowList,
 ) -> Result<(), StoreError> {
-    let old: HashMap<IpNet, AllowEntry> =
-        before.entries().into_iter().map(|e| (e.net, e)).collect();
-    let new: HashSet<IpNet> = after.entries().iter().map(|e| e.net).collect();
+    let old: HashMap<Net, AllowEntry> = before.entries().into_iter().map(|e| (e.net, e)).collect();
+    let new: HashSet<Net> = after.entries().iter().map(|e| e.net).collect();
     let mut delete =
         tx.prepare_cached("DELETE FROM allow_entries WHERE key_id = ?1 AND cidr = ?2")?;
     for net in old.keys().filter(|n| !new.contains(n)) {

@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use ipnet::{IpNet, Ipv6Net};
 use keyfence::{
-    allowlist::{AllowEntry, AllowList},
+    allowlist::{AllowEntry, AllowList, Net},
     keys::{Key, Origin, credentials::digest},
     keys_cli,
     store::{Actor, sqlite::SqliteStore},
@@ -73,7 +73,7 @@ fn entry(k: usize, i: usize) -> anyhow::Result<AllowEntry> {
         Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, hi, lo, i, 0, 0, 0), 80)?
     };
     Ok(AllowEntry {
-        net: IpNet::V6(net),
+        net: Net::new(IpNet::V6(net))?,
         note: None,
         expires_at: None,
     })

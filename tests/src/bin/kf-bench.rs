@@ -30,6 +30,7 @@ use aya::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence::{
+    allowlist::Net,
     datapath::{BENCH_OBJECT, Datapath},
     policy::{Access, CompiledPolicy, ListenerPolicy},
 };
@@ -228,7 +229,7 @@ fn series(
     family: Family,
     mixed: bool,
 ) -> anyhow::Result<Vec<Row>> {
-    let mut nets: Vec<IpNet> = Vec::new();
+    let mut nets: Vec<Net> = Vec::new();
     let mut rows = Vec::new();
     for n in SIZES {
         let from = u32::try_from(nets.len())?;
@@ -236,7 +237,7 @@ fn series(
             let net = prefix(family, mixed, i);
             bare.insert(&lpm_key(net), 1, 0)
                 .context("filling the bare trie")?;
-            nets.push(net);
+            nets.push(Net::new(net)?);
         }
         // A source in the middle of the list; in mixed rows one that is not a
         // host entry, so the exact hash misses and the trie decides.
@@ -244,7 +245,7 @@ fn series(
         if mixed && probe % 4 == 0 {
             probe += 1;
         }
-        let allowed = packet(inside(nets[probe as usize]));
+        let allowed = packet(inside(nets[probe as usize].get()));
         let refused = packet(match family {
             Family::V4 => REFUSED_V4.into(),
             Family::V6 => REFUSED_V6.into(),
@@ -272,7 +273,7 @@ fn series(
         });
     }
     for net in nets {
-        bare.remove(&lpm_key(net))
+        bare.remove(&lpm_key(net.get()))
             .context("emptying the bare trie")?;
     }
     Ok(rows)
@@ -295,7 +296,9 @@ impl Logging {
 /// interleaved so drift on a noisy machine hits both sides alike.
 fn logging_cost(dp: &mut Datapath) -> anyhow::Result<Logging> {
     let mut quiet = Loaded::without_log("bench-nolog", 1)?;
-    let nets: Vec<IpNet> = (0..10).map(|i| prefix(Family::V4, false, i)).collect();
+    let nets = (0..10)
+        .map(|i| Net::new(prefix(Family::V4, false, i)))
+        .collect::<Result<Vec<_>, _>>()?;
     let policy = CompiledPolicy {
         listeners: vec![ListenerPolicy {
             name: "api".into(),

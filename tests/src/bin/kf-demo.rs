@@ -300,6 +300,8 @@ fn demo(namespaces: &mut Vec<String>) -> anyhow::Result<()> {
     static_keys(client, &mut surprises)?;
     check_interrupt()?;
     api_routine(&bin, client, gateway, &mut surprises)?;
+    check_interrupt()?;
+    console_tour(&bin, gateway, agent.dir())?;
 
     check_interrupt()?;
     print_counters(&agent)?;
@@ -468,6 +470,54 @@ fn keys_cli(bin: &Path, gateway: &Netns, args: &[&str]) -> anyhow::Result<String
         );
     }
     Ok(stdout)
+}
+
+/// The console's address, and with a browser installed, screenshots of the
+/// keys page and of a key's detail page (`target/console/demo-*.png`).
+fn console_tour(bin: &Path, gateway: &Netns, dir: &Path) -> anyhow::Result<()> {
+    say(format_args!(
+        "the key console: http://{MANAGEMENT}/ inside namespace {} \
+         (nsenter --net=/run/netns/{} …), sign in with $KF_DEMO_ADMIN ({ADMIN_TOKEN})",
+        gateway.name(),
+        gateway.name()
+    ));
+    let created = keys_cli(
+        bin,
+        gateway,
+        &[
+            "create",
+            "--name",
+            "Console demo",
+            "--allow",
+            "192.0.2.99, 198.51.100.0/24, 2001:db8:2::/48",
+        ],
+    )?;
+    let id = created
+        .lines()
+        .find_map(|l| l.strip_prefix("id ").map(|v| v.trim().to_owned()))
+        .ok_or_else(|| anyhow!("keyfence keys create printed no id"))?;
+    if keyfence_tests::http::require("chromium").is_err()
+        || keyfence_tests::http::require("chromedriver").is_err()
+    {
+        say("no chromium/chromedriver (cargo xtask setup installs them): no screenshots");
+        return Ok(());
+    }
+    let browser = keyfence_tests::webdriver::Browser::start(gateway, dir, 1280)?;
+    browser.goto(&format!("http://{MANAGEMENT}/login"))?;
+    browser.type_into("#token", ADMIN_TOKEN)?;
+    browser.click("#sign-in")?;
+    browser.wait("#keys", Duration::from_secs(10))?;
+    let keys = browser.screenshot("demo-keys")?;
+    browser.goto(&format!("http://{MANAGEMENT}/keys/{id}"))?;
+    browser.wait("#editor", Duration::from_secs(10))?;
+    let detail = browser.screenshot("demo-key-detail")?;
+    say(format_args!(
+        "console screenshots: {} and {}",
+        keys.display(),
+        detail.display()
+    ));
+    println!();
+    Ok(())
 }
 
 /// A key made through the management API with the CLI, and the routine of
