@@ -182,16 +182,21 @@ pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
     }
     // Rare events (drops, map_error, unreadable headers) are sampled to the
     // agent: the drop-sample ring and the aya-log record, both behind one
-    // per-CPU rate limit.
-    let rare = decision.stat.is_drop()
-        || matches!(
-            decision.stat,
-            Stat::PassMapError | Stat::PassMalformed | Stat::PassTruncated
-        );
-    if rare && sample_due() {
-        if let (true, Some(flow)) = (decision.stat.is_drop(), flow) {
+    // per-CPU rate limit. Only a drop's branch reads `flow`: for the others it
+    // may be absent, and 6.1's verifier refuses a (speculative) read of its
+    // uninitialised stack.
+    if decision.stat.is_drop() {
+        if let Some(flow) = flow
+            && sample_due()
+        {
             sample_drop(ifindex, decision.slot, flow);
+            crate::log::event(ifindex, decision.stat, decision.slot);
         }
+    } else if matches!(
+        decision.stat,
+        Stat::PassMapError | Stat::PassMalformed | Stat::PassTruncated
+    ) && sample_due()
+    {
         crate::log::event(ifindex, decision.stat, decision.slot);
     }
 }
