@@ -296,6 +296,7 @@ fn expected_layout(name: &str, capacity: MapCapacity) -> Option<(MapType, u32, u
         ),
         map_names::DROP_SAMPLES => (MapType::RingBuf, 0, 0, DROP_SAMPLES_BYTES),
         map_names::SAMPLE_CLOCK => (MapType::PerCpuArray, 4, 8, 1),
+        map_names::SAMPLE_SKIP => (MapType::PerCpuArray, 4, 4, 1),
         _ => return None,
     })
 }

@@ -296,14 +296,20 @@ fn rule(listener: &ListenerConfig, keys: &[&Key], now: SystemTime) -> Rule {
                 .iter()
                 .filter(|k| accepts(listener, k) && opens(k))
                 .count();
-            let mut refs: BTreeMap<Net, u32> = BTreeMap::new();
-            for net in keys
+            // Counted in bulk: sorted once, then built from the sorted runs,
+            // so the map's nodes are full (one insert at a time left them
+            // ~60% full, 21 MiB more at 100k keys × 10 entries).
+            let mut all: Vec<Net> = keys
                 .iter()
                 .flat_map(|k| contribution(listener, k, now))
                 .chain(trusted)
-            {
-                *refs.entry(net).or_insert(0) += 1;
-            }
+                .collect();
+            all.sort_unstable();
+            let refs: BTreeMap<Net, u32> = all
+                .chunk_by(|a, b| a == b)
+                .map(|run| (run[0], u32::try_from(run.len()).unwrap_or(u32::MAX)))
+                .collect();
+            drop(all);
             Rule::Keys {
                 openers,
                 nets: PrefixSet::from_nets(refs.keys().copied()),

@@ -34,10 +34,11 @@ pub mod map_names {
     pub const IFINDEX_SLOTS: &str = "KF_IFINDEX_SLOTS";
     pub const DROP_SAMPLES: &str = "KF_DROP_SAMPLES";
     pub const SAMPLE_CLOCK: &str = "KF_SAMPLE_CLOCK";
+    pub const SAMPLE_SKIP: &str = "KF_SAMPLE_SKIP";
     pub const PORTS: &str = "KF_PORTS";
     pub const UNPARSED: &str = "KF_UNPARSED";
     /// Every map the agent pins, in the order it checks their layouts.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         LISTENERS,
         PORTS,
         UNPARSED,
@@ -47,6 +48,7 @@ pub mod map_names {
         IFINDEX_SLOTS,
         DROP_SAMPLES,
         SAMPLE_CLOCK,
+        SAMPLE_SKIP,
     ];
 }
 

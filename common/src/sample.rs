@@ -3,6 +3,11 @@
 
 /// At most one sample per CPU per this interval.
 pub const SAMPLE_INTERVAL_NS: u64 = 100_000_000;
+/// Drops a CPU lets go by without reading the clock once a drop found the
+/// interval still running (a burst): under a flood the clock is read once
+/// per this many drops, while drops further apart than the interval each
+/// read it and are sampled as before.
+pub const SAMPLE_SKIP: u32 = 64;
 /// Ring buffer size in bytes (a power of two and a multiple of the page size).
 pub const DROP_SAMPLES_BYTES: u32 = 1 << 16;
 

@@ -56,3 +56,9 @@ pub static KF_DROP_SAMPLES: RingBuf = RingBuf::pinned(DROP_SAMPLES_BYTES, 0);
 /// Per-CPU time of the last drop sample (ns since boot), for the rate limit.
 #[map]
 pub static KF_SAMPLE_CLOCK: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Per-CPU drops still to let go by without reading the clock (see
+/// `SAMPLE_SKIP`). Added beside `KF_SAMPLE_CLOCK` rather than widening its
+/// value, so the pinned layout stays the same (see `LAYOUT_VERSION`).
+#[map]
+pub static KF_SAMPLE_SKIP: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);

@@ -19,7 +19,7 @@ use keyfence_common::{
         ALLOWED, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS, POLICY_BITS,
         PORT_SPECIFIC, PolicyAddr, port_listener,
     },
-    sample::{DropSample, SAMPLE_INTERVAL_NS},
+    sample::{DropSample, SAMPLE_INTERVAL_NS, SAMPLE_SKIP},
     stats::{STAT_SLOTS, Stat, stats_index},
     unparsed::UnparsedKey,
 };
@@ -27,7 +27,7 @@ use keyfence_common::{
 use crate::{
     maps::{
         KF_DROP_SAMPLES, KF_EXACT, KF_IFINDEX_SLOTS, KF_LISTENERS, KF_PORTS, KF_PREFIXES,
-        KF_SAMPLE_CLOCK, KF_STATS, KF_UNPARSED,
+        KF_SAMPLE_CLOCK, KF_SAMPLE_SKIP, KF_STATS, KF_UNPARSED,
     },
     parse::{Flow, addresses, parse},
 };
@@ -201,21 +201,38 @@ pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
     }
 }
 
-/// At most one sample per CPU per `SAMPLE_INTERVAL_NS`. The coarse clock (a
-/// tick's resolution) is plenty for a 100 ms limit and costs a load instead of
-/// a clock read on every drop: drops got 30-40% cheaper.
+/// At most one sample (a drop sample or an aya-log record) per CPU per
+/// `SAMPLE_INTERVAL_NS`. The coarse clock (a tick's resolution) is plenty for
+/// a 100 ms limit and costs a load instead of a clock read on every drop:
+/// drops got 30-40% cheaper. A rare event that finds the interval still
+/// running skips the clock for the next `SAMPLE_SKIP` events (a per-CPU array
+/// read the verifier inlines), so a flood reads it once per `SAMPLE_SKIP`;
+/// the limit only gets stricter.
 #[inline(always)]
 fn sample_due() -> bool {
+    let Some(skip) = KF_SAMPLE_SKIP.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value pointer from the lookup helper; no other CPU touches it.
+    #[expect(unsafe_code, reason = "per-CPU skip count")]
+    unsafe {
+        if *skip > 0 {
+            *skip -= 1;
+            return false;
+        }
+    }
     // SAFETY: helper without arguments.
     #[expect(unsafe_code, reason = "BPF helper call")]
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(last) = KF_SAMPLE_CLOCK.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: per-CPU value pointer from the lookup helper; no other CPU touches it.
+    // SAFETY: per-CPU value pointers from the lookup helper; no other CPU
+    // touches them.
     #[expect(unsafe_code, reason = "per-CPU rate-limit clock")]
     unsafe {
         if now.wrapping_sub(*last) < SAMPLE_INTERVAL_NS {
+            *skip = SAMPLE_SKIP;
             return false;
         }
         *last = now;

@@ -35,13 +35,30 @@ pub fn save(section: &str, report: &Value) -> anyhow::Result<Option<std::path::P
 /// `servers` inside its `http` block, and wait until `ready` accepts. The
 /// caller's servers usually include the plain upstream, [`upstream_server`].
 pub fn nginx(ns: &Netns, dir: &Path, servers: &str, ready: SocketAddr) -> anyhow::Result<Daemon> {
+    nginx_process(ns, dir, "nginx", 1, servers, ready)
+}
+
+/// [`nginx`] as its own process named `name` (its config, pid file, logs and
+/// temporary directories are `dir/<name>…`) with `workers` worker processes:
+/// the bench runs the upstream and the reference proxy as two processes, so
+/// that each is given the threads it is said to have.
+pub fn nginx_process(
+    ns: &Netns,
+    dir: &Path,
+    name: &str,
+    workers: u32,
+    servers: &str,
+    ready: SocketAddr,
+) -> anyhow::Result<Daemon> {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
             r"daemon off;
-worker_processes 1;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
@@ -58,7 +75,7 @@ http {{
 "
         ),
     )?;
-    Daemon::nginx(ns, dir, &conf, ready)
+    Daemon::nginx(ns, &dir, &conf, ready)
 }
 
 /// An nginx server answering `200 ok` on `127.0.0.1:port`: the upstream.

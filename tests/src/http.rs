@@ -7,7 +7,7 @@ use std::{
     ffi::OsString,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    os::unix::ffi::OsStringExt as _,
+    os::unix::{ffi::OsStringExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -19,6 +19,10 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 
 use crate::netns::{Netns, connect_from, enter};
 
@@ -552,7 +556,8 @@ pub fn url(scheme: &str, addr: SocketAddr, path: &str) -> String {
 }
 
 /// A third-party daemon (nginx, HAProxy) run in the foreground inside a
-/// namespace, with its output in a log file. Killed on drop.
+/// namespace, with its output in a log file. Stopped on drop (see
+/// [`Daemon::stop`]).
 pub struct Daemon {
     name: String,
     child: Option<Child>,
@@ -570,9 +575,12 @@ impl Daemon {
         ready: SocketAddr,
     ) -> anyhow::Result<Self> {
         let log_file = std::fs::File::create(log)?;
+        // Its own process group: the stop below can see (and, as the last
+        // resort, kill) every worker the master forked.
         let child = ns
             .command(program)
             .args(args)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -626,14 +634,64 @@ impl Daemon {
     }
 }
 
+/// How long a daemon may take to stop after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// Stop it the way nginx and HAProxy want: SIGTERM to the master, which
+    /// stops its workers and waits for them, then reap the master and check
+    /// that nothing of its process group is left. A master that does not
+    /// exit in time, or workers that outlive it, are killed (`SIGKILL`) and the stop
+    /// fails (SIGKILL to the master alone would leave its workers running).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = i32::try_from(child.id())?;
+        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        let mut exited = false;
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                exited = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // The group outlives the master only through stray workers.
+        let group_alive = || signal::kill(Pid::from_raw(-pid), None).is_ok();
+        let strays = exited && {
+            let until = Instant::now() + Duration::from_secs(2);
+            while group_alive() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(20));
+            }
+            group_alive()
+        };
+        if !exited || strays {
+            let _ = signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = child.wait();
+            bail!(
+                "{} did not stop cleanly on SIGTERM ({}): killed; log: {}",
+                self.name,
+                if exited {
+                    "workers outlived the master"
+                } else {
+                    "the master did not exit"
+                },
+                self.log()
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let stopped = self.stop();
         if thread::panicking() {
             eprintln!("--- {} log ---\n{}", self.name, self.log());
+        } else if let Err(e) = stopped {
+            panic!("{e:#}");
         }
     }
 }

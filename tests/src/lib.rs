@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod config;
 pub mod frames;
+pub mod h2;
 pub mod http;
 pub mod loaded;
 pub mod netns;

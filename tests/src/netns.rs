@@ -169,11 +169,80 @@ impl Netns {
 }
 
 impl Drop for Netns {
+    /// Every process started inside must have ended by now (the guards stop
+    /// them the way each wants): one still inside would keep the namespace
+    /// alive after `ip netns del` and burn CPU into the next run. Such
+    /// processes get a short grace, then SIGKILL, and the test fails.
     fn drop(&mut self) {
+        let left = self.processes_left();
         if let Err(e) = output(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("netns: could not remove {}: {e:#}", self.name);
         }
+        if !left.is_empty() {
+            let message = format!(
+                "netns {}: processes left behind (killed now): {}",
+                self.name,
+                left.join("; ")
+            );
+            if thread::panicking() {
+                eprintln!("{message}");
+            } else {
+                panic!("{message}");
+            }
+        }
     }
+}
+
+impl Netns {
+    /// The processes (other than this one) inside the namespace, after up to
+    /// 2 s for those that are exiting; each is killed (`SIGKILL`) and reaped by
+    /// whoever is its parent. `pid (comm)` for the message.
+    fn processes_left(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let inside = processes_in(&self.path());
+            if inside.is_empty() {
+                return Vec::new();
+            }
+            if Instant::now() > deadline {
+                return inside
+                    .into_iter()
+                    .map(|(pid, comm)| {
+                        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        format!("{pid} ({comm})")
+                    })
+                    .collect();
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `(pid, comm)` of every process but this one whose network namespace is
+/// the one at `ns` (compared by the nsfs inode).
+#[must_use]
+pub fn processes_in(ns: &Path) -> Vec<(i32, String)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(target) = fs::metadata(ns) else {
+        return Vec::new();
+    };
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
+        })
+        .map(|pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_owned())
+        })
+        .collect()
 }
 
 /// Free-function forms of [`Netns::exec`] and [`Netns::spawn_in`].

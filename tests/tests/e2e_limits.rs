@@ -14,7 +14,7 @@ use std::{
 
 use keyfence_tests::{
     http::{Curl, require, url},
-    netns::{Agent, GATEWAY_V4, Lab, connect_from, parse_samples},
+    netns::{Agent, GATEWAY_V4, Lab, connect_from, parse_samples, poll_until},
 };
 
 const API: u16 = 8443;
@@ -219,6 +219,13 @@ fn silent_connections_are_capped_and_closed_at_the_header_timeout() -> anyhow::R
     )?;
 
     let mut held = open(&lab, FLOODER, 20)?;
+    // The shim's workers accept from their own SO_REUSEPORT sockets, in no
+    // order across them: the 20 are admitted before the excess is opened, so
+    // that the excess is what the cap refuses.
+    let admitted = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        metric(&agent, "keyfence_connections_open", &[("listener", "api")]).ok() == Some(20)
+    });
+    assert!(admitted, "the 20 connections were not all admitted");
     let mut excess = open(&lab, FLOODER, 10)?;
     // One of the held ones sends a byte of a request head, and no more.
     held[0].0.write_all(b"G")?;

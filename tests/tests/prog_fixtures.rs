@@ -1146,8 +1146,8 @@ impl Drop for Cleanup {
     }
 }
 
-/// Pins of an agent that predates `KF_UNPARSED`: the next agent adopts them
-/// and creates the new map beside them (a map added is not a layout change,
+/// Pins of an agent that predates `KF_UNPARSED` and `KF_SAMPLE_SKIP`: the next agent adopts them
+/// and creates the new maps beside them (a map added is not a layout change,
 /// so the pinned links and policy stay where they are).
 #[test]
 fn pins_without_the_unparsed_map_are_adopted() {
@@ -1159,8 +1159,10 @@ fn pins_without_the_unparsed_map_are_adopted() {
         dp.apply(&policy()).unwrap();
     }
     std::fs::remove_file(dir.join(map_names::UNPARSED)).unwrap();
+    std::fs::remove_file(dir.join(map_names::SAMPLE_SKIP)).unwrap();
     let mut dp = keyfence::datapath::Datapath::load_unattached(&root).unwrap();
     assert!(dir.join(map_names::UNPARSED).exists());
+    assert!(dir.join(map_names::SAMPLE_SKIP).exists());
     // The adopted policy is intact and the new map works.
     assert!(!dp.tables().unwrap().listeners.is_empty());
     dp.set_unparsed(Unparsed::Drop);
@@ -1186,4 +1188,74 @@ fn verifier_cost() {
             "{name}: {verified} verified instructions (budget {BUDGET})"
         );
     }
+}
+
+/// What `KF_SAMPLE_SKIP` holds for `cpu`.
+fn sample_skip(root: &std::path::Path, cpu: usize) -> u32 {
+    let path = keyfence::datapath::pin_dir(root).join(map_names::SAMPLE_SKIP);
+    let data = aya::maps::MapData::from_pin(&path).unwrap();
+    let map: aya::maps::PerCpuArray<_, u32> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).unwrap();
+    map.get(&0, 0).unwrap()[cpu]
+}
+
+/// The drop-sample rate limit: a drop more than the interval after the
+/// last sample is sampled; a drop inside it makes the next `SAMPLE_SKIP`
+/// drops skip the clock, unsampled; then the clock decides again. Run on one
+/// CPU, since the limit is per CPU.
+#[test]
+fn drop_samples_skip_the_clock_during_a_burst() {
+    use keyfence_common::sample::{SAMPLE_INTERVAL_NS, SAMPLE_SKIP};
+    let cpu = 0;
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    let mut loaded = Loaded::new("samples", LO_SLOT).expect("loading the datapath");
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/kf-samples-{}", std::process::id()));
+    loaded.datapath.apply(&policy()).unwrap();
+    let mut ring = loaded.datapath.take_samples().expect("the sample ring");
+    let refused = simple(&[], ip("192.0.2.99"), ip(GW4), &tcp(8443));
+    let drop_once = |loaded: &Loaded| {
+        let r = loaded
+            .datapath
+            .xdp()
+            .test_run(TestRunOptions {
+                data_in: Some(&refused),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        assert_eq!(r.return_value, XDP_DROP);
+    };
+    let mut samples = || {
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            let s = keyfence::datapath::decode_sample(&item).expect("a whole sample");
+            assert_eq!(s.src, ipv4_mapped([192, 0, 2, 99]));
+            n += 1;
+        }
+        n
+    };
+    let interval = std::time::Duration::from_nanos(SAMPLE_INTERVAL_NS);
+    // Past any sample an earlier test on this CPU left.
+    std::thread::sleep(interval + interval / 2);
+    drop_once(&loaded);
+    assert_eq!(samples(), 1, "the first drop is sampled");
+    assert_eq!(sample_skip(&root, cpu), 0);
+    drop_once(&loaded);
+    assert_eq!(samples(), 0, "inside the interval: no sample");
+    assert_eq!(
+        sample_skip(&root, cpu),
+        SAMPLE_SKIP,
+        "the burst starts a skip"
+    );
+    for left in (0..SAMPLE_SKIP).rev() {
+        drop_once(&loaded);
+        assert_eq!(sample_skip(&root, cpu), left);
+    }
+    assert_eq!(samples(), 0, "skipped drops are not sampled");
+    std::thread::sleep(interval + interval / 2);
+    drop_once(&loaded);
+    assert_eq!(samples(), 1, "after the interval the clock decides again");
+    assert_eq!(sample_skip(&root, cpu), 0);
 }

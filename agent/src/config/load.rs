@@ -14,9 +14,9 @@ use serde_saphyr::{Location, Spanned};
 use super::shape;
 
 use super::model::{
-    Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DatapathConfig, KeySecret,
-    ListenerConfig, ListenerMode, ManagementConfig, MapCapacity, MetricsConfig, Rejection,
-    StaticKey, StoreConfig, TcAttach, TlsConfig, Unparsed,
+    Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DEFAULT_UPSTREAM_TIMEOUT,
+    DatapathConfig, KeySecret, ListenerConfig, ListenerMode, ManagementConfig, MapCapacity,
+    MetricsConfig, Rejection, ShimConfig, StaticKey, StoreConfig, TcAttach, TlsConfig, Unparsed,
 };
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, Net, RawList, fold_ip, parse_entry, parse_list},
@@ -68,6 +68,7 @@ struct RawConfig {
     rejection: Option<RawRejection>,
     management: Option<RawManagement>,
     metrics: Option<RawMetrics>,
+    shim: Option<RawShim>,
 }
 
 impl RawConfig {
@@ -79,6 +80,7 @@ impl RawConfig {
         "rejection",
         "management",
         "metrics",
+        "shim",
     ];
 }
 
@@ -126,6 +128,7 @@ impl<'de> de::Visitor<'de> for ConfigSeed<'_> {
                 "rejection" => raw.rejection = map.next_value()?,
                 "management" => raw.management = map.next_value()?,
                 "metrics" => raw.metrics = map.next_value()?,
+                "shim" => raw.shim = map.next_value()?,
                 other => return Err(de::Error::unknown_field(other, RawConfig::FIELDS)),
             }
         }
@@ -212,6 +215,8 @@ struct RawListener {
     bind: Spanned<String>,
     mode: Spanned<String>,
     upstream: Option<Spanned<String>>,
+    upstream_timeout: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<String>>,
     tls: Option<RawTls>,
     client_ip: Option<RawClientIp>,
     early_drop: Option<bool>,
@@ -297,6 +302,12 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawConfirm {
     totp_secret_env: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShim {
+    workers: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -500,6 +511,7 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
             .and_then(|b| socket_addr(&b, "metrics.bind", errors))
             .unwrap_or_else(|| "127.0.0.1:9901".parse().expect("constant")),
     };
+    let shim = shim(raw.shim, errors);
     Config {
         store,
         datapath,
@@ -508,7 +520,24 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Config {
         rejection,
         management,
         metrics,
+        shim,
     }
+}
+
+/// `shim` (defaults: [`ShimConfig::default`]).
+fn shim(raw: Option<RawShim>, errors: &mut Errors) -> ShimConfig {
+    let mut shim = ShimConfig::default();
+    if let Some(w) = raw.and_then(|r| r.workers) {
+        match usize::try_from(w.value) {
+            Ok(n) if (1..=ShimConfig::MAX_WORKERS).contains(&n) => shim.workers = n,
+            _ => errors.at(
+                &w.referenced,
+                "shim.workers",
+                format!("{} is outside 1..{}", w.value, ShimConfig::MAX_WORKERS),
+            ),
+        }
+    }
+    shim
 }
 
 fn default_store() -> StoreConfig {
@@ -773,7 +802,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
                 errors.at(
                     &item.referenced,
                     format!("{p}.upstream"),
-                    "proxy mode needs an upstream (http://host:port)",
+                    "proxy mode needs an upstream (http://, h2c:// or https://host:port)",
                 );
                 None
             }
@@ -793,7 +822,7 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
                         &u.referenced,
                         format!("{p}.upstream"),
                         format!(
-                            "{:?} is not an http:// or https:// URL with a host",
+                            "{:?} is not an http://, h2c:// or https:// URL with a host",
                             u.value
                         ),
                     );
@@ -861,6 +890,44 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
             Some(name)
         });
         let connections = connections(l.connections, &format!("{p}.connections"), errors);
+        let upstream_timeout = match l.upstream_timeout {
+            Some(t) if mode == ListenerMode::Auth => {
+                errors.at(
+                    &t.referenced,
+                    format!("{p}.upstream_timeout"),
+                    "auth mode has no upstream",
+                );
+                None
+            }
+            Some(t) => duration(&t, &format!("{p}.upstream_timeout"), errors),
+            None => None,
+        }
+        .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT);
+        let upstream_ca = l.upstream_ca.and_then(|ca| {
+            let path = format!("{p}.upstream_ca");
+            if !upstream
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+            {
+                errors.at(
+                    &ca.referenced,
+                    path,
+                    "only an https:// upstream uses a CA file",
+                );
+                return None;
+            }
+            match std::fs::File::open(&ca.value) {
+                Ok(_) => Some(PathBuf::from(&ca.value)),
+                Err(e) => {
+                    errors.at(
+                        &ca.referenced,
+                        path,
+                        format!("cannot read {}: {e}", ca.value),
+                    );
+                    None
+                }
+            }
+        });
         let forward_credential = forward_credential(l.forward_credential, mode, &p, errors);
         if let Some(bind) = bind {
             out.push(ListenerConfig {
@@ -868,6 +935,8 @@ fn listeners(raw: Vec<Option<Spanned<RawListener>>>, errors: &mut Errors) -> Vec
                 bind,
                 mode,
                 upstream,
+                upstream_timeout,
+                upstream_ca,
                 tls,
                 client_ip,
                 early_drop: l.early_drop.unwrap_or(true),
@@ -976,6 +1045,7 @@ fn valid_upstream(u: &str) -> bool {
     let Some(rest) = u
         .strip_prefix("http://")
         .or_else(|| u.strip_prefix("https://"))
+        .or_else(|| u.strip_prefix("h2c://"))
     else {
         return false;
     };
@@ -1473,6 +1543,66 @@ metrics:
             .expect_err("not a bool")
             .0;
         assert_eq!(errors[0].path, "listeners[0].forward_credential");
+    }
+
+    #[test]
+    fn shim_workers_and_upstream_fields_are_checked() {
+        let c = parse("listeners: []\n", "k.yaml").unwrap();
+        assert!(c.shim.workers >= 1, "one per CPU by default");
+        let c = parse("shim: { workers: 3 }\nlisteners: []\n", "k.yaml").unwrap();
+        assert_eq!(c.shim.workers, 3);
+        for bad in ["0", "257"] {
+            let errors = parse(
+                &format!("shim: {{ workers: {bad} }}\nlisteners: []\n"),
+                "k.yaml",
+            )
+            .expect_err("out of range")
+            .0;
+            assert_eq!(errors[0].path, "shim.workers", "{errors:?}");
+        }
+        let listener = |upstream: &str, extra: &str, mode: &str| {
+            format!(
+                "listeners:\n  - {{ name: a, bind: \"[::]:1\", mode: {mode}{upstream}{extra} }}\n"
+            )
+        };
+        let ok = |yaml: &str| {
+            parse(yaml, "k.yaml")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .listeners
+                .remove(0)
+        };
+        let up = ", upstream: \"h2c://127.0.0.1:1\"";
+        let l = ok(&listener(up, "", "proxy"));
+        assert_eq!(l.upstream.as_deref(), Some("h2c://127.0.0.1:1"));
+        assert_eq!(l.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(l.upstream_ca, None);
+        let l = ok(&listener(up, ", upstream_timeout: 750ms", "proxy"));
+        assert_eq!(l.upstream_timeout, std::time::Duration::from_millis(750));
+        let dir = std::env::temp_dir().join(format!("kf-load-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let tls = ", upstream: \"https://127.0.0.1:1\"";
+        let with_ca = format!(", upstream_ca: \"{}\"", ca.display());
+        assert_eq!(ok(&listener(tls, &with_ca, "proxy")).upstream_ca, Some(ca));
+        let missing = format!(", upstream_ca: \"{}\"", dir.join("absent.pem").display());
+        // (extra fields, mode, upstream, path of the one error)
+        let cases = [
+            (", upstream_timeout: 5ms", "proxy", up, "upstream_timeout"),
+            (", upstream_timeout: soon", "proxy", up, "upstream_timeout"),
+            (", upstream_timeout: 1s", "auth", "", "upstream_timeout"),
+            (with_ca.as_str(), "proxy", up, "upstream_ca"),
+            (missing.as_str(), "proxy", tls, "upstream_ca"),
+            ("", "proxy", ", upstream: \"h2://127.0.0.1:1\"", "upstream"),
+        ];
+        for (extra, mode, upstream, path) in cases {
+            let errors = parse(&listener(upstream, extra, mode), "k.yaml")
+                .expect_err(extra)
+                .0;
+            assert_eq!(errors.len(), 1, "{extra}: {errors:?}");
+            assert_eq!(errors[0].path, format!("listeners[0].{path}"), "{extra}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// (name, yaml, expected "LINE:COL: path: message-substring" lines, in order)

@@ -15,6 +15,31 @@ pub struct Config {
     pub rejection: Rejection,
     pub management: ManagementConfig,
     pub metrics: MetricsConfig,
+    pub shim: ShimConfig,
+}
+
+/// `listeners[].upstream_timeout` when absent.
+pub const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `shim`: how the listeners are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShimConfig {
+    /// Threads serving the listeners, each a single-threaded runtime with
+    /// its own `SO_REUSEPORT` socket per listener (default: one per CPU).
+    pub workers: usize,
+}
+
+impl ShimConfig {
+    /// The most `workers` accepted.
+    pub const MAX_WORKERS: usize = 256;
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,8 +133,15 @@ pub struct ListenerConfig {
     /// `[::]:PORT` is dual-stack; `0.0.0.0:PORT` IPv4 only.
     pub bind: SocketAddr,
     pub mode: ListenerMode,
-    /// Required in proxy mode, absent in auth mode. `http://host:port`.
+    /// Required in proxy mode, absent in auth mode. `http://host:port`,
+    /// `h2c://host:port` (HTTP/2 with prior knowledge) or `https://host:port`
+    /// (TLS, HTTP/2 or HTTP/1.1 by ALPN).
     pub upstream: Option<String>,
+    /// Time the upstream has to answer with a response head (then 504).
+    pub upstream_timeout: std::time::Duration,
+    /// `https://` upstream: PEM CA certificates to trust instead of the
+    /// built-in web roots.
+    pub upstream_ca: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
     pub client_ip: ClientIp,
     /// Default true.

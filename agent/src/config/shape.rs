@@ -128,6 +128,8 @@ const LISTENER: Shape = Shape::Map(&[
     ("bind", true, Shape::Text),
     ("mode", true, Shape::Text),
     ("upstream", false, Shape::Text),
+    ("upstream_timeout", false, Shape::Text),
+    ("upstream_ca", false, Shape::Text),
     ("tls", false, TLS),
     ("client_ip", false, CLIENT_IP),
     ("early_drop", false, Shape::Bool),
@@ -225,6 +227,11 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
         "metrics",
         false,
         Shape::Map(&[("bind", false, Shape::Text)]),
+    ),
+    (
+        "shim",
+        false,
+        Shape::Map(&[("workers", false, Shape::Int(u32::MAX))]),
     ),
 ]);
 

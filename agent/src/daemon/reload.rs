@@ -66,6 +66,11 @@ const RESTART_ONLY: &[RestartOnly] = &[
         changed: |old, new| old.metrics.bind != new.metrics.bind,
         keep: |run, old| run.metrics.bind = old.metrics.bind,
     },
+    RestartOnly {
+        name: "shim.workers",
+        changed: |old, new| old.shim.workers != new.shim.workers,
+        keep: |run, old| run.shim.workers = old.shim.workers,
+    },
 ];
 
 impl Daemon {

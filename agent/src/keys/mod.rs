@@ -144,6 +144,8 @@ pub mod testing {
             bind: format!("[::]:{port}").parse().unwrap(),
             mode: ListenerMode::Auth,
             upstream: None,
+            upstream_timeout: crate::config::DEFAULT_UPSTREAM_TIMEOUT,
+            upstream_ca: None,
             tls: None,
             client_ip: ClientIp {
                 source: ClientIpSource::Peer,

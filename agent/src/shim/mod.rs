@@ -9,3 +9,5 @@ pub mod runtime;
 pub mod server;
 pub mod sources;
 pub mod tls;
+pub mod upstream;
+pub mod workers;

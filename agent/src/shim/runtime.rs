@@ -1,5 +1,6 @@
-//! The shim's lifecycle: bind every listener, swap keys and listener settings on
-//! reload without dropping connections, and drain on shutdown.
+//! The shim's lifecycle: start the workers, bind every listener (one socket
+//! per worker), swap keys and listener settings on reload without dropping
+//! connections, and drain on shutdown.
 
 use std::{
     collections::BTreeMap,
@@ -12,6 +13,8 @@ use tokio::{sync::watch, task::JoinHandle};
 use super::{
     server::{self, Shared},
     tls::TlsAcceptor,
+    upstream::Target,
+    workers::{self, Workers},
 };
 use crate::{
     config::{Config, ListenerConfig},
@@ -45,18 +48,25 @@ pub fn key_table<'a>(
 struct Running {
     config: watch::Sender<Arc<ListenerConfig>>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
     tls: Option<TlsAcceptor>,
 }
 
-/// Every listener the shim serves.
+/// Every listener the shim serves. Declared before `workers`: the listeners
+/// stop before the threads they run on.
 pub struct Shim {
     shared: Arc<Shared>,
     listeners: BTreeMap<String, Running>,
+    workers: Workers,
 }
 
 impl Shim {
     /// Bind and serve every listener of `config`, answering with `keys`.
+    #[expect(
+        clippy::unused_async,
+        reason = "the sockets are bound on the caller's runtime: it must run inside one"
+    )]
     pub async fn start(
         config: &Config,
         keys: KeyTable,
@@ -68,40 +78,62 @@ impl Shim {
             metrics,
             sources: Arc::new(super::sources::Sources::new(SOURCES_PER_KEY, SOURCES_KEYS)),
         });
+        let workers = Workers::start(config.shim.workers).context("starting the shim's workers")?;
+        tracing::info!(workers = config.shim.workers, "shim workers started");
         let mut shim = Self {
             shared,
             listeners: BTreeMap::new(),
+            workers,
         };
         for l in &config.listeners {
-            shim.spawn(l).await?;
+            shim.spawn(l)?;
         }
         Ok(shim)
     }
 
-    async fn spawn(&mut self, l: &ListenerConfig) -> anyhow::Result<()> {
+    /// Bind and serve `l`; called on the agent's runtime (the sockets are
+    /// bound there, then handed to the workers).
+    fn spawn(&mut self, l: &ListenerConfig) -> anyhow::Result<()> {
         let tls = l
             .tls
             .as_ref()
             .map(TlsAcceptor::load)
             .transpose()
             .with_context(|| format!("listener {}: TLS", l.name))?;
-        let socket = server::bind(l).await?;
+        let target = l
+            .upstream
+            .as_deref()
+            .map(|u| Target::new(u, l.upstream_ca.as_deref()))
+            .transpose()
+            .with_context(|| format!("listener {}: upstream", l.name))?;
+        let handles = self.workers.handles();
+        let sockets = workers::bind(l.bind, handles.len())
+            .with_context(|| format!("listener {}: binding {}", l.name, l.bind))?;
         let (config_tx, config_rx) = watch::channel(Arc::new(l.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(server::serve(
-            socket,
-            config_rx,
-            self.shared.clone(),
-            tls.clone(),
-            stop_rx,
-        ));
+        let gate = server::gate(l, &self.shared);
+        let tasks = sockets
+            .into_iter()
+            .zip(handles)
+            .map(|(socket, worker)| {
+                worker.spawn(server::serve(
+                    socket,
+                    config_rx.clone(),
+                    self.shared.clone(),
+                    tls.clone(),
+                    stop_rx.clone(),
+                    gate.clone(),
+                    target.clone(),
+                ))
+            })
+            .collect();
         tracing::info!(listener = l.name, bind = %l.bind, tls = l.tls.is_some(), "listening");
         self.listeners.insert(
             l.name.clone(),
             Running {
                 config: config_tx,
                 stop: stop_tx,
-                task,
+                tasks,
                 tls,
             },
         );
@@ -151,7 +183,10 @@ impl Shim {
         for name in names {
             let keep_in_place = wanted.get(name.as_str()).is_some_and(|new| {
                 let old = self.listeners[&name].config.borrow();
-                old.bind == new.bind && old.tls == new.tls && old.upstream == new.upstream
+                old.bind == new.bind
+                    && old.tls == new.tls
+                    && old.upstream == new.upstream
+                    && old.upstream_ca == new.upstream_ca
             });
             if keep_in_place {
                 let running = &self.listeners[&name];
@@ -160,12 +195,14 @@ impl Shim {
                     .send_replace(Arc::new((*wanted[name.as_str()]).clone()));
             } else if let Some(running) = self.listeners.remove(&name) {
                 let _ = running.stop.send(true);
-                let _ = running.task.await;
+                for task in running.tasks {
+                    let _ = task.await;
+                }
             }
         }
         for l in &config.listeners {
             if !self.listeners.contains_key(&l.name) {
-                self.spawn(l).await?;
+                self.spawn(l)?;
             }
         }
         Ok(())
@@ -181,12 +218,14 @@ impl Shim {
     }
 
     /// Stop accepting, let in-flight requests finish (bounded), return.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         for running in self.listeners.values() {
             let _ = running.stop.send(true);
         }
-        for (_, running) in self.listeners {
-            let _ = running.task.await;
+        for (_, running) in std::mem::take(&mut self.listeners) {
+            for task in running.tasks {
+                let _ = task.await;
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{Arc, OnceLock, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -18,10 +18,7 @@ use hyper::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     service::service_fn,
 };
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
@@ -36,6 +33,7 @@ use super::{
     decide::{Verdict, decide},
     outcome::Outcome,
     tls::TlsAcceptor,
+    upstream::{Owned, ProxyBody, Target, Upstream},
 };
 use crate::{
     allowlist::ClientAddr,
@@ -54,14 +52,12 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Largest request body forwarded.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
-/// Upstream response head deadline.
-pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = BoxBody<Bytes, hyper::Error>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ProxyBody = BoxBody<Bytes, BoxError>;
 
 pub const KEY_ID_HEADER: &str = "x-keyfence-key-id";
+const KEY_ID: HeaderName = HeaderName::from_static(KEY_ID_HEADER);
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// What every listener reads on each request; swapped whole on change.
 pub struct Shared {
@@ -91,55 +87,87 @@ impl Shared {
     }
 }
 
+/// One worker's state of one listener.
 struct ListenerCtx {
     config: RwLock<Arc<ListenerConfig>>,
     shared: Arc<Shared>,
-    client: Client<HttpConnector, ProxyBody>,
-    upstream: Option<hyper::Uri>,
+    upstream: Option<Upstream>,
+    /// `keyfence_http_requests_total` of this listener, per [`Outcome`]
+    /// (looked up once: no label `String` per request).
+    requests: [OnceLock<Counter>; Outcome::ALL.len()],
+    duration: Histogram,
 }
 
-/// Bind a listener's socket (so a busy port fails the start).
-pub async fn bind(config: &ListenerConfig) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.bind)
-        .await
-        .with_context(|| format!("listener {}: binding {}", config.name, config.bind))
+impl ListenerCtx {
+    fn observe(&self, outcome: Outcome, took: Duration) {
+        let metrics = &self.shared.metrics;
+        self.requests[outcome as usize]
+            .get_or_init(|| {
+                metrics
+                    .http_requests
+                    .get_or_create(&crate::metrics::HttpLabels {
+                        listener: self.name(),
+                        outcome: outcome.label(),
+                    })
+                    .clone()
+            })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    fn name(&self) -> String {
+        self.config().name.clone()
+    }
+}
+
+/// The admission gate of a listener, shared by its workers' sockets.
+#[must_use]
+pub fn gate(config: &ListenerConfig, shared: &Shared) -> Arc<Gate> {
+    Gate::new(
+        &config.name,
+        Reserve::Honour,
+        config.connections,
+        config.client_ip.trusted_proxies.clone(),
+        shared.metrics.connections.clone(),
+    )
 }
 
 /// Accept and serve until `shutdown` flips to true; then stop accepting and let
 /// open connections finish their requests. Every connection passes the
 /// listener's [`Gate`] (a cap per source, the descriptor reserve) and is
-/// driven under its header and idle timeouts (`crate::conn`).
+/// driven under its header and idle timeouts (`crate::conn`). Runs on one
+/// worker (see `super::workers`); `socket` is that worker's socket.
 pub async fn serve(
-    socket: TcpListener,
+    socket: std::net::TcpListener,
     mut config_rx: watch::Receiver<Arc<ListenerConfig>>,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
+    gate: Arc<Gate>,
+    target: Option<Arc<Target>>,
 ) {
-    let config = config_rx.borrow_and_update().as_ref().clone();
-    let upstream = config
-        .upstream
-        .as_deref()
-        .and_then(|u| u.parse::<hyper::Uri>().ok());
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_mins(1))
-        .build(connector);
+    let config = config_rx.borrow_and_update().clone();
     let name = config.name.clone();
-    let gate = Gate::new(
-        &name,
-        Reserve::Honour,
-        config.connections,
-        config.client_ip.trusted_proxies.clone(),
-        shared.metrics.connections.clone(),
-    );
+    let socket = match TcpListener::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(listener = name, error = %e, "cannot serve the socket");
+            return;
+        }
+    };
+    let duration = shared
+        .metrics
+        .http_duration
+        .get_or_create(&crate::metrics::ListenerLabel {
+            listener: name.clone(),
+        })
+        .clone();
     let ctx = Arc::new(ListenerCtx {
-        config: RwLock::new(Arc::new(config)),
+        config: RwLock::new(config),
         shared,
-        client,
-        upstream,
+        upstream: target.map(Upstream::new),
+        requests: Default::default(),
+        duration,
     });
     loop {
         tokio::select! {
@@ -228,10 +256,14 @@ async fn connection(
         }
         ClientIpSource::Peer | ClientIpSource::XForwardedFor => ConnClient::direct(peer_ip),
     };
+    // The HTTP/1 upstream connection this connection owns (see
+    // `super::upstream`); it closes with the connection.
+    let owned = Arc::new(Owned::default());
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let config = config.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client).await) }
+        let owned = owned.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client, &owned).await) }
     });
     let mut builder = conn::builder(&limits);
     builder.http1().max_buf_size(MAX_HEADER_BYTES);
@@ -277,31 +309,34 @@ pub fn render_rejection(template: &str, ip: Option<IpAddr>, key_id: &str) -> Str
         .replace("{key_id}", &json_escape(key_id))
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1), as names (no parse per request).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Remove hop-by-hop headers, including those named by `Connection`.
 /// `Connection` is read as bytes, so a value with a byte that is not UTF-8
 /// does not hide the names listed next to it.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -311,6 +346,7 @@ async fn handle(
     ctx: &ListenerCtx,
     config: &ListenerConfig,
     conn: ConnClient,
+    owned: &Owned,
 ) -> Response<Body> {
     let started = Instant::now();
     let listener = config.name.as_str();
@@ -324,12 +360,13 @@ async fn handle(
         );
     }
     let metrics = &ctx.shared.metrics;
+    let now = SystemTime::now();
     let presented = request_credential(req.headers(), config.key_header.as_deref());
     let carrier = match presented {
         Credential::Several => {
             // The shim would check one and the upstream might read another.
             metrics.refusal_log(listener, None, client, Outcome::BadRequest);
-            metrics.observe_http(listener, Outcome::BadRequest, started.elapsed());
+            ctx.observe(Outcome::BadRequest, started.elapsed());
             return json(
                 StatusCode::BAD_REQUEST,
                 format!(r#"{{"error":"{SEVERAL_CREDENTIALS}"}}"#),
@@ -346,9 +383,8 @@ async fn handle(
             .unwrap_or_else(std::sync::PoisonError::into_inner),
         presented.key(),
         resolved,
-        SystemTime::now(),
+        now,
     );
-    let now = SystemTime::now();
     let seen = |key_id: &str, ip: Option<IpAddr>, decided: Outcome| {
         if let Some(ip) = ip {
             ctx.shared.sources.record(key_id, ip, decided, now);
@@ -379,16 +415,16 @@ async fn handle(
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, Outcome::ReportOnly);
             metrics.refusal_log(listener, Some(&key.id), ip, Outcome::ReportOnly);
-            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
+            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier, owned).await;
             (resp, passed.outcome(Outcome::ReportOnly))
         }
         Verdict::Allowed { key } => {
             seen(&key.id, client, Outcome::Allowed);
-            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier).await;
+            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier, owned).await;
             (resp, passed.outcome(Outcome::Allowed))
         }
     };
-    metrics.observe_http(listener, outcome, started.elapsed());
+    ctx.observe(outcome, started.elapsed());
     response
 }
 
@@ -398,16 +434,22 @@ pub const SEVERAL_CREDENTIALS: &str = "more than one API key credential";
 /// The credential of a request: every `Authorization` value and every value
 /// of the listener's `key_header`, as raw bytes (an unreadable one counts).
 fn request_credential<'a>(headers: &'a HeaderMap, key_header: Option<&str>) -> Credential<'a> {
-    let values = |name: &str| -> Vec<&'a [u8]> {
-        headers
-            .get_all(name)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect()
-    };
-    let authorization = values(header::AUTHORIZATION.as_str());
-    let extra = key_header.map(values).unwrap_or_default();
-    credential(&authorization, &extra)
+    /// The first two values of a header (two already make `Several`): on
+    /// the stack, not a `Vec` per request.
+    fn first_two<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> ([&'a [u8]; 2], usize) {
+        let mut out: [&[u8]; 2] = [&[], &[]];
+        let mut n = 0;
+        for v in values.take(2) {
+            out[n] = v.as_bytes();
+            n += 1;
+        }
+        (out, n)
+    }
+    let (authorization, a) = first_two(headers.get_all(header::AUTHORIZATION).iter());
+    let (extra, e) = key_header.map_or(([&[][..]; 2], 0), |name| {
+        first_two(headers.get_all(name).iter())
+    });
+    credential(&authorization[..a], &extra[..e])
 }
 
 /// Remove every credential header but `keep` (the one that carried the
@@ -469,6 +511,7 @@ async fn pass(
     key_id: &str,
     origin: ClientAddr,
     carrier: Option<CredentialHeader>,
+    owned: &Owned,
 ) -> (Response<Body>, Passed) {
     let key_header = HeaderValue::from_str(key_id).ok();
     if req.uri().path() == "/_keyfence/ping" {
@@ -488,15 +531,7 @@ async fn pass(
         }
         ListenerMode::Proxy => {
             let keep = carrier.filter(|_| config.forward_credential);
-            proxy(
-                req,
-                ctx,
-                key_header,
-                origin,
-                config.key_header.as_deref(),
-                keep,
-            )
-            .await
+            proxy(req, ctx, config, key_header, origin, keep, owned).await
         }
     }
 }
@@ -504,10 +539,11 @@ async fn pass(
 async fn proxy(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
+    config: &ListenerConfig,
     key_header: Option<HeaderValue>,
     origin: ClientAddr,
-    credential_header: Option<&str>,
     keep: Option<CredentialHeader>,
+    owned: &Owned,
 ) -> (Response<Body>, Passed) {
     let Some(upstream) = &ctx.upstream else {
         return (
@@ -524,42 +560,23 @@ async fn proxy(
     {
         return body_too_large();
     }
+    // Downstream HTTP/1: one request after the other on this connection.
+    let sequential = req.version() != hyper::Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", hyper::http::uri::PathAndQuery::as_str);
-    let uri = format!(
-        "{}://{}{}",
-        upstream.scheme_str().unwrap_or("http"),
-        upstream
-            .authority()
-            .map_or("", hyper::http::uri::Authority::as_str),
-        path
-    );
-    let Ok(uri) = uri.parse() else {
-        return (
-            json(
-                StatusCode::BAD_REQUEST,
-                r#"{"error":"bad request target"}"#.into(),
-            ),
-            Passed::ClientError,
-        );
-    };
-    parts.uri = uri;
-    parts.version = hyper::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    strip_credentials(&mut parts.headers, credential_header, keep);
+    strip_credentials(&mut parts.headers, config.key_header.as_deref(), keep);
     // Byte for byte, every value: what the shim cannot read is still passed
     // on rather than silently replaced.
-    let previous: Vec<&[u8]> = parts
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let forwarded = appended_xff(&previous, origin);
-    let Ok(forwarded) = HeaderValue::from_bytes(&forwarded) else {
+    let forwarded = {
+        let previous = parts.headers.get_all(X_FORWARDED_FOR);
+        let mut values = previous.iter().map(HeaderValue::as_bytes).peekable();
+        if values.peek().is_none() {
+            HeaderValue::from_str(&origin.to_string())
+        } else {
+            HeaderValue::from_bytes(&appended_xff(&values.collect::<Vec<_>>(), origin))
+        }
+    };
+    let Ok(forwarded) = forwarded else {
         // Each part was a valid header value, so this does not happen; if it
         // did, refuse rather than forward a chain without the origin.
         return (
@@ -570,15 +587,19 @@ async fn proxy(
             Passed::ClientError,
         );
     };
-    parts.headers.insert("x-forwarded-for", forwarded);
-    parts.headers.remove(KEY_ID_HEADER);
+    parts.headers.insert(X_FORWARDED_FOR, forwarded);
+    parts.headers.remove(KEY_ID);
     if let Some(v) = key_header.clone() {
-        parts.headers.insert(KEY_ID_HEADER, v);
+        parts.headers.insert(KEY_ID, v);
     }
     let (body, overflow) = Capped::new(body, MAX_BODY_BYTES);
     let body: ProxyBody = body.boxed();
     let request = Request::from_parts(parts, body);
-    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, ctx.client.request(request)).await;
+    let result = tokio::time::timeout(
+        config.upstream_timeout,
+        upstream.send(owned, request, sequential),
+    )
+    .await;
     if overflow.happened() {
         // The body passed the limit before the upstream answered: whatever
         // the upstream exchange did then (usually failed), the client sent
@@ -590,7 +611,7 @@ async fn proxy(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             if let Some(v) = key_header {
-                parts.headers.insert(KEY_ID_HEADER, v);
+                parts.headers.insert(KEY_ID, v);
             }
             (Response::from_parts(parts, body.boxed()), Passed::Answered)
         }

@@ -88,7 +88,13 @@ impl Sources {
                 inner.remove(&oldest);
             }
         }
-        let entry = inner.entry(key_id.to_string()).or_default();
+        // Look up by `&str` first: a key already known costs no `String`.
+        if !inner.contains_key(key_id) {
+            inner.insert(key_id.to_owned(), PerKey::default());
+        }
+        let Some(entry) = inner.get_mut(key_id) else {
+            return;
+        };
         entry.last_seen = Some(now);
         if !entry.addrs.contains_key(&ip)
             && entry.addrs.len() >= self.per_key

@@ -1,0 +1,427 @@
+//! A proxy listener's upstream: `http://` (HTTP/1.1), `h2c://` (HTTP/2 with
+//! prior knowledge) or `https://` (TLS through rustls, HTTP/2 or HTTP/1.1 as
+//! ALPN decides).
+//!
+//! An HTTP/1 upstream connection belongs to the downstream connection that
+//! opened it ([`Owned`]): its requests go out on it one after the other, on
+//! the same worker thread, with no pool to check out from and no channel hop
+//! to a pool's task. A downstream HTTP/2 connection's concurrent requests
+//! each take the owned connection when it is free and open another when it
+//! is not (kept only while the owned slot is empty). An HTTP/2 upstream
+//! connection is shared by the worker's requests of the listener (one per
+//! worker, reopened when it closes).
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::{
+    Request, Response, Uri, Version,
+    body::Incoming,
+    client::conn::{http1, http2},
+    header::{self, HeaderValue},
+    http::uri::{Authority, PathAndQuery, Scheme},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, rustls};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of a request sent upstream.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Time to open the TCP connection (and finish the TLS handshake).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The CA certificates an `https://` upstream is checked against when the
+/// listener names no `upstream_ca` (Debian's `ca-certificates` bundle).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Why an upstream could not be set up, or a request not exchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0:?} is not an http://, h2c:// or https:// URL with a host")]
+    BadUrl(String),
+    #[error("reading the CA certificates in {0}: {1}")]
+    Ca(PathBuf, String),
+    #[error("no CA certificate in {0}")]
+    NoCa(PathBuf),
+    #[error("TLS client setup: {0}")]
+    TlsSetup(#[from] rustls::Error),
+    #[error("connecting to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("connecting to {0}: no connection within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout(String),
+    #[error("TLS handshake with {0}: {1}")]
+    Handshake(String, std::io::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// How requests reach the upstream.
+enum Protocol {
+    Http1,
+    H2c,
+    Tls {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    },
+}
+
+/// A listener's parsed upstream: where and how. Built once per listener (a
+/// bad URL or CA file fails the start), shared by its workers.
+pub struct Target {
+    protocol: Protocol,
+    /// `http` or `https`: the `:scheme` of HTTP/2 requests.
+    scheme: Scheme,
+    authority: Authority,
+    /// The authority as a `Host` value, for requests that arrive without one.
+    host: HeaderValue,
+    /// `host:port` to connect to.
+    addr: String,
+}
+
+impl Target {
+    /// Parse `url` (`http://`, `h2c://` or `https://HOST[:PORT]`); `ca` is
+    /// the `https://` upstream's CA file ([`SYSTEM_CA_BUNDLE`] when `None`).
+    pub fn new(url: &str, ca: Option<&Path>) -> Result<Arc<Self>, UpstreamError> {
+        let bad = || UpstreamError::BadUrl(url.to_owned());
+        let (kind, rest) = url.split_once("://").ok_or_else(bad)?;
+        let authority: Authority = rest
+            .split('/')
+            .next()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(bad)?
+            .parse()
+            .map_err(|_| bad())?;
+        let (scheme, default_port) = match kind {
+            "http" | "h2c" => (Scheme::HTTP, 80),
+            "https" => (Scheme::HTTPS, 443),
+            _ => return Err(bad()),
+        };
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(default_port);
+        let addr = format!("{host}:{port}");
+        let protocol = match kind {
+            "http" => Protocol::Http1,
+            "h2c" => Protocol::H2c,
+            _ => {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                let name = match bare.parse::<IpAddr>() {
+                    Ok(ip) => ServerName::IpAddress(ip.into()),
+                    Err(_) => ServerName::try_from(bare.to_owned()).map_err(|_| bad())?,
+                };
+                Protocol::Tls {
+                    connector: TlsConnector::from(Arc::new(client_config(
+                        ca.unwrap_or(Path::new(SYSTEM_CA_BUNDLE)),
+                    )?)),
+                    name,
+                }
+            }
+        };
+        Ok(Arc::new(Self {
+            protocol,
+            scheme,
+            host: HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?,
+            authority,
+            addr,
+        }))
+    }
+}
+
+/// rustls with the ring provider, the CA certificates of `ca`, and ALPN
+/// offering HTTP/2 first.
+fn client_config(ca: &Path) -> Result<rustls::ClientConfig, UpstreamError> {
+    let ca_error = |e: &dyn std::fmt::Display| UpstreamError::Ca(ca.to_owned(), e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| ca_error(&e))? {
+        roots
+            .add(cert.map_err(|e| ca_error(&e))?)
+            .map_err(|e| ca_error(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(UpstreamError::NoCa(ca.to_owned()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// What ALPN chose on an `https://` upstream's last connection.
+const ALPN_UNKNOWN: u8 = 0;
+const ALPN_H1: u8 = 1;
+const ALPN_H2: u8 = 2;
+
+/// One worker's side of a listener's upstream: the shared HTTP/2 connection.
+pub struct Upstream {
+    target: Arc<Target>,
+    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    alpn: AtomicU8,
+}
+
+/// The HTTP/1 upstream connection a downstream connection owns (empty until
+/// its first proxied request; closed with it).
+#[derive(Default)]
+pub struct Owned {
+    slot: Mutex<Option<http1::SendRequest<ProxyBody>>>,
+}
+
+impl Owned {
+    fn take(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Keep `sender` for the next request, unless the slot holds one.
+    fn put(&self, sender: http1::SendRequest<ProxyBody>) {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(sender);
+        }
+    }
+}
+
+/// A fresh upstream connection.
+enum Fresh {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Upstream {
+    #[must_use]
+    pub fn new(target: Arc<Target>) -> Self {
+        Self {
+            target,
+            h2: Mutex::new(None),
+            alpn: AtomicU8::new(ALPN_UNKNOWN),
+        }
+    }
+
+    /// Send `req` (its headers already those to forward) and return the
+    /// response head. `sequential`: the downstream connection is HTTP/1, so
+    /// its requests come one after the other and the owned connection is
+    /// waited for rather than doubled.
+    pub async fn send(
+        &self,
+        owned: &Owned,
+        mut req: Request<ProxyBody>,
+        sequential: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let h2 = match self.target.protocol {
+            Protocol::Http1 => false,
+            Protocol::H2c => true,
+            Protocol::Tls { .. } => self.alpn.load(Ordering::Relaxed) == ALPN_H2,
+        };
+        if h2 {
+            let shared = self
+                .h2
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .filter(|s| !s.is_closed())
+                .cloned();
+            if let Some(sender) = shared {
+                return self.send_h2(sender, req).await;
+            }
+        } else if let Some(mut sender) = owned.take() {
+            let usable = if sequential {
+                sender.ready().await.is_ok()
+            } else {
+                sender.is_ready()
+            };
+            if usable {
+                self.prepare_h1(&mut req);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        owned.put(sender);
+                        return Ok(resp);
+                    }
+                    // Closed by the upstream before the request went out
+                    // (a keep-alive race): send it on a fresh connection.
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(e.into_error().into()),
+                    },
+                }
+            } else if !sender.is_closed() {
+                owned.put(sender);
+            }
+        }
+        match self.connect().await? {
+            Fresh::H1(mut sender) => {
+                self.prepare_h1(&mut req);
+                let resp = sender.send_request(req).await?;
+                owned.put(sender);
+                Ok(resp)
+            }
+            Fresh::H2(sender) => {
+                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                self.send_h2(sender, req).await
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        mut sender: http2::SendRequest<ProxyBody>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.prepare_h2(&mut req);
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    /// HTTP/1.1 in origin form, with a `Host` (the client's, else the
+    /// upstream's authority).
+    fn prepare_h1(&self, req: &mut Request<ProxyBody>) {
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut()
+                .insert(header::HOST, self.target.host.clone());
+        }
+        *req.version_mut() = Version::HTTP_11;
+    }
+
+    /// HTTP/2 in absolute form: `:authority` is the client's `Host` when it
+    /// is one, else the upstream's; `Host` itself is not sent (RFC 9113
+    /// §8.3.1).
+    fn prepare_h2(&self, req: &mut Request<ProxyBody>) {
+        let authority = req
+            .headers_mut()
+            .remove(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| req.uri().authority().cloned())
+            .unwrap_or_else(|| self.target.authority.clone());
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(self.target.scheme.clone());
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = Version::HTTP_2;
+    }
+
+    /// Open a connection and run its protocol task on this worker.
+    async fn connect(&self) -> Result<Fresh, UpstreamError> {
+        let addr = &self.target.addr;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))?
+            .map_err(|e| UpstreamError::Connect(addr.clone(), e))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.target.protocol {
+            Protocol::Http1 => h1(tcp).await,
+            Protocol::H2c => h2(tcp).await,
+            Protocol::Tls { connector, name } => {
+                let tls =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                        .await
+                        .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))?
+                        .map_err(|e| UpstreamError::Handshake(addr.clone(), e))?;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    self.alpn.store(ALPN_H2, Ordering::Relaxed);
+                    h2(tls).await
+                } else {
+                    self.alpn.store(ALPN_H1, Ordering::Relaxed);
+                    h1(tls).await
+                }
+            }
+        }
+    }
+}
+
+async fn h1<T>(io: T) -> Result<Fresh, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(Fresh::H1(sender))
+}
+
+async fn h2<T>(io: T) -> Result<Fresh, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(io))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(Fresh::H2(sender))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_parse_or_are_refused() {
+        let t = Target::new("http://127.0.0.1:8080", None).unwrap();
+        assert!(matches!(t.protocol, Protocol::Http1));
+        assert_eq!(t.addr, "127.0.0.1:8080");
+        assert_eq!(t.host, "127.0.0.1:8080");
+        let t = Target::new("h2c://[2001:db8::1]", None).unwrap();
+        assert!(matches!(t.protocol, Protocol::H2c));
+        assert_eq!(t.addr, "[2001:db8::1]:80");
+        assert_eq!(t.scheme, Scheme::HTTP);
+        for bad in ["ftp://x", "http://", "127.0.0.1:80", "h2c:///path"] {
+            assert!(
+                matches!(Target::new(bad, None), Err(UpstreamError::BadUrl(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_https_upstream_needs_readable_ca_certificates() {
+        let dir = std::env::temp_dir().join(format!("kf-upstream-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(matches!(
+            Target::new("https://example.test", Some(&empty)),
+            Err(UpstreamError::NoCa(_))
+        ));
+        assert!(matches!(
+            Target::new("https://example.test", Some(&dir.join("absent.pem"))),
+            Err(UpstreamError::Ca(..))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
