@@ -42,10 +42,12 @@ pub struct Decision {
 /// doc), unless `KF_UNPARSED` protects the destination of a packet whose
 /// transport header was out of reach. Such a drop is counted under listener
 /// slot 0 (without a port the listener is unknown), its flow has port 0.
+/// Any other failure passes with [`Flow::UNREAD`] (an `Option` would leave the
+/// flow's stack unwritten, see there).
 #[inline(always)]
-pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
+pub fn evaluate(data: usize, end: usize) -> (Decision, Flow) {
     match parse(data, end) {
-        Ok(flow) => (decide(&flow), Some(flow)),
+        Ok(flow) => (decide(&flow), flow),
         Err(failure) => {
             if let Some(flow) = failure.unreached.and_then(|ip| addresses(data, end, ip))
                 && unparsed_drop(&flow)
@@ -55,7 +57,7 @@ pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
                         slot: 0,
                         stat: Stat::DropUnparsed,
                     },
-                    Some(flow),
+                    flow,
                 );
             }
             (
@@ -63,7 +65,7 @@ pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
                     slot: 0,
                     stat: failure.stat,
                 },
-                None,
+                Flow::UNREAD,
             )
         }
     }
@@ -168,9 +170,11 @@ fn verdict_for(flow: &Flow, listener: ListenerValue) -> Decision {
     }
 }
 
-/// Count the decision, and sample it to the agent's log if it is a drop.
+/// Count the decision, and sample it to the agent's log if it is a rare
+/// event. `flow` is read only for a drop (which always has a parsed flow);
+/// for other decisions it may be [`Flow::UNREAD`].
 #[inline(always)]
-pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
+pub fn record(ifindex: u32, decision: &Decision, flow: &Flow) {
     let iface_slot = KF_IFINDEX_SLOTS.get(ifindex).copied().unwrap_or(0);
     if let Some(block) = KF_STATS.get_ptr_mut(stats_index(iface_slot, decision.slot)) {
         // SAFETY: per-CPU value pointer from the lookup helper; the index is masked
@@ -182,21 +186,16 @@ pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
     }
     // Rare events (drops, map_error, unreadable headers) are sampled to the
     // agent: the drop-sample ring and the aya-log record, both behind one
-    // per-CPU rate limit. Only a drop's branch reads `flow`: for the others it
-    // may be absent, and 6.1's verifier refuses a (speculative) read of its
-    // uninitialised stack.
-    if decision.stat.is_drop() {
-        if let Some(flow) = flow
-            && sample_due()
-        {
+    // per-CPU rate limit.
+    let rare = decision.stat.is_drop()
+        || matches!(
+            decision.stat,
+            Stat::PassMapError | Stat::PassMalformed | Stat::PassTruncated
+        );
+    if rare && sample_due() {
+        if decision.stat.is_drop() {
             sample_drop(ifindex, decision.slot, flow);
-            crate::log::event(ifindex, decision.stat, decision.slot);
         }
-    } else if matches!(
-        decision.stat,
-        Stat::PassMapError | Stat::PassMalformed | Stat::PassTruncated
-    ) && sample_due()
-    {
         crate::log::event(ifindex, decision.stat, decision.slot);
     }
 }
