@@ -27,8 +27,21 @@ use proptest::{
     test_runner::{Config, TestRunner},
 };
 
-/// Packets per program and run.
+/// Packets per program and run, unless `KEYFENCE_DIFF_CASES` says otherwise
+/// (the guest stage runs fewer: under TCG each run is tens of times slower).
 const CASES: u32 = 100_000;
+
+/// [`CASES`], or `KEYFENCE_DIFF_CASES` when set; a value that is not a
+/// positive number fails the test rather than silently running the default.
+fn cases() -> u32 {
+    match std::env::var("KEYFENCE_DIFF_CASES") {
+        Err(_) => CASES,
+        Ok(v) => match v.parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("KEYFENCE_DIFF_CASES={v:?}: expected a positive number of packets"),
+        },
+    }
+}
 const LO_SLOT: u32 = 2;
 
 fn policy() -> CompiledPolicy {
@@ -259,9 +272,10 @@ fn differential(program: &str, policy: &CompiledPolicy, mode: Unparsed) {
     let tables = dp.tables().expect("reading the policy maps");
     let unparsed = dp.unparsed_addresses().expect("reading KF_UNPARSED");
     let before = dp.counters().unwrap();
+    let cases = cases();
 
     let mut runner = TestRunner::new(Config {
-        cases: CASES,
+        cases,
         failure_persistence: None,
         max_shrink_iters: 2_000,
         ..Config::default()
@@ -335,7 +349,7 @@ fn differential(program: &str, policy: &CompiledPolicy, mode: Unparsed) {
             .map(|((s, l), n)| format!("{}/{l}={n}", s.reason()))
             .collect::<Vec<_>>()
     );
-    assert!(ran + refused >= u64::from(CASES));
+    assert!(ran + refused >= u64::from(cases));
 }
 
 #[test]
