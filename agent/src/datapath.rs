@@ -19,9 +19,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapInfo, MapType, RingBuf},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
 };
@@ -35,7 +35,7 @@ use keyfence_common::{
 };
 
 use crate::{
-    config::{AttachMode, MapCapacity, Unparsed},
+    config::{AttachMode, MapCapacity, TcAttach, Unparsed},
     maps::{
         MapSource,
         ifaces::IfaceSlots,
@@ -44,6 +44,7 @@ use crate::{
         unparsed::{self, KernelUnparsed, UnparsedWriter},
     },
     policy::CompiledPolicy,
+    tc_netlink,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -61,7 +62,10 @@ pub static BENCH_OBJECT: &[u8] =
 pub enum AttachedMode {
     Native,
     Generic,
+    /// TC through a TCX link (kernels >= 6.6).
     Tc,
+    /// TC through a clsact qdisc and a netlink filter (`tc_netlink`).
+    TcNetlink,
 }
 
 impl AttachedMode {
@@ -71,8 +75,25 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
-            AttachedMode::Tc => "tc",
+            AttachedMode::Tc | AttachedMode::TcNetlink => "tc",
         }
+    }
+
+    /// The kernel mechanism (`keyfence status`, the `path` label of
+    /// `keyfence_datapath_attached`).
+    #[must_use]
+    pub const fn path(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "xdp native",
+            AttachedMode::Generic => "xdp generic",
+            AttachedMode::Tc => "tcx",
+            AttachedMode::TcNetlink => "tc-netlink",
+        }
+    }
+
+    /// XDP (native and generic exclude each other on one interface) or TC.
+    const fn is_xdp(self) -> bool {
+        matches!(self, AttachedMode::Native | AttachedMode::Generic)
     }
 
     /// The middle of the link's pin name (see [`link_pin_name`]).
@@ -81,6 +102,8 @@ impl AttachedMode {
             AttachedMode::Native => "xdp-native",
             AttachedMode::Generic => "xdp-generic",
             AttachedMode::Tc => "tc",
+            // Not `tc-…`: `parse_link_pin` would read it as a TCX link.
+            AttachedMode::TcNetlink => "tcnl",
         }
     }
 
@@ -88,22 +111,45 @@ impl AttachedMode {
         format!("{LINK_PIN_PREFIX}{}-{interface}", self.pin_kind())
     }
 
-    const ALL: [AttachedMode; 3] = [
+    const ALL: [AttachedMode; 4] = [
         AttachedMode::Native,
         AttachedMode::Generic,
         AttachedMode::Tc,
+        AttachedMode::TcNetlink,
     ];
 
-    /// The ladder for a configured mode: what to try, in order.
-    fn ladder(mode: AttachMode) -> &'static [AttachedMode] {
+    /// The ladder for a configured mode: what to try, in order. `tc` is the
+    /// TC kind `datapath.tc_attach` resolves to on this kernel.
+    fn ladder(mode: AttachMode, tc: AttachedMode) -> Vec<AttachedMode> {
         match mode {
             // Never silently generic: generic XDP runs after skb allocation, so it
             // buys nothing over TC and hides a driver problem.
-            AttachMode::Auto => &[AttachedMode::Native, AttachedMode::Tc],
-            AttachMode::Native => &[AttachedMode::Native],
-            AttachMode::Generic => &[AttachedMode::Generic],
-            AttachMode::Tc => &[AttachedMode::Tc],
-            AttachMode::Off => &[],
+            AttachMode::Auto => vec![AttachedMode::Native, tc],
+            AttachMode::Native => vec![AttachedMode::Native],
+            AttachMode::Generic => vec![AttachedMode::Generic],
+            AttachMode::Tc => vec![tc],
+            AttachMode::Off => Vec::new(),
+        }
+    }
+
+    /// The TC kind for `datapath.tc_attach`: TCX links arrived in Linux 6.6
+    /// (aya's own `attach` draws the line at the same version).
+    #[must_use]
+    pub fn tc_kind(tc_attach: TcAttach) -> AttachedMode {
+        match tc_attach {
+            TcAttach::Tcx => AttachedMode::Tc,
+            TcAttach::Netlink => AttachedMode::TcNetlink,
+            TcAttach::Auto => {
+                use aya::util::KernelVersion;
+                // An unreadable version: try TCX, whose failure says why.
+                let tcx =
+                    KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0));
+                if tcx {
+                    AttachedMode::Tc
+                } else {
+                    AttachedMode::TcNetlink
+                }
+            }
         }
     }
 }
@@ -160,6 +206,10 @@ pub struct Datapath {
     reader: DatapathReader,
     ifaces: IfaceSlots,
     samples: Option<RingBuf<MapData>>,
+    /// The programs' aya-log records (taken once, by the daemon's forwarder).
+    logs: Option<crate::datapath_log::DatapathLogger>,
+    /// `datapath.tc_attach`, read by the next [`Datapath::attach`].
+    tc_attach: TcAttach,
     attachments: Vec<Attachment>,
     /// Interface slots assigned directly (`set_interface_slots`), read with the
     /// attachments' slots.
@@ -327,16 +377,27 @@ impl Datapath {
     /// allow-entry maps are created with `capacity` entries.
     pub fn open(pin_root: &Path, capacity: MapCapacity) -> anyhow::Result<Self> {
         let lock = take_lock(pin_root)?;
-        Self::load(pin_root, Some(lock), capacity)
+        Self::load(pin_root, Some(lock), capacity, true)
     }
 
     /// Load without the lock and without attaching anywhere: for tests that drive
     /// the programs through `BPF_PROG_TEST_RUN` with a private pin root.
     pub fn load_unattached(pin_root: &Path) -> anyhow::Result<Self> {
-        Self::load(pin_root, None, MapCapacity::default())
+        Self::load(pin_root, None, MapCapacity::default(), true)
     }
 
-    fn load(pin_root: &Path, lock: Option<File>, capacity: MapCapacity) -> anyhow::Result<Self> {
+    /// [`Self::load_unattached`] with the programs' aya-log records switched
+    /// off (`AYA_LOG_LEVEL` 0): the bench's "logging off" side.
+    pub fn load_unattached_without_log(pin_root: &Path) -> anyhow::Result<Self> {
+        Self::load(pin_root, None, MapCapacity::default(), false)
+    }
+
+    fn load(
+        pin_root: &Path,
+        lock: Option<File>,
+        capacity: MapCapacity,
+        log_records: bool,
+    ) -> anyhow::Result<Self> {
         check_on_bpffs(pin_root)?;
         let dir = pin_dir(pin_root);
         // bpffs' root is 1777: a pin directory someone else made (or could
@@ -345,12 +406,19 @@ impl Datapath {
         crate::fsguard::ensure_pin_dirs(pin_root, &dir, crate::fsguard::euid())?;
         check_pinned_layouts(&dir, capacity)?;
         // Sizes apply to maps created now; pinned ones were checked above.
+        // aya-log-ebpf reads its level from this global: 0 logs nothing.
+        let log_level: u8 = if log_records { u8::MAX } else { 0 };
         let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
             .default_map_pin_directory(&dir)
             .map_max_entries(map_names::EXACT, capacity.exact)
             .map_max_entries(map_names::PREFIXES, capacity.prefixes)
             .load(OBJECT)
             .context("loading the eBPF object")?;
+        // Without its log ring the datapath still enforces: say so, go on.
+        let logs = crate::datapath_log::take(&mut ebpf)
+            .inspect_err(|e| tracing::warn!(error = %e, "the datapath's log records are not read"))
+            .ok();
         for name in [program_names::XDP, program_names::TC] {
             let program = ebpf
                 .program_mut(name)
@@ -385,6 +453,8 @@ impl Datapath {
             reader,
             ifaces,
             samples,
+            logs,
+            tc_attach: TcAttach::Auto,
             attachments: Vec::new(),
             extra_iface_slots: Vec::new(),
             _lock: lock,
@@ -419,6 +489,11 @@ impl Datapath {
             .program_mut(program_names::TC)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             .expect("checked at load")
+    }
+
+    /// Set `datapath.tc_attach`; the next [`Self::attach`] uses it.
+    pub fn set_tc_attach(&mut self, tc_attach: TcAttach) {
+        self.tc_attach = tc_attach;
     }
 
     /// Set `datapath.unparsed`; the next [`Self::apply`] writes it (a reload
@@ -557,6 +632,11 @@ impl Datapath {
         &self.attachments
     }
 
+    /// The programs' log records (taken once, by the agent's forwarder).
+    pub fn take_logs(&mut self) -> Option<crate::datapath_log::DatapathLogger> {
+        self.logs.take()
+    }
+
     /// The drop-sample ring buffer (taken once, by the agent's sample reader).
     pub fn take_samples(&mut self) -> Option<RingBuf<MapData>> {
         self.samples.take()
@@ -582,6 +662,7 @@ impl Datapath {
             tracing::info!(
                 interface,
                 mode = attachment.mode.label(),
+                path = attachment.mode.path(),
                 adopted = attachment.adopted,
                 "datapath attached"
             );
@@ -600,7 +681,7 @@ impl Datapath {
                 .any(|a| a.mode.pin_name(&a.interface) == name);
             if !keep {
                 tracing::info!(link = rest, "detaching a link no longer configured");
-                unpin_link(&self.pin_dir.join(&name))?;
+                remove_attachment(&self.pin_dir, &name)?;
             }
         }
         self.attachments = attachments;
@@ -615,7 +696,7 @@ impl Datapath {
         mode: AttachMode,
     ) -> anyhow::Result<Attachment> {
         let ifindex = ifindex(interface)?;
-        let ladder = AttachedMode::ladder(mode);
+        let ladder = AttachedMode::ladder(mode, AttachedMode::tc_kind(self.tc_attach));
         let attachment = |kind, adopted| Attachment {
             interface: interface.into(),
             ifindex,
@@ -634,41 +715,40 @@ impl Datapath {
                 continue;
             }
             if !ladder.contains(&kind) {
-                let xdp_swap =
-                    kind != AttachedMode::Tc && ladder.iter().any(|k| *k != AttachedMode::Tc);
+                let xdp_swap = kind.is_xdp() && ladder.iter().any(|k| k.is_xdp());
                 if xdp_swap {
                     tracing::warn!(
                         interface,
                         from = kind.label(),
                         "XDP mode changed: detaching the old program first (brief gap)"
                     );
-                    unpin_link(&path)?;
+                    remove_attachment(&self.pin_dir, &kind.pin_name(interface))?;
                 } else {
-                    superseded.push(path);
+                    superseded.push(kind.pin_name(interface));
                 }
                 continue;
             }
-            match self.replace_program(kind, &path) {
+            match self.replace_program(kind, interface, &path) {
                 Ok(()) => {
                     for old in superseded {
-                        unpin_link(&old)?;
+                        remove_attachment(&self.pin_dir, &old)?;
                     }
                     return Ok(attachment(kind, true));
                 }
                 Err(e) => {
                     tracing::warn!(interface, error = %format!("{e:#}"), "cannot adopt the pinned link; attaching anew");
-                    unpin_link(&path)?;
+                    remove_attachment(&self.pin_dir, &kind.pin_name(interface))?;
                 }
             }
         }
         // 2. Fresh attach down the ladder.
         let mut errors = Vec::new();
-        for &kind in ladder {
+        for &kind in &ladder {
             match self.attach_fresh(kind, interface) {
                 Ok(()) => {
                     for old in superseded {
-                        tracing::info!(interface, link = %old.display(), "removing the attachment of the previous mode");
-                        unpin_link(&old)?;
+                        tracing::info!(interface, link = %old, "removing the attachment of the previous mode");
+                        remove_attachment(&self.pin_dir, &old)?;
                     }
                     return Ok(attachment(kind, false));
                 }
@@ -681,7 +761,15 @@ impl Datapath {
         bail!("no attach mode worked ({})", errors.join("; "))
     }
 
-    fn replace_program(&mut self, kind: AttachedMode, path: &Path) -> anyhow::Result<()> {
+    fn replace_program(
+        &mut self,
+        kind: AttachedMode,
+        interface: &str,
+        path: &Path,
+    ) -> anyhow::Result<()> {
+        if kind == AttachedMode::TcNetlink {
+            return self.replace_netlink_filter(interface, path);
+        }
         let link: FdLink = PinnedLink::from_pin(path)
             .with_context(|| format!("opening {}", path.display()))?
             .into();
@@ -698,13 +786,96 @@ impl Datapath {
                     .attach_to_link(link)
                     .context("replacing the TC program")?;
             }
+            AttachedMode::TcNetlink => unreachable!("handled above"),
         }
+        Ok(())
+    }
+
+    /// Swap this agent's program into keyfence's filter on `interface`, in
+    /// place: `cls_bpf` replaces the program of an existing filter (same
+    /// priority and handle) atomically. Then the record pin names the new program.
+    fn replace_netlink_filter(&mut self, interface: &str, path: &Path) -> anyhow::Result<()> {
+        let link = SchedClassifierLink::attached(
+            interface,
+            TcAttachType::Ingress,
+            tc_netlink::PRIORITY,
+            TcHandle::new(0, tc_netlink::HANDLE),
+            None,
+        )?;
+        let tc = self.tc_mut();
+        let id = tc
+            .attach_to_link(link)
+            .context("replacing the program of keyfence's TC filter")?;
+        keep_filter(tc.take_link(id)?);
+        fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        self.tc_mut()
+            .pin(path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(())
+    }
+
+    /// A fresh netlink filter at keyfence's priority and handle, on the
+    /// clsact qdisc of `interface` (created, and recorded as ours, when absent).
+    fn attach_netlink_filter(&mut self, interface: &str, pin: &Path) -> anyhow::Result<()> {
+        let qdisc_pin = self
+            .pin_dir
+            .join(format!("{}{interface}", tc_netlink::QDISC_PIN_PREFIX));
+        match aya::programs::tc::qdisc_add_clsact(interface) {
+            Ok(()) => {
+                tracing::info!(interface, "created the clsact qdisc");
+                self.tc_mut()
+                    .pin(&qdisc_pin)
+                    .with_context(|| format!("pinning {}", qdisc_pin.display()))?;
+            }
+            Err(aya::programs::tc::TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                // Another program's, or ours from before (its record says so).
+                if !qdisc_pin.exists() {
+                    tracing::info!(interface, "using the clsact qdisc already there");
+                }
+            }
+            Err(e) => return Err(e).context("adding the clsact qdisc"),
+        }
+        let options = TcAttachOptions::Netlink(NlOptions {
+            priority: tc_netlink::PRIORITY,
+            handle: TcHandle::new(0, tc_netlink::HANDLE),
+            classid: None,
+        });
+        let tc = self.tc_mut();
+        let id = match tc.attach_with_options(interface, TcAttachType::Ingress, options) {
+            Ok(id) => id,
+            // A filter at keyfence's place whose record is gone (pins removed
+            // by hand): it is keyfence's; replace its program.
+            Err(aya::programs::ProgramError::TcError(
+                aya::programs::tc::TcError::NetlinkError(e),
+            )) if e.raw_os_error() == Some(libc::EEXIST) => {
+                tracing::warn!(
+                    interface,
+                    "a filter is at keyfence's priority and handle without a record: replacing its program"
+                );
+                let link = SchedClassifierLink::attached(
+                    interface,
+                    TcAttachType::Ingress,
+                    tc_netlink::PRIORITY,
+                    TcHandle::new(0, tc_netlink::HANDLE),
+                    None,
+                )?;
+                tc.attach_to_link(link)
+                    .context("replacing the program of the filter at keyfence's place")?
+            }
+            Err(e) => return Err(e).context("adding the TC filter through netlink"),
+        };
+        keep_filter(tc.take_link(id)?);
+        tc.pin(pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
         Ok(())
     }
 
     fn attach_fresh(&mut self, kind: AttachedMode, interface: &str) -> anyhow::Result<()> {
         let pin = self.pin_dir.join(kind.pin_name(interface));
         let link: FdLink = match kind {
+            AttachedMode::TcNetlink => return self.attach_netlink_filter(interface, &pin),
             AttachedMode::Native | AttachedMode::Generic => {
                 let mode = if kind == AttachedMode::Native {
                     XdpMode::Driver
@@ -718,16 +889,58 @@ impl Datapath {
             }
             AttachedMode::Tc => {
                 let tc = self.tc_mut();
-                let id = tc.attach(interface, TcAttachType::Ingress)?;
+                let id = tc.attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?;
                 let link = tc.take_link(id)?;
-                FdLink::try_from(link)
-                    .context("TC attached through netlink (kernel < 6.6): cannot pin")?
+                FdLink::try_from(link).context("a TCX attach gave no bpf_link: cannot pin")?
             }
         };
         link.pin(&pin)
             .with_context(|| format!("pinning {}", pin.display()))?;
         Ok(())
     }
+}
+
+/// A netlink filter must outlive the agent: aya deletes it when its link
+/// value drops, so the value (an interface index, a priority and a handle; no
+/// descriptor) is forgotten instead.
+fn keep_filter(link: SchedClassifierLink) {
+    std::mem::forget(link);
+}
+
+/// Remove the attachment a link pin `name` under `dir` records: a TCX or XDP
+/// link is unpinned (which detaches it), keyfence's netlink filter deleted and
+/// the clsact qdisc removed when this agent created it and nothing else uses
+/// it.
+fn remove_attachment(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    let Some((Some(AttachedMode::TcNetlink), interface)) = parse_link_pin(name) else {
+        return unpin_link(&path);
+    };
+    // The interface gone: its qdisc and filters went with it.
+    if let Ok(index) = nix::net::if_::if_nametoindex(interface) {
+        tc_netlink::delete_filter(index)
+            .with_context(|| format!("deleting keyfence's TC filter on {interface}"))?;
+        let qdisc_pin = dir.join(format!("{}{interface}", tc_netlink::QDISC_PIN_PREFIX));
+        if qdisc_pin.exists() {
+            match tc_netlink::remove_qdisc_if_unused(index)
+                .with_context(|| format!("removing the clsact qdisc of {interface}"))?
+            {
+                tc_netlink::QdiscOutcome::KeptInUse(n) => tracing::info!(
+                    interface,
+                    filters = n,
+                    "leaving the clsact qdisc keyfence created: other filters are on it"
+                ),
+                tc_netlink::QdiscOutcome::Removed | tc_netlink::QdiscOutcome::Absent => {}
+            }
+            fs::remove_file(&qdisc_pin)
+                .with_context(|| format!("removing {}", qdisc_pin.display()))?;
+        }
+    }
+    fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
 
 /// Unpin a link; dropping the last reference detaches it.
@@ -765,10 +978,15 @@ pub fn pinned_links(dir: &Path) -> anyhow::Result<Vec<PinnedLinkInfo>> {
         let Some((mode, interface)) = parse_link_pin(&name) else {
             continue;
         };
-        let program_id = PinnedLink::from_pin(dir.join(&name))
-            .ok()
-            .and_then(|l| FdLink::from(l).info().ok())
-            .map(|i| i.program_id());
+        let program_id = if mode == Some(AttachedMode::TcNetlink) {
+            // The record of a netlink filter is a pin of its program.
+            ProgramInfo::from_pin(dir.join(&name)).ok().map(|i| i.id())
+        } else {
+            PinnedLink::from_pin(dir.join(&name))
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok())
+                .map(|i| i.program_id())
+        };
         links.push(PinnedLinkInfo {
             interface: interface.to_owned(),
             mode,
@@ -800,7 +1018,7 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<DetachReport> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if is_link_pin(&name) {
-            unpin_link(&entry.path())?;
+            remove_attachment(&dir, &name)?;
             report.links.push(name);
         }
     }

@@ -271,6 +271,8 @@ struct PacketLabels {
 struct AttachedLabels {
     interface: String,
     mode: &'static str,
+    /// `xdp native`, `xdp generic`, `tcx` or `tc-netlink`.
+    path: &'static str,
 }
 
 /// Reads the kernel's counters on every scrape.
@@ -345,6 +347,7 @@ impl Collector for DatapathCollector {
             let labels = AttachedLabels {
                 interface: a.interface.clone(),
                 mode: a.mode.label(),
+                path: a.mode.path(),
             };
             ConstGauge::new(1i64).encode(attached.encode_family(&labels)?)?;
         }

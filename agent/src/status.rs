@@ -26,6 +26,8 @@ use crate::{
 pub struct LinkStatus {
     pub interface: String,
     pub mode: String,
+    /// The kernel mechanism: `xdp native`, `xdp generic`, `tcx` or `tc-netlink`.
+    pub path: String,
     pub program_id: Option<u32>,
 }
 
@@ -90,6 +92,7 @@ fn read_links(dir: &Path) -> anyhow::Result<Vec<LinkStatus>> {
         .map(|l| LinkStatus {
             interface: l.interface,
             mode: l.mode.map_or("unknown", AttachedMode::label).to_owned(),
+            path: l.mode.map_or("unknown", AttachedMode::path).to_owned(),
             program_id: l.program_id,
         })
         .collect())
@@ -205,8 +208,8 @@ pub fn render(s: &Status) -> String {
         let prog = l.program_id.map_or_else(|| "?".into(), |p| p.to_string());
         let _ = writeln!(
             out,
-            "attached: {} ({}, program {prog})",
-            l.interface, l.mode
+            "attached: {} ({}, program {prog}, via {})",
+            l.interface, l.mode, l.path
         );
     }
     let fill = |(n, cap): (usize, u32)| format!("{n}/{cap}");

@@ -16,6 +16,18 @@ pub fn async_ring(ring: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>
     registered.map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// Register the programs' aya-log ring with the tokio reactor.
+pub fn async_log(
+    logger: crate::datapath_log::DatapathLogger,
+) -> io::Result<AsyncFd<crate::datapath_log::DatapathLogger>> {
+    // SAFETY: `EbpfLogger` owns its ring buffer's map fd and keeps it open
+    // exactly as long as the `AsyncFd` owns the logger; nothing else closes or
+    // replaces that fd while it is registered.
+    #[expect(unsafe_code, reason = "tokio's AsyncFd registration requires it")]
+    let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+    registered.map_err(|e| io::Error::other(e.to_string()))
+}
+
 /// Hand the heap's free memory back to the kernel. After a large policy
 /// apply, glibc keeps the freed temporaries (the wanted tables, the compiled
 /// lists: hundreds of MiB at a million prefixes) as resident memory.

@@ -57,6 +57,20 @@ pub struct Flow {
     pub v4: bool,
 }
 
+impl Flow {
+    /// The flow of a packet whose addresses the parser could not read: every
+    /// byte written, so no read of it (LLVM may hoist one above the check
+    /// that it is a drop) touches uninitialised stack, which 6.1's verifier
+    /// refuses. Only a drop's flow is read, and a drop always has a parsed one.
+    pub const UNREAD: Self = Self {
+        src: [0; 16],
+        dst: [0; 16],
+        port: [0; 2],
+        proto: 0,
+        v4: false,
+    };
+}
+
 /// Why a packet could not be parsed.
 #[derive(Clone, Copy)]
 pub struct Unparsed {

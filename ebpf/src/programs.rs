@@ -22,7 +22,7 @@ const TC_PULL_BYTES: u32 = MAX_L4_OFFSET as u32 + 4;
 #[xdp]
 pub fn keyfence_xdp(ctx: XdpContext) -> u32 {
     let (decision, flow) = evaluate(ctx.data(), ctx.data_end());
-    record(ctx.ingress_ifindex() as u32, &decision, flow.as_ref());
+    record(ctx.ingress_ifindex() as u32, &decision, &flow);
     if decision.stat.is_drop() {
         xdp_action::XDP_DROP
     } else {
@@ -45,7 +45,7 @@ pub fn keyfence_tc(ctx: TcContext) -> i32 {
     #[expect(unsafe_code, reason = "reading __sk_buff.ifindex")]
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let (decision, flow) = evaluate(ctx.data(), ctx.data_end());
-    record(ifindex, &decision, flow.as_ref());
+    record(ifindex, &decision, &flow);
     if decision.stat.is_drop() {
         TC_ACT_SHOT as i32
     } else {

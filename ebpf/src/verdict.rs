@@ -42,10 +42,12 @@ pub struct Decision {
 /// doc), unless `KF_UNPARSED` protects the destination of a packet whose
 /// transport header was out of reach. Such a drop is counted under listener
 /// slot 0 (without a port the listener is unknown), its flow has port 0.
+/// Any other failure passes with [`Flow::UNREAD`] (an `Option` would leave the
+/// flow's stack unwritten, see there).
 #[inline(always)]
-pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
+pub fn evaluate(data: usize, end: usize) -> (Decision, Flow) {
     match parse(data, end) {
-        Ok(flow) => (decide(&flow), Some(flow)),
+        Ok(flow) => (decide(&flow), flow),
         Err(failure) => {
             if let Some(flow) = failure.unreached.and_then(|ip| addresses(data, end, ip))
                 && unparsed_drop(&flow)
@@ -55,7 +57,7 @@ pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
                         slot: 0,
                         stat: Stat::DropUnparsed,
                     },
-                    Some(flow),
+                    flow,
                 );
             }
             (
@@ -63,7 +65,7 @@ pub fn evaluate(data: usize, end: usize) -> (Decision, Option<Flow>) {
                     slot: 0,
                     stat: failure.stat,
                 },
-                None,
+                Flow::UNREAD,
             )
         }
     }
@@ -168,9 +170,11 @@ fn verdict_for(flow: &Flow, listener: ListenerValue) -> Decision {
     }
 }
 
-/// Count the decision, and sample it to the agent's log if it is a drop.
+/// Count the decision, and sample it to the agent's log if it is a rare
+/// event. `flow` is read only for a drop (which always has a parsed flow);
+/// for other decisions it may be [`Flow::UNREAD`].
 #[inline(always)]
-pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
+pub fn record(ifindex: u32, decision: &Decision, flow: &Flow) {
     let iface_slot = KF_IFINDEX_SLOTS.get(ifindex).copied().unwrap_or(0);
     if let Some(block) = KF_STATS.get_ptr_mut(stats_index(iface_slot, decision.slot)) {
         // SAFETY: per-CPU value pointer from the lookup helper; the index is masked
@@ -180,35 +184,47 @@ pub fn record(ifindex: u32, decision: &Decision, flow: Option<&Flow>) {
             (*block).packets[(decision.stat as usize) & (STAT_SLOTS - 1)] += 1;
         }
     }
-    if let (true, Some(flow)) = (decision.stat.is_drop(), flow) {
-        sample_drop(ifindex, decision.slot, flow);
+    // Rare events (drops, map_error, unreadable headers) are sampled to the
+    // agent: the drop-sample ring and the aya-log record, both behind one
+    // per-CPU rate limit.
+    let rare = decision.stat.is_drop()
+        || matches!(
+            decision.stat,
+            Stat::PassMapError | Stat::PassMalformed | Stat::PassTruncated
+        );
+    if rare && sample_due() {
+        if decision.stat.is_drop() {
+            sample_drop(ifindex, decision.slot, flow);
+        }
+        crate::log::event(ifindex, decision.stat, decision.slot);
     }
 }
 
-/// Send at most one drop sample per CPU per `SAMPLE_INTERVAL_NS`. The coarse
-/// clock (a tick's resolution) is plenty for a 100 ms limit and costs a load
-/// instead of a clock read on every drop: drops got 30-40% cheaper. A drop
-/// that finds the interval still running skips the clock for the next
-/// `SAMPLE_SKIP` drops (a per-CPU array read the verifier inlines), so a
-/// flood reads it once per `SAMPLE_SKIP` drops; the limit only gets stricter.
+/// At most one sample (a drop sample or an aya-log record) per CPU per
+/// `SAMPLE_INTERVAL_NS`. The coarse clock (a tick's resolution) is plenty for
+/// a 100 ms limit and costs a load instead of a clock read on every drop:
+/// drops got 30-40% cheaper. A rare event that finds the interval still
+/// running skips the clock for the next `SAMPLE_SKIP` events (a per-CPU array
+/// read the verifier inlines), so a flood reads it once per `SAMPLE_SKIP`;
+/// the limit only gets stricter.
 #[inline(always)]
-fn sample_drop(ifindex: u32, slot: u32, flow: &Flow) {
+fn sample_due() -> bool {
     let Some(skip) = KF_SAMPLE_SKIP.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: per-CPU value pointer from the lookup helper; no other CPU touches it.
     #[expect(unsafe_code, reason = "per-CPU skip count")]
     unsafe {
         if *skip > 0 {
             *skip -= 1;
-            return;
+            return false;
         }
     }
     // SAFETY: helper without arguments.
     #[expect(unsafe_code, reason = "BPF helper call")]
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(last) = KF_SAMPLE_CLOCK.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: per-CPU value pointers from the lookup helper; no other CPU
     // touches them.
@@ -216,10 +232,16 @@ fn sample_drop(ifindex: u32, slot: u32, flow: &Flow) {
     unsafe {
         if now.wrapping_sub(*last) < SAMPLE_INTERVAL_NS {
             *skip = SAMPLE_SKIP;
-            return;
+            return false;
         }
         *last = now;
     }
+    true
+}
+
+/// Send a drop sample (the caller checked [`sample_due`]).
+#[inline(always)]
+fn sample_drop(ifindex: u32, slot: u32, flow: &Flow) {
     let sample = DropSample {
         src: flow.src,
         dst: flow.dst,

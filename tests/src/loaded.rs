@@ -36,9 +36,22 @@ impl Loaded {
     /// Load under `/sys/fs/bpf/kf-<name>-<pid>`, counting loopback packets
     /// under interface slot `lo_slot`.
     pub fn new(name: &str, lo_slot: u32) -> anyhow::Result<Self> {
+        Self::with(name, lo_slot, Datapath::load_unattached)
+    }
+
+    /// [`Loaded::new`] with the programs' aya-log records off (the bench).
+    pub fn without_log(name: &str, lo_slot: u32) -> anyhow::Result<Self> {
+        Self::with(name, lo_slot, Datapath::load_unattached_without_log)
+    }
+
+    fn with(
+        name: &str,
+        lo_slot: u32,
+        load: fn(&std::path::Path) -> anyhow::Result<Datapath>,
+    ) -> anyhow::Result<Self> {
         let root = PathBuf::from(format!("/sys/fs/bpf/kf-{name}-{}", std::process::id()));
         let pins = Pins(root.clone());
-        let mut datapath = Datapath::load_unattached(&root)?;
+        let mut datapath = load(&root)?;
         datapath.set_interface_slots(&[(LOOPBACK_IFINDEX, lo_slot)])?;
         Ok(Self { datapath, pins })
     }

@@ -684,7 +684,7 @@ impl Agent {
     pub fn launch(&mut self, yaml: &str) -> anyhow::Result<()> {
         self.write_config(yaml)?;
         self.spawn()?;
-        self.wait_ready(Duration::from_secs(30))
+        self.wait_ready(ready_timeout())
     }
 
     /// Add an argument to `keyfence run` for the agent's next start.
@@ -877,7 +877,7 @@ impl Agent {
         }
         self.child = None;
         self.spawn()?;
-        self.wait_ready(Duration::from_secs(30))
+        self.wait_ready(ready_timeout())
     }
 
     /// `GET path` on the agent's metrics bind, from inside its namespace.
@@ -962,6 +962,16 @@ impl Agent {
         self.subcommand("detach")
     }
 
+    /// `keyfence status --config FILE` (`--json` when `json`) inside the
+    /// namespace: its output.
+    pub fn status(&self, json: bool) -> anyhow::Result<String> {
+        if json {
+            self.subcommand_args("status", &["--json"])
+        } else {
+            self.subcommand("status")
+        }
+    }
+
     /// `keyfence check --config FILE` with the agent's environment: its
     /// report line, or its errors.
     pub fn check(&self) -> anyhow::Result<String> {
@@ -971,12 +981,18 @@ impl Agent {
     /// `keyfence SUBCOMMAND --config FILE` inside the namespace, with the
     /// agent's environment: stdout, or an error with stderr.
     fn subcommand(&self, subcommand: &str) -> anyhow::Result<String> {
+        self.subcommand_args(subcommand, &[])
+    }
+
+    /// [`Self::subcommand`] with more arguments after `--config FILE`.
+    fn subcommand_args(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.netns.display()))
             .arg("--")
             .arg(&self.bin)
             .args([subcommand, "--config"])
             .arg(&self.config)
+            .args(args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
@@ -1027,6 +1043,16 @@ impl Drop for Agent {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// How long a start may take to turn ready: 30 s, or `KEYFENCE_TEST_READY_SECS`
+/// (the guest-kernel stage's emulated CPU starts the agent many times slower).
+#[must_use]
+pub fn ready_timeout() -> Duration {
+    std::env::var("KEYFENCE_TEST_READY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_secs)
 }
 
 /// Call `check` every `every` until it returns true or `timeout` passes.

@@ -7,6 +7,7 @@ mod build;
 mod cmd;
 mod demo;
 mod fuzz;
+mod guest;
 mod setup;
 mod test;
 
@@ -39,6 +40,9 @@ enum Command {
     /// for 40 s, the privileged tests and the demo (root). Ends with a line
     /// `N passed, N failed`.
     Test,
+    /// Setup, then only the guest-kernel stage of `test`: the datapath's tests
+    /// on Debian 12's 6.1 kernel under qemu (TCG) with virtme-ng (root).
+    Guest,
     /// Setup and build, then run the agent in network namespaces on a built-in
     /// example and show allowed and dropped connections and the counters.
     Demo,
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Build => build::run().map(|_| ()),
         Command::Test => test::run(),
+        Command::Guest => test::guest_only(),
         Command::Demo => demo::run(),
         Command::Bench { only } => bench::run(&only),
     };

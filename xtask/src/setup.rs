@@ -78,7 +78,61 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "chromium-driver",
         "WebDriver for that browser: the console tests drive it over HTTP",
     ),
+    (
+        "qemu-system-x86",
+        "boots the guest kernel of the kernel matrix (xtask guest stage, TCG)",
+    ),
+    (
+        crate::guest::KERNEL_PACKAGE,
+        "the guest kernel: Debian 12's 6.1, without TCX (xtask guest stage)",
+    ),
+    (
+        "busybox-static",
+        "virtme-ng builds the guest's initramfs with it (xtask guest stage)",
+    ),
+    (
+        "python3-venv",
+        "the venv virtme-ng (PyPI) is installed into (xtask guest stage)",
+    ),
 ];
+
+/// virtme-ng from `PyPI` into a venv under `$CARGO_HOME` (outside the clone, so
+/// a fresh clone reuses it): `python3 -m venv`, then pip.
+fn virtme_ng() -> anyhow::Result<()> {
+    let bin = crate::guest::venv_bin()?;
+    let vng = bin.join("vng");
+    let version = cmd::output(&mut cmd::new(vng.to_string_lossy().as_ref(), ["--version"]));
+    if let Ok(v) = &version
+        && v.contains(crate::guest::VIRTME_NG_VERSION)
+    {
+        say("virtme-ng", format_args!("{} installed", v.trim()));
+        return Ok(());
+    }
+    let venv = bin.parent().context("the venv's bin has a parent")?;
+    cmd::run(&mut cmd::new(
+        "python3",
+        ["-m".as_ref(), "venv".as_ref(), venv.as_os_str()],
+    ))
+    .context("creating the virtme-ng venv (package python3-venv)")?;
+    cmd::run(&mut cmd::new(
+        bin.join("pip").to_string_lossy().as_ref(),
+        [
+            "install",
+            "--quiet",
+            &format!("virtme-ng=={}", crate::guest::VIRTME_NG_VERSION),
+        ],
+    ))
+    .context("installing virtme-ng from PyPI")?;
+    say(
+        "virtme-ng",
+        format_args!(
+            "installed {} in {}",
+            crate::guest::VIRTME_NG_VERSION,
+            venv.display()
+        ),
+    );
+    Ok(())
+}
 
 /// Where bpffs must be mounted.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -93,11 +147,12 @@ fn say(step: &str, what: impl std::fmt::Display) {
 /// Run every step; fail (after trying the independent ones) if any failed.
 pub fn run() -> anyhow::Result<()> {
     let mut failed = Vec::new();
-    let steps: [(&str, Step); 4] = [
+    let steps: [(&str, Step); 5] = [
         ("toolchain", toolchain),
         ("bpffs", bpffs),
         ("packages", packages),
         ("cargo-fuzz", cargo_fuzz),
+        ("virtme-ng", virtme_ng),
     ];
     for (name, step) in steps {
         if let Err(e) = step() {

@@ -2,12 +2,13 @@
 //! every crate and target, the unprivileged tests (default members), the fuzz
 //! targets for a bounded time each (`fuzz.rs`), a debug build of `keyfence` for
 //! the privileged tests to run, the privileged tests (`keyfence-tests`, one
-//! thread: they share the kernel) and `cargo xtask demo` (the README's first
-//! command). Every step runs even when an earlier one failed; the last line is
-//! `N passed, N failed`, the sum of cargo's `test result:` lines plus one per
-//! fuzz target and one for the demo, for CI to read.
+//! thread: they share the kernel), `cargo xtask demo` (the README's first
+//! command), then the datapath's tests again in a guest on Debian 12's 6.1
+//! kernel (`guest.rs`). Every step runs even when an earlier one failed; the
+//! last line is `N passed, N failed`, the sum of cargo's `test result:` lines
+//! plus one per fuzz target and one for the demo, for CI to read.
 
-use std::{path::Path, time::Instant};
+use std::{fmt::Write as _, path::Path, time::Instant};
 
 use anyhow::bail;
 
@@ -18,7 +19,7 @@ use crate::{
 
 /// Passed and failed tests, summed over cargo's `test result:` lines.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Tally {
+pub struct Tally {
     passed: u64,
     failed: u64,
 }
@@ -47,7 +48,7 @@ impl Tally {
 }
 
 /// One step's outcome, for the closing summary.
-struct Step {
+pub struct Step {
     name: &'static str,
     ok: bool,
     note: String,
@@ -113,6 +114,8 @@ pub fn run() -> anyhow::Result<()> {
             });
         }
     }
+
+    steps.push(guest_stage(&mut tally));
 
     println!();
     for step in &steps {
@@ -184,6 +187,51 @@ fn demo(tally: &mut Tally) -> Step {
             Ok(()) => format!("{took} s"),
             Err(e) => format!("{e:#}"),
         },
+    }
+}
+
+/// The guest-kernel stage (see `guest.rs`): its own pass/fail count, and a
+/// failure (never a skip) when it cannot run, so a red guest cannot hide.
+pub fn guest_stage(tally: &mut Tally) -> Step {
+    let name = "guest kernel 6.1 (prog_fixtures, prog_differential, e2e_datapath, e2e_tc, e2e_datapath_log)";
+    if !cmd::is_root() {
+        tally.failed += 1;
+        return Step {
+            name,
+            ok: false,
+            note: "it needs root (qemu, BPF in the guest): run `sudo -E cargo xtask test`".into(),
+        };
+    }
+    let mut mine = Tally::default();
+    let outcome = crate::guest::run(&mut |line| mine.add_line(line));
+    let ok = outcome.error.is_none() && mine.failed == 0;
+    if !ok && mine.failed == 0 {
+        mine.failed = 1;
+    }
+    tally.passed += mine.passed;
+    tally.failed += mine.failed;
+    let mut note = format!(
+        "{} passed, {} failed, {} s",
+        mine.passed, mine.failed, outcome.seconds
+    );
+    if let Some(e) = outcome.error {
+        let _ = write!(note, "; {e}");
+    }
+    Step { name, ok, note }
+}
+
+/// `cargo xtask guest`: setup, then only the guest-kernel stage.
+pub fn guest_only() -> anyhow::Result<()> {
+    crate::setup::run()?;
+    let mut tally = Tally::default();
+    let step = guest_stage(&mut tally);
+    let status = if step.ok { "ok" } else { "FAILED" };
+    println!("test: {}: {status} ({})", step.name, step.note);
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if step.ok {
+        Ok(())
+    } else {
+        bail!("failed: {}", step.name)
     }
 }
 

@@ -17,7 +17,7 @@ use super::model::{
     Admin, AttachMode, ClientIp, ClientIpSource, Config, ConsoleConfig, DEFAULT_UPSTREAM_TIMEOUT,
     DatapathConfig, FleetConfig, KeySecret, ListenerConfig, ListenerMode, ManagementConfig,
     MapCapacity, MetricsConfig, PostgresConfig, PostgresUrl, Rejection, ShimConfig, StaticKey,
-    StoreConfig, TlsConfig, Unparsed,
+    StoreConfig, TcAttach, TlsConfig, Unparsed,
 };
 use crate::{
     allowlist::{AllowList, DEFAULT_MAX_ENTRIES, Net, RawList, fold_ip, parse_entry, parse_list},
@@ -219,6 +219,7 @@ struct RawDatapath {
     pin_path: Option<Spanned<String>>,
     unparsed: Option<Spanned<String>>,
     capacity: Option<RawCapacity>,
+    tc_attach: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -698,6 +699,7 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
             pin_path: PathBuf::from("/sys/fs/bpf/keyfence"),
             capacity: MapCapacity::default(),
             unparsed: Unparsed::Pass,
+            tc_attach: TcAttach::Auto,
         };
     };
     let mode = match raw.mode.as_ref().map(|m| m.value.as_str()) {
@@ -764,6 +766,24 @@ fn datapath(raw: Option<RawDatapath>, errors: &mut Errors) -> DatapathConfig {
         pin_path,
         capacity: capacity(raw.capacity, errors),
         unparsed,
+        tc_attach: tc_attach(raw.tc_attach.as_ref(), errors),
+    }
+}
+
+/// `datapath.tc_attach`: `auto` (default), `tcx` or `netlink`.
+fn tc_attach(raw: Option<&Spanned<String>>, errors: &mut Errors) -> TcAttach {
+    match raw.map(|r| r.value.as_str()) {
+        None | Some("auto") => TcAttach::Auto,
+        Some("tcx") => TcAttach::Tcx,
+        Some("netlink") => TcAttach::Netlink,
+        Some(other) => {
+            errors.at(
+                &raw.expect("matched Some").referenced,
+                "datapath.tc_attach",
+                format!("unknown value {other:?}; expected auto, tcx or netlink"),
+            );
+            TcAttach::Auto
+        }
     }
 }
 
@@ -1534,6 +1554,31 @@ metrics:
             let c = parse(yaml, "k.yaml").unwrap_or_else(|e| panic!("{yaml}: {e}"));
             assert_eq!(c.datapath.unparsed, want, "{yaml}");
         }
+    }
+
+    #[test]
+    fn datapath_tc_attach_takes_auto_tcx_or_netlink() {
+        for (yaml, want) in [
+            ("datapath: { mode: tc }\n", TcAttach::Auto),
+            ("datapath: { tc_attach: auto }\n", TcAttach::Auto),
+            ("datapath: { tc_attach: tcx }\n", TcAttach::Tcx),
+            (
+                "datapath: { mode: tc, tc_attach: netlink }\n",
+                TcAttach::Netlink,
+            ),
+        ] {
+            let c = parse(yaml, "k.yaml").unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            assert_eq!(c.datapath.tc_attach, want, "{yaml}");
+        }
+        let e = parse("datapath: { tc_attach: clsact }\n", "k.yaml")
+            .expect_err("an unknown tc_attach must be refused")
+            .to_string();
+        assert!(
+            e.contains("k.yaml:1:")
+                && e.contains("datapath.tc_attach")
+                && e.contains("auto, tcx or netlink"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -132,6 +132,21 @@ pub struct DatapathConfig {
     /// `datapath.unparsed`: what happens to packets whose transport header the
     /// parser cannot reach, on protected listeners' addresses (default pass).
     pub unparsed: Unparsed,
+    /// `datapath.tc_attach`: how TC attaches (mode `tc`, or `auto` without
+    /// native XDP).
+    pub tc_attach: TcAttach,
+}
+
+/// `datapath.tc_attach`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttach {
+    /// TCX on kernels >= 6.6, a clsact qdisc and a netlink filter before.
+    #[default]
+    Auto,
+    /// A TCX link, or fail (kernels before 6.6 have none).
+    Tcx,
+    /// A clsact qdisc and a netlink filter, on any kernel.
+    Netlink,
 }
 
 /// `datapath.capacity`: how many entries the allow-entry maps hold, summed

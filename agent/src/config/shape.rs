@@ -197,6 +197,7 @@ pub(super) const CONFIG: Shape = Shape::Map(&[
                 ]),
             ),
             ("unparsed", false, Shape::Text),
+            ("tc_attach", false, Shape::Text),
         ]),
     ),
     ("listeners", false, Shape::List(&LISTENER)),

@@ -183,6 +183,7 @@ impl Daemon {
 
     pub(super) fn attach(&mut self) -> anyhow::Result<()> {
         if let Some(dp) = self.datapath.as_mut() {
+            dp.set_tc_attach(self.config.datapath.tc_attach);
             dp.attach(&self.config.datapath.interfaces, self.config.datapath.mode)?;
         }
         Ok(())

@@ -140,6 +140,7 @@ impl Daemon {
         }
         if self.config.datapath.interfaces != old.datapath.interfaces
             || self.config.datapath.mode != old.datapath.mode
+            || self.config.datapath.tc_attach != old.datapath.tc_attach
         {
             self.attach()?;
         }

@@ -238,6 +238,13 @@ impl Daemon {
             self.config.datapath.capacity,
         )?;
         let samples = dp.take_samples();
+        if let Some(logs) = dp.take_logs() {
+            tokio::spawn(async move {
+                if let Err(e) = crate::datapath_log::forward(logs).await {
+                    tracing::warn!(error = %e, "the datapath's log forwarder stopped");
+                }
+            });
+        }
         self.metrics.count_datapath(dp.reader());
         self.datapath = Some(dp);
         Ok(samples)
