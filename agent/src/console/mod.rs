@@ -338,7 +338,7 @@ async fn login(
     let id = state
         .console
         .sessions
-        .start(caller.principal.digest(), Instant::now());
+        .start(*caller.principal.digest(), Instant::now());
     let event = AuditEvent {
         principal: caller.principal.label(),
         address: caller.ip,

@@ -101,7 +101,7 @@ impl Daemon {
         let started = Instant::now();
         let count = keys.len();
         for key in keys {
-            self.stored.insert(key.id.clone(), key);
+            self.stored.set(key);
         }
         shim.set_keys(self.key_table());
         *api.principals
@@ -128,14 +128,11 @@ impl Daemon {
     ) -> Result<(), EnforceError> {
         let started = Instant::now();
         let id = key.id.clone();
-        let old = self
-            .stored
-            .insert(id.clone(), key)
-            .filter(StoredKey::is_active);
+        let old = self.stored.set(key);
         // The shim first: it is the authority, and changing its table cannot
         // fail for want of map space.
-        let new = self.stored.get(&id).filter(|k| k.is_active());
-        shim.replace_key(old.as_deref(), new.map(|k| k.key.clone()));
+        let new = self.stored.get(&id);
+        shim.replace_key(old.as_deref(), new.cloned());
         // Principals are the config's admins and admin-scoped keys: rebuilt
         // only when such a key changes.
         if old.as_ref().is_some_and(|k| k.is_admin()) || new.is_some_and(|k| k.is_admin()) {
@@ -152,10 +149,10 @@ impl Daemon {
             self.policy = PolicyState::build(&self.config.listeners, &self.key_facts(), now);
             true
         } else {
-            let new = self.stored.get(&id).filter(|k| k.is_active());
+            let new = self.stored.get(&id);
             let change = self
                 .policy
-                .change_key(old.as_deref(), new.map(|k| &*k.key), now);
+                .change_key(old.as_deref(), new.map(AsRef::as_ref), now);
             // Out of sync, only a full apply catches the maps up.
             change.reshaped
                 || self.reconcile.is_some()
@@ -179,7 +176,7 @@ impl Daemon {
         let used: Vec<(String, SystemTime)> = sources
             .last_used()
             .into_iter()
-            .filter(|(id, _)| self.stored.contains_key(id))
+            .filter(|(id, _)| self.stored.contains(id))
             .collect();
         if used.is_empty() {
             return;

@@ -13,6 +13,7 @@
 //!
 //! On exit the pinned datapath keeps enforcing the last policy.
 
+mod active;
 mod event_loop;
 mod feed;
 mod fleet;
@@ -21,7 +22,9 @@ mod reload;
 mod start;
 mod watch;
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Instant};
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
+use active::ActiveKeys;
 
 use crate::{
     config::{self, Config},
@@ -31,7 +34,7 @@ use crate::{
     metrics::Metrics,
     policy::PolicyState,
     shim::runtime as shim_runtime,
-    store::{SharedStore, StoredKey},
+    store::SharedStore,
 };
 pub use start::run;
 
@@ -55,9 +58,9 @@ struct Daemon {
     datapath: Option<Datapath>,
     metrics: Arc<Metrics>,
     store: SharedStore,
-    /// The store's keys, revoked ones included: read at start, then kept
-    /// current by the store's change feed.
-    stored: BTreeMap<String, StoredKey>,
+    /// The store's active keys: read at start, then kept current by the
+    /// store's change feed.
+    stored: ActiveKeys,
     /// The feed's sequence number up to which `stored` is enforced.
     applied: i64,
     /// `applied`, for the fleet reporter (`fleet.rs`).
@@ -76,17 +79,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn active_stored(&self) -> impl Iterator<Item = &StoredKey> {
-        self.stored.values().filter(|k| k.is_active())
-    }
-
     /// The shim's key table: static and active stored keys.
     fn key_table(&self) -> KeyTable {
-        shim_runtime::key_table(&self.statics, self.stored.values())
+        shim_runtime::key_table(&self.statics, self.stored.iter())
     }
 
     fn principals(&self) -> anyhow::Result<management::principals::Principals> {
-        management::principals(&self.config.management.admins, self.stored.values())
+        management::principals(&self.config.management.admins, self.stored.iter())
     }
 
     /// Every key a listener may accept: static ones and active stored ones.
@@ -94,7 +93,7 @@ impl Daemon {
         self.statics
             .iter()
             .map(AsRef::as_ref)
-            .chain(self.active_stored().map(|k| &*k.key))
+            .chain(self.stored.iter().map(AsRef::as_ref))
             .collect()
     }
 }

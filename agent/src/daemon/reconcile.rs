@@ -33,7 +33,7 @@ impl Daemon {
             // No datapath: the shim alone enforces and has no map to fill.
             return Ok(started.elapsed());
         };
-        let old = self.stored.get(&key.id).filter(|k| k.is_active());
+        let old = self.stored.get(&key.id);
         let new = Some(key).filter(|k| k.is_active());
         let now = SystemTime::now();
         let full_check =
@@ -46,16 +46,17 @@ impl Daemon {
                     .iter()
                     .map(AsRef::as_ref)
                     .chain(
-                        self.active_stored()
+                        self.stored
+                            .iter()
                             .filter(|k| k.id != key.id)
-                            .map(|k| &*k.key),
+                            .map(AsRef::as_ref),
                     )
                     .collect();
                 accesses.extend(new.map(|k| &*k.key));
                 full_check(&PolicyState::build(&self.config.listeners, &accesses, now))
             } else {
                 self.policy.preview_key(
-                    old.map(|k| &*k.key),
+                    old.map(AsRef::as_ref),
                     new.map(|k| &*k.key),
                     now,
                     |state, change| {
@@ -112,7 +113,7 @@ impl Daemon {
     /// Key and prefix gauges, warnings about listeners nothing can reach, and
     /// the time since `started` as one policy apply.
     pub(super) fn record_policy(&self, started: Instant) {
-        let key_count = self.config.keys.len() + self.active_stored().count();
+        let key_count = self.config.keys.len() + self.stored.len();
         self.metrics
             .keys
             .set(i64::try_from(key_count).unwrap_or(i64::MAX));

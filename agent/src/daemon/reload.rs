@@ -118,8 +118,8 @@ impl Daemon {
         // Secrets are read before anything changes, so a missing variable
         // rejects the whole reload.
         let statics = keys::statics(&new.keys)?;
-        let keys = shim_runtime::key_table(&statics, self.stored.values());
-        let principals = management::principals(&new.management.admins, self.stored.values())?;
+        let keys = shim_runtime::key_table(&statics, self.stored.iter());
+        let principals = management::principals(&new.management.admins, self.stored.iter())?;
         let old = std::mem::replace(&mut self.config, new);
         let waiting: Vec<&str> = RESTART_ONLY
             .iter()

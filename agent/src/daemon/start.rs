@@ -3,7 +3,6 @@
 //! turns ready only once signals and the config watcher are in place.
 
 use std::{
-    collections::BTreeMap,
     path::Path,
     sync::{
         Arc,
@@ -15,7 +14,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::{mpsc, watch};
 
-use super::{Daemon, StartError, watch::Triggers};
+use super::{Daemon, StartError, active::ActiveKeys, watch::Triggers};
 use crate::{
     config::{self, AttachMode, Config},
     confirm::Confirmer,
@@ -28,7 +27,7 @@ use crate::{
     metrics::{self, Metrics},
     policy::PolicyState,
     shim::runtime::Shim,
-    store::{self, SharedStore, StoredKey},
+    store::{self, SharedStore},
 };
 
 /// Run until SIGTERM or SIGINT. With `detach_on_exit` the datapath is
@@ -118,7 +117,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         metrics = %daemon.config.metrics.bind,
         management = %daemon.config.management.bind,
         store = %store_name(&daemon.config),
-        keys = daemon.config.keys.len() + daemon.active_stored().count(),
+        keys = daemon.config.keys.len() + daemon.stored.len(),
         "keyfence running"
     );
 
@@ -206,9 +205,7 @@ fn store_name(config: &Config) -> String {
 
 /// Open the key store the config names and read its keys, with the change
 /// feed's position they are current at.
-async fn open_store(
-    config: &Config,
-) -> anyhow::Result<(SharedStore, BTreeMap<String, StoredKey>, i64)> {
+async fn open_store(config: &Config) -> anyhow::Result<(SharedStore, ActiveKeys, i64)> {
     let store = store::open(&config.store, &config.fleet)
         .await
         .with_context(|| format!("opening the key store {}", store_name(config)))?;
@@ -216,12 +213,7 @@ async fn open_store(
         .snapshot()
         .await
         .context("reading keys from the store")?;
-    let stored = snapshot
-        .keys
-        .into_iter()
-        .map(|k| (k.id.clone(), k))
-        .collect();
-    Ok((store, stored, snapshot.upto))
+    Ok((store, ActiveKeys::new(snapshot.keys), snapshot.upto))
 }
 
 impl Daemon {

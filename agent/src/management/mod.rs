@@ -10,13 +10,16 @@ use std::sync::Arc;
 
 use principals::{Principal, Principals};
 
-use crate::{config::Admin, keys::credentials, store::StoredKey};
+use crate::{
+    config::Admin,
+    keys::{Key, credentials},
+};
 
 /// The principals of the config's `management.admins` and of the active
 /// stored keys with the `admin` scope. `token_env` variables are read here.
 pub fn principals<'a>(
     admins: &[Admin],
-    stored: impl IntoIterator<Item = &'a StoredKey>,
+    stored: impl IntoIterator<Item = &'a Arc<Key>>,
 ) -> anyhow::Result<Principals> {
     let mut rows = Vec::new();
     for a in admins {
@@ -29,8 +32,8 @@ pub fn principals<'a>(
     rows.extend(
         stored
             .into_iter()
-            .filter(|k| k.is_active() && k.is_admin())
-            .map(|k| Arc::new(Principal::Key(k.key.clone()))),
+            .filter(|k| k.is_admin())
+            .map(|k| Arc::new(Principal::Key(k.clone()))),
     );
     Ok(Principals::new(rows))
 }

@@ -58,10 +58,10 @@ impl Principal {
 }
 
 impl Credentialed for Principal {
-    fn digest(&self) -> Digest {
+    fn digest(&self) -> &Digest {
         match self {
-            Principal::ConfigAdmin { digest, .. } => *digest,
-            Principal::Key(k) => k.digest,
+            Principal::ConfigAdmin { digest, .. } => digest,
+            Principal::Key(k) => &k.digest,
         }
     }
 }

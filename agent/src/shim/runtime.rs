@@ -20,7 +20,6 @@ use crate::{
     config::{Config, ListenerConfig},
     keys::{Key, KeyTable},
     metrics::Metrics,
-    store::StoredKey,
 };
 
 /// Addresses remembered per key for `GET /v1/keys/{id}/sources`.
@@ -29,20 +28,13 @@ pub const SOURCES_PER_KEY: usize = 32;
 pub const SOURCES_KEYS: usize = 4096;
 
 /// The key table of the config's static keys (resolved: see
-/// [`crate::keys::statics`]) and the store's active keys.
+/// [`crate::keys::statics`]) and the store's active keys (`stored`).
 #[must_use]
 pub fn key_table<'a>(
-    statics: &[Arc<Key>],
-    stored: impl IntoIterator<Item = &'a StoredKey>,
+    statics: &'a [Arc<Key>],
+    stored: impl IntoIterator<Item = &'a Arc<Key>>,
 ) -> KeyTable {
-    KeyTable::new(
-        statics.iter().cloned().chain(
-            stored
-                .into_iter()
-                .filter(|k| k.is_active())
-                .map(|k| k.key.clone()),
-        ),
-    )
+    KeyTable::new(statics.iter().chain(stored).cloned())
 }
 
 struct Running {
