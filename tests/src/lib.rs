@@ -9,6 +9,7 @@ pub mod h2;
 pub mod http;
 pub mod loaded;
 pub mod netns;
+pub mod pinned;
 pub mod postgres;
 pub mod rawsyn;
 pub mod refmodel;

@@ -16,6 +16,7 @@
 //! hold. Needs root; run through `cargo xtask test`.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::Path,
     thread,
@@ -31,6 +32,7 @@ use keyfence_tests::{
     config,
     http::{Curl, Reply, Upstream, url},
     netns::{Agent, GATEWAY_V4, Lab, Netns, keyfence_bin, parse_samples, poll_until},
+    pinned,
     postgres::{self, Postgres},
 };
 use serde_json::{Value, json};
@@ -817,7 +819,46 @@ fn store_copy_moves_a_single_hosts_store_into_the_fleet_once() {
 
 /// Random creates, list changes and revocations through all three hosts at
 /// once; afterwards every host enforces the database's state.
+/// Every host's BPF maps hold what the database says: under the one
+/// listener's policy, the static key's addresses and every active key's
+/// entries, nothing more.
+fn assert_maps_match_the_database(f: &Fleet) {
+    let listed =
+        f.pg.sql(
+            "SELECT DISTINCT e.cidr FROM allow_entries e JOIN keys k ON k.id = e.key_id \
+             WHERE k.revoked_at IS NULL",
+        )
+        .expect("psql");
+    let want = pinned::aggregate(
+        [SEEN, SEEN_TOO]
+            .iter()
+            .map(|a| format!("{a}/32"))
+            .chain(listed.lines().map(|l| l.trim().to_owned()))
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().expect("a stored network")),
+    );
+    for h in &f.hosts {
+        let tables = pinned::policy_tables(h.agent.pin_path()).expect("reading the pinned maps");
+        let policies: BTreeSet<u32> = tables.listeners.values().map(|v| v.policy).collect();
+        assert_eq!(policies.len(), 1, "{}: one listener: {tables:?}", h.name);
+        let allowed = pinned::allowed_by_policy(&tables);
+        assert_eq!(
+            allowed.keys().copied().collect::<BTreeSet<_>>(),
+            policies,
+            "{}: entries only under the listener's policy",
+            h.name
+        );
+        assert_eq!(
+            allowed.values().next(),
+            Some(&want),
+            "{}: the BPF maps equal the database's state",
+            h.name
+        );
+    }
+}
+
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_changes_through_every_host_converge_on_the_databases_state() {
     const CHANGES: usize = 1000;
     let f = Fleet::start(3, false);
@@ -898,6 +939,7 @@ fn concurrent_changes_through_every_host_converge_on_the_databases_state() {
             h.name
         );
     }
+    assert_maps_match_the_database(&f);
     // Each key's final list, as the database holds it, is what every host
     // enforces: in the shim and at packet level.
     for (id, secret) in &keys {
