@@ -7,6 +7,7 @@ pub mod config;
 pub mod frames;
 pub mod h2;
 pub mod http;
+pub mod interrupt;
 pub mod loaded;
 pub mod netns;
 pub mod pinned;
