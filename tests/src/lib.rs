@@ -14,5 +14,6 @@ pub mod pinned;
 pub mod postgres;
 pub mod rawsyn;
 pub mod refmodel;
+pub mod tls;
 pub mod webdriver;
 pub mod wrk;
