@@ -399,26 +399,7 @@ impl Shape {
                     &rows,
                 )
             }
-            Shape::Sources => {
-                let rows: Vec<Vec<String>> = body["sources"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            text(&s["ip"]),
-                            text(&s["allowed"]),
-                            text(&s["refused"]),
-                            text(&s["last_seen"]),
-                        ]
-                    })
-                    .collect();
-                if rows.is_empty() {
-                    return format!("no requests seen for {} yet\n", text(&body["key_id"]));
-                }
-                table(&["ADDRESS", "ALLOWED", "REFUSED", "LAST SEEN"], &rows)
-            }
+            Shape::Sources => sources_table(body),
             Shape::Audit => {
                 let rows: Vec<Vec<String>> = body["entries"]
                     .as_array()
@@ -487,6 +468,57 @@ fn audit_change(e: &Value) -> String {
         parts.push("new secret".into());
     }
     parts.join("; ")
+}
+
+/// The sources of a key; in a fleet with the hosts that saw each address.
+fn sources_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["sources"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            vec![
+                text(&s["ip"]),
+                text(&s["allowed"]),
+                text(&s["refused"]),
+                text(&s["last_seen"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return format!("no requests seen for {} yet\n", text(&body["key_id"]));
+    }
+    // Fleet mode: which hosts saw each address.
+    let hosts: Vec<String> = body["sources"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter_map(|s| s["hosts"].as_array())
+                .map(|hs| {
+                    hs.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if hosts.len() == rows.len() {
+        let rows: Vec<Vec<String>> = rows
+            .into_iter()
+            .zip(hosts)
+            .map(|(mut r, h)| {
+                r.push(h);
+                r
+            })
+            .collect();
+        return table(
+            &["ADDRESS", "ALLOWED", "REFUSED", "LAST SEEN", "HOSTS"],
+            &rows,
+        );
+    }
+    table(&["ADDRESS", "ALLOWED", "REFUSED", "LAST SEEN"], &rows)
 }
 
 fn render_key(k: &Value) -> String {
@@ -706,5 +738,19 @@ mod tests {
         let row = lines.next().unwrap();
         assert!(row.contains("active"), "{row}");
         assert!(row.ends_with("198.51.100.0/24, 203.0.113.7/32"), "{row}");
+    }
+
+    #[test]
+    fn sources_show_the_hosts_in_a_fleet() {
+        let one = serde_json::json!({"key_id": "k", "sources": [
+            {"ip": "192.0.2.1", "allowed": 3, "refused": 0, "last_seen": "2026-12-01T11:00:00Z"}]});
+        let plain = Shape::Sources.render(&one);
+        assert!(!plain.contains("HOSTS"), "{plain}");
+        let fleet = serde_json::json!({"key_id": "k", "sources": [
+            {"ip": "192.0.2.1", "allowed": 3, "refused": 0, "last_seen": "2026-12-01T11:00:00Z",
+             "hosts": ["gw-a", "gw-b"]}]});
+        let shown = Shape::Sources.render(&fleet);
+        assert!(shown.contains("HOSTS"), "{shown}");
+        assert!(shown.contains("gw-a,gw-b"), "{shown}");
     }
 }

@@ -16,6 +16,7 @@
 //! hold. Needs root; run through `cargo xtask test`.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::Path,
     thread,
@@ -31,6 +32,7 @@ use keyfence_tests::{
     config,
     http::{Curl, Reply, Upstream, url},
     netns::{Agent, GATEWAY_V4, Lab, Netns, keyfence_bin, parse_samples, poll_until},
+    pinned,
     postgres::{self, Postgres},
 };
 use serde_json::{Value, json};
@@ -539,9 +541,153 @@ fn a_totp_code_used_on_one_host_is_refused_on_another_and_migrations_run_once() 
             .expect("psql")
     };
     let before = schema(&f.pg);
-    assert_eq!(before.lines().count(), 1, "{before}");
+    assert_eq!(before.lines().count(), 2, "{before}");
     f.hosts[1].agent.restart().expect("restart");
     assert_eq!(schema(&f.pg), before, "a second start migrates nothing");
+}
+
+/// One address of a key's sources: `(ip, allowed, refused, hosts)`.
+type SourceRow = (String, u64, u64, Vec<String>);
+
+/// `GET /v1/keys/{id}/sources` through `host`, as `(ip, allowed, refused,
+/// hosts)` most recent first, and whether the answer is `partial`.
+fn shared_sources(host: &Host, id: &str) -> (Vec<SourceRow>, bool) {
+    let a = host.call("GET", &format!("/v1/keys/{id}/sources"), None, None);
+    assert_eq!(a.status, 200, "{a:?}");
+    let rows = a.body["sources"]
+        .as_array()
+        .expect("sources")
+        .iter()
+        .map(|s| {
+            (
+                s["ip"].as_str().unwrap_or_default().to_owned(),
+                s["allowed"].as_u64().unwrap_or_default(),
+                s["refused"].as_u64().unwrap_or_default(),
+                s["hosts"]
+                    .as_array()
+                    .expect("hosts")
+                    .iter()
+                    .filter_map(|h| h.as_str().map(str::to_owned))
+                    .collect(),
+            )
+        })
+        .collect();
+    (rows, a.body["partial"] == json!(true))
+}
+
+#[test]
+fn per_key_sources_are_the_sum_over_hosts_and_name_them() {
+    let mut f = Fleet::start(3, false);
+    let (a, b, c) = (f.host("a"), f.host("b"), f.host("c"));
+    let (id, secret, _) = a.create(&[SEEN]);
+    for _ in 0..2 {
+        assert_status(&a.request(SEEN, &secret), 200, "a");
+    }
+    assert_status(&b.request(SEEN, &secret), 200, "b");
+    // Not in the key's list (the static key lets its packets through).
+    assert_status(&b.request(SEEN_TOO, &secret), 403, "b");
+    let hosts = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    let want = vec![
+        (SEEN_TOO.to_owned(), 0, 1, hosts(&["b"])),
+        (SEEN.to_owned(), 3, 0, hosts(&["a", "b"])),
+    ];
+    // Host C served none of them: it shows what A and B flushed (within a
+    // second or two).
+    let mut seen = None;
+    assert!(
+        poll_until(Duration::from_secs(6), Duration::from_millis(200), || {
+            let (rows, partial) = shared_sources(c, &id);
+            let done = rows == want && !partial;
+            seen = Some(rows);
+            done
+        }),
+        "through c: {seen:?}"
+    );
+    // The same through A (what A has not flushed yet is added, not doubled).
+    assert_eq!(shared_sources(a, &id).0, want);
+    let rows =
+        f.pg.sql(&format!(
+            "SELECT ip, host_id, allowed, refused FROM key_sources \
+             WHERE key_id = '{id}' ORDER BY ip, host_id"
+        ))
+        .expect("psql");
+    assert_eq!(
+        rows.lines().collect::<Vec<_>>(),
+        [
+            format!("{SEEN}|a|2|0"),
+            format!("{SEEN}|b|1|0"),
+            format!("{SEEN_TOO}|b|0|1")
+        ],
+        "one row per (key, address, host)"
+    );
+
+    // The database is down: counts stay in memory, the API answers with this
+    // host's own (partial) view, and they are flushed once it is back.
+    f.pg.stop().expect("stopping PostgreSQL");
+    let a = f.host("a");
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            a.metric("keyfence_store_up") == 0
+        }),
+        "a: store_up stays 1"
+    );
+    for _ in 0..3 {
+        assert_status(&a.request(SEEN, &secret), 200, "a, database down");
+    }
+    let (rows, partial) = shared_sources(a, &id);
+    assert!(partial, "{rows:?}");
+    assert_eq!(rows, vec![(SEEN.to_owned(), 5, 0, hosts(&["a"]))]);
+    f.pg.resume().expect("starting PostgreSQL again");
+    let c = f.host("c");
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(250), || {
+            let (rows, partial) = shared_sources(c, &id);
+            seen = Some(rows.clone());
+            !partial && rows.iter().any(|r| r.0 == SEEN && r.1 == 6)
+        }),
+        "the counts kept while the database was down arrive: {seen:?}"
+    );
+    assert_eq!(
+        f.host("a").metric("keyfence_fleet_sources_dropped_total"),
+        0
+    );
+
+    // The table holds at most 32 addresses per key, like each host's
+    // memory: older addresses (here planted as another host's) go first.
+    f.pg.sql(&format!(
+        "INSERT INTO key_sources (key_id, ip, host_id, allowed, refused, last_seen) \
+         SELECT '{id}', '203.0.113.' || n, 'z', 1, 0, n FROM generate_series(1, 40) n"
+    ))
+    .expect("psql");
+    let b = f.host("b");
+    assert_status(&b.request(SEEN, &secret), 200, "b");
+    let count = || {
+        f.pg.sql(&format!(
+            "SELECT count(DISTINCT ip), count(*) FILTER (WHERE ip = '{SEEN}') \
+             FROM key_sources WHERE key_id = '{id}'"
+        ))
+        .expect("psql")
+        .trim()
+        .to_owned()
+    };
+    assert!(
+        poll_until(Duration::from_secs(6), Duration::from_millis(200), || {
+            count() == "32|2"
+        }),
+        "capped at 32 addresses, the recent ones kept: {}",
+        count()
+    );
+    assert_eq!(shared_sources(c, &id).0.len(), 32);
+
+    // Revoked: its sources go, from the table too.
+    let revoked = c.call("DELETE", &format!("/v1/keys/{id}"), None, None);
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    let left =
+        f.pg.sql(&format!(
+            "SELECT count(*) FROM key_sources WHERE key_id = '{id}'"
+        ))
+        .expect("psql");
+    assert_eq!(left.trim(), "0");
 }
 
 /// A key for a store written outside the agent.
@@ -673,7 +819,46 @@ fn store_copy_moves_a_single_hosts_store_into_the_fleet_once() {
 
 /// Random creates, list changes and revocations through all three hosts at
 /// once; afterwards every host enforces the database's state.
+/// Every host's BPF maps hold what the database says: under the one
+/// listener's policy, the static key's addresses and every active key's
+/// entries, nothing more.
+fn assert_maps_match_the_database(f: &Fleet) {
+    let listed =
+        f.pg.sql(
+            "SELECT DISTINCT e.cidr FROM allow_entries e JOIN keys k ON k.id = e.key_id \
+             WHERE k.revoked_at IS NULL",
+        )
+        .expect("psql");
+    let want = pinned::aggregate(
+        [SEEN, SEEN_TOO]
+            .iter()
+            .map(|a| format!("{a}/32"))
+            .chain(listed.lines().map(|l| l.trim().to_owned()))
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().expect("a stored network")),
+    );
+    for h in &f.hosts {
+        let tables = pinned::policy_tables(h.agent.pin_path()).expect("reading the pinned maps");
+        let policies: BTreeSet<u32> = tables.listeners.values().map(|v| v.policy).collect();
+        assert_eq!(policies.len(), 1, "{}: one listener: {tables:?}", h.name);
+        let allowed = pinned::allowed_by_policy(&tables);
+        assert_eq!(
+            allowed.keys().copied().collect::<BTreeSet<_>>(),
+            policies,
+            "{}: entries only under the listener's policy",
+            h.name
+        );
+        assert_eq!(
+            allowed.values().next(),
+            Some(&want),
+            "{}: the BPF maps equal the database's state",
+            h.name
+        );
+    }
+}
+
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_changes_through_every_host_converge_on_the_databases_state() {
     const CHANGES: usize = 1000;
     let f = Fleet::start(3, false);
@@ -754,6 +939,7 @@ fn concurrent_changes_through_every_host_converge_on_the_databases_state() {
             h.name
         );
     }
+    assert_maps_match_the_database(&f);
     // Each key's final list, as the database holds it, is what every host
     // enforces: in the shim and at packet level.
     for (id, secret) in &keys {

@@ -2,7 +2,8 @@
 //! namespaces. Setup and the release build here; the demo itself is the tests
 //! package's `kf-demo` binary (`tests/src/bin/kf-demo.rs`), which shares the
 //! privileged tests' namespace, agent and HTTP helpers, run as the bench
-//! binaries are (`bench.rs`).
+//! binaries are (`bench.rs`). `--fleet` runs `kf-demo-fleet` instead
+//! (`tests/src/bin/kf-demo-fleet.rs`): three gateways on one PostgreSQL.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,11 +15,13 @@ use crate::{build, cmd};
 /// Set when Ctrl-C reached xtask while the demo ran.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-pub fn run() -> anyhow::Result<()> {
+/// The single-host demo, or with `fleet` the fleet's.
+pub fn run(fleet: bool) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("the demo needs root (network namespaces, BPF): run `sudo -E cargo xtask demo`");
     }
     let keyfence = build::run()?;
+    let bin = if fleet { "kf-demo-fleet" } else { "kf-demo" };
     let mut demo = cmd::cargo();
     demo.env("KEYFENCE_BIN", &keyfence).args([
         "run",
@@ -26,7 +29,7 @@ pub fn run() -> anyhow::Result<()> {
         "--package",
         "keyfence-tests",
         "--bin",
-        "kf-demo",
+        bin,
     ]);
     println!("demo: {}", cmd::display(&demo));
     outlive_interrupts();

@@ -45,7 +45,13 @@ enum Command {
     Guest,
     /// Setup and build, then run the agent in network namespaces on a built-in
     /// example and show allowed and dropped connections and the counters.
-    Demo,
+    Demo {
+        /// Three gateway hosts on one PostgreSQL instead: a change through
+        /// one host in force on the others, the database stopped and the
+        /// gateways still enforcing.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Setup, then measure: the datapath's cost per packet at growing prefix
     /// counts (`BPF_PROG_TEST_RUN` on the real object); writes `target/bench/report.md`.
     Bench {
@@ -63,7 +69,7 @@ fn main() -> ExitCode {
         Command::Build => build::run().map(|_| ()),
         Command::Test => test::run(),
         Command::Guest => test::guest_only(),
-        Command::Demo => demo::run(),
+        Command::Demo { fleet } => demo::run(fleet),
         Command::Bench { only } => bench::run(&only),
     };
     match result {

@@ -133,7 +133,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let _ = stop_tx.send(true);
     let sources = shim.sources();
     shim.shutdown().await;
-    daemon.flush_last_used(&sources).await;
+    daemon.flush_on_exit(&sources).await;
     let _ = server.await;
     let _ = management_server.await;
     if detach_on_exit {
@@ -166,6 +166,7 @@ fn start_management(
 ) {
     // Beside the API: in a fleet, writers elsewhere wait for this host's reports.
     super::fleet::spawn_reporter(daemon);
+    super::fleet::spawn_sources_flusher(daemon, shim.sources());
     let (apply_tx, apply_rx) = mpsc::channel::<Apply>(64);
     let api = Arc::new(ApiState {
         store: daemon.store.clone(),

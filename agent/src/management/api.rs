@@ -900,8 +900,23 @@ async fn sources(
     if static_key(&state, &id).is_none() {
         state.store.key(&id).await?;
     }
-    let seen = state.sources.of(&id);
-    Ok(axum::Json(json!({ "key_id": id, "sources": seen })).into_response())
+    let Some(fleet) = state.store.fleet() else {
+        let seen = state.sources.of(&id);
+        return Ok(axum::Json(json!({ "key_id": id, "sources": seen })).into_response());
+    };
+    // The fleet's sum, with this host's counts not yet flushed; while the
+    // store is away, what this host saw (`partial`).
+    let host = fleet.host_id();
+    let body = match fleet.sources(&id, state.sources.per_key()).await {
+        Ok(shared) => json!({ "key_id": id, "sources": state.sources.merged(&id, shared, host) }),
+        Err(StoreError::Unavailable(_)) => json!({
+            "key_id": id,
+            "sources": state.sources.local_shared(&id, host),
+            "partial": true,
+        }),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(axum::Json(body).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,10 +9,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Serialize;
 
 use super::StoreFuture;
+use crate::shim::sources::{SharedSource, SourceDelta};
 
 /// How far a write is enforced across the fleet when its answer is sent:
 /// `applied` of `hosts` live hosts have applied it; `lagging` names the others.
@@ -68,15 +72,24 @@ pub trait Fleet: Send + Sync {
     /// Claim the step-up code of TOTP time step `step` for the whole fleet:
     /// `false` when this or a later step was already used on any host.
     fn claim_step(&self, step: u64) -> StoreFuture<'_, bool>;
+    /// Add this host's per-key source counts (one batch, one statement),
+    /// then keep at most `per_key` addresses of each key it touched (the
+    /// most recently seen, whichever host saw them).
+    fn flush_sources<'a>(&'a self, batch: &'a [SourceDelta], per_key: usize)
+    -> StoreFuture<'a, ()>;
+    /// The addresses every host saw for `key_id`, summed over hosts, most
+    /// recent first, at most `limit`.
+    fn sources<'a>(&'a self, key_id: &'a str, limit: usize) -> StoreFuture<'a, Vec<SharedSource>>;
 }
 
 /// `keyfence_store_up`, `keyfence_fleet_applied_sequence`,
-/// `keyfence_fleet_lag_seconds`.
+/// `keyfence_fleet_lag_seconds`, `keyfence_fleet_sources_dropped_total`.
 #[derive(Clone, Debug, Default)]
 pub struct FleetMetrics {
     pub store_up: Gauge,
     pub applied_sequence: Gauge,
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sources_dropped: Counter,
 }
 
 impl FleetMetrics {
@@ -97,6 +110,11 @@ impl FleetMetrics {
             "keyfence_fleet_lag_seconds",
             "How long the oldest store change this host has not applied has been waiting (0 when current)",
             m.lag_seconds.clone(),
+        );
+        registry.register(
+            "keyfence_fleet_sources_dropped",
+            "Decisions left out of the fleet's per-key sources: their (key, address) found no room among the counts waiting for the store",
+            m.sources_dropped.clone(),
         );
         m
     }

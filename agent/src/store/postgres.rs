@@ -53,6 +53,7 @@ use crate::{
     allowlist::{AllowEntry, AllowList, Net},
     config::{FleetConfig, PostgresConfig},
     keys::{Key, Origin},
+    shim::sources::{SharedSource, SourceDelta},
 };
 
 /// One schema step: its SQL, and the oldest schema version an agent may
@@ -64,9 +65,10 @@ struct Migration {
 }
 
 /// Append only: a released step is never edited.
-const MIGRATIONS: &[Migration] = &[Migration {
-    // 1: keys, entries, audit (as SQLite's), hosts, the shared step-up guard.
-    sql: "CREATE TABLE keys (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        // 1: keys, entries, audit (as SQLite's), hosts, the shared step-up guard.
+        sql: "CREATE TABLE keys (
             id            text PRIMARY KEY,
             name          text NOT NULL,
             tenant        text NOT NULL,
@@ -109,8 +111,22 @@ const MIGRATIONS: &[Migration] = &[Migration {
             id        integer PRIMARY KEY CHECK (id = 1),
             last_step bigint NOT NULL
         );",
-    readers_from: 1,
-}];
+        readers_from: 1,
+    },
+    Migration {
+        // 2: per-key sources, one row per (key, address, host) (additive).
+        sql: "CREATE TABLE key_sources (
+            key_id    text NOT NULL,
+            ip        text NOT NULL,
+            host_id   text NOT NULL,
+            allowed   bigint NOT NULL,
+            refused   bigint NOT NULL,
+            last_seen bigint NOT NULL,
+            PRIMARY KEY (key_id, ip, host_id)
+        );",
+        readers_from: 1,
+    },
+];
 
 /// The schema version this build writes.
 #[expect(clippy::cast_possible_wrap, reason = "a handful of migrations")]
@@ -390,6 +406,10 @@ impl PgStore {
             }
             KeyWrite::Revoke { id } => {
                 let before = load_active(&tx, &id).await?;
+                // Its sources go with it, as they do from every host's memory.
+                tx.execute("DELETE FROM key_sources WHERE key_id = $1", &[&id])
+                    .await
+                    .map_err(pg_err)?;
                 tx.execute(
                     "UPDATE keys SET revoked_at = $2, updated_at = $2 WHERE id = $1",
                     &[&id, &millis(now)],
@@ -716,6 +736,88 @@ impl PgStore {
             .await
             .map_err(pg_err)?;
         Ok(!rows.is_empty())
+    }
+
+    async fn write_sources(&self, batch: &[SourceDelta], per_key: usize) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let obj = self.client().await?;
+        let ids: Vec<&str> = batch.iter().map(|d| d.key_id.as_str()).collect();
+        let ips: Vec<String> = batch.iter().map(|d| d.ip.to_string()).collect();
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let allowed: Vec<i64> = batch.iter().map(|d| count(d.allowed)).collect();
+        let refused: Vec<i64> = batch.iter().map(|d| count(d.refused)).collect();
+        let seen: Vec<i64> = batch.iter().map(|d| millis(d.last_seen)).collect();
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&self.host_id, &ids, &ips, &allowed, &refused, &seen];
+        // Sorted by (key, address) (`take_pending`): hosts flushing at once
+        // lock rows in the same order.
+        obj.execute(
+            "INSERT INTO key_sources (key_id, ip, host_id, allowed, refused, last_seen)
+             SELECT k, i, $1, a, r, s
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+                  AS u(k, i, a, r, s)
+             ON CONFLICT (key_id, ip, host_id) DO UPDATE
+             SET allowed = key_sources.allowed + EXCLUDED.allowed,
+                 refused = key_sources.refused + EXCLUDED.refused,
+                 last_seen = greatest(key_sources.last_seen, EXCLUDED.last_seen)",
+            &params,
+        )
+        .await
+        .map_err(pg_err)?;
+        // The same bound as each host's memory: the `per_key` addresses of
+        // a key seen most recently (by any host) stay.
+        let mut touched: Vec<&str> = ids;
+        touched.dedup();
+        let per_key = i64::try_from(per_key).unwrap_or(i64::MAX);
+        obj.execute(
+            "DELETE FROM key_sources s USING (
+                SELECT key_id, ip FROM (
+                    SELECT key_id, ip, row_number() OVER (
+                        PARTITION BY key_id ORDER BY max(last_seen) DESC, ip) AS n
+                    FROM key_sources WHERE key_id = ANY($1) GROUP BY key_id, ip) r
+                WHERE n > $2) old
+             WHERE s.key_id = old.key_id AND s.ip = old.ip",
+            &[&touched, &per_key],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn read_sources(
+        &self,
+        key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SharedSource>, StoreError> {
+        let obj = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = obj
+            .query(
+                "SELECT ip, sum(allowed)::bigint, sum(refused)::bigint, max(last_seen),
+                        array_agg(host_id ORDER BY host_id)
+                 FROM key_sources WHERE key_id = $1
+                 GROUP BY ip ORDER BY max(last_seen) DESC, ip LIMIT $2",
+                &[&key_id, &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        rows.iter()
+            .map(|r| {
+                let ip: String = col(r, 0)?;
+                Ok(SharedSource {
+                    ip: ip
+                        .parse()
+                        .map_err(|_| corrupt(format!("source address {ip:?}")))?,
+                    allowed: count(col(r, 1)?),
+                    refused: count(col(r, 2)?),
+                    last_seen: from_millis(col(r, 3)?),
+                    hosts: col(r, 4)?,
+                })
+            })
+            .collect()
     }
 
     /// Insert keys and audit rows copied from another store (`keyfence store
@@ -1324,5 +1426,17 @@ impl Fleet for PgStore {
 
     fn claim_step(&self, step: u64) -> StoreFuture<'_, bool> {
         self.call(self.claim(step))
+    }
+
+    fn flush_sources<'a>(
+        &'a self,
+        batch: &'a [SourceDelta],
+        per_key: usize,
+    ) -> StoreFuture<'a, ()> {
+        self.call(self.write_sources(batch, per_key))
+    }
+
+    fn sources<'a>(&'a self, key_id: &'a str, limit: usize) -> StoreFuture<'a, Vec<SharedSource>> {
+        self.call(self.read_sources(key_id, limit))
     }
 }

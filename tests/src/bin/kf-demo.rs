@@ -33,12 +33,10 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use keyfence_tests::{
     http::{Curl, Reply, Upstream, url},
+    interrupt,
     netns::{Agent, CLIENT_IF, GATEWAY_IF, GATEWAY_V4, GATEWAY_V6, Lab, METRICS_BIND, Netns},
 };
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-/// Set by the signal handler on the first SIGINT/SIGTERM; every step polls it.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// What is left to remove by hand if a second Ctrl-C cuts the cleanup short.
 /// Each step adds its undo command when it creates something.
 static LEFTOVERS: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -163,7 +161,7 @@ fn main() -> ExitCode {
             say(format_args!("removed namespace {name}"));
         }
     }
-    let result = if INTERRUPTED.load(Ordering::SeqCst) {
+    let result = if interrupt::interrupted() {
         Err(anyhow!("interrupted; cleaned up as reported above"))
     } else {
         result
@@ -178,38 +176,20 @@ fn main() -> ExitCode {
 }
 
 fn check_interrupt() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupt::interrupted() {
         announce_interrupt();
         bail!("interrupted");
     }
     Ok(())
 }
 
-extern "C" fn on_interrupt(_: nix::libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM set [`INTERRUPTED`]; every step and wait polls it and the
-/// guards clean up on the way out. `SA_RESETHAND` restores the default action
-/// after the first signal, so a second Ctrl-C ends the demo at once. (A handler
-/// rather than blocked signals: children inherit a signal mask, not handlers.)
+/// SIGINT/SIGTERM only set a flag ([`interrupt`]); every step and wait
+/// polls it and the guards clean up on the way out.
 fn install_interrupt_handler() {
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe,
-        // and it replaces no handler anything else in this process relies on.
-        #[expect(unsafe_code, reason = "installing a signal handler is unsafe in nix")]
-        let installed = unsafe { signal::sigaction(sig, &action) };
-        if let Err(e) = installed {
-            say(format_args!(
-                "cannot handle {sig} ({e}); interrupting may leave namespaces behind"
-            ));
-        }
+    for (sig, e) in interrupt::install() {
+        say(format_args!(
+            "cannot handle {sig} ({e}); interrupting may leave namespaces behind"
+        ));
     }
 }
 
