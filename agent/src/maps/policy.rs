@@ -1041,6 +1041,8 @@ pub struct PolicyFill {
     pub exact: BTreeMap<u32, usize>,
     /// Listener slot → `KF_PREFIXES` entries.
     pub prefixes: BTreeMap<u32, usize>,
+    /// `KF_V4_MODE`: what decides IPv4 sources.
+    pub v4_mode: u32,
 }
 
 impl KernelPolicyMaps {
@@ -1056,7 +1058,10 @@ impl KernelPolicyMaps {
 
     /// The listeners and each slot's entry counts, without reading `KF_PORTS`.
     pub fn fill(&self) -> anyhow::Result<PolicyFill> {
-        let mut fill = PolicyFill::default();
+        let mut fill = PolicyFill {
+            v4_mode: self.direct.mode()?,
+            ..PolicyFill::default()
+        };
         for item in &self.listeners {
             let (k, v) = item.context("iterating KF_LISTENERS")?;
             fill.listeners.insert(k, v);
