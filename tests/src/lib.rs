@@ -12,5 +12,6 @@ pub mod netns;
 pub mod postgres;
 pub mod rawsyn;
 pub mod refmodel;
+pub mod tls;
 pub mod webdriver;
 pub mod wrk;

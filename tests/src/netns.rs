@@ -1018,6 +1018,32 @@ impl Agent {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// [`Self::log`] without terminal colour sequences (the human log colours
+    /// its fields), for tests that search it for `field=value`.
+    #[must_use]
+    pub fn plain_log(&self) -> String {
+        strip_ansi(&self.log())
+    }
+}
+
+/// `text` without ANSI CSI sequences (ESC `[` parameters, then a final letter).
+#[must_use]
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Drop for Agent {

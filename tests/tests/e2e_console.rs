@@ -15,6 +15,7 @@ use keyfence_tests::{
     config,
     http::{Curl, Reply},
     netns::{Agent, CLIENT_IF, GATEWAY_V4, Lab, Netns},
+    tls,
     webdriver::Browser,
 };
 use serde_json::{Value, json};
@@ -490,37 +491,6 @@ fn console_step_up_lockout_expiry_and_outsider() {
     shot(&b, "console-10-session-expired");
 }
 
-/// A self-signed certificate for the gateway's address.
-fn make_certificate(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=IP:192.0.2.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 /// `curl -k -i` to the console over TLS from OPS: the whole answer, headers first.
 fn tls_curl(s: &Scenario, path: &str, extra: &[&str]) -> String {
     let mut c = Curl::new(
@@ -594,7 +564,7 @@ fn allowlist_check_over_tls(s: &Scenario) {
 fn console_over_management_tls_has_secure_cookies_and_reloads_its_certificate() {
     let dir = std::env::temp_dir().join(format!("kf-e2e-console-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary directory");
-    let (cert, key) = make_certificate(&dir, "first");
+    let (cert, key) = tls::self_signed(&dir, "first", &["192.0.2.1"]);
     let addrs: Vec<IpAddr> = [OPS].iter().map(|a| ip(a)).collect();
     let lab = Lab::new(&addrs).expect("building the namespaces");
     let mut agent = Agent::new(&lab.gateway).expect("preparing keyfence");
@@ -673,7 +643,7 @@ fn console_over_management_tls_has_secure_cookies_and_reloads_its_certificate() 
     allowlist_check_over_tls(&s);
 
     // A renewed certificate serves the next connection, without a restart.
-    let (second, second_key) = make_certificate(&dir, "second");
+    let (second, second_key) = tls::self_signed(&dir, "second", &["192.0.2.1"]);
     thread::sleep(Duration::from_millis(1100));
     std::fs::copy(&second_key, &key).unwrap();
     std::fs::copy(&second, &cert).unwrap();

@@ -130,24 +130,6 @@ fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<
     Ok(total.round() as u64)
 }
 
-/// `text` without ANSI colour sequences (the log is coloured).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// True when `took` lies in `target - early ..= target + late`.
 fn around(took: Duration, target: Duration, early_ms: u64, late_ms: u64) -> bool {
     took >= target.saturating_sub(Duration::from_millis(early_ms))
@@ -446,7 +428,7 @@ fn management_and_metrics_answer_at_the_descriptor_limit() -> anyhow::Result<()>
         "{ header_timeout: 60s, idle_timeout: 60s, max_per_source: 60 }",
         &["prlimit", "--nofile=256:256", "--"],
     )?;
-    let log = plain(&agent.log());
+    let log = agent.plain_log();
     assert!(
         log.contains("descriptor limit") && log.contains("soft=256") && log.contains("reserve=64"),
         "the agent did not log its descriptor limit:\n{log}"

@@ -108,25 +108,6 @@ impl Scenario {
     }
 }
 
-/// `text` without ANSI escape sequences (the human log colours its fields).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, then a final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// One refused connection attempt: when it started and what it met.
 struct Attempt {
     at: Instant,
@@ -223,7 +204,7 @@ fn a_restart_swaps_the_program_into_the_pinned_link_without_a_gap() {
         Some(program_after),
         "gw0 runs the new program"
     );
-    let log = plain(&s.agent.log());
+    let log = s.agent.plain_log();
     let second = &log[log
         .find("=== keyfence start #2 ===")
         .expect("a second start")..];

@@ -8,7 +8,6 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
@@ -16,6 +15,7 @@ use keyfence_tests::{
     config,
     http::{Curl, Daemon, Reply, Upstream, raw_exchange, require, url},
     netns::{Agent, GATEWAY_V4, GATEWAY_V6, Lab, poll_until},
+    tls,
 };
 
 const API: u16 = 8443;
@@ -873,43 +873,12 @@ fn proxy_protocol_is_required_from_trusted_peers_and_refused_from_others() {
     );
 }
 
-/// A self-signed certificate for the gateway's addresses.
-fn make_certificate(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=IP:192.0.2.1,IP:2001:db8::1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 #[test]
 fn tls_listener_with_a_test_certificate_and_reload() {
     require("openssl").expect("openssl");
     let dir = std::env::temp_dir().join(format!("kf-e2e-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary directory");
-    let (cert, key) = make_certificate(&dir, "first");
+    let (cert, key) = tls::self_signed(&dir, "first", &["192.0.2.1", "2001:db8::1"]);
     let s = Scenario::new(&Options {
         tls: Some((&cert, &key)),
         ..Options::default()
@@ -942,7 +911,7 @@ fn tls_listener_with_a_test_certificate_and_reload() {
     );
 
     // A renewed certificate is picked up without restart.
-    let (new_cert, new_key) = make_certificate(&dir, "second");
+    let (new_cert, new_key) = tls::self_signed(&dir, "second", &["192.0.2.1", "2001:db8::1"]);
     std::fs::copy(&new_key, &key).expect("replacing the key");
     std::fs::copy(&new_cert, &cert).expect("replacing the certificate");
     let reloaded = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {

@@ -45,24 +45,6 @@ keys:
     )
 }
 
-/// `text` without terminal colour sequences (the agent's log has them).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Field order is drop order: the agent detaches while its namespace exists.
 struct Scenario {
     agent: Agent,
@@ -198,7 +180,7 @@ fn netlink_tc_creates_its_qdisc_survives_a_restart_and_detach_removes_both() {
     );
 
     restart_while_probing(&mut s);
-    let log = plain(&s.agent.log());
+    let log = s.agent.plain_log();
     assert!(
         log.lines()
             .any(|l| l.contains("datapath attached") && l.contains("adopted=true")),
