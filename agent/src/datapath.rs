@@ -27,7 +27,10 @@ use aya::{
 };
 use keyfence_common::{
     LAYOUT_VERSION, map_names,
-    policy::{LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY, PolicyAddr},
+    policy::{
+        LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY, PolicyAddr,
+        V4_NODES_CAPACITY, V4_SETS_CAPACITY, V4_TOP_CAPACITY,
+    },
     program_names,
     sample::{DROP_SAMPLES_BYTES, DropSample},
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
@@ -297,6 +300,10 @@ fn expected_layout(name: &str, capacity: MapCapacity) -> Option<(MapType, u32, u
         map_names::DROP_SAMPLES => (MapType::RingBuf, 0, 0, DROP_SAMPLES_BYTES),
         map_names::SAMPLE_CLOCK => (MapType::PerCpuArray, 4, 8, 1),
         map_names::SAMPLE_SKIP => (MapType::PerCpuArray, 4, 4, 1),
+        map_names::V4_MODE => (MapType::Array, 4, 4, 1),
+        map_names::V4_TOP => (MapType::Array, 4, 4, V4_TOP_CAPACITY),
+        map_names::V4_NODES => (MapType::Array, 4, 1024, V4_NODES_CAPACITY),
+        map_names::V4_SETS => (MapType::Array, 4, 8, V4_SETS_CAPACITY),
         _ => return None,
     })
 }
@@ -588,7 +595,17 @@ impl Datapath {
 
     /// The policy maps' current contents, read from the kernel.
     pub fn tables(&self) -> anyhow::Result<PolicyTables> {
-        self.writer.backend().read_all()
+        let backend = self.writer.backend();
+        Ok(PolicyTables {
+            direct: backend.read_direct()?,
+            ..backend.read_all()?
+        })
+    }
+
+    /// Which structure decides IPv4 sources (`maps::direct`).
+    #[must_use]
+    pub fn v4_path(&self) -> crate::maps::direct::V4Path {
+        self.writer.v4_path()
     }
 
     /// Counters of every interface slot (slot 0 = interfaces keyfence does not know).

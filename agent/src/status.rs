@@ -64,6 +64,8 @@ pub struct Status {
     pub listener_entries: (usize, u32),
     pub exact_entries: (usize, u32),
     pub prefix_entries: (usize, u32),
+    /// What decides IPv4 sources: `direct` (the direct tables) or `trie`.
+    pub ipv4_path: String,
     /// Packets no listener claimed, by reason.
     pub unclaimed: BTreeMap<String, u64>,
     /// The largest counters (at most [`TOP_COUNTERS`]), by interface and
@@ -191,6 +193,11 @@ pub fn read(config: &Config) -> anyhow::Result<Status> {
             fill.prefixes.values().sum(),
             config.datapath.capacity.prefixes,
         ),
+        ipv4_path: if fill.v4_mode == keyfence_common::policy::V4_MODE_DIRECT {
+            "direct".into()
+        } else {
+            "trie".into()
+        },
         unclaimed: per_slot.get(&0).map(named).unwrap_or_default(),
         top,
     })
@@ -215,10 +222,11 @@ pub fn render(s: &Status) -> String {
     let fill = |(n, cap): (usize, u32)| format!("{n}/{cap}");
     let _ = writeln!(
         out,
-        "maps: listeners {}, exact {}, prefixes {}",
+        "maps: listeners {}, exact {}, prefixes {}; IPv4 sources: {}",
         fill(s.listener_entries),
         fill(s.exact_entries),
-        fill(s.prefix_entries)
+        fill(s.prefix_entries),
+        s.ipv4_path
     );
     let mut rows = vec![[
         "LISTENER".to_string(),

@@ -22,7 +22,12 @@ pub mod unparsed;
 /// and an older agent ignores it, so upgrades keep their pinned links
 /// (`KF_UNPARSED` came this way, with `Stat::DropUnparsed` in a free slot of
 /// the unchanged `StatBlock`).
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: the direct IPv4 tables (`KF_V4_*`). Added maps alone would not need a
+/// bump, but an older agent adopting these pins would keep a program that
+/// reads `KF_V4_MODE` while it updates only the trie: the direct tables
+/// would go stale under it.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names as they appear in the object file and under the pin directory
 /// (the bench object's are in `bench`).
@@ -37,8 +42,12 @@ pub mod map_names {
     pub const SAMPLE_SKIP: &str = "KF_SAMPLE_SKIP";
     pub const PORTS: &str = "KF_PORTS";
     pub const UNPARSED: &str = "KF_UNPARSED";
+    pub const V4_MODE: &str = "KF_V4_MODE";
+    pub const V4_TOP: &str = "KF_V4_TOP";
+    pub const V4_NODES: &str = "KF_V4_NODES";
+    pub const V4_SETS: &str = "KF_V4_SETS";
     /// Every map the agent pins, in the order it checks their layouts.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 14] = [
         LISTENERS,
         PORTS,
         UNPARSED,
@@ -49,6 +58,10 @@ pub mod map_names {
         DROP_SAMPLES,
         SAMPLE_CLOCK,
         SAMPLE_SKIP,
+        V4_MODE,
+        V4_TOP,
+        V4_NODES,
+        V4_SETS,
     ];
 }
 

@@ -145,9 +145,44 @@ pub const ALLOWED: u32 = 1;
 /// in the trie IPv4 sources live inside `::ffff:0:0/96`.
 pub const DENIED: u32 = 0;
 
+/// Direct IPv4 tables (a stride-8 trie of plain arrays, DIR-16-8-8): the
+/// IPv4 allow decision in two to four array reads the verifier inlines, no
+/// hash and no LPM walk. `KF_V4_TOP[a >> 16]`, then up to two
+/// `KF_V4_NODES` blocks indexed by the next bytes of the source, end at a
+/// set id; `KF_V4_SETS[id]` is a bitmap of the listener slots that allow the
+/// source. Entries of the top and the nodes are a set id, or
+/// [`V4_NODE`] | a node id.
+pub const V4_TOP_CAPACITY: u32 = 1 << 16;
+/// Entries of one node block: the next 8 bits of the address.
+pub const V4_NODE_FANOUT: usize = 256;
+/// Node blocks (1 KiB each). A /16 with anything but one verdict for all of
+/// it takes a node; a /24 holding prefixes longer than /24 takes another.
+pub const V4_NODES_CAPACITY: u32 = 1 << 14;
+/// Distinct listener sets (bitmaps); id 0 is the empty set.
+pub const V4_SETS_CAPACITY: u32 = 1 << 16;
+/// Top or node entry bit: the rest is a node id, not a set id.
+pub const V4_NODE: u32 = 1 << 31;
+/// `KF_V4_MODE[0]`: IPv4 packets take the exact hash and the trie (the
+/// tables did not fit, or are not written yet).
+pub const V4_MODE_TRIE: u32 = 0;
+/// `KF_V4_MODE[0]`: IPv4 packets take the direct tables.
+pub const V4_MODE_DIRECT: u32 = 1;
+const _: () = assert!(
+    MAX_LISTENERS <= 64,
+    "a listener set is a u64 bitmap of slots"
+);
+
+/// A node of the direct IPv4 tables: one entry per value of the next byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V4Node {
+    pub entries: [u32; V4_NODE_FANOUT],
+}
+const _: () = assert!(core::mem::size_of::<V4Node>() == 1024);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), made of byte arrays and u32s, with no implicit
+    // SAFETY: all four are repr(C), made of byte arrays and u32s, with no implicit
     // padding (sizes asserted above), so every bit pattern is valid.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::ListenerKey {}
@@ -155,4 +190,6 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerValue {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::PolicyAddr {}
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::V4Node {}
 }

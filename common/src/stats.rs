@@ -48,10 +48,13 @@ pub enum Stat {
     /// address and the parser could not reach the transport header (extension
     /// chain too long, truncated or malformed extension or transport header).
     DropUnparsed = 11,
+    /// IPv4: the direct tables allow the source (`KF_V4_*`; host entries and
+    /// prefixes alike).
+    PassAllowedDirect = 12,
 }
 
 impl Stat {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     pub const ALL: [Stat; Self::COUNT] = [
         Stat::PassNotIp,
         Stat::PassNotTcpUdp,
@@ -65,6 +68,7 @@ impl Stat {
         Stat::PassMapError,
         Stat::DropNotAllowed,
         Stat::DropUnparsed,
+        Stat::PassAllowedDirect,
     ];
 
     #[must_use]
@@ -94,6 +98,7 @@ impl Stat {
             Stat::PassMapError => "map_error",
             Stat::DropNotAllowed => "not_allowed",
             Stat::DropUnparsed => "unparsed",
+            Stat::PassAllowedDirect => "allowed_direct",
         }
     }
 }

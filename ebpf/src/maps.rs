@@ -2,14 +2,15 @@
 //! agent's versioned pin directory, so enforcement survives agent restarts.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use keyfence_common::{
     policy::{
         EXACT_CAPACITY, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORTS_CAPACITY,
-        PREFIXES_CAPACITY, PolicyAddr,
+        PREFIXES_CAPACITY, PolicyAddr, V4_NODES_CAPACITY, V4_SETS_CAPACITY, V4_TOP_CAPACITY,
+        V4Node,
     },
     sample::DROP_SAMPLES_BYTES,
     stats::{IFINDEX_SLOTS_CAPACITY, STATS_CAPACITY, StatBlock},
@@ -62,3 +63,25 @@ pub static KF_SAMPLE_CLOCK: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 /// value, so the pinned layout stays the same (see `LAYOUT_VERSION`).
 #[map]
 pub static KF_SAMPLE_SKIP: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
+/// Which structure decides IPv4 sources: `V4_MODE_DIRECT` (the `KF_V4_*`
+/// tables below) or `V4_MODE_TRIE` (`KF_EXACT` and `KF_PREFIXES`, which the
+/// agent keeps complete either way: IPv6 and the fallback use them).
+#[map]
+pub static KF_V4_MODE: Array<u32> = Array::pinned(1, 0);
+
+/// Direct IPv4 tables, level 1: the source's top 16 bits → a set id or a
+/// node (`V4_NODE`). Memory-mappable: the agent writes single entries with
+/// one aligned 32-bit store each, which is what makes its ordering hold.
+#[map]
+pub static KF_V4_TOP: Array<u32> = Array::pinned(V4_TOP_CAPACITY, BPF_F_MMAPABLE);
+
+/// Direct IPv4 tables, levels 2 and 3: 256-entry blocks indexed by the
+/// source's third byte (under a top entry), then its fourth (under a level-2
+/// entry).
+#[map]
+pub static KF_V4_NODES: Array<V4Node> = Array::pinned(V4_NODES_CAPACITY, BPF_F_MMAPABLE);
+
+/// Set id → bitmap of the listener slots that allow the source.
+#[map]
+pub static KF_V4_SETS: Array<u64> = Array::pinned(V4_SETS_CAPACITY, BPF_F_MMAPABLE);

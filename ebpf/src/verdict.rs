@@ -1,6 +1,7 @@
 //! From a parsed flow to a counted verdict (SPEC §7): port table (then, where a
 //! listener binds a specific address, listener lookup: exact address, then the
-//! family's wildcard) → exact-match hash → LPM trie → drop.
+//! family's wildcard) → for IPv4 in direct mode the direct tables, otherwise
+//! exact-match hash → LPM trie → drop.
 //!
 //! Fail-open: every outcome other than [`Stat::DropNotAllowed`] passes, including
 //! parse failures and unusable map contents. The one exception is an operator's
@@ -17,7 +18,7 @@ use keyfence_common::{
     PROTO_TCP, WILDCARD_V4, WILDCARD_V6,
     policy::{
         ALLOWED, LISTENER_OPEN, ListenerKey, ListenerValue, MAX_LISTENERS, POLICY_BITS,
-        PORT_SPECIFIC, PolicyAddr, port_listener,
+        PORT_SPECIFIC, PolicyAddr, V4_MODE_DIRECT, V4_NODE, port_listener,
     },
     sample::{DropSample, SAMPLE_INTERVAL_NS, SAMPLE_SKIP},
     stats::{STAT_SLOTS, Stat, stats_index},
@@ -27,7 +28,8 @@ use keyfence_common::{
 use crate::{
     maps::{
         KF_DROP_SAMPLES, KF_EXACT, KF_IFINDEX_SLOTS, KF_LISTENERS, KF_PORTS, KF_PREFIXES,
-        KF_SAMPLE_CLOCK, KF_SAMPLE_SKIP, KF_STATS, KF_UNPARSED,
+        KF_SAMPLE_CLOCK, KF_SAMPLE_SKIP, KF_STATS, KF_UNPARSED, KF_V4_MODE, KF_V4_NODES,
+        KF_V4_SETS, KF_V4_TOP,
     },
     parse::{Flow, addresses, parse},
 };
@@ -149,6 +151,22 @@ fn verdict_for(flow: &Flow, listener: ListenerValue) -> Decision {
             stat: Stat::PassListenerOpen,
         };
     }
+    // IPv4 in direct mode: array reads only. A table entry the program
+    // cannot use (cannot happen) falls through to the trie, which the agent
+    // keeps complete in both modes.
+    if flow.v4
+        && let Some(&V4_MODE_DIRECT) = KF_V4_MODE.get(0)
+        && let Some(allowed) = direct_v4(&flow.src)
+    {
+        return Decision {
+            slot,
+            stat: if (allowed >> slot) & 1 != 0 {
+                Stat::PassAllowedDirect
+            } else {
+                Stat::DropNotAllowed
+            },
+        };
+    }
     let entry = PolicyAddr::new(slot, flow.src);
     if KF_EXACT.get_ptr(&entry).is_some() {
         return Decision {
@@ -168,6 +186,25 @@ fn verdict_for(flow: &Flow, listener: ListenerValue) -> Decision {
         slot,
         stat: Stat::DropNotAllowed,
     }
+}
+
+/// The listener slots that allow the IPv4 source `src` (mapped form), from
+/// the direct tables: the top entry of its /16, then at most two nodes, then
+/// the set. `None` for an entry that points nowhere usable.
+#[inline(always)]
+fn direct_v4(src: &[u8; 16]) -> Option<u64> {
+    let a = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
+    let mut v = *KF_V4_TOP.get(a >> 16)?;
+    if v & V4_NODE != 0 {
+        v = KF_V4_NODES.get(v & !V4_NODE)?.entries[((a >> 8) & 0xff) as usize];
+        if v & V4_NODE != 0 {
+            v = KF_V4_NODES.get(v & !V4_NODE)?.entries[(a & 0xff) as usize];
+            if v & V4_NODE != 0 {
+                return None;
+            }
+        }
+    }
+    KF_V4_SETS.get(v).copied()
 }
 
 /// Count the decision, and sample it to the agent's log if it is a rare

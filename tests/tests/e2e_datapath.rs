@@ -158,9 +158,10 @@ fn auto_mode_is_native_xdp_and_enforces_the_allow_lists() {
         [("gw0".to_owned(), "native".to_owned())],
         "mode auto on a veth must attach native XDP"
     );
-    let (exact, prefix, dropped) = (
+    let (exact, prefix, direct, dropped) = (
         s.count("api", "allowed_exact"),
         s.count("api", "allowed_prefix"),
+        s.count("api", "allowed_direct"),
         s.count("api", "not_allowed"),
     );
 
@@ -186,6 +187,11 @@ fn auto_mode_is_native_xdp_and_enforces_the_allow_lists() {
     assert!(
         s.count("api", "allowed_prefix") >= prefix + 2,
         "allowed_prefix did not move"
+    );
+    // IPv4 sources are decided by the direct tables (both IPv6 ones above).
+    assert!(
+        s.count("api", "allowed_direct") >= direct + 4,
+        "allowed_direct did not move"
     );
 }
 

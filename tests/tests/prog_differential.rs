@@ -167,6 +167,14 @@ fn v4_addr() -> impl Strategy<Value = Ipv4Addr> {
             "203.0.113.9",
             "203.0.113.200",
             "0.0.0.0",
+            // Edges of the direct tables' nodes and sets.
+            "192.0.2.127",
+            "192.0.2.128",
+            "192.0.2.255",
+            "203.0.113.63",
+            "203.0.113.127",
+            "203.0.113.128",
+            "198.51.100.0",
         ])
         .prop_map(|s| s.parse().unwrap()),
         any::<u32>().prop_map(Ipv4Addr::from),

@@ -48,6 +48,15 @@ fn policy() -> CompiledPolicy {
             restricted("admin", "192.0.2.1:22", &["203.0.113.0/30"]),
             open("open", "0.0.0.0:8444"),
             restricted("v6any", "[2001:db8::1]:9443", &["::/0"]),
+            // The direct IPv4 tables' shapes: a /24 that needs a node of
+            // its own (a /25 and a host in it), a whole /24, and a /0 (every
+            // top entry) on a listener of its own.
+            restricted(
+                "edge",
+                "0.0.0.0:7443",
+                &["192.0.2.0/25", "192.0.2.200/32", "203.0.113.0/24"],
+            ),
+            restricted("any4", "0.0.0.0:7444", &["0.0.0.0/0"]),
         ],
         next_change: None,
     }
@@ -137,17 +146,72 @@ fn fixtures() -> Vec<Row> {
     let refused4 = "192.0.2.99";
     let refused6 = "2001:db8:3::1";
     let mut rows: Vec<Row> = vec![
+        // The direct tables: boundaries inside a node, whole /24s, a /0.
+        (
+            "direct: last address of a /25",
+            simple(&[], ip("192.0.2.127"), ip(GW4), &tcp(7443)),
+            Stat::PassAllowedDirect,
+            Some("edge"),
+        ),
+        (
+            "direct: first address after a /25",
+            simple(&[], ip("192.0.2.128"), ip(GW4), &tcp(7443)),
+            Stat::DropNotAllowed,
+            Some("edge"),
+        ),
+        (
+            "direct: a host beside a /25 in one node",
+            simple(&[], ip("192.0.2.200"), ip(GW4), &tcp(7443)),
+            Stat::PassAllowedDirect,
+            Some("edge"),
+        ),
+        (
+            "direct: the address after that host",
+            simple(&[], ip("192.0.2.201"), ip(GW4), &tcp(7443)),
+            Stat::DropNotAllowed,
+            Some("edge"),
+        ),
+        (
+            "direct: first address of a whole /24",
+            simple(&[], ip("203.0.113.0"), ip(GW4), &tcp(7443)),
+            Stat::PassAllowedDirect,
+            Some("edge"),
+        ),
+        (
+            "direct: last address of a whole /24",
+            simple(&[], ip("203.0.113.255"), ip(GW4), &tcp(7443)),
+            Stat::PassAllowedDirect,
+            Some("edge"),
+        ),
+        (
+            "direct: another listener's /24 is not this one's",
+            simple(&[], ip("198.51.100.77"), ip(GW4), &tcp(7443)),
+            Stat::DropNotAllowed,
+            Some("edge"),
+        ),
+        (
+            "direct: 0.0.0.0/0 admits any IPv4 source",
+            simple(&[], ip("198.51.100.77"), ip(GW4), &tcp(7444)),
+            Stat::PassAllowedDirect,
+            Some("any4"),
+        ),
+        (
+            "direct: 0.0.0.0/0, the lowest source",
+            simple(&[], ip("0.0.0.0"), ip(GW4), &tcp(7444)),
+            Stat::PassAllowedDirect,
+            Some("any4"),
+        ),
         // Verdicts on the dual-stack restricted listener.
         (
             "v4 exact allowed",
             simple(&[], ip(allowed4), ip(GW4), &tcp(8443)),
-            Stat::PassAllowedExact,
+            Stat::PassAllowedDirect,
             Some("api"),
         ),
         (
             "v4 prefix allowed",
             simple(&[], ip("198.51.100.77"), ip(GW4), &tcp(8443)),
-            Stat::PassAllowedPrefix,
+            Stat::PassAllowedDirect,
             Some("api"),
         ),
         (
@@ -196,7 +260,7 @@ fn fixtures() -> Vec<Row> {
         (
             "802.1Q allowed",
             simple(&[ETH_P_8021Q], ip(allowed4), ip(GW4), &tcp(8443)),
-            Stat::PassAllowedExact,
+            Stat::PassAllowedDirect,
             Some("api"),
         ),
         (
@@ -298,7 +362,7 @@ fn fixtures() -> Vec<Row> {
         (
             "specific bind, allowed",
             simple(&[], ip("203.0.113.2"), ip(GW4), &tcp(22)),
-            Stat::PassAllowedPrefix,
+            Stat::PassAllowedDirect,
             Some("admin"),
         ),
         (
@@ -341,7 +405,7 @@ fn fixtures() -> Vec<Row> {
                     &tcp_bytes(8443),
                 ),
             ),
-            Stat::PassAllowedExact,
+            Stat::PassAllowedDirect,
             Some("api"),
         ),
         (
@@ -1258,4 +1322,75 @@ fn drop_samples_skip_the_clock_during_a_burst() {
     drop_once(&loaded);
     assert_eq!(samples(), 1, "after the interval the clock decides again");
     assert_eq!(sample_skip(&root, cpu), 0);
+}
+
+/// More /24s with host entries than the direct IPv4 tables have nodes:
+/// IPv4 takes the trie (exact, so the same verdicts under other reasons),
+/// and the direct tables again once the policy fits. The hosts are
+/// synthetic, from 240.0.0.0/4 (reserved, never routed), and only ever exist
+/// in maps and test-run packets.
+#[test]
+fn direct_tables_fall_back_to_the_trie_and_back() {
+    use keyfence::maps::direct::V4Path;
+    use keyfence_common::policy::V4_NODES_CAPACITY;
+    let host = |i: u32| Ipv4Addr::from(0xf000_0000 + i * 256 + 1);
+    let many: Vec<String> = (0..=V4_NODES_CAPACITY)
+        .map(|i| format!("{}/32", host(i)))
+        .collect();
+    let few: Vec<String> = (0..100).map(|i| format!("{}/32", host(i))).collect();
+    let mut loaded = Loaded::new("fallback", LO_SLOT).expect("loading the datapath (root needed)");
+    let dp = &mut loaded.datapath;
+    let unparsed = BTreeSet::new();
+    for (nets, path_is_direct, allowed) in [
+        (&many, false, Stat::PassAllowedExact),
+        (&few, true, Stat::PassAllowedDirect),
+        (&many, false, Stat::PassAllowedExact),
+    ] {
+        let refs: Vec<&str> = nets.iter().map(String::as_str).collect();
+        let policy = CompiledPolicy {
+            listeners: vec![restricted("api", "0.0.0.0:8443", &refs)],
+            next_change: None,
+        };
+        dp.apply(&policy).expect("applying");
+        assert_eq!(
+            matches!(dp.v4_path(), V4Path::Direct),
+            path_is_direct,
+            "{} hosts: {:?}",
+            nets.len(),
+            dp.v4_path()
+        );
+        let tables = dp.tables().expect("reading the policy maps");
+        let slot = dp.listener_slot("api").expect("listener slot");
+        for (src, stat, verdict) in [
+            (host(7), allowed, XDP_PASS),
+            (host(99), allowed, XDP_PASS),
+            (
+                Ipv4Addr::from(u32::from(host(7)) + 1),
+                Stat::DropNotAllowed,
+                XDP_DROP,
+            ),
+            (v4("203.0.113.9"), Stat::DropNotAllowed, XDP_DROP),
+        ] {
+            let packet = simple(&[], src.into(), ip(GW4), &tcp(8443));
+            assert_eq!(
+                refmodel::verdict_with(&packet, &tables, &unparsed),
+                (stat, slot),
+                "{src} with {} hosts: the reference model",
+                nets.len()
+            );
+            let result = dp
+                .xdp()
+                .test_run(TestRunOptions {
+                    data_in: Some(&packet),
+                    ..TestRunOptions::default()
+                })
+                .expect("test run");
+            assert_eq!(
+                result.return_value,
+                verdict,
+                "{src} with {} hosts",
+                nets.len()
+            );
+        }
+    }
 }

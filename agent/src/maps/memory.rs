@@ -20,6 +20,7 @@ use keyfence_common::{
 };
 
 use super::{
+    direct::{DirectBackend, DirectTables},
     policy::{PolicyBackend, PolicyTables, PrefixKey},
     unparsed::UnparsedBackend,
 };
@@ -83,6 +84,23 @@ impl PolicyTables {
         }
         if listener.flags & LISTENER_OPEN != 0 {
             return (Stat::PassListenerOpen, slot);
+        }
+        // The kernel reads the direct tables for IPv4 packets, whose sources
+        // are always mapped; a probe mixing families takes the trie.
+        if flow.v4
+            && flow.src[..12] == ipv4_mapped([0; 4])[..12]
+            && let Some(allowed) = self.direct.lookup(u32::from_be_bytes([
+                flow.src[12],
+                flow.src[13],
+                flow.src[14],
+                flow.src[15],
+            ]))
+        {
+            return if (allowed >> slot) & 1 != 0 {
+                (Stat::PassAllowedDirect, slot)
+            } else {
+                (Stat::DropNotAllowed, slot)
+            };
         }
         if self.exact.contains(&PolicyAddr::new(slot, flow.src)) {
             return (Stat::PassAllowedExact, slot);
@@ -173,6 +191,12 @@ impl PolicyBackend for MemoryBackend {
     }
     fn read_all(&self) -> anyhow::Result<PolicyTables> {
         Ok(self.tables.clone())
+    }
+    fn direct(&mut self) -> Option<&mut dyn DirectBackend> {
+        Some(&mut self.tables.direct)
+    }
+    fn read_direct(&self) -> anyhow::Result<DirectTables> {
+        Ok(self.tables.direct.clone())
     }
 }
 

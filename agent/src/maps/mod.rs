@@ -11,6 +11,7 @@ use aya::{
     maps::{Map, MapData, MapError},
 };
 
+pub mod direct;
 pub mod ifaces;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;

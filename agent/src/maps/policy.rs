@@ -30,7 +30,10 @@ use keyfence_common::{
 use crate::{
     allowlist::Net,
     config::MapCapacity,
-    maps::MapSource,
+    maps::{
+        MapSource,
+        direct::{DirectBackend, DirectTables, DirectWriter, KernelDirectMaps, Pieces, V4Path},
+    },
     policy::{Access, CompiledPolicy},
     prefixset::Change,
 };
@@ -82,6 +85,8 @@ pub struct PolicyTables {
     pub ports: BTreeMap<u16, u32>,
     pub exact: BTreeSet<PolicyAddr>,
     pub prefixes: BTreeMap<PrefixKey, u32>,
+    /// The direct IPv4 tables (`maps::direct`).
+    pub direct: DirectTables,
 }
 
 /// Where the writer's operations go: the kernel maps ([`KernelPolicyMaps`]),
@@ -95,8 +100,17 @@ pub trait PolicyBackend {
     fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()>;
     fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()>;
     fn del_prefix(&mut self, key: &PrefixKey) -> anyhow::Result<()>;
-    /// Everything currently stored (used once, to adopt pinned maps on start).
+    /// Everything currently stored (used once, to adopt pinned maps on start;
+    /// the direct tables are left out, see [`Self::read_direct`]).
     fn read_all(&self) -> anyhow::Result<PolicyTables>;
+    /// The direct IPv4 tables, where this backend has them.
+    fn direct(&mut self) -> Option<&mut dyn DirectBackend> {
+        None
+    }
+    /// What the direct IPv4 tables hold (for the reference model).
+    fn read_direct(&self) -> anyhow::Result<DirectTables> {
+        Ok(DirectTables::default())
+    }
 }
 
 /// The listener-key(s) a bind address is reached by. `[::]:P` is dual-stack, so
@@ -362,6 +376,8 @@ pub struct PolicyWriter<B> {
     slots: SlotMap,
     /// The sizes the maps were created with.
     capacity: MapCapacity,
+    /// The direct IPv4 tables' writer, driven from [`Self::write`].
+    direct: DirectWriter,
 }
 
 /// The writes of one full apply, computed without touching the maps.
@@ -420,6 +436,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             entries: EntryCounts::default(),
             slots: SlotMap::default(),
             capacity: MapCapacity::default(),
+            direct: DirectWriter::default(),
         };
         writer
             .read_back()
@@ -474,6 +491,8 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         let mut tables = PolicyTables {
             listeners: self.listeners.clone(),
             ports: self.ports.clone(),
+            // Not derived from what was written: the ids are the writer's choice.
+            direct: self.backend.read_direct().unwrap_or_default(),
             ..PolicyTables::default()
         };
         for (&slot, held) in &self.held {
@@ -600,7 +619,12 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
         let plan = self.plan(policy)?;
         let entries = self.check_capacity(&plan.ops)?;
-        match self.write(&plan.ops, Some(&plan.listeners)) {
+        let v4 = V4Want::To(Pieces::of(
+            plan.nets
+                .iter()
+                .map(|(slot, nets)| (*slot, nets.as_slice())),
+        ));
+        match self.write(&plan.ops, Some(&plan.listeners), &v4) {
             Ok(report) => {
                 self.entries = entries;
                 self.held = plan
@@ -629,7 +653,8 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             return Ok(None);
         };
         let entries = self.check_capacity(&ops)?;
-        match self.write(&ops, None) {
+        let v4 = self.v4_after(changes, &slots);
+        match self.write(&ops, None, &v4) {
             Ok(report) => {
                 self.entries = entries;
                 for ((_, change), slot) in changes.iter().zip(slots) {
@@ -827,20 +852,92 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         &mut self,
         ops: &[Op],
         listeners: Option<&BTreeMap<ListenerKey, ListenerValue>>,
+        v4: &V4Want,
+    ) -> anyhow::Result<ApplyReport> {
+        let result = self.write_ordered(ops, listeners, v4);
+        if result.is_err()
+            && let Some(direct) = self.backend.direct()
+        {
+            self.direct.abort(direct);
+        }
+        result
+    }
+
+    fn write_ordered(
+        &mut self,
+        ops: &[Op],
+        listeners: Option<&BTreeMap<ListenerKey, ListenerValue>>,
+        v4: &V4Want,
     ) -> anyhow::Result<ApplyReport> {
         let mut report = ApplyReport::default();
-        // 1. New allows first.
+        // 1. New allows first, the direct tables' widening pass after the
+        // trie's (a fall-back to the trie may come at any point of it).
         for op in ops.iter().filter(|op| op.widens()) {
             self.write_op(op, &mut report)?;
         }
+        self.direct_step(v4, true)?;
         if let Some(listeners) = listeners {
             self.write_listeners(listeners, &mut report)?;
         }
-        // 4. Narrowing last.
+        // 4. Narrowing last; the direct tables' after the trie's, so that a
+        // switch to direct mode finds both exact.
         for op in ops.iter().filter(|op| !op.widens()) {
             self.write_op(op, &mut report)?;
         }
+        self.direct_step(v4, false)?;
         Ok(report)
+    }
+
+    /// One pass of the direct tables' sync (`maps::direct`).
+    fn direct_step(&mut self, v4: &V4Want, widen: bool) -> anyhow::Result<()> {
+        let Some(direct) = self.backend.direct() else {
+            return Ok(());
+        };
+        match v4 {
+            V4Want::To(want) if widen => self.direct.widen(direct, want),
+            V4Want::To(want) => self.direct.narrow(direct, want),
+            V4Want::Unknown if widen => self
+                .direct
+                .give_up(direct, "networks read back, not written"),
+            V4Want::Skip | V4Want::Unknown => Ok(()),
+        }
+    }
+
+    /// Which structure decides IPv4 sources after the last apply.
+    #[must_use]
+    pub fn v4_path(&self) -> V4Path {
+        self.direct.path()
+    }
+
+    /// The direct tables' target after `changes` to `slots`:
+    /// [`V4Want::Skip`] when none touches IPv4 and the tables are in use.
+    fn v4_after(&self, changes: &[(String, Change)], slots: &[u32]) -> V4Want {
+        let is_v4 = |n: &Net| matches!(**n, IpNet::V4(_));
+        let touches_v4 = changes
+            .iter()
+            .any(|(_, c)| c.added.iter().chain(&c.removed).any(is_v4));
+        if !touches_v4 && self.direct.path() == V4Path::Direct {
+            return V4Want::Skip;
+        }
+        let mut after: BTreeMap<u32, Vec<Net>> = BTreeMap::new();
+        for ((_, change), &slot) in changes.iter().zip(slots) {
+            let Some(Held::Nets(have)) = self.held.get(&slot) else {
+                return V4Want::Unknown;
+            };
+            let nets = after
+                .entry(slot)
+                .or_insert_with(|| have.iter().copied().filter(is_v4).collect());
+            nets.retain(|n| !change.removed.contains(n));
+            nets.extend(change.added.iter().copied().filter(is_v4));
+        }
+        let mut slices: Vec<(u32, &[Net])> = Vec::new();
+        for (&slot, held) in &self.held {
+            match (after.get(&slot), held) {
+                (Some(nets), _) | (None, Held::Nets(nets)) => slices.push((slot, nets)),
+                (None, Held::Entries(_)) => return V4Want::Unknown,
+            }
+        }
+        V4Want::To(Pieces::of(slices))
     }
 
     /// Steps 2 and 3: the listener map and the port table it implies.
@@ -917,12 +1014,23 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     }
 }
 
+/// What the direct IPv4 tables should reach in one write.
+enum V4Want {
+    /// Nothing IPv4 changes.
+    Skip,
+    To(Pieces),
+    /// The writer does not know every slot's networks (entries adopted from
+    /// the maps): IPv4 takes the trie until a full apply.
+    Unknown,
+}
+
 /// The policy maps in the kernel.
 pub struct KernelPolicyMaps {
     listeners: HashMap<MapData, ListenerKey, ListenerValue>,
     ports: Array<MapData, u32>,
     exact: HashMap<MapData, PolicyAddr, u32>,
     prefixes: LpmTrie<MapData, PolicyAddr, u32>,
+    direct: KernelDirectMaps,
 }
 
 /// How full the policy maps are, by listener slot (`keyfence status`).
@@ -933,6 +1041,8 @@ pub struct PolicyFill {
     pub exact: BTreeMap<u32, usize>,
     /// Listener slot → `KF_PREFIXES` entries.
     pub prefixes: BTreeMap<u32, usize>,
+    /// `KF_V4_MODE`: what decides IPv4 sources.
+    pub v4_mode: u32,
 }
 
 impl KernelPolicyMaps {
@@ -942,12 +1052,16 @@ impl KernelPolicyMaps {
             ports: maps.map(map_names::PORTS)?,
             exact: maps.map(map_names::EXACT)?,
             prefixes: maps.map(map_names::PREFIXES)?,
+            direct: KernelDirectMaps::open(maps)?,
         })
     }
 
     /// The listeners and each slot's entry counts, without reading `KF_PORTS`.
     pub fn fill(&self) -> anyhow::Result<PolicyFill> {
-        let mut fill = PolicyFill::default();
+        let mut fill = PolicyFill {
+            v4_mode: self.direct.mode()?,
+            ..PolicyFill::default()
+        };
         for item in &self.listeners {
             let (k, v) = item.context("iterating KF_LISTENERS")?;
             fill.listeners.insert(k, v);
@@ -1025,6 +1139,12 @@ impl PolicyBackend for KernelPolicyMaps {
             tables.prefixes.insert((k.prefix_len(), k.data()), v);
         }
         Ok(tables)
+    }
+    fn direct(&mut self) -> Option<&mut dyn DirectBackend> {
+        Some(&mut self.direct)
+    }
+    fn read_direct(&self) -> anyhow::Result<DirectTables> {
+        self.direct.read()
     }
 }
 
@@ -1539,6 +1659,70 @@ mod tests {
         );
         fn read_all(&self) -> anyhow::Result<PolicyTables> {
             self.inner.read_all()
+        }
+        fn direct(&mut self) -> Option<&mut dyn DirectBackend> {
+            Some(self)
+        }
+        fn read_direct(&self) -> anyhow::Result<DirectTables> {
+            self.inner.read_direct()
+        }
+    }
+
+    /// Whether a write to the direct tables at this index can change a
+    /// probe's verdict (skipping the others keeps a `/0`'s 65,536 top
+    /// writes cheap): top entries by /16, node entries by byte.
+    fn probe_top(index: u32) -> bool {
+        PROBES.iter().any(|p| match ip(p) {
+            IpAddr::V4(v4) => u32::from(v4) >> 16 == index,
+            IpAddr::V6(_) => false,
+        })
+    }
+
+    fn probe_byte(at: usize) -> bool {
+        PROBES.iter().any(|p| match ip(p) {
+            IpAddr::V4(v4) => v4.octets()[2..].contains(&(at as u8)),
+            IpAddr::V6(_) => false,
+        })
+    }
+
+    /// The direct tables, checked like the other maps: after every write
+    /// that can reach a probe.
+    impl DirectBackend for Watched {
+        fn mode(&self) -> anyhow::Result<u32> {
+            self.inner.tables.direct.mode()
+        }
+        fn set_mode(&mut self, mode: u32) -> anyhow::Result<()> {
+            self.fail_now()?;
+            self.inner.tables.direct.set_mode(mode)?;
+            self.check()
+        }
+        fn top_all(&self) -> anyhow::Result<Vec<u32>> {
+            self.inner.tables.direct.top_all()
+        }
+        fn put_top(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
+            self.fail_now()?;
+            self.inner.tables.direct.put_top(index, value)?;
+            if probe_top(index) {
+                self.check()
+            } else {
+                Ok(())
+            }
+        }
+        fn node(&self, id: u32) -> anyhow::Result<crate::maps::direct::Node> {
+            self.inner.tables.direct.node(id)
+        }
+        fn put_node(&mut self, id: u32, at: usize, value: u32) -> anyhow::Result<()> {
+            self.fail_now()?;
+            self.inner.tables.direct.put_node(id, at, value)?;
+            if probe_byte(at) { self.check() } else { Ok(()) }
+        }
+        fn sets_all(&self) -> anyhow::Result<Vec<u64>> {
+            self.inner.tables.direct.sets_all()
+        }
+        fn put_set(&mut self, id: u32, bits: u64) -> anyhow::Result<()> {
+            self.fail_now()?;
+            self.inner.tables.direct.put_set(id, bits)?;
+            self.check()
         }
     }
 

@@ -1,0 +1,881 @@
+//! The direct IPv4 tables (`KF_V4_MODE`, `KF_V4_TOP`, `KF_V4_NODES`,
+//! `KF_V4_SETS`, layout in `keyfence_common::policy`) and their writer.
+//!
+//! The tables are a stride-8 trie of plain arrays over the IPv4 source: the
+//! top entry of its /16, a node for its /24 where the /16 is not uniform, a
+//! node for its address where the /24 is not, ending at a set id whose bitmap
+//! names the listener slots that allow it. The kernel reads them with array
+//! lookups the verifier inlines; the exact hash and the trie stay complete
+//! for IPv6 and as the fallback (`KF_V4_MODE`).
+//!
+//! Update guarantee (the policy writer's, see `maps::policy`): every entry
+//! is one aligned 32-bit store, so a packet sees each entry before or after
+//! it. A sync writes in two passes: the *widening* pass, before the
+//! listeners switch, takes every address to the union of what it had and
+//! what it will have; the *narrowing* pass, after, takes it to what it will
+//! have. A new node is written whole before the entry that points to it, a
+//! new set before anything names it; nodes and sets nothing reaches any
+//! more are reused only [`QUARANTINE`] later (a program run lasts
+//! microseconds). So at every step each address allows at least what both
+//! the old and the new policy allow.
+//!
+//! When the tables cannot hold a policy (more nodes or distinct sets than
+//! they have, e.g. a million hosts in as many /24s), the writer switches
+//! `KF_V4_MODE` to the trie (one store: the trie is exact at every step of
+//! its own ordering) and tries again at the next change.
+
+use std::{
+    collections::HashMap,
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, IterableMap as _, MapData};
+use ipnet::IpNet;
+use keyfence_common::{
+    map_names,
+    policy::{
+        MAX_LISTENERS, V4_MODE_DIRECT, V4_MODE_TRIE, V4_NODE, V4_NODE_FANOUT, V4_NODES_CAPACITY,
+        V4_SETS_CAPACITY, V4_TOP_CAPACITY,
+    },
+};
+
+use crate::{allowlist::Net, maps::MapSource};
+
+/// How long a node or set nothing reaches waits before it is reused.
+pub const QUARANTINE: Duration = Duration::from_secs(1);
+
+/// One 256-entry node.
+pub type Node = [u32; V4_NODE_FANOUT];
+
+/// Where the direct tables live: the kernel ([`KernelDirectMaps`]) or memory
+/// ([`DirectTables`], in tests).
+pub trait DirectBackend {
+    /// Before a batch of reads and writes (the kernel maps the arrays).
+    fn begin(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// After a batch.
+    fn finish(&mut self) {}
+    fn mode(&self) -> anyhow::Result<u32>;
+    fn set_mode(&mut self, mode: u32) -> anyhow::Result<()>;
+    /// Every top entry.
+    fn top_all(&self) -> anyhow::Result<Vec<u32>>;
+    fn put_top(&mut self, index: u32, value: u32) -> anyhow::Result<()>;
+    fn node(&self, id: u32) -> anyhow::Result<Node>;
+    fn put_node(&mut self, id: u32, at: usize, value: u32) -> anyhow::Result<()>;
+    /// Every set's bitmap.
+    fn sets_all(&self) -> anyhow::Result<Vec<u64>>;
+    fn put_set(&mut self, id: u32, bits: u64) -> anyhow::Result<()>;
+}
+
+/// The direct tables as values: the reference model's and the tests'.
+/// Absent nodes and sets are zero, as in the kernel's arrays.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectTables {
+    pub mode: u32,
+    /// Empty: all zero; else [`V4_TOP_CAPACITY`] entries.
+    pub top: Vec<u32>,
+    pub nodes: std::collections::BTreeMap<u32, Node>,
+    pub sets: std::collections::BTreeMap<u32, u64>,
+}
+
+impl DirectTables {
+    /// The listener slots the tables allow `src` for, as the kernel reads
+    /// them; `None` where the kernel would fall back to the trie (not in
+    /// direct mode, or an entry that points nowhere usable).
+    #[must_use]
+    pub fn lookup(&self, src: u32) -> Option<u64> {
+        if self.mode != V4_MODE_DIRECT {
+            return None;
+        }
+        let mut v = self.top.get((src >> 16) as usize).copied().unwrap_or(0);
+        for shift in [8, 0] {
+            if v & V4_NODE == 0 {
+                break;
+            }
+            let id = v & !V4_NODE;
+            if id >= V4_NODES_CAPACITY {
+                return None;
+            }
+            v = self
+                .nodes
+                .get(&id)
+                .map_or(0, |n| n[((src >> shift) & 0xff) as usize]);
+        }
+        if v & V4_NODE != 0 || v >= V4_SETS_CAPACITY {
+            return None;
+        }
+        Some(self.sets.get(&v).copied().unwrap_or(0))
+    }
+}
+
+impl DirectBackend for DirectTables {
+    fn mode(&self) -> anyhow::Result<u32> {
+        Ok(self.mode)
+    }
+    fn set_mode(&mut self, mode: u32) -> anyhow::Result<()> {
+        self.mode = mode;
+        Ok(())
+    }
+    fn top_all(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(if self.top.is_empty() {
+            vec![0; V4_TOP_CAPACITY as usize]
+        } else {
+            self.top.clone()
+        })
+    }
+    fn put_top(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
+        if index >= V4_TOP_CAPACITY {
+            bail!("top index {index} out of range");
+        }
+        if self.top.is_empty() {
+            self.top = vec![0; V4_TOP_CAPACITY as usize];
+        }
+        self.top[index as usize] = value;
+        Ok(())
+    }
+    fn node(&self, id: u32) -> anyhow::Result<Node> {
+        Ok(self.nodes.get(&id).copied().unwrap_or([0; V4_NODE_FANOUT]))
+    }
+    fn put_node(&mut self, id: u32, at: usize, value: u32) -> anyhow::Result<()> {
+        if id >= V4_NODES_CAPACITY || at >= V4_NODE_FANOUT {
+            bail!("node {id}[{at}] out of range");
+        }
+        self.nodes.entry(id).or_insert([0; V4_NODE_FANOUT])[at] = value;
+        Ok(())
+    }
+    fn sets_all(&self) -> anyhow::Result<Vec<u64>> {
+        let mut out = vec![0; V4_SETS_CAPACITY as usize];
+        for (&id, &bits) in &self.sets {
+            out[id as usize] = bits;
+        }
+        Ok(out)
+    }
+    fn put_set(&mut self, id: u32, bits: u64) -> anyhow::Result<()> {
+        if id >= V4_SETS_CAPACITY {
+            bail!("set {id} out of range");
+        }
+        self.sets.insert(id, bits);
+        Ok(())
+    }
+}
+
+/// The IPv4 allow sets of every restricted listener, as a step function
+/// over the address space: piece `k` covers `starts[k]..starts[k + 1]`.
+pub struct Pieces {
+    starts: Vec<u64>,
+    bits: Vec<u64>,
+    /// The piece the last query ended in (queries come in address order).
+    hint: std::cell::Cell<usize>,
+}
+
+impl Pieces {
+    /// From each restricted slot's networks (IPv6 ones do not count: an
+    /// IPv6 prefix never admits an IPv4 source, SPEC §3).
+    pub fn of<'a>(slots: impl IntoIterator<Item = (u32, &'a [Net])>) -> Self {
+        // One event per network end: (position << 8) | start flag << 7 | slot.
+        let mut events = Vec::new();
+        for (slot, nets) in slots {
+            if slot == 0 || slot >= MAX_LISTENERS {
+                continue;
+            }
+            for net in nets {
+                if let IpNet::V4(v4) = **net {
+                    let start = u64::from(u32::from(v4.network()));
+                    let end = u64::from(u32::from(v4.broadcast())) + 1;
+                    events.push((start << 8) | (1 << 7) | u64::from(slot));
+                    events.push((end << 8) | u64::from(slot));
+                }
+            }
+        }
+        events.sort_unstable();
+        let mut counts = [0_u32; 64];
+        let mut bits = 0_u64;
+        let mut out = Self {
+            starts: vec![0],
+            bits: vec![0],
+            hint: std::cell::Cell::new(0),
+        };
+        let mut i = 0;
+        while i < events.len() {
+            let at = events[i] >> 8;
+            while i < events.len() && events[i] >> 8 == at {
+                let slot = (events[i] & 0x3f) as usize;
+                if events[i] & (1 << 7) != 0 {
+                    counts[slot] += 1;
+                    bits |= 1 << slot;
+                } else {
+                    counts[slot] -= 1;
+                    if counts[slot] == 0 {
+                        bits &= !(1 << slot);
+                    }
+                }
+                i += 1;
+            }
+            let last = out.bits.len() - 1;
+            if out.bits[last] == bits {
+                continue;
+            }
+            if out.starts[last] == at {
+                out.bits[last] = bits;
+            } else {
+                out.starts.push(at);
+                out.bits.push(bits);
+            }
+        }
+        out
+    }
+
+    /// The bitmap over `lo..lo + len` if one piece covers it all.
+    fn uniform(&self, lo: u64, len: u64) -> Option<u64> {
+        let mut k = self.hint.get();
+        if k >= self.starts.len() || self.starts[k] > lo {
+            k = self.starts.partition_point(|&s| s <= lo) - 1;
+        }
+        while k + 1 < self.starts.len() && self.starts[k + 1] <= lo {
+            k += 1;
+        }
+        self.hint.set(k);
+        let end = self.starts.get(k + 1).copied().unwrap_or(1 << 32);
+        (end >= lo + len).then_some(self.bits[k])
+    }
+}
+
+/// The tables ran out of nodes or sets: IPv4 takes the trie.
+#[derive(Debug)]
+struct Full(&'static str);
+
+/// What one sync works with, from its widening pass to its narrowing one.
+struct Batch {
+    top: Vec<u32>,
+    /// Set id → bitmap, as in the kernel.
+    sets: Vec<u64>,
+    /// Bitmap → the set id that holds it.
+    ids: HashMap<u64, u32>,
+    free_nodes: Vec<u32>,
+    free_sets: Vec<u32>,
+    /// Nodes and sets reachable at the start or written since: what may
+    /// need quarantine once the narrowing pass is done.
+    touched_nodes: Vec<u32>,
+    touched_sets: Vec<u32>,
+    /// A pass ran out of room: the rest of the sync is skipped.
+    full: bool,
+}
+
+/// Which structure decides IPv4 sources, for `keyfence status` and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Path {
+    Direct,
+    /// The trie, and why.
+    Trie(&'static str),
+}
+
+/// The writer of the direct tables; the policy writer drives it.
+pub struct DirectWriter {
+    /// Released nodes and sets, and when.
+    quarantine_nodes: Vec<(Instant, u32)>,
+    quarantine_sets: Vec<(Instant, u32)>,
+    /// When `KF_V4_MODE` last went to the trie: until [`QUARANTINE`] later a
+    /// packet may still be reading the tables.
+    left_direct: Option<Instant>,
+    batch: Option<Batch>,
+    path: V4Path,
+}
+
+impl Default for DirectWriter {
+    fn default() -> Self {
+        Self {
+            quarantine_nodes: Vec::new(),
+            quarantine_sets: Vec::new(),
+            left_direct: None,
+            batch: None,
+            path: V4Path::Trie("not written yet"),
+        }
+    }
+}
+
+/// Entries of the nodes and sets reachable from `top`: (node ids, set ids).
+fn reachable(
+    node: impl Fn(u32) -> anyhow::Result<Node>,
+    top: &[u32],
+) -> anyhow::Result<(Vec<bool>, Vec<bool>)> {
+    let mut nodes = vec![false; V4_NODES_CAPACITY as usize];
+    let mut sets = vec![false; V4_SETS_CAPACITY as usize];
+    let mark = |v: u32, sets: &mut Vec<bool>| {
+        if v & V4_NODE == 0 && v < V4_SETS_CAPACITY {
+            sets[v as usize] = true;
+        }
+    };
+    for &v in top {
+        if v & V4_NODE == 0 {
+            mark(v, &mut sets);
+            continue;
+        }
+        let id = v & !V4_NODE;
+        if id >= V4_NODES_CAPACITY || nodes[id as usize] {
+            continue;
+        }
+        nodes[id as usize] = true;
+        for w in node(id)? {
+            if w & V4_NODE == 0 {
+                mark(w, &mut sets);
+                continue;
+            }
+            let leaf = w & !V4_NODE;
+            if leaf >= V4_NODES_CAPACITY || nodes[leaf as usize] {
+                continue;
+            }
+            nodes[leaf as usize] = true;
+            for x in node(leaf)? {
+                mark(x, &mut sets);
+            }
+        }
+    }
+    Ok((nodes, sets))
+}
+
+impl DirectWriter {
+    /// Which structure decides IPv4 sources after the last sync.
+    #[must_use]
+    pub fn path(&self) -> V4Path {
+        self.path
+    }
+
+    /// Start a sync: read the tables, then run the widening pass towards
+    /// `want` (a no-op write-wise in trie mode once no packet can be reading
+    /// the tables). Errors are the backend's; running out of room is not an
+    /// error (IPv4 goes to the trie, see the module doc).
+    pub fn widen(&mut self, be: &mut dyn DirectBackend, want: &Pieces) -> anyhow::Result<()> {
+        self.batch = None;
+        be.begin()?;
+        let now = Instant::now();
+        self.quarantine_nodes
+            .retain(|(at, _)| now.duration_since(*at) < QUARANTINE);
+        self.quarantine_sets
+            .retain(|(at, _)| now.duration_since(*at) < QUARANTINE);
+        let top = be.top_all()?;
+        let sets = be.sets_all()?;
+        let (live_nodes, live_sets) = reachable(|id| be.node(id), &top)?;
+        let mut ids = HashMap::new();
+        ids.insert(0, 0);
+        for (id, &live) in live_sets.iter().enumerate() {
+            if live && id != 0 {
+                ids.entry(sets[id]).or_insert(u32::try_from(id)?);
+            }
+        }
+        let quarantined_nodes: std::collections::BTreeSet<u32> =
+            self.quarantine_nodes.iter().map(|q| q.1).collect();
+        let quarantined_sets: std::collections::BTreeSet<u32> =
+            self.quarantine_sets.iter().map(|q| q.1).collect();
+        let ids_of = |live: &[bool], q: &std::collections::BTreeSet<u32>, want_live: bool| {
+            live.iter()
+                .enumerate()
+                .filter(|(id, l)| **l == want_live && !q.contains(&(*id as u32)))
+                .map(|(id, _)| id as u32)
+                .collect::<Vec<u32>>()
+        };
+        let mut free_nodes = ids_of(&live_nodes, &quarantined_nodes, false);
+        let mut free_sets = ids_of(&live_sets, &quarantined_sets, false);
+        free_sets.retain(|&id| id != 0);
+        // Popped from the end: lowest ids first.
+        free_nodes.reverse();
+        free_sets.reverse();
+        let mut batch = Batch {
+            top,
+            sets,
+            ids,
+            free_nodes,
+            free_sets,
+            touched_nodes: ids_of(&live_nodes, &std::collections::BTreeSet::new(), true),
+            touched_sets: ids_of(&live_sets, &std::collections::BTreeSet::new(), true),
+            full: false,
+        };
+        let mode = be.mode()?;
+        let reading = mode == V4_MODE_DIRECT
+            || self
+                .left_direct
+                .is_some_and(|at| now.duration_since(at) < QUARANTINE);
+        if reading && let Err(full) = pass(be, &mut batch, want, true)? {
+            self.fall_back(be, &mut batch, full.0)?;
+        }
+        self.batch = Some(batch);
+        Ok(())
+    }
+
+    /// Finish the sync [`Self::widen`] started: the narrowing pass, then
+    /// direct mode if the tables hold the policy, quarantine for what
+    /// nothing reaches any more.
+    pub fn narrow(&mut self, be: &mut dyn DirectBackend, want: &Pieces) -> anyhow::Result<()> {
+        let Some(mut batch) = self.batch.take() else {
+            return Ok(());
+        };
+        let result = self.narrow_batch(be, &mut batch, want);
+        be.finish();
+        result
+    }
+
+    fn narrow_batch(
+        &mut self,
+        be: &mut dyn DirectBackend,
+        batch: &mut Batch,
+        want: &Pieces,
+    ) -> anyhow::Result<()> {
+        if !batch.full {
+            match pass(be, batch, want, false)? {
+                Ok(()) => {
+                    if be.mode()? != V4_MODE_DIRECT {
+                        be.set_mode(V4_MODE_DIRECT)?;
+                    }
+                    self.path = V4Path::Direct;
+                }
+                Err(full) => self.fall_back(be, batch, full.0)?,
+            }
+        }
+        let now = Instant::now();
+        let (live_nodes, live_sets) = reachable(|id| be.node(id), &batch.top)?;
+        for &id in &batch.touched_nodes {
+            if !live_nodes[id as usize] {
+                self.quarantine_nodes.push((now, id));
+            }
+        }
+        for &id in &batch.touched_sets {
+            if !live_sets[id as usize] && id != 0 {
+                self.quarantine_sets.push((now, id));
+            }
+        }
+        self.quarantine_nodes.sort_unstable();
+        self.quarantine_nodes.dedup_by_key(|q| q.1);
+        self.quarantine_sets.sort_unstable();
+        self.quarantine_sets.dedup_by_key(|q| q.1);
+        Ok(())
+    }
+
+    /// Out of room: IPv4 takes the trie from now on (one store).
+    fn fall_back(
+        &mut self,
+        be: &mut dyn DirectBackend,
+        batch: &mut Batch,
+        why: &'static str,
+    ) -> anyhow::Result<()> {
+        batch.full = true;
+        if be.mode()? != V4_MODE_TRIE {
+            be.set_mode(V4_MODE_TRIE)?;
+            self.left_direct = Some(Instant::now());
+            tracing::warn!(
+                reason = why,
+                "the direct IPv4 tables cannot hold this policy: IPv4 sources take the trie"
+            );
+        }
+        self.path = V4Path::Trie(why);
+        Ok(())
+    }
+
+    /// IPv4 takes the trie, whatever the tables hold (`why` for the logs).
+    pub fn give_up(&mut self, be: &mut dyn DirectBackend, why: &'static str) -> anyhow::Result<()> {
+        self.batch = None;
+        if be.mode()? != V4_MODE_TRIE {
+            be.set_mode(V4_MODE_TRIE)?;
+            self.left_direct = Some(Instant::now());
+        }
+        self.path = V4Path::Trie(why);
+        Ok(())
+    }
+
+    /// After a failed write: IPv4 takes the trie, the structure the policy
+    /// writer reads back and reasons about (`open_uncovered`), until the
+    /// next apply writes the tables again.
+    pub fn abort(&mut self, be: &mut dyn DirectBackend) {
+        let batch = self.batch.take();
+        if let Err(e) = self.give_up(be, "a write failed") {
+            tracing::warn!(error = %format!("{e:#}"), "switching IPv4 to the trie after a failed write");
+        }
+        if batch.is_some() {
+            be.finish();
+        }
+    }
+}
+
+/// One pass over the whole table: widening (every address to old ∪ new) or
+/// narrowing (to new). `Ok(Err(Full))`: out of room, written so far stays.
+fn pass(
+    be: &mut dyn DirectBackend,
+    batch: &mut Batch,
+    want: &Pieces,
+    widen: bool,
+) -> anyhow::Result<Result<(), Full>> {
+    // (cur, widen, want bits) → the entry last computed for them: most of
+    // the table is long runs of one set under one piece.
+    let mut last: Option<(u32, u64, u32)> = None;
+    for i in 0..V4_TOP_CAPACITY {
+        let cur = batch.top[i as usize];
+        if cur & V4_NODE == 0
+            && let Some(w) = want.uniform(u64::from(i) << 16, 1 << 16)
+        {
+            let new = match last {
+                Some((c, bits, new)) if c == cur && bits == w => new,
+                _ => {
+                    let Ok(new) = place(be, batch, want, cur, u64::from(i) << 16, 16, widen)?
+                    else {
+                        return Ok(Err(Full("out of listener sets")));
+                    };
+                    last = Some((cur, w, new));
+                    new
+                }
+            };
+            if new != cur {
+                be.put_top(i, new)?;
+                batch.top[i as usize] = new;
+            }
+            continue;
+        }
+        let new = match place(be, batch, want, cur, u64::from(i) << 16, 16, widen)? {
+            Ok(v) => v,
+            Err(full) => return Ok(Err(full)),
+        };
+        if new != cur {
+            be.put_top(i, new)?;
+            batch.top[i as usize] = new;
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The entry for the `2^span` addresses from `lo`, which holds `cur` now:
+/// the same entry (a node is updated in place), or a new one to store.
+fn place(
+    be: &mut dyn DirectBackend,
+    batch: &mut Batch,
+    want: &Pieces,
+    cur: u32,
+    lo: u64,
+    span: u32,
+    widen: bool,
+) -> anyhow::Result<Result<u32, Full>> {
+    let uniform = want.uniform(lo, 1 << span);
+    let is_node = cur & V4_NODE != 0 && (cur & !V4_NODE) < V4_NODES_CAPACITY && span > 0;
+    let cur_bits = |batch: &Batch| {
+        if cur & V4_NODE == 0 && cur < V4_SETS_CAPACITY {
+            batch.sets[cur as usize]
+        } else {
+            0
+        }
+    };
+    match (is_node, uniform) {
+        (false, Some(w)) => {
+            let bits = if widen { w | cur_bits(batch) } else { w };
+            set_id(be, batch, bits)
+        }
+        (true, Some(w)) if !widen => set_id(be, batch, w),
+        (true, _) => {
+            let id = cur & !V4_NODE;
+            let node = be.node(id)?;
+            for (k, &child) in node.iter().enumerate() {
+                let at = lo + ((k as u64) << (span - 8));
+                let new = match place(be, batch, want, child, at, span - 8, widen)? {
+                    Ok(v) => v,
+                    Err(full) => return Ok(Err(full)),
+                };
+                if new != child {
+                    be.put_node(id, k, new)?;
+                }
+            }
+            Ok(Ok(cur))
+        }
+        (false, None) => {
+            // A new node, written whole before anything points to it; each
+            // child starts from what `cur` gave the whole range.
+            let Some(id) = batch.free_nodes.pop() else {
+                return Ok(Err(Full("out of nodes")));
+            };
+            batch.touched_nodes.push(id);
+            let base = if cur & V4_NODE == 0 { cur } else { 0 };
+            for k in 0..V4_NODE_FANOUT {
+                let at = lo + ((k as u64) << (span - 8));
+                let new = match place(be, batch, want, base, at, span - 8, widen)? {
+                    Ok(v) => v,
+                    Err(full) => return Ok(Err(full)),
+                };
+                be.put_node(id, k, new)?;
+            }
+            Ok(Ok(V4_NODE | id))
+        }
+    }
+}
+
+/// The id of the set holding `bits`, written first if it is new.
+fn set_id(
+    be: &mut dyn DirectBackend,
+    batch: &mut Batch,
+    bits: u64,
+) -> anyhow::Result<Result<u32, Full>> {
+    if let Some(&id) = batch.ids.get(&bits) {
+        return Ok(Ok(id));
+    }
+    let Some(id) = batch.free_sets.pop() else {
+        return Ok(Err(Full("out of listener sets")));
+    };
+    be.put_set(id, bits)?;
+    batch.sets[id as usize] = bits;
+    batch.ids.insert(bits, id);
+    batch.touched_sets.push(id);
+    Ok(Ok(id))
+}
+
+/// The direct tables in the kernel. `KF_V4_TOP`, `KF_V4_NODES` and
+/// `KF_V4_SETS` are written through a shared mapping, mapped only while a
+/// sync runs (the pages would otherwise count in the agent's RSS), with
+/// single aligned atomic stores.
+pub struct KernelDirectMaps {
+    mode: Array<MapData, u32>,
+    top: Array<MapData, u32>,
+    nodes: Array<MapData, keyfence_common::policy::V4Node>,
+    sets: Array<MapData, u64>,
+    mapped: Option<Mapped>,
+}
+
+/// The three arrays mapped into the agent.
+struct Mapped {
+    top: Mapping,
+    nodes: Mapping,
+    sets: Mapping,
+}
+
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: i32, len: usize, name: &str) -> anyhow::Result<Self> {
+        // SAFETY: a fresh shared mapping of a BPF array map's fd; the kernel
+        // checks the length against the map and the map's mmapable flag.
+        #[expect(unsafe_code, reason = "mmap of a BPF_F_MMAPABLE array")]
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("mapping {name}"));
+        }
+        Ok(Self { ptr, len })
+    }
+
+    fn u32_at(&self, offset: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(
+            offset + 4 <= self.len && offset.is_multiple_of(4),
+            "offset in range"
+        );
+        // SAFETY: in bounds and aligned (asserted; the mapping is page
+        // aligned); the kernel side only reads these words.
+        #[expect(unsafe_code, reason = "an atomic view of mapped map memory")]
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(self.ptr.cast::<u8>().add(offset).cast())
+        }
+    }
+
+    fn u64_at(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(
+            offset + 8 <= self.len && offset.is_multiple_of(8),
+            "offset in range"
+        );
+        // SAFETY: as in `u32_at`.
+        #[expect(unsafe_code, reason = "an atomic view of mapped map memory")]
+        unsafe {
+            std::sync::atomic::AtomicU64::from_ptr(self.ptr.cast::<u8>().add(offset).cast())
+        }
+    }
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; the
+// writer that holds it is used from one thread at a time.
+#[expect(unsafe_code, reason = "a raw pointer to mapped memory")]
+unsafe impl Send for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped, once.
+        #[expect(unsafe_code, reason = "munmap")]
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+/// Array map elements are 8-byte aligned: a `u32` entry takes 8 bytes.
+const TOP_STRIDE: usize = 8;
+const NODE_STRIDE: usize = 4 * V4_NODE_FANOUT;
+const SET_STRIDE: usize = 8;
+
+fn page_round(len: usize) -> usize {
+    len.div_ceil(4096) * 4096
+}
+
+impl KernelDirectMaps {
+    pub fn open(maps: &mut MapSource<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            mode: maps.map(map_names::V4_MODE)?,
+            top: maps.map(map_names::V4_TOP)?,
+            nodes: maps.map(map_names::V4_NODES)?,
+            sets: maps.map(map_names::V4_SETS)?,
+            mapped: None,
+        })
+    }
+
+    fn mapped(&self) -> anyhow::Result<&Mapped> {
+        self.mapped
+            .as_ref()
+            .context("the direct tables are not mapped (no sync running)")
+    }
+
+    fn map_all(&self) -> anyhow::Result<Mapped> {
+        Ok(Mapped {
+            top: Mapping::new(
+                self.top.map().fd().as_fd_raw(),
+                page_round(V4_TOP_CAPACITY as usize * TOP_STRIDE),
+                map_names::V4_TOP,
+            )?,
+            nodes: Mapping::new(
+                self.nodes.map().fd().as_fd_raw(),
+                page_round(V4_NODES_CAPACITY as usize * NODE_STRIDE),
+                map_names::V4_NODES,
+            )?,
+            sets: Mapping::new(
+                self.sets.map().fd().as_fd_raw(),
+                page_round(V4_SETS_CAPACITY as usize * SET_STRIDE),
+                map_names::V4_SETS,
+            )?,
+        })
+    }
+
+    /// Everything the tables hold that a packet can reach (the reference
+    /// model's input; reads through a mapping of its own).
+    pub fn read(&self) -> anyhow::Result<DirectTables> {
+        let m = self.map_all()?;
+        let mut tables = DirectTables {
+            mode: self.mode()?,
+            top: m.top_all(),
+            ..DirectTables::default()
+        };
+        let (nodes, sets) = reachable(|id| m.node(id), &tables.top)?;
+        for (id, _) in nodes.iter().enumerate().filter(|(_, l)| **l) {
+            let id = u32::try_from(id)?;
+            tables.nodes.insert(id, m.node(id)?);
+        }
+        let all = m.sets_all();
+        for (id, _) in sets.iter().enumerate().filter(|(_, l)| **l) {
+            tables.sets.insert(u32::try_from(id)?, all[id]);
+        }
+        Ok(tables)
+    }
+}
+
+impl Mapped {
+    fn top_all(&self) -> Vec<u32> {
+        (0..V4_TOP_CAPACITY as usize)
+            .map(|i| {
+                self.top
+                    .u32_at(i * TOP_STRIDE)
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .collect()
+    }
+
+    fn node(&self, id: u32) -> anyhow::Result<Node> {
+        if id >= V4_NODES_CAPACITY {
+            bail!("node {id} out of range");
+        }
+        let base = id as usize * NODE_STRIDE;
+        Ok(std::array::from_fn(|k| {
+            self.nodes
+                .u32_at(base + 4 * k)
+                .load(std::sync::atomic::Ordering::Relaxed)
+        }))
+    }
+
+    fn sets_all(&self) -> Vec<u64> {
+        (0..V4_SETS_CAPACITY as usize)
+            .map(|i| {
+                self.sets
+                    .u64_at(i * SET_STRIDE)
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .collect()
+    }
+}
+
+impl DirectBackend for KernelDirectMaps {
+    fn begin(&mut self) -> anyhow::Result<()> {
+        if self.mapped.is_none() {
+            self.mapped = Some(self.map_all()?);
+        }
+        Ok(())
+    }
+    fn finish(&mut self) {
+        self.mapped = None;
+    }
+    fn mode(&self) -> anyhow::Result<u32> {
+        self.mode.get(&0, 0).context("reading KF_V4_MODE")
+    }
+    fn set_mode(&mut self, mode: u32) -> anyhow::Result<()> {
+        self.mode.set(0, mode, 0).context("writing KF_V4_MODE")
+    }
+    fn top_all(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.mapped()?.top_all())
+    }
+    fn put_top(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
+        if index >= V4_TOP_CAPACITY {
+            bail!("top index {index} out of range");
+        }
+        self.mapped()?
+            .top
+            .u32_at(index as usize * TOP_STRIDE)
+            .store(value, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+    fn node(&self, id: u32) -> anyhow::Result<Node> {
+        self.mapped()?.node(id)
+    }
+    fn put_node(&mut self, id: u32, at: usize, value: u32) -> anyhow::Result<()> {
+        if id >= V4_NODES_CAPACITY || at >= V4_NODE_FANOUT {
+            bail!("node {id}[{at}] out of range");
+        }
+        self.mapped()?
+            .nodes
+            .u32_at(id as usize * NODE_STRIDE + 4 * at)
+            .store(value, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+    fn sets_all(&self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.mapped()?.sets_all())
+    }
+    fn put_set(&mut self, id: u32, bits: u64) -> anyhow::Result<()> {
+        if id >= V4_SETS_CAPACITY {
+            bail!("set {id} out of range");
+        }
+        self.mapped()?
+            .sets
+            .u64_at(id as usize * SET_STRIDE)
+            .store(bits, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A raw fd for `mmap`.
+trait RawFd {
+    fn as_fd_raw(&self) -> i32;
+}
+
+impl RawFd for aya::maps::MapFd {
+    fn as_fd_raw(&self) -> i32 {
+        use std::os::fd::AsFd as _;
+        self.as_fd().as_raw_fd()
+    }
+}
