@@ -505,7 +505,6 @@ pub struct Activity {
     idle_since: AtomicU64,
     /// HTTP/2: bytes while idle are PINGs and SETTINGS, not a new head.
     http2: AtomicBool,
-    wake: Notify,
 }
 
 impl Activity {
@@ -518,7 +517,6 @@ impl Activity {
             head_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             http2: AtomicBool::new(false),
-            wake: Notify::new(),
         })
     }
 
@@ -551,13 +549,10 @@ impl Activity {
             return;
         }
         let now = self.now_ms();
-        if self
+        // No wake-up: drive() looks again in time (see `look_again`).
+        let _ = self
             .head_since
-            .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.wake.notify_one();
-        }
+            .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Acquire);
     }
 
     fn request_started(self: &Arc<Self>, version: hyper::Version) -> Busy {
@@ -566,7 +561,6 @@ impl Activity {
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NONE, Ordering::Release);
-        self.wake.notify_one();
         Busy {
             activity: self.clone(),
         }
@@ -584,7 +578,6 @@ impl Drop for Busy {
         let a = &self.activity;
         if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             a.idle_since.store(a.now_ms(), Ordering::Release);
-            a.wake.notify_one();
         }
     }
 }
@@ -609,11 +602,14 @@ enum Next {
     Idle,
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(NONE - 1)
+}
+
 fn next(s: Snapshot, limits: &ConnLimits, now: u64) -> Next {
     if s.in_flight > 0 {
         return Next::Busy;
     }
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE - 1);
     if let Some(since) = s.head_since {
         let due = since.saturating_add(ms(limits.header_timeout));
         return if now >= due {
@@ -627,6 +623,22 @@ fn next(s: Snapshot, limits: &ConnLimits, now: u64) -> Next {
         Next::Idle
     } else {
         Next::At(due)
+    }
+}
+
+/// When [`drive`] looks at the connection again after `step` at `now`
+/// (milliseconds since the accept), without being woken by its I/O or
+/// service: a deadline that starts after `now` falls no earlier than
+/// `now + min(header_timeout, idle_timeout)` (a head starting now is due
+/// `header_timeout` later, an idle spell starting now ends `idle_timeout`
+/// later), so looking again by then misses none, and a request pays no
+/// wake-up and no timer. `None`: no look is needed (the step ends it).
+fn look_again(step: Next, limits: &ConnLimits, now: u64) -> Option<u64> {
+    let soonest = now.saturating_add(ms(limits.header_timeout.min(limits.idle_timeout)));
+    match step {
+        Next::At(due) => Some(due.min(soonest)),
+        Next::Busy => Some(soonest),
+        Next::HeaderTimeout | Next::Idle => None,
     }
 }
 
@@ -819,9 +831,24 @@ where
     tokio::pin!(asked_to_stop);
     // Set once the connection was asked to close gracefully: drop it then.
     let mut closing: Option<Instant> = None;
+    // One timer for the connection's life, reset only when it fires (about
+    // once per `header_timeout`), never per request.
+    let sleep = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(sleep);
+    // Each turn follows the timer firing (or the ask to stop): look now.
     loop {
-        let step = next(activity.snapshot(), &limits, activity.now_ms());
-        let wake_at = match step {
+        if let Some(until) = closing
+            && Instant::now() >= until
+        {
+            return Err(DriveError::CloseTimeout(
+                limits.header_timeout.min(CLOSE_GRACE),
+            ));
+        }
+        // The time before the snapshot: whatever the snapshot misses
+        // happened after it.
+        let now = activity.now_ms();
+        let step = next(activity.snapshot(), &limits, now);
+        match step {
             Next::HeaderTimeout => {
                 permit
                     .gate
@@ -836,32 +863,18 @@ where
                     .closed(&permit.gate.name, Closed::IdleTimeout);
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + limits.header_timeout.min(CLOSE_GRACE));
-                None
             }
-            Next::At(ms) => Some(activity.at(ms)),
-            Next::Idle | Next::Busy => None,
-        };
-        let wake_at = match (wake_at, closing) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(until) = closing
-            && Instant::now() >= until
-        {
-            return Err(DriveError::CloseTimeout(
-                limits.header_timeout.min(CLOSE_GRACE),
-            ));
+            Next::At(_) | Next::Idle | Next::Busy => {}
         }
-        let sleep = async {
-            match wake_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
+        let again = look_again(step, &limits, now).map(|ms| activity.at(ms));
+        let wake_at = match (again, closing) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or_else(|| Instant::now() + CLOSE_GRACE),
         };
+        sleep.as_mut().reset(wake_at);
         tokio::select! {
             done = conn.as_mut() => return done.map_err(DriveError::Http),
-            () = sleep => {}
-            () = activity.wake.notified() => {}
+            () = sleep.as_mut() => {}
             () = &mut asked_to_stop, if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + CLOSE_GRACE);
@@ -997,6 +1010,21 @@ mod tests {
         };
         assert_eq!(next(started, &l, 4600), Next::At(5500));
         assert_eq!(next(started, &l, 5500), Next::HeaderTimeout);
+    }
+
+    #[test]
+    fn the_next_look_comes_before_any_deadline_that_can_start_later() {
+        let l = limits(1000, 5000, 1);
+        // Busy: the response may end now (idle due 5000 later) and the next
+        // head start now (due 1000 later): look again by the sooner.
+        assert_eq!(look_again(Next::Busy, &l, 300), Some(1300));
+        // Idle, due at 8000: a head may start at once, due at 1300.
+        assert_eq!(look_again(Next::At(8000), &l, 300), Some(1300));
+        // A head due before that is looked at on time.
+        assert_eq!(look_again(Next::At(900), &l, 300), Some(900));
+        assert_eq!(look_again(Next::HeaderTimeout, &l, 300), None);
+        // An idle timeout shorter than the header timeout bounds it.
+        assert_eq!(look_again(Next::Busy, &limits(1000, 200, 1), 0), Some(200));
     }
 
     #[test]

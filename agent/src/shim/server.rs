@@ -266,7 +266,12 @@ async fn connection(
         async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client, &owned).await) }
     });
     let mut builder = conn::builder(&limits);
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    // drive() enforces the header timeout of every head; hyper's own timer
+    // behind it would cost a boxed timer armed and dropped per request.
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .header_read_timeout(None);
     builder
         .http2()
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));

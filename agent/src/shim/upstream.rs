@@ -261,7 +261,10 @@ impl Upstream {
                 owned.put(sender);
             }
         }
-        match self.connect().await? {
+        // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) happens once per
+        // connection, and inline its state would make every request's future
+        // kilobytes larger, copied (memmove) each time hyper moves it.
+        match Box::pin(self.connect()).await? {
             Fresh::H1(mut sender) => {
                 self.prepare_h1(&mut req);
                 let resp = sender.send_request(req).await?;
