@@ -75,7 +75,7 @@ pub fn run() -> anyhow::Result<()> {
     steps.push(plain("clippy", &mut clippy));
 
     let mut unit = cmd::cargo();
-    unit.arg("test");
+    unit.args(["test", "--no-fail-fast"]);
     steps.push(tests("unprivileged tests", &mut unit, &mut tally));
 
     steps.extend(fuzz_targets(&mut tally));
@@ -242,10 +242,18 @@ pub fn guest_only() -> anyhow::Result<()> {
     }
 }
 
+/// Every test binary runs even when one fails (`--no-fail-fast`): one red file
+/// must not hide the others' results.
 fn privileged_tests(name: &'static str, bin: &Path, tally: &mut Tally) -> Step {
     let mut cmd = cmd::cargo();
     cmd.env("KEYFENCE_BIN", bin)
-        .args(["test", "--package", "keyfence-tests", "--"])
+        .args([
+            "test",
+            "--no-fail-fast",
+            "--package",
+            "keyfence-tests",
+            "--",
+        ])
         .arg("--test-threads=1");
     tests(name, &mut cmd, tally)
 }
