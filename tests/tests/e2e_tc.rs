@@ -214,34 +214,53 @@ fn netlink_tc_creates_its_qdisc_survives_a_restart_and_detach_removes_both() {
 
 /// Restart the agent while refused attempts keep coming (bounded: 10 s, 100
 /// tries): every one is dropped, and some fell into the restart itself.
+/// Four probers start 50 ms apart, so that a dropped
+/// attempt's 200 ms wait leaves no hole as wide as a fast restart (≈ 300 ms).
 fn restart_while_probing(s: &mut Scenario) {
-    // Restart while refused attempts keep coming (bounded: 10 s, 100 tries).
+    const PROBERS: u32 = 4;
+    const PROBE_STAGGER: Duration = Duration::from_millis(50);
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let client = &s.lab.client;
     let agent = &mut s.agent;
     let (attempts, restarted) = thread::scope(|scope| {
-        let prober = scope.spawn(|| {
-            let mut attempts = Vec::new();
-            for i in 0..100_u32 {
-                if stop.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(10) {
-                    break;
-                }
-                let source = if i % 2 == 0 { REFUSED_V4 } else { REFUSED_V6 };
-                let at = started.elapsed();
-                let dest = Lab::gateway_addr(source, API_PORT);
-                let outcome = tcp_connect(client, source, dest, Duration::from_millis(200));
-                attempts.push((at, source, outcome));
-            }
-            attempts
-        });
+        let probers: Vec<_> = (0..PROBERS)
+            .map(|p| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    thread::sleep(PROBE_STAGGER * p);
+                    let mut attempts = Vec::new();
+                    for i in 0..100 / PROBERS {
+                        if stop.load(Ordering::SeqCst)
+                            || started.elapsed() > Duration::from_secs(10)
+                        {
+                            break;
+                        }
+                        let source = if (i + p) % 2 == 0 {
+                            REFUSED_V4
+                        } else {
+                            REFUSED_V6
+                        };
+                        let at = started.elapsed();
+                        let dest = Lab::gateway_addr(source, API_PORT);
+                        let outcome = tcp_connect(client, source, dest, Duration::from_millis(200));
+                        attempts.push((at, source, outcome));
+                    }
+                    attempts
+                })
+            })
+            .collect();
         thread::sleep(Duration::from_millis(300));
         let down = started.elapsed();
         agent.restart().expect("restarting keyfence");
         let up = started.elapsed();
         thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
-        (prober.join().expect("prober"), (down, up))
+        let attempts: Vec<_> = probers
+            .into_iter()
+            .flat_map(|p| p.join().expect("prober"))
+            .collect();
+        (attempts, (down, up))
     });
     let (down, up) = restarted;
     let during = attempts
