@@ -184,6 +184,27 @@ impl AllowList {
         out
     }
 
+    /// What the stored rows need to go from `self` to `after`: the networks
+    /// `after` no longer lists, and the entries that are new or whose note or
+    /// expiry changed (a one-entry change to a long list is one row each way).
+    #[must_use]
+    pub fn changes_to(&self, after: &Self) -> (Vec<Net>, Vec<AllowEntry>) {
+        let old: std::collections::HashMap<Net, AllowEntry> =
+            self.entries().into_iter().map(|e| (e.net, e)).collect();
+        let gone = self
+            .nets
+            .iter()
+            .filter(|n| after.nets.binary_search(n).is_err())
+            .copied()
+            .collect();
+        let changed = after
+            .entries()
+            .into_iter()
+            .filter(|e| old.get(&e.net).is_none_or(|o| o != e))
+            .collect();
+        (gone, changed)
+    }
+
     /// Number of entries.
     #[must_use]
     pub fn entry_count(&self) -> usize {
@@ -529,6 +550,38 @@ mod tests {
 
     fn one(s: &str) -> Result<AllowList, Vec<EntryError>> {
         parse_list(&RawList::One(s.into()), DEFAULT_MAX_ENTRIES)
+    }
+
+    #[test]
+    fn changes_to_names_only_the_rows_that_differ() {
+        let entry = |net: &str, note: Option<&str>| AllowEntry {
+            net: net.parse().unwrap(),
+            note: note.map(Into::into),
+            expires_at: None,
+        };
+        let before = AllowList::from_canonical(vec![
+            entry("192.0.2.1/32", None),
+            entry("192.0.2.2/32", Some("office")),
+            entry("2001:db8::/64", None),
+        ]);
+        assert_eq!(before.changes_to(&before), (vec![], vec![]));
+        let after = AllowList::from_canonical(vec![
+            entry("192.0.2.1/32", None),
+            entry("192.0.2.2/32", Some("home")),
+            entry("198.51.100.0/24", None),
+        ]);
+        let (gone, changed) = before.changes_to(&after);
+        assert_eq!(gone, vec!["2001:db8::/64".parse().unwrap()]);
+        assert_eq!(
+            changed,
+            vec![
+                entry("192.0.2.2/32", Some("home")),
+                entry("198.51.100.0/24", None)
+            ]
+        );
+        let (gone, changed) = before.changes_to(&AllowList::default());
+        assert_eq!(gone.len(), 3);
+        assert!(changed.is_empty());
     }
 
     #[test]

@@ -812,13 +812,7 @@ impl Datapath {
     /// place: `cls_bpf` replaces the program of an existing filter (same
     /// priority and handle) atomically. Then the record pin names the new program.
     fn replace_netlink_filter(&mut self, interface: &str, path: &Path) -> anyhow::Result<()> {
-        let link = SchedClassifierLink::attached(
-            interface,
-            TcAttachType::Ingress,
-            tc_netlink::PRIORITY,
-            TcHandle::new(0, tc_netlink::HANDLE),
-            None,
-        )?;
+        let link = our_netlink_filter(interface)?;
         let tc = self.tc_mut();
         let id = tc
             .attach_to_link(link)
@@ -871,13 +865,7 @@ impl Datapath {
                     interface,
                     "a filter is at keyfence's priority and handle without a record: replacing its program"
                 );
-                let link = SchedClassifierLink::attached(
-                    interface,
-                    TcAttachType::Ingress,
-                    tc_netlink::PRIORITY,
-                    TcHandle::new(0, tc_netlink::HANDLE),
-                    None,
-                )?;
+                let link = our_netlink_filter(interface)?;
                 tc.attach_to_link(link)
                     .context("replacing the program of the filter at keyfence's place")?
             }
@@ -919,6 +907,18 @@ impl Datapath {
             .with_context(|| format!("pinning {}", pin.display()))?;
         Ok(())
     }
+}
+
+/// keyfence's netlink filter on `interface`'s ingress (its fixed priority and
+/// handle), to replace the program inside it.
+fn our_netlink_filter(interface: &str) -> anyhow::Result<SchedClassifierLink> {
+    Ok(SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Ingress,
+        tc_netlink::PRIORITY,
+        TcHandle::new(0, tc_netlink::HANDLE),
+        None,
+    )?)
 }
 
 /// A netlink filter must outlive the agent: aya deletes it when its link

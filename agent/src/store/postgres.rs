@@ -50,7 +50,7 @@ use super::{
     sqlite::{from_millis, millis, to_entry},
 };
 use crate::{
-    allowlist::{AllowEntry, AllowList, Net},
+    allowlist::{AllowEntry, AllowList},
     config::{FleetConfig, PostgresConfig},
     keys::{Key, Origin},
     shim::sources::{SharedSource, SourceDelta},
@@ -137,6 +137,18 @@ const MIGRATE_LOCK: i64 = 0x6b66_6d69_6772_0001;
 /// Transaction advisory lock every numbered write holds (commit order =
 /// sequence order).
 const FEED_LOCK: i64 = 0x6b66_6665_6564_0001;
+
+/// A transaction that holds [`FEED_LOCK`]: every write that numbers a feed
+/// row starts here, so sequence numbers follow commit order.
+async fn feed_transaction(
+    client: &mut tokio_postgres::Client,
+) -> Result<Transaction<'_>, StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FEED_LOCK])
+        .await
+        .map_err(pg_err)?;
+    Ok(tx)
+}
 /// `NOTIFY` channel of committed changes (payload: the sequence number).
 pub const CHANGES: &str = "keyfence_changes";
 /// `NOTIFY` channel of hosts' reports (payload: host id).
@@ -388,11 +400,7 @@ impl PgStore {
         now: SystemTime,
     ) -> Result<Committed, StoreError> {
         let mut obj = self.client().await?;
-        let client: &mut tokio_postgres::Client = &mut obj;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FEED_LOCK])
-            .await
-            .map_err(pg_err)?;
+        let tx = feed_transaction(&mut obj).await?;
         let action = write.action();
         let (before, key) = match write {
             KeyWrite::Create(new) => {
@@ -569,11 +577,7 @@ impl PgStore {
 
     async fn event(&self, event: &AuditEvent, now: SystemTime) -> Result<(), StoreError> {
         let mut obj = self.client().await?;
-        let client: &mut tokio_postgres::Client = &mut obj;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FEED_LOCK])
-            .await
-            .map_err(pg_err)?;
+        let tx = feed_transaction(&mut obj).await?;
         let row = AuditRow {
             at: now,
             principal: &event.principal,
@@ -829,11 +833,7 @@ impl PgStore {
         audit: &[AuditEntry],
     ) -> Result<(u64, u64), StoreError> {
         let mut obj = self.client().await?;
-        let client: &mut tokio_postgres::Client = &mut obj;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FEED_LOCK])
-            .await
-            .map_err(pg_err)?;
+        let tx = feed_transaction(&mut obj).await?;
         let mut new_keys = 0;
         for k in keys {
             let scopes =
@@ -1285,14 +1285,9 @@ async fn write_entries(
     before: &AllowList,
     after: &AllowList,
 ) -> Result<(), StoreError> {
-    let old: HashMap<Net, AllowEntry> = before.entries().into_iter().map(|e| (e.net, e)).collect();
-    let new: HashSet<Net> = after.entries().iter().map(|e| e.net).collect();
-    let gone: Vec<String> = old
-        .keys()
-        .filter(|n| !new.contains(n))
-        .map(ToString::to_string)
-        .collect();
+    let (gone, changed) = before.changes_to(after);
     if !gone.is_empty() {
+        let gone: Vec<String> = gone.iter().map(ToString::to_string).collect();
         tx.execute(
             "DELETE FROM allow_entries WHERE key_id = $1 AND cidr = ANY($2)",
             &[&id, &gone],
@@ -1300,11 +1295,6 @@ async fn write_entries(
         .await
         .map_err(pg_err)?;
     }
-    let changed: Vec<AllowEntry> = after
-        .entries()
-        .into_iter()
-        .filter(|e| old.get(&e.net).is_none_or(|o| o != e))
-        .collect();
     if !changed.is_empty() {
         let cidrs: Vec<String> = changed.iter().map(|e| e.net.to_string()).collect();
         let notes: Vec<Option<&str>> = changed.iter().map(|e| e.note.as_deref()).collect();

@@ -6,7 +6,7 @@
 //! row each, so a list round-trips exactly.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -513,26 +513,23 @@ fn replace_entries(
     before: &AllowList,
     after: &AllowList,
 ) -> Result<(), StoreError> {
-    let old: HashMap<Net, AllowEntry> = before.entries().into_iter().map(|e| (e.net, e)).collect();
-    let new: HashSet<Net> = after.entries().iter().map(|e| e.net).collect();
+    let (gone, changed) = before.changes_to(after);
     let mut delete =
         tx.prepare_cached("DELETE FROM allow_entries WHERE key_id = ?1 AND cidr = ?2")?;
-    for net in old.keys().filter(|n| !new.contains(n)) {
+    for net in gone {
         delete.execute(params![id, net.to_string()])?;
     }
     let mut upsert = tx.prepare_cached(
         "INSERT OR REPLACE INTO allow_entries (key_id, cidr, note, expires_at)
          VALUES (?1, ?2, ?3, ?4)",
     )?;
-    for e in after.entries() {
-        if old.get(&e.net).is_none_or(|o| *o != e) {
-            upsert.execute(params![
-                id,
-                e.net.to_string(),
-                e.note,
-                e.expires_at.map(millis)
-            ])?;
-        }
+    for e in changed {
+        upsert.execute(params![
+            id,
+            e.net.to_string(),
+            e.note,
+            e.expires_at.map(millis)
+        ])?;
     }
     Ok(())
 }
