@@ -120,3 +120,23 @@ pub fn v6_entry(k: usize, i: usize) -> anyhow::Result<keyfence::allowlist::Allow
         expires_at: None,
     })
 }
+
+/// The agent the change and fleet benches run: one proxy listener on
+/// `[::]:8443` in front of the bench upstream, management on `management`
+/// with the `bench` admin (`KF_BENCH_TOKEN`), metrics on 127.0.0.1:9901.
+/// `store` is a `store:` section (empty: the default SQLite file).
+#[must_use]
+pub fn agent_config(pin: &Path, management: &str, store: &str) -> String {
+    format!(
+        r#"{store}datapath: {{ interfaces: [gw0], mode: auto, pin_path: "{pin}" }}
+listeners:
+  - {{ name: api, bind: "[::]:8443", mode: proxy, upstream: "http://127.0.0.1:8080" }}
+management:
+  bind: "{management}"
+  admins:
+    - {{ name: bench, token_env: KF_BENCH_TOKEN, ip_allow_list: ["127.0.0.1"] }}
+metrics: {{ bind: "127.0.0.1:9901" }}
+"#,
+        pin = pin.display()
+    )
+}

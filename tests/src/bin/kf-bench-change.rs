@@ -47,18 +47,7 @@ const TOKEN: &str = "bench-admin-token-0123456789";
 const MANAGEMENT: &str = "127.0.0.1:9900";
 
 fn config(pin: &Path) -> String {
-    format!(
-        r#"datapath: {{ interfaces: [gw0], mode: auto, pin_path: "{pin}" }}
-listeners:
-  - {{ name: api, bind: "[::]:8443", mode: proxy, upstream: "http://127.0.0.1:8080" }}
-management:
-  bind: "{MANAGEMENT}"
-  admins:
-    - {{ name: bench, token_env: KF_BENCH_TOKEN, ip_allow_list: ["127.0.0.1"] }}
-metrics: {{ bind: "127.0.0.1:9901" }}
-"#,
-        pin = pin.display()
-    )
+    bench::agent_config(pin, MANAGEMENT, "")
 }
 
 /// `keys` keys (`key_bench000000`…) of `entries_per_key` entries each,

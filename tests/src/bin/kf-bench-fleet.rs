@@ -42,19 +42,10 @@ const MANAGEMENT: &str = "127.0.0.1:9900";
 const DB: &str = "198.51.100.1:5432";
 
 fn config(pin: &std::path::Path, host: &str, url: &str) -> String {
-    format!(
-        r#"store:
-  postgres: {{ url: "{url}", host_id: "{host}" }}
-datapath: {{ interfaces: [gw0], mode: auto, pin_path: "{pin}" }}
-listeners:
-  - {{ name: api, bind: "[::]:8443", mode: proxy, upstream: "http://127.0.0.1:8080" }}
-management:
-  bind: "{MANAGEMENT}"
-  admins:
-    - {{ name: bench, token_env: KF_BENCH_TOKEN, ip_allow_list: ["127.0.0.1"] }}
-metrics: {{ bind: "127.0.0.1:9901" }}
-"#,
-        pin = pin.display()
+    bench::agent_config(
+        pin,
+        MANAGEMENT,
+        &format!("store:\n  postgres: {{ url: \"{url}\", host_id: \"{host}\" }}\n"),
     )
 }
 
