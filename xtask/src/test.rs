@@ -17,17 +17,30 @@ use crate::{
     cmd, demo, fuzz,
 };
 
-/// Passed and failed tests, summed over cargo's `test result:` lines.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Passed and failed tests, summed over cargo's `test result:` lines, and
+/// the names of the failed ones (`test NAME ... FAILED`), so that the closing
+/// summary, the part of a CI log that is always kept, says which test failed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Tally {
     passed: u64,
     failed: u64,
+    failed_names: Vec<String>,
 }
 
 impl Tally {
-    /// Add one `test result: ok. 3 passed; 1 failed; 0 ignored; …` line; other lines are ignored.
+    /// Add one line of `cargo test` output: `test result: ok. 3 passed; 1
+    /// failed; 0 ignored; …` adds to the counts, `test NAME ... FAILED` names
+    /// a failure; other lines are ignored.
     fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+        let line = line.trim();
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
+        {
+            self.failed_names.push(name.to_owned());
+            return;
+        }
+        let Some(rest) = line.strip_prefix("test result: ") else {
             return;
         };
         for part in rest.split(';') {
@@ -44,6 +57,22 @@ impl Tally {
                 _ => {}
             }
         }
+    }
+
+    /// Add another step's counts and names into this one.
+    fn absorb(&mut self, other: &Self) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.failed_names.extend(other.failed_names.iter().cloned());
+    }
+
+    /// `N passed, N failed`, and the failed tests' names when there are any.
+    fn summary(&self) -> String {
+        let mut s = format!("{} passed, {} failed", self.passed, self.failed);
+        if !self.failed_names.is_empty() {
+            let _ = write!(s, ": {}", self.failed_names.join(", "));
+        }
+        s
     }
 }
 
@@ -126,6 +155,9 @@ pub fn run() -> anyhow::Result<()> {
         } else {
             println!("test: {}: {status} ({})", step.name, step.note);
         }
+    }
+    if !tally.failed_names.is_empty() {
+        println!("failed tests: {}", tally.failed_names.join(", "));
     }
     println!("{} passed, {} failed", tally.passed, tally.failed);
     let failed: Vec<&str> = steps.iter().filter(|s| !s.ok).map(|s| s.name).collect();
@@ -215,12 +247,8 @@ pub fn guest_stage(tally: &mut Tally) -> Step {
     if !ok && mine.failed == 0 {
         mine.failed = 1;
     }
-    tally.passed += mine.passed;
-    tally.failed += mine.failed;
-    let mut note = format!(
-        "{} passed, {} failed, {} s",
-        mine.passed, mine.failed, outcome.seconds
-    );
+    tally.absorb(&mine);
+    let mut note = format!("{}, {} s", mine.summary(), outcome.seconds);
     if let Some(e) = outcome.error {
         let _ = write!(note, "; {e}");
     }
@@ -234,6 +262,9 @@ pub fn guest_only() -> anyhow::Result<()> {
     let step = guest_stage(&mut tally);
     let status = if step.ok { "ok" } else { "FAILED" };
     println!("test: {}: {status} ({})", step.name, step.note);
+    if !tally.failed_names.is_empty() {
+        println!("failed tests: {}", tally.failed_names.join(", "));
+    }
     println!("{} passed, {} failed", tally.passed, tally.failed);
     if step.ok {
         Ok(())
@@ -290,15 +321,14 @@ fn tests(name: &'static str, cmd: &mut std::process::Command, tally: &mut Tally)
     if !ok && mine.failed == 0 {
         mine.failed = 1;
     }
-    tally.passed += mine.passed;
-    tally.failed += mine.failed;
+    tally.absorb(&mine);
     Step {
         name,
         ok,
         note: if note.is_empty() {
-            format!("{} passed, {} failed", mine.passed, mine.failed)
+            mine.summary()
         } else {
-            format!("{} passed, {} failed; {note}", mine.passed, mine.failed)
+            format!("{}; {note}", mine.summary())
         },
     }
 }
@@ -316,6 +346,8 @@ mod tests {
             "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
             "test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.20s",
             "test passed_and_failed_names ... ok",
+            "test e2e_tc_restart ... FAILED",
+            "test a_result_line ... FAILED trailing words",
         ] {
             tally.add_line(line);
         }
@@ -323,8 +355,10 @@ mod tests {
             tally,
             Tally {
                 passed: 8,
-                failed: 2
+                failed: 2,
+                failed_names: vec!["e2e_tc_restart".to_owned()],
             }
         );
+        assert_eq!(tally.summary(), "8 passed, 2 failed: e2e_tc_restart");
     }
 }
