@@ -23,6 +23,7 @@ pub mod keys_cli;
 pub mod management;
 pub mod maps;
 pub mod metrics;
+pub mod phases;
 pub mod policy;
 pub mod prefixset;
 pub mod ratelimit;

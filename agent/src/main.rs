@@ -113,6 +113,7 @@ fn main() -> ExitCode {
             config,
             detach_on_exit,
         } => {
+            keyfence::sys::tune_allocator();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn keys_without_api_scope_do_not_count() {
         let mut admin = key("admin", &[]);
-        admin.scopes = vec!["admin".into()];
+        admin.scopes = crate::keys::Scopes::ADMIN;
         let p = compile_now(&[listener("api", 1)], &[admin, key("a", &["192.0.2.1/32"])]);
         assert_eq!(p.listeners[0].access, nets(&["192.0.2.1/32"]));
     }
@@ -482,7 +482,7 @@ mod tests {
                 let mut k = key("k", &nets);
                 k.tenant = tenant.into();
                 if !api {
-                    k.scopes = vec!["admin".into()];
+                    k.scopes = crate::keys::Scopes::ADMIN;
                 }
                 k.report_only = report_only;
                 k

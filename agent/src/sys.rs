@@ -43,6 +43,44 @@ pub fn release_free_memory() {
     }
 }
 
+/// Large allocations go straight to `mmap` and back to the kernel when
+/// freed. glibc raises its mmap threshold to the size of each large block
+/// freed (up to 32 MiB), so after the first big temporary of a policy apply
+/// the next ones (the sorted lists and plans of a million prefixes, 18 MiB
+/// each) came from the heap and left it fragmented, resident memory that
+/// `malloc_trim` could not hand back. A fixed threshold stops that.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    {
+        /// glibc's default starting threshold, kept fixed.
+        const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+        // SAFETY: mallopt only sets glibc's own allocator parameters; called
+        // before any other thread exists.
+        #[expect(unsafe_code, reason = "glibc's mallopt")]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
+    }
+}
+
+/// Bytes the heap hands out now (glibc's `mallinfo2`: in-use chunks plus
+/// mmapped blocks); `None` off glibc. For the phase timings' log lines.
+#[must_use]
+pub fn heap_in_use() -> Option<u64> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads glibc's own heap statistics and
+        // returns them by value.
+        #[expect(unsafe_code, reason = "glibc's mallinfo2")]
+        let info = unsafe { libc::mallinfo2() };
+        Some(u64::try_from(info.uordblks.saturating_add(info.hblkhd)).unwrap_or(u64::MAX))
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        None
+    }
+}
+
 /// The process's `RLIMIT_NOFILE`: `(soft, hard)`. The soft limit is one more
 /// than the highest descriptor number the process may open.
 pub fn nofile_limit() -> io::Result<(u64, u64)> {

@@ -775,7 +775,7 @@ fn the_keys_page_with_10000_keys_renders_in_time() {
             id: format!("key_bulk{i:05}"),
             name: format!("bulk key {i}"),
             tenant: format!("tenant{}", i % 10),
-            scopes: vec!["api".into()],
+            scopes: keyfence::keys::Scopes::API,
             digest: keyfence::keys::credentials::digest(&format!("bulk-secret-{i:020}")),
             allow: parse_list(
                 &RawList::One(format!("203.0.113.{}, 2001:db8:{:x}::/48", i % 256, i)),

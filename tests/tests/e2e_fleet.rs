@@ -696,7 +696,7 @@ fn key(id: &str, secret: &str, list: &str) -> Key {
         id: id.into(),
         name: id.into(),
         tenant: "default".into(),
-        scopes: vec!["api".into()],
+        scopes: keyfence::keys::Scopes::API,
         digest: keyfence::keys::credentials::digest(secret),
         allow: keyfence::allowlist::parse_list(
             &keyfence::allowlist::RawList::One(list.into()),

@@ -562,7 +562,7 @@ fn another_writers_changes_are_enforced_from_the_change_feed() {
                 id: "key_writtenelsewhere".into(),
                 name: "elsewhere".into(),
                 tenant: "default".into(),
-                scopes: vec!["api".into()],
+                scopes: keyfence::keys::Scopes::API,
                 digest: keyfence::keys::credentials::digest(SECRET),
                 allow: keyfence::allowlist::parse_list(
                     &keyfence::allowlist::RawList::One(DROPPED.into()),
@@ -1731,7 +1731,7 @@ fn names_with_control_characters_are_refused_and_escaped_on_output() {
                     id: "key_oldcontrolname".into(),
                     name: "old\u{1b}[2J\u{1b}[31m\nfake row\u{202e}".into(),
                     tenant: "default".into(),
-                    scopes: vec!["api".into()],
+                    scopes: keyfence::keys::Scopes::API,
                     digest: keyfence::keys::credentials::digest("kf_old_control_name_0123456789"),
                     allow: keyfence::allowlist::AllowList::default(),
                     report_only: false,

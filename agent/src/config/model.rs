@@ -267,8 +267,8 @@ pub struct StaticKey {
     pub name: String,
     /// `default` when absent (rules: `crate::keys::validate`).
     pub tenant: String,
-    /// `["api"]` when absent; sorted, distinct.
-    pub scopes: Vec<String>,
+    /// `["api"]` when absent.
+    pub scopes: crate::keys::Scopes,
     pub secret: KeySecret,
     /// Empty = unrestricted.
     pub allow: AllowList,

@@ -702,7 +702,7 @@ impl Detail<'_> {
             esc(&k.name),
             esc(&k.id),
             esc(&k.tenant),
-            esc(&k.scopes.join(", ")),
+            esc(&k.scopes.names().collect::<Vec<_>>().join(", ")),
             status(k),
             if k.report_only { "yes" } else { "no" },
             esc(&if k.allow.is_unrestricted() {

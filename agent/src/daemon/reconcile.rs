@@ -81,8 +81,10 @@ impl Daemon {
     /// it. On failure the previous policy stays.
     pub(super) fn apply_policy(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
+        let mut phases = crate::phases::Phases::start();
         let state =
             PolicyState::build(&self.config.listeners, &self.key_facts(), SystemTime::now());
+        phases.done("policy compiled");
         // Kept only once enforced: a failed reload goes back to the old state.
         let previous = std::mem::replace(&mut self.policy, state);
         if let Err(e) = self.enforce() {
@@ -104,8 +106,11 @@ impl Daemon {
     /// Make the datapath enforce `self.policy` with a full apply (which
     /// brings the maps back in sync).
     pub(super) fn enforce(&mut self) -> anyhow::Result<()> {
+        let mut phases = crate::phases::Phases::start();
         let compiled = self.policy.compiled();
+        phases.done("policy listed");
         self.write(&compiled)?;
+        phases.done("maps written");
         self.datapath_in_sync();
         Ok(())
     }

@@ -33,7 +33,9 @@ use crate::{
 /// Run until SIGTERM or SIGINT. With `detach_on_exit` the datapath is
 /// detached and its pins removed on the way out; otherwise it keeps enforcing.
 pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartError> {
+    let mut phases = crate::phases::Phases::start();
     let config = config::load(config_path).map_err(StartError::Config)?;
+    phases.done("config loaded");
     // Before any socket: the listeners' descriptor reserve is computed from it.
     if let Err(e) = crate::conn::init_descriptors() {
         tracing::warn!(error = %e, "cannot read the descriptor limit");
@@ -44,6 +46,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     let metrics_listener = metrics::bind(config.metrics.bind).await?;
     let confirm = credentials::confirmer(&config.management)?;
     let (store, stored, applied) = open_store(&config).await?;
+    phases.done("store read");
     let management_tls = config
         .management
         .tls
@@ -73,11 +76,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     daemon.statics = keys::statics(&daemon.config.keys)?;
     let keys = daemon.key_table();
     let principals = daemon.principals()?;
-    let samples = daemon.open_datapath()?;
-    // Policy first, then attach: a fresh attachment enforces a complete policy
-    // from its first packet; an adopted one keeps the previous policy until now.
-    daemon.apply_policy()?;
-    daemon.attach()?;
+    let samples = daemon.start_datapath(&mut phases)?;
     // The shim compiles from the same config snapshot; its listeners open last.
     let mut shim = Shim::start(&daemon.config, keys, metrics.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -93,6 +92,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
     // Signal handlers and the config watcher exist before `/readyz` turns
     // ready: a SIGHUP sent by whoever saw ready must reload, not kill us.
     let triggers = Triggers::install(&daemon.config_path)?;
+    phases.done("shim, management and watcher started");
     let ready = Arc::new(AtomicBool::new(true));
     let server = tokio::spawn(metrics::serve(
         metrics_listener,
@@ -100,18 +100,7 @@ pub async fn run(config_path: &Path, detach_on_exit: bool) -> Result<(), StartEr
         ready.clone(),
         stopped(&stop_rx),
     ));
-    if let (Some(ring), Some(dp)) = (samples, &daemon.datapath) {
-        let reader = dp.reader();
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let count = || {
-                m.drop_samples.inc();
-            };
-            if let Err(e) = crate::datapath::log_samples(ring, reader, count).await {
-                tracing::warn!(error = %format!("{e:#}"), "drop-sample reader stopped");
-            }
-        });
-    }
+    daemon.spawn_sample_reader(samples);
     tracing::info!(
         config = %daemon.config_path.display(),
         metrics = %daemon.config.metrics.bind,
@@ -218,6 +207,41 @@ async fn open_store(config: &Config) -> anyhow::Result<(SharedStore, ActiveKeys,
 }
 
 impl Daemon {
+    /// Open the datapath, apply the policy, attach; the drop-sample ring
+    /// for the reader task.
+    fn start_datapath(
+        &mut self,
+        phases: &mut crate::phases::Phases,
+    ) -> anyhow::Result<Option<RingBuf<MapData>>> {
+        phases.done("key table and principals");
+        let samples = self.open_datapath()?;
+        phases.done("datapath opened");
+        // Policy first, then attach: a fresh attachment enforces a complete
+        // policy from its first packet; an adopted one keeps the previous
+        // policy until now.
+        self.apply_policy()?;
+        phases.done("policy applied");
+        self.attach()?;
+        phases.done("attached");
+        Ok(samples)
+    }
+
+    /// Log the datapath's drop samples (and count them) from a task.
+    fn spawn_sample_reader(&self, samples: Option<RingBuf<MapData>>) {
+        if let (Some(ring), Some(dp)) = (samples, &self.datapath) {
+            let reader = dp.reader();
+            let m = self.metrics.clone();
+            tokio::spawn(async move {
+                let count = || {
+                    m.drop_samples.inc();
+                };
+                if let Err(e) = crate::datapath::log_samples(ring, reader, count).await {
+                    tracing::warn!(error = %format!("{e:#}"), "drop-sample reader stopped");
+                }
+            });
+        }
+    }
+
     /// Open (or adopt) the pinned datapath unless it is off, and count its
     /// packets from now on; hands back the drop-sample ring for the reader
     /// task.

@@ -13,6 +13,7 @@
 //! - [`table`]: the lookup by secret digest shared by listener keys and principals.
 
 pub mod credentials;
+pub mod scopes;
 pub mod table;
 pub mod validate;
 
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use crate::{allowlist::AllowList, config::StaticKey};
 
 pub use credentials::Digest;
+pub use scopes::Scopes;
 pub use table::{KeyTable, Table};
 
 /// The scope a key needs to be usable on listeners (SPEC §6).
@@ -57,8 +59,8 @@ pub struct Key {
     pub id: String,
     pub name: String,
     pub tenant: String,
-    /// Sorted, distinct; each [`API_SCOPE`] or [`ADMIN_SCOPE`].
-    pub scopes: Vec<String>,
+    /// Of [`API_SCOPE`] and [`ADMIN_SCOPE`].
+    pub scopes: Scopes,
     /// SHA-256 of the secret.
     pub digest: Digest,
     /// Empty = unrestricted.
@@ -70,7 +72,7 @@ pub struct Key {
 impl Key {
     #[must_use]
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == scope)
+        self.scopes.contains(scope)
     }
 
     /// A management principal (the `admin` scope).
@@ -95,7 +97,7 @@ pub fn statics(keys: &[StaticKey]) -> anyhow::Result<Arc<[Arc<Key>]>> {
                 id: k.id.clone(),
                 name: k.name.clone(),
                 tenant: k.tenant.clone(),
-                scopes: k.scopes.clone(),
+                scopes: k.scopes,
                 digest: credentials::resolve(&k.secret, &format!("key {}", k.id))?,
                 allow: k.allow.clone(),
                 report_only: k.report_only,
@@ -109,7 +111,7 @@ pub fn statics(keys: &[StaticKey]) -> anyhow::Result<Arc<[Arc<Key>]>> {
 pub mod testing {
     //! Builders shared by the unit tests of every room that handles keys.
 
-    use super::{API_SCOPE, DEFAULT_TENANT, Key, Origin, credentials::digest};
+    use super::{DEFAULT_TENANT, Key, Origin, credentials::digest};
     use crate::{
         allowlist::{DEFAULT_MAX_ENTRIES, RawList, parse_list},
         config::{ClientIp, ClientIpSource, ListenerConfig, ListenerMode},
@@ -128,7 +130,7 @@ pub mod testing {
             id: id.into(),
             name: id.into(),
             tenant: DEFAULT_TENANT.into(),
-            scopes: vec![API_SCOPE.into()],
+            scopes: super::Scopes::API,
             digest: digest(secret),
             allow: list(allow),
             report_only: false,

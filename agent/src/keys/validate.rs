@@ -9,7 +9,7 @@
 
 use std::{borrow::Cow, fmt::Write as _};
 
-use super::{ADMIN_SCOPE, API_SCOPE, DEFAULT_TENANT};
+use super::{ADMIN_SCOPE, API_SCOPE, DEFAULT_TENANT, Scopes};
 
 /// Longest key name accepted, in bytes.
 pub const MAX_NAME: usize = 200;
@@ -61,16 +61,10 @@ pub fn tenant(raw: Option<&str>) -> Result<String, Invalid> {
 
 /// A key's scopes (`[api]` when absent), sorted and distinct; each one
 /// [`API_SCOPE`] or [`ADMIN_SCOPE`].
-pub fn scopes(raw: Option<Vec<String>>) -> Result<Vec<String>, Invalid> {
-    let mut scopes = raw.unwrap_or_else(|| vec![API_SCOPE.to_owned()]);
-    scopes.sort();
-    scopes.dedup();
-    match scopes
-        .iter()
-        .find(|s| s.as_str() != API_SCOPE && s.as_str() != ADMIN_SCOPE)
-    {
-        Some(bad) => Err(Invalid::Scope(bad.clone())),
-        None => Ok(scopes),
+pub fn scopes(raw: Option<Vec<String>>) -> Result<Scopes, Invalid> {
+    match raw {
+        None => Ok(Scopes::API),
+        Some(names) => Scopes::from_names(&names).map_err(Invalid::Scope),
     }
 }
 
@@ -189,10 +183,10 @@ mod tests {
         for bad in ["", "a b", "ü", &"t".repeat(65)] {
             assert_eq!(tenant(Some(bad)), Err(Invalid::Tenant), "{bad:?}");
         }
-        assert_eq!(scopes(None), Ok(vec!["api".into()]));
+        assert_eq!(scopes(None), Ok(Scopes::API));
         assert_eq!(
             scopes(Some(vec!["api".into(), "admin".into(), "api".into()])),
-            Ok(vec!["admin".into(), "api".into()])
+            Ok(Scopes::API.with(Scopes::ADMIN))
         );
         let err = scopes(Some(vec!["read".into()])).unwrap_err();
         assert_eq!(

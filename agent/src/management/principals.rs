@@ -125,7 +125,6 @@ pub fn check_self_lockout(
 mod tests {
     use super::*;
     use crate::keys::{
-        ADMIN_SCOPE,
         credentials::digest,
         testing::{key, list},
     };
@@ -145,7 +144,7 @@ mod tests {
             }),
             Arc::new(Principal::Key(Arc::new(Key {
                 name: "ci-admin".into(),
-                scopes: vec![ADMIN_SCOPE.into()],
+                scopes: crate::keys::Scopes::ADMIN,
                 ..key("k1", "kf_admin_key_0123456789abcdef", "")
             }))),
         ])

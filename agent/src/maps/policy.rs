@@ -269,11 +269,23 @@ impl Op {
 /// The writes that take `slot` from what it holds to `nets` (canonical).
 fn slot_ops(slot: u32, held: Option<&Held>, nets: &[Net], ops: &mut Vec<Op>) {
     match held {
-        None => ops.extend(entries_of(slot, nets).into_iter().map(|(entry, v)| Op {
-            entry,
-            from: None,
-            to: Some(v),
-        })),
+        // Straight from the networks (one entry each, see `entry`): a
+        // first apply of a million prefixes needs no ordered map of them.
+        None => {
+            ops.reserve(nets.len() + 1);
+            ops.extend(nets.iter().filter(|n| !is_v4_any(n)).map(|&n| Op {
+                entry: entry(slot, n),
+                from: None,
+                to: Some(ALLOWED),
+            }));
+            if let Some(v) = v4_space_value(in_slice(nets)) {
+                ops.push(Op {
+                    entry: v4_space(slot),
+                    from: None,
+                    to: Some(v),
+                });
+            }
+        }
         Some(Held::Entries(have)) => {
             let want = entries_of(slot, nets);
             for (&entry, &v) in &want {
@@ -617,14 +629,19 @@ impl<B: PolicyBackend> PolicyWriter<B> {
     /// reads it back, so the next apply continues from there. A
     /// [`CapacityError`] is returned before anything is written.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> anyhow::Result<ApplyReport> {
+        let mut phases = crate::phases::Phases::start();
         let plan = self.plan(policy)?;
         let entries = self.check_capacity(&plan.ops)?;
+        phases.done("map writes planned");
         let v4 = V4Want::To(Pieces::of(
             plan.nets
                 .iter()
                 .map(|(slot, nets)| (*slot, nets.as_slice())),
         ));
-        match self.write(&plan.ops, Some(&plan.listeners), &v4) {
+        phases.done("direct tables planned");
+        let written = self.write(&plan.ops, Some(&plan.listeners), &v4);
+        phases.done("map writes");
+        match written {
             Ok(report) => {
                 self.entries = entries;
                 self.held = plan
@@ -872,10 +889,13 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         let mut report = ApplyReport::default();
         // 1. New allows first, the direct tables' widening pass after the
         // trie's (a fall-back to the trie may come at any point of it).
+        let mut phases = crate::phases::Phases::start();
         for op in ops.iter().filter(|op| op.widens()) {
             self.write_op(op, &mut report)?;
         }
+        phases.done("widening trie and hash writes");
         self.direct_step(v4, true)?;
+        phases.done("widening direct writes");
         if let Some(listeners) = listeners {
             self.write_listeners(listeners, &mut report)?;
         }

@@ -164,7 +164,7 @@ mod tests {
         let mut other = key("other", &[]);
         other.tenant = "acme".into();
         let mut admin_only = key("adm", &[]);
-        admin_only.scopes = vec!["admin".into()];
+        admin_only.scopes = crate::keys::Scopes::ADMIN;
         let mut report = key("rep", &["192.0.2.1/32"]);
         report.report_only = true;
         let t = table(vec![

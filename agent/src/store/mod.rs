@@ -418,7 +418,7 @@ mod tests {
                 id: "key_1".into(),
                 name: "ci \"runner\"".into(),
                 tenant: "default".into(),
-                scopes: vec!["api".into(), "admin".into()],
+                scopes: crate::keys::Scopes::API.with(crate::keys::Scopes::ADMIN),
                 digest: [7; 32],
                 origin: Origin::Store,
                 allow: AllowList::from_canonical(vec![

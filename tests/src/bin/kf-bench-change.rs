@@ -68,7 +68,7 @@ fn fill(store: &Path, keys: usize, entries_per_key: usize) -> anyhow::Result<()>
                     id: format!("key_bench{k:06}"),
                     name: format!("bench {k}"),
                     tenant: "default".into(),
-                    scopes: vec!["api".into()],
+                    scopes: keyfence::keys::Scopes::API,
                     digest: digest(&format!("bench-key-secret-{k}-0123456789")),
                     allow: AllowList::from_canonical(entries),
                     report_only: false,
@@ -104,6 +104,8 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64, Vec<f64>)> {
     let lab = Lab::new(&["192.0.2.10".parse()?])?;
     let mut agent = Agent::new(&lab.gateway)?;
     agent.env("KF_BENCH_TOKEN", TOKEN);
+    // The agent's phase lines: where the start-up's seconds and bytes go.
+    agent.env("RUST_LOG", "info,keyfence::phases=debug");
     let imported = Instant::now();
     fill(&agent.store_path(), SCALE_KEYS, SCALE_ENTRIES_PER_KEY)?;
     let import_took = imported.elapsed().as_secs_f64();
@@ -136,8 +138,47 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64, Vec<f64>)> {
         percentile(&changes, 0.5),
         changes.last().copied().unwrap_or_default()
     );
+    print_phases(&agent.log());
 
     Ok((start_took, prefixes, rss, maps, changes))
+}
+
+/// The agent's start-up phases (its `keyfence::phases` debug lines, in
+/// order): how long each took, the heap in use and the RSS after it.
+fn print_phases(log: &str) {
+    println!(
+        "\n| start-up phase (agent log) | took | heap after | RSS after |\n|---|---:|---:|---:|"
+    );
+    for line in log.lines() {
+        let Some((_, fields)) = line.split_once("phase done ") else {
+            continue;
+        };
+        let field = |name: &str| {
+            fields
+                .split_once(&format!("{name}="))
+                .map(|(_, rest)| {
+                    let rest = rest.trim_start_matches('"');
+                    let end = rest
+                        .find(if fields.contains(&format!("{name}=\"")) {
+                            '"'
+                        } else {
+                            ' '
+                        })
+                        .unwrap_or(rest.len());
+                    rest[..end].to_owned()
+                })
+                .unwrap_or_default()
+        };
+        println!(
+            "| {} | {} ms | {} MiB | {} MiB |",
+            field("phase"),
+            field("took_ms")
+                .parse::<f64>()
+                .map_or_else(|_| "?".into(), |v| format!("{v:.0}")),
+            field("heap_mib"),
+            field("rss_mib")
+        );
+    }
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {

@@ -61,7 +61,7 @@ fn keys(count: usize, entries: usize) -> anyhow::Result<Vec<StoredKey>> {
                     id: format!("key_bench{k:06}"),
                     name: format!("bench {k}"),
                     tenant: "default".into(),
-                    scopes: vec!["api".into()],
+                    scopes: keyfence::keys::Scopes::API,
                     digest: digest(&format!("bench-key-secret-{k}-0123456789")),
                     allow: AllowList::from_canonical(allow),
                     report_only: false,
