@@ -411,9 +411,11 @@ fn series(
         let started = Instant::now();
         dp.apply(&policy)?;
         let apply_s = started.elapsed().as_secs_f64();
-        let path = match dp.v4_path() {
-            keyfence::maps::direct::V4Path::Direct => "direct",
-            keyfence::maps::direct::V4Path::Trie(_) => "trie",
+        // IPv6 sources always take the exact hash and the trie.
+        let path = match (family, dp.v4_path()) {
+            (Family::V6, _) => "-",
+            (Family::V4, keyfence::maps::direct::V4Path::Direct) => "direct",
+            (Family::V4, keyfence::maps::direct::V4Path::Trie(_)) => "trie",
         };
         let nodes = dp.tables()?.direct.nodes.len();
         let m = interleaved(&[
