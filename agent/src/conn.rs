@@ -71,6 +71,10 @@ pub const DESCRIPTOR_RESERVE: u64 = 128;
 /// before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
+/// While stopping, how often a connection that has not sent its first request
+/// looks whether it has (see [`drive`]).
+const FIRST_REQUEST_POLL: Duration = Duration::from_millis(5);
+
 /// A server's connection limits (`listeners[].connections` in the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
@@ -505,6 +509,12 @@ pub struct Activity {
     idle_since: AtomicU64,
     /// HTTP/2: bytes while idle are PINGs and SETTINGS, not a new head.
     http2: AtomicBool,
+    /// A request head has arrived on this connection (see [`drive`]'s
+    /// shutdown: a connection is not closed before its first request).
+    started: AtomicBool,
+    /// The connection was asked to stop: HTTP/1 responses say
+    /// `Connection: close`.
+    stopping: AtomicBool,
 }
 
 impl Activity {
@@ -517,6 +527,8 @@ impl Activity {
             head_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -561,6 +573,7 @@ impl Activity {
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NONE, Ordering::Release);
+        self.started.store(true, Ordering::Release);
         Busy {
             activity: self.clone(),
         }
@@ -753,9 +766,19 @@ where
         let busy = self.activity.request_started(req.version());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(self.peer));
+        let http1 = req.version() < hyper::Version::HTTP_2;
         let future = self.inner.call(req);
+        let activity = self.activity.clone();
         Box::pin(async move {
-            let response = future.await?;
+            let mut response = future.await?;
+            // Stopping: tell the client before it sends another request on
+            // this connection (hyper then closes after the response).
+            if http1 && activity.stopping.load(Ordering::Acquire) {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             Ok(response.map(|inner| TrackedBody { inner, _busy: busy }))
         })
     }
@@ -795,7 +818,12 @@ pub enum DriveError {
 
 /// Serve `service` on `io` (the stream after TLS) with `builder` until the
 /// connection ends, enforcing the permit's limits (see the module doc). When
-/// `shutdown` turns true the connection is closed gracefully.
+/// `shutdown` turns true the connection is closed gracefully, but not before
+/// its first request: a client that connected just before a restart (or
+/// whose connection the listener accepted from its queue while stopping) has
+/// sent, or is sending, a request that expects an answer, and closing with it
+/// unread would reset the connection. Such a connection gets its one answer
+/// (`Connection: close`); one that never sends meets its header timeout.
 pub async fn drive<I, S, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -831,6 +859,8 @@ where
     tokio::pin!(asked_to_stop);
     // Set once the connection was asked to close gracefully: drop it then.
     let mut closing: Option<Instant> = None;
+    // Shutdown was asked before the first request: close once it has come.
+    let mut stop_after_first = false;
     // One timer for the connection's life, reset only when it fires (about
     // once per `header_timeout`), never per request.
     let sleep = tokio::time::sleep_until(Instant::now());
@@ -843,6 +873,10 @@ where
             return Err(DriveError::CloseTimeout(
                 limits.header_timeout.min(CLOSE_GRACE),
             ));
+        }
+        if stop_after_first && closing.is_none() && activity.started.load(Ordering::Acquire) {
+            conn.as_mut().graceful_shutdown();
+            closing = Some(Instant::now() + CLOSE_GRACE);
         }
         // The time before the snapshot: whatever the snapshot misses
         // happened after it.
@@ -867,17 +901,27 @@ where
             Next::At(_) | Next::Idle | Next::Busy => {}
         }
         let again = look_again(step, &limits, now).map(|ms| activity.at(ms));
-        let wake_at = match (again, closing) {
+        let mut wake_at = match (again, closing) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or_else(|| Instant::now() + CLOSE_GRACE),
         };
+        if stop_after_first && closing.is_none() {
+            // Only while stopping, on a connection still waiting for its
+            // first head: look for it often.
+            wake_at = wake_at.min(Instant::now() + FIRST_REQUEST_POLL);
+        }
         sleep.as_mut().reset(wake_at);
         tokio::select! {
             done = conn.as_mut() => return done.map_err(DriveError::Http),
             () = sleep.as_mut() => {}
-            () = &mut asked_to_stop, if closing.is_none() => {
-                conn.as_mut().graceful_shutdown();
-                closing = Some(Instant::now() + CLOSE_GRACE);
+            () = &mut asked_to_stop, if closing.is_none() && !stop_after_first => {
+                activity.stopping.store(true, Ordering::Release);
+                if activity.started.load(Ordering::Acquire) {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                } else {
+                    stop_after_first = true;
+                }
             }
         }
     }

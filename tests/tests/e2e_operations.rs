@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     path::Path,
     sync::{
@@ -220,6 +221,56 @@ fn three_restarts_under_load_lose_no_allowed_request_and_open_nothing() {
         allowed.len(),
         refused.len()
     );
+}
+
+/// A client that connected just before a SIGTERM and sends its request only
+/// after it still gets its answer, with `Connection: close`, and the agent
+/// then exits: stopping closes connections between requests, never one whose
+/// first request is still on its way (that would reset it; stop 21's CI run
+/// lost an allowed request of the restart test this way).
+#[test]
+fn a_connection_opened_before_sigterm_gets_its_first_request_answered() {
+    let lab = Lab::new(&[ip(ALLOWED)]).expect("building the namespaces");
+    let _upstream = Upstream::start(&lab.gateway, UPSTREAM.parse().expect("upstream"))
+        .expect("starting the upstream");
+    let mut agent =
+        Agent::start(&lab.gateway, &[("KF_E2E_PROD", SECRET)], config).expect("starting keyfence");
+    let dest = SocketAddr::new(GATEWAY_V4.into(), API);
+    let path = lab.client.path();
+    let (connected_tx, connected) = mpsc::channel();
+    let client = thread::spawn(move || -> anyhow::Result<String> {
+        enter(&path)?;
+        let mut stream = connect_from(ip(ALLOWED), dest, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        connected_tx.send(())?;
+        // The SIGTERM lands in this pause.
+        thread::sleep(Duration::from_millis(700));
+        write!(
+            stream,
+            "GET /v1/orders HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+        )?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
+    });
+    connected
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the client connected");
+    // Long enough for the agent to have accepted the connection.
+    thread::sleep(Duration::from_millis(200));
+    let status = agent.sigterm().expect("keyfence stops after answering");
+    assert!(status.success(), "keyfence exited with {status}");
+    let reply = client
+        .join()
+        .expect("client thread")
+        .expect("the request got an answer, not a reset");
+    let head = reply
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "answer: {reply:?}");
+    assert!(head.contains("connection: close"), "answer: {reply:?}");
 }
 
 /// `keyfence run --detach-on-exit`: on SIGTERM the agent drains, detaches its

@@ -15,7 +15,10 @@
 //!   from start, RSS and BPF map memory;
 //! - fleet (`kf-bench-fleet`): three hosts on one PostgreSQL, a change through
 //!   one host until enforced on all three (and with `?wait=local`, the
-//!   others' lag) with 100k prefixes; initial sync of 100k keys.
+//!   others' lag) with 100k prefixes; initial sync of 100k keys;
+//! - guest (`kf-bench` again, in a qemu guest on Debian 12's 6.1 kernel, TCG;
+//!   `guest.rs`): the datapath's per-packet cost on that kernel, as ratios to
+//!   the guest's own floor, up to 100k prefixes.
 //!
 //! `--only NAME` (repeatable) runs just those sections.
 //!
@@ -30,7 +33,7 @@ use serde_json::{Map, Value};
 use crate::{build, cmd, setup};
 
 /// (binary, JSON file and key, report heading)
-const SECTIONS: [(&str, &str, &str); 5] = [
+const SECTIONS: [(&str, &str, &str); 6] = [
     (
         "kf-bench",
         "datapath",
@@ -47,6 +50,11 @@ const SECTIONS: [(&str, &str, &str); 5] = [
         "kf-bench-fleet",
         "fleet",
         "Fleet mode (three hosts, one PostgreSQL)",
+    ),
+    (
+        "kf-bench",
+        "guest",
+        "Datapath cost on Debian 12's 6.1 kernel (qemu guest, TCG: compare the ratios, not the ns)",
     ),
 ];
 
@@ -105,7 +113,9 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
         .iter()
         .find(|o| !SECTIONS.iter().any(|(_, key, _)| key == o))
     {
-        anyhow::bail!("--only {unknown}: no such section (datapath, flood, shim, change, fleet)");
+        anyhow::bail!(
+            "--only {unknown}: no such section (datapath, flood, shim, change, fleet, guest)"
+        );
     }
     let started = Instant::now();
     setup::run()?;
@@ -119,7 +129,11 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
         if partial && !only.iter().any(|o| o == key) {
             continue;
         }
-        let table = section(bin, &keyfence, &dir)?;
+        let table = if key == "guest" {
+            crate::guest::bench(&dir)?
+        } else {
+            section(bin, &keyfence, &dir)?
+        };
         let _ = write!(markdown, "\n## {heading}\n\n{table}");
         let file = dir.join(format!("{key}.json"));
         let json: Value = serde_json::from_str(

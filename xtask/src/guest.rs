@@ -2,7 +2,8 @@
 //! Debian 12's kernel (6.1: no TCX, so TC goes through clsact and netlink),
 //! booted by virtme-ng under qemu with the host's root filesystem shared
 //! read-only. `cargo xtask test` runs it as its own stage; `cargo xtask guest`
-//! runs only it.
+//! runs only it. `cargo xtask bench --only guest` boots the same guest to run
+//! the datapath bench (`kf-bench`, its guest plan) on that kernel.
 //!
 //! Facts this relies on (checked on these machines): nested KVM is not
 //! usable (`/dev/kvm` opens, but guests hang or die), so qemu runs TCG
@@ -74,6 +75,41 @@ pub fn run(add_line: &mut dyn FnMut(&str)) -> Outcome {
 }
 
 fn run_inner(add_line: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    let agent = build::agent(build::Profile::Release).context("building keyfence (release)")?;
+    let binaries = test_binaries()?;
+    boot(&guest_script(&agent, &binaries), None, add_line)
+}
+
+/// The datapath bench in the guest: `kf-bench` (release) with
+/// `KF_BENCH_GUEST` set, its markdown written to `dir/guest.md` and its JSON
+/// to `dir/guest.json` (`dir` is shared read-write with the guest). Returns
+/// the markdown.
+pub fn bench(dir: &Path) -> anyhow::Result<String> {
+    let bench = release_bin("kf-bench")?;
+    let table = dir.join("guest.md");
+    let _ = fs::remove_file(&table);
+    let _ = fs::remove_file(dir.join("guest.json"));
+    let script = format!(
+        "set -u\n\
+         mount -t bpf bpf /sys/fs/bpf\n\
+         echo \"guest: up $(uname -r)\"\n\
+         KF_BENCH_GUEST=1 KF_BENCH_DIR={dir} {bench} > {table}\n\
+         status=$?\n\
+         echo \"guest: done $(cut -d' ' -f1 /proc/uptime) s since boot\"\n\
+         exit $status\n",
+        dir = dir.display(),
+        bench = bench.display(),
+        table = table.display(),
+    );
+    boot(&script, Some(dir), &mut |line| println!("{line}"))?;
+    fs::read_to_string(&table).with_context(|| format!("reading {}", table.display()))
+}
+
+/// Boot the guest with `script` as its only job (`rwdir`, when given, shared
+/// read-write; the rest of the host's root is read-only) and stream its
+/// output to `add_line`; an error unless the script reported `guest: up` and
+/// `guest: done` and exited 0.
+fn boot(script: &str, rwdir: Option<&Path>, add_line: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     let vng = venv_bin()?.join("vng");
     for (what, path) in [
         (
@@ -90,11 +126,9 @@ fn run_inner(add_line: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
             bail!("{what} is missing: {} not found", path.display());
         }
     }
-    let agent = build::agent(build::Profile::Release).context("building keyfence (release)")?;
-    let binaries = test_binaries()?;
-    let script = cmd::target_dir().join("keyfence-guest.sh");
-    fs::write(&script, guest_script(&agent, &binaries))
-        .with_context(|| format!("writing {}", script.display()))?;
+    let script_file = cmd::target_dir().join("keyfence-guest.sh");
+    fs::write(&script_file, script)
+        .with_context(|| format!("writing {}", script_file.display()))?;
 
     let path = format!(
         "{}:{}",
@@ -106,8 +140,12 @@ fn run_inner(add_line: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         [GUEST_TIMEOUT_SECS.to_string(), vng.display().to_string()],
     );
     run.args(["--run", KERNEL_IMAGE, "--disable-kvm", "--memory", "3G"])
-        .args(["--cpus", "2", "--", "sh"])
-        .arg(&script)
+        .args(["--cpus", "2"]);
+    if let Some(dir) = rwdir {
+        run.arg(format!("--rwdir={}", dir.display()));
+    }
+    run.args(["--", "sh"])
+        .arg(&script_file)
         .env("PATH", path)
         .current_dir(cmd::workspace_root());
     println!("guest: {}", cmd::display(&run));
@@ -134,6 +172,29 @@ fn run_inner(add_line: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         bail!("the guest run exited non-zero");
     }
     Ok(())
+}
+
+/// `cargo build --release` of one binary of the tests package: its path.
+fn release_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let mut build = cmd::cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "keyfence-tests",
+        "--bin",
+        name,
+        "--message-format=json",
+    ]);
+    let out = cmd::output(&mut build)?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find_map(|msg| {
+            (msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name)
+                .then(|| msg["executable"].as_str().map(PathBuf::from))
+                .flatten()
+        })
+        .with_context(|| format!("cargo build gave no executable for {name}"))
 }
 
 /// `cargo test --no-run` for [`TESTS`]: the test executables' paths.

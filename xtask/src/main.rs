@@ -52,11 +52,13 @@ enum Command {
         #[arg(long)]
         fleet: bool,
     },
-    /// Setup, then measure: the datapath's cost per packet at growing prefix
-    /// counts (`BPF_PROG_TEST_RUN` on the real object); writes `target/bench/report.md`.
+    /// Setup, then measure, side by side in one run: the datapath's cost per
+    /// packet (`BPF_PROG_TEST_RUN` on the real object, on this kernel and in a
+    /// 6.1 guest), refused attempts and floods, the shim against nginx, changes
+    /// and scale, the fleet; writes `target/bench/report.md`.
     Bench {
         /// Run only these sections (repeatable): datapath, flood, shim,
-        /// change, fleet.
+        /// change, fleet, guest.
         #[arg(long)]
         only: Vec<String>,
     },

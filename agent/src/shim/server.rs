@@ -169,20 +169,25 @@ pub async fn serve(
         requests: Default::default(),
         duration,
     });
+    let stop_rx = shutdown.clone();
+    let spawn = |(stream, peer, permit): (TcpStream, SocketAddr, Permit)| {
+        // The connection keeps the config it was accepted under.
+        let config = ctx.config();
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, peer, permit, ctx, config, tls, stop).await {
+                tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
+            }
+        });
+    };
     loop {
         tokio::select! {
             accepted = conn::accept(&socket, &gate) => {
-                let Some((stream, peer, permit)) = accepted else { continue };
-                // The connection keeps the config it was accepted under.
-                let config = ctx.config();
-                let ctx = ctx.clone();
-                let tls = tls.clone();
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, peer, permit, ctx, config, tls, stop).await {
-                        tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
-                    }
-                });
+                if let Some(accepted) = accepted {
+                    spawn(accepted);
+                }
             }
             Ok(()) = config_rx.changed() => {
                 let new = config_rx.borrow_and_update().clone();
@@ -190,6 +195,17 @@ pub async fn serve(
                 *ctx.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new;
             }
             () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+        }
+    }
+    // Connections the kernel completed but nobody accepted yet would be
+    // reset when the socket closes: take them and answer their first request
+    // (`conn::drive` lets a new connection send it). Zero timeout: one look
+    // at the queue each, until it is empty.
+    while let Ok(accepted) =
+        tokio::time::timeout(Duration::ZERO, conn::accept(&socket, &gate)).await
+    {
+        if let Some(accepted) = accepted {
+            spawn(accepted);
         }
     }
     drop(socket);
