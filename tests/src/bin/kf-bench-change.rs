@@ -143,42 +143,54 @@ fn scale() -> anyhow::Result<(f64, f64, f64, f64, Vec<f64>)> {
     Ok((start_took, prefixes, rss, maps, changes))
 }
 
-/// The agent's start-up phases (its `keyfence::phases` debug lines, in
-/// order): how long each took, the heap in use and the RSS after it.
+/// The agent's start-up phases (its `keyfence::phases` debug lines up to
+/// "keyfence running"): how long each took, the heap in use and the RSS
+/// after it.
 fn print_phases(log: &str) {
     println!(
         "\n| start-up phase (agent log) | took | heap after | RSS after |\n|---|---:|---:|---:|"
     );
-    for line in log.lines() {
+    for line in log.lines().map(strip_ansi) {
+        if line.contains("keyfence running") {
+            break;
+        }
         let Some((_, fields)) = line.split_once("phase done ") else {
             continue;
         };
         let field = |name: &str| {
-            fields
-                .split_once(&format!("{name}="))
-                .map(|(_, rest)| {
-                    let rest = rest.trim_start_matches('"');
-                    let end = rest
-                        .find(if fields.contains(&format!("{name}=\"")) {
-                            '"'
-                        } else {
-                            ' '
-                        })
-                        .unwrap_or(rest.len());
-                    rest[..end].to_owned()
-                })
-                .unwrap_or_default()
+            let rest = fields.split_once(&format!("{name}="))?.1;
+            Some(match rest.strip_prefix('"') {
+                Some(quoted) => quoted.split('"').next()?.to_owned(),
+                None => rest.split(' ').next()?.to_owned(),
+            })
         };
+        let took = field("took_ms").and_then(|v| v.parse::<f64>().ok());
         println!(
             "| {} | {} ms | {} MiB | {} MiB |",
-            field("phase"),
-            field("took_ms")
-                .parse::<f64>()
-                .map_or_else(|_| "?".into(), |v| format!("{v:.0}")),
-            field("heap_mib"),
-            field("rss_mib")
+            field("phase").unwrap_or_default(),
+            took.map_or_else(|| "?".into(), |v| format!("{v:.0}")),
+            field("heap_mib").unwrap_or_default(),
+            field("rss_mib").unwrap_or_default()
         );
     }
+}
+
+/// `line` without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
