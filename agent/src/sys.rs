@@ -48,21 +48,18 @@ pub fn release_free_memory() {
 /// freed (up to 32 MiB), so after the first big temporary of a policy apply
 /// the next ones (the sorted lists and plans of a million prefixes, 18 MiB
 /// each) came from the heap and left it fragmented, resident memory that
-/// `malloc_trim` could not hand back. A fixed threshold stops that; it is
-/// high enough that an API change's buffers stay on the heap (no `mmap` and
-/// `munmap` per change), and the trim threshold, fixed with it, keeps the
-/// heap's top from being handed back and faulted in again on every change.
+/// `malloc_trim` could not hand back. A fixed threshold stops that.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     {
-        const MMAP_THRESHOLD: libc::c_int = 1024 * 1024;
-        const TRIM_THRESHOLD: libc::c_int = 8 * 1024 * 1024;
+        /// glibc's default starting threshold, kept fixed (the value the
+        /// change bench measured).
+        const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
         // SAFETY: mallopt only sets glibc's own allocator parameters; called
         // before any other thread exists.
         #[expect(unsafe_code, reason = "glibc's mallopt")]
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
     }
 }
