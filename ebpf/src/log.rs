@@ -3,7 +3,7 @@
 //! ring already gives the named info line), a listener entry naming an
 //! unusable slot (`map_error`, warn) and a header the parser could not read
 //! (`truncated`/`malformed`, info). Only ever called behind the per-CPU rate
-//! limit of `verdict::record` (one event per CPU per 100 ms): a log record
+//! limit of `verdict::sample_due` (one event per CPU per 100 ms): a log record
 //! costs microseconds, a packet must not.
 
 use aya_log_ebpf::{debug, info, warn};

@@ -6,7 +6,7 @@
 //! caller counts and passes: the datapath only drops what it fully understood,
 //! except that with `datapath.unparsed: drop` a packet whose IP header was read
 //! but whose transport header was not is dropped on protected addresses (see
-//! `verdict::evaluate`).
+//! `verdict::judge`).
 //!
 //! Every read goes through [`header`], which checks the end of the packet first,
 //! in the shape the verifier tracks (`ptr + size <= data_end` on the same pointer).
@@ -55,20 +55,6 @@ pub struct Flow {
     pub proto: u8,
     /// The packet was IPv4 (selects the wildcard listener address).
     pub v4: bool,
-}
-
-impl Flow {
-    /// The flow of a packet whose addresses the parser could not read: every
-    /// byte written, so no read of it (LLVM may hoist one above the check
-    /// that it is a drop) touches uninitialised stack, which 6.1's verifier
-    /// refuses. Only a drop's flow is read, and a drop always has a parsed one.
-    pub const UNREAD: Self = Self {
-        src: [0; 16],
-        dst: [0; 16],
-        port: [0; 2],
-        proto: 0,
-        v4: false,
-    };
 }
 
 /// Why a packet could not be parsed.

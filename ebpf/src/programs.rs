@@ -6,10 +6,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::{
-    parse::MAX_L4_OFFSET,
-    verdict::{evaluate, record},
-};
+use crate::{parse::MAX_L4_OFFSET, verdict::judge};
 
 /// Bytes of an skb made linear before parsing: everything the parser may read,
 /// up to the ports of a transport header at `MAX_L4_OFFSET` (two VLAN tags,
@@ -21,9 +18,7 @@ const TC_PULL_BYTES: u32 = MAX_L4_OFFSET as u32 + 4;
 
 #[xdp]
 pub fn keyfence_xdp(ctx: XdpContext) -> u32 {
-    let (decision, flow) = evaluate(ctx.data(), ctx.data_end());
-    record(ctx.ingress_ifindex() as u32, &decision, &flow);
-    if decision.stat.is_drop() {
+    if judge(ctx.data(), ctx.data_end(), ctx.ingress_ifindex() as u32) {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
@@ -44,9 +39,7 @@ pub fn keyfence_tc(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer the kernel handed to this program.
     #[expect(unsafe_code, reason = "reading __sk_buff.ifindex")]
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (decision, flow) = evaluate(ctx.data(), ctx.data_end());
-    record(ifindex, &decision, &flow);
-    if decision.stat.is_drop() {
+    if judge(ctx.data(), ctx.data_end(), ifindex) {
         TC_ACT_SHOT as i32
     } else {
         TC_ACT_UNSPEC

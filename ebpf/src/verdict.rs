@@ -40,35 +40,52 @@ pub struct Decision {
     pub stat: Stat,
 }
 
-/// Parse and decide. Never fails: failures are decisions to pass (see module
-/// doc), unless `KF_UNPARSED` protects the destination of a packet whose
-/// transport header was out of reach. Such a drop is counted under listener
-/// slot 0 (without a port the listener is unknown), its flow has port 0.
-/// Any other failure passes with [`Flow::UNREAD`] (an `Option` would leave the
-/// flow's stack unwritten, see there).
+/// Parse, decide and count: true when the packet is to be dropped. Never
+/// fails: failures are decisions to pass (see module doc), unless
+/// `KF_UNPARSED` protects the destination of a packet whose transport header
+/// was out of reach. Such a drop is counted under listener slot 0 (without a
+/// port the listener is unknown), its flow has port 0.
+///
+/// Each outcome is recorded where it is decided, with the flow only where
+/// there is one: carrying a flow out of here for every packet (a blank one
+/// for packets the parser gave up on) cost each packet about 20 stack stores
+/// per branch of the parser, more than the lookups themselves.
 #[inline(always)]
-pub fn evaluate(data: usize, end: usize) -> (Decision, Flow) {
+pub fn judge(data: usize, end: usize, ifindex: u32) -> bool {
     match parse(data, end) {
-        Ok(flow) => (decide(&flow), flow),
+        Ok(flow) => {
+            let decision = decide(&flow);
+            count(ifindex, &decision);
+            if decision.stat.is_drop() {
+                sample_drop_event(ifindex, &decision, &flow);
+                true
+            } else {
+                false
+            }
+        }
         Err(failure) => {
             if let Some(flow) = failure.unreached.and_then(|ip| addresses(data, end, ip))
                 && unparsed_drop(&flow)
             {
-                return (
-                    Decision {
-                        slot: 0,
-                        stat: Stat::DropUnparsed,
-                    },
-                    flow,
-                );
-            }
-            (
-                Decision {
+                let decision = Decision {
                     slot: 0,
-                    stat: failure.stat,
-                },
-                Flow::UNREAD,
-            )
+                    stat: Stat::DropUnparsed,
+                };
+                count(ifindex, &decision);
+                sample_drop_event(ifindex, &decision, &flow);
+                return true;
+            }
+            let decision = Decision {
+                slot: 0,
+                stat: failure.stat,
+            };
+            count(ifindex, &decision);
+            // Malformed and truncated headers (every parse failure that is
+            // not simply "not IP" or "not TCP/UDP") are rare events.
+            if matches!(decision.stat, Stat::PassMalformed | Stat::PassTruncated) && sample_due() {
+                crate::log::event(ifindex, decision.stat, decision.slot);
+            }
+            false
         }
     }
 }
@@ -207,11 +224,10 @@ fn direct_v4(src: &[u8; 16]) -> Option<u64> {
     KF_V4_SETS.get(v).copied()
 }
 
-/// Count the decision, and sample it to the agent's log if it is a rare
-/// event. `flow` is read only for a drop (which always has a parsed flow);
-/// for other decisions it may be [`Flow::UNREAD`].
+/// Count the decision; a parsed packet's map error goes to the agent's log
+/// (rate limited) too, the one rare event that is not a drop and has a flow.
 #[inline(always)]
-pub fn record(ifindex: u32, decision: &Decision, flow: &Flow) {
+fn count(ifindex: u32, decision: &Decision) {
     let iface_slot = KF_IFINDEX_SLOTS.get(ifindex).copied().unwrap_or(0);
     if let Some(block) = KF_STATS.get_ptr_mut(stats_index(iface_slot, decision.slot)) {
         // SAFETY: per-CPU value pointer from the lookup helper; the index is masked
@@ -221,18 +237,17 @@ pub fn record(ifindex: u32, decision: &Decision, flow: &Flow) {
             (*block).packets[(decision.stat as usize) & (STAT_SLOTS - 1)] += 1;
         }
     }
-    // Rare events (drops, map_error, unreadable headers) are sampled to the
-    // agent: the drop-sample ring and the aya-log record, both behind one
-    // per-CPU rate limit.
-    let rare = decision.stat.is_drop()
-        || matches!(
-            decision.stat,
-            Stat::PassMapError | Stat::PassMalformed | Stat::PassTruncated
-        );
-    if rare && sample_due() {
-        if decision.stat.is_drop() {
-            sample_drop(ifindex, decision.slot, flow);
-        }
+    if matches!(decision.stat, Stat::PassMapError) && sample_due() {
+        crate::log::event(ifindex, decision.stat, decision.slot);
+    }
+}
+
+/// A drop's sample: the drop-sample ring and the aya-log record, both behind
+/// one per-CPU rate limit.
+#[inline(always)]
+fn sample_drop_event(ifindex: u32, decision: &Decision, flow: &Flow) {
+    if sample_due() {
+        sample_drop(ifindex, decision.slot, flow);
         crate::log::event(ifindex, decision.stat, decision.slot);
     }
 }

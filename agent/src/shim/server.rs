@@ -200,10 +200,13 @@ pub async fn serve(
     // Connections the kernel completed but nobody accepted yet would be
     // reset when the socket closes: take them and answer their first request
     // (`conn::drive` lets a new connection send it). Zero timeout: one look
-    // at the queue each, until it is empty.
-    while let Ok(accepted) =
-        tokio::time::timeout(Duration::ZERO, conn::accept(&socket, &gate)).await
-    {
+    // at the queue each, until it is empty; at most a full backlog's worth,
+    // so a flood of new connections cannot hold the stop.
+    for _ in 0..super::workers::BACKLOG {
+        let Ok(accepted) = tokio::time::timeout(Duration::ZERO, conn::accept(&socket, &gate)).await
+        else {
+            break;
+        };
         if let Some(accepted) = accepted {
             spawn(accepted);
         }

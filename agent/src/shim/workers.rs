@@ -9,7 +9,7 @@ use std::{io, net::SocketAddr, thread};
 use tokio::{net::TcpSocket, runtime::Handle, sync::oneshot};
 
 /// Queue of connections not yet accepted, per socket.
-const BACKLOG: u32 = 1024;
+pub(super) const BACKLOG: u32 = 1024;
 
 /// The running workers; dropping this stops them (tasks still on them are
 /// cancelled: stop the listeners first).
