@@ -109,15 +109,15 @@ fn report(
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let heartbeat = tokio::select! {
+            // A new applied sequence, or the heartbeat's tick.
+            tokio::select! {
                 changed = progress.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    false
                 }
-                _ = tick.tick() => true,
-            };
+                _ = tick.tick() => {}
+            }
             let Some(fleet) = store.fleet() else { return };
             let applied = *progress.borrow_and_update();
             metrics.fleet.applied_sequence.set(applied);
@@ -126,7 +126,11 @@ fn report(
             {
                 tracing::warn!(error = %e, "reporting this host's progress to the fleet");
             }
-            if heartbeat && let Ok(status) = fleet.status().await {
+            // After every report, not only on the heartbeat's tick: the
+            // gauge must drop to 0 when this host has caught up, not up to
+            // one poll interval later (it read 0.05 s after the host had
+            // applied the head).
+            if let Ok(status) = fleet.status().await {
                 let lag = status
                     .hosts
                     .iter()
