@@ -193,9 +193,15 @@ fn lpm_key(net: IpNet) -> Key<PolicyAddr> {
 /// ns per packet of one `program` run (`Plan::repeat` packets), after
 /// checking it gives `verdict`.
 fn run_once(program: &Xdp, packet: &[u8], verdict: u32) -> anyhow::Result<f64> {
+    test_run(program, packet, plan().repeat, verdict)
+}
+
+/// ns per packet of `program` run `repeat` times on `packet`, after checking
+/// it gives `verdict`.
+fn test_run(program: &Xdp, packet: &[u8], repeat: u32, verdict: u32) -> anyhow::Result<f64> {
     let r = program.test_run(TestRunOptions {
         data_in: Some(packet),
-        repeat: plan().repeat,
+        repeat,
         ..TestRunOptions::default()
     })?;
     anyhow::ensure!(
@@ -251,17 +257,7 @@ fn interleaved(runs: &[(&Xdp, &[u8], u32)]) -> anyhow::Result<Measured> {
 fn ns_per_packet_once(program: &Xdp, packets: &[Vec<u8>], verdict: u32) -> anyhow::Result<f64> {
     let mut total = 0.0;
     for packet in packets {
-        let r = program.test_run(TestRunOptions {
-            data_in: Some(packet),
-            repeat: 1,
-            ..TestRunOptions::default()
-        })?;
-        anyhow::ensure!(
-            r.return_value == verdict,
-            "expected XDP action {verdict}, got {}",
-            r.return_value
-        );
-        total += r.duration.as_secs_f64() * 1e9;
+        total += test_run(program, packet, 1, verdict)?;
     }
     Ok(total / f64::from(u32::try_from(packets.len())?))
 }
