@@ -859,8 +859,6 @@ where
     tokio::pin!(asked_to_stop);
     // Set once the connection was asked to close gracefully: drop it then.
     let mut closing: Option<Instant> = None;
-    // Shutdown was asked before the first request: close once it has come.
-    let mut stop_after_first = false;
     // One timer for the connection's life, reset only when it fires (about
     // once per `header_timeout`), never per request.
     let sleep = tokio::time::sleep_until(Instant::now());
@@ -874,7 +872,9 @@ where
                 limits.header_timeout.min(CLOSE_GRACE),
             ));
         }
-        if stop_after_first && closing.is_none() && activity.started.load(Ordering::Acquire) {
+        // Asked to stop: close gracefully once the first request has come.
+        let stopping = activity.stopping.load(Ordering::Acquire);
+        if stopping && closing.is_none() && activity.started.load(Ordering::Acquire) {
             conn.as_mut().graceful_shutdown();
             closing = Some(Instant::now() + CLOSE_GRACE);
         }
@@ -905,7 +905,7 @@ where
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or_else(|| Instant::now() + CLOSE_GRACE),
         };
-        if stop_after_first && closing.is_none() {
+        if stopping && closing.is_none() {
             // Only while stopping, on a connection still waiting for its
             // first head: look for it often.
             wake_at = wake_at.min(Instant::now() + FIRST_REQUEST_POLL);
@@ -914,14 +914,9 @@ where
         tokio::select! {
             done = conn.as_mut() => return done.map_err(DriveError::Http),
             () = sleep.as_mut() => {}
-            () = &mut asked_to_stop, if closing.is_none() && !stop_after_first => {
+            // The next turn closes (see the top of the loop).
+            () = &mut asked_to_stop, if closing.is_none() && !stopping => {
                 activity.stopping.store(true, Ordering::Release);
-                if activity.started.load(Ordering::Acquire) {
-                    conn.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + CLOSE_GRACE);
-                } else {
-                    stop_after_first = true;
-                }
             }
         }
     }
