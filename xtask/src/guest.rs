@@ -89,17 +89,14 @@ pub fn bench(dir: &Path) -> anyhow::Result<String> {
     let table = dir.join("guest.md");
     let _ = fs::remove_file(&table);
     let _ = fs::remove_file(dir.join("guest.json"));
-    let script = format!(
-        "set -u\n\
-         mount -t bpf bpf /sys/fs/bpf\n\
-         echo \"guest: up $(uname -r)\"\n\
-         KF_BENCH_GUEST=1 KF_BENCH_DIR={dir} {bench} > {table}\n\
-         status=$?\n\
-         echo \"guest: done $(cut -d' ' -f1 /proc/uptime) s since boot\"\n\
-         exit $status\n",
-        dir = dir.display(),
-        bench = bench.display(),
-        table = table.display(),
+    let script = script(
+        "",
+        &format!(
+            "KF_BENCH_GUEST=1 KF_BENCH_DIR={} {} > {} || status=1\n",
+            dir.display(),
+            bench.display(),
+            table.display()
+        ),
     );
     boot(&script, Some(dir), &mut |line| println!("{line}"))?;
     fs::read_to_string(&table).with_context(|| format!("reading {}", table.display()))
@@ -237,30 +234,39 @@ fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
 /// test executable (one thread: they share the kernel), from the tests crate's
 /// directory as cargo would.
 fn guest_script(agent: &Path, binaries: &[PathBuf]) -> String {
-    let mut s = String::from(
-        "set -u\n\
-         mount -t bpf bpf /sys/fs/bpf\n\
-         mkdir -p /run/netns\n\
+    let mut setup = String::from(
+        "mkdir -p /run/netns\n\
          ip link set lo up\n\
          export TMPDIR=/dev/shm KEYFENCE_TEST_READY_SECS=180 RUST_BACKTRACE=0\n",
     );
-    let _ = writeln!(s, "export KEYFENCE_DIFF_CASES={DIFF_CASES}");
-    let _ = writeln!(s, "export KEYFENCE_BIN={}", agent.display());
-    let _ = writeln!(
-        s,
-        "cd {}/tests\necho \"guest: up $(uname -r)\"",
-        cmd::workspace_root().display()
-    );
-    let _ = writeln!(s, "failed=0");
+    let _ = writeln!(setup, "export KEYFENCE_DIFF_CASES={DIFF_CASES}");
+    let _ = writeln!(setup, "export KEYFENCE_BIN={}", agent.display());
+    let _ = writeln!(setup, "cd {}/tests", cmd::workspace_root().display());
+    let mut body = String::new();
     for bin in binaries {
         let _ = writeln!(
-            s,
-            "echo \"guest: running {0}\"; {0} --test-threads=1 || failed=1",
+            body,
+            "echo \"guest: running {0}\"; {0} --test-threads=1 || status=1",
             bin.display()
         );
     }
-    s.push_str("echo \"guest: done $(cut -d' ' -f1 /proc/uptime) s since boot\"\nexit $failed\n");
-    s
+    script(&setup, &body)
+}
+
+/// A guest script: bpffs, `setup`, the `guest: up` line [`boot`] waits for,
+/// `body` (which sets `status=1` on a failure), the `guest: done` line, and
+/// the exit status.
+fn script(setup: &str, body: &str) -> String {
+    format!(
+        "set -u\n\
+         mount -t bpf bpf /sys/fs/bpf\n\
+         {setup}\
+         echo \"guest: up $(uname -r)\"\n\
+         status=0\n\
+         {body}\
+         echo \"guest: done $(cut -d' ' -f1 /proc/uptime) s since boot\"\n\
+         exit $status\n"
+    )
 }
 
 #[cfg(test)]
@@ -278,5 +284,13 @@ mod tests {
         assert!(s.contains("KEYFENCE_DIFF_CASES=1000\n"));
         assert!(s.contains("KEYFENCE_BIN=/w/target/release/keyfence"));
         assert!(s.contains("/w/a-1 --test-threads=1") && s.contains("/w/b-2 --test-threads=1"));
+        // boot() waits for `guest: up` before the tests and `guest: done`
+        // after them; a failed binary makes the script exit non-zero.
+        let up = s.find("guest: up").expect("an up line");
+        let first = s.find("/w/a-1 --test-threads=1").expect("the first binary");
+        let done = s.find("guest: done").expect("a done line");
+        assert!(up < first && first < done, "{s}");
+        assert!(s.contains("/w/a-1 --test-threads=1 || status=1"), "{s}");
+        assert!(s.ends_with("exit $status\n"), "{s}");
     }
 }
