@@ -363,6 +363,10 @@ pub enum Connect {
     TimedOut,
     /// A RST came back.
     Refused,
+    /// The handshake completed, then a RST came before `connect` returned:
+    /// a listener closed (its process killed) with the connection still in
+    /// its accept queue. Like `Refused`, the SYN was answered, not dropped.
+    Reset,
     Error(io::Error),
 }
 
@@ -370,6 +374,12 @@ impl Connect {
     #[must_use]
     pub fn completed(&self) -> bool {
         matches!(self, Connect::Completed(_))
+    }
+
+    /// A RST answered the SYN, before or just after the handshake.
+    #[must_use]
+    pub fn reset(&self) -> bool {
+        matches!(self, Connect::Refused | Connect::Reset)
     }
 
     #[must_use]
@@ -410,6 +420,7 @@ fn connect_here(source: IpAddr, dest: SocketAddr, timeout: Duration) -> Connect 
         }
         Err(e) if e.kind() == io::ErrorKind::TimedOut => Connect::TimedOut,
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Connect::Refused,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Connect::Reset,
         Err(e) => Connect::Error(e),
     }
 }
