@@ -741,46 +741,81 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// A service that counts its requests in the connection's [`Activity`] and
-/// hands every request the peer as axum's `ConnectInfo` (the management
-/// API's handlers read it; the shim ignores it).
+/// A service that counts its requests in the connection's [`Activity`] and,
+/// when `connect_info` is set, hands every request the peer as axum's
+/// `ConnectInfo` (the management API's handlers read it; the shim does not,
+/// and an extension costs two allocations per request).
 struct TrackedService<S> {
     inner: S,
     activity: Arc<Activity>,
-    peer: SocketAddr,
+    connect_info: Option<SocketAddr>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for TrackedService<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
     B: Body + Unpin,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let busy = self.activity.request_started(req.version());
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(self.peer));
+        if let Some(peer) = self.connect_info {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         let http1 = req.version() < hyper::Version::HTTP_2;
-        let future = self.inner.call(req);
-        let activity = self.activity.clone();
-        Box::pin(async move {
-            let mut response = future.await?;
-            // Stopping: tell the client before it sends another request on
-            // this connection (hyper then closes after the response).
-            if http1 && activity.stopping.load(Ordering::Acquire) {
-                response.headers_mut().insert(
-                    hyper::header::CONNECTION,
-                    hyper::header::HeaderValue::from_static("close"),
-                );
-            }
-            Ok(response.map(|inner| TrackedBody { inner, _busy: busy }))
-        })
+        TrackedFuture {
+            inner: self.inner.call(req),
+            busy: Some(busy),
+            http1,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`TrackedService`]: a named type rather than a
+    /// boxed `async` block, so hyper keeps it in the slot it allocates once
+    /// per connection instead of a heap block (kilobytes, moved in and out)
+    /// per request.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        busy: Option<Busy>,
+        http1: bool,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body + Unpin,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(response)) => response,
+        };
+        let Some(busy) = this.busy.take() else {
+            // Polled after it completed: a bug in the caller, not a request.
+            panic!("TrackedFuture polled after completion");
+        };
+        // Stopping: tell the client before it sends another request on
+        // this connection (hyper then closes after the response).
+        if *this.http1 && busy.activity.stopping.load(Ordering::Acquire) {
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, _busy: busy })))
     }
 }
 
@@ -827,7 +862,7 @@ pub enum DriveError {
 pub async fn drive<I, S, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    peer: SocketAddr,
+    connect_info: Option<SocketAddr>,
     service: S,
     permit: &Permit,
     activity: Arc<Activity>,
@@ -846,7 +881,7 @@ where
     let service = TrackedService {
         inner: service,
         activity: activity.clone(),
-        peer,
+        connect_info,
     };
     let conn = builder.serve_connection(TokioIo::new(Tracked::new(io, activity.clone())), service);
     tokio::pin!(conn);
@@ -962,9 +997,9 @@ pub async fn serve_router_tls(
                     let limits = permit.gate.limits();
                     let builder = builder(&limits);
                     let done = match tls {
-                        None => drive(&builder, stream, peer, service, &permit, activity, stop).await,
+                        None => drive(&builder, stream, Some(peer), service, &permit, activity, stop).await,
                         Some(tls) => match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => drive(&builder, stream, peer, service, &permit, activity, stop).await,
+                            Ok(Ok(stream)) => drive(&builder, stream, Some(peer), service, &permit, activity, stop).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(listener = permit.gate.name, %peer, error = %e, "TLS handshake failed");
                                 return;

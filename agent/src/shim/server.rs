@@ -5,13 +5,13 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{Either, Full};
 use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
@@ -40,7 +40,7 @@ use crate::{
     config::{ClientIpSource, ListenerConfig, ListenerMode, Rejection},
     conn::{self, Activity, Gate, Permit, Reserve},
     keys::{
-        KeyTable,
+        Key, KeyTable,
         credentials::{Credential, CredentialHeader, credential},
     },
     metrics::Metrics,
@@ -53,7 +53,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Largest request body forwarded.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// A response: one keyfence wrote, or the upstream's body passed through
+/// (an enum, not a box: no allocation per response).
+type Body = Either<Full<Bytes>, Incoming>;
 
 pub const KEY_ID_HEADER: &str = "x-keyfence-key-id";
 const KEY_ID: HeaderName = HeaderName::from_static(KEY_ID_HEADER);
@@ -177,7 +179,7 @@ pub async fn serve(
         let tls = tls.clone();
         let stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, permit, ctx, config, tls, stop).await {
+            if let Err(e) = connection(stream, permit, ctx, config, tls, stop).await {
                 tracing::debug!(%peer, error = %format!("{e:#}"), "connection ended");
             }
         });
@@ -247,7 +249,6 @@ async fn read_proxy_header(stream: &mut TcpStream) -> anyhow::Result<Option<Sock
 
 async fn connection(
     mut stream: TcpStream,
-    peer: SocketAddr,
     permit: Permit,
     ctx: Arc<ListenerCtx>,
     config: Arc<ListenerConfig>,
@@ -275,14 +276,12 @@ async fn connection(
         }
         ClientIpSource::Peer | ClientIpSource::XForwardedFor => ConnClient::direct(peer_ip),
     };
-    // The HTTP/1 upstream connection this connection owns (see
-    // `super::upstream`); it closes with the connection.
-    let owned = Arc::new(Owned::default());
+    let per_conn = Arc::new(PerConn::new(conn_client.client));
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let config = config.clone();
-        let owned = owned.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client, &owned).await) }
+        let per_conn = per_conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client, &per_conn).await) }
     });
     let mut builder = conn::builder(&limits);
     // drive() enforces the header timeout of every head; hyper's own timer
@@ -299,22 +298,72 @@ async fn connection(
             .await
             .context("TLS handshake timeout")?
             .context("TLS handshake")?;
-        conn::drive(&builder, stream, peer, service, &permit, activity, shutdown).await?;
+        conn::drive(&builder, stream, None, service, &permit, activity, shutdown).await?;
     } else {
-        conn::drive(&builder, stream, peer, service, &permit, activity, shutdown).await?;
+        conn::drive(&builder, stream, None, service, &permit, activity, shutdown).await?;
     }
     Ok(())
+}
+
+/// What a connection keeps for all its requests.
+struct PerConn {
+    /// The HTTP/1 upstream connection this connection owns (see
+    /// `super::upstream`); it closes with the connection.
+    owned: Owned,
+    /// The connection's origin, appended to `X-Forwarded-For`: the TCP
+    /// peer, or the source a trusted PROXY header named.
+    origin: ClientAddr,
+    /// `X-Forwarded-For` when the request brings none: the connection's
+    /// origin, formatted once (a shared value: cloning it is a count).
+    origin_xff: Option<HeaderValue>,
+    /// `X-Keyfence-Key-Id` of the key last accepted on this connection
+    /// (usually its only one), made once rather than per request.
+    key_id: Mutex<Option<(Arc<Key>, HeaderValue)>>,
+}
+
+impl PerConn {
+    fn new(origin: ClientAddr) -> Self {
+        Self {
+            owned: Owned::default(),
+            origin,
+            origin_xff: shared_value(origin.to_string()),
+            key_id: Mutex::new(None),
+        }
+    }
+
+    /// `key`'s id as a header value; `None` for an id that is not a valid
+    /// value (the header is then not sent).
+    fn key_id(&self, key: &Arc<Key>) -> Option<HeaderValue> {
+        let mut cached = self.key_id.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((k, v)) = &*cached
+            && Arc::ptr_eq(k, key)
+        {
+            return Some(v.clone());
+        }
+        let value = shared_value(key.id.clone())?;
+        *cached = Some((key.clone(), value.clone()));
+        Some(value)
+    }
+}
+
+/// `s` as a header value whose clones share one buffer (a value made from a
+/// `String` copies itself into a shared buffer at its first clone).
+fn shared_value(s: String) -> Option<HeaderValue> {
+    let value = HeaderValue::from_maybe_shared(Bytes::from(s)).ok()?;
+    // The first clone makes the buffer shared; keep the clone.
+    #[expect(
+        clippy::redundant_clone,
+        reason = "the clone is what shares the buffer"
+    )]
+    let shared = value.clone();
+    Some(shared)
 }
 
 fn json(status: StatusCode, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(
-            Full::new(Bytes::from(body))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        .body(Either::Left(Full::new(Bytes::from(body))))
         .expect("static response parts")
 }
 
@@ -349,12 +398,25 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Connection` is read as bytes, so a value with a byte that is not UTF-8
 /// does not hide the names listed next to it.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the few names a request has, rather than a hash lookup
+    // for each of the eight: most requests carry none of them.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
+        // The names `Connection` lists beyond the fixed ones (removed
+        // below anyway): usually none, so no `Vec` and no name parsed.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+            .map(<[u8]>::trim_ascii)
+            .filter(|n| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(n))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -370,7 +432,7 @@ async fn handle(
     ctx: &ListenerCtx,
     config: &ListenerConfig,
     conn: ConnClient,
-    owned: &Owned,
+    per_conn: &PerConn,
 ) -> Response<Body> {
     let started = Instant::now();
     let listener = config.name.as_str();
@@ -439,12 +501,12 @@ async fn handle(
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, Outcome::ReportOnly);
             metrics.refusal_log(listener, Some(&key.id), ip, Outcome::ReportOnly);
-            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier, owned).await;
+            let (resp, passed) = pass(req, ctx, config, &key, carrier, per_conn).await;
             (resp, passed.outcome(Outcome::ReportOnly))
         }
         Verdict::Allowed { key } => {
             seen(&key.id, client, Outcome::Allowed);
-            let (resp, passed) = pass(req, ctx, config, &key.id, conn.client, carrier, owned).await;
+            let (resp, passed) = pass(req, ctx, config, &key, carrier, per_conn).await;
             (resp, passed.outcome(Outcome::Allowed))
         }
     };
@@ -525,19 +587,16 @@ fn body_too_large() -> (Response<Body>, Passed) {
 }
 
 /// An accepted request: ping, auth answer, or the proxied exchange.
-/// `origin` is the connection's origin appended to `X-Forwarded-For`: the TCP
-/// peer, or the source a trusted PROXY header named. `carrier` is the header
-/// that carried the checked key.
+/// `carrier` is the header that carried the checked key.
 async fn pass(
     req: Request<Incoming>,
     ctx: &ListenerCtx,
     config: &ListenerConfig,
-    key_id: &str,
-    origin: ClientAddr,
+    key: &Arc<Key>,
     carrier: Option<CredentialHeader>,
-    owned: &Owned,
+    per_conn: &PerConn,
 ) -> (Response<Body>, Passed) {
-    let key_header = HeaderValue::from_str(key_id).ok();
+    let key_header = per_conn.key_id(key);
     if req.uri().path() == "/_keyfence/ping" {
         let mut resp = json(StatusCode::OK, r#"{"message":"pong"}"#.into());
         if let Some(v) = key_header {
@@ -547,7 +606,7 @@ async fn pass(
     }
     match config.mode {
         ListenerMode::Auth => {
-            let mut resp = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+            let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
             if let Some(v) = key_header {
                 resp.headers_mut().insert(KEY_ID_HEADER, v);
             }
@@ -555,7 +614,7 @@ async fn pass(
         }
         ListenerMode::Proxy => {
             let keep = carrier.filter(|_| config.forward_credential);
-            proxy(req, ctx, config, key_header, origin, keep, owned).await
+            proxy(req, ctx, config, key_header, keep, per_conn).await
         }
     }
 }
@@ -565,9 +624,8 @@ async fn proxy(
     ctx: &ListenerCtx,
     config: &ListenerConfig,
     key_header: Option<HeaderValue>,
-    origin: ClientAddr,
     keep: Option<CredentialHeader>,
-    owned: &Owned,
+    per_conn: &PerConn,
 ) -> (Response<Body>, Passed) {
     let Some(upstream) = &ctx.upstream else {
         return (
@@ -591,13 +649,15 @@ async fn proxy(
     strip_credentials(&mut parts.headers, config.key_header.as_deref(), keep);
     // Byte for byte, every value: what the shim cannot read is still passed
     // on rather than silently replaced.
+    let origin = per_conn.origin;
     let forwarded = {
         let previous = parts.headers.get_all(X_FORWARDED_FOR);
         let mut values = previous.iter().map(HeaderValue::as_bytes).peekable();
         if values.peek().is_none() {
-            HeaderValue::from_str(&origin.to_string())
+            per_conn.origin_xff.clone().ok_or(())
         } else {
             HeaderValue::from_bytes(&appended_xff(&values.collect::<Vec<_>>(), origin))
+                .map_err(drop)
         }
     };
     let Ok(forwarded) = forwarded else {
@@ -616,12 +676,11 @@ async fn proxy(
     if let Some(v) = key_header.clone() {
         parts.headers.insert(KEY_ID, v);
     }
-    let (body, overflow) = Capped::new(body, MAX_BODY_BYTES);
-    let body: ProxyBody = body.boxed();
+    let (body, overflow): (ProxyBody, _) = Capped::new(body, MAX_BODY_BYTES);
     let request = Request::from_parts(parts, body);
     let result = tokio::time::timeout(
         config.upstream_timeout,
-        upstream.send(owned, request, sequential),
+        upstream.send(&per_conn.owned, request, sequential),
     )
     .await;
     if overflow.happened() {
@@ -637,7 +696,10 @@ async fn proxy(
             if let Some(v) = key_header {
                 parts.headers.insert(KEY_ID, v);
             }
-            (Response::from_parts(parts, body.boxed()), Passed::Answered)
+            (
+                Response::from_parts(parts, Either::Right(body)),
+                Passed::Answered,
+            )
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "upstream request failed");

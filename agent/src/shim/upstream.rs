@@ -21,8 +21,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::{
     Request, Response, Uri, Version,
     body::Incoming,
@@ -36,8 +34,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, rustls};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body of a request sent upstream.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
+/// The body of a request sent upstream: the client's, capped (a concrete
+/// type, not a box: no allocation per request).
+pub type ProxyBody = super::body::Capped<Incoming>;
 
 /// Time to open the TCP connection (and finish the TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
