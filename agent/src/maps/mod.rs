@@ -15,6 +15,7 @@ pub mod direct;
 pub mod ifaces;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
+pub mod packed;
 pub mod policy;
 pub mod stats;
 pub mod unparsed;
