@@ -383,7 +383,9 @@ pub fn render_rejection(template: &str, ip: Option<IpAddr>, key_id: &str) -> Str
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), as names (no parse per request).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// A `static`: a `const` array would be built and dropped at every use,
+/// once per header looked at.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,

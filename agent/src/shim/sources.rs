@@ -301,26 +301,28 @@ impl Sources {
         {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        if !inner.contains_key(key_id) && inner.len() >= self.keys {
-            // Forget the key seen least recently.
-            if let Some(oldest) = inner
-                .iter()
-                .min_by_key(|(_, k)| k.last_seen)
-                .map(|(id, _)| id.clone())
-            {
-                inner.remove(&oldest);
-            }
-        }
-        // Look up by `&str` first: a key already known costs no `String`.
+        // Look up by `&str` first: a key already known costs no `String`
+        // (and one hash, not two, on every request).
         if !inner.contains_key(key_id) {
+            if inner.len() >= self.keys {
+                // Forget the key seen least recently.
+                if let Some(oldest) = inner
+                    .iter()
+                    .min_by_key(|(_, k)| k.last_seen)
+                    .map(|(id, _)| id.clone())
+                {
+                    inner.remove(&oldest);
+                }
+            }
             inner.insert(key_id.to_owned(), PerKey::default());
         }
         let Some(entry) = inner.get_mut(key_id) else {
             return;
         };
         entry.last_seen = Some(now);
-        if !entry.addrs.contains_key(&ip)
-            && entry.addrs.len() >= self.per_key
+        // The length first: the address is hashed here only when full.
+        if entry.addrs.len() >= self.per_key
+            && !entry.addrs.contains_key(&ip)
             && let Some(oldest) = entry
                 .addrs
                 .values()
