@@ -819,6 +819,62 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_makes_its_header_values_once() {
+        let conn = PerConn::new("198.51.100.7".parse().unwrap());
+        let xff = conn.origin_xff.clone().unwrap();
+        assert_eq!(xff, "198.51.100.7");
+        // Clones share one buffer: no copy per request.
+        assert_eq!(
+            xff.as_bytes().as_ptr(),
+            conn.origin_xff.as_ref().unwrap().as_bytes().as_ptr()
+        );
+        let a = Arc::new(crate::keys::testing::key(
+            "prod",
+            "secret-prod-000000000",
+            "",
+        ));
+        let first = conn.key_id(&a).unwrap();
+        assert_eq!(first, "prod");
+        assert_eq!(
+            conn.key_id(&a).unwrap().as_bytes().as_ptr(),
+            first.as_bytes().as_ptr()
+        );
+        // Another key (or the same id replaced in the table) is not served
+        // the cached value of the last one.
+        let b = Arc::new(crate::keys::testing::key(
+            "dev",
+            "secret-dev-0000000000",
+            "",
+        ));
+        assert_eq!(conn.key_id(&b).unwrap(), "dev");
+        let renamed = Arc::new(crate::keys::testing::key(
+            "prod2",
+            "secret-prod-000000000",
+            "",
+        ));
+        assert_eq!(conn.key_id(&renamed).unwrap(), "prod2");
+        // An id that is no header value sends no header.
+        let bad = Arc::new(crate::keys::testing::key(
+            "bad\nid",
+            "secret-bad-0000000000",
+            "",
+        ));
+        assert!(conn.key_id(&bad).is_none());
+        let utf8 = Arc::new(crate::keys::testing::key(
+            "clé",
+            "secret-cle-0000000000",
+            "",
+        ));
+        // The same rule as `HeaderValue::from_str`, which made it before:
+        // bytes above 127 pass.
+        assert_eq!(conn.key_id(&utf8).unwrap().as_bytes(), "clé".as_bytes());
+        assert_eq!(
+            HeaderValue::from_str("clé").unwrap().as_bytes(),
+            "clé".as_bytes()
+        );
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_stripped() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -844,5 +900,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key("x-secret-hop"));
         assert!(h.contains_key("x-end-to-end"));
+
+        // A fixed name listed in Connection (any case) and a header only
+        // Connection names, next to it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Keep-Alive , TE,x-only-named"),
+        );
+        h.insert("x-only-named", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-end-to-end"));
+
+        // Without any hop-by-hop header nothing is touched.
+        let mut h = HeaderMap::new();
+        h.insert("x-only-named", HeaderValue::from_static("1"));
+        h.append("x-end-to-end", HeaderValue::from_static("a"));
+        h.append("x-end-to-end", HeaderValue::from_static("b"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3);
     }
 }
