@@ -174,7 +174,7 @@ pub struct Pieces {
 impl Pieces {
     /// From each restricted slot's networks (IPv6 ones do not count: an
     /// IPv6 prefix never admits an IPv4 source, SPEC §3).
-    pub fn of<'a>(slots: impl IntoIterator<Item = (u32, &'a [Net])>) -> Self {
+    pub fn of<N: IntoIterator<Item = Net>>(slots: impl IntoIterator<Item = (u32, N)>) -> Self {
         // One event per network end: (position << 8) | start flag << 7 | slot.
         let mut events = Vec::new();
         for (slot, nets) in slots {
@@ -182,7 +182,7 @@ impl Pieces {
                 continue;
             }
             for net in nets {
-                if let IpNet::V4(v4) = **net {
+                if let IpNet::V4(v4) = *net {
                     let start = u64::from(u32::from(v4.network()));
                     let end = u64::from(u32::from(v4.broadcast())) + 1;
                     events.push((start << 8) | (1 << 7) | u64::from(slot));

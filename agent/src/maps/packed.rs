@@ -258,6 +258,7 @@ impl PackedNets {
     }
 
     /// Heap bytes the set holds (chunk table and encodings).
+    #[cfg(test)]
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
         self.chunks.capacity() * std::mem::size_of::<Chunk>()

@@ -638,7 +638,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         let v4 = V4Want::To(Pieces::of(
             plan.nets
                 .iter()
-                .map(|(slot, nets)| (*slot, nets.as_slice())),
+                .map(|(slot, nets)| (*slot, nets.iter().copied())),
         ));
         phases.done("direct tables planned");
         let written = self.write(&plan.ops, Some(&plan.listeners), &v4);
@@ -937,30 +937,31 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         if !touches_v4 && self.direct.path() == V4Path::Direct {
             return V4Want::Skip;
         }
-        // Each slot's IPv4 networks after the changes (they sort before
-        // IPv6, so the packed sets are read only as far as they go).
-        let v4_of = |have: &PackedNets| have.iter().take_while(is_v4).collect::<Vec<_>>();
+        // The changed slots' IPv4 networks after the changes; the others are
+        // read from what the writer holds, not copied (IPv4 sorts before
+        // IPv6, so a packed set is read only as far as its IPv4 part).
         let mut after: BTreeMap<u32, Vec<Net>> = BTreeMap::new();
         for ((_, change), &slot) in changes.iter().zip(slots) {
             let Some(Held::Nets(have)) = self.held.get(&slot) else {
                 return V4Want::Unknown;
             };
-            let nets = after.entry(slot).or_insert_with(|| v4_of(have));
+            let nets = after
+                .entry(slot)
+                .or_insert_with(|| have.iter().take_while(is_v4).collect());
             nets.retain(|n| !change.removed.contains(n));
             nets.extend(change.added.iter().copied().filter(is_v4));
         }
+        let mut slices: Vec<(u32, Box<dyn Iterator<Item = Net> + '_>)> = Vec::new();
         for (&slot, held) in &self.held {
-            match held {
-                _ if after.contains_key(&slot) => {}
-                Held::Nets(have) => {
-                    after.insert(slot, v4_of(have));
+            match (after.get(&slot), held) {
+                (Some(nets), _) => slices.push((slot, Box::new(nets.iter().copied()))),
+                (None, Held::Nets(have)) => {
+                    slices.push((slot, Box::new(have.iter().take_while(is_v4))));
                 }
-                Held::Entries(_) => return V4Want::Unknown,
+                (None, Held::Entries(_)) => return V4Want::Unknown,
             }
         }
-        V4Want::To(Pieces::of(
-            after.iter().map(|(slot, nets)| (*slot, nets.as_slice())),
-        ))
+        V4Want::To(Pieces::of(slices))
     }
 
     /// Steps 2 and 3: the listener map and the port table it implies.
