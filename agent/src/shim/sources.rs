@@ -301,8 +301,8 @@ impl Sources {
         {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        // Look up by `&str` first: a key already known costs no `String`
-        // (and one hash, not two, on every request).
+        // Look up by `&str` first: a key already known costs no `String`,
+        // and only a new key pays the check for room.
         if !inner.contains_key(key_id) {
             if inner.len() >= self.keys {
                 // Forget the key seen least recently.
