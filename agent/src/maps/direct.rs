@@ -365,19 +365,22 @@ impl DirectWriter {
                 ids.entry(sets[id]).or_insert(u32::try_from(id)?);
             }
         }
-        let quarantined_nodes: std::collections::BTreeSet<u32> =
-            self.quarantine_nodes.iter().map(|q| q.1).collect();
-        let quarantined_sets: std::collections::BTreeSet<u32> =
-            self.quarantine_sets.iter().map(|q| q.1).collect();
-        let ids_of = |live: &[bool], q: &std::collections::BTreeSet<u32>, want_live: bool| {
-            live.iter()
+        // Ids nothing reaches that are not in quarantine, and the live ones.
+        let ids_of = |live: &[bool], quarantined: &[(Instant, u32)], want_live: bool| {
+            let mut pick: Vec<bool> = live.iter().map(|&l| l == want_live).collect();
+            for &(_, id) in quarantined {
+                if let Some(p) = pick.get_mut(id as usize) {
+                    *p = false;
+                }
+            }
+            pick.iter()
                 .enumerate()
-                .filter(|(id, l)| **l == want_live && !q.contains(&(*id as u32)))
+                .filter(|(_, p)| **p)
                 .map(|(id, _)| id as u32)
                 .collect::<Vec<u32>>()
         };
-        let mut free_nodes = ids_of(&live_nodes, &quarantined_nodes, false);
-        let mut free_sets = ids_of(&live_sets, &quarantined_sets, false);
+        let mut free_nodes = ids_of(&live_nodes, &self.quarantine_nodes, false);
+        let mut free_sets = ids_of(&live_sets, &self.quarantine_sets, false);
         free_sets.retain(|&id| id != 0);
         // Popped from the end: lowest ids first.
         free_nodes.reverse();
@@ -388,8 +391,8 @@ impl DirectWriter {
             ids,
             free_nodes,
             free_sets,
-            touched_nodes: ids_of(&live_nodes, &std::collections::BTreeSet::new(), true),
-            touched_sets: ids_of(&live_sets, &std::collections::BTreeSet::new(), true),
+            touched_nodes: ids_of(&live_nodes, &[], true),
+            touched_sets: ids_of(&live_sets, &[], true),
             full: false,
         };
         let mode = be.mode()?;
@@ -623,24 +626,40 @@ fn set_id(
     Ok(Ok(id))
 }
 
-/// The direct tables in the kernel. `KF_V4_TOP`, `KF_V4_NODES` and
-/// `KF_V4_SETS` are written through a shared mapping, mapped only while a
-/// sync runs (the pages would otherwise count in the agent's RSS), with
-/// single aligned atomic stores.
+/// The direct tables in the kernel, written through shared mappings with
+/// single aligned atomic stores. `KF_V4_TOP` and `KF_V4_SETS` (1 MiB
+/// together; every sync reads them whole) stay mapped from the first sync
+/// on. `KF_V4_NODES` (16 MiB) is mapped only while a sync runs, and only
+/// the pages of the nodes it reaches, or whole once it reaches many: a
+/// kernel array mapping maps every page at `mmap` time, so mapping all of it
+/// for a one-address change cost more than the change, and its pages would
+/// count in the agent's RSS.
 pub struct KernelDirectMaps {
     mode: Array<MapData, u32>,
     top: Array<MapData, u32>,
     nodes: Array<MapData, keyfence_common::policy::V4Node>,
     sets: Array<MapData, u64>,
-    mapped: Option<Mapped>,
+    small: Option<Small>,
+    /// The node pages mapped by the running sync.
+    node_pages: std::cell::RefCell<NodePages>,
+    syncing: bool,
 }
 
-/// The three arrays mapped into the agent.
-struct Mapped {
+/// `KF_V4_TOP` and `KF_V4_SETS`, mapped.
+struct Small {
     top: Mapping,
-    nodes: Mapping,
     sets: Mapping,
 }
+
+/// What of `KF_V4_NODES` is mapped.
+enum NodePages {
+    /// Page index → a one-page mapping.
+    Pages(HashMap<usize, Mapping>),
+    Whole(Mapping),
+}
+
+/// Node pages a sync maps one by one before it maps the whole array.
+const NODE_PAGES_ONE_BY_ONE: usize = 32;
 
 struct Mapping {
     ptr: *mut libc::c_void,
@@ -648,9 +667,12 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn new(fd: i32, len: usize, name: &str) -> anyhow::Result<Self> {
+    /// `len` bytes of the array behind `fd` from byte `offset` (a multiple
+    /// of the page size).
+    fn new(fd: i32, offset: usize, len: usize, name: &str) -> anyhow::Result<Self> {
+        let offset = libc::off_t::try_from(offset).context("mapping offset")?;
         // SAFETY: a fresh shared mapping of a BPF array map's fd; the kernel
-        // checks the length against the map and the map's mmapable flag.
+        // checks offset and length against the map and its mmapable flag.
         #[expect(unsafe_code, reason = "mmap of a BPF_F_MMAPABLE array")]
         let ptr = unsafe {
             libc::mmap(
@@ -659,7 +681,7 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd,
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -668,29 +690,39 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
-    fn u32_at(&self, offset: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(
-            offset + 4 <= self.len && offset.is_multiple_of(4),
-            "offset in range"
-        );
-        // SAFETY: in bounds and aligned (asserted; the mapping is page
-        // aligned); the kernel side only reads these words.
+    /// The mapping as 32-bit words.
+    fn words(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: the mapping is `len` bytes, page aligned, alive as long as
+        // `self`; the kernel side only reads these words.
         #[expect(unsafe_code, reason = "an atomic view of mapped map memory")]
         unsafe {
-            std::sync::atomic::AtomicU32::from_ptr(self.ptr.cast::<u8>().add(offset).cast())
+            std::slice::from_raw_parts(
+                self.ptr.cast::<std::sync::atomic::AtomicU32>(),
+                self.len / 4,
+            )
         }
     }
 
-    fn u64_at(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(
-            offset + 8 <= self.len && offset.is_multiple_of(8),
-            "offset in range"
-        );
-        // SAFETY: as in `u32_at`.
+    /// The mapping as 64-bit words.
+    fn dwords(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: as in `words`; page aligned, so 8-byte aligned.
         #[expect(unsafe_code, reason = "an atomic view of mapped map memory")]
         unsafe {
-            std::sync::atomic::AtomicU64::from_ptr(self.ptr.cast::<u8>().add(offset).cast())
+            std::slice::from_raw_parts(
+                self.ptr.cast::<std::sync::atomic::AtomicU64>(),
+                self.len / 8,
+            )
         }
+    }
+
+    fn u32_at(&self, offset: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(offset.is_multiple_of(4), "offset aligned");
+        &self.words()[offset / 4]
+    }
+
+    fn u64_at(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(offset.is_multiple_of(8), "offset aligned");
+        &self.dwords()[offset / 8]
     }
 }
 
@@ -713,9 +745,12 @@ impl Drop for Mapping {
 const TOP_STRIDE: usize = 8;
 const NODE_STRIDE: usize = 4 * V4_NODE_FANOUT;
 const SET_STRIDE: usize = 8;
+const PAGE: usize = 4096;
+/// Pages of `KF_V4_NODES`.
+const NODES_PAGES: usize = (V4_NODES_CAPACITY as usize * NODE_STRIDE).div_ceil(PAGE);
 
 fn page_round(len: usize) -> usize {
-    len.div_ceil(4096) * 4096
+    len.div_ceil(PAGE) * PAGE
 }
 
 impl KernelDirectMaps {
@@ -725,101 +760,146 @@ impl KernelDirectMaps {
             top: maps.map(map_names::V4_TOP)?,
             nodes: maps.map(map_names::V4_NODES)?,
             sets: maps.map(map_names::V4_SETS)?,
-            mapped: None,
+            small: None,
+            node_pages: std::cell::RefCell::new(NodePages::Pages(HashMap::new())),
+            syncing: false,
         })
     }
 
-    fn mapped(&self) -> anyhow::Result<&Mapped> {
-        self.mapped
-            .as_ref()
-            .context("the direct tables are not mapped (no sync running)")
-    }
-
-    fn map_all(&self) -> anyhow::Result<Mapped> {
-        Ok(Mapped {
+    fn map_small(&self) -> anyhow::Result<Small> {
+        Ok(Small {
             top: Mapping::new(
                 self.top.map().fd().as_fd_raw(),
+                0,
                 page_round(V4_TOP_CAPACITY as usize * TOP_STRIDE),
                 map_names::V4_TOP,
             )?,
-            nodes: Mapping::new(
-                self.nodes.map().fd().as_fd_raw(),
-                page_round(V4_NODES_CAPACITY as usize * NODE_STRIDE),
-                map_names::V4_NODES,
-            )?,
             sets: Mapping::new(
                 self.sets.map().fd().as_fd_raw(),
+                0,
                 page_round(V4_SETS_CAPACITY as usize * SET_STRIDE),
                 map_names::V4_SETS,
             )?,
         })
     }
 
+    fn map_nodes(&self, page: usize, pages: usize) -> anyhow::Result<Mapping> {
+        Mapping::new(
+            self.nodes.map().fd().as_fd_raw(),
+            page * PAGE,
+            pages * PAGE,
+            map_names::V4_NODES,
+        )
+    }
+
+    fn small(&self) -> anyhow::Result<&Small> {
+        match &self.small {
+            Some(small) if self.syncing => Ok(small),
+            _ => bail!("the direct tables are not mapped (no sync running)"),
+        }
+    }
+
+    /// Run `f` on the 256 words of node `id`, mapping its page first (or
+    /// the whole array, once a sync has mapped many pages).
+    fn node_words<T>(
+        &self,
+        id: u32,
+        f: impl FnOnce(&[std::sync::atomic::AtomicU32]) -> T,
+    ) -> anyhow::Result<T> {
+        if !self.syncing {
+            bail!("the direct tables are not mapped (no sync running)");
+        }
+        if id >= V4_NODES_CAPACITY {
+            bail!("node {id} out of range");
+        }
+        let offset = id as usize * NODE_STRIDE;
+        let page = offset / PAGE;
+        let mut pages = self.node_pages.borrow_mut();
+        if let NodePages::Pages(one_by_one) = &*pages
+            && !one_by_one.contains_key(&page)
+            && one_by_one.len() >= NODE_PAGES_ONE_BY_ONE
+        {
+            *pages = NodePages::Whole(self.map_nodes(0, NODES_PAGES)?);
+        }
+        let (m, at) = match &mut *pages {
+            NodePages::Whole(m) => (&*m, offset),
+            NodePages::Pages(one_by_one) => {
+                let m = match one_by_one.entry(page) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(self.map_nodes(page, 1)?)
+                    }
+                };
+                (&*m, offset % PAGE)
+            }
+        };
+        Ok(f(&m.words()[at / 4..at / 4 + V4_NODE_FANOUT]))
+    }
+
     /// Everything the tables hold that a packet can reach (the reference
-    /// model's input; reads through a mapping of its own).
+    /// model's input; reads through mappings of its own).
     pub fn read(&self) -> anyhow::Result<DirectTables> {
-        let m = self.map_all()?;
+        let small = self.map_small()?;
+        let nodes = self.map_nodes(0, NODES_PAGES)?;
+        let node = |id: u32| -> anyhow::Result<Node> {
+            if id >= V4_NODES_CAPACITY {
+                bail!("node {id} out of range");
+            }
+            Ok(read_node(nodes.words(), id as usize * NODE_STRIDE / 4))
+        };
         let mut tables = DirectTables {
             mode: self.mode()?,
-            top: m.top_all(),
+            top: top_words(&small.top),
             ..DirectTables::default()
         };
-        let (nodes, sets) = reachable(|id| m.node(id), &tables.top)?;
-        for (id, _) in nodes.iter().enumerate().filter(|(_, l)| **l) {
+        let (live_nodes, live_sets) = reachable(node, &tables.top)?;
+        for (id, _) in live_nodes.iter().enumerate().filter(|(_, l)| **l) {
             let id = u32::try_from(id)?;
-            tables.nodes.insert(id, m.node(id)?);
+            tables.nodes.insert(id, node(id)?);
         }
-        let all = m.sets_all();
-        for (id, _) in sets.iter().enumerate().filter(|(_, l)| **l) {
+        let all = set_words(&small.sets);
+        for (id, _) in live_sets.iter().enumerate().filter(|(_, l)| **l) {
             tables.sets.insert(u32::try_from(id)?, all[id]);
         }
         Ok(tables)
     }
 }
 
-impl Mapped {
-    fn top_all(&self) -> Vec<u32> {
-        (0..V4_TOP_CAPACITY as usize)
-            .map(|i| {
-                self.top
-                    .u32_at(i * TOP_STRIDE)
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .collect()
-    }
+/// Every top entry (a `u32` in each 8-byte element).
+fn top_words(top: &Mapping) -> Vec<u32> {
+    top.words()
+        .iter()
+        .step_by(TOP_STRIDE / 4)
+        .take(V4_TOP_CAPACITY as usize)
+        .map(|w| w.load(std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
 
-    fn node(&self, id: u32) -> anyhow::Result<Node> {
-        if id >= V4_NODES_CAPACITY {
-            bail!("node {id} out of range");
-        }
-        let base = id as usize * NODE_STRIDE;
-        Ok(std::array::from_fn(|k| {
-            self.nodes
-                .u32_at(base + 4 * k)
-                .load(std::sync::atomic::Ordering::Relaxed)
-        }))
-    }
+/// Every set's bitmap.
+fn set_words(sets: &Mapping) -> Vec<u64> {
+    sets.dwords()
+        .iter()
+        .take(V4_SETS_CAPACITY as usize)
+        .map(|w| w.load(std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
 
-    fn sets_all(&self) -> Vec<u64> {
-        (0..V4_SETS_CAPACITY as usize)
-            .map(|i| {
-                self.sets
-                    .u64_at(i * SET_STRIDE)
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .collect()
-    }
+/// The node whose first entry is word `base` of `words`.
+fn read_node(words: &[std::sync::atomic::AtomicU32], base: usize) -> Node {
+    std::array::from_fn(|k| words[base + k].load(std::sync::atomic::Ordering::Relaxed))
 }
 
 impl DirectBackend for KernelDirectMaps {
     fn begin(&mut self) -> anyhow::Result<()> {
-        if self.mapped.is_none() {
-            self.mapped = Some(self.map_all()?);
+        if self.small.is_none() {
+            self.small = Some(self.map_small()?);
         }
+        self.syncing = true;
         Ok(())
     }
     fn finish(&mut self) {
-        self.mapped = None;
+        self.syncing = false;
+        *self.node_pages.get_mut() = NodePages::Pages(HashMap::new());
     }
     fn mode(&self) -> anyhow::Result<u32> {
         self.mode.get(&0, 0).context("reading KF_V4_MODE")
@@ -828,39 +908,37 @@ impl DirectBackend for KernelDirectMaps {
         self.mode.set(0, mode, 0).context("writing KF_V4_MODE")
     }
     fn top_all(&self) -> anyhow::Result<Vec<u32>> {
-        Ok(self.mapped()?.top_all())
+        Ok(top_words(&self.small()?.top))
     }
     fn put_top(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
         if index >= V4_TOP_CAPACITY {
             bail!("top index {index} out of range");
         }
-        self.mapped()?
+        self.small()?
             .top
             .u32_at(index as usize * TOP_STRIDE)
             .store(value, std::sync::atomic::Ordering::Release);
         Ok(())
     }
     fn node(&self, id: u32) -> anyhow::Result<Node> {
-        self.mapped()?.node(id)
+        self.node_words(id, |words| read_node(words, 0))
     }
     fn put_node(&mut self, id: u32, at: usize, value: u32) -> anyhow::Result<()> {
-        if id >= V4_NODES_CAPACITY || at >= V4_NODE_FANOUT {
+        if at >= V4_NODE_FANOUT {
             bail!("node {id}[{at}] out of range");
         }
-        self.mapped()?
-            .nodes
-            .u32_at(id as usize * NODE_STRIDE + 4 * at)
-            .store(value, std::sync::atomic::Ordering::Release);
-        Ok(())
+        self.node_words(id, |words| {
+            words[at].store(value, std::sync::atomic::Ordering::Release);
+        })
     }
     fn sets_all(&self) -> anyhow::Result<Vec<u64>> {
-        Ok(self.mapped()?.sets_all())
+        Ok(set_words(&self.small()?.sets))
     }
     fn put_set(&mut self, id: u32, bits: u64) -> anyhow::Result<()> {
         if id >= V4_SETS_CAPACITY {
             bail!("set {id} out of range");
         }
-        self.mapped()?
+        self.small()?
             .sets
             .u64_at(id as usize * SET_STRIDE)
             .store(bits, std::sync::atomic::Ordering::Release);
