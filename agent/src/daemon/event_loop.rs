@@ -62,8 +62,8 @@ impl Daemon {
                     Apply::Check { key, done } => {
                         let _ = done.send(self.check_key(&key));
                     }
-                    Apply::Upto { seq, done } => {
-                        let _ = done.send(self.enforce_upto(seq, shim, api).await);
+                    Apply::Upto { seq, written, done } => {
+                        let _ = done.send(self.enforce_upto(seq, written.map(|k| *k), shim, api).await);
                     }
                 },
                 _ = feed.tick() => {

@@ -23,16 +23,26 @@ const BATCH_FULL: usize = 32;
 
 impl Daemon {
     /// Answer a write committed at `seq` once the feed is enforced up to it.
+    /// `written` is the key as that write committed it (an embedded store's
+    /// write: one writer, one sequence): when `seq` is the only change after
+    /// what is applied, it is the feed's state at `seq`, so it is applied
+    /// without reading the key back.
     pub(super) async fn enforce_upto(
         &mut self,
         seq: i64,
+        written: Option<StoredKey>,
         shim: &Shim,
         api: &ApiState,
     ) -> Result<Duration, EnforceError> {
         let started = Instant::now();
-        if seq > self.applied {
-            // A failed apply is remembered in `feed_failure`, answered below.
-            self.follow_feed(shim, api).await?;
+        // A failed apply is remembered in `feed_failure`, answered below.
+        match written {
+            Some(key) if seq == self.applied + 1 => {
+                let result = self.apply_key(key, shim, api);
+                self.applied_upto(seq..=seq, result);
+            }
+            _ if seq > self.applied => self.follow_feed(shim, api).await?,
+            _ => {}
         }
         if self
             .feed_failure
@@ -77,7 +87,17 @@ impl Daemon {
                 .map(|key| self.apply_key(key, shim, api))
                 .fold(Ok(()), Result::and)
         };
-        self.applied = changes.upto;
+        self.applied_upto(range, result);
+        Ok(())
+    }
+
+    /// The feed is applied up to the end of `range`, with `result`.
+    fn applied_upto(
+        &mut self,
+        range: std::ops::RangeInclusive<i64>,
+        result: Result<(), EnforceError>,
+    ) {
+        self.applied = *range.end();
         self.progress.send_replace(self.applied);
         match result {
             Ok(()) => self.feed_failure = None,
@@ -86,7 +106,6 @@ impl Daemon {
                 self.feed_failure = Some((range, e));
             }
         }
-        Ok(())
     }
 
     /// Many changed keys at once (an import by another writer): one key

@@ -68,8 +68,14 @@ pub enum Apply {
     /// committed yet). Changes nothing.
     Check { key: Box<StoredKey>, done: Done },
     /// Answer once the store's change feed is enforced up to `seq` (the
-    /// audit sequence number of a committed write).
-    Upto { seq: i64, done: Done },
+    /// audit sequence number of a committed write). `written`: the key as
+    /// the write committed it, given by an embedded store (one writer): the
+    /// daemon applies it without reading it back when nothing else changed.
+    Upto {
+        seq: i64,
+        written: Option<Box<StoredKey>>,
+        done: Done,
+    },
 }
 
 /// Why the daemon could not take a change.
@@ -495,9 +501,16 @@ async fn check_capacity(state: &ApiState, key: StoredKey) -> Result<(), ApiError
     }
 }
 
-/// Wait until the daemon enforces the store's changes up to `seq`.
-async fn enforce(state: &ApiState, seq: i64) -> Result<(), ApiError> {
-    ask(state, |done| Apply::Upto { seq, done })
+/// Wait until the daemon enforces the store's changes up to `seq`, the
+/// write that left `written`.
+async fn enforce(state: &ApiState, seq: i64, written: &StoredKey) -> Result<(), ApiError> {
+    // A shared store's sequence is not one writer's: the daemon reads it.
+    let written = state
+        .store
+        .fleet()
+        .is_none()
+        .then(|| Box::new(written.clone()));
+    ask(state, |done| Apply::Upto { seq, written, done })
         .await
         .map_err(|e| {
             let why = e.to_string();
@@ -597,7 +610,7 @@ async fn commit(
     let would_be = super::preview::would_be(state.store.as_ref(), &write, now).await?;
     check_capacity(state, would_be).await?;
     let committed = state.store.write(write, &actor, now).await?;
-    enforce(state, committed.seq).await?;
+    enforce(state, committed.seq, &committed.key).await?;
     // Later writes need not wait for the other hosts of this one.
     drop(order);
     let enforcement = fleet_enforcement(state, committed.seq, wait).await;
