@@ -117,3 +117,88 @@ pub fn set_nofile_soft(soft: u64) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// What [`map_batch`] does to each element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapBatch {
+    /// `BPF_MAP_UPDATE_BATCH`: insert or replace.
+    Update,
+    /// `BPF_MAP_DELETE_BATCH`: remove (a missing key stops the batch).
+    Delete,
+}
+
+/// `bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Update (with `values`, one per key) or delete `keys` in the map behind
+/// `fd` with one `bpf(2)` call; the kernel takes them in order, one at a
+/// time, as the single-element calls would. On an error, the number of
+/// elements the kernel took before it stopped comes with it.
+pub fn map_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    op: MapBatch,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    use std::os::fd::AsRawFd as _;
+    assert!(
+        op == MapBatch::Delete || values.len() == keys.len(),
+        "one value per key"
+    );
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count =
+        u32::try_from(keys.len()).map_err(|_| (0, io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: if op == MapBatch::Update {
+            values.as_ptr() as u64
+        } else {
+            0
+        },
+        count,
+        map_fd: u32::try_from(fd.as_raw_fd()).expect("an open fd is not negative"),
+        elem_flags: 0,
+        flags: 0,
+    };
+    let cmd = match op {
+        MapBatch::Update => BPF_MAP_UPDATE_BATCH,
+        MapBatch::Delete => BPF_MAP_DELETE_BATCH,
+    };
+    // SAFETY: `attr` is a valid, exclusive `bpf_attr` prefix of the size
+    // passed; the kernel reads `count` keys (and values) of the map's sizes,
+    // which `K` and `V` are (aya's `Pod`: plain bytes, checked against the
+    // map when it was opened), from the live slices, and writes back only
+    // `attr.count`. Nothing is retained after the call.
+    #[expect(unsafe_code, reason = "bpf(2) batch commands have no wrapper in aya")]
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let err = io::Error::last_os_error();
+        Err((attr.count.min(count) as usize, err))
+    }
+}

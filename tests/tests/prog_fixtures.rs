@@ -1394,3 +1394,49 @@ fn direct_tables_fall_back_to_the_trie_and_back() {
         }
     }
 }
+
+/// The writer hands runs of one kind to the kernel in batches
+/// (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`, 8,192 a call): the
+/// maps hold exactly the entries the writer plans, after a first apply of
+/// tens of thousands and after most of them go. Synthetic IPv4 sources from
+/// 240.0.0.0/4 (reserved, never routed) and IPv6 from `2001:db8::/32`; they
+/// only ever exist in maps.
+#[test]
+fn batched_writes_leave_the_maps_as_the_writer_plans() {
+    use keyfence::maps::{memory::MemoryBackend, policy::PolicyWriter};
+    let mut nets: Vec<String> = Vec::new();
+    nets.extend((0..20_000u32).map(|i| format!("{}/32", Ipv4Addr::from(0xf000_0000 + i))));
+    nets.extend((0..3_000u32).map(|i| format!("{}/24", Ipv4Addr::from(0xf100_0000 + (i << 8)))));
+    nets.extend((0..3_000u32).map(|i| format!("2001:db8::{i:x}/128")));
+    nets.extend((1..=9_000u32).map(|i| format!("2001:db8:{i:x}::/48")));
+    let kept: Vec<String> = nets.iter().step_by(7).cloned().collect();
+    let mut loaded = Loaded::new("batched", LO_SLOT).expect("loading the datapath (root needed)");
+    let dp = &mut loaded.datapath;
+    for (step, nets) in [("first apply", &nets), ("most removed", &kept)] {
+        let refs: Vec<&str> = nets.iter().map(String::as_str).collect();
+        let policy = CompiledPolicy {
+            listeners: vec![restricted("api", "[::]:8443", &refs)],
+            next_change: None,
+        };
+        dp.apply(&policy).expect("applying");
+        let mut plain = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+        plain.apply(&policy).unwrap();
+        let want = plain.tables();
+        let kernel = dp.tables().expect("reading the policy maps");
+        assert_eq!(
+            kernel.exact.len(),
+            want.exact.len(),
+            "{step}: KF_EXACT size"
+        );
+        assert!(kernel.exact == want.exact, "{step}: KF_EXACT differs");
+        assert_eq!(
+            kernel.prefixes.len(),
+            want.prefixes.len(),
+            "{step}: KF_PREFIXES size"
+        );
+        assert!(
+            kernel.prefixes == want.prefixes,
+            "{step}: KF_PREFIXES differs"
+        );
+    }
+}

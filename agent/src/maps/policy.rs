@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyfence_common::{
     PROTO_TCP, WILDCARD_V4, WILDCARD_V6, ipv4_mapped, map_names,
@@ -37,6 +37,7 @@ use crate::{
     },
     policy::{Access, CompiledPolicy},
     prefixset::Change,
+    sys::MapBatch,
 };
 
 /// A change the datapath cannot hold: refused before anything is written.
@@ -101,6 +102,26 @@ pub trait PolicyBackend {
     fn del_exact(&mut self, key: &PolicyAddr) -> anyhow::Result<()>;
     fn put_prefix(&mut self, key: &PrefixKey, value: u32) -> anyhow::Result<()>;
     fn del_prefix(&mut self, key: &PrefixKey) -> anyhow::Result<()>;
+    /// [`Self::put_exact`] for each key, in order (the kernel maps take a
+    /// run in one `bpf(2)` call: a first apply of a million addresses makes
+    /// a few hundred calls, not a million).
+    fn put_exact_many(&mut self, keys: &[PolicyAddr]) -> anyhow::Result<()> {
+        keys.iter().try_for_each(|k| self.put_exact(k))
+    }
+    /// [`Self::del_exact`] for each key, in order.
+    fn del_exact_many(&mut self, keys: &[PolicyAddr]) -> anyhow::Result<()> {
+        keys.iter().try_for_each(|k| self.del_exact(k))
+    }
+    /// [`Self::put_prefix`] for each key with its value, in order.
+    fn put_prefix_many(&mut self, keys: &[PrefixKey], values: &[u32]) -> anyhow::Result<()> {
+        keys.iter()
+            .zip(values)
+            .try_for_each(|(k, &v)| self.put_prefix(k, v))
+    }
+    /// [`Self::del_prefix`] for each key, in order.
+    fn del_prefix_many(&mut self, keys: &[PrefixKey]) -> anyhow::Result<()> {
+        keys.iter().try_for_each(|k| self.del_prefix(k))
+    }
     /// Everything currently stored (used once, to adopt pinned maps on start;
     /// the direct tables are left out, see [`Self::read_direct`]).
     fn read_all(&self) -> anyhow::Result<PolicyTables>;
@@ -888,9 +909,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         // 1. New allows first, the direct tables' widening pass after the
         // trie's (a fall-back to the trie may come at any point of it).
         let mut phases = crate::phases::Phases::start();
-        for op in ops.iter().filter(|op| op.widens()) {
-            self.write_op(op, &mut report)?;
-        }
+        self.write_ops(ops.iter().filter(|op| op.widens()), &mut report)?;
         phases.done("widening trie and hash writes");
         self.direct_step(v4, true)?;
         phases.done("widening direct writes");
@@ -899,9 +918,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         }
         // 4. Narrowing last; the direct tables' after the trie's, so that a
         // switch to direct mode finds both exact.
-        for op in ops.iter().filter(|op| !op.widens()) {
-            self.write_op(op, &mut report)?;
-        }
+        self.write_ops(ops.iter().filter(|op| !op.widens()), &mut report)?;
         self.direct_step(v4, false)?;
         Ok(report)
     }
@@ -1022,18 +1039,92 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         Ok(())
     }
 
-    fn write_op(&mut self, op: &Op, report: &mut ApplyReport) -> anyhow::Result<()> {
+    /// `ops` in their order; each run of one kind (exact puts, exact
+    /// removals, prefix puts, prefix removals) goes to the backend as one
+    /// batch of at most [`BATCH`].
+    fn write_ops<'o>(
+        &mut self,
+        ops: impl Iterator<Item = &'o Op>,
+        report: &mut ApplyReport,
+    ) -> anyhow::Result<()> {
+        let mut run = Run::default();
+        for op in ops {
+            let kind = RunKind::of(op);
+            if run.kind != Some(kind) || run.len() == BATCH {
+                run.flush(&mut self.backend)?;
+                run.kind = Some(kind);
+            }
+            run.push(op);
+            match (op.from, op.to) {
+                (None, _) => report.added += 1,
+                (_, None) => report.removed += 1,
+                _ => report.updated += 1,
+            }
+        }
+        run.flush(&mut self.backend)
+    }
+}
+
+/// Entries handed to the backend in one call: enough that the per-call cost
+/// vanishes, few enough that the buffers stay small (≈ 200 KiB).
+const BATCH: usize = 8192;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunKind {
+    PutExact,
+    DelExact,
+    PutPrefix,
+    DelPrefix,
+}
+
+impl RunKind {
+    fn of(op: &Op) -> Self {
         match (op.entry, op.to) {
-            (Entry::Exact(key), Some(_)) => self.backend.put_exact(&key)?,
-            (Entry::Exact(key), None) => self.backend.del_exact(&key)?,
-            (Entry::Prefix(key), Some(value)) => self.backend.put_prefix(&key, value)?,
-            (Entry::Prefix(key), None) => self.backend.del_prefix(&key)?,
+            (Entry::Exact(_), Some(_)) => Self::PutExact,
+            (Entry::Exact(_), None) => Self::DelExact,
+            (Entry::Prefix(_), Some(_)) => Self::PutPrefix,
+            (Entry::Prefix(_), None) => Self::DelPrefix,
         }
-        match (op.from, op.to) {
-            (None, _) => report.added += 1,
-            (_, None) => report.removed += 1,
-            _ => report.updated += 1,
+    }
+}
+
+/// Consecutive writes of one kind, waiting to go out together.
+#[derive(Default)]
+struct Run {
+    kind: Option<RunKind>,
+    exact: Vec<PolicyAddr>,
+    prefixes: Vec<PrefixKey>,
+    values: Vec<u32>,
+}
+
+impl Run {
+    fn len(&self) -> usize {
+        self.exact.len() + self.prefixes.len()
+    }
+
+    fn push(&mut self, op: &Op) {
+        match op.entry {
+            Entry::Exact(key) => self.exact.push(key),
+            Entry::Prefix(key) => {
+                self.prefixes.push(key);
+                if let Some(value) = op.to {
+                    self.values.push(value);
+                }
+            }
         }
+    }
+
+    fn flush(&mut self, backend: &mut impl PolicyBackend) -> anyhow::Result<()> {
+        match self.kind {
+            None => {}
+            Some(RunKind::PutExact) => backend.put_exact_many(&self.exact)?,
+            Some(RunKind::DelExact) => backend.del_exact_many(&self.exact)?,
+            Some(RunKind::PutPrefix) => backend.put_prefix_many(&self.prefixes, &self.values)?,
+            Some(RunKind::DelPrefix) => backend.del_prefix_many(&self.prefixes)?,
+        }
+        self.exact.clear();
+        self.prefixes.clear();
+        self.values.clear();
         Ok(())
     }
 }
@@ -1140,6 +1231,28 @@ impl PolicyBackend for KernelPolicyMaps {
             .remove(&Key::new(key.0, key.1))
             .context("removing from KF_PREFIXES")
     }
+    fn put_exact_many(&mut self, keys: &[PolicyAddr]) -> anyhow::Result<()> {
+        let values = vec![ALLOWED; keys.len()];
+        let done = batched(self.exact.map(), MapBatch::Update, keys, &values);
+        keys[done..].iter().try_for_each(|k| self.put_exact(k))
+    }
+    fn del_exact_many(&mut self, keys: &[PolicyAddr]) -> anyhow::Result<()> {
+        let done = batched::<_, u32>(self.exact.map(), MapBatch::Delete, keys, &[]);
+        keys[done..].iter().try_for_each(|k| self.del_exact(k))
+    }
+    fn put_prefix_many(&mut self, keys: &[PrefixKey], values: &[u32]) -> anyhow::Result<()> {
+        let trie_keys: Vec<Key<PolicyAddr>> = keys.iter().map(|k| Key::new(k.0, k.1)).collect();
+        let done = batched(self.prefixes.map(), MapBatch::Update, &trie_keys, values);
+        keys[done..]
+            .iter()
+            .zip(&values[done..])
+            .try_for_each(|(k, &v)| self.put_prefix(k, v))
+    }
+    fn del_prefix_many(&mut self, keys: &[PrefixKey]) -> anyhow::Result<()> {
+        let trie_keys: Vec<Key<PolicyAddr>> = keys.iter().map(|k| Key::new(k.0, k.1)).collect();
+        let done = batched::<_, u32>(self.prefixes.map(), MapBatch::Delete, &trie_keys, &[]);
+        keys[done..].iter().try_for_each(|k| self.del_prefix(k))
+    }
     fn read_all(&self) -> anyhow::Result<PolicyTables> {
         let mut tables = PolicyTables::default();
         for item in &self.listeners {
@@ -1169,6 +1282,26 @@ impl PolicyBackend for KernelPolicyMaps {
     }
     fn read_direct(&self) -> anyhow::Result<DirectTables> {
         self.direct.read()
+    }
+}
+
+/// One batch call for `keys`; how many the kernel took. The caller writes
+/// the rest one by one: on a kernel without batch commands for the map (hash
+/// maps have them since 5.6, the trie since 5.13) that is all of them, and
+/// where an element failed its single write says why.
+fn batched<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    op: MapBatch,
+    keys: &[K],
+    values: &[V],
+) -> usize {
+    use std::os::fd::AsFd as _;
+    match crate::sys::map_batch(map.fd().as_fd(), op, keys, values) {
+        Ok(()) => keys.len(),
+        Err((taken, error)) => {
+            tracing::debug!(%error, taken, of = keys.len(), ?op, "batch map write stopped; writing the rest one by one");
+            taken
+        }
     }
 }
 
@@ -1513,6 +1646,116 @@ mod tests {
     /// The kernel refusing a write the writer thought would fit (another
     /// program filled the map, a race with a reload): the listener opens, the
     /// writer's picture stays the kernel's, and the next full apply closes it.
+    /// A memory backend that notes each batch it is handed.
+    #[derive(Default)]
+    struct Batches {
+        inner: MemoryBackend,
+        calls: Vec<(&'static str, usize)>,
+    }
+
+    impl PolicyBackend for Batches {
+        fn put_listener(&mut self, key: &ListenerKey, value: &ListenerValue) -> anyhow::Result<()> {
+            self.inner.put_listener(key, value)
+        }
+        fn del_listener(&mut self, key: &ListenerKey) -> anyhow::Result<()> {
+            self.inner.del_listener(key)
+        }
+        fn put_port(&mut self, port: u16, value: u32) -> anyhow::Result<()> {
+            self.inner.put_port(port, value)
+        }
+        fn put_exact(&mut self, _: &PolicyAddr) -> anyhow::Result<()> {
+            bail!("single exact write outside a batch")
+        }
+        fn del_exact(&mut self, _: &PolicyAddr) -> anyhow::Result<()> {
+            bail!("single exact removal outside a batch")
+        }
+        fn put_prefix(&mut self, _: &PrefixKey, _: u32) -> anyhow::Result<()> {
+            bail!("single prefix write outside a batch")
+        }
+        fn del_prefix(&mut self, _: &PrefixKey) -> anyhow::Result<()> {
+            bail!("single prefix removal outside a batch")
+        }
+        fn put_exact_many(&mut self, keys: &[PolicyAddr]) -> anyhow::Result<()> {
+            self.calls.push(("put exact", keys.len()));
+            self.inner.put_exact_many(keys)
+        }
+        fn del_exact_many(&mut self, keys: &[PolicyAddr]) -> anyhow::Result<()> {
+            self.calls.push(("del exact", keys.len()));
+            self.inner.del_exact_many(keys)
+        }
+        fn put_prefix_many(&mut self, keys: &[PrefixKey], values: &[u32]) -> anyhow::Result<()> {
+            assert_eq!(keys.len(), values.len(), "a value per prefix");
+            self.calls.push(("put prefix", keys.len()));
+            self.inner.put_prefix_many(keys, values)
+        }
+        fn del_prefix_many(&mut self, keys: &[PrefixKey]) -> anyhow::Result<()> {
+            self.calls.push(("del prefix", keys.len()));
+            self.inner.del_prefix_many(keys)
+        }
+        fn read_all(&self) -> anyhow::Result<PolicyTables> {
+            self.inner.read_all()
+        }
+    }
+
+    #[test]
+    fn runs_of_one_kind_go_to_the_backend_in_batches() {
+        let hosts: Vec<String> = (0..20_000u32)
+            .map(|i| format!("2001:db8::{i:x}/128"))
+            .collect();
+        let nets: Vec<String> = (1..=9_000u32)
+            .map(|i| format!("2001:db8:{i:x}::/48"))
+            .collect();
+        let all: Vec<&str> = hosts.iter().chain(&nets).map(String::as_str).collect();
+        let mut w = PolicyWriter::adopt(Batches::default()).unwrap();
+        w.apply(&policy(vec![restricted("api", "[::]:1", &all)]))
+            .unwrap();
+        let mut firsts = w.backend().calls.clone();
+        firsts.sort_unstable();
+        assert_eq!(
+            firsts,
+            [
+                ("put exact", 3616),
+                ("put exact", 8192),
+                ("put exact", 8192),
+                ("put prefix", 808),
+                ("put prefix", 8192),
+            ],
+            "one call per {BATCH} writes of a kind"
+        );
+        let want = {
+            let mut plain = PolicyWriter::adopt(MemoryBackend::default()).unwrap();
+            plain
+                .apply(&policy(vec![restricted("api", "[::]:1", &all)]))
+                .unwrap();
+            plain.tables()
+        };
+        assert_eq!(w.backend().inner.tables.exact, want.exact);
+        assert_eq!(w.backend().inner.tables.prefixes, want.prefixes);
+
+        // Everything but one host and one network goes: removals batch too.
+        w.backend.calls.clear();
+        w.apply(&policy(vec![restricted(
+            "api",
+            "[::]:1",
+            &[all[0], all[hosts.len()]],
+        )]))
+        .unwrap();
+        let mut removals = w.backend().calls.clone();
+        removals.sort_unstable();
+        assert_eq!(
+            removals,
+            [
+                ("del exact", 3615),
+                ("del exact", 8192),
+                ("del exact", 8192),
+                ("del prefix", 807),
+                ("del prefix", 8192),
+            ]
+        );
+        assert_eq!(w.backend().inner.tables.exact.len(), 1);
+        assert_eq!(w.backend().inner.tables.prefixes.len(), 1);
+    }
+
     #[test]
     fn a_refused_kernel_write_opens_the_listener_until_a_full_apply() {
         let limit = Rc::new(Cell::new(2_usize));
