@@ -262,7 +262,31 @@ struct Batch {
     touched_sets: Vec<u32>,
     /// A pass ran out of room: the rest of the sync is skipped.
     full: bool,
+    /// The top entries this sync visits; `None`: all of them.
+    only: Option<Vec<u32>>,
 }
+
+/// What the writer knows of the tables after a sync that ran to its end, so
+/// that the next one need not read them back and scan all 65,536 top
+/// entries: it visits only the /16s its change touches.
+struct Known {
+    top: Vec<u32>,
+    sets: Vec<u64>,
+    /// Bitmap → set id for every set handed out and not reclaimed. A set
+    /// that a visiting sync stops reaching stays here, holding its bits, and
+    /// may be named again; it is reclaimed (quarantined) by the next sync
+    /// that visits everything.
+    ids: HashMap<u64, u32>,
+    free_nodes: Vec<u32>,
+    free_sets: Vec<u32>,
+    /// The tables decide exactly the last sync's target (direct mode,
+    /// nothing skipped): what a change does not touch is already right.
+    exact: bool,
+}
+
+/// A visiting sync needs at least this many free sets (its new sets are not
+/// reclaimed until a full one); below it the sync visits everything.
+const VISIT_MIN_FREE_SETS: usize = 4096;
 
 /// Which structure decides IPv4 sources, for `keyfence status` and logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,6 +305,7 @@ pub struct DirectWriter {
     /// packet may still be reading the tables.
     left_direct: Option<Instant>,
     batch: Option<Batch>,
+    known: Option<Known>,
     path: V4Path,
 }
 
@@ -291,6 +316,7 @@ impl Default for DirectWriter {
             quarantine_sets: Vec::new(),
             left_direct: None,
             batch: None,
+            known: None,
             path: V4Path::Trie("not written yet"),
         }
     }
@@ -336,6 +362,34 @@ fn reachable(
     Ok((nodes, sets))
 }
 
+/// The nodes reached from the top entries `indices` (a node has one parent,
+/// so no other entry reaches them).
+fn nodes_under(
+    node: impl Fn(u32) -> anyhow::Result<Node>,
+    top: &[u32],
+    indices: &[u32],
+) -> anyhow::Result<Vec<u32>> {
+    let is_node = |v: u32| v & V4_NODE != 0 && (v & !V4_NODE) < V4_NODES_CAPACITY;
+    let mut out = Vec::new();
+    for &i in indices {
+        let v = top[i as usize];
+        if !is_node(v) {
+            continue;
+        }
+        let id = v & !V4_NODE;
+        out.push(id);
+        out.extend(
+            node(id)?
+                .into_iter()
+                .filter(|&w| is_node(w))
+                .map(|w| w & !V4_NODE),
+        );
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 impl DirectWriter {
     /// Which structure decides IPv4 sources after the last sync.
     #[must_use]
@@ -347,17 +401,91 @@ impl DirectWriter {
     /// `want` (a no-op write-wise in trie mode once no packet can be reading
     /// the tables). Errors are the backend's; running out of room is not an
     /// error (IPv4 goes to the trie, see the module doc).
-    pub fn widen(&mut self, be: &mut dyn DirectBackend, want: &Pieces) -> anyhow::Result<()> {
+    ///
+    /// `touched`: the top entries whose /16 the change reaches (sorted), or
+    /// `None` when it may reach anywhere. Where the last sync left the
+    /// tables exact, only those are visited.
+    pub fn widen(
+        &mut self,
+        be: &mut dyn DirectBackend,
+        want: &Pieces,
+        touched: Option<&[u32]>,
+    ) -> anyhow::Result<()> {
         self.batch = None;
         be.begin()?;
         let now = Instant::now();
-        self.quarantine_nodes
-            .retain(|(at, _)| now.duration_since(*at) < QUARANTINE);
-        self.quarantine_sets
-            .retain(|(at, _)| now.duration_since(*at) < QUARANTINE);
+        let expired = |q: &mut Vec<(Instant, u32)>| {
+            let mut out = Vec::new();
+            q.retain(|&(at, id)| {
+                let keep = now.duration_since(at) < QUARANTINE;
+                if !keep {
+                    out.push(id);
+                }
+                keep
+            });
+            out
+        };
+        let expired_nodes = expired(&mut self.quarantine_nodes);
+        let expired_sets = expired(&mut self.quarantine_sets);
+        let known = self.known.take();
+        let batch = match (known, touched) {
+            (Some(k), Some(only))
+                if k.exact
+                    && self.path == V4Path::Direct
+                    && k.free_sets.len() + expired_sets.len() >= VISIT_MIN_FREE_SETS =>
+            {
+                let touched_nodes = nodes_under(|id| be.node(id), &k.top, only)?;
+                let mut free_nodes = k.free_nodes;
+                free_nodes.extend(expired_nodes);
+                let mut free_sets = k.free_sets;
+                free_sets.extend(expired_sets);
+                Batch {
+                    top: k.top,
+                    sets: k.sets,
+                    ids: k.ids,
+                    free_nodes,
+                    free_sets,
+                    touched_nodes,
+                    touched_sets: Vec::new(),
+                    full: false,
+                    only: Some(only.to_vec()),
+                }
+            }
+            (known, _) => self.read_batch(be, now, known.as_ref())?,
+        };
+        let mut batch = batch;
+        let mode = be.mode()?;
+        let reading = mode == V4_MODE_DIRECT
+            || self
+                .left_direct
+                .is_some_and(|at| now.duration_since(at) < QUARANTINE);
+        if reading && let Err(full) = pass(be, &mut batch, want, true)? {
+            self.fall_back(be, &mut batch, full.0)?;
+        }
+        self.batch = Some(batch);
+        Ok(())
+    }
+
+    /// A sync that visits everything: the tables read back, what is free
+    /// found by walking them. Sets a visiting sync stopped reaching (still
+    /// in `known`) are quarantined from now: a packet may have read the
+    /// entry that named one a moment ago.
+    fn read_batch(
+        &mut self,
+        be: &mut dyn DirectBackend,
+        now: Instant,
+        known: Option<&Known>,
+    ) -> anyhow::Result<Batch> {
         let top = be.top_all()?;
         let sets = be.sets_all()?;
         let (live_nodes, live_sets) = reachable(|id| be.node(id), &top)?;
+        if let Some(k) = known {
+            for &id in k.ids.values() {
+                if id != 0 && !live_sets[id as usize] {
+                    self.quarantine_sets.push((now, id));
+                }
+            }
+        }
         let mut ids = HashMap::new();
         ids.insert(0, 0);
         for (id, &live) in live_sets.iter().enumerate() {
@@ -385,7 +513,7 @@ impl DirectWriter {
         // Popped from the end: lowest ids first.
         free_nodes.reverse();
         free_sets.reverse();
-        let mut batch = Batch {
+        Ok(Batch {
             top,
             sets,
             ids,
@@ -394,17 +522,8 @@ impl DirectWriter {
             touched_nodes: ids_of(&live_nodes, &[], true),
             touched_sets: ids_of(&live_sets, &[], true),
             full: false,
-        };
-        let mode = be.mode()?;
-        let reading = mode == V4_MODE_DIRECT
-            || self
-                .left_direct
-                .is_some_and(|at| now.duration_since(at) < QUARANTINE);
-        if reading && let Err(full) = pass(be, &mut batch, want, true)? {
-            self.fall_back(be, &mut batch, full.0)?;
-        }
-        self.batch = Some(batch);
-        Ok(())
+            only: None,
+        })
     }
 
     /// Finish the sync [`Self::widen`] started: the narrowing pass, then
@@ -416,6 +535,16 @@ impl DirectWriter {
         };
         let result = self.narrow_batch(be, &mut batch, want);
         be.finish();
+        if result.is_ok() {
+            self.known = Some(Known {
+                exact: !batch.full && self.path == V4Path::Direct,
+                top: batch.top,
+                sets: batch.sets,
+                ids: batch.ids,
+                free_nodes: batch.free_nodes,
+                free_sets: batch.free_sets,
+            });
+        }
         result
     }
 
@@ -437,15 +566,27 @@ impl DirectWriter {
             }
         }
         let now = Instant::now();
-        let (live_nodes, live_sets) = reachable(|id| be.node(id), &batch.top)?;
-        for &id in &batch.touched_nodes {
-            if !live_nodes[id as usize] {
-                self.quarantine_nodes.push((now, id));
+        if let Some(only) = &batch.only {
+            // A node has one parent: only the visited entries' nodes can
+            // have left the tree. Sets stay held (see `Known::ids`).
+            let live = nodes_under(|id| be.node(id), &batch.top, only)?;
+            for &id in &batch.touched_nodes {
+                if live.binary_search(&id).is_err() {
+                    self.quarantine_nodes.push((now, id));
+                }
             }
-        }
-        for &id in &batch.touched_sets {
-            if !live_sets[id as usize] && id != 0 {
-                self.quarantine_sets.push((now, id));
+        } else {
+            let (live_nodes, live_sets) = reachable(|id| be.node(id), &batch.top)?;
+            for &id in &batch.touched_nodes {
+                if !live_nodes[id as usize] {
+                    self.quarantine_nodes.push((now, id));
+                }
+            }
+            for &id in &batch.touched_sets {
+                if !live_sets[id as usize] && id != 0 {
+                    self.quarantine_sets.push((now, id));
+                    batch.ids.retain(|_, v| *v != id);
+                }
             }
         }
         self.quarantine_nodes.sort_unstable();
@@ -478,6 +619,7 @@ impl DirectWriter {
     /// IPv4 takes the trie, whatever the tables hold (`why` for the logs).
     pub fn give_up(&mut self, be: &mut dyn DirectBackend, why: &'static str) -> anyhow::Result<()> {
         self.batch = None;
+        self.known = None;
         if be.mode()? != V4_MODE_TRIE {
             be.set_mode(V4_MODE_TRIE)?;
             self.left_direct = Some(Instant::now());
@@ -500,18 +642,36 @@ impl DirectWriter {
     }
 }
 
-/// One pass over the whole table: widening (every address to old ∪ new) or
-/// narrowing (to new). `Ok(Err(Full))`: out of room, written so far stays.
+/// One pass over the table (the batch's visited entries, or all of them):
+/// widening (every address to old ∪ new) or narrowing (to new).
+/// `Ok(Err(Full))`: out of room, written so far stays.
 fn pass(
     be: &mut dyn DirectBackend,
     batch: &mut Batch,
     want: &Pieces,
     widen: bool,
 ) -> anyhow::Result<Result<(), Full>> {
+    let only = batch.only.take();
+    let result = match &only {
+        Some(only) => pass_over(be, batch, want, widen, only.iter().copied()),
+        None => pass_over(be, batch, want, widen, 0..V4_TOP_CAPACITY),
+    };
+    batch.only = only;
+    result
+}
+
+/// [`pass`] over the top entries `indices` (in order).
+fn pass_over(
+    be: &mut dyn DirectBackend,
+    batch: &mut Batch,
+    want: &Pieces,
+    widen: bool,
+    indices: impl Iterator<Item = u32>,
+) -> anyhow::Result<Result<(), Full>> {
     // (cur, widen, want bits) → the entry last computed for them: most of
     // the table is long runs of one set under one piece.
     let mut last: Option<(u32, u64, u32)> = None;
-    for i in 0..V4_TOP_CAPACITY {
+    for i in indices {
         let cur = batch.top[i as usize];
         if cur & V4_NODE == 0
             && let Some(w) = want.uniform(u64::from(i) << 16, 1 << 16)
@@ -955,5 +1115,129 @@ impl RawFd for aya::maps::MapFd {
     fn as_fd_raw(&self) -> i32 {
         use std::os::fd::AsFd as _;
         self.as_fd().as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// The memory tables, counting the syncs that read them back whole.
+    #[derive(Default)]
+    struct Counted {
+        tables: DirectTables,
+        whole_reads: std::cell::Cell<usize>,
+    }
+
+    impl DirectBackend for Counted {
+        fn mode(&self) -> anyhow::Result<u32> {
+            self.tables.mode()
+        }
+        fn set_mode(&mut self, mode: u32) -> anyhow::Result<()> {
+            self.tables.set_mode(mode)
+        }
+        fn top_all(&self) -> anyhow::Result<Vec<u32>> {
+            self.whole_reads.set(self.whole_reads.get() + 1);
+            self.tables.top_all()
+        }
+        fn put_top(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
+            self.tables.put_top(index, value)
+        }
+        fn node(&self, id: u32) -> anyhow::Result<Node> {
+            self.tables.node(id)
+        }
+        fn put_node(&mut self, id: u32, at: usize, value: u32) -> anyhow::Result<()> {
+            self.tables.put_node(id, at, value)
+        }
+        fn sets_all(&self) -> anyhow::Result<Vec<u64>> {
+            self.tables.sets_all()
+        }
+        fn put_set(&mut self, id: u32, bits: u64) -> anyhow::Result<()> {
+            self.tables.put_set(id, bits)
+        }
+    }
+
+    fn nets(list: &[&str]) -> Vec<Net> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn v4(s: &str) -> u32 {
+        u32::from(s.parse::<Ipv4Addr>().unwrap())
+    }
+
+    /// Sync `be` to slot 1 allowing `list` and slot 2 `203.0.113.0/24` (or
+    /// nothing), visiting `touched` (or all).
+    fn sync(w: &mut DirectWriter, be: &mut Counted, list: &[&str], touched: Option<&[u32]>) {
+        let second = if list.contains(&"203.0.113.9/32") {
+            nets(&["203.0.113.0/24"])
+        } else {
+            Vec::new()
+        };
+        let want = Pieces::of([(1, nets(list)), (2, second)]);
+        w.widen(be, &want, touched).unwrap();
+        w.narrow(be, &want).unwrap();
+        assert_eq!(w.path(), V4Path::Direct);
+        for probe in [
+            "192.0.2.1",
+            "192.0.2.130",
+            "192.0.2.200",
+            "198.51.100.7",
+            "198.51.100.8",
+            "203.0.113.9",
+            "203.0.113.200",
+            "10.0.0.1",
+        ] {
+            let src = v4(probe);
+            let want_bits = want.uniform(u64::from(src), 1).unwrap();
+            assert_eq!(
+                be.tables.lookup(src),
+                Some(want_bits),
+                "{probe} after syncing to {list:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_visits_only_its_16s_and_a_full_sync_reclaims_what_they_left() {
+        let mut w = DirectWriter::default();
+        let mut be = Counted::default();
+        let base = ["192.0.2.0/25", "192.0.2.200/32", "198.51.100.7/32"];
+        sync(&mut w, &mut be, &base, None);
+        assert!(w.known.as_ref().is_some_and(|k| k.exact));
+        // Visiting syncs: a host in a /16 of its own, then a /25 beside it
+        // (a node, then none), and back. Nothing is read back whole.
+        let t = [v4("203.0.113.0") >> 16];
+        let with_host = [base.as_slice(), &["203.0.113.9/32"]].concat();
+        let with_net = [base.as_slice(), &["203.0.113.128/25", "203.0.113.9/32"]].concat();
+        for _ in 0..3 {
+            sync(&mut w, &mut be, &with_host, Some(&t));
+            sync(&mut w, &mut be, &with_net, Some(&t));
+            sync(&mut w, &mut be, &base, Some(&t));
+        }
+        assert_eq!(
+            be.whole_reads.get(),
+            1,
+            "only the first sync read the tables"
+        );
+        // The nodes the /16 dropped are quarantined as they go; no set is.
+        assert!(!w.quarantine_nodes.is_empty());
+        assert!(w.quarantine_sets.is_empty());
+        let held = w.known.as_ref().unwrap().ids.len();
+        // A full sync reclaims the sets nothing reaches any more.
+        sync(&mut w, &mut be, &base, None);
+        assert_eq!(be.whole_reads.get(), 2);
+        assert!(!w.quarantine_sets.is_empty(), "{held} sets were held");
+        let reached: Vec<u32> = w.known.as_ref().unwrap().ids.values().copied().collect();
+        for (_, id) in &w.quarantine_sets {
+            assert!(
+                !reached.contains(id),
+                "set {id} is both held and quarantined"
+            );
+        }
+        // After a failed sync nothing is known: the next one reads back.
+        w.give_up(&mut be, "test").unwrap();
+        assert!(w.known.is_none());
     }
 }

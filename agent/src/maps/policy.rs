@@ -656,11 +656,14 @@ impl<B: PolicyBackend> PolicyWriter<B> {
         let plan = self.plan(policy)?;
         let entries = self.check_capacity(&plan.ops)?;
         phases.done("map writes planned");
-        let v4 = V4Want::To(Pieces::of(
-            plan.nets
-                .iter()
-                .map(|(slot, nets)| (*slot, nets.iter().copied())),
-        ));
+        let v4 = V4Want::To(
+            Pieces::of(
+                plan.nets
+                    .iter()
+                    .map(|(slot, nets)| (*slot, nets.iter().copied())),
+            ),
+            None,
+        );
         phases.done("direct tables planned");
         let written = self.write(&plan.ops, Some(&plan.listeners), &v4);
         phases.done("map writes");
@@ -929,8 +932,10 @@ impl<B: PolicyBackend> PolicyWriter<B> {
             return Ok(());
         };
         match v4 {
-            V4Want::To(want) if widen => self.direct.widen(direct, want),
-            V4Want::To(want) => self.direct.narrow(direct, want),
+            V4Want::To(want, touched) if widen => {
+                self.direct.widen(direct, want, touched.as_deref())
+            }
+            V4Want::To(want, _) => self.direct.narrow(direct, want),
             V4Want::Unknown if widen => self
                 .direct
                 .give_up(direct, "networks read back, not written"),
@@ -978,7 +983,7 @@ impl<B: PolicyBackend> PolicyWriter<B> {
                 (None, Held::Entries(_)) => return V4Want::Unknown,
             }
         }
-        V4Want::To(Pieces::of(slices))
+        V4Want::To(Pieces::of(slices), touched_tops(changes))
     }
 
     /// Steps 2 and 3: the listener map and the port table it implies.
@@ -1129,11 +1134,39 @@ impl Run {
     }
 }
 
+/// The top entries of the direct tables (one per /16) that `changes` reach,
+/// sorted; `None` past [`TOUCHED_TOPS_MAX`] (a sync then visits them all).
+fn touched_tops(changes: &[(String, Change)]) -> Option<Vec<u32>> {
+    let mut tops = Vec::new();
+    for (_, change) in changes {
+        for net in change.added.iter().chain(&change.removed) {
+            if let IpNet::V4(v4) = **net {
+                let (first, last) = (
+                    u32::from(v4.network()) >> 16,
+                    u32::from(v4.broadcast()) >> 16,
+                );
+                if (last - first) as usize >= TOUCHED_TOPS_MAX || tops.len() >= TOUCHED_TOPS_MAX {
+                    return None;
+                }
+                tops.extend(first..=last);
+            }
+        }
+    }
+    tops.sort_unstable();
+    tops.dedup();
+    (tops.len() <= TOUCHED_TOPS_MAX).then_some(tops)
+}
+
+/// Past this many /16s a change's sync visits the whole table.
+const TOUCHED_TOPS_MAX: usize = 4096;
+
 /// What the direct IPv4 tables should reach in one write.
 enum V4Want {
     /// Nothing IPv4 changes.
     Skip,
-    To(Pieces),
+    /// These allow sets, reached by a sync of the top entries listed (of
+    /// every one: `None`).
+    To(Pieces, Option<Vec<u32>>),
     /// The writer does not know every slot's networks (entries adopted from
     /// the maps): IPv4 takes the trie until a full apply.
     Unknown,
@@ -2120,7 +2153,10 @@ mod tests {
             after in arb_policy(),
             restart in any::<bool>(),
             fail_at in prop::option::of(0..24_usize),
-            targets in prop::collection::vec(prop::sample::subsequence(NETS.to_vec(), 0..6), 3),
+            rounds in prop::collection::vec(
+                prop::collection::vec(prop::sample::subsequence(NETS.to_vec(), 0..6), 3),
+                1..4,
+            ),
         ) {
             let must_pass = Rc::new(RefCell::new(Vec::new()));
             let fail = Rc::new(Cell::new(None));
@@ -2184,32 +2220,38 @@ mod tests {
                 );
             }
 
-            // Changes to every restricted listener, written without a full apply.
+            // Rounds of changes to every restricted listener, written
+            // without a full apply (a sync after the first visits only the
+            // /16s a change reaches).
             let mut last = after.clone();
-            let mut changes = Vec::new();
-            for (listener, target) in last.listeners.iter_mut().zip(&targets) {
-                let Access::Restricted(nets) = &mut listener.access else {
-                    continue;
-                };
-                let have: BTreeSet<Net> = in_order(nets).into_iter().collect();
-                let want: BTreeSet<Net> = target.iter().map(|n| n.parse().unwrap()).collect();
-                changes.push((listener.name.clone(), Change {
-                    removed: have.difference(&want).copied().collect(),
-                    added: want.difference(&have).copied().collect(),
-                }));
-                *nets = want.into_iter().collect();
-            }
-            let last_tables = fresh_tables(&last);
-            *must_pass.borrow_mut() = both_allow(&after_tables, &last_tables);
-            let report = w.apply_changes(&changes).unwrap();
-            prop_assert!(report.is_some(), "the writer wrote every listener");
-            prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
-            for (s, d) in probes() {
-                prop_assert_eq!(
-                    w.backend().inner.tables.verdict(s, d),
-                    last_tables.verdict(s, d),
-                    "{} → {}", s, d
-                );
+            let mut last_tables = after_tables;
+            for targets in &rounds {
+                let mut changes = Vec::new();
+                for (listener, target) in last.listeners.iter_mut().zip(targets) {
+                    let Access::Restricted(nets) = &mut listener.access else {
+                        continue;
+                    };
+                    let have: BTreeSet<Net> = in_order(nets).into_iter().collect();
+                    let want: BTreeSet<Net> = target.iter().map(|n| n.parse().unwrap()).collect();
+                    changes.push((listener.name.clone(), Change {
+                        removed: have.difference(&want).copied().collect(),
+                        added: want.difference(&have).copied().collect(),
+                    }));
+                    *nets = want.into_iter().collect();
+                }
+                let next_tables = fresh_tables(&last);
+                *must_pass.borrow_mut() = both_allow(&last_tables, &next_tables);
+                let report = w.apply_changes(&changes).unwrap();
+                prop_assert!(report.is_some(), "the writer wrote every listener");
+                prop_assert_eq!(w.tables(), w.backend().inner.tables.clone());
+                for (s, d) in probes() {
+                    prop_assert_eq!(
+                        w.backend().inner.tables.verdict(s, d),
+                        next_tables.verdict(s, d),
+                        "{} → {}", s, d
+                    );
+                }
+                last_tables = next_tables;
             }
         }
     }
