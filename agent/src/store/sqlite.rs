@@ -325,13 +325,7 @@ impl SqliteStore {
         action: &str,
         apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<StoredKey, StoreError>,
     ) -> Result<(StoredKey, StoredKey, i64), StoreError> {
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
-        let known = match &self.written {
-            Some((v, keys)) if *v == version => keys.get(id).cloned(),
-            _ => None,
-        };
+        let (version, known) = self.recently_written(id)?;
         let (before, after, seq) = self.write(|tx| {
             let before = match known {
                 Some(key) if key.revoked_at.is_some() => {
@@ -697,7 +691,26 @@ impl SqliteStore {
         Ok(Committed { key, seq })
     }
 
+    /// `PRAGMA data_version` now, and the key as this connection last
+    /// wrote it if no other connection has committed since.
+    fn recently_written(&self, id: &str) -> Result<(i64, Option<StoredKey>), StoreError> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let known = match &self.written {
+            Some((v, keys)) if *v == version => keys.get(id).cloned(),
+            _ => None,
+        };
+        Ok((version, known))
+    }
+
+    /// The key `id` (a write's dry run reads it before every change: a key
+    /// this connection just wrote is not read back while nothing else has
+    /// committed).
     pub fn key(&mut self, id: &str) -> Result<StoredKey, StoreError> {
+        if let (_, Some(key)) = self.recently_written(id)? {
+            return Ok(key);
+        }
         let tx = self.conn.transaction()?;
         let key = load(&tx, id)?;
         tx.finish()?;
@@ -1102,10 +1115,20 @@ mod tests {
         other
             .update(&k.id, patch("203.0.113.9"), &actor(), at(2))
             .unwrap();
+        assert_eq!(
+            s.key(&k.id).unwrap().allow,
+            list("203.0.113.9"),
+            "a read is not our stale copy"
+        );
         let (before, _) = s
             .update(&k.id, patch("192.0.2.2"), &actor(), at(3))
             .unwrap();
         assert_eq!(before.allow, list("203.0.113.9"), "not our stale copy");
+        // Read back, our own write is the one the store holds.
+        let ours = s.key(&k.id).unwrap();
+        assert_eq!(ours.allow, list("192.0.2.2"));
+        s.written = None;
+        assert_eq!(s.key(&k.id).unwrap(), ours, "the copy is what load reads");
         // A revocation elsewhere is seen too.
         other.revoke(&k.id, &actor(), at(4)).unwrap();
         assert!(matches!(
