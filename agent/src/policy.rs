@@ -134,6 +134,33 @@ fn contribution<'k>(
         .take(if counts { usize::MAX } else { 0 })
 }
 
+/// The networks of `new` that `old` lacks, and of `old` that `new` lacks;
+/// both sorted and distinct, as an allow list's networks are.
+fn sorted_difference(
+    new: impl Iterator<Item = Net>,
+    old: impl Iterator<Item = Net>,
+) -> (Vec<Net>, Vec<Net>) {
+    let (mut new, mut old) = (new.peekable(), old.peekable());
+    let (mut came, mut went) = (Vec::new(), Vec::new());
+    loop {
+        match (new.peek(), old.peek()) {
+            (Some(a), Some(b)) => match a.cmp(b) {
+                std::cmp::Ordering::Less => came.extend(new.next()),
+                std::cmp::Ordering::Greater => went.extend(old.next()),
+                std::cmp::Ordering::Equal => {
+                    new.next();
+                    old.next();
+                }
+            },
+            (Some(_), None) => came.extend(new.by_ref()),
+            (None, Some(_)) => went.extend(old.by_ref()),
+            (None, None) => break,
+        }
+    }
+    debug_assert!(came.is_sorted_by(|a, b| a < b) && went.is_sorted_by(|a, b| a < b));
+    (came, went)
+}
+
 impl PolicyState {
     /// Compile from scratch.
     #[must_use]
@@ -177,13 +204,13 @@ impl PolicyState {
             *openers += usize::from(accepted_opener(new));
             out.reshaped |= was_open != (*openers > 0);
             let mut change = Change::default();
-            // New contributions count first, so a network both versions hold
-            // never drops to zero on the way.
-            nets.update(
+            // Only the networks one version holds and the other not move a
+            // count: a one-entry change to a long list is one update.
+            let (came, went) = sorted_difference(
                 new.into_iter().flat_map(|k| contribution(listener, k, now)),
                 old.into_iter().flat_map(|k| contribution(listener, k, now)),
-                &mut change,
             );
+            nets.update(came, went, &mut change);
             if *openers == 0 && !change.is_empty() {
                 out.restricted.push((listener.name.clone(), change));
             }
