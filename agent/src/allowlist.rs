@@ -188,21 +188,56 @@ impl AllowList {
     /// `after` no longer lists, and the entries that are new or whose note or
     /// expiry changed (a one-entry change to a long list is one row each way).
     #[must_use]
+    /// One merge of the two sorted lists.
     pub fn changes_to(&self, after: &Self) -> (Vec<Net>, Vec<AllowEntry>) {
-        let old: std::collections::HashMap<Net, AllowEntry> =
-            self.entries().into_iter().map(|e| (e.net, e)).collect();
-        let gone = self
-            .nets
-            .iter()
-            .filter(|n| after.nets.binary_search(n).is_err())
-            .copied()
-            .collect();
-        let changed = after
-            .entries()
-            .into_iter()
-            .filter(|e| old.get(&e.net).is_none_or(|o| o != e))
-            .collect();
+        let (mut gone, mut changed) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (self.nets.get(i), after.nets.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    if self.extra_at(i) != after.extra_at(j) {
+                        changed.push(after.entry_at(j));
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), Some(b)) if a < b => {
+                    gone.push(*a);
+                    i += 1;
+                }
+                (Some(a), None) => {
+                    gone.push(*a);
+                    i += 1;
+                }
+                (_, Some(_)) => {
+                    changed.push(after.entry_at(j));
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
         (gone, changed)
+    }
+
+    /// The note and expiry of entry `index`.
+    fn extra_at(&self, index: usize) -> (Option<&str>, Option<SystemTime>) {
+        self.extra
+            .as_deref()
+            .and_then(|x| {
+                x.binary_search_by_key(&index, |x| x.index)
+                    .ok()
+                    .map(|at| (x[at].note.as_deref(), x[at].expires_at))
+            })
+            .unwrap_or((None, None))
+    }
+
+    fn entry_at(&self, index: usize) -> AllowEntry {
+        let (note, expires_at) = self.extra_at(index);
+        AllowEntry {
+            net: self.nets[index],
+            note: note.map(str::to_owned),
+            expires_at,
+        }
     }
 
     /// Number of entries.
@@ -582,6 +617,36 @@ mod tests {
         let (gone, changed) = before.changes_to(&AllowList::default());
         assert_eq!(gone.len(), 3);
         assert!(changed.is_empty());
+    }
+
+    proptest! {
+        /// The merge names what a plain comparison of the two lists does.
+        #[test]
+        fn changes_to_agrees_with_comparing_every_entry(
+            before in prop::collection::vec((0..24_u32, prop::option::of(0..3_u8)), 0..16),
+            after in prop::collection::vec((0..24_u32, prop::option::of(0..3_u8)), 0..16),
+        ) {
+            let list = |raw: &[(u32, Option<u8>)]| AllowList::from_canonical(
+                raw.iter()
+                    .map(|&(host, note)| AllowEntry {
+                        net: format!("192.0.2.{host}/32").parse().unwrap(),
+                        note: note.map(|n| format!("note {n}")),
+                        expires_at: None,
+                    })
+                    .collect(),
+            );
+            let (before, after) = (list(&before), list(&after));
+            let old = before.entries();
+            let new = after.entries();
+            let gone: Vec<Net> = old
+                .iter()
+                .filter(|o| !new.iter().any(|n| n.net == o.net))
+                .map(|o| o.net)
+                .collect();
+            let changed: Vec<AllowEntry> =
+                new.iter().filter(|n| !old.contains(n)).cloned().collect();
+            prop_assert_eq!(before.changes_to(&after), (gone, changed));
+        }
     }
 
     #[test]
