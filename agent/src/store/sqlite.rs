@@ -76,7 +76,15 @@ pub struct SqliteStore {
     /// key need not read its (possibly long) list back. Valid while
     /// `PRAGMA data_version` stays the same: it moves when any other
     /// connection commits.
-    written: Option<(i64, HashMap<String, StoredKey>)>,
+    written: Option<(i64, HashMap<String, Written>)>,
+}
+
+/// A key as this connection last wrote it, and its audit form (the next
+/// change's `before`: a long list is not serialized twice).
+#[derive(Clone)]
+struct Written {
+    key: StoredKey,
+    audit: Arc<str>,
 }
 
 /// Keys kept in `SqliteStore::written` at most (recently changed ones).
@@ -326,17 +334,30 @@ impl SqliteStore {
         apply: impl FnOnce(&Transaction<'_>, &StoredKey) -> Result<StoredKey, StoreError>,
     ) -> Result<(StoredKey, StoredKey, i64), StoreError> {
         let (version, known) = self.recently_written(id)?;
-        let (before, after, seq) = self.write(|tx| {
-            let before = match known {
-                Some(key) if key.revoked_at.is_some() => {
+        let (before, after, audit, seq) = self.write(|tx| {
+            let (before, before_audit) = match known {
+                Some(w) if w.key.revoked_at.is_some() => {
                     return Err(StoreError::Revoked(id.to_owned()));
                 }
-                Some(key) => key,
-                None => load_active(tx, id)?,
+                Some(w) => (w.key, w.audit),
+                None => {
+                    let key = load_active(tx, id)?;
+                    let audit = audit_json(&key);
+                    (key, audit)
+                }
             };
             let after = apply(tx, &before)?;
-            let seq = audit_row(tx, actor, now, action, id, Some(&before), Some(&after))?;
-            Ok((before, after, seq))
+            let after_audit = audit_json(&after);
+            let seq = insert_audit(
+                tx,
+                actor,
+                now,
+                action,
+                id,
+                Some(&before_audit),
+                Some(&after_audit),
+            )?;
+            Ok((before, after, after_audit, seq))
         })?;
         let (v, keys) = self
             .written
@@ -345,7 +366,13 @@ impl SqliteStore {
             *v = version;
             keys.clear();
         }
-        keys.insert(id.to_owned(), after.clone());
+        keys.insert(
+            id.to_owned(),
+            Written {
+                key: after.clone(),
+                audit,
+            },
+        );
         Ok((before, after, seq))
     }
 }
@@ -537,9 +564,35 @@ fn audit_row(
     before: Option<&StoredKey>,
     after: Option<&StoredKey>,
 ) -> Result<i64, StoreError> {
-    let json = |k: Option<&StoredKey>| {
-        k.map(|k| serde_json::to_string(&k.view(None)).expect("a key serializes"))
-    };
+    let before = before.map(audit_json);
+    let after = after.map(audit_json);
+    insert_audit(
+        tx,
+        actor,
+        now,
+        action,
+        key_id,
+        before.as_deref(),
+        after.as_deref(),
+    )
+}
+
+/// A key as an audit row's `before` or `after` holds it.
+fn audit_json(key: &StoredKey) -> Arc<str> {
+    serde_json::to_string(&key.view(None))
+        .expect("a key serializes")
+        .into()
+}
+
+fn insert_audit(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    now: SystemTime,
+    action: &str,
+    key_id: &str,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> Result<i64, StoreError> {
     tx.prepare_cached(
         "INSERT INTO audit (at, principal, address, action, key_id, before, after)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -550,8 +603,8 @@ fn audit_row(
         actor.address.to_string(),
         action,
         key_id,
-        json(before),
-        json(after),
+        before,
+        after,
     ])?;
     // `seq` is the table's rowid.
     Ok(tx.last_insert_rowid())
@@ -693,7 +746,7 @@ impl SqliteStore {
 
     /// `PRAGMA data_version` now, and the key as this connection last
     /// wrote it if no other connection has committed since.
-    fn recently_written(&self, id: &str) -> Result<(i64, Option<StoredKey>), StoreError> {
+    fn recently_written(&self, id: &str) -> Result<(i64, Option<Written>), StoreError> {
         let version: i64 = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?;
@@ -708,8 +761,8 @@ impl SqliteStore {
     /// this connection just wrote is not read back while nothing else has
     /// committed).
     pub fn key(&mut self, id: &str) -> Result<StoredKey, StoreError> {
-        if let (_, Some(key)) = self.recently_written(id)? {
-            return Ok(key);
+        if let (_, Some(written)) = self.recently_written(id)? {
+            return Ok(written.key);
         }
         let tx = self.conn.transaction()?;
         let key = load(&tx, id)?;
@@ -1243,6 +1296,13 @@ mod tests {
             serde_json::json!(["198.51.100.7/32", "203.0.113.9/32"])
         );
         assert!(log[0].before.is_none());
+        // The second update's `before` is the first one's `after` (kept
+        // from that write, not read back) and what a fresh read shows.
+        assert_eq!(log[2].before, log[1].after);
+        let fresh = |k: &StoredKey| serde_json::to_value(k.view(None)).unwrap();
+        assert_eq!(log[2].before.as_ref(), Some(&fresh(&after)));
+        s.written = None;
+        assert_eq!(log[2].after.as_ref(), Some(&fresh(&s.key(&k.id).unwrap())));
         assert!(
             log.iter()
                 .all(|e| !e.after.as_ref().unwrap().to_string().contains("sha256"))
