@@ -444,7 +444,15 @@ fn insert_key(
     .map_err(|e| conflict_on_constraint(e, "a key with this id or secret exists"))?;
     insert_entries(tx, &new.id, &new.allow)?;
     let key = load(tx, &new.id)?;
-    let seq = audit_row(tx, actor, now, "create", &key.id, None, Some(&key))?;
+    let seq = insert_audit(
+        tx,
+        actor,
+        now,
+        "create",
+        &key.id,
+        None,
+        Some(&audit_json(&key)),
+    )?;
     Ok(Committed { key, seq })
 }
 
@@ -553,28 +561,6 @@ fn replace_entries(
         ])?;
     }
     Ok(())
-}
-
-fn audit_row(
-    tx: &Transaction<'_>,
-    actor: &Actor,
-    now: SystemTime,
-    action: &str,
-    key_id: &str,
-    before: Option<&StoredKey>,
-    after: Option<&StoredKey>,
-) -> Result<i64, StoreError> {
-    let before = before.map(audit_json);
-    let after = after.map(audit_json);
-    insert_audit(
-        tx,
-        actor,
-        now,
-        action,
-        key_id,
-        before.as_deref(),
-        after.as_deref(),
-    )
 }
 
 /// A key as an audit row's `before` or `after` holds it.
