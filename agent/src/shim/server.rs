@@ -277,6 +277,7 @@ async fn connection(
         ClientIpSource::Peer | ClientIpSource::XForwardedFor => ConnClient::direct(peer_ip),
     };
     let per_conn = Arc::new(PerConn::new(conn_client.client));
+    let driver = per_conn.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let config = config.clone();
@@ -298,9 +299,11 @@ async fn connection(
             .await
             .context("TLS handshake timeout")?
             .context("TLS handshake")?;
-        conn::drive(&builder, stream, None, service, &permit, activity, shutdown).await?;
+        let serve = conn::drive(&builder, stream, None, service, &permit, activity, shutdown);
+        driver.owned.alongside(serve).await?;
     } else {
-        conn::drive(&builder, stream, None, service, &permit, activity, shutdown).await?;
+        let serve = conn::drive(&builder, stream, None, service, &permit, activity, shutdown);
+        driver.owned.alongside(serve).await?;
     }
     Ok(())
 }

@@ -4,20 +4,24 @@
 //!
 //! An HTTP/1 upstream connection belongs to the downstream connection that
 //! opened it ([`Owned`]): its requests go out on it one after the other, on
-//! the same worker thread, with no pool to check out from and no channel hop
-//! to a pool's task. A downstream HTTP/2 connection's concurrent requests
-//! each take the owned connection when it is free and open another when it
-//! is not (kept only while the owned slot is empty). An HTTP/2 upstream
-//! connection is shared by the worker's requests of the listener (one per
-//! worker, reopened when it closes).
+//! the same worker thread, with no pool to check out from, and its protocol
+//! state machine is polled in the downstream connection's own task
+//! ([`Owned::alongside`]), so a request and its response cross no task
+//! boundary. A downstream HTTP/2 connection's concurrent requests each take
+//! the owned connection when it is free and open another when it is not
+//! (kept only while the owned slot is empty; run as a task of its own). An
+//! HTTP/2 upstream connection is shared by the worker's requests of the
+//! listener (one per worker, reopened when it closes).
 
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
+    task::{Context, Poll, Wake, Waker},
     time::Duration,
 };
 
@@ -170,11 +174,22 @@ pub struct Upstream {
     alpn: AtomicU8,
 }
 
+/// An upstream connection's protocol task (hyper's `Connection`), boxed
+/// once per connection.
+type ConnTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The HTTP/1 upstream connection a downstream connection owns (empty until
-/// its first proxied request; closed with it).
+/// its first proxied request; closed with it). The downstream connection
+/// must run under [`Owned::alongside`]: that is where its upstream
+/// connection is driven.
 #[derive(Default)]
 pub struct Owned {
     slot: Mutex<Option<http1::SendRequest<ProxyBody>>>,
+    /// The protocol task of the upstream connection opened first (and again
+    /// after it closes), polled by [`Owned::alongside`].
+    task: Mutex<Option<ConnTask>>,
+    /// The waker `alongside` polls with (see [`Turns`]).
+    turns: Arc<Turns>,
 }
 
 impl Owned {
@@ -190,6 +205,110 @@ impl Owned {
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(sender);
+        }
+    }
+
+    /// Run `task` (a new upstream connection's) in the downstream
+    /// connection's task when none runs there, else as a task of its own.
+    fn run(&self, task: ConnTask) {
+        let mut slot = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(task);
+            drop(slot);
+            // It has registered no waker yet: have `alongside` poll it, at
+            // once when this runs inside its poll (a downstream HTTP/1
+            // request), else (a downstream HTTP/2 stream, a task of its own)
+            // by waking the connection's task.
+            self.turns.wake_by_ref();
+        } else {
+            drop(slot);
+            tokio::spawn(task);
+        }
+    }
+
+    /// Poll the upstream connection's task; forget it once it has ended.
+    fn poll_task(&self, cx: &mut Context<'_>) {
+        let mut slot = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = slot.as_mut()
+            && task.as_mut().poll(cx).is_ready()
+        {
+            *slot = None;
+        }
+    }
+
+    /// Drive `downstream` (the downstream connection) and the upstream
+    /// connection it owns as one task, until `downstream` ends (the upstream
+    /// connection then closes with it).
+    ///
+    /// The two hand each other every request and response, and each hand-off
+    /// wakes the other; woken from inside this task's own poll, tokio would
+    /// queue the task and poll it all again. Here such a wake only marks the
+    /// turn to be taken again at once ([`Turns`]), at most [`TURNS`] times
+    /// per poll. One downstream connection per `Owned`.
+    pub async fn alongside<F: Future>(&self, downstream: F) -> F::Output {
+        let mut downstream = std::pin::pin!(downstream);
+        let turns = &self.turns;
+        let waker = Waker::from(turns.clone());
+        std::future::poll_fn(|cx| {
+            turns.set_task(cx.waker());
+            // A wake that came before this poll is what this poll answers.
+            turns.woken.store(false, Ordering::SeqCst);
+            let mut inner = Context::from_waker(&waker);
+            for _ in 0..TURNS {
+                turns.polling.store(true, Ordering::SeqCst);
+                self.poll_task(&mut inner);
+                if let Poll::Ready(out) = downstream.as_mut().poll(&mut inner) {
+                    turns.polling.store(false, Ordering::SeqCst);
+                    return Poll::Ready(out);
+                }
+                turns.polling.store(false, Ordering::SeqCst);
+                if !turns.woken.swap(false, Ordering::SeqCst) {
+                    return Poll::Pending;
+                }
+            }
+            // Still being woken: let the worker run its other tasks first.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Turns [`Owned::alongside`] takes in one poll before yielding.
+const TURNS: usize = 8;
+
+/// The waker [`Owned::alongside`] polls with: a wake while it polls marks
+/// another turn; any other wake wakes the task.
+#[derive(Default)]
+struct Turns {
+    polling: AtomicBool,
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Turns {
+    fn set_task(&self, waker: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for Turns {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Ordered against `alongside`'s store of `polling` and swap of
+        // `woken`: either it sees this mark, or this sees it has stopped
+        // polling and wakes the task.
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst)
+            && let Some(task) = &*self.task.lock().unwrap_or_else(PoisonError::into_inner)
+        {
+            task.wake_by_ref();
         }
     }
 }
@@ -263,7 +382,7 @@ impl Upstream {
         // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) happens once per
         // connection, and inline its state would make every request's future
         // kilobytes larger, copied (memmove) each time hyper moves it.
-        match Box::pin(self.connect()).await? {
+        match Box::pin(self.connect(owned)).await? {
             Fresh::H1(mut sender) => {
                 self.prepare_h1(&mut req);
                 let resp = sender.send_request(req).await?;
@@ -330,8 +449,9 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_2;
     }
 
-    /// Open a connection and run its protocol task on this worker.
-    async fn connect(&self) -> Result<Fresh, UpstreamError> {
+    /// Open a connection and run its protocol task on this worker: an
+    /// HTTP/1 connection's in `owned`'s downstream task when it has none.
+    async fn connect(&self, owned: &Owned) -> Result<Fresh, UpstreamError> {
         let addr = &self.target.addr;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -339,7 +459,7 @@ impl Upstream {
             .map_err(|e| UpstreamError::Connect(addr.clone(), e))?;
         let _ = tcp.set_nodelay(true);
         match &self.target.protocol {
-            Protocol::Http1 => h1(tcp).await,
+            Protocol::Http1 => h1(tcp, owned).await,
             Protocol::H2c => h2(tcp).await,
             Protocol::Tls { connector, name } => {
                 let tls =
@@ -352,23 +472,23 @@ impl Upstream {
                     h2(tls).await
                 } else {
                     self.alpn.store(ALPN_H1, Ordering::Relaxed);
-                    h1(tls).await
+                    h1(tls, owned).await
                 }
             }
         }
     }
 }
 
-async fn h1<T>(io: T) -> Result<Fresh, UpstreamError>
+async fn h1<T>(io: T, owned: &Owned) -> Result<Fresh, UpstreamError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
-    tokio::spawn(async move {
+    owned.run(Box::pin(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream connection ended");
         }
-    });
+    }));
     Ok(Fresh::H1(sender))
 }
 
@@ -408,6 +528,107 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A waker that counts its wakes.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A future that wakes itself `n` times from inside its poll, then ends
+    /// with the number of polls it took.
+    fn self_waking(n: usize) -> impl Future<Output = usize> {
+        let mut polls = 0;
+        std::future::poll_fn(move |cx| {
+            polls += 1;
+            if polls > n {
+                Poll::Ready(polls)
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+    }
+
+    #[test]
+    fn wakes_from_inside_alongside_take_another_turn_not_a_trip_through_the_queue() {
+        let owned = Owned::default();
+        let outer = Arc::new(Count::default());
+        let waker = Waker::from(outer.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut run = std::pin::pin!(owned.alongside(self_waking(TURNS - 1)));
+        assert_eq!(run.as_mut().poll(&mut cx), Poll::Ready(TURNS));
+        assert_eq!(outer.0.load(Ordering::SeqCst), 0, "the task was not queued");
+
+        // One that keeps waking itself yields after TURNS turns, queued.
+        let mut run = std::pin::pin!(owned.alongside(self_waking(TURNS + 2)));
+        assert!(run.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(outer.0.load(Ordering::SeqCst), 1);
+        assert_eq!(run.as_mut().poll(&mut cx), Poll::Ready(TURNS + 3));
+    }
+
+    #[test]
+    fn a_wake_from_outside_alongside_wakes_the_task() {
+        let owned = Owned::default();
+        let outer = Arc::new(Count::default());
+        let waker = Waker::from(outer.clone());
+        let mut cx = Context::from_waker(&waker);
+        let kept: Arc<Mutex<Option<Waker>>> = Arc::default();
+        let store = kept.clone();
+        let mut done = false;
+        let mut run = std::pin::pin!(owned.alongside(std::future::poll_fn(move |cx| {
+            if done {
+                return Poll::Ready(());
+            }
+            done = true;
+            *store.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        })));
+        assert!(run.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(outer.0.load(Ordering::SeqCst), 0);
+        let inner = kept.lock().unwrap().take().unwrap();
+        std::thread::spawn(move || inner.wake()).join().unwrap();
+        assert_eq!(outer.0.load(Ordering::SeqCst), 1);
+        assert_eq!(run.as_mut().poll(&mut cx), Poll::Ready(()));
+    }
+
+    #[test]
+    fn a_connection_task_handed_to_alongside_is_polled_in_the_same_poll() {
+        let owned = Owned::default();
+        let outer = Arc::new(Count::default());
+        let waker = Waker::from(outer.clone());
+        let mut cx = Context::from_waker(&waker);
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let owned_ref = &owned;
+        let mut handed = false;
+        // The downstream side hands over a task (as a fresh connection does)
+        // and waits for it to run; nothing wakes anybody.
+        let mut run = std::pin::pin!(owned.alongside(std::future::poll_fn(move |_| {
+            if !handed {
+                handed = true;
+                let flag = flag.clone();
+                owned_ref.run(Box::pin(async move { flag.store(true, Ordering::SeqCst) }));
+            }
+            if ran.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })));
+        assert_eq!(run.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert!(
+            owned.task.lock().unwrap().is_none(),
+            "an ended task is dropped"
+        );
     }
 
     #[test]
