@@ -489,10 +489,7 @@ pub fn h2_post(
         block_on(async move {
             let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
             let exchange = async {
-                let (mut sender, conn) =
-                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                        .await?;
-                tokio::spawn(conn);
+                let mut sender = h2_handshake(io).await?;
                 let mut request = hyper::Request::post(format!("http://{dest}/upload"));
                 for (name, value) in &headers {
                     request = request.header(name, value);
@@ -512,6 +509,78 @@ pub fn h2_post(
                 .map_err(|_| anyhow!("no HTTP/2 answer within {timeout:?}"))?
         })
     })?
+}
+
+/// `GET` each of `paths` over one HTTP/2 connection (prior knowledge) from
+/// `source` inside `ns`, all at once as concurrent streams: `(status, body)`
+/// of each answer, in `paths`' order. `headers` go on every request. Bounded
+/// by `timeout`. (curl 7.88's `--parallel` fails every stream but the first
+/// on a reused prior-knowledge connection, curl#10634.)
+pub fn h2_get_concurrently(
+    ns: &Netns,
+    source: IpAddr,
+    dest: SocketAddr,
+    headers: &[(&str, &str)],
+    paths: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<Vec<(u16, String)>> {
+    use http_body_util::BodyExt as _;
+
+    let requests = paths
+        .iter()
+        .map(|path| {
+            let mut request = hyper::Request::get(format!("http://{dest}{path}"));
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            Ok(request.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    ns.run(move || -> anyhow::Result<Vec<(u16, String)>> {
+        let stream = connect_from(source, dest, Duration::from_secs(2))?;
+        stream.set_nonblocking(true)?;
+        block_on(async move {
+            let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
+            let exchange = async {
+                let sender = h2_handshake(io).await?;
+                let mut streams = tokio::task::JoinSet::new();
+                for (i, request) in requests.into_iter().enumerate() {
+                    let mut sender = sender.clone();
+                    streams.spawn(async move {
+                        let response = sender.send_request(request).await?;
+                        let status = response.status().as_u16();
+                        let body = response.into_body().collect().await?.to_bytes();
+                        anyhow::Ok((i, status, String::from_utf8_lossy(&body).into_owned()))
+                    });
+                }
+                let mut answers = Vec::new();
+                while let Some(joined) = streams.join_next().await {
+                    answers.push(joined??);
+                }
+                answers.sort_unstable_by_key(|(i, _, _)| *i);
+                anyhow::Ok(answers.into_iter().map(|(_, s, b)| (s, b)).collect())
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| anyhow!("no HTTP/2 answers within {timeout:?}"))?
+        })
+    })?
+}
+
+/// The client side of an HTTP/2 connection on `io`, its protocol task
+/// spawned on the current runtime.
+async fn h2_handshake<B>(
+    io: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// A request body of `left` bytes in 64 KiB frames; its size hint is exact

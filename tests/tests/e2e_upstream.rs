@@ -10,12 +10,13 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use keyfence_tests::{
     config,
     h2::{Alpn, HyperUpstream},
-    http::{Curl, Reply, require, url},
+    http::{Curl, Reply, h2_get_concurrently, require, url},
     netns::{Agent, GATEWAY_V4, Lab},
 };
 
@@ -130,7 +131,7 @@ keys:
 /// Field order is drop order.
 struct Scenario {
     agent: Agent,
-    _plain: HyperUpstream,
+    plain: HyperUpstream,
     _tls_h2: HyperUpstream,
     tls_h1: HyperUpstream,
     lab: Lab,
@@ -174,7 +175,7 @@ impl Scenario {
         agent.launch(&config).expect("starting keyfence");
         Self {
             agent,
-            _plain: plain,
+            plain,
             _tls_h2: tls_h2,
             tls_h1,
             lab,
@@ -314,4 +315,28 @@ fn h2c_from_clients_on_a_plain_listener() {
         assert_eq!(reply.status(), Some(200), "request {i}: {reply:?}");
     }
     assert_eq!(s.count("plain", "allowed"), 31);
+}
+
+#[test]
+fn concurrent_http2_streams_from_one_client_each_get_their_answer() {
+    let s = Scenario::new();
+    let paths = ["/slow/300", "/slow/301", "/slow/302", "/slow/303"];
+    let answers = h2_get_concurrently(
+        &s.lab.client,
+        ip(CLIENT),
+        SocketAddr::new(GATEWAY_V4.into(), PLAIN),
+        &[("authorization", &format!("Bearer {SECRET}"))],
+        &paths,
+        Duration::from_secs(10),
+    )
+    .expect("four streams on one connection");
+    for (path, (status, body)) in paths.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{path}: {body}");
+        let echo: serde_json::Value = serde_json::from_str(body).expect(body);
+        assert_eq!(echo["path"], *path, "{body}");
+    }
+    // The streams were in flight together: the connection's owned upstream
+    // connection was busy, so the others opened their own.
+    assert!(s.plain.connections() >= 2, "{}", s.plain.connections());
+    assert_eq!(s.count("plain", "allowed"), 4);
 }
