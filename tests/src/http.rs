@@ -543,22 +543,24 @@ pub fn h2_get_concurrently(
             let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
             let exchange = async {
                 let sender = h2_handshake(io).await?;
-                let mut streams = tokio::task::JoinSet::new();
-                for (i, request) in requests.into_iter().enumerate() {
-                    let mut sender = sender.clone();
-                    streams.spawn(async move {
-                        let response = sender.send_request(request).await?;
-                        let status = response.status().as_u16();
-                        let body = response.into_body().collect().await?.to_bytes();
-                        anyhow::Ok((i, status, String::from_utf8_lossy(&body).into_owned()))
-                    });
+                // All sent before any is awaited: in flight together.
+                let streams: Vec<_> = requests
+                    .into_iter()
+                    .map(|request| {
+                        let mut sender = sender.clone();
+                        tokio::spawn(async move {
+                            let response = sender.send_request(request).await?;
+                            let status = response.status().as_u16();
+                            let body = response.into_body().collect().await?.to_bytes();
+                            anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+                        })
+                    })
+                    .collect();
+                let mut answers = Vec::with_capacity(streams.len());
+                for stream in streams {
+                    answers.push(stream.await??);
                 }
-                let mut answers = Vec::new();
-                while let Some(joined) = streams.join_next().await {
-                    answers.push(joined??);
-                }
-                answers.sort_unstable_by_key(|(i, _, _)| *i);
-                anyhow::Ok(answers.into_iter().map(|(_, s, b)| (s, b)).collect())
+                anyhow::Ok(answers)
             };
             tokio::time::timeout(timeout, exchange)
                 .await

@@ -330,6 +330,7 @@ fn concurrent_http2_streams_from_one_client_each_get_their_answer() {
         Duration::from_secs(10),
     )
     .expect("four streams on one connection");
+    assert_eq!(answers.len(), paths.len(), "{answers:?}");
     for (path, (status, body)) in paths.iter().zip(&answers) {
         assert_eq!(*status, 200, "{path}: {body}");
         let echo: serde_json::Value = serde_json::from_str(body).expect(body);
