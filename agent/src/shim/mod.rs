@@ -4,6 +4,7 @@
 pub mod body;
 pub mod client_ip;
 pub mod decide;
+pub mod h1;
 pub mod outcome;
 pub mod runtime;
 pub mod server;

@@ -33,7 +33,7 @@ use super::{
     decide::{Verdict, decide},
     outcome::Outcome,
     tls::TlsAcceptor,
-    upstream::{Owned, ProxyBody, Target, Upstream},
+    upstream::{Owned, ProxyBody, Target, Upstream, UpstreamBody},
 };
 use crate::{
     allowlist::ClientAddr,
@@ -55,7 +55,7 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// A response: one keyfence wrote, or the upstream's body passed through
 /// (an enum, not a box: no allocation per response).
-type Body = Either<Full<Bytes>, Incoming>;
+type Body = Either<Full<Bytes>, UpstreamBody>;
 
 pub const KEY_ID_HEADER: &str = "x-keyfence-key-id";
 const KEY_ID: HeaderName = HeaderName::from_static(KEY_ID_HEADER);

@@ -12,6 +12,11 @@
 //! (kept only while the owned slot is empty; run as a task of its own). An
 //! HTTP/2 upstream connection is shared by the worker's requests of the
 //! listener (one per worker, reopened when it closes).
+//!
+//! A request without a body to an `http://` upstream skips hyper's client:
+//! keyfence's own codec (`super::h1`) writes it on a connection the
+//! downstream connection keeps idle for it ([`Owned`]'s `raw` slot) and
+//! reads the response straight from it.
 
 use std::{
     net::IpAddr,
@@ -25,9 +30,10 @@ use std::{
     time::Duration,
 };
 
+use http_body_util::Either;
 use hyper::{
-    Request, Response, Uri, Version,
-    body::Incoming,
+    Method, Request, Response, Uri, Version,
+    body::{Body as _, Incoming},
     client::conn::{http1, http2},
     header::{self, HeaderValue},
     http::uri::{Authority, PathAndQuery, Scheme},
@@ -37,10 +43,15 @@ use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, rustls};
 
+use super::h1;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of a request sent upstream: the client's, capped (a concrete
 /// type, not a box: no allocation per request).
 pub type ProxyBody = super::body::Capped<Incoming>;
+/// The body of an upstream's response: hyper's, or read by keyfence's own
+/// HTTP/1 codec.
+pub type UpstreamBody = Either<Incoming, h1::ResponseBody>;
 
 /// Time to open the TCP connection (and finish the TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +78,8 @@ pub enum UpstreamError {
     Handshake(String, std::io::Error),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    #[error("{0}")]
+    H1(#[from] h1::H1Error),
 }
 
 /// How requests reach the upstream.
@@ -190,6 +203,9 @@ pub struct Owned {
     task: Mutex<Option<ConnTask>>,
     /// The waker `alongside` polls with (see [`Turns`]).
     turns: Arc<Turns>,
+    /// The idle connection keyfence's own codec sends bodiless requests on
+    /// (see `super::h1`).
+    raw: h1::Slot,
 }
 
 impl Owned {
@@ -251,6 +267,18 @@ impl Owned {
         let waker = Waker::from(turns.clone());
         std::future::poll_fn(|cx| {
             turns.set_task(cx.waker());
+            if self
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none()
+            {
+                // No hyper connection to drive (none yet, or keyfence's own
+                // codec carries every request): nothing to take turns with.
+                // One handed over during this poll wakes the task (`run`),
+                // which then polls it here.
+                return downstream.as_mut().poll(cx);
+            }
             // A wake that came before this poll is what this poll answers.
             turns.woken.store(false, Ordering::SeqCst);
             let mut inner = Context::from_waker(&waker);
@@ -336,9 +364,26 @@ impl Upstream {
     pub async fn send(
         &self,
         owned: &Owned,
+        req: Request<ProxyBody>,
+        sequential: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        if matches!(self.target.protocol, Protocol::Http1) && bodiless(&req) {
+            self.send_raw(owned, req.into_parts().0).await
+        } else {
+            // Boxed: hyper's client futures would make every request's
+            // future kilobytes larger inline, and hyper moves (memmove) a
+            // request's future when it starts it.
+            Box::pin(self.send_hyper(owned, req, sequential)).await
+        }
+    }
+
+    /// [`Upstream::send`] through hyper's client.
+    async fn send_hyper(
+        &self,
+        owned: &Owned,
         mut req: Request<ProxyBody>,
         sequential: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let h2 = match self.target.protocol {
             Protocol::Http1 => false,
             Protocol::H2c => true,
@@ -353,7 +398,7 @@ impl Upstream {
                 .filter(|s| !s.is_closed())
                 .cloned();
             if let Some(sender) = shared {
-                return self.send_h2(sender, req).await;
+                return Ok(self.send_h2(sender, req).await?.map(Either::Left));
             }
         } else if let Some(mut sender) = owned.take() {
             let usable = if sequential {
@@ -362,11 +407,10 @@ impl Upstream {
                 sender.is_ready()
             };
             if usable {
-                self.prepare_h1(&mut req);
-                match sender.try_send_request(req).await {
+                match sender.try_send_request(self.prepare_h1(req)).await {
                     Ok(resp) => {
                         owned.put(sender);
-                        return Ok(resp);
+                        return Ok(resp.map(Either::Left));
                     }
                     // Closed by the upstream before the request went out
                     // (a keep-alive race): send it on a fresh connection.
@@ -384,16 +428,67 @@ impl Upstream {
         // kilobytes larger, copied (memmove) each time hyper moves it.
         match Box::pin(self.connect(owned)).await? {
             Fresh::H1(mut sender) => {
-                self.prepare_h1(&mut req);
-                let resp = sender.send_request(req).await?;
+                let resp = sender.send_request(self.prepare_h1(req)).await?;
                 owned.put(sender);
-                Ok(resp)
+                Ok(resp.map(Either::Left))
             }
             Fresh::H2(sender) => {
                 *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
-                self.send_h2(sender, req).await
+                Ok(self.send_h2(sender, req).await?.map(Either::Left))
             }
         }
+    }
+
+    /// A bodiless request to an `http://` upstream, through keyfence's own
+    /// codec: on the downstream connection's idle connection when it has
+    /// one, else on a new one (kept idle after it when the slot is empty).
+    ///
+    /// A kept connection the upstream closed while it idled fails before any
+    /// answer; an idempotent request (RFC 9110 §9.2.2) is then sent once more
+    /// on a new connection. A request that is not idempotent is never sent
+    /// twice: the kept connection is checked before it goes out instead (one
+    /// non-blocking read), and if the upstream closes it in the instant after
+    /// the check, the client gets 502.
+    async fn send_raw(
+        &self,
+        owned: &Owned,
+        mut parts: hyper::http::request::Parts,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.prepare_h1_parts(&mut parts);
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        if let Some(mut conn) = owned.raw.take()
+            && (idempotent || conn.still_open())
+        {
+            match conn.exchange(&parts).await {
+                Ok(head) => return Ok(raw_response(conn, head, &owned.raw)),
+                Err(e) if idempotent && e.stale() => {
+                    tracing::debug!(error = %e, "kept upstream connection gone: sending again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut conn = h1::Conn::new(Box::pin(self.tcp()).await?);
+        let head = conn.exchange(&parts).await?;
+        Ok(raw_response(conn, head, &owned.raw))
+    }
+
+    /// A new TCP connection to the upstream (`TCP_NODELAY` set).
+    async fn tcp(&self) -> Result<TcpStream, UpstreamError> {
+        let addr = &self.target.addr;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))?
+            .map_err(|e| UpstreamError::Connect(addr.clone(), e))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
     }
 
     async fn send_h2(
@@ -408,20 +503,25 @@ impl Upstream {
 
     /// HTTP/1.1 in origin form, with a `Host` (the client's, else the
     /// upstream's authority).
-    fn prepare_h1(&self, req: &mut Request<ProxyBody>) {
-        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            let path = req
-                .uri()
+    fn prepare_h1(&self, req: Request<ProxyBody>) -> Request<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        self.prepare_h1_parts(&mut parts);
+        Request::from_parts(parts, body)
+    }
+
+    fn prepare_h1_parts(&self, parts: &mut hyper::http::request::Parts) {
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts
+                .uri
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::from(path);
+            parts.uri = Uri::from(path);
         }
-        if !req.headers().contains_key(header::HOST) {
-            req.headers_mut()
-                .insert(header::HOST, self.target.host.clone());
+        if !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, self.target.host.clone());
         }
-        *req.version_mut() = Version::HTTP_11;
+        parts.version = Version::HTTP_11;
     }
 
     /// HTTP/2 in absolute form: `:authority` is the client's `Host` when it
@@ -453,11 +553,7 @@ impl Upstream {
     /// HTTP/1 connection's in `owned`'s downstream task when it has none.
     async fn connect(&self, owned: &Owned) -> Result<Fresh, UpstreamError> {
         let addr = &self.target.addr;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(addr.clone()))?
-            .map_err(|e| UpstreamError::Connect(addr.clone(), e))?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = self.tcp().await?;
         match &self.target.protocol {
             Protocol::Http1 => h1(tcp, owned).await,
             Protocol::H2c => h2(tcp).await,
@@ -477,6 +573,24 @@ impl Upstream {
             }
         }
     }
+}
+
+/// A request keyfence's own codec can carry: no body (none announced, none
+/// to come) and not `CONNECT`.
+fn bodiless(req: &Request<ProxyBody>) -> bool {
+    req.body().is_end_stream()
+        && req.method() != Method::CONNECT
+        && req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+/// The response of `head` read from `conn`, which goes back to `slot` when
+/// its body has ended cleanly.
+fn raw_response(conn: h1::Conn, head: h1::Head, slot: &h1::Slot) -> Response<UpstreamBody> {
+    let body = h1::ResponseBody::new(conn, &head, slot.clone());
+    h1::response(head, body).map(Either::Right)
 }
 
 async fn h1<T>(io: T, owned: &Owned) -> Result<Fresh, UpstreamError>
@@ -543,6 +657,14 @@ mod tests {
         }
     }
 
+    /// An `Owned` driving a (never-ending) hyper connection task, so that
+    /// `alongside` takes turns.
+    fn driving() -> Owned {
+        let owned = Owned::default();
+        owned.run(Box::pin(std::future::pending()));
+        owned
+    }
+
     /// A future that wakes itself `n` times from inside its poll, then ends
     /// with the number of polls it took.
     fn self_waking(n: usize) -> impl Future<Output = usize> {
@@ -560,7 +682,7 @@ mod tests {
 
     #[test]
     fn wakes_from_inside_alongside_take_another_turn_not_a_trip_through_the_queue() {
-        let owned = Owned::default();
+        let owned = driving();
         let outer = Arc::new(Count::default());
         let waker = Waker::from(outer.clone());
         let mut cx = Context::from_waker(&waker);
@@ -577,7 +699,7 @@ mod tests {
 
     #[test]
     fn a_wake_from_outside_alongside_wakes_the_task() {
-        let owned = Owned::default();
+        let owned = driving();
         let outer = Arc::new(Count::default());
         let waker = Waker::from(outer.clone());
         let mut cx = Context::from_waker(&waker);
@@ -601,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_task_handed_to_alongside_is_polled_in_the_same_poll() {
+    fn a_connection_task_handed_to_alongside_is_polled_at_its_next_poll() {
         let owned = Owned::default();
         let outer = Arc::new(Count::default());
         let waker = Waker::from(outer.clone());
@@ -624,10 +746,256 @@ mod tests {
                 Poll::Pending
             }
         })));
+        // Handed over in a poll that drove no connection: the task is woken
+        // to come back for it.
+        assert!(run.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(outer.0.load(Ordering::SeqCst), 1);
         assert_eq!(run.as_mut().poll(&mut cx), Poll::Ready(()));
         assert!(
             owned.task.lock().unwrap().is_none(),
             "an ended task is dropped"
+        );
+    }
+
+    /// An upstream on loopback that answers the `n`th request head of its
+    /// `c`th connection with `script[c][n]` and closes the connection after
+    /// its last answer; the request lines it got, per connection.
+    struct Scripted {
+        target: Arc<Target>,
+        heads: Arc<Mutex<Vec<Vec<String>>>>,
+    }
+
+    impl Scripted {
+        async fn start(script: Vec<Vec<&'static str>>) -> Self {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let heads: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+            let seen = heads.clone();
+            tokio::spawn(async move {
+                for answers in script {
+                    let (mut tcp, _) = listener.accept().await.unwrap();
+                    let seen = seen.clone();
+                    let index = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(Vec::new());
+                        seen.len() - 1
+                    };
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        for answer in answers {
+                            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                                let mut chunk = [0u8; 4096];
+                                let n = tcp.read(&mut chunk).await.unwrap_or(0);
+                                if n == 0 {
+                                    return;
+                                }
+                                buf.extend_from_slice(&chunk[..n]);
+                            }
+                            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            buf.drain(..end);
+                            seen.lock().unwrap()[index].push(head);
+                            tcp.write_all(answer.as_bytes()).await.unwrap();
+                        }
+                    });
+                }
+            });
+            let target = Target::new(&format!("http://{addr}"), None).unwrap();
+            Self { target, heads }
+        }
+
+        /// The request lines each connection got.
+        fn lines(&self) -> Vec<Vec<String>> {
+            self.heads
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    c.iter()
+                        .map(|h| h.lines().next().unwrap().to_owned())
+                        .collect()
+                })
+                .collect()
+        }
+    }
+
+    fn parts(method: &str, path: &str) -> hyper::http::request::Parts {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    /// Send a bodiless request through keyfence's own codec; status and body.
+    async fn raw(
+        upstream: &Upstream,
+        owned: &Owned,
+        method: &str,
+        path: &str,
+    ) -> Result<(u16, String), String> {
+        use http_body_util::BodyExt as _;
+        let resp = upstream
+            .send_raw(owned, parts(method, path))
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        ))
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    const CHUNKED: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nch\r\n5;x=1\r\nunked\r\n0\r\n\r\n";
+
+    #[tokio::test]
+    async fn bodiless_requests_share_one_kept_connection() {
+        let up = Scripted::start(vec![vec![OK, CHUNKED, OK]]).await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/a").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(
+            raw(&upstream, &owned, "DELETE", "/b?x=1").await,
+            Ok((200, "chunked".into()))
+        );
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/c").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(
+            up.lines(),
+            [[
+                "GET /a HTTP/1.1",
+                "DELETE /b?x=1 HTTP/1.1",
+                "GET /c HTTP/1.1"
+            ]]
+        );
+        // The upstream's authority is the Host of a request without one.
+        let first = up.heads.lock().unwrap()[0][0].clone();
+        assert!(
+            first.contains(&format!("host: {}\r\n", up.target.authority)),
+            "{first}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_upstream_closed_is_replaced_and_a_get_sent_again() {
+        // The first connection answers once and closes; the second answers.
+        let up = Scripted::start(vec![vec![OK], vec![OK]]).await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/a").await,
+            Ok((200, "ok".into()))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/b").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(
+            up.lines(),
+            [vec!["GET /a HTTP/1.1"], vec!["GET /b HTTP/1.1"]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_idempotent_never_goes_out_on_a_closed_connection() {
+        let up = Scripted::start(vec![vec![OK], vec![OK]]).await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        assert_eq!(
+            raw(&upstream, &owned, "POST", "/a").await,
+            Ok((200, "ok".into()))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The check saw the close: the POST goes out once, on a new connection.
+        assert_eq!(
+            raw(&upstream, &owned, "POST", "/b").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(
+            up.lines(),
+            [vec!["POST /a HTTP/1.1"], vec!["POST /b HTTP/1.1"]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_not_used_again_after_a_response_it_cannot_trust() {
+        let up = Scripted::start(vec![
+            // More bytes than the response framed.
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", OK],
+            // Both Content-Length and Transfer-Encoding.
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", OK],
+            // Connection: close.
+            vec!["HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", OK],
+            vec![OK],
+        ])
+        .await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        for path in ["/a", "/b", "/c", "/d"] {
+            assert_eq!(
+                raw(&upstream, &owned, "GET", path).await,
+                Ok((200, "ok".into())),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            up.lines().iter().map(Vec::len).collect::<Vec<_>>(),
+            [1, 1, 1, 1]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_cut_response_is_an_error_and_its_connection_closes() {
+        let up = Scripted::start(vec![
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"],
+            // Cut in the middle of its body (the script then closes).
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"],
+            vec!["HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+            vec![OK],
+        ])
+        .await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        let e = raw(&upstream, &owned, "GET", "/a").await.unwrap_err();
+        assert!(e.contains("Content-Length values differ"), "{e}");
+        let e = raw(&upstream, &owned, "GET", "/b").await.unwrap_err();
+        assert!(e.contains("middle of its response"), "{e}");
+        let e = raw(&upstream, &owned, "GET", "/c").await.unwrap_err();
+        assert!(e.contains("chunk size"), "{e}");
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/d").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(up.lines().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_dropped_before_its_end_closes_its_connection() {
+        let up = Scripted::start(vec![
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok", OK],
+            vec![OK],
+        ])
+        .await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        let resp = upstream.send_raw(&owned, parts("GET", "/a")).await.unwrap();
+        drop(resp);
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/b").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(
+            up.lines(),
+            [vec!["GET /a HTTP/1.1"], vec!["GET /b HTTP/1.1"]]
         );
     }
 
