@@ -26,14 +26,14 @@ use tokio::{
 };
 
 use super::{
-    body::Capped,
+    body::{Capped, Overflow},
     client_ip::{
         ConnClient, PROXY_V2_MAX, ProxyParse, appended_xff, is_trusted, parse_proxy_header,
     },
     decide::{Verdict, decide},
     outcome::Outcome,
     tls::TlsAcceptor,
-    upstream::{Owned, ProxyBody, Target, Upstream, UpstreamBody},
+    upstream::{Owned, ProxyBody, Target, Upstream, UpstreamBody, UpstreamError},
 };
 use crate::{
     allowlist::ClientAddr,
@@ -278,12 +278,7 @@ async fn connection(
     };
     let per_conn = Arc::new(PerConn::new(conn_client.client));
     let driver = per_conn.clone();
-    let service = service_fn(move |req| {
-        let ctx = ctx.clone();
-        let config = config.clone();
-        let per_conn = per_conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx, &config, conn_client, &per_conn).await) }
-    });
+    let service = service_fn(move |req| handle(req, &ctx, &config, conn_client, &per_conn));
     let mut builder = conn::builder(&limits);
     // drive() enforces the header timeout of every head; hyper's own timer
     // behind it would cost a boxed timer armed and dropped per request.
@@ -444,24 +439,38 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-async fn handle(
+/// What a request is answered with: a response made at once, or the
+/// exchange with the upstream ([`forward`]).
+///
+/// The decision is synchronous; only the upstream exchange is a future. A
+/// request's future is moved whole when hyper starts it, and each nested
+/// `async fn` would store its arguments (the request among them) again: the
+/// nested version was a 3960-byte future, copied per request.
+type Answer<F> =
+    tokio_util::either::Either<std::future::Ready<Result<Response<Body>, Infallible>>, F>;
+
+fn handle(
     req: Request<Incoming>,
-    ctx: &ListenerCtx,
+    ctx: &Arc<ListenerCtx>,
     config: &ListenerConfig,
     conn: ConnClient,
-    per_conn: &PerConn,
-) -> Response<Body> {
+    per_conn: &Arc<PerConn>,
+) -> Answer<impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<>> {
     let started = Instant::now();
     let listener = config.name.as_str();
     let resolved = conn.resolve(&config.client_ip, req.headers());
     let client = resolved.map(ClientAddr::ip);
     if req.uri().path() == "/_keyfence/ip" {
         let ip = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-        return json(
+        return tokio_util::either::Either::Left(std::future::ready(Ok(json(
             StatusCode::OK,
             format!("{{\"ip\":\"{}\"}}", json_escape(&ip)),
-        );
+        ))));
     }
+    let answer_now = |response: Response<Body>, outcome: Outcome| {
+        ctx.observe(outcome, started.elapsed());
+        tokio_util::either::Either::Left(std::future::ready(Ok(response)))
+    };
     let metrics = &ctx.shared.metrics;
     let now = SystemTime::now();
     let presented = request_credential(req.headers(), config.key_header.as_deref());
@@ -469,10 +478,12 @@ async fn handle(
         Credential::Several => {
             // The shim would check one and the upstream might read another.
             metrics.refusal_log(listener, None, client, Outcome::BadRequest);
-            ctx.observe(Outcome::BadRequest, started.elapsed());
-            return json(
-                StatusCode::BAD_REQUEST,
-                format!(r#"{{"error":"{SEVERAL_CREDENTIALS}"}}"#),
+            return answer_now(
+                json(
+                    StatusCode::BAD_REQUEST,
+                    format!(r#"{{"error":"{SEVERAL_CREDENTIALS}"}}"#),
+                ),
+                Outcome::BadRequest,
             );
         }
         Credential::One { header, .. } => Some(header),
@@ -493,42 +504,49 @@ async fn handle(
             ctx.shared.sources.record(key_id, ip, decided, now);
         }
     };
-    let (response, outcome) = match verdict {
+    let (key, answered) = match verdict {
         Verdict::InvalidKey => {
             metrics.refusal_log(listener, None, client, Outcome::InvalidKey);
-            (
+            return answer_now(
                 json(
                     StatusCode::UNAUTHORIZED,
                     r#"{"error":"invalid API key"}"#.into(),
                 ),
                 Outcome::InvalidKey,
-            )
+            );
         }
         Verdict::IpNotAllowed { key, ip } => {
             seen(&key.id, ip, Outcome::IpNotAllowed);
             let rejection = ctx.shared.rejection();
             metrics.refusal_log(listener, Some(&key.id), ip, Outcome::IpNotAllowed);
             let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::FORBIDDEN);
-            (
+            return answer_now(
                 json(status, render_rejection(&rejection.body, ip, &key.id)),
                 Outcome::IpNotAllowed,
-            )
+            );
         }
         Verdict::ReportOnly { key, ip } => {
             // Counted as refused: it is the refusal the key would have had.
             seen(&key.id, ip, Outcome::ReportOnly);
             metrics.refusal_log(listener, Some(&key.id), ip, Outcome::ReportOnly);
-            let (resp, passed) = pass(req, ctx, config, &key, carrier, per_conn).await;
-            (resp, passed.outcome(Outcome::ReportOnly))
+            (key, Outcome::ReportOnly)
         }
         Verdict::Allowed { key } => {
             seen(&key.id, client, Outcome::Allowed);
-            let (resp, passed) = pass(req, ctx, config, &key, carrier, per_conn).await;
-            (resp, passed.outcome(Outcome::Allowed))
+            (key, Outcome::Allowed)
         }
     };
-    ctx.observe(outcome, started.elapsed());
-    response
+    match pass(req, config, &key, carrier, per_conn) {
+        Pass::Answered(response, passed) => answer_now(response, passed.outcome(answered)),
+        Pass::Forward(exchange) => tokio_util::either::Either::Right(forward(
+            exchange,
+            ctx.clone(),
+            per_conn.clone(),
+            config.upstream_timeout,
+            answered,
+            started,
+        )),
+    }
 }
 
 /// The error of a request with more than one API key credential.
@@ -603,23 +621,41 @@ fn body_too_large() -> (Response<Body>, Passed) {
     )
 }
 
-/// An accepted request: ping, auth answer, or the proxied exchange.
+/// What an accepted request comes to.
+enum Pass {
+    /// Answered by keyfence (ping, auth mode, a request refused for itself).
+    Answered(Response<Body>, Passed),
+    /// To be sent upstream.
+    Forward(Exchange),
+}
+
+/// A request ready for the upstream.
+struct Exchange {
+    request: Request<ProxyBody>,
+    /// Set if its body passes the limit on the way.
+    overflow: Overflow,
+    /// `X-Keyfence-Key-Id` for the response.
+    key_header: Option<HeaderValue>,
+    /// The downstream connection is HTTP/1: one request after the other.
+    sequential: bool,
+}
+
+/// An accepted request: ping, auth answer, or the request to forward.
 /// `carrier` is the header that carried the checked key.
-async fn pass(
+fn pass(
     req: Request<Incoming>,
-    ctx: &ListenerCtx,
     config: &ListenerConfig,
     key: &Arc<Key>,
     carrier: Option<CredentialHeader>,
     per_conn: &PerConn,
-) -> (Response<Body>, Passed) {
+) -> Pass {
     let key_header = per_conn.key_id(key);
     if req.uri().path() == "/_keyfence/ping" {
         let mut resp = json(StatusCode::OK, r#"{"message":"pong"}"#.into());
         if let Some(v) = key_header {
             resp.headers_mut().insert(KEY_ID_HEADER, v);
         }
-        return (resp, Passed::Answered);
+        return Pass::Answered(resp, Passed::Answered);
     }
     match config.mode {
         ListenerMode::Auth => {
@@ -627,29 +663,26 @@ async fn pass(
             if let Some(v) = key_header {
                 resp.headers_mut().insert(KEY_ID_HEADER, v);
             }
-            (resp, Passed::Answered)
+            Pass::Answered(resp, Passed::Answered)
         }
         ListenerMode::Proxy => {
             let keep = carrier.filter(|_| config.forward_credential);
-            proxy(req, ctx, config, key_header, keep, per_conn).await
+            to_forward(req, config, key_header, keep, per_conn)
         }
     }
 }
 
-async fn proxy(
+/// The request as it goes upstream: hop-by-hop headers and the credentials
+/// not checked removed, `X-Forwarded-For` with the origin appended,
+/// `X-Keyfence-Key-Id` set, the body capped; or the answer to a request that
+/// cannot go (an announced body over the limit).
+fn to_forward(
     req: Request<Incoming>,
-    ctx: &ListenerCtx,
     config: &ListenerConfig,
     key_header: Option<HeaderValue>,
     keep: Option<CredentialHeader>,
     per_conn: &PerConn,
-) -> (Response<Body>, Passed) {
-    let Some(upstream) = &ctx.upstream else {
-        return (
-            json(StatusCode::BAD_GATEWAY, r#"{"error":"no upstream"}"#.into()),
-            Passed::UpstreamFailed,
-        );
-    };
+) -> Pass {
     if req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -657,7 +690,8 @@ async fn proxy(
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > MAX_BODY_BYTES)
     {
-        return body_too_large();
+        let (resp, passed) = body_too_large();
+        return Pass::Answered(resp, passed);
     }
     // Downstream HTTP/1: one request after the other on this connection.
     let sequential = req.version() != hyper::Version::HTTP_2;
@@ -680,7 +714,7 @@ async fn proxy(
     let Ok(forwarded) = forwarded else {
         // Each part was a valid header value, so this does not happen; if it
         // did, refuse rather than forward a chain without the origin.
-        return (
+        return Pass::Answered(
             json(
                 StatusCode::BAD_REQUEST,
                 r#"{"error":"bad X-Forwarded-For"}"#.into(),
@@ -694,18 +728,60 @@ async fn proxy(
         parts.headers.insert(KEY_ID, v);
     }
     let (body, overflow): (ProxyBody, _) = Capped::new(body, MAX_BODY_BYTES);
-    let request = Request::from_parts(parts, body);
-    let result = tokio::time::timeout(
-        config.upstream_timeout,
-        upstream.send(&per_conn.owned, request, sequential),
-    )
-    .await;
-    if overflow.happened() {
-        // The body passed the limit before the upstream answered: whatever
-        // the upstream exchange did then (usually failed), the client sent
-        // too much.
-        return body_too_large();
-    }
+    Pass::Forward(Exchange {
+        request: Request::from_parts(parts, body),
+        overflow,
+        key_header,
+        sequential,
+    })
+}
+
+/// Send `exchange` upstream and answer with what comes back; counted as
+/// `answered` (allowed or report-only) when the upstream answers.
+async fn forward(
+    exchange: Exchange,
+    ctx: Arc<ListenerCtx>,
+    per_conn: Arc<PerConn>,
+    upstream_timeout: Duration,
+    answered: Outcome,
+    started: Instant,
+) -> Result<Response<Body>, Infallible> {
+    let (response, passed) = match &ctx.upstream {
+        None => (
+            json(StatusCode::BAD_GATEWAY, r#"{"error":"no upstream"}"#.into()),
+            Passed::UpstreamFailed,
+        ),
+        Some(upstream) => {
+            let Exchange {
+                request,
+                overflow,
+                key_header,
+                sequential,
+            } = exchange;
+            let result = tokio::time::timeout(
+                upstream_timeout,
+                upstream.send(&per_conn.owned, request, sequential),
+            )
+            .await;
+            if overflow.happened() {
+                // The body passed the limit before the upstream answered:
+                // whatever the upstream exchange did then (usually failed),
+                // the client sent too much.
+                body_too_large()
+            } else {
+                answer_of(result, key_header)
+            }
+        }
+    };
+    ctx.observe(passed.outcome(answered), started.elapsed());
+    Ok(response)
+}
+
+/// The client's answer to the upstream exchange's `result`.
+fn answer_of(
+    result: Result<Result<Response<UpstreamBody>, UpstreamError>, tokio::time::error::Elapsed>,
+    key_header: Option<HeaderValue>,
+) -> (Response<Body>, Passed) {
     match result {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();

@@ -361,19 +361,21 @@ impl Upstream {
     /// response head. `sequential`: the downstream connection is HTTP/1, so
     /// its requests come one after the other and the owned connection is
     /// waited for rather than doubled.
-    pub async fn send(
-        &self,
-        owned: &Owned,
+    ///
+    /// Not an `async fn`: that would hold `req` beside the future it goes
+    /// into. hyper's client is boxed: its futures would make every
+    /// request's future kilobytes larger, and hyper moves (memmove) a
+    /// request's future when it starts it.
+    pub fn send<'a>(
+        &'a self,
+        owned: &'a Owned,
         req: Request<ProxyBody>,
         sequential: bool,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + 'a {
         if matches!(self.target.protocol, Protocol::Http1) && bodiless(&req) {
-            self.send_raw(owned, req.into_parts().0).await
+            tokio_util::either::Either::Left(self.send_raw(owned, req.into_parts().0))
         } else {
-            // Boxed: hyper's client futures would make every request's
-            // future kilobytes larger inline, and hyper moves (memmove) a
-            // request's future when it starts it.
-            Box::pin(self.send_hyper(owned, req, sequential)).await
+            tokio_util::either::Either::Right(Box::pin(self.send_hyper(owned, req, sequential)))
         }
     }
 
