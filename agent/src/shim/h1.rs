@@ -216,7 +216,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
         for field in response.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| H1Error::Malformed("header name"))?;
-            let start = field.value.as_ptr().addr() - base;
+            // A non-empty value is a slice of `buf`; an empty one need not
+            // point into it.
+            let start = if field.value.is_empty() {
+                0
+            } else {
+                field.value.as_ptr().addr() - base
+            };
             names.push((name, start, field.value.len()));
         }
         let head = buf.split_to(len).freeze();
@@ -620,6 +626,12 @@ mod tests {
         .unwrap();
         assert_eq!(h.framing, Framing::Length(0));
         assert_eq!(h.headers["content-length"], "99");
+        // Empty values stay empty (and in place).
+        let h = head("HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Spaces:   \r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            (&h.headers["x-empty"], &h.headers["x-spaces"]),
+            (&HeaderValue::from_static(""), &HeaderValue::from_static(""))
+        );
         // Repeated equal lengths are one length.
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\nContent-Length: 4\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(4));
@@ -761,5 +773,43 @@ mod tests {
             decode_in_steps(Framing::Chunked(Chunk::Size), &trailers, 4096),
             Err(H1Error::Malformed(_))
         ));
+    }
+
+    proptest::proptest! {
+        /// Any chunking of any body, with extensions and trailers, read in
+        /// any step: the same body, and nothing after it consumed.
+        #[test]
+        fn any_chunked_body_decodes_to_itself(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..300), 0..8),
+            extension in proptest::bool::ANY,
+            trailer in proptest::bool::ANY,
+            step in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for chunk in &chunks {
+                let ext = if extension { ";a=\"b c\"" } else { "" };
+                wire.extend_from_slice(format!("{:X}{ext}\r\n", chunk.len()).as_bytes());
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"X-Digest: abc\r\n");
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            let (body, rest) = decode_in_steps(Framing::Chunked(Chunk::Size), &wire, step).unwrap();
+            proptest::prop_assert_eq!(body, chunks.concat());
+            proptest::prop_assert!(b"NEXT".starts_with(&rest));
+        }
+
+        /// Arbitrary bytes as a chunked body or a response head: an answer
+        /// or an error, never a panic, and never more body than bytes given.
+        #[test]
+        fn hostile_bytes_never_panic(wire in proptest::collection::vec(proptest::num::u8::ANY, 0..600), step in 1usize..32) {
+            if let Ok((body, _)) = decode_in_steps(Framing::Chunked(Chunk::Size), &wire, step) {
+                proptest::prop_assert!(body.len() <= wire.len());
+            }
+            let _ = parse_head(&mut BytesMut::from(&wire[..]), false);
+        }
     }
 }
