@@ -16,9 +16,10 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll, ready},
+    task::{Context, Poll, Waker, ready},
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -93,11 +94,22 @@ impl Conn {
         }
     }
 
-    /// Nothing arrived on the idle connection, not even its close: one
-    /// non-blocking read. For a request that must not be sent twice.
+    /// Nothing arrived on the idle connection since its last response: no
+    /// close, and no byte (a server's `408` before it closes an idle
+    /// connection would otherwise be read as the next request's answer).
+    /// Free when the socket has not been readable since the last read (the
+    /// last read was short, so tokio cleared its readiness); else one
+    /// non-blocking read looks.
     #[must_use]
-    pub fn still_open(&self) -> bool {
-        matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    pub fn idle_clean(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(_) => matches!(
+                self.io.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
     }
 
     /// Write the request head (origin form, HTTP/1.1, `parts`' headers as
@@ -187,9 +199,15 @@ pub enum Chunk {
 /// `1xx` heads before it are dropped); `None` while incomplete.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let len = match response.parse(buf) {
+        // Uninitialised: 128 fields would be 4 KiB to zero per response.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {

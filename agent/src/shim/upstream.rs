@@ -445,12 +445,11 @@ impl Upstream {
     /// codec: on the downstream connection's idle connection when it has
     /// one, else on a new one (kept idle after it when the slot is empty).
     ///
-    /// A kept connection the upstream closed while it idled fails before any
-    /// answer; an idempotent request (RFC 9110 §9.2.2) is then sent once more
-    /// on a new connection. A request that is not idempotent is never sent
-    /// twice: the kept connection is checked before it goes out instead (one
-    /// non-blocking read), and if the upstream closes it in the instant after
-    /// the check, the client gets 502.
+    /// A kept connection on which anything arrived while it idled (its close,
+    /// a `408`) is not used. One the upstream closes in the instant after
+    /// that check fails before any answer: an idempotent request (RFC 9110
+    /// §9.2.2) is then sent once more on a new connection; any other is never
+    /// sent twice, and the client gets 502.
     async fn send_raw(
         &self,
         owned: &Owned,
@@ -466,9 +465,7 @@ impl Upstream {
                 | Method::PUT
                 | Method::DELETE
         );
-        if let Some(mut conn) = owned.raw.take()
-            && (idempotent || conn.still_open())
-        {
+        if let Some(mut conn) = owned.raw.take().filter(h1::Conn::idle_clean) {
             match conn.exchange(&parts).await {
                 Ok(head) => return Ok(raw_response(conn, head, &owned.raw)),
                 Err(e) if idempotent && e.stale() => {
@@ -761,7 +758,9 @@ mod tests {
 
     /// An upstream on loopback that answers the `n`th request head of its
     /// `c`th connection with `script[c][n]` and closes the connection after
-    /// its last answer; the request lines it got, per connection.
+    /// its last answer; the request lines it got, per connection. An empty
+    /// answer closes the connection instead of answering; `idle:` + bytes
+    /// sends the bytes 20 ms later unasked.
     struct Scripted {
         target: Arc<Target>,
         heads: Arc<Mutex<Vec<Vec<String>>>>,
@@ -786,6 +785,11 @@ mod tests {
                     tokio::spawn(async move {
                         let mut buf = Vec::new();
                         for answer in answers {
+                            if let Some(unasked) = answer.strip_prefix("idle:") {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                tcp.write_all(unasked.as_bytes()).await.unwrap();
+                                continue;
+                            }
                             while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
                                 let mut chunk = [0u8; 4096];
                                 let n = tcp.read(&mut chunk).await.unwrap_or(0);
@@ -798,6 +802,9 @@ mod tests {
                             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                             buf.drain(..end);
                             seen.lock().unwrap()[index].push(head);
+                            if answer.is_empty() {
+                                return;
+                            }
                             tcp.write_all(answer.as_bytes()).await.unwrap();
                         }
                     });
@@ -891,8 +898,8 @@ mod tests {
         );
     }
 
-    /// A GET meets the close and is sent again (idempotent); a POST is
-    /// never sent on it: the check before it saw the close.
+    /// The close of an idle kept connection is seen before a request goes
+    /// out on it, whatever the method: each goes out once, on a new one.
     #[tokio::test]
     async fn a_kept_connection_the_upstream_closed_carries_no_request() {
         for method in ["GET", "POST"] {
@@ -915,6 +922,59 @@ mod tests {
                 ]
             );
         }
+    }
+
+    /// Closed in the instant after the check, when the request is already
+    /// out: a GET is sent again on a new connection, a POST never twice.
+    #[tokio::test]
+    async fn a_close_that_races_the_request_retries_only_what_is_idempotent() {
+        let up = Scripted::start(vec![vec![OK, ""], vec![OK]]).await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        for path in ["/a", "/b"] {
+            assert_eq!(
+                raw(&upstream, &owned, "GET", path).await,
+                Ok((200, "ok".into()))
+            );
+        }
+        assert_eq!(
+            up.lines(),
+            [
+                vec!["GET /a HTTP/1.1", "GET /b HTTP/1.1"],
+                vec!["GET /b HTTP/1.1"]
+            ]
+        );
+
+        let up = Scripted::start(vec![vec![OK, ""], vec![OK]]).await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        assert_eq!(
+            raw(&upstream, &owned, "POST", "/a").await,
+            Ok((200, "ok".into()))
+        );
+        let e = raw(&upstream, &owned, "POST", "/b").await.unwrap_err();
+        assert!(e.contains("before answering"), "{e}");
+        assert_eq!(up.lines(), [vec!["POST /a HTTP/1.1", "POST /b HTTP/1.1"]]);
+    }
+
+    /// Bytes the upstream sent unasked on an idle connection (a `408` before
+    /// it closes) are never read as the next request's answer.
+    #[tokio::test]
+    async fn an_unasked_answer_on_an_idle_connection_retires_it() {
+        const TIMEOUT_408: &str = "idle:HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n";
+        let up = Scripted::start(vec![vec![OK, TIMEOUT_408, OK], vec![OK]]).await;
+        let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/a").await,
+            Ok((200, "ok".into()))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            raw(&upstream, &owned, "GET", "/b").await,
+            Ok((200, "ok".into()))
+        );
+        assert_eq!(
+            up.lines(),
+            [vec!["GET /a HTTP/1.1"], vec!["GET /b HTTP/1.1"]]
+        );
     }
 
     #[tokio::test]
