@@ -449,6 +449,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 type Answer<F> =
     tokio_util::either::Either<std::future::Ready<Result<Response<Body>, Infallible>>, F>;
 
+/// `response`, answered at once.
+fn at_once<F>(response: Response<Body>) -> Answer<F> {
+    Answer::Left(std::future::ready(Ok(response)))
+}
+
 fn handle(
     req: Request<Incoming>,
     ctx: &Arc<ListenerCtx>,
@@ -462,14 +467,14 @@ fn handle(
     let client = resolved.map(ClientAddr::ip);
     if req.uri().path() == "/_keyfence/ip" {
         let ip = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-        return tokio_util::either::Either::Left(std::future::ready(Ok(json(
+        return at_once(json(
             StatusCode::OK,
             format!("{{\"ip\":\"{}\"}}", json_escape(&ip)),
-        ))));
+        ));
     }
     let answer_now = |response: Response<Body>, outcome: Outcome| {
         ctx.observe(outcome, started.elapsed());
-        tokio_util::either::Either::Left(std::future::ready(Ok(response)))
+        at_once(response)
     };
     let metrics = &ctx.shared.metrics;
     let now = SystemTime::now();
@@ -538,7 +543,7 @@ fn handle(
     };
     match pass(req, config, &key, carrier, per_conn) {
         Pass::Answered(response, passed) => answer_now(response, passed.outcome(answered)),
-        Pass::Forward(exchange) => tokio_util::either::Either::Right(forward(
+        Pass::Forward(exchange) => Answer::Right(forward(
             exchange,
             ctx.clone(),
             per_conn.clone(),
