@@ -863,6 +863,15 @@ mod tests {
         ))
     }
 
+    /// `method path` is answered 200 `ok`.
+    async fn answers_ok(upstream: &Upstream, owned: &Owned, method: &str, path: &str) {
+        assert_eq!(
+            raw(upstream, owned, method, path).await,
+            Ok((200, "ok".into())),
+            "{method} {path}"
+        );
+    }
+
     const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     const CHUNKED: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nch\r\n5;x=1\r\nunked\r\n0\r\n\r\n";
 
@@ -870,18 +879,12 @@ mod tests {
     async fn bodiless_requests_share_one_kept_connection() {
         let up = Scripted::start(vec![vec![OK, CHUNKED, OK]]).await;
         let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
-        assert_eq!(
-            raw(&upstream, &owned, "GET", "/a").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "GET", "/a").await;
         assert_eq!(
             raw(&upstream, &owned, "DELETE", "/b?x=1").await,
             Ok((200, "chunked".into()))
         );
-        assert_eq!(
-            raw(&upstream, &owned, "GET", "/c").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "GET", "/c").await;
         assert_eq!(
             up.lines(),
             [[
@@ -907,11 +910,7 @@ mod tests {
             let up = Scripted::start(vec![vec![OK], vec![OK]]).await;
             let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
             for path in ["/a", "/b"] {
-                assert_eq!(
-                    raw(&upstream, &owned, method, path).await,
-                    Ok((200, "ok".into())),
-                    "{method} {path}"
-                );
+                answers_ok(&upstream, &owned, method, path).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             assert_eq!(
@@ -931,10 +930,7 @@ mod tests {
         let up = Scripted::start(vec![vec![OK, ""], vec![OK]]).await;
         let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
         for path in ["/a", "/b"] {
-            assert_eq!(
-                raw(&upstream, &owned, "GET", path).await,
-                Ok((200, "ok".into()))
-            );
+            answers_ok(&upstream, &owned, "GET", path).await;
         }
         assert_eq!(
             up.lines(),
@@ -946,10 +942,7 @@ mod tests {
 
         let up = Scripted::start(vec![vec![OK, ""], vec![OK]]).await;
         let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
-        assert_eq!(
-            raw(&upstream, &owned, "POST", "/a").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "POST", "/a").await;
         let e = raw(&upstream, &owned, "POST", "/b").await.unwrap_err();
         assert!(e.contains("before answering"), "{e}");
         assert_eq!(up.lines(), [vec!["POST /a HTTP/1.1", "POST /b HTTP/1.1"]]);
@@ -962,15 +955,9 @@ mod tests {
         const TIMEOUT_408: &str = "idle:HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n";
         let up = Scripted::start(vec![vec![OK, TIMEOUT_408, OK], vec![OK]]).await;
         let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
-        assert_eq!(
-            raw(&upstream, &owned, "GET", "/a").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "GET", "/a").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(
-            raw(&upstream, &owned, "GET", "/b").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "GET", "/b").await;
         assert_eq!(
             up.lines(),
             [vec!["GET /a HTTP/1.1"], vec!["GET /b HTTP/1.1"]]
@@ -991,11 +978,7 @@ mod tests {
         .await;
         let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
         for path in ["/a", "/b", "/c", "/d"] {
-            assert_eq!(
-                raw(&upstream, &owned, "GET", path).await,
-                Ok((200, "ok".into())),
-                "{path}"
-            );
+            answers_ok(&upstream, &owned, "GET", path).await;
         }
         assert_eq!(
             up.lines().iter().map(Vec::len).collect::<Vec<_>>(),
@@ -1020,10 +1003,7 @@ mod tests {
         assert!(e.contains("middle of its response"), "{e}");
         let e = raw(&upstream, &owned, "GET", "/c").await.unwrap_err();
         assert!(e.contains("chunk size"), "{e}");
-        assert_eq!(
-            raw(&upstream, &owned, "GET", "/d").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "GET", "/d").await;
         assert_eq!(up.lines().len(), 4);
     }
 
@@ -1037,10 +1017,7 @@ mod tests {
         let (upstream, owned) = (Upstream::new(up.target.clone()), Owned::default());
         let resp = upstream.send_raw(&owned, parts("GET", "/a")).await.unwrap();
         drop(resp);
-        assert_eq!(
-            raw(&upstream, &owned, "GET", "/b").await,
-            Ok((200, "ok".into()))
-        );
+        answers_ok(&upstream, &owned, "GET", "/b").await;
         assert_eq!(
             up.lines(),
             [vec!["GET /a HTTP/1.1"], vec!["GET /b HTTP/1.1"]]
