@@ -2,8 +2,9 @@
 //! feature, which agent/build.rs asks for under the agent's `bench` feature):
 //! reference programs `keyfence_xdp` is measured beside, on the same parser.
 //! They live in an object of their own so that the production object
-//! (`main.rs`) and its maps hold only what production runs. Never attached or
-//! pinned; names in `keyfence_common::bench`.
+//! (`main.rs`) and its maps hold only what production runs. Never pinned;
+//! only `kf_bench_drop` is attached (by the flood bench, to a veth of its own
+//! lab); names in `keyfence_common::bench`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -93,6 +94,14 @@ mod programs {
             }
             Err(_) => xdp_action::XDP_PASS,
         }
+    }
+
+    /// Drops every packet without reading it: what a driver's receive path
+    /// costs a packet that any XDP program drops (the flood bench's floor for
+    /// a refused attempt on veth, which copies each packet first).
+    #[xdp]
+    pub fn kf_bench_drop(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_DROP
     }
 }
 

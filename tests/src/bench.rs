@@ -21,6 +21,13 @@ pub fn goal(goal: &str, measured: &str, met: bool) -> Value {
     json!({ "goal": goal, "measured": measured, "met": met })
 }
 
+/// [`goal`], missed but out of reach on this machine for the reason `limit`
+/// gives (when `Some`); the report says so beside "missed".
+#[must_use]
+pub fn goal_within(goal: &str, measured: &str, met: bool, limit: Option<String>) -> Value {
+    json!({ "goal": goal, "measured": measured, "met": met, "limit": limit })
+}
+
 /// Write `report` as `$KF_BENCH_DIR/<section>.json` when the variable is set
 /// (`cargo xtask bench` sets it and merges the files); the directory, if any.
 pub fn save(section: &str, report: &Value) -> anyhow::Result<Option<std::path::PathBuf>> {

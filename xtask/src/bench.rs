@@ -89,10 +89,10 @@ fn goals(report: &Map<String, Value>) -> String {
     let mut out = String::from("| goal | measured | |\n|---|---:|---|\n");
     for (_, section) in report {
         for goal in section["goals"].as_array().into_iter().flatten() {
-            let met = if goal["met"].as_bool() == Some(true) {
-                "met"
-            } else {
-                "**missed**"
+            let met = match (goal["met"].as_bool(), goal["limit"].as_str()) {
+                (Some(true), _) => "met".to_owned(),
+                (_, Some(limit)) => format!("**missed**: out of reach here ({limit})"),
+                _ => "**missed**".to_owned(),
             };
             let _ = writeln!(
                 out,
