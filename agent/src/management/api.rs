@@ -549,14 +549,14 @@ fn wait_of(query: WriteParams) -> Result<Wait, ApiError> {
 
 impl Written {
     /// The answer's body: `body` with `enforcement` added in a fleet.
-    fn answer(&self, mut body: Value) -> Value {
-        if let (Some(e), Value::Object(o)) = (&self.enforcement, &mut body) {
-            o.insert(
-                "enforcement".into(),
-                serde_json::to_value(e).expect("serializes"),
-            );
-        }
-        body
+    /// The answer's body: the key as the API shows it, with how far the
+    /// fleet enforces it and the new secret when there are such.
+    fn answer(&self) -> axum::Json<KeyView<'_>> {
+        axum::Json(
+            self.key
+                .view(Some("api"))
+                .answering(self.enforcement.as_ref(), self.secret.as_deref()),
+        )
     }
 }
 
@@ -655,13 +655,6 @@ fn static_json(k: &Key) -> Value {
     serde_json::to_value(KeyView::of_static(k)).expect("a key serializes")
 }
 
-fn with_secret(mut key: Value, secret: &str) -> Value {
-    if let Value::Object(o) = &mut key {
-        o.insert("secret".into(), Value::String(secret.to_owned()));
-    }
-    key
-}
-
 /// The step-up code a request carries.
 fn confirm_code(headers: &HeaderMap) -> Option<&str> {
     headers.get(CONFIRM_HEADER).and_then(|v| v.to_str().ok())
@@ -698,12 +691,7 @@ async fn create(
     let wait = wait_of(query)?;
     let body: CreateBody = parse_body(&body)?;
     let written = create_key(&state, &caller, body, confirm_code(&headers), wait).await?;
-    let secret = written.secret.clone().unwrap_or_default();
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(written.answer(with_secret(stored_json(&written.key), &secret))),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, written.answer()).into_response())
 }
 
 /// The create operation, shared by the API and the console.
@@ -790,7 +778,7 @@ async fn update(
     let wait = wait_of(query)?;
     let body: UpdateBody = parse_body(&body)?;
     let written = update_key(&state, &caller, id, body, confirm_code(&headers), wait).await?;
-    Ok(axum::Json(written.answer(stored_json(&written.key))).into_response())
+    Ok(written.answer().into_response())
 }
 
 /// The update operation (self-lockout, step-up), shared by the API and the
@@ -845,7 +833,7 @@ async fn revoke(
 ) -> ApiResult {
     let wait = wait_of(query)?;
     let written = revoke_key(&state, &caller, id, wait).await?;
-    Ok(axum::Json(written.answer(stored_json(&written.key))).into_response())
+    Ok(written.answer().into_response())
 }
 
 /// The revoke operation (a key cannot revoke itself), shared by the API and
@@ -880,8 +868,7 @@ async fn rotate(
 ) -> ApiResult {
     let wait = wait_of(query)?;
     let written = rotate_key(&state, &caller, id, wait).await?;
-    let secret = written.secret.clone().unwrap_or_default();
-    Ok(axum::Json(written.answer(with_secret(stored_json(&written.key), &secret))).into_response())
+    Ok(written.answer().into_response())
 }
 
 /// The rotate operation, shared by the API and the console.

@@ -88,6 +88,8 @@ impl StoredKey {
             key: &self.key,
             stored: Some(self),
             source,
+            enforcement: None,
+            secret: None,
         }
     }
 }
@@ -100,6 +102,10 @@ pub struct KeyView<'a> {
     /// The timestamps; `None` (all null) for a key of the config.
     stored: Option<&'a StoredKey>,
     source: Option<&'static str>,
+    /// A write's answer: how far the fleet enforces it, in its sorted place.
+    enforcement: Option<&'a fleet::Enforcement>,
+    /// A create's or rotation's answer: the new secret, shown this once.
+    secret: Option<&'a str>,
 }
 
 impl<'a> KeyView<'a> {
@@ -110,6 +116,24 @@ impl<'a> KeyView<'a> {
             key,
             stored: None,
             source: Some(key.origin.label()),
+            enforcement: None,
+            secret: None,
+        }
+    }
+
+    /// The view as a write answers it: with `enforcement` and `secret`
+    /// fields when given (serialized straight to the answer, not through a
+    /// `Value`: a long list is formatted once).
+    #[must_use]
+    pub fn answering(
+        self,
+        enforcement: Option<&'a fleet::Enforcement>,
+        secret: Option<&'a str>,
+    ) -> Self {
+        Self {
+            enforcement,
+            secret,
+            ..self
         }
     }
 }
@@ -161,6 +185,9 @@ impl serde::Serialize for KeyView<'_> {
         let time = |t: fn(&StoredKey) -> Option<SystemTime>| self.stored.and_then(t).map(Time);
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("created_at", &time(|s| Some(s.created_at)))?;
+        if let Some(enforcement) = self.enforcement {
+            m.serialize_entry("enforcement", enforcement)?;
+        }
         m.serialize_entry("id", &k.id)?;
         m.serialize_entry("ip_allow_list", &ListView(&k.allow))?;
         m.serialize_entry("last_used_at", &time(|s| s.last_used_at))?;
@@ -168,6 +195,9 @@ impl serde::Serialize for KeyView<'_> {
         m.serialize_entry("report_only", &k.report_only)?;
         m.serialize_entry("revoked_at", &time(|s| s.revoked_at))?;
         m.serialize_entry("scopes", &k.scopes)?;
+        if let Some(secret) = self.secret {
+            m.serialize_entry("secret", secret)?;
+        }
         if let Some(source) = self.source {
             m.serialize_entry("source", source)?;
         }
@@ -461,6 +491,28 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&k.view(Some("api"))).unwrap(),
             with_source.to_string()
+        );
+        // A write's answer: what inserting into the `Value` gave, in order.
+        let enforcement = fleet::Enforcement {
+            applied: 2,
+            hosts: 3,
+            lagging: vec!["gw-3".into()],
+        };
+        let mut answer = with_source.clone();
+        answer["enforcement"] = serde_json::to_value(&enforcement).unwrap();
+        answer["secret"] = json!("kf_live_0123");
+        assert_eq!(
+            serde_json::to_string(
+                &k.view(Some("api"))
+                    .answering(Some(&enforcement), Some("kf_live_0123"))
+            )
+            .unwrap(),
+            answer.to_string()
+        );
+        assert_eq!(
+            serde_json::to_string(&k.view(Some("api")).answering(None, None)).unwrap(),
+            with_source.to_string(),
+            "no extra fields unless given"
         );
     }
 }
