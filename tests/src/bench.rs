@@ -24,7 +24,7 @@ pub fn goal(goal: &str, measured: &str, met: bool) -> Value {
 /// [`goal`], missed but out of reach on this machine for the reason `limit`
 /// gives (when `Some`); the report says so beside "missed".
 #[must_use]
-pub fn goal_within(goal: &str, measured: &str, met: bool, limit: Option<String>) -> Value {
+pub fn goal_within(goal: &str, measured: &str, met: bool, limit: Option<&str>) -> Value {
     json!({ "goal": goal, "measured": measured, "met": met, "limit": limit })
 }
 

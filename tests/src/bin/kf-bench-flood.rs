@@ -855,12 +855,14 @@ fn report(m: &Measured) -> anyhow::Result<()> {
                 ratio >= 100.0,
                 // Out of reach when even a program that does nothing cannot
                 // get there, and keyfence's drop is near that floor.
-                (ceiling < 100.0 && ratio >= 0.8 * ceiling).then(|| {
-                    format!(
-                        "veth's floor: an XDP_DROP that reads nothing costs {:.2} µs per packet here, so no drop exceeds {ceiling:.0}×",
-                        floor.napi_ns / 1e3
-                    )
-                }),
+                (ceiling < 100.0 && ratio >= 0.8 * ceiling)
+                    .then(|| {
+                        format!(
+                            "veth's floor: an XDP_DROP that reads nothing costs {:.2} µs per packet here, so no drop exceeds {ceiling:.0}×",
+                            floor.napi_ns / 1e3
+                        )
+                    })
+                    .as_deref(),
             ),
             bench::goal(
                 "allowed p99 under a flood with the datapath on ≤ 1.5× no flood",
