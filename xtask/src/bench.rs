@@ -173,3 +173,33 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::goals;
+
+    #[test]
+    fn a_goal_is_met_missed_or_out_of_reach_with_its_limit() {
+        let report = json!({
+            "flood": { "goals": [
+                { "goal": "a", "measured": "117×", "met": true, "limit": null },
+                { "goal": "b", "measured": "61×", "met": false, "limit": "veth's floor: 0.94 µs" },
+                { "goal": "c", "measured": "0.88×", "met": false },
+                { "goal": "d", "measured": "130×", "met": true, "limit": "ignored when met" },
+            ] }
+        });
+        let table = goals(report.as_object().unwrap());
+        let rows: Vec<&str> = table.lines().skip(2).collect();
+        assert_eq!(
+            rows,
+            [
+                "| a | 117× | met |",
+                "| b | 61× | **missed**: out of reach here (veth's floor: 0.94 µs) |",
+                "| c | 0.88× | **missed** |",
+                "| d | 130× | met |",
+            ]
+        );
+    }
+}
