@@ -24,7 +24,8 @@ use crate::{
 
 /// Addresses remembered per key for `GET /v1/keys/{id}/sources`.
 pub const SOURCES_PER_KEY: usize = 32;
-/// Keys remembered there (least recently used forgotten first).
+/// Keys remembered there (when full, the least recently used eighth is
+/// forgotten at once).
 pub const SOURCES_KEYS: usize = 4096;
 
 /// The key table of the config's static keys (resolved: see

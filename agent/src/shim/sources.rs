@@ -2,7 +2,8 @@
 //! (`GET /v1/keys/{id}/sources`): what an operator needs to answer "I added my
 //! IP but it still says not allowed". Memory is bounded: at most
 //! `per_key` addresses per key (the least recently seen is forgotten first) and
-//! at most `keys` keys.
+//! at most `keys` keys (when full, the least recently seen eighth of them is
+//! forgotten at once).
 //!
 //! In fleet mode ([`Sources::share`]) the counts are also gathered as
 //! deltas that the daemon flushes to the shared store in batches
@@ -134,6 +135,33 @@ pub struct Sources {
     inner: Mutex<Inner>,
     /// Counts of new pairs [`Pending`] had no room for.
     dropped: AtomicU64,
+}
+
+/// When the key table is full, the least recently seen `1/FORGET_AT_ONCE` of
+/// it is forgotten in one pass: a scan of the table per new key would cost
+/// every request of a gateway whose clients use more keys than it remembers
+/// one pass over all of them (4096 entries, tens of µs).
+const FORGET_AT_ONCE: usize = 8;
+
+/// Forget the `n` keys seen least recently (ties broken arbitrarily).
+fn forget_oldest(keys: &mut HashMap<String, PerKey>, n: usize) {
+    let n = n.min(keys.len());
+    if n == 0 {
+        return;
+    }
+    let mut ages: Vec<Option<SystemTime>> = keys.values().map(|k| k.last_seen).collect();
+    let (_, &mut cutoff, _) = ages.select_nth_unstable(n - 1);
+    let mut ties = n - ages.iter().filter(|&&a| a < cutoff).count();
+    keys.retain(|_, k| {
+        if k.last_seen < cutoff {
+            false
+        } else if k.last_seen == cutoff && ties > 0 {
+            ties -= 1;
+            false
+        } else {
+            true
+        }
+    });
 }
 
 #[derive(Default)]
@@ -305,14 +333,7 @@ impl Sources {
         // and only a new key pays the check for room.
         if !inner.contains_key(key_id) {
             if inner.len() >= self.keys {
-                // Forget the key seen least recently.
-                if let Some(oldest) = inner
-                    .iter()
-                    .min_by_key(|(_, k)| k.last_seen)
-                    .map(|(id, _)| id.clone())
-                {
-                    inner.remove(&oldest);
-                }
+                forget_oldest(inner, self.keys.div_ceil(FORGET_AT_ONCE));
             }
             inner.insert(key_id.to_owned(), PerKey::default());
         }
@@ -482,6 +503,51 @@ mod tests {
         assert_eq!(s.of("a").len(), 1);
         s.forget("a");
         assert!(s.of("a").is_empty());
+    }
+
+    #[test]
+    fn a_full_key_table_forgets_its_least_recently_seen_eighth_at_once() {
+        let s = Sources::new(4, 16);
+        let key = |i: u64| format!("key-{i}");
+        for i in 0..16u64 {
+            s.record(&key(i), ip("192.0.2.1"), Outcome::Allowed, t(i));
+        }
+        // Seen again: now the most recent, whatever its place in the fill.
+        s.record(&key(0), ip("192.0.2.1"), Outcome::Allowed, t(100));
+        s.record("new-1", ip("192.0.2.1"), Outcome::Allowed, t(101));
+        let kept = |i: u64| !s.of(&key(i)).is_empty();
+        assert!(kept(0), "a key seen again is not among the oldest");
+        assert!(!kept(1) && !kept(2), "the two least recently seen went");
+        assert!((3..16).all(kept), "only two went");
+        assert_eq!(s.of("new-1").len(), 1);
+        // Room for one more without forgetting anything.
+        s.record("new-2", ip("192.0.2.1"), Outcome::Allowed, t(102));
+        assert!((3..16).all(kept) && kept(0) && !s.of("new-2").is_empty());
+        // Full again: the next two oldest go.
+        s.record("new-3", ip("192.0.2.1"), Outcome::Allowed, t(103));
+        assert!(!kept(3) && !kept(4) && (5..16).all(kept));
+    }
+
+    #[test]
+    fn forgetting_with_equal_ages_forgets_exactly_as_many() {
+        let mut keys: HashMap<String, PerKey> = (0..10)
+            .map(|i| {
+                let k = PerKey {
+                    last_seen: Some(t(if i < 6 { 5 } else { 9 })),
+                    ..PerKey::default()
+                };
+                (format!("k{i}"), k)
+            })
+            .collect();
+        forget_oldest(&mut keys, 3);
+        assert_eq!(keys.len(), 7);
+        assert_eq!(
+            keys.values().filter(|k| k.last_seen == Some(t(9))).count(),
+            4,
+            "the newer keys all stay"
+        );
+        forget_oldest(&mut keys, 100);
+        assert!(keys.is_empty());
     }
 
     #[test]
