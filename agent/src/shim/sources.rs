@@ -149,19 +149,13 @@ fn forget_oldest(keys: &mut HashMap<String, PerKey>, n: usize) {
     if n == 0 {
         return;
     }
-    let mut ages: Vec<Option<SystemTime>> = keys.values().map(|k| k.last_seen).collect();
-    let (_, &mut cutoff, _) = ages.select_nth_unstable(n - 1);
-    let mut ties = n - ages.iter().filter(|&&a| a < cutoff).count();
-    keys.retain(|_, k| {
-        if k.last_seen < cutoff {
-            false
-        } else if k.last_seen == cutoff && ties > 0 {
-            ties -= 1;
-            false
-        } else {
-            true
-        }
-    });
+    let mut ages: Vec<(Option<SystemTime>, &String)> =
+        keys.iter().map(|(id, k)| (k.last_seen, id)).collect();
+    ages.select_nth_unstable(n - 1);
+    let oldest: Vec<String> = ages[..n].iter().map(|&(_, id)| id.clone()).collect();
+    for id in oldest {
+        keys.remove(&id);
+    }
 }
 
 #[derive(Default)]
