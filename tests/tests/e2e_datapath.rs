@@ -25,7 +25,7 @@ use std::{
 use keyfence_tests::{
     config,
     frames::{Ext, NEXT_DEST},
-    netns::{Agent, Connect, GATEWAY_V6, Lab, poll_until, tcp_connect},
+    netns::{Agent, Connect, GATEWAY_V6, Lab, Netns, poll_until, tcp_connect},
     rawsyn,
 };
 
@@ -237,8 +237,9 @@ fn tc_mode_enforces_the_same_allow_lists() {
 /// Seven, one more than the parser used to walk, are judged like any SYN; a
 /// chain longer than the walk passes under `datapath.unparsed: pass` (and the
 /// gateway answers it if its kernel follows chains that long, as 6.1 does;
-/// newer kernels discard more than 12 headers) and is dropped under `drop`. Each SYN is hand-made and sent through a raw socket; a SYN-ACK coming
-/// back means it reached the shim's listen queue.
+/// newer kernels discard more than 12 headers) and is dropped under `drop`.
+/// Each SYN is hand-made and sent through a raw socket; a SYN-ACK coming back
+/// means it reached the shim's listen queue.
 #[test]
 fn extension_header_chains_do_not_carry_refused_syns_past_the_datapath() {
     const WALK: usize = 32;
@@ -247,18 +248,20 @@ fn extension_header_chains_do_not_carry_refused_syns_past_the_datapath() {
     let pin = s.agent.pin_path().to_owned();
     let gateway = SocketAddrV6::new(GATEWAY_V6, API_PORT, 0, 0);
     let sport = Cell::new(41_000u16);
+    // A SYN from `source` to `to` behind `headers`, sent inside `ns`.
+    let answered_in = |ns: &Netns, source: Ipv6Addr, to: SocketAddrV6, headers: usize| {
+        sport.set(sport.get() + 1);
+        let port = sport.get();
+        let chain = vec![Ext::Options(NEXT_DEST, 0); headers];
+        ns.run(move || rawsyn::syn_answered(source, port, to, &chain, SYN_ACK_WAIT))
+            .expect("entering the namespace")
+            .expect("sending a raw SYN")
+    };
     let answered = |source: IpAddr, headers: usize| -> bool {
         let IpAddr::V6(source) = source else {
             unreachable!("IPv6 sources only")
         };
-        sport.set(sport.get() + 1);
-        let port = sport.get();
-        let chain = vec![Ext::Options(NEXT_DEST, 0); headers];
-        s.lab
-            .client
-            .run(move || rawsyn::syn_answered(source, port, gateway, &chain, SYN_ACK_WAIT))
-            .expect("entering the client namespace")
-            .expect("sending a raw SYN")
+        answered_in(&s.lab.client, source, gateway, headers)
     };
 
     // The hand-made SYN is one the gateway's stack takes: allowed, it is answered.
@@ -285,17 +288,12 @@ fn extension_header_chains_do_not_carry_refused_syns_past_the_datapath() {
     // choice: 6.1 follows any number of headers, newer kernels discard a
     // packet with more than 12 (`IP6_MAX_EXT_HDRS_CNT`). Asked first over the
     // gateway's loopback, where no datapath is attached.
-    let stack_takes = {
-        let chain = vec![Ext::Options(NEXT_DEST, 0); WALK + 1];
-        let to = SocketAddrV6::new(Ipv6Addr::LOCALHOST, API_PORT, 0, 0);
-        s.lab
-            .gateway
-            .run(move || {
-                rawsyn::syn_answered(Ipv6Addr::LOCALHOST, 40_999, to, &chain, SYN_ACK_WAIT)
-            })
-            .expect("entering the gateway namespace")
-            .expect("sending a raw SYN over loopback")
-    };
+    let stack_takes = answered_in(
+        &s.lab.gateway,
+        Ipv6Addr::LOCALHOST,
+        SocketAddrV6::new(Ipv6Addr::LOCALHOST, API_PORT, 0, 0),
+        WALK + 1,
+    );
     let malformed = s.count("none", "malformed");
     assert_eq!(
         answered(REFUSED_V6, WALK + 1),
