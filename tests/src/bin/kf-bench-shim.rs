@@ -120,7 +120,15 @@ fn wrk(ns: &Netns, port: u16, connections: u32, key: bool) -> anyhow::Result<Run
     )
 }
 
-/// The indices of [`main`]'s targets: keyfence proxy mode and the nginx
+/// What is measured: a name, a port, and whether wrk presents the key. The
+/// first is the upstream every row is compared with.
+const TARGETS: [(&str, u16, bool); 4] = [
+    ("upstream direct (nginx return 200)", UPSTREAM, false),
+    ("keyfence proxy mode", KEYFENCE, true),
+    ("nginx auth_request → keyfence auth mode", NGINX_AUTH, true),
+    ("nginx proxy, allow/deny", NGINX_PROXY, false),
+];
+/// The indices in [`TARGETS`] of keyfence proxy mode and the nginx
 /// allow/deny proxy it is judged against.
 const KEYFENCE_PROXY: usize = 1;
 const NGINX_ALLOW_DENY: usize = 3;
@@ -270,13 +278,7 @@ fn main() -> anyhow::Result<()> {
     agent.spawn()?;
     agent.wait_ready(Duration::from_secs(30))?;
 
-    let targets: [(&str, u16, bool); 4] = [
-        ("upstream direct (nginx return 200)", UPSTREAM, false),
-        ("keyfence proxy mode", KEYFENCE, true),
-        ("nginx auth_request → keyfence auth mode", NGINX_AUTH, true),
-        ("nginx proxy, allow/deny", NGINX_PROXY, false),
-    ];
-    let (table, rows, against) = measure(&ns, &targets)?;
+    let (table, rows, against) = measure(&ns, &TARGETS)?;
     let mut proxied = 0;
     for listener in ["api", "auth"] {
         proxied += agent.http_count(listener, "allowed")?;
@@ -329,12 +331,21 @@ fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{KEYFENCE_PROXY, NGINX_ALLOW_DENY, round_order};
+    use super::{
+        KEYFENCE, KEYFENCE_PROXY, NGINX_ALLOW_DENY, NGINX_PROXY, TARGETS, UPSTREAM, round_order,
+    };
+
+    #[test]
+    fn the_judged_indices_name_the_judged_targets() {
+        assert_eq!(TARGETS[0].1, UPSTREAM);
+        assert_eq!(TARGETS[KEYFENCE_PROXY].1, KEYFENCE);
+        assert_eq!(TARGETS[NGINX_ALLOW_DENY].1, NGINX_PROXY);
+    }
 
     #[test]
     fn each_round_runs_every_target_once_with_the_judged_pair_back_to_back_first_in_turn() {
         for round in 0..4 {
-            let order = round_order(round, 4);
+            let order = round_order(round, TARGETS.len());
             let mut sorted = order.clone();
             sorted.sort_unstable();
             assert_eq!(sorted, [0, 1, 2, 3], "round {round}: {order:?}");
